@@ -1,0 +1,39 @@
+"""Errors a user can act on. The CLI prints each as one line and exits with its ``exit_code``."""
+
+from __future__ import annotations
+
+
+class SplitLMError(Exception):
+    """Base class: the message says what was wrong, what was expected and what to do."""
+
+    exit_code = 1
+
+
+class ConfigError(SplitLMError):
+    """The configuration (YAML file or dotted override) is invalid."""
+
+    exit_code = 2
+
+
+class DataError(SplitLMError):
+    """A data file or dataset could not be read or has the wrong shape."""
+
+    exit_code = 3
+
+
+class ModelError(SplitLMError):
+    """A model could not be found, loaded or split."""
+
+    exit_code = 4
+
+
+class CheckpointError(SplitLMError):
+    """A checkpoint or run directory is missing, incomplete or inconsistent."""
+
+    exit_code = 5
+
+
+class ProtocolError(SplitLMError):
+    """A message between client and server is malformed or out of order."""
+
+    exit_code = 6
