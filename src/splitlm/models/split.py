@@ -1,0 +1,206 @@
+"""Step 1 of the pipeline: cut a causal LM into head / trunk / (tail) and build each part on its own.
+
+A part is built from a skeleton whose parameters live on the ``meta`` device (no memory), pruned to the
+modules the part owns, and then filled with exactly those tensors read from the safetensors files. A
+client of a 7B model therefore never holds the trunk's weights, not even briefly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from splitlm.errors import ModelError
+from splitlm.models.families import Family, family_for, get_module
+from splitlm.models.sources import ModelSource
+
+Role = Literal["head", "trunk", "tail"]
+SplitMode = Literal["vanilla", "ushape"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Where to cut. Vanilla: head | trunk (+ norm, LM head). U-shape: head | trunk | tail (+ norm, LM head)."""
+
+    mode: SplitMode = "ushape"
+    head_layers: int = 2
+    tail_layers: int = 2
+
+    def layers(self, role: Role, total: int) -> list[int]:
+        tail = self.tail_layers if self.mode == "ushape" else 0
+        if role == "head":
+            return list(range(self.head_layers))
+        if role == "trunk":
+            return list(range(self.head_layers, total - tail))
+        if self.mode != "ushape":
+            raise ModelError("a vanilla split has no tail: use split.mode=ushape for a client-side tail")
+        return list(range(total - tail, total))
+
+    def roles(self) -> tuple[Role, ...]:
+        return ("head", "trunk", "tail") if self.mode == "ushape" else ("head", "trunk")
+
+    def client_roles(self) -> tuple[Role, ...]:
+        return ("head", "tail") if self.mode == "ushape" else ("head",)
+
+    def validate(self, config: PretrainedConfig) -> None:
+        total = int(config.num_hidden_layers)
+        tail = self.tail_layers if self.mode == "ushape" else 0
+        if self.head_layers < 0 or tail < 0:
+            raise ModelError("split.head_layers and split.tail_layers must be >= 0")
+        if self.head_layers + tail >= total:
+            raise ModelError(
+                f"impossible cut: head_layers={self.head_layers} + tail_layers={tail} leaves no block for the "
+                f"server, but {config.model_type} has {total} blocks; use at most {total - 1} client blocks"
+            )
+
+
+class Stage(nn.Module):
+    """One part of a split model, holding only its own modules under the unsplit model's names.
+
+    ``forward`` takes token ids (a head) or hidden states (trunk, tail) and returns hidden states, or
+    logits for the part that ends with the LM head.
+    """
+
+    def __init__(
+        self, role: Role, family: Family, config: PretrainedConfig, layer_indices: list[int], ends: bool,
+        skeleton: nn.Module,
+    ) -> None:
+        super().__init__()
+        for name, child in skeleton.named_children():
+            self.add_module(name, child)
+        self.role = role
+        self.family = family
+        self.config = config
+        self.layer_indices = layer_indices
+        self.starts = role == "head"
+        self.ends = ends
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.starts:
+            if input_ids is None:
+                raise ValueError("the head takes input_ids")
+            batch, length = input_ids.shape
+        else:
+            if hidden_states is None:
+                raise ValueError(f"the {self.role} takes hidden_states")
+            batch, length = hidden_states.shape[:2]
+        device = self.device
+        if position_ids is None:  # the unsplit model's default: 0..T-1 for every row
+            position_ids = torch.arange(length, device=device).unsqueeze(0)
+        if self.starts:
+            hidden_states = self.family.embed(self, input_ids, position_ids)  # (B, T, d)
+        else:
+            hidden_states = hidden_states.to(device=device, dtype=self.dtype)
+        block_kwargs = self.family.block_inputs(
+            self, self.config, hidden_states, attention_mask, position_ids, self.layer_indices
+        )
+        blocks = get_module(self, self.family.layers)
+        for index in self.layer_indices:
+            hidden_states = self.family.run_block(blocks[str(index)], hidden_states, block_kwargs[index])
+        if self.ends:
+            return self.family.finish(self, self.config, hidden_states)  # (B, T, V)
+        return hidden_states  # (B, T, d)
+
+
+def _prune(skeleton: nn.Module, family: Family, keep_layers: list[int], keep: set[str]) -> None:
+    """Replace the block list by a dict of kept blocks (keys = original indices) and drop unowned modules."""
+    parent_path, _, attr = family.layers.rpartition(".")
+    parent = get_module(skeleton, parent_path)
+    blocks = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleDict({str(i): blocks[i] for i in keep_layers}))
+    for path in (*family.embeddings, *family.final):
+        if path not in keep:
+            owner_path, _, name = path.rpartition(".")
+            owner = get_module(skeleton, owner_path) if owner_path else skeleton
+            setattr(owner, name, None)
+
+
+def _tensor_key(name: str, source: ModelSource, family: Family, config: PretrainedConfig) -> str:
+    files = source.weight_files
+    if name in files:
+        return name
+    # Checkpoints sometimes prefix keys (e.g. transformer.wte vs wte for GPT-2); try the bare name.
+    bare = name.split(".", 1)[1] if "." in name else name
+    if bare in files:
+        return bare
+    if name.endswith(("lm_head.weight",)) and getattr(config, "tie_word_embeddings", False):
+        return _tensor_key(f"{family.embeddings[0]}.weight", source, family, config)
+    raise ModelError(f"{source.path} has no tensor {name!r}: the checkpoint does not match its config.json")
+
+
+def build_config(source: ModelSource, attn_implementation: str = "sdpa") -> PretrainedConfig:
+    config = source.config()
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def load_stage(
+    source: ModelSource,
+    spec: SplitSpec,
+    role: Role,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> Stage:
+    """Build one part with only its own weights read from disk."""
+    config = build_config(source, attn_implementation)
+    family = family_for(config)
+    spec.validate(config)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    layers = spec.layers(role, int(config.num_hidden_layers))
+    ends = role == "tail" or (role == "trunk" and spec.mode == "vanilla")
+    keep = set(family.embeddings if role == "head" else ()) | set(family.final if ends else ())
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    _prune(skeleton, family, layers, keep)
+    stage = Stage(role, family, config, layers, ends, skeleton)
+    names = [name for name, _ in stage.named_parameters(remove_duplicate=False)]
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for name in names:
+        key = _tensor_key(name, source, family, config)
+        by_file.setdefault(str(source.weight_files[key]), []).append((name, key))
+    for file, pairs in by_file.items():
+        with safe_open(file, "pt", device="cpu") as handle:
+            for name, key in pairs:
+                value = handle.get_tensor(key).to(torch_dtype)
+                set_module_tensor_to_device(stage, name, device, value=value)
+    stage.to(device)  # buffers (rotary tables, embedding scales) were built on the CPU
+    stage.requires_grad_(False)
+    return stage
+
+
+def load_full_model(
+    source: ModelSource, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """The unsplit model (the centralized baseline and the reference in tests)."""
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    family_for(source.config())  # same support check as for a split
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=torch_dtype, attn_implementation=attn_implementation
+    )
+    model.to(device)
+    model.requires_grad_(False)
+    return model
