@@ -39,7 +39,11 @@ class Batch:
 
 
 def collate(examples: Sequence[Example], pad_id: int, padding_side: str = "right") -> Batch:
-    """Pad ``examples`` to the longest one: ``pad_id`` in inputs, 0 in the mask, IGNORE_INDEX in labels."""
+    """Pad ``examples`` to the longest one: ``pad_id`` in inputs, 0 in the mask, IGNORE_INDEX in labels.
+
+    Each example's first label is set to IGNORE_INDEX too: nothing precedes that token, and with left
+    padding it would otherwise be "predicted" from a pad token. Both padding sides count the same loss.
+    """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not examples:
@@ -53,6 +57,7 @@ def collate(examples: Sequence[Example], pad_id: int, padding_side: str = "right
         span = slice(0, n) if padding_side == "right" else slice(length - n, length)
         input_ids[i, span] = torch.tensor(example.input_ids, dtype=torch.long)
         labels[i, span] = torch.tensor(example.labels, dtype=torch.long)
+        labels[i, span.start] = IGNORE_INDEX
         attention_mask[i, span] = 1
     return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 

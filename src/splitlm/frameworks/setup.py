@@ -1,0 +1,92 @@
+"""Building what a run needs from its config: data, the split parties, the unsplit baseline."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from splitlm.config import Config
+from splitlm.data import Batch, Example, eval_batches, load_rows, split_rows, tokenize_rows
+from splitlm.errors import ConfigError
+from splitlm.models import ModelSource, SplitSpec, Stage, family_for, load_full_model, load_stage, resolve_model
+from splitlm.models.split import Role
+from splitlm.peft import make_trainable, trainable_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    train: list[Example]
+    eval: list[Batch]
+    pad_id: int
+
+
+def spec_of(config: Config) -> SplitSpec:
+    tail = config.split.tail_layers if config.split.mode == "ushape" else 0
+    return SplitSpec(config.split.mode, config.split.head_layers, tail)
+
+
+def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase) -> RunData:
+    rows = load_rows(config.data)
+    train_rows, eval_rows = split_rows(rows, config.data.eval_size, config.seed)
+    train = tokenize_rows(train_rows, tokenizer, config.data, config.train.seq_len)
+    held_out = tokenize_rows(eval_rows, tokenizer, config.data, config.train.seq_len)
+    pad_id = int(tokenizer.pad_token_id)
+    batches = eval_batches(held_out, config.train.batch_size, pad_id, config.train.eval_batches)
+    log.info("data: %d training and %d held-out sequences", len(train), len(held_out))
+    return RunData(train, batches, pad_id)
+
+
+def load_source(config: Config) -> ModelSource:
+    source = resolve_model(config.model.name, config.model.revision)
+    family_for(source.config())
+    return source
+
+
+def build_part(config: Config, source: ModelSource, role: Role) -> tuple[nn.Module, Stage]:
+    """One trainable part: the stage with its own weights only, made trainable as ``lora.<role>`` says."""
+    on_client = role != "trunk"
+    stage = load_stage(
+        source,
+        spec_of(config),
+        role,
+        dtype=config.model.client_dtype if on_client else config.model.server_dtype,
+        device=config.model.client_device if on_client else config.model.server_device,
+        attn_implementation=config.model.attn_implementation,
+    )
+    part = make_trainable(stage, config.lora.part(role), stage.family.lora_targets, config.seed, role)
+    return part, stage
+
+
+def build_centralized(config: Config, source: ModelSource) -> nn.Module:
+    overrides = [r for r in ("head", "trunk", "tail") if getattr(config.lora, r).model_fields_set]
+    if overrides:
+        log.warning("centralized uses the lora defaults for the whole model; ignoring lora.%s", ", lora.".join(overrides))
+    model = load_full_model(
+        source, config.model.client_dtype, config.model.client_device, config.model.attn_implementation
+    )
+    family = family_for(model.config)
+    model = make_trainable(model, config.lora.part("model"), family.lora_targets, config.seed, "model")
+    if not trainable_parameters(model):
+        raise ConfigError("nothing to train: the lora settings leave the whole model frozen")
+    return model
+
+
+def count_parameters(*modules: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)

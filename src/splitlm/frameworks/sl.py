@@ -1,0 +1,90 @@
+"""``sl``: sequential split learning. With one client, the 11-step pipeline once per micro-batch.
+
+Recipe: build the server (trunk) and the client (head [+ tail]) as separate objects that share nothing but a
+transport; then the shared loop drives ``SplitClient.train_step``, which runs steps 2-10 through messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from splitlm.config import Config
+from splitlm.data import Batch
+from splitlm.errors import ConfigError
+from splitlm.frameworks.loop import train
+from splitlm.frameworks.registry import register
+from splitlm.frameworks.setup import build_part, count_parameters, load_source, prepare_data, spec_of
+from splitlm.peft import trainable_parameters
+from splitlm.runtime.client import EvalStats, SplitClient, StepStats
+from splitlm.runtime.optim import PartyOptimizer
+from splitlm.runtime.server import SplitServer
+from splitlm.transport import InProcessTransport
+
+
+class SplitLearner:
+    """A client and a server joined by an in-process transport; checkpoints keep their states apart."""
+
+    def __init__(self, client: SplitClient, server: SplitServer, transport: InProcessTransport) -> None:
+        self.client = client
+        self.server = server
+        self.transport = transport
+        self.client_id = client.client_id
+
+    def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
+        return self.client.train_step(step, micro_batches)
+
+    def evaluate(self, batches: list[Batch]) -> EvalStats:
+        return self.client.evaluate(batches)
+
+    def traffic(self) -> tuple[int, int]:
+        return self.transport.meter.snapshot()
+
+    def save(self, folder: Path, with_optimizer: bool) -> None:
+        if with_optimizer:  # a checkpoint: each party in its own folder, as on separate machines
+            self.client.save(folder / f"client-{self.client_id}")
+            self.server.save(folder / "server")
+        else:  # final adapters: one folder, one file per part
+            self.client.save(folder, with_optimizer=False)
+            self.server.save(folder, with_optimizer=False)
+
+    def load(self, folder: Path) -> None:
+        self.client.load(folder / f"client-{self.client_id}")
+        self.server.load(folder / "server")
+
+    def info(self) -> dict[str, Any]:
+        client_parts = list(self.client.parts.values())
+        return {
+            "client_param_count": count_parameters(*client_parts),
+            "server_param_count": count_parameters(self.server.trunk),
+            "client_trainable_param_count": sum(p.numel() for m in client_parts for p in trainable_parameters(m)),
+            "server_trainable_param_count": sum(p.numel() for p in trainable_parameters(self.server.trunk)),
+            "head_layers": self.client.stages["head"].layer_indices,
+            "trunk_layers": self.server.stage.layer_indices,
+            "tail_layers": self.client.stages["tail"].layer_indices if "tail" in self.client.stages else [],
+        }
+
+
+def build_learner(config: Config, client_id: str = "0") -> SplitLearner:
+    source = load_source(config)
+    spec = spec_of(config)
+    trunk, trunk_stage = build_part(config, source, "trunk")
+    server = SplitServer(trunk, trunk_stage, PartyOptimizer(trainable_parameters(trunk), config.train), spec.mode)
+    transport = InProcessTransport(server.handle)
+    parts, stages = {}, {}
+    for role in spec.client_roles():
+        parts[role], stages[role] = build_part(config, source, role)
+    client_params = [p for part in parts.values() for p in trainable_parameters(part)]
+    if not client_params and not server.trainable:
+        raise ConfigError("nothing to train: lora.head, lora.trunk and lora.tail are all frozen")
+    client = SplitClient(client_id, parts, stages, transport, PartyOptimizer(client_params, config.train), spec.mode)
+    return SplitLearner(client, server, transport)
+
+
+@register("sl")
+def run(config: Config, resume: bool = False) -> dict[str, Any]:
+    if config.framework.num_clients != 1:
+        raise ConfigError("framework.num_clients: sl supports 1 client for now (multi-client frameworks: issue 3)")
+    learner = build_learner(config)
+    data = prepare_data(config, load_source(config).tokenizer())
+    return train(config, learner, data, resume)

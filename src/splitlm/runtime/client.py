@@ -1,0 +1,145 @@
+"""The client runtime: steps 2, 6 and 10 (head forward, tail forward + loss + backward, head backward).
+
+The client owns its data, its head (and in U-shape its tail, labels and loss) and talks to the server
+only through a ``Transport``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from splitlm.data import Batch
+from splitlm.models.split import SplitMode, Stage
+from splitlm.peft import load_trainable, save_trainable, trainable_parameters
+from splitlm.runtime.loss import causal_lm_loss
+from splitlm.runtime.optim import PartyOptimizer
+from splitlm.transport import Message, Transport
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean over micro-batches of the per-token loss
+    tokens: int  # non-padding input tokens processed
+    grad_norm: float
+    lr: float
+
+
+@dataclass
+class EvalStats:
+    loss_sum: float
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+
+class SplitClient:
+    def __init__(
+        self,
+        client_id: str,
+        parts: dict[str, nn.Module],
+        stages: dict[str, Stage],
+        transport: Transport,
+        optimizer: PartyOptimizer,
+        mode: SplitMode,
+    ) -> None:
+        self.client_id = client_id
+        self.parts = parts  # "head" and, in U-shape, "tail"; possibly peft-wrapped stages
+        self.stages = stages
+        self.transport = transport
+        self.optimizer = optimizer
+        self.mode = mode
+        self.head_trainable = bool(trainable_parameters(parts["head"]))
+
+    def _send(self, kind: str, step: int, micro: int, tensors: dict[str, torch.Tensor], **meta) -> Message:
+        return self.transport.request(Message(kind, self.client_id, step, micro, tensors, meta))
+
+    def _head_message(self, batch: Batch, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        tensors = {"hidden": hidden, "attention_mask": batch.attention_mask}
+        if self.mode == "vanilla":
+            tensors["labels"] = batch.labels  # vanilla SL: labels travel to the server
+        return tensors
+
+    def _tail(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        stage = self.stages["tail"]
+        return self.parts["tail"](
+            hidden_states=hidden.to(device=stage.device, dtype=stage.dtype), attention_mask=batch.attention_mask
+        )
+
+    def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
+        for part in self.parts.values():
+            part.train()
+        scale = 1.0 / len(micro_batches)
+        losses: list[float] = []
+        tokens = 0
+        for micro, batch in enumerate(micro_batches):
+            batch = batch.to(self.stages["head"].device)
+            tokens += int(batch.attention_mask.sum())
+            hidden = self.parts["head"](input_ids=batch.input_ids, attention_mask=batch.attention_mask)  # (B,T,d)
+            reply = self._send(
+                "forward", step, micro, self._head_message(batch, hidden), scale=scale, want_grad=self.head_trainable
+            )
+            if self.mode == "vanilla":
+                losses.append(float(reply.meta["loss_sum"]) / max(int(reply.meta["tokens"]), 1))
+            else:
+                trunk_out = reply.tensors["hidden"].to(self.stages["tail"].dtype)
+                needs_grad = bool(reply.meta.get("needs_grad", True))
+                trunk_out.requires_grad_(needs_grad)  # a fresh leaf on this side of the cut
+                total, count = causal_lm_loss(self._tail(trunk_out, batch), batch.labels)
+                losses.append(total.item() / max(count, 1))
+                if count and total.requires_grad:
+                    (total / count * scale).backward()
+                if not needs_grad:
+                    continue
+                grad = trunk_out.grad if trunk_out.grad is not None else torch.zeros_like(trunk_out)
+                reply = self._send("backward", step, micro, {"grad": grad})
+            grad = reply.tensors.get("grad")
+            if grad is not None and hidden.requires_grad:
+                hidden.backward(grad.to(device=hidden.device, dtype=hidden.dtype))  # step 10
+        reply = self._send("step", step, 0, {}, grad_sq_norm=self.optimizer.grad_sq_norm())
+        self.optimizer.step(float(reply.meta["clip"]))
+        return StepStats(
+            loss=sum(losses) / len(losses), tokens=tokens, grad_norm=float(reply.meta["grad_norm"]),
+            lr=float(reply.meta["lr"]) if self.optimizer.optimizer is None else self.optimizer.lr(),
+        )
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch], step: int = -1) -> EvalStats:
+        for part in self.parts.values():
+            part.eval()
+        loss_sum, count = 0.0, 0
+        for micro, batch in enumerate(batches):
+            batch = batch.to(self.stages["head"].device)
+            hidden = self.parts["head"](input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            reply = self._send("eval", step, micro, self._head_message(batch, hidden))
+            if self.mode == "vanilla":
+                loss_sum += float(reply.meta["loss_sum"])
+                count += int(reply.meta["tokens"])
+            else:
+                total, tokens = causal_lm_loss(self._tail(reply.tensors["hidden"], batch), batch.labels)
+                loss_sum += float(total)
+                count += tokens
+        for part in self.parts.values():
+            part.train()
+        return EvalStats(loss_sum, count)
+
+    # --- state -----------------------------------------------------------------------------------------
+
+    def save(self, folder: Path, with_optimizer: bool = True) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, part in self.parts.items():
+            if trainable_parameters(part):
+                save_trainable(part, folder / f"{name}.safetensors")
+        if with_optimizer:
+            self.optimizer.save(folder)
+
+    def load(self, folder: Path) -> None:
+        for name, part in self.parts.items():
+            if trainable_parameters(part):
+                load_trainable(part, folder / f"{name}.safetensors")
+        self.optimizer.load(folder)

@@ -1,0 +1,23 @@
+"""The causal language-modelling loss, computed the same way by every party and by the baseline."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy (float32) and the number of tokens it covers.
+
+    logits: (B, T, V); labels: (B, T), unshifted, ``-100`` where no loss is taken.
+    """
+    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:].to(shift_logits.device)  # (B, T-1)
+    count = int((shift_labels != IGNORE).sum())
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE, reduction="sum",
+    )
+    return total, count

