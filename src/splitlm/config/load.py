@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: expected dotted.key=value, e.g. train.steps=10")
     value = yaml.safe_load(raw) if raw.strip() else ""
     # YAML reads 1e-4 as a string (it wants 1.0e-4); users mean a number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in "eE.") and not value.isalpha() else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and not value.isalpha() and any(c in value for c in "eE."):
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return key.strip().split("."), value
 
 

@@ -48,7 +48,9 @@ class SplitConfig(Section):
     )
     head_layers: int = Field(2, ge=0, description="Transformer blocks in the client's head (after the embeddings).")
     tail_layers: int = Field(
-        2, ge=0, description="Transformer blocks in the client's tail (before final norm + LM head); ushape only."
+        2,
+        ge=0,
+        description="Transformer blocks in the client's tail (before final norm + LM head); ushape only.",
     )
 
 
@@ -122,7 +124,8 @@ class DataConfig(Section):
         "or a datasets id (optionally prefixed hf:).",
     )
     format: Literal["lm", "instruction"] = Field(
-        "lm", description="lm: loss on every token; instruction: prompt + response, loss on the response only."
+        "lm",
+        description="lm: loss on every token; instruction: prompt + response, loss on the response only.",
     )
     text_field: str = Field("text", description="Column holding the text (lm format).")
     prompt_field: str = Field("prompt", description="Column holding the prompt (instruction format).")
@@ -159,14 +162,11 @@ class Config(Section):
     @model_validator(mode="after")
     def _check(self) -> Config:
         problems: list[str] = []
-        if self.split.mode == "vanilla" and self.split.tail_layers:
-            # A vanilla split has no tail; a non-default tail would silently be ignored.
-            if "tail_layers" in self.split.model_fields_set:
-                problems.append("split.tail_layers: must be 0 with split.mode=vanilla (the server keeps the end)")
+        # A vanilla split has no tail; a tail the user asked for would silently be ignored.
+        if self.split.mode == "vanilla" and self.split.tail_layers and "tail_layers" in self.split.model_fields_set:
+            problems.append("split.tail_layers: must be 0 with split.mode=vanilla (the server keeps the end)")
         if self.train.warmup_steps > self.train.steps:
-            problems.append(
-                f"train.warmup_steps: {self.train.warmup_steps} exceeds train.steps={self.train.steps}"
-            )
+            problems.append(f"train.warmup_steps: {self.train.warmup_steps} exceeds train.steps={self.train.steps}")
         if self.data.format == "instruction" and self.data.prompt_field == self.data.response_field:
             problems.append("data.response_field: must differ from data.prompt_field")
         if problems:

@@ -62,9 +62,7 @@ def collate(examples: Sequence[Example], pad_id: int, padding_side: str = "right
     return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
-def eval_batches(
-    examples: Sequence[Example], batch_size: int, pad_id: int, max_batches: int = 0
-) -> list[Batch]:
+def eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int, max_batches: int = 0) -> list[Batch]:
     """Held-out ``examples`` in order, ``batch_size`` per batch (the last may be smaller); 0 = all batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

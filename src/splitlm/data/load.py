@@ -170,9 +170,7 @@ def _json_lines(lines: Any, path: Path) -> list[dict[str, Any]]:
                 f"data file {path}, line {number}: not valid JSON ({e.msg}); write one JSON object per line"
             ) from e
         if not isinstance(row, dict):
-            raise DataError(
-                f"data file {path}, line {number}: expected a JSON object, got {type(row).__name__}"
-            )
+            raise DataError(f"data file {path}, line {number}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
 
@@ -193,8 +191,7 @@ def _json(text: str, path: Path) -> list[dict[str, Any]]:
             data = [dict(zip(data, row, strict=True)) for row in zip(*values, strict=True)]  # columns
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
         raise DataError(
-            f"data file {path}: expected a JSON array of objects (or one object per line), "
-            f"got {type(data).__name__}"
+            f"data file {path}: expected a JSON array of objects (or one object per line), got {type(data).__name__}"
         )
     return data
 

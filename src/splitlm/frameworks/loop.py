@@ -92,7 +92,9 @@ def _load_checkpoint(out: Path, learner: Learner) -> dict[str, Any]:
     try:
         progress = json.loads((folder / "progress.json").read_text())
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"{folder}/progress.json unreadable ({error}); delete that folder to resume earlier")
+        raise CheckpointError(
+            f"{folder}/progress.json unreadable ({error}); delete that folder to resume earlier"
+        ) from None
     learner.load(folder)
     torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])
     log.info("resumed from %s", folder)
@@ -135,14 +137,20 @@ def train(config: Config, learner: Learner, data: RunData, resume: bool = False)
     def account() -> None:
         up, down = learner.traffic()
         progress.update(
-            bytes_up=up_before + up, bytes_down=down_before + down,
+            bytes_up=up_before + up,
+            bytes_down=down_before + down,
             wall_seconds=wall_before + time.perf_counter() - started,
         )
+
     started = time.perf_counter()
 
     bar = tqdm(
-        range(start_step, train_cfg.steps), initial=start_step, total=train_cfg.steps,
-        desc=f"{config.framework.name}", disable=not train_cfg.progress, dynamic_ncols=True,
+        range(start_step, train_cfg.steps),
+        initial=start_step,
+        total=train_cfg.steps,
+        desc=f"{config.framework.name}",
+        disable=not train_cfg.progress,
+        dynamic_ncols=True,
     )
     with metrics_path.open("a") as metrics:
         for step in bar:
@@ -157,9 +165,16 @@ def train(config: Config, learner: Learner, data: RunData, resume: bool = False)
             up1, down1 = learner.traffic()
             progress["tokens"] += stats.tokens
             record: dict[str, Any] = {
-                "step": step + 1, "client": learner.client_id, "loss": stats.loss, "tokens": stats.tokens,
-                "bytes_up": up1 - up0, "bytes_down": down1 - down0, "seconds": seconds,
-                "lr": stats.lr, "grad_norm": stats.grad_norm, "epoch": order.epoch((step + 1) * train_cfg.grad_accum),
+                "step": step + 1,
+                "client": learner.client_id,
+                "loss": stats.loss,
+                "tokens": stats.tokens,
+                "bytes_up": up1 - up0,
+                "bytes_down": down1 - down0,
+                "seconds": seconds,
+                "lr": stats.lr,
+                "grad_norm": stats.grad_norm,
+                "epoch": order.epoch((step + 1) * train_cfg.grad_accum),
             }
             if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < train_cfg.steps:
                 result = learner.evaluate(data.eval)

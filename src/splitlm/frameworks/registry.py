@@ -23,5 +23,7 @@ def register(name: str) -> Callable[[Recipe], Recipe]:
 def run_framework(config: Config, resume: bool = False) -> dict[str, Any]:
     recipe = FRAMEWORKS.get(config.framework.name)
     if recipe is None:
-        raise ConfigError(f"framework.name: unknown framework {config.framework.name!r}; choose from {sorted(FRAMEWORKS)}")
+        raise ConfigError(
+            f"framework.name: unknown framework {config.framework.name!r}; choose from {sorted(FRAMEWORKS)}"
+        )
     return recipe(config, resume=resume)

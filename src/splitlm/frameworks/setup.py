@@ -12,7 +12,15 @@ from transformers import PreTrainedTokenizerBase
 from splitlm.config import Config
 from splitlm.data import Batch, Example, eval_batches, load_rows, split_rows, tokenize_rows
 from splitlm.errors import ConfigError
-from splitlm.models import ModelSource, SplitSpec, Stage, family_for, load_full_model, load_stage, resolve_model
+from splitlm.models import (
+    ModelSource,
+    SplitSpec,
+    Stage,
+    family_for,
+    load_full_model,
+    load_stage,
+    resolve_model,
+)
 from splitlm.models.split import Role
 from splitlm.peft import make_trainable, trainable_parameters
 
@@ -66,7 +74,10 @@ def build_part(config: Config, source: ModelSource, role: Role) -> tuple[nn.Modu
 def build_centralized(config: Config, source: ModelSource) -> nn.Module:
     overrides = [r for r in ("head", "trunk", "tail") if getattr(config.lora, r).model_fields_set]
     if overrides:
-        log.warning("centralized uses the lora defaults for the whole model; ignoring lora.%s", ", lora.".join(overrides))
+        log.warning(
+            "centralized uses the lora defaults for the whole model; ignoring lora.%s",
+            ", lora.".join(overrides),
+        )
     model = load_full_model(
         source, config.model.client_dtype, config.model.client_device, config.model.attn_implementation
     )

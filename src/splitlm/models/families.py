@@ -68,7 +68,10 @@ class Family:
             if builder is None:
                 raise ModelError(f"{config.model_type}: attention type {kind!r} is not supported by splitlm yet")
             masks[kind] = builder(
-                config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                config=config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                cache=None,
                 position_ids=position_ids,
             )
         rotary: dict[str, Any] = {}

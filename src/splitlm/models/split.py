@@ -70,7 +70,12 @@ class Stage(nn.Module):
     """
 
     def __init__(
-        self, role: Role, family: Family, config: PretrainedConfig, layer_indices: list[int], ends: bool,
+        self,
+        role: Role,
+        family: Family,
+        config: PretrainedConfig,
+        layer_indices: list[int],
+        ends: bool,
         skeleton: nn.Module,
     ) -> None:
         super().__init__()
@@ -101,11 +106,11 @@ class Stage(nn.Module):
         if self.starts:
             if input_ids is None:
                 raise ValueError("the head takes input_ids")
-            batch, length = input_ids.shape
+            length = input_ids.shape[1]
         else:
             if hidden_states is None:
                 raise ValueError(f"the {self.role} takes hidden_states")
-            batch, length = hidden_states.shape[:2]
+            length = hidden_states.shape[1]
         device = self.device
         if position_ids is None:  # the unsplit model's default: 0..T-1 for every row
             position_ids = torch.arange(length, device=device).unsqueeze(0)
@@ -192,7 +197,9 @@ def load_stage(
 
 
 def load_full_model(
-    source: ModelSource, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+    source: ModelSource,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> nn.Module:
     """The unsplit model (the centralized baseline and the reference in tests)."""

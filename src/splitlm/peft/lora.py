@@ -111,7 +111,9 @@ def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], what
         )
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise CheckpointError(f"{what}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+            raise CheckpointError(
+                f"{what}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
     if isinstance(module, PeftModel):
         result = set_peft_model_state_dict(module, {PEFT_PREFIX + k: v for k, v in state.items()})
         if getattr(result, "unexpected_keys", None):

@@ -68,7 +68,8 @@ class SplitClient:
     def _tail(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         stage = self.stages["tail"]
         return self.parts["tail"](
-            hidden_states=hidden.to(device=stage.device, dtype=stage.dtype), attention_mask=batch.attention_mask
+            hidden_states=hidden.to(device=stage.device, dtype=stage.dtype),
+            attention_mask=batch.attention_mask,
         )
 
     def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
@@ -82,7 +83,12 @@ class SplitClient:
             tokens += int(batch.attention_mask.sum())
             hidden = self.parts["head"](input_ids=batch.input_ids, attention_mask=batch.attention_mask)  # (B,T,d)
             reply = self._send(
-                "forward", step, micro, self._head_message(batch, hidden), scale=scale, want_grad=self.head_trainable
+                "forward",
+                step,
+                micro,
+                self._head_message(batch, hidden),
+                scale=scale,
+                want_grad=self.head_trainable,
             )
             if self.mode == "vanilla":
                 losses.append(float(reply.meta["loss_sum"]) / max(int(reply.meta["tokens"]), 1))
@@ -104,7 +110,9 @@ class SplitClient:
         reply = self._send("step", step, 0, {}, grad_sq_norm=self.optimizer.grad_sq_norm())
         self.optimizer.step(float(reply.meta["clip"]))
         return StepStats(
-            loss=sum(losses) / len(losses), tokens=tokens, grad_norm=float(reply.meta["grad_norm"]),
+            loss=sum(losses) / len(losses),
+            tokens=tokens,
+            grad_norm=float(reply.meta["grad_norm"]),
             lr=float(reply.meta["lr"]) if self.optimizer.optimizer is None else self.optimizer.lr(),
         )
 

@@ -17,7 +17,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     shift_labels = labels[:, 1:].to(shift_logits.device)  # (B, T-1)
     count = int((shift_labels != IGNORE).sum())
     total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=IGNORE, reduction="sum",
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
     return total, count

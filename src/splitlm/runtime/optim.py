@@ -90,7 +90,9 @@ class PartyOptimizer:
             tensors = load_file(str(folder / "optimizer.safetensors"))
             meta = json.loads((folder / "optimizer.json").read_text())
         except (OSError, ValueError) as error:
-            raise CheckpointError(f"{folder}: optimizer state unreadable ({error}); resume from another checkpoint")
+            raise CheckpointError(
+                f"{folder}: optimizer state unreadable ({error}); resume from another checkpoint"
+            ) from None
         per_param: dict[int, dict[str, object]] = {}
         for key, value in tensors.items():
             index, name = key.split(".", 1)

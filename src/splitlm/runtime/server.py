@@ -31,7 +31,12 @@ class SplitServer:
         self._pending: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def handle(self, message: Message) -> Message:
-        handlers = {"forward": self._forward, "backward": self._backward, "step": self._step, "eval": self._eval}
+        handlers = {
+            "forward": self._forward,
+            "backward": self._backward,
+            "step": self._step,
+            "eval": self._eval,
+        }
         handler = handlers.get(message.kind)
         if handler is None:
             raise ProtocolError(f"unknown request kind {message.kind!r}; expected one of {sorted(handlers)}")
@@ -84,7 +89,11 @@ class SplitServer:
         if self.mode == "ushape":
             self._pending[key] = (hidden, out)
             return Message(
-                "activations", message.client_id, message.step, message.micro, {"hidden": out},
+                "activations",
+                message.client_id,
+                message.step,
+                message.micro,
+                {"hidden": out},
                 {"needs_grad": out.requires_grad},
             )
         labels = self._tensor(message, "labels")
@@ -98,8 +107,12 @@ class SplitServer:
             (total / count * float(message.meta.get("scale", 1.0))).backward()
         tensors = {"grad": hidden.grad} if want_grad and hidden.grad is not None else {}
         return Message(
-            "loss", message.client_id, message.step, message.micro, tensors,
-            {"loss_sum": float(total), "tokens": count},
+            "loss",
+            message.client_id,
+            message.step,
+            message.micro,
+            tensors,
+            {"loss_sum": total.item(), "tokens": count},
         )
 
     def _backward(self, message: Message) -> Message:
@@ -123,7 +136,11 @@ class SplitServer:
         coefficient = self.optimizer.clip_coefficient(total)
         self.optimizer.step(coefficient)
         return Message(
-            "stepped", message.client_id, message.step, 0, {},
+            "stepped",
+            message.client_id,
+            message.step,
+            0,
+            {},
             {"grad_norm": math.sqrt(total), "clip": coefficient, "lr": self.optimizer.lr()},
         )
 
@@ -137,7 +154,12 @@ class SplitServer:
             return Message("activations", message.client_id, message.step, message.micro, {"hidden": out})
         total, count = causal_lm_loss(out, self._tensor(message, "labels"))
         return Message(
-            "loss", message.client_id, message.step, message.micro, {}, {"loss_sum": float(total), "tokens": count}
+            "loss",
+            message.client_id,
+            message.step,
+            message.micro,
+            {},
+            {"loss_sum": float(total), "tokens": count},
         )
 
     # --- state -----------------------------------------------------------------------------------------

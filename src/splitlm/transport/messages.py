@@ -33,6 +33,10 @@ class Message:
     def detached(self) -> Message:
         """The same message with every tensor cut from its autograd graph: nothing crosses the cut but data."""
         return Message(
-            self.kind, self.client_id, self.step, self.micro,
-            {name: t.detach() for name, t in self.tensors.items()}, dict(self.meta),
+            self.kind,
+            self.client_id,
+            self.step,
+            self.micro,
+            {name: t.detach() for name, t in self.tensors.items()},
+            dict(self.meta),
         )

@@ -1,0 +1,132 @@
+"""The ``splitlm`` command: train, generate, export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from splitlm.errors import SplitLMError
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from splitlm.config import load_config
+    from splitlm.frameworks import run_framework
+
+    config = load_config(args.config, args.overrides)
+    summary = run_framework(config, resume=args.resume)
+    where = f"{summary['framework']}" + (f" ({summary['split_mode']})" if summary["split_mode"] else "")
+    print(
+        f"{where}: held-out perplexity {summary['eval_ppl_before']:.2f} -> {summary['eval_ppl_after']:.2f} "
+        f"(loss {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}) after {summary['steps']} steps"
+    )
+    print(
+        f"traffic up {_fmt_bytes(summary['bytes_up'])}, down {_fmt_bytes(summary['bytes_down'])}; "
+        f"{summary['wall_seconds']:.1f} s; results in {config.output_dir}/"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from splitlm.frameworks.assemble import assemble
+
+    model, tokenizer, _ = assemble(Path(args.run_dir))
+    if args.chat:
+        if tokenizer.chat_template is None:
+            raise SplitLMError("--chat: this model's tokenizer has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt").to(model.device)
+    sampling = args.temperature > 0
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=sampling,
+            temperature=args.temperature if sampling else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from splitlm.frameworks.assemble import export
+
+    out = export(Path(args.run_dir), Path(args.out), force=args.force)
+    print(f"wrote {out}/ (load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitlm", description="Split learning fine-tuning of causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune with a framework from a YAML config")
+    train.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 split.mode=vanilla")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="generate text with a trained run's merged model")
+    gen.add_argument("run_dir", help="output_dir of a finished train run")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="write a merged model loadable by transformers")
+    exp.add_argument("run_dir", help="output_dir of a finished train run")
+    exp.add_argument("out", help="new folder for the merged model")
+    exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    exp.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except SplitLMError as error:
+        print(f"splitlm: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("splitlm: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
