@@ -96,3 +96,18 @@ def test_rotten_tomatoes_instruction_ends_in_the_sentiment(tok: PreTrainedTokeni
         loss_ids = [t for t in example.labels if t != -100]
         assert tok.decode(loss_ids[:-1]) == f" {example.label}" and loss_ids[-1] == EOS
         assert len(example.input_ids) <= 32
+
+
+def test_pack_examples_fills_blocks_and_keeps_label_masks() -> None:
+    from splitlm.data import pack_examples
+
+    examples = [
+        Example(input_ids=[1, 2, 3], labels=[-100, 2, 3]),
+        Example(input_ids=[4, 5, 6, 7], labels=[4, 5, 6, 7]),
+        Example(input_ids=[8, 9], labels=[-100, 9]),
+    ]
+    blocks = pack_examples(examples, seq_len=4)
+    assert [b.input_ids for b in blocks] == [[1, 2, 3, 4], [5, 6, 7, 8]]  # the lone [9] is too short to train on
+    assert blocks[0].labels == [-100, 2, 3, 4]
+    assert blocks[1].labels == [5, 6, 7, -100]
+    assert all(b.label is None for b in blocks)

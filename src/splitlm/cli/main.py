@@ -85,6 +85,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from splitlm.config import load_config
+    from splitlm.config.schema import Config, key_reference
+
+    if args.keys:
+        for key, default, help_text in key_reference(Config):
+            print(f"{key} = {default!r}\n    {help_text}")
+        return 0
+    config = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitlm", description="Split learning fine-tuning of causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -109,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="new folder for the merged model")
     exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     exp.set_defaults(func=cmd_export)
+
+    cfg = sub.add_parser("config", help="validate a config and print it resolved, or list every key")
+    cfg.add_argument("config", nargs="?", help="YAML config file (default: the built-in defaults)")
+    cfg.add_argument("overrides", nargs="*", help="dotted overrides")
+    cfg.add_argument("--keys", action="store_true", help="list every config key with its default and help")
+    cfg.set_defaults(func=cmd_config)
     return parser
 
 

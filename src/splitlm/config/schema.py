@@ -135,6 +135,11 @@ class DataConfig(Section):
     eval_size: int = Field(200, ge=1, description="Rows held out for evaluation (never trained on).")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many rows (before the held-out split).")
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token to each sequence.")
+    pack: bool = Field(
+        False,
+        description="Concatenate training sequences and cut them into train.seq_len blocks (no padding); "
+        "held-out data stays one sequence per row.",
+    )
 
 
 class FrameworkConfig(Section):
@@ -172,3 +177,16 @@ class Config(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def key_reference(model: type[BaseModel], prefix: str = "") -> list[tuple[str, object, str]]:
+    """(dotted key, default, help) for every leaf field, in declaration order."""
+    rows: list[tuple[str, object, str]] = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            rows.extend(key_reference(kind, f"{prefix}{name}."))
+        else:
+            default = field.default if field.default_factory is None else field.default_factory()
+            rows.append((f"{prefix}{name}", default, field.description or ""))
+    return rows

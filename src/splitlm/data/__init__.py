@@ -3,7 +3,7 @@
 from splitlm.data.batch import IGNORE_INDEX, Batch, Example, collate, eval_batches
 from splitlm.data.load import load_rows, split_rows
 from splitlm.data.order import DataOrder
-from splitlm.data.tokenize import tokenize_rows
+from splitlm.data.tokenize import pack_examples, tokenize_rows
 
 __all__ = [
     "IGNORE_INDEX",
@@ -13,6 +13,7 @@ __all__ = [
     "collate",
     "eval_batches",
     "load_rows",
+    "pack_examples",
     "split_rows",
     "tokenize_rows",
 ]

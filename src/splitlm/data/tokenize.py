@@ -85,3 +85,22 @@ def _label(row: dict[str, Any], cfg: DataConfig) -> str | None:
         return str(row[cfg.label_field])
     label = row.get("label")
     return None if label is None else str(label)
+
+
+def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
+    """Concatenate examples (each already ending in EOS where wanted) and cut the stream into ``seq_len`` blocks.
+
+    Every training token then does work (no padding); labels keep their masks, so instruction data keeps
+    its loss on responses only. A last block shorter than 2 tokens is dropped.
+    """
+    ids = [token for example in examples for token in example.input_ids]
+    labels = [label for example in examples for label in example.labels]
+    blocks = [
+        Example(input_ids=ids[i : i + seq_len], labels=labels[i : i + seq_len])
+        for i in range(0, len(ids), seq_len)
+        if len(ids[i : i + seq_len]) >= 2
+    ]
+    blocks = [b for b in blocks if any(label != IGNORE_INDEX for label in b.labels[1:])]
+    if not blocks:
+        raise DataError(f"packing {len(examples)} examples into blocks of {seq_len} tokens left none to train on")
+    return blocks

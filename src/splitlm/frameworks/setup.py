@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from splitlm.config import Config
-from splitlm.data import Batch, Example, eval_batches, load_rows, split_rows, tokenize_rows
+from splitlm.data import Batch, Example, eval_batches, load_rows, pack_examples, split_rows, tokenize_rows
 from splitlm.errors import ConfigError
 from splitlm.models import (
     ModelSource,
@@ -42,7 +42,10 @@ def spec_of(config: Config) -> SplitSpec:
 def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase) -> RunData:
     rows = load_rows(config.data)
     train_rows, eval_rows = split_rows(rows, config.data.eval_size, config.seed)
-    train = tokenize_rows(train_rows, tokenizer, config.data, config.train.seq_len)
+    if config.data.pack:  # tokenize whole rows, then cut the stream into full blocks
+        train = pack_examples(tokenize_rows(train_rows, tokenizer, config.data, 1 << 30), config.train.seq_len)
+    else:
+        train = tokenize_rows(train_rows, tokenizer, config.data, config.train.seq_len)
     held_out = tokenize_rows(eval_rows, tokenizer, config.data, config.train.seq_len)
     pad_id = int(tokenizer.pad_token_id)
     batches = eval_batches(held_out, config.train.batch_size, pad_id, config.train.eval_batches)

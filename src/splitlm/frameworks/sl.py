@@ -15,6 +15,7 @@ from splitlm.errors import ConfigError
 from splitlm.frameworks.loop import train
 from splitlm.frameworks.registry import register
 from splitlm.frameworks.setup import build_part, count_parameters, load_source, prepare_data, spec_of
+from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
 from splitlm.runtime.client import EvalStats, SplitClient, StepStats
 from splitlm.runtime.optim import PartyOptimizer
@@ -74,6 +75,8 @@ def build_learner(config: Config, client_id: str = "0") -> SplitLearner:
     parts, stages = {}, {}
     for role in spec.client_roles():
         parts[role], stages[role] = build_part(config, source, role)
+    if "tail" in stages:
+        share_tied_embeddings(stages["head"], stages["tail"])
     client_params = [p for part in parts.values() for p in trainable_parameters(part)]
     if not client_params and not server.trainable:
         raise ConfigError("nothing to train: lora.head, lora.trunk and lora.tail are all frozen")

@@ -211,3 +211,23 @@ def load_full_model(
     model.to(device)
     model.requires_grad_(False)
     return model
+
+
+def share_tied_embeddings(head: Stage, tail: Stage) -> bool:
+    """Let a client's tail reuse its head's embedding matrix as the LM head when the model ties them.
+
+    Only while neither copy trains (LoRA does not touch them): then they are equal and stay equal, and the
+    client holds one matrix instead of two. Returns whether the weights are now shared.
+    """
+    if not getattr(head.config, "tie_word_embeddings", False) or not tail.ends:
+        return False
+    embedding = get_module(head, head.family.embeddings[0])
+    lm_head = get_module(tail, "lm_head")
+    if embedding.weight.requires_grad or lm_head.weight.requires_grad:
+        return False
+    if embedding.weight.shape != lm_head.weight.shape or embedding.weight.device != lm_head.weight.device:
+        return False
+    if embedding.weight.dtype != lm_head.weight.dtype or not torch.equal(embedding.weight, lm_head.weight):
+        return False
+    lm_head.weight = embedding.weight
+    return True
