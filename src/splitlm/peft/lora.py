@@ -34,7 +34,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def _seeded_init(model: nn.Module, seed: int, adapter: str) -> None:
+def seeded_init(model: nn.Module, seed: int, adapter: str) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -82,7 +82,7 @@ def make_trainable(
             f"lora.{part}.target_modules: none of {targets} is a module of this part; choose from {linear}"
         )
     model = get_peft_model(module, peft_config(settings, default_targets))
-    _seeded_init(model, seed, ADAPTER)
+    seeded_init(model, seed, ADAPTER)
     return model
 
 
