@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from splitlm.config.schema import Config
+from splitlm.config.schema import Config, cross_field_problems
 from splitlm.errors import ConfigError
 
 
@@ -36,7 +36,7 @@ def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _format(error: ValidationError) -> str:
+def _format(error: ValidationError) -> list[str]:
     parts = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "config"
@@ -46,7 +46,7 @@ def _format(error: ValidationError) -> str:
             parts.append(str(item["msg"]).removeprefix("Value error, "))
         else:
             parts.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
-    return "; ".join(parts)
+    return parts
 
 
 def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -58,7 +58,10 @@ def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | tupl
     try:
         return Config.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(f"invalid config: {_format(error)}") from None
+        problems = _format(error)
+        if all(item["loc"] for item in error.errors()):  # field errors stopped the cross-field checks: run them
+            problems += cross_field_problems(tree)
+        raise ConfigError(f"invalid config: {'; '.join(problems)}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

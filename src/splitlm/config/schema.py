@@ -6,7 +6,7 @@ several fields live in ``Config._check``, so that all problems are reported toge
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,7 +17,7 @@ PART_NAMES = ("head", "trunk", "tail")
 class Section(BaseModel):
     """A config section: no unknown keys, values checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class ModelConfig(Section):
@@ -166,17 +166,39 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        problems: list[str] = []
-        # A vanilla split has no tail; a tail the user asked for would silently be ignored.
-        if self.split.mode == "vanilla" and self.split.tail_layers and "tail_layers" in self.split.model_fields_set:
-            problems.append("split.tail_layers: must be 0 with split.mode=vanilla (the server keeps the end)")
-        if self.train.warmup_steps > self.train.steps:
-            problems.append(f"train.warmup_steps: {self.train.warmup_steps} exceeds train.steps={self.train.steps}")
-        if self.data.format == "instruction" and self.data.prompt_field == self.data.response_field:
-            problems.append("data.response_field: must differ from data.prompt_field")
+        problems = cross_field_problems(self.model_dump())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    """A value from a raw config tree, or the schema's default where the tree does not set it."""
+    node: Any = tree
+    model: type[BaseModel] = Config
+    for part in dotted.split("."):
+        field = model.model_fields[part]
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return field.default if field.default_factory is None else field.default_factory()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            model = field.annotation
+    return node
+
+
+def cross_field_problems(tree: dict[str, Any]) -> list[str]:
+    """Checks that involve several fields. Works on a raw tree too, so that they are reported together with
+    field errors (pydantic skips model validators when a field is invalid)."""
+    problems: list[str] = []
+    warmup, steps = _get(tree, "train.warmup_steps"), _get(tree, "train.steps")
+    if isinstance(warmup, int) and isinstance(steps, int) and warmup > steps:
+        problems.append(f"train.warmup_steps: {warmup} exceeds train.steps={steps}")
+    if _get(tree, "data.format") == "instruction" and _get(tree, "data.prompt_field") == _get(
+        tree, "data.response_field"
+    ):
+        problems.append("data.response_field: must differ from data.prompt_field")
+    return problems
 
 
 def key_reference(model: type[BaseModel], prefix: str = "") -> list[tuple[str, object, str]]:

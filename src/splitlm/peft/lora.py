@@ -96,7 +96,7 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
         state = get_peft_model_state_dict(module)
     else:
         state = {name: p for name, p in module.named_parameters() if p.requires_grad}
-    return {canonical_name(k): v.detach().cpu().contiguous() for k, v in state.items()}
+    return {canonical_name(k): v.detach().cpu().clone() for k, v in state.items()}
 
 
 def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -62,10 +62,10 @@ class SplitServer:
         mask = message.tensors.get("attention_mask")
         positions = message.tensors.get("position_ids")
         for name, value in (("attention_mask", mask), ("position_ids", positions)):
-            if value is not None and (value.dim() != 2 or value.shape[-1] != hidden.shape[1]):
+            if value is not None and value.shape != hidden.shape[:2] and value.shape != (1, hidden.shape[1]):
                 raise ProtocolError(
                     f"{message.kind} from {message.client_id}: {name} has shape {tuple(value.shape)}, "
-                    f"expected (batch, {hidden.shape[1]})"
+                    f"expected {tuple(hidden.shape[:2])}"
                 )
         device = self.stage.device
         return (
@@ -74,6 +74,15 @@ class SplitServer:
             None if positions is None else positions.to(device),
         )
 
+    def _labels(self, message: Message, hidden: torch.Tensor) -> torch.Tensor:
+        labels = self._tensor(message, "labels")
+        if labels.shape != hidden.shape[:2] or labels.dtype not in (torch.int64, torch.int32):
+            raise ProtocolError(
+                f"{message.kind} from {message.client_id}: labels have shape {tuple(labels.shape)} and dtype "
+                f"{labels.dtype}, expected integer labels of shape {tuple(hidden.shape[:2])}"
+            )
+        return labels.to(hidden.device)
+
     # --- handlers --------------------------------------------------------------------------------------
 
     def _run_trunk(self, message: Message, hidden: torch.Tensor, mask, positions) -> torch.Tensor:
@@ -81,6 +90,7 @@ class SplitServer:
 
     def _forward(self, message: Message) -> Message:
         hidden, mask, positions = self._inputs(message)
+        labels = self._labels(message, hidden) if self.mode == "vanilla" else None
         want_grad = bool(message.meta.get("want_grad", True))
         hidden = hidden.detach().requires_grad_(want_grad)  # a fresh leaf: the graph starts here
         self.trunk.train()
@@ -95,12 +105,6 @@ class SplitServer:
                 message.micro,
                 {"hidden": out},
                 {"needs_grad": out.requires_grad},
-            )
-        labels = self._tensor(message, "labels")
-        if labels.shape != out.shape[:2]:
-            raise ProtocolError(
-                f"forward from {message.client_id}: labels have shape {tuple(labels.shape)}, expected "
-                f"{tuple(out.shape[:2])}"
             )
         total, count = causal_lm_loss(out, labels)
         if out.requires_grad and count:
@@ -117,7 +121,7 @@ class SplitServer:
 
     def _backward(self, message: Message) -> Message:
         key = (message.client_id, message.step, message.micro)
-        pending = self._pending.pop(key, None)
+        pending = self._pending.get(key)
         if pending is None:
             raise ProtocolError(
                 f"backward from {message.client_id} for step {message.step} micro-batch {message.micro} "
@@ -127,6 +131,9 @@ class SplitServer:
         grad = self._tensor(message, "grad")
         if grad.shape != out.shape:
             raise ProtocolError(f"backward: grad has shape {tuple(grad.shape)}, expected {tuple(out.shape)}")
+        if not torch.isfinite(grad).all():
+            raise ProtocolError(f"backward from {message.client_id}: grad contains NaN or Inf")
+        del self._pending[key]  # only a valid gradient consumes the forward; a rejected one may be retried
         out.backward(grad.to(device=out.device, dtype=out.dtype))
         tensors = {"grad": hidden.grad} if hidden.grad is not None else {}
         return Message("gradients", message.client_id, message.step, message.micro, tensors)
@@ -152,7 +159,7 @@ class SplitServer:
         self.trunk.train()
         if self.mode == "ushape":
             return Message("activations", message.client_id, message.step, message.micro, {"hidden": out})
-        total, count = causal_lm_loss(out, self._tensor(message, "labels"))
+        total, count = causal_lm_loss(out, self._labels(message, hidden))
         return Message(
             "loss",
             message.client_id,

@@ -1,0 +1,208 @@
+"""The ``splitlm`` command: one-line errors with exit codes, then train -> generate -> export end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BertConfig
+
+from splitlm.cli.main import main
+from splitlm.frameworks.assemble import assemble, load_run_config
+from splitlm.frameworks.sl import build_learner
+from splitlm.models import load_full_model, resolve_model
+from splitlm.peft import load_trainable
+
+METRIC_KEYS = {"step", "client", "loss", "tokens", "bytes_up", "bytes_down", "seconds"}
+SUMMARY_KEYS = {
+    "framework", "split_mode", "eval_loss_before", "eval_loss_after", "eval_ppl_before", "eval_ppl_after",
+    "bytes_up", "bytes_down", "wall_seconds", "client_param_count", "server_param_count",
+}  # fmt: skip
+PROMPT = "A three-hour cinema"
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("splitlm: error: ")
+    return lines[0]
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+def test_all_config_errors_in_one_line(config_file, capsys, tmp_path: Path) -> None:
+    path = config_file(train={"stepz": 3, "batch_size": "four", "lr": -1.0}, framework={"name": "p2p"})
+    assert main(["train", str(path)]) == 2
+    line = _one_error_line(capsys)
+    for key in ("train.stepz", "train.batch_size", "train.lr", "framework.name"):
+        assert key in line, key
+    assert "unknown key" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_override_is_a_config_error(config_file, capsys) -> None:
+    assert main(["train", str(config_file()), "train.steps=0", "nosection.key=1"]) == 2
+    line = _one_error_line(capsys)
+    assert "train.steps" in line and "nosection" in line
+
+
+def test_missing_config_file(capsys, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert main(["train", str(missing)]) == 2
+    assert str(missing) in _one_error_line(capsys)
+
+
+def test_missing_data_file(config_file, capsys) -> None:
+    assert main(["train", str(config_file()), "data.name=/nonexistent/x.jsonl"]) == 3
+    assert "/nonexistent/x.jsonl" in _one_error_line(capsys)
+
+
+def test_unsupported_architecture(config_file, capsys, tmp_path: Path) -> None:
+    bert = tmp_path / "bert"
+    BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(bert)
+    assert main(["train", str(config_file()), f"model.name={bert}"]) == 4
+    line = _one_error_line(capsys)
+    assert "'bert' is not supported" in line and "llama" in line
+
+
+def test_impossible_cut(config_file, capsys) -> None:
+    assert main(["train", str(config_file()), "split.head_layers=3", "split.tail_layers=1"]) == 4
+    line = _one_error_line(capsys)
+    assert "impossible cut" in line and "4 blocks" in line
+
+
+def test_generate_and_export_need_a_run_directory(capsys, tmp_path: Path) -> None:
+    assert main(["generate", str(tmp_path / "none"), "--prompt", "hi"]) == 5
+    assert "not a run directory" in _one_error_line(capsys)
+    assert main(["export", str(tmp_path / "none"), str(tmp_path / "out")]) == 5
+    assert "not a run directory" in _one_error_line(capsys)
+
+
+# --- a successful run, shared by the tests below ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, write_config) -> tuple[Path, Path, str]:
+    root = tmp_path_factory.mktemp("cli")
+    config = write_config(root / "tiny.yaml", root / "run", train={"steps": 6})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["train", str(config), "lora.rank=8"])
+    assert code == 0
+    return root / "run", config, out.getvalue()
+
+
+def test_train_writes_metrics_and_summary(trained, run_files) -> None:
+    run, _, stdout = trained
+    assert "held-out perplexity" in stdout
+    metrics = run_files.metrics(run)
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
+    for record in metrics:
+        assert set(record) >= METRIC_KEYS, METRIC_KEYS - set(record)
+        assert record["client"] == "0"
+        assert math.isfinite(record["loss"]) and record["loss"] > 0
+        assert record["tokens"] > 0 and record["bytes_up"] > 0 and record["bytes_down"] > 0
+    summary = run_files.summary(run)
+    assert set(summary) >= SUMMARY_KEYS, SUMMARY_KEYS - set(summary)
+    assert (summary["framework"], summary["split_mode"]) == ("sl", "ushape")
+    assert summary["eval_ppl_before"] == pytest.approx(math.exp(summary["eval_loss_before"]))
+    assert summary["eval_ppl_after"] == pytest.approx(math.exp(summary["eval_loss_after"]))
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]  # 6 steps at lr 5e-3 do learn
+    # Evaluation traffic comes on top of the training steps' traffic.
+    assert summary["bytes_up"] > sum(r["bytes_up"] for r in metrics)
+    assert summary["bytes_down"] > sum(r["bytes_down"] for r in metrics)
+    assert summary["client_param_count"] > 0 and summary["server_param_count"] > 0
+    assert (run / "config.yaml").is_file()
+    assert {p.name for p in (run / "adapters").glob("*.safetensors")} == {
+        "head.safetensors", "trunk.safetensors", "tail.safetensors",
+    }  # fmt: skip
+
+
+def _split_logits(run: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the trained parts themselves (LoRA not merged), head -> trunk -> tail."""
+    learner = build_learner(load_run_config(run))
+    parts = {**learner.client.parts, "trunk": learner.server.trunk}
+    for role, part in parts.items():
+        load_trainable(part, run / "adapters" / f"{role}.safetensors")
+        part.eval()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        hidden = parts["head"](input_ids=ids, attention_mask=mask)
+        hidden = parts["trunk"](hidden_states=hidden, attention_mask=mask)
+        return parts["tail"](hidden_states=hidden, attention_mask=mask)
+
+
+def test_generate_prints_the_merged_models_greedy_continuation(trained, capsys) -> None:
+    run, _, _ = trained
+    assert main(["generate", str(run), "--prompt", PROMPT, "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer, _ = assemble(run)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():  # greedy decoding by hand, without generate()
+        for _ in range(8):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    expected = tokenizer.decode(new, skip_special_tokens=True)
+    assert expected.strip()
+    assert printed == expected + "\n"
+
+
+def test_export_loads_in_transformers_with_the_trained_logits(trained, capsys, tmp_path: Path) -> None:
+    run, _, _ = trained
+    out = tmp_path / "merged"
+    assert main(["export", str(run), str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    assembled, tokenizer, _ = assemble(run)
+    ids = tokenizer("It was a dark and stormy night.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = exported(input_ids=ids).logits
+        expected = assembled(input_ids=ids).logits
+        base = load_full_model(resolve_model("tiny-llama")).eval()(input_ids=ids).logits
+    # Saving and loading float32 safetensors is lossless and the module code is the same.
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+    # Merging W + (alpha/r) B A into W reassociates float32 sums: ~1e-6 of logits of size ~1.
+    torch.testing.assert_close(logits, _split_logits(run, ids), rtol=0, atol=1e-4)
+    # ...and the adapters were merged: the base model's logits differ by far more than that.
+    assert (logits - base).abs().max() > 1e-2
+
+    # A second export into the non-empty folder needs --force.
+    assert main(["export", str(run), str(out)]) == 5
+    assert "--force" in _one_error_line(capsys)
+    assert main(["export", str(run), str(out), "--force"]) == 0
+
+
+def test_second_train_without_resume_leaves_the_run_alone(trained, capsys) -> None:
+    run, config, _ = trained
+    metrics = (run / "metrics.jsonl").read_bytes()
+    stamp = (run / "metrics.jsonl").stat().st_mtime_ns
+    saved_config = (run / "config.yaml").read_bytes()
+    assert main(["train", str(config), "lora.rank=8"]) == 5
+    line = _one_error_line(capsys)
+    assert "--resume" in line and str(run) in line
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert (run / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert (run / "config.yaml").read_bytes() == saved_config
+
+
+def test_export_of_vanilla_run(config_file, capsys, tmp_path: Path) -> None:
+    """A vanilla run with the default split.tail_layers must be exportable (its config.yaml reloads)."""
+    config = config_file(split={"mode": "vanilla", "head_layers": 1}, train={"steps": 2})
+    config.write_text(config.read_text().replace("  tail_layers: 1\n", ""))
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    code = main(["export", str(tmp_path / "run"), str(tmp_path / "merged")])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "merged" / "config.json").is_file()
