@@ -50,6 +50,7 @@ def main() -> None:
         "split.head_layers=2",
         "split.tail_layers=2",
         "data.eval_size=8",
+        "data.pack=true",
         f"model.client_device={args.device}",
         f"model.server_device={args.device}",
         f"model.client_dtype={args.dtype}",
