@@ -135,6 +135,13 @@ class DataConfig(Section):
     eval_size: int = Field(200, ge=1, description="Rows held out for evaluation (never trained on).")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many rows (before the held-out split).")
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token to each sequence.")
+    partition: str = Field(
+        "iid", description="How training data is split across clients: iid, dirichlet, quantity, by_source."
+    )
+    alpha: float = Field(0.5, gt=0, description="Concentration of the dirichlet / quantity partitioners.")
+    sources: list[str] | None = Field(
+        None, description="by_source: one data name (file or dataset id) per client, read like data.name."
+    )
     pack: bool = Field(
         False,
         description="Concatenate training sequences and cut them into train.seq_len blocks (no padding); "
@@ -143,10 +150,37 @@ class DataConfig(Section):
 
 
 class FrameworkConfig(Section):
-    name: Literal["centralized", "sl"] = Field(
-        "sl", description="centralized: the unsplit baseline; sl: split learning (client/server)."
+    name: Literal["centralized", "sl", "psl", "sflv1", "sflv2", "gsfl"] = Field(
+        "sl",
+        description="centralized: the unsplit baseline on all clients' data; sl: sequential split learning; "
+        "psl: parallel SL; sflv1 / sflv2: split-federated learning; gsfl: grouped SFL.",
     )
     num_clients: int = Field(1, ge=1, description="Number of clients.")
+    rounds: int = Field(1, ge=1, description="Communication rounds (FedAvg happens at the end of each).")
+    local_steps: int = Field(
+        0,
+        ge=0,
+        description="Optimizer steps each participating client takes per round; 0: train.steps / rounds. "
+        "A client's learning-rate schedule spans rounds x local_steps.",
+    )
+    clients_per_round: int = Field(0, ge=0, description="Clients sampled each round (0: all).")
+    server_lr_scale: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description="Scale the server's learning rate with the number of clients sharing its adapter "
+        "(linear: x n, sqrt: x sqrt(n)), as in SGLR.",
+    )
+    groups: list[list[int]] | None = Field(
+        None, description="gsfl: explicit client groups, e.g. [[0, 1], [2, 3]]; default: by label similarity."
+    )
+    num_groups: int = Field(2, ge=1, description="gsfl: groups formed by label-distribution similarity.")
+    min_clients: int = Field(1, ge=1, description="Aggregate a round once at least this many clients finished.")
+
+    def steps_per_round(self, total_steps: int) -> int:
+        return self.local_steps or max(total_steps // self.rounds, 1)
+
+
+class ServerConfig(Section):
+    policy: str = Field("fifo", description="Request scheduling on the server: fifo or round_robin.")
 
 
 class TransportConfig(Section):
@@ -161,6 +195,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Training and held-out data.")
     framework: FrameworkConfig = Field(default_factory=FrameworkConfig, description="Order of steps.")
     transport: TransportConfig = Field(default_factory=TransportConfig, description="Message transport.")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="Server-side serving settings.")
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
     output_dir: str = Field("runs/default", description="Where metrics, adapters and checkpoints go.")
 
@@ -194,6 +229,20 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
     warmup, steps = _get(tree, "train.warmup_steps"), _get(tree, "train.steps")
     if isinstance(warmup, int) and isinstance(steps, int) and warmup > steps:
         problems.append(f"train.warmup_steps: {warmup} exceeds train.steps={steps}")
+    rounds, local = _get(tree, "framework.rounds"), _get(tree, "framework.local_steps")
+    if isinstance(rounds, int) and isinstance(steps, int) and not local and rounds > steps:
+        problems.append(f"framework.rounds: {rounds} rounds need train.steps >= {rounds} (got {steps})")
+    clients, per_round = _get(tree, "framework.num_clients"), _get(tree, "framework.clients_per_round")
+    if isinstance(clients, int) and isinstance(per_round, int) and per_round > clients:
+        problems.append(f"framework.clients_per_round: {per_round} exceeds framework.num_clients={clients}")
+    minimum = _get(tree, "framework.min_clients")
+    if isinstance(clients, int) and isinstance(minimum, int) and minimum > clients:
+        problems.append(f"framework.min_clients: {minimum} exceeds framework.num_clients={clients}")
+    groups = _get(tree, "framework.groups")
+    if isinstance(groups, list) and isinstance(clients, int):
+        members = sorted(m for g in groups if isinstance(g, list) for m in g)
+        if members != list(range(clients)):
+            problems.append(f"framework.groups: must contain each client 0..{clients - 1} exactly once")
     if _get(tree, "data.format") == "instruction" and _get(tree, "data.prompt_field") == _get(
         tree, "data.response_field"
     ):

@@ -70,7 +70,11 @@ def build_learner(config: Config, client_id: str = "0") -> SplitLearner:
     source = load_source(config)
     spec = spec_of(config)
     trunk, trunk_stage = build_part(config, source, "trunk")
-    server = SplitServer(trunk, trunk_stage, PartyOptimizer(trainable_parameters(trunk), config.train), spec.mode)
+    server = SplitServer(
+        trunk, trunk_stage, spec.mode, lambda params: PartyOptimizer(params, config.train), config.seed,
+        config.server.policy,
+    )  # fmt: skip
+    server.assign(client_id)
     transport = InProcessTransport(server.handle)
     parts, stages = {}, {}
     for role in spec.client_roles():

@@ -21,7 +21,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from splitlm.errors import ProtocolError
+from splitlm.errors import CheckpointError, ProtocolError
 from splitlm.peft.lora import ADAPTER, PEFT_PREFIX, canonical_name, seeded_init
 from splitlm.runtime.optim import PartyOptimizer
 
@@ -94,5 +94,9 @@ class AdapterBank:
         return {canonical_name(k): v.detach().cpu().clone() for k, v in state.items()}
 
     def load_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        expected = self.state(name)
+        wrong = sorted(set(expected) ^ set(state)) or [k for k in state if state[k].shape != expected[k].shape]
+        if wrong:
+            raise CheckpointError(f"adapter {name!r}: tensors do not match this trunk (e.g. {wrong[:3]})")
         with self.lock:
             set_peft_model_state_dict(self.model, {PEFT_PREFIX + k: v for k, v in state.items()}, adapter_name=name)

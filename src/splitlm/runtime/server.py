@@ -1,46 +1,175 @@
 """The server runtime: steps 4 and 8 (trunk forward and backward), and the loss in a vanilla split.
 
-The server sees only messages. It keeps, per (client, step, micro-batch), the graph of a trunk forward
-until the matching backward arrives; everything else it needs travels in the message.
+The server sees only messages. One frozen base trunk serves every client; with LoRA, each client is routed
+to a named adapter of an ``AdapterBank`` (its own, its group's, or one shared by all, as the framework
+says), which has its own optimizer. A graph of a trunk forward is kept per (client, step, micro-batch)
+until the matching backward arrives.
+
+Requests go through a queue and a worker thread (``start``), in the order a scheduling policy picks, so
+concurrent clients are served one request at a time. Without a worker, ``handle`` runs a request at once.
+An optimizer step on an adapter shared by a barrier of n clients (parallel SL) happens when the n-th
+client's ``step`` arrives; the earlier ones get their reply then.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from splitlm.errors import ProtocolError
+from splitlm.errors import CheckpointError, ProtocolError, SplitLMError
 from splitlm.models.split import SplitMode, Stage
 from splitlm.peft import load_trainable, save_trainable, trainable_parameters
+from splitlm.peft.bank import AdapterBank
+from splitlm.peft.lora import ADAPTER
 from splitlm.runtime.loss import causal_lm_loss
 from splitlm.runtime.optim import PartyOptimizer
+from splitlm.runtime.scheduling import Request, make_policy
 from splitlm.transport.messages import Message
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[list[nn.Parameter]], PartyOptimizer]
 
 
 class SplitServer:
-    def __init__(self, trunk: nn.Module, stage: Stage, optimizer: PartyOptimizer, mode: SplitMode) -> None:
+    def __init__(
+        self,
+        trunk: nn.Module,
+        stage: Stage,
+        mode: SplitMode,
+        make_optimizer: OptimizerFactory,
+        seed: int = 0,
+        policy: str = "fifo",
+    ) -> None:
         self.trunk = trunk  # the stage, possibly wrapped by peft
         self.stage = stage
-        self.optimizer = optimizer
         self.mode = mode
         self.hidden_size = int(stage.config.hidden_size)
         self.trainable = bool(trainable_parameters(trunk))
+        self.bank = AdapterBank(trunk, make_optimizer, seed) if isinstance(trunk, PeftModel) else None
+        self._shared = None if self.bank else make_optimizer(trainable_parameters(trunk))
+        self.routes: dict[str, str] = {}  # client id -> adapter name
+        self.barriers: dict[str, int] = {}  # adapter -> step messages per optimizer step
         self._pending: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._arrivals: dict[tuple[str, int], list[tuple[Request, float]]] = {}
+        self._policy = make_policy(policy)
+        self._wakeup = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._running = False
+
+    # --- tenants -----------------------------------------------------------------------------------------
+
+    def assign(self, client_id: str, adapter: str = ADAPTER) -> None:
+        """Route ``client_id`` to ``adapter`` (created on first use, initialised like every other one)."""
+        if adapter != ADAPTER:
+            if self.bank is None:
+                if self.trainable:
+                    raise ProtocolError("per-client trunk adapters need lora.trunk.method=lora")
+            elif adapter not in self.bank.names:
+                self.bank.add(adapter)
+        self.routes[client_id] = adapter
+
+    def adapter_of(self, client_id: str) -> str:
+        adapter = self.routes.get(client_id)
+        if adapter is None:
+            raise ProtocolError(f"unknown client {client_id!r}: this server serves {sorted(self.routes)}")
+        return adapter
+
+    def optimizer(self, adapter: str = ADAPTER) -> PartyOptimizer:
+        if self.bank is not None:
+            return self.bank.optimizer(adapter)
+        assert self._shared is not None
+        return self._shared
+
+    def adapter_state(self, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
+        if self.bank is None:
+            return {}
+        return self.bank.state(adapter)
+
+    def load_adapter_state(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
+        if self.bank is not None:
+            self.bank.load_state(adapter, state)
+
+    @contextlib.contextmanager
+    def _serving(self, client_id: str) -> Iterator[str]:
+        adapter = self.adapter_of(client_id)
+        if self.bank is None:
+            yield adapter
+        else:
+            with self.bank.use(adapter):
+                yield adapter
+
+    # --- requests: queue, worker, dispatch --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve queued requests on a worker thread, in the order the scheduling policy picks."""
+        if self._worker is None:
+            self._running = True
+            self._worker = threading.Thread(target=self._serve, name="splitlm-server", daemon=True)
+            self._worker.start()
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            with self._wakeup:
+                self._running = False
+                self._wakeup.notify_all()
+            self._worker.join()
+            self._worker = None
+
+    def submit(self, message: Message) -> Future[Message]:
+        request = Request(message)
+        if self._worker is None:
+            self._dispatch(request)
+        else:
+            with self._wakeup:
+                self._policy.push(request)
+                self._wakeup.notify()
+        return request.future
 
     def handle(self, message: Message) -> Message:
-        handlers = {
-            "forward": self._forward,
-            "backward": self._backward,
-            "step": self._step,
-            "eval": self._eval,
-        }
-        handler = handlers.get(message.kind)
-        if handler is None:
-            raise ProtocolError(f"unknown request kind {message.kind!r}; expected one of {sorted(handlers)}")
-        return handler(message)
+        future = self.submit(message)
+        if self._worker is None and not future.done():
+            raise ProtocolError("this step waits for other clients: start() the server worker for parallel clients")
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            with self._wakeup:
+                while self._running and not len(self._policy):
+                    self._wakeup.wait()
+                if not self._running:
+                    return
+                request = self._policy.pop()
+            self._dispatch(request)
+
+    def _dispatch(self, request: Request) -> None:
+        message = request.message
+        handlers = {"forward": self._forward, "backward": self._backward, "eval": self._eval}
+        try:
+            if message.kind == "step":
+                self._step(request)
+                return
+            handler = handlers.get(message.kind)
+            if handler is None:
+                raise ProtocolError(
+                    f"unknown request kind {message.kind!r}; expected one of {sorted([*handlers, 'step'])}"
+                )
+            request.future.set_result(handler(message))
+        except SplitLMError as error:
+            request.future.set_exception(error)
+        except Exception as error:  # a bug must reach the client, not hang it
+            log.exception("request %s from %s failed", message.kind, message.client_id)
+            request.future.set_exception(error)
 
     # --- validation of what a client sent --------------------------------------------------------------
 
@@ -85,39 +214,29 @@ class SplitServer:
 
     # --- handlers --------------------------------------------------------------------------------------
 
-    def _run_trunk(self, message: Message, hidden: torch.Tensor, mask, positions) -> torch.Tensor:
-        return self.trunk(hidden_states=hidden, attention_mask=mask, position_ids=positions)
-
     def _forward(self, message: Message) -> Message:
         hidden, mask, positions = self._inputs(message)
         labels = self._labels(message, hidden) if self.mode == "vanilla" else None
         want_grad = bool(message.meta.get("want_grad", True))
         hidden = hidden.detach().requires_grad_(want_grad)  # a fresh leaf: the graph starts here
-        self.trunk.train()
-        out = self._run_trunk(message, hidden, mask, positions)  # (B, T, d) or logits (B, T, V)
-        key = (message.client_id, message.step, message.micro)
-        if self.mode == "ushape":
-            self._pending[key] = (hidden, out)
-            return Message(
-                "activations",
-                message.client_id,
-                message.step,
-                message.micro,
-                {"hidden": out},
-                {"needs_grad": out.requires_grad},
-            )
-        total, count = causal_lm_loss(out, labels)
-        if out.requires_grad and count:
-            (total / count * float(message.meta.get("scale", 1.0))).backward()
+        with self._serving(message.client_id):
+            self.trunk.train()
+            out = self.trunk(hidden_states=hidden, attention_mask=mask, position_ids=positions)  # (B,T,d|V)
+            if self.mode == "ushape":
+                self._pending[message.client_id, message.step, message.micro] = (hidden, out)
+                return Message(
+                    "activations", message.client_id, message.step, message.micro, {"hidden": out},
+                    {"needs_grad": out.requires_grad},
+                )  # fmt: skip
+            assert labels is not None
+            total, count = causal_lm_loss(out, labels)
+            if out.requires_grad and count:
+                (total / count * float(message.meta.get("scale", 1.0))).backward()
         tensors = {"grad": hidden.grad} if want_grad and hidden.grad is not None else {}
         return Message(
-            "loss",
-            message.client_id,
-            message.step,
-            message.micro,
-            tensors,
+            "loss", message.client_id, message.step, message.micro, tensors,
             {"loss_sum": total.item(), "tokens": count},
-        )
+        )  # fmt: skip
 
     def _backward(self, message: Message) -> Message:
         key = (message.client_id, message.step, message.micro)
@@ -134,51 +253,83 @@ class SplitServer:
         if not torch.isfinite(grad).all():
             raise ProtocolError(f"backward from {message.client_id}: grad contains NaN or Inf")
         del self._pending[key]  # only a valid gradient consumes the forward; a rejected one may be retried
-        out.backward(grad.to(device=out.device, dtype=out.dtype))
+        with self._serving(message.client_id):
+            out.backward(grad.to(device=out.device, dtype=out.dtype))
         tensors = {"grad": hidden.grad} if hidden.grad is not None else {}
         return Message("gradients", message.client_id, message.step, message.micro, tensors)
 
-    def _step(self, message: Message) -> Message:
-        total = float(message.meta.get("grad_sq_norm", 0.0)) + self.optimizer.grad_sq_norm()
-        coefficient = self.optimizer.clip_coefficient(total)
-        self.optimizer.step(coefficient)
-        return Message(
-            "stepped",
-            message.client_id,
-            message.step,
-            0,
-            {},
-            {"grad_norm": math.sqrt(total), "clip": coefficient, "lr": self.optimizer.lr()},
-        )
+    def _step(self, request: Request) -> None:
+        message = request.message
+        adapter = self.adapter_of(message.client_id)
+        key = (adapter, message.step)
+        arrived = self._arrivals.setdefault(key, [])
+        arrived.append((request, float(message.meta.get("grad_sq_norm", 0.0))))
+        expected = self.barriers.get(adapter, 1)
+        if len(arrived) < expected:
+            return  # the reply waits for the other clients of this step
+        del self._arrivals[key]
+        optimizer = self.optimizer(adapter)
+        if expected > 1:  # the trunk's gradient is the mean over the clients that fed it
+            for p in optimizer.params:
+                if p.grad is not None:
+                    p.grad.div_(expected)
+        total = sum(sq for _, sq in arrived) + optimizer.grad_sq_norm()
+        coefficient = optimizer.clip_coefficient(total)
+        optimizer.step(coefficient)
+        meta = {"grad_norm": math.sqrt(total), "clip": coefficient, "lr": optimizer.lr()}
+        for waiting, _ in arrived:
+            m = waiting.message
+            waiting.future.set_result(Message("stepped", m.client_id, m.step, 0, {}, dict(meta)))
 
     @torch.no_grad()
     def _eval(self, message: Message) -> Message:
         hidden, mask, positions = self._inputs(message)
-        self.trunk.eval()
-        out = self._run_trunk(message, hidden, mask, positions)
-        self.trunk.train()
-        if self.mode == "ushape":
+        labels = self._labels(message, hidden) if self.mode == "vanilla" else None
+        with self._serving(message.client_id):
+            self.trunk.eval()
+            out = self.trunk(hidden_states=hidden, attention_mask=mask, position_ids=positions)
+            self.trunk.train()
+        if labels is None:
             return Message("activations", message.client_id, message.step, message.micro, {"hidden": out})
-        total, count = causal_lm_loss(out, self._labels(message, hidden))
+        total, count = causal_lm_loss(out, labels)
         return Message(
-            "loss",
-            message.client_id,
-            message.step,
-            message.micro,
-            {},
-            {"loss_sum": float(total), "tokens": count},
+            "loss", message.client_id, message.step, message.micro, {}, {"loss_sum": total.item(), "tokens": count}
         )
 
     # --- state -----------------------------------------------------------------------------------------
 
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
+        """Every adapter as ``trunk[-NAME].safetensors`` (+ its optimizer in ``optimizer[-NAME]/``)."""
         folder.mkdir(parents=True, exist_ok=True)
-        if self.trainable:
-            save_trainable(self.trunk, folder / "trunk.safetensors")
-        if with_optimizer:
-            self.optimizer.save(folder)
+        if self.bank is None:
+            if self.trainable:
+                save_trainable(self.trunk, folder / "trunk.safetensors")
+            if with_optimizer:
+                self.optimizer().save(folder)
+            return
+        for name in self.bank.names:
+            suffix = "" if name == ADAPTER else f"-{name}"
+            if name == ADAPTER or name in self.routes.values():
+                tmp = folder / f".trunk{suffix}.safetensors.tmp"
+                save_file(self.bank.state(name), str(tmp), metadata={"format": "pt"})
+                tmp.replace(folder / f"trunk{suffix}.safetensors")
+                if with_optimizer:
+                    (folder / f"optimizer{suffix}").mkdir(exist_ok=True)
+                    self.bank.optimizer(name).save(folder / f"optimizer{suffix}")
 
     def load(self, folder: Path) -> None:
-        if self.trainable:
-            load_trainable(self.trunk, folder / "trunk.safetensors")
-        self.optimizer.load(folder)
+        if self.bank is None:
+            if self.trainable:
+                load_trainable(self.trunk, folder / "trunk.safetensors")
+            self.optimizer().load(folder)
+            return
+        for name in self.bank.names:
+            suffix = "" if name == ADAPTER else f"-{name}"
+            path = folder / f"trunk{suffix}.safetensors"
+            if not path.is_file():
+                if name == ADAPTER:
+                    raise CheckpointError(f"{path} not found: the checkpoint is incomplete")
+                continue
+            self.bank.load_state(name, load_file(str(path)))
+            if (folder / f"optimizer{suffix}").is_dir():
+                self.bank.optimizer(name).load(folder / f"optimizer{suffix}")
