@@ -101,23 +101,29 @@ def _load_checkpoint(out: Path, learner: Learner) -> dict[str, Any]:
     return progress
 
 
-def _trim_metrics(path: Path, step: int) -> None:
+def _trim_metrics(path: Path, step: int, key: str = "step") -> None:
     """Drop metric lines after ``step`` (they belong to work the checkpoint does not contain)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)[key] <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def train(config: Config, learner: Learner, data: RunData, resume: bool = False) -> dict[str, Any]:
+def prepare_output(config: Config, resume: bool) -> Path:
+    """The run directory: refuse to mix a new run into an old one; write the resolved config."""
     out = Path(config.output_dir)
-    metrics_path = out / "metrics.jsonl"
-    if not resume and (metrics_path.exists() or checkpoints(out)):
+    if not resume and ((out / "metrics.jsonl").exists() or checkpoints(out)):
         raise CheckpointError(
             f"output_dir {out} already holds a run: pass --resume to continue it, or choose another output_dir"
         )
     out.mkdir(parents=True, exist_ok=True)
     dump_config(config, out / "config.yaml")
+    return out
+
+
+def train(config: Config, learner: Learner, data: RunData, resume: bool = False) -> dict[str, Any]:
+    out = prepare_output(config, resume)
+    metrics_path = out / "metrics.jsonl"
     train_cfg = config.train
     order = DataOrder(len(data.train), train_cfg.batch_size, config.seed)
 

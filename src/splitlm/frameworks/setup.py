@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,11 +28,16 @@ from splitlm.peft import make_trainable, trainable_parameters
 log = logging.getLogger(__name__)
 
 
+MAX_CHOICES = 10  # instruction data whose responses take at most this many values is classification-style
+
+
 @dataclass
 class RunData:
     train: list[Example]
     eval: list[Batch]
     pad_id: int
+    sources: list[str | None] | None = None  # per training example, for the by_source partitioner
+    choices: list[tuple[list[Example], int]] = field(default_factory=list)  # (candidates, index of the truth)
 
 
 def spec_of(config: Config) -> SplitSpec:
@@ -39,18 +45,64 @@ def spec_of(config: Config) -> SplitSpec:
     return SplitSpec(config.split.mode, config.split.head_layers, tail)
 
 
+def _load_all_rows(config: Config) -> list[dict[str, Any]]:
+    if config.data.partition != "by_source":
+        return load_rows(config.data)
+    if not config.data.sources:
+        raise ConfigError("data.partition=by_source needs data.sources: one data name per client")
+    rows = []
+    for name in config.data.sources:
+        for row in load_rows(config.data.model_copy(update={"name": name})):
+            rows.append({**row, "_source": name})
+    return rows
+
+
 def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase) -> RunData:
-    rows = load_rows(config.data)
+    rows = _load_all_rows(config)
     train_rows, eval_rows = split_rows(rows, config.data.eval_size, config.seed)
-    if config.data.pack:  # tokenize whole rows, then cut the stream into full blocks
-        train = pack_examples(tokenize_rows(train_rows, tokenizer, config.data, 1 << 30), config.train.seq_len)
-    else:
-        train = tokenize_rows(train_rows, tokenizer, config.data, config.train.seq_len)
+    train: list[Example] = []
+    sources: list[str | None] = []
+    for source in dict.fromkeys(row.get("_source") for row in train_rows):  # one pass per source, in order
+        group = [row for row in train_rows if row.get("_source") == source]
+        if config.data.pack:  # tokenize whole rows, then cut the stream into full blocks
+            examples = pack_examples(tokenize_rows(group, tokenizer, config.data, 1 << 30), config.train.seq_len)
+        else:
+            examples = tokenize_rows(group, tokenizer, config.data, config.train.seq_len)
+        train.extend(examples)
+        sources.extend([source] * len(examples))
     held_out = tokenize_rows(eval_rows, tokenizer, config.data, config.train.seq_len)
     pad_id = int(tokenizer.pad_token_id)
     batches = eval_batches(held_out, config.train.batch_size, pad_id, config.train.eval_batches)
+    limit = config.train.eval_batches * config.train.batch_size or len(eval_rows)
+    choices = _choices(train_rows, eval_rows[:limit], tokenizer, config)
     log.info("data: %d training and %d held-out sequences", len(train), len(held_out))
-    return RunData(train, batches, pad_id)
+    return RunData(train, batches, pad_id, sources if config.data.partition == "by_source" else None, choices)
+
+
+def _choices(
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    config: Config,
+) -> list[tuple[list[Example], int]]:
+    """Classification-style instruction data (few distinct responses): each held-out prompt with every
+    candidate response, for accuracy by lowest response loss."""
+    if config.data.format != "instruction":
+        return []
+    field_name = config.data.response_field
+    candidates = sorted({str(row[field_name]) for row in train_rows})
+    if not 2 <= len(candidates) <= MAX_CHOICES:
+        return []
+    choices = []
+    for row in eval_rows:
+        truth = str(row[field_name])
+        if truth not in candidates:
+            continue
+        options = [{**row, field_name: c} for c in candidates]
+        examples = tokenize_rows(options, tokenizer, config.data, config.train.seq_len)
+        if len(examples) == len(candidates):
+            choices.append((examples, candidates.index(truth)))
+    return choices
 
 
 def load_source(config: Config) -> ModelSource:

@@ -90,8 +90,10 @@ def build_learner(config: Config, client_id: str = "0") -> SplitLearner:
 
 @register("sl")
 def run(config: Config, resume: bool = False) -> dict[str, Any]:
-    if config.framework.num_clients != 1:
-        raise ConfigError("framework.num_clients: sl supports 1 client for now (multi-client frameworks: issue 3)")
+    if config.framework.num_clients > 1 or config.framework.rounds > 1:
+        from splitlm.frameworks.recipes import run_multi_sl
+
+        return run_multi_sl(config, resume)
     learner = build_learner(config)
     data = prepare_data(config, load_source(config).tokenizer())
     return train(config, learner, data, resume)

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from splitlm.data import Batch
+from splitlm.data import Batch, Example, collate
 from splitlm.models.split import SplitMode, Stage
-from splitlm.peft import load_trainable, save_trainable, trainable_parameters
-from splitlm.runtime.loss import causal_lm_loss
+from splitlm.peft import load_trainable, load_trainable_state, save_trainable, trainable_parameters, trainable_state
+from splitlm.runtime.loss import causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.transport import Message, Transport
 
@@ -136,7 +136,33 @@ class SplitClient:
             part.train()
         return EvalStats(loss_sum, count)
 
+    @torch.no_grad()
+    def sequence_losses(self, examples: list[Example], pad_id: int) -> list[float]:
+        """Summed loss of each example's loss tokens (scores candidate responses for accuracy)."""
+        for part in self.parts.values():
+            part.eval()
+        batch = collate(examples, pad_id).to(self.stages["head"].device)
+        hidden = self.parts["head"](input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        reply = self._send("eval", -1, 0, self._head_message(batch, hidden), per_row=True)
+        if self.mode == "vanilla":
+            losses = reply.tensors["row_loss"]
+        else:
+            losses = row_losses(self._tail(reply.tensors["hidden"], batch), batch.labels)
+        for part in self.parts.values():
+            part.train()
+        return [float(x) for x in losses]
+
     # --- state -----------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The client-side trainable tensors (head and tail adapters), under unsplit-model names."""
+        return {k: v for part in self.parts.values() for k, v in trainable_state(part).items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, part in self.parts.items():
+            own = trainable_state(part)
+            if own:
+                load_trainable_state(part, {k: state[k] for k in own if k in state}, f"client {self.client_id} {name}")
 
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
         folder.mkdir(parents=True, exist_ok=True)

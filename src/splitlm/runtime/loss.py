@@ -23,3 +23,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         reduction="sum",
     )
     return total, count
+
+
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of each sequence (B,), e.g. to score candidate responses."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    per_token = F.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none"
+    )  # (B, T-1)
+    return per_token.sum(dim=1)

@@ -31,7 +31,7 @@ from splitlm.models.split import SplitMode, Stage
 from splitlm.peft import load_trainable, save_trainable, trainable_parameters
 from splitlm.peft.bank import AdapterBank
 from splitlm.peft.lora import ADAPTER
-from splitlm.runtime.loss import causal_lm_loss
+from splitlm.runtime.loss import causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.scheduling import Request, make_policy
 from splitlm.transport.messages import Message
@@ -292,8 +292,9 @@ class SplitServer:
         if labels is None:
             return Message("activations", message.client_id, message.step, message.micro, {"hidden": out})
         total, count = causal_lm_loss(out, labels)
+        tensors = {"row_loss": row_losses(out, labels)} if message.meta.get("per_row") else {}
         return Message(
-            "loss", message.client_id, message.step, message.micro, {}, {"loss_sum": total.item(), "tokens": count}
+            "loss", message.client_id, message.step, message.micro, tensors, {"loss_sum": total.item(), "tokens": count}
         )
 
     # --- state -----------------------------------------------------------------------------------------

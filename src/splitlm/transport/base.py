@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from splitlm.transport.messages import Message
 
-Handler = Callable[[Message], Message]
+Handler = Callable[[Message], "Message | Future[Message]"]
 
 
 @dataclass
