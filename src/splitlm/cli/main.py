@@ -36,10 +36,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     summary = run_framework(config, resume=args.resume)
     where = f"{summary['framework']}" + (f" ({summary['split_mode']})" if summary["split_mode"] else "")
+    if "rounds" in summary:
+        span = f"{summary['rounds']} rounds ({summary['num_clients']} clients, {summary['steps']} client steps)"
+    else:
+        span = f"{summary['steps']} steps"
     print(
         f"{where}: held-out perplexity {summary['eval_ppl_before']:.2f} -> {summary['eval_ppl_after']:.2f} "
-        f"(loss {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}) after {summary['steps']} steps"
+        f"(loss {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}) after {span}"
     )
+    if summary.get("accuracy_after") is not None:
+        print(f"held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}")
     print(
         f"traffic up {_fmt_bytes(summary['bytes_up'])}, down {_fmt_bytes(summary['bytes_down'])}; "
         f"{summary['wall_seconds']:.1f} s; results in {config.output_dir}/"

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from splitlm.config import Config
-from splitlm.data import DataOrder, Example, collate, label_histograms, make_partitioner, skew
+from splitlm.data import DataOrder, Example, collate, label_histograms, make_partitioner, pack_examples, skew
 from splitlm.errors import ConfigError
 from splitlm.frameworks.loop import (
     _load_checkpoint,
@@ -198,7 +198,7 @@ def build_federation(config: Config) -> Federation:
     fw = config.framework
     source = load_source(config)
     spec = spec_of(config)
-    data = prepare_data(config, source.tokenizer())
+    data = prepare_data(config, source.tokenizer(), pack=False)  # partition rows by label first, then pack
     local_steps = fw.steps_per_round(config.train.steps)
     client_steps = fw.rounds * local_steps
     per_round = fw.clients_per_round or fw.num_clients
@@ -241,6 +241,8 @@ def build_federation(config: Config) -> Federation:
             client_id, client_parts, stages, transport, PartyOptimizer(params, client_train), spec.mode
         )
         examples = [data.train[i] for i in indices]
+        if config.data.pack:
+            examples = pack_examples(examples, config.train.seq_len)
         order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
         members.append(Member(index, client, transport, examples, order, histograms[index]))
         adapter = {"sflv1": f"client-{index}", "gsfl": None}.get(fw.name, "default")

@@ -57,14 +57,16 @@ def _load_all_rows(config: Config) -> list[dict[str, Any]]:
     return rows
 
 
-def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase) -> RunData:
+def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase, pack: bool = True) -> RunData:
+    """Tokenized training examples, held-out batches and accuracy choices. ``pack=False`` leaves packing
+    (``data.pack``) to the caller, e.g. to pack each client's share after partitioning by label."""
     rows = _load_all_rows(config)
     train_rows, eval_rows = split_rows(rows, config.data.eval_size, config.seed)
     train: list[Example] = []
     sources: list[str | None] = []
     for source in dict.fromkeys(row.get("_source") for row in train_rows):  # one pass per source, in order
         group = [row for row in train_rows if row.get("_source") == source]
-        if config.data.pack:  # tokenize whole rows, then cut the stream into full blocks
+        if config.data.pack and pack:  # tokenize whole rows, then cut the stream into full blocks
             examples = pack_examples(tokenize_rows(group, tokenizer, config.data, 1 << 30), config.train.seq_len)
         else:
             examples = tokenize_rows(group, tokenizer, config.data, config.train.seq_len)

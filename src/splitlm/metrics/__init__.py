@@ -1,0 +1,1 @@
+"""Metrics: loggers, traffic accounting, evaluation and run reports."""
