@@ -74,9 +74,9 @@ def test_unsupported_architecture(config_file, capsys, tmp_path: Path) -> None:
 
 
 def test_impossible_cut(config_file, capsys) -> None:
-    assert main(["train", str(config_file()), "split.head_layers=3", "split.tail_layers=1"]) == 4
+    assert main(["train", str(config_file()), "split.head_layers=4", "split.tail_layers=2"]) == 4
     line = _one_error_line(capsys)
-    assert "impossible cut" in line and "4 blocks" in line
+    assert "impossible cut" in line and "6 blocks" in line
 
 
 def test_generate_and_export_need_a_run_directory(capsys, tmp_path: Path) -> None:

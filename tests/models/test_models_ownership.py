@@ -92,7 +92,7 @@ def test_ushape_server_holds_no_embedding_norm_or_lm_head(name: str) -> None:
     assert names, "the trunk holds its blocks"
     assert all(n.startswith(layers) for n in names), sorted(n for n in names if not n.startswith(layers))
     assert not any(n.startswith((*embeddings, *final)) for n in names)
-    assert trunk.get_submodule(layers.rstrip(".")).keys() == {"1", "2"}
+    assert trunk.get_submodule(layers.rstrip(".")).keys() == {"1", "2", "3", "4"}
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -103,7 +103,7 @@ def test_vanilla_server_holds_final_norm_and_lm_head_but_no_embedding(name: str)
     assert not any(n.startswith(embeddings) for n in names)
     for prefix in final:
         assert any(n.startswith(prefix) for n in names), prefix
-    assert _layers_of(names, layers) == {1, 2, 3}
+    assert _layers_of(names, layers) == {1, 2, 3, 4, 5}
 
 
 class _SafeOpenSpy:
@@ -156,10 +156,10 @@ def test_load_stage_reads_only_its_own_tensors(name: str, monkeypatch: pytest.Mo
 
     for role, keys in read.items():
         assert len(keys) == len(set(keys)), f"{role} read a tensor twice"
-    assert set(read["trunk"]) == block_keys({1, 2})
+    assert set(read["trunk"]) == block_keys({1, 2, 3, 4})
     assert set(read["head"]) == block_keys({0}) | {"model.embed_tokens.weight"}
     # A tied LM head is filled from the embedding tensor; an untied one from its own.
     lm_head_key = "model.embed_tokens.weight" if TIED[name] else "lm_head.weight"
-    assert set(read["tail"]) == block_keys({3}) | {"model.norm.weight", lm_head_key}
+    assert set(read["tail"]) == block_keys({5}) | {"model.norm.weight", lm_head_key}
     # Every checkpoint tensor is read by exactly one part (the tied embedding by head and tail).
     assert set().union(*map(set, read.values())) == all_keys

@@ -115,11 +115,11 @@ def test_comparison_is_sensitive_to_mask_and_cut(name: str) -> None:
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        (SplitSpec("ushape", 2, 2), r"impossible cut.*4 blocks"),
-        (SplitSpec("ushape", 4, 0), r"impossible cut"),
-        (SplitSpec("ushape", 0, 4), r"impossible cut"),
-        (SplitSpec("vanilla", 4, 0), r"impossible cut"),
-        (SplitSpec("ushape", 5, 1), r"impossible cut"),
+        (SplitSpec("ushape", 3, 3), r"impossible cut.*6 blocks"),
+        (SplitSpec("ushape", 6, 0), r"impossible cut"),
+        (SplitSpec("ushape", 0, 6), r"impossible cut"),
+        (SplitSpec("vanilla", 6, 0), r"impossible cut"),
+        (SplitSpec("ushape", 7, 1), r"impossible cut"),
         (SplitSpec("ushape", -1, 1), r">= 0"),
         (SplitSpec("ushape", 1, -1), r">= 0"),
         (SplitSpec("vanilla", -2, 0), r">= 0"),

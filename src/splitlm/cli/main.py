@@ -106,6 +106,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from splitlm.metrics.report import write_report
+
+    print(f"report in {write_report([Path(p) for p in args.run_dirs], Path(args.out))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitlm", description="Split learning fine-tuning of causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -130,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="new folder for the merged model")
     exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     exp.set_defaults(func=cmd_export)
+
+    rep = sub.add_parser("report", help="plots and a markdown comparison of finished runs")
+    rep.add_argument("run_dirs", nargs="+", help="output_dir of each run to compare")
+    rep.add_argument("--out", required=True, help="folder for loss.png, eval.png, bytes.png and report.md")
+    rep.set_defaults(func=cmd_report)
 
     cfg = sub.add_parser("config", help="validate a config and print it resolved, or list every key")
     cfg.add_argument("config", nargs="?", help="YAML config file (default: the built-in defaults)")

