@@ -315,8 +315,10 @@ def run_rounds(config: Config, recipe: RoundRecipe, resume: bool = False) -> dic
         fed.metrics_file = None
     adapters = out / "adapters"
     adapters.mkdir(exist_ok=True)
-    holders[0].client.save(adapters, with_optimizer=False)  # the global (or first client's) client side
-    fed.server.save(adapters, with_optimizer=False)
+    # The model `generate` / `export` rebuild: the global client side (psl: the first client's) and the trunk
+    # adapter it was trained with.
+    holders[0].client.save(adapters, with_optimizer=False)
+    fed.server.export_adapter(fed.server.adapter_of(holders[0].client_id), adapters / "trunk.safetensors")
     summary = {
         "framework": config.framework.name,
         "split_mode": config.split.mode,

@@ -318,6 +318,16 @@ class SplitServer:
                     (folder / f"optimizer{suffix}").mkdir(exist_ok=True)
                     self.bank.optimizer(name).save(folder / f"optimizer{suffix}")
 
+    def export_adapter(self, adapter: str, path: Path) -> None:
+        """Write one adapter as a part file (``trunk.safetensors``) that ``splitlm generate/export`` load."""
+        if self.bank is None:
+            if self.trainable:
+                save_trainable(self.trunk, path)
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self.bank.state(adapter), str(tmp), metadata={"format": "pt"})
+        tmp.replace(path)
+
     def load(self, folder: Path) -> None:
         if self.bank is None:
             if self.trainable:
