@@ -106,6 +106,68 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """(certs dir or CA file, tokens file) from --certs / --insecure."""
+    if args.insecure:
+        host = args.address.rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise SplitLMError(f"--insecure is only allowed on loopback, not {host}: use --certs")
+        return None, None
+    if args.certs is None:
+        raise SplitLMError("pass --certs DIR (made by `splitlm certs DIR`), or --insecure on loopback")
+    return Path(args.certs), Path(args.certs) / "tokens.json"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from splitlm.config import load_config
+    from splitlm.runtime.remote import serve
+
+    config = load_config(args.config, args.overrides)
+    certs, tokens = _certs_paths(args)
+    tokens_file = Path(args.tokens) if args.tokens else tokens
+    if tokens_file is None:
+        raise SplitLMError("--insecure still needs --tokens FILE: every client authenticates with a bearer token")
+    summary = serve(config, args.address, certs, tokens_file, mutual_tls=args.mtls)
+    print(
+        f"{summary['framework']}: held-out perplexity {summary['eval_ppl_before']:.2f} -> "
+        f"{summary['eval_ppl_after']:.2f} after {summary['rounds']} rounds; results in {config.output_dir}/"
+    )
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    import os
+
+    from splitlm.config import load_config
+    from splitlm.runtime.remote import run_client
+    from splitlm.transport.security import token_for
+
+    config = load_config(args.config, args.overrides)
+    args.address = args.server
+    certs, tokens = _certs_paths(args)
+    token = args.token or os.environ.get("SPLITLM_TOKEN")
+    if token is None:
+        source = Path(args.tokens) if args.tokens else tokens
+        if source is None:
+            raise SplitLMError("pass --token, set SPLITLM_TOKEN, or give --tokens FILE")
+        token = token_for(source, args.client_id)
+    ca = certs / "ca.pem" if certs is not None else None
+    client_cert = None
+    if args.mtls and certs is not None:
+        client_cert = (certs / f"client-{args.client_id}.pem", certs / f"client-{args.client_id}.key")
+    result = run_client(config, args.client_id, args.server, token, ca, client_cert)
+    print(f"client {result['client']}: {result['steps']} steps, {result['tokens']} tokens; done")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from splitlm.transport.security import make_dev_certs
+
+    paths = make_dev_certs(Path(args.out), args.hosts, [str(i) for i in range(args.clients)])
+    print(f"wrote a development CA, server and {args.clients} client certificates and {paths['tokens']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from splitlm.metrics.report import write_report
 
@@ -137,6 +199,34 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="new folder for the merged model")
     exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     exp.set_defaults(func=cmd_export)
+
+    srv = sub.add_parser("serve", help="host the trunk and the aggregator for clients in other processes")
+    srv.add_argument("config", help="YAML config (the same the clients use)")
+    srv.add_argument("overrides", nargs="*", help="dotted overrides")
+    srv.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT to listen on (port 0: any free)")
+    srv.add_argument("--certs", help="folder made by `splitlm certs` (TLS key pair and tokens.json)")
+    srv.add_argument("--tokens", help="tokens file (default: CERTS/tokens.json)")
+    srv.add_argument("--mtls", action="store_true", help="also require client certificates")
+    srv.add_argument("--insecure", action="store_true", help="plain text, loopback only")
+    srv.set_defaults(func=cmd_serve)
+
+    cli = sub.add_parser("client", help="run one client against a splitlm server")
+    cli.add_argument("config", help="YAML config (the same the server uses)")
+    cli.add_argument("overrides", nargs="*", help="dotted overrides")
+    cli.add_argument("--server", required=True, help="HOST:PORT of the server")
+    cli.add_argument("--client-id", required=True, help="this client's id: 0 .. framework.num_clients-1")
+    cli.add_argument("--certs", help="folder with ca.pem (and client-ID.pem/.key for --mtls)")
+    cli.add_argument("--token", help="bearer token (default: $SPLITLM_TOKEN, else from --tokens / CERTS/tokens.json)")
+    cli.add_argument("--tokens", help="tokens file to take this client's token from")
+    cli.add_argument("--mtls", action="store_true", help="present this client's certificate")
+    cli.add_argument("--insecure", action="store_true", help="plain text, loopback only")
+    cli.set_defaults(func=cmd_client)
+
+    crt = sub.add_parser("certs", help="make a development CA, server and client certificates and tokens")
+    crt.add_argument("out", help="new folder for the files")
+    crt.add_argument("--clients", type=int, required=True, help="number of clients (ids 0..N-1)")
+    crt.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1"], help="server names / IPs")
+    crt.set_defaults(func=cmd_certs)
 
     rep = sub.add_parser("report", help="plots and a markdown comparison of finished runs")
     rep.add_argument("run_dirs", nargs="+", help="output_dir of each run to compare")

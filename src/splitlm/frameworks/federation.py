@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from splitlm.config import Config
 from splitlm.data import DataOrder, Example, collate, label_histograms, make_partitioner, pack_examples, skew
@@ -37,12 +38,13 @@ from splitlm.frameworks.loop import (
     prepare_output,
 )
 from splitlm.frameworks.setup import RunData, build_part, count_parameters, load_source, prepare_data, spec_of
+from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
 from splitlm.runtime.client import EvalStats, SplitClient
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.server import SplitServer
-from splitlm.transport import InProcessTransport
+from splitlm.transport import InProcessTransport, Transport
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,55 @@ class Member:
     def client_id(self) -> str:
         return self.client.client_id
 
+    @property
+    def num_examples(self) -> int:
+        return len(self.examples)
+
+    def client_param_count(self) -> int:
+        return count_parameters(*self.client.parts.values())
+
+    def train_round(self, fed: Federation, round_index: int) -> None:
+        """This client's local steps of one round, each through the whole split pipeline."""
+        train = fed.config.train
+        for _ in range(fed.local_steps):
+            step = self.steps_done
+            micro = [
+                collate([self.examples[i] for i in self.order.indices(step * train.grad_accum + m)], fed.pad_id)
+                for m in range(train.grad_accum)
+            ]
+            up0, down0 = self.transport.meter.snapshot()
+            start = time.perf_counter()
+            stats = self.client.train_step(step, micro)
+            seconds = time.perf_counter() - start
+            up1, down1 = self.transport.meter.snapshot()
+            self.steps_done += 1
+            self.tokens += stats.tokens
+            self.last_loss = stats.loss
+            fed.log_step(
+                {
+                    "step": self.steps_done, "client": self.client_id, "round": round_index + 1,
+                    "loss": stats.loss, "tokens": stats.tokens, "bytes_up": up1 - up0, "bytes_down": down1 - down0,
+                    "seconds": seconds, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                }
+            )  # fmt: skip
+
+    def accuracy(self, fed: Federation) -> float | None:
+        """For classification-style data: how often the true response scores best among the candidates."""
+        if fed.data is None or not fed.data.choices:
+            return None
+        correct = 0
+        for candidates, truth in fed.data.choices:
+            losses = self.client.sequence_losses(candidates, fed.pad_id)
+            correct += int(min(range(len(losses)), key=losses.__getitem__) == truth)
+        return correct / len(fed.data.choices)
+
 
 @dataclass
 class Federation:
     config: Config
     server: SplitServer
     members: list[Member]
-    data: RunData
+    data: RunData | None  # None on a networked server: the clients hold the data
     local_steps: int
     groups: list[list[int]] = field(default_factory=list)
     carry: dict[str, torch.Tensor] | None = None  # client-side weights passed along (sl, gsfl)
@@ -81,30 +125,7 @@ class Federation:
     # --- the unit every recipe is made of: one client's local steps --------------------------------------
 
     def local_training(self, member: Member, round_index: int) -> None:
-        train = self.config.train
-        for _ in range(self.local_steps):
-            step = member.steps_done
-            micro = [
-                collate(
-                    [member.examples[i] for i in member.order.indices(step * train.grad_accum + m)], self.data.pad_id
-                )
-                for m in range(train.grad_accum)
-            ]
-            up0, down0 = member.transport.meter.snapshot()
-            start = time.perf_counter()
-            stats = member.client.train_step(step, micro)
-            seconds = time.perf_counter() - start
-            up1, down1 = member.transport.meter.snapshot()
-            member.steps_done += 1
-            member.tokens += stats.tokens
-            member.last_loss = stats.loss
-            self.log_step(
-                {
-                    "step": member.steps_done, "client": member.client_id, "round": round_index + 1,
-                    "loss": stats.loss, "tokens": stats.tokens, "bytes_up": up1 - up0, "bytes_down": down1 - down0,
-                    "seconds": seconds, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                }
-            )  # fmt: skip
+        member.train_round(self, round_index)
 
     def log_step(self, record: dict[str, Any]) -> None:
         with self._lock:
@@ -122,7 +143,7 @@ class Federation:
                 future.result()
 
     def weights(self, members: Sequence[Member]) -> list[float]:
-        return [float(len(m.examples)) for m in members]
+        return [float(m.num_examples) for m in members]
 
     # --- the Learner-like surface the shared checkpoint helpers use --------------------------------------
 
@@ -137,8 +158,6 @@ class Federation:
         state = {m.client_id: {"steps_done": m.steps_done, "tokens": m.tokens} for m in self.members}
         _write_json(folder / "members.json", {"members": state, "carry": self.carry is not None})
         if self.carry is not None:
-            from safetensors.torch import save_file
-
             save_file(self.carry, str(folder / "carry.safetensors"))
 
     def load(self, folder: Path) -> None:
@@ -150,8 +169,6 @@ class Federation:
             member.steps_done = int(state["members"][member.client_id]["steps_done"])
             member.tokens = int(state["members"][member.client_id]["tokens"])
         if state["carry"]:
-            from safetensors.torch import load_file
-
             self.carry = load_file(str(folder / "carry.safetensors"))
 
     # --- evaluation ---------------------------------------------------------------------------------------
@@ -161,21 +178,18 @@ class Federation:
         per_client: dict[str, float] = {}
         loss_sum, tokens = 0.0, 0
         for member in members:
-            stats = member.client.evaluate(self.data.eval)
+            stats = member.client.evaluate(self.data.eval if self.data is not None else [])
             per_client[member.client_id] = stats.loss
             loss_sum += stats.loss_sum
             tokens += stats.tokens
         return EvalStats(loss_sum, tokens), per_client
 
     def accuracy(self, member: Member) -> float | None:
-        """For classification-style data: how often the true response scores best among the candidates."""
-        if not self.data.choices:
-            return None
-        correct = 0
-        for candidates, truth in self.data.choices:
-            losses = member.client.sequence_losses(candidates, self.data.pad_id)
-            correct += int(min(range(len(losses)), key=losses.__getitem__) == truth)
-        return correct / len(self.data.choices)
+        return member.accuracy(self)
+
+    @property
+    def pad_id(self) -> int:
+        return self.data.pad_id if self.data is not None else 0
 
 
 def assign_groups(config: Config, histograms: list[dict[str, int]]) -> list[list[int]]:
@@ -194,63 +208,89 @@ def assign_groups(config: Config, histograms: list[dict[str, int]]) -> list[list
     return [sorted(ordered[g * len(ordered) // count : (g + 1) * len(ordered) // count]) for g in range(count)]
 
 
-def build_federation(config: Config) -> Federation:
-    fw = config.framework
-    source = load_source(config)
-    spec = spec_of(config)
-    data = prepare_data(config, source.tokenizer(), pack=False)  # partition rows by label first, then pack
-    local_steps = fw.steps_per_round(config.train.steps)
-    client_steps = fw.rounds * local_steps
-    per_round = fw.clients_per_round or fw.num_clients
-
+def partition(config: Config, data: RunData) -> tuple[list[list[int]], list[dict[str, int]]]:
+    """Each client's example indices and label histogram (the same on every machine for the same config)."""
     labels = [e.label for e in data.train]
     options = {"alpha": config.data.alpha} if config.data.partition in ("dirichlet", "quantity") else {}
-    partitioner = make_partitioner(config.data.partition, **options)
-    parts = partitioner(labels, fw.num_clients, config.seed, sources=data.sources)
-    histograms = label_histograms(parts, labels)
-    log.info("partition %s, skew %.3f", config.data.partition, skew(parts, labels))
-
-    # Server steps per adapter over the run decide the length of its learning-rate schedule.
-    shared_by = {"sl": per_round, "sflv2": per_round, "psl": 1, "sflv1": 1}
-    groups = assign_groups(config, histograms) if fw.name == "gsfl" else []
-    sharing = max((len(g) for g in groups), default=1) if fw.name == "gsfl" else shared_by[fw.name]
-    clients_on_adapter = {"sl": per_round, "sflv2": per_round, "psl": per_round, "sflv1": 1}.get(
-        fw.name, max((len(g) for g in groups), default=1)
+    parts = make_partitioner(config.data.partition, **options)(
+        labels, config.framework.num_clients, config.seed, sources=data.sources
     )
-    scale = {"none": 1.0, "linear": float(clients_on_adapter), "sqrt": math.sqrt(clients_on_adapter)}[
-        fw.server_lr_scale
-    ]
-    server_train = config.train.model_copy(update={"steps": client_steps * sharing})
+    log.info("partition %s, skew %.3f", config.data.partition, skew(parts, labels))
+    return parts, label_histograms(parts, labels)
+
+
+def client_steps(config: Config) -> int:
+    """Optimizer steps of one client over the run (its learning-rate schedule's length)."""
+    return config.framework.rounds * config.framework.steps_per_round(config.train.steps)
+
+
+def make_server(config: Config, source: ModelSource, groups: list[list[int]]) -> SplitServer:
+    fw = config.framework
+    per_round = fw.clients_per_round or fw.num_clients
+    # How many clients feed one trunk adapter, and how many optimizer steps it takes per client step: psl
+    # updates once per synchronised step and sflv1 gives each client its own adapter; in sl, sflv2 and gsfl
+    # every client step is a step of the shared (group) adapter. That fixes the server schedule's length.
+    sharing = {"sflv1": 1, "gsfl": max((len(g) for g in groups), default=1)}.get(fw.name, per_round)
+    server_steps = client_steps(config) * (1 if fw.name in ("psl", "sflv1") else sharing)
+    scale = {"none": 1.0, "linear": float(sharing), "sqrt": math.sqrt(sharing)}[fw.server_lr_scale]
+    server_train = config.train.model_copy(update={"steps": server_steps})
     trunk, trunk_stage = build_part(config, source, "trunk")
-    server = SplitServer(
-        trunk, trunk_stage, spec.mode, lambda params: PartyOptimizer(params, server_train, lr_scale=scale),
-        config.seed, config.server.policy,
+    return SplitServer(
+        trunk, trunk_stage, spec_of(config).mode,
+        lambda params: PartyOptimizer(params, server_train, lr_scale=scale), config.seed, config.server.policy,
     )  # fmt: skip
-    client_train = config.train.model_copy(update={"steps": client_steps})
+
+
+def route(config: Config, server: SplitServer, index: int, groups: list[list[int]]) -> None:
+    """Give client ``index`` its trunk adapter: its own (sflv1), its group's (gsfl) or the shared one."""
+    if config.framework.name == "sflv1":
+        adapter = f"client-{index}"
+    elif config.framework.name == "gsfl":
+        adapter = next(f"group-{g}" for g, group in enumerate(groups) if index in group)
+    else:
+        adapter = "default"
+    server.assign(str(index), adapter)
+
+
+def make_member(
+    config: Config,
+    source: ModelSource,
+    data: RunData,
+    index: int,
+    indices: list[int],
+    histogram: dict[str, int],
+    transport: Transport,
+) -> Member:
+    """Client ``index`` with its head [+ tail], optimizer and private share of the training data."""
+    spec = spec_of(config)
+    client_parts, stages = {}, {}
+    for role in spec.client_roles():
+        client_parts[role], stages[role] = build_part(config, source, role)
+    if "tail" in stages:
+        share_tied_embeddings(stages["head"], stages["tail"])
+    params = [p for part in client_parts.values() for p in trainable_parameters(part)]
+    optimizer = PartyOptimizer(params, config.train.model_copy(update={"steps": client_steps(config)}))
+    client = SplitClient(str(index), client_parts, stages, transport, optimizer, spec.mode)
+    examples = [data.train[i] for i in indices]
+    if config.data.pack:
+        examples = pack_examples(examples, config.train.seq_len)
+    order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
+    log.info("client %s: %d examples, labels %s", index, len(examples), histogram)
+    return Member(index, client, transport, examples, order, histogram)
+
+
+def build_federation(config: Config) -> Federation:
+    source = load_source(config)
+    data = prepare_data(config, source.tokenizer(), pack=False)  # partition rows by label first, then pack
+    parts, histograms = partition(config, data)
+    groups = assign_groups(config, histograms) if config.framework.name == "gsfl" else []
+    server = make_server(config, source, groups)
     members = []
     for index, indices in enumerate(parts):
-        client_id = str(index)
         transport = InProcessTransport(server.submit)
-        client_parts, stages = {}, {}
-        for role in spec.client_roles():
-            client_parts[role], stages[role] = build_part(config, source, role)
-        if "tail" in stages:
-            share_tied_embeddings(stages["head"], stages["tail"])
-        params = [p for part in client_parts.values() for p in trainable_parameters(part)]
-        client = SplitClient(
-            client_id, client_parts, stages, transport, PartyOptimizer(params, client_train), spec.mode
-        )
-        examples = [data.train[i] for i in indices]
-        if config.data.pack:
-            examples = pack_examples(examples, config.train.seq_len)
-        order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
-        members.append(Member(index, client, transport, examples, order, histograms[index]))
-        adapter = {"sflv1": f"client-{index}", "gsfl": None}.get(fw.name, "default")
-        if fw.name == "gsfl":
-            adapter = next(f"group-{g}" for g, group in enumerate(groups) if index in group)
-        server.assign(client_id, adapter)
-        log.info("client %s: %d examples, labels %s", client_id, len(examples), histograms[index])
-    return Federation(config, server, members, data, local_steps, groups)
+        members.append(make_member(config, source, data, index, indices, histograms[index], transport))
+        route(config, server, index, groups)
+    return Federation(config, server, members, data, config.framework.steps_per_round(config.train.steps), groups)
 
 
 def participants(config: Config, members: list[Member], round_index: int) -> list[Member]:
@@ -268,7 +308,10 @@ def run_rounds(config: Config, recipe: RoundRecipe, resume: bool = False) -> dic
     """Drive ``recipe`` for ``framework.rounds`` rounds; the recipe returns the members holding the global
     client-side model after its aggregation (one member), or every member that keeps its own (psl)."""
     out = prepare_output(config, resume)
-    fed = build_federation(config)
+    return drive_rounds(config, build_federation(config), recipe, out, resume)
+
+
+def drive_rounds(config: Config, fed: Federation, recipe: RoundRecipe, out: Path, resume: bool) -> dict[str, Any]:
     metrics_path, rounds_path = out / "metrics.jsonl", out / "rounds.jsonl"
     progress: dict[str, Any] = {"step": 0, "wall_seconds": 0.0, "bytes_up": 0, "bytes_down": 0}
     if resume:
@@ -338,14 +381,14 @@ def run_rounds(config: Config, recipe: RoundRecipe, resume: bool = False) -> dic
         "bytes_up": progress["bytes_up"],
         "bytes_down": progress["bytes_down"],
         "wall_seconds": progress["wall_seconds"],
-        "client_param_count": count_parameters(*fed.members[0].client.parts.values()),
+        "client_param_count": fed.members[0].client_param_count(),
         "server_param_count": count_parameters(fed.server.trunk),
         "server_adapters": fed.server.bank.names if fed.server.bank else [],
         "groups": fed.groups or None,
         "clients": [
             {
                 "client": m.client_id,
-                "examples": len(m.examples),
+                "examples": m.num_examples,
                 "label_histogram": m.histogram,
                 "steps": m.steps_done,
                 "tokens": m.tokens,

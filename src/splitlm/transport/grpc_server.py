@@ -1,0 +1,275 @@
+"""The networked server side: one long-lived bidirectional gRPC stream per client.
+
+Each gRPC message is one wire frame (``transport/wire.py``): a validated header, then raw tensor chunks of at
+most 4 MiB. No protobuf code generation: the service is a generic handler over raw bytes.
+
+On a stream the client sends requests (``forward``, ``backward``, ``step``, ``eval``), which go to the
+``SplitServer``'s queue, and replies (``done``) to the commands the server's orchestrator sends it
+(``cmd:train``, ``cmd:get_state``, ...). Every stream is authenticated by a bearer token that maps to exactly
+one client id; a frame claiming another id is refused. A malformed or out-of-order frame gets an ``error``
+message on the stream and changes nothing; the stream and the other clients carry on. The last replies of
+each client are cached by (kind, step, micro-batch), so a request retried after a reconnect is answered
+again without being applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from splitlm.errors import ProtocolError, SplitLMError
+from splitlm.runtime.server import SplitServer
+from splitlm.transport.base import ByteMeter
+from splitlm.transport.messages import REQUEST_KINDS, Message
+from splitlm.transport.wire import MAX_CHUNK, Decoder, Limits, encode
+
+log = logging.getLogger(__name__)
+
+SERVICE = "splitlm.v1.Split"
+METHOD = f"/{SERVICE}/Session"
+MAX_FRAME_BYTES = MAX_CHUNK + 256 * 1024
+REPLAY_CACHE = 16
+HEADER_LIMIT = 1 << 20  # a train command's reply carries its step records in the header
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
+    ("grpc.max_send_message_length", MAX_FRAME_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def error_message(client_id: str, about: Message | None, error: Exception) -> Message:
+    step = about.step if about else -1
+    micro = about.micro if about else 0
+    meta = {"error": str(error), "type": type(error).__name__}
+    if about is not None:
+        meta["about"] = about.kind
+    return Message("error", client_id, step, micro, {}, meta)
+
+
+@dataclass
+class Connection:
+    """What the server knows of one client across its (re)connections."""
+
+    client_id: str
+    loop: asyncio.AbstractEventLoop | None = None
+    outgoing: asyncio.Queue | None = None
+    connected: threading.Event = field(default_factory=threading.Event)
+    pending: dict[int, concurrent.futures.Future[Message]] = field(default_factory=dict)
+    replies: OrderedDict[tuple[str, int, int], Message] = field(default_factory=OrderedDict)
+    meter: ByteMeter = field(default_factory=ByteMeter)
+    hello: Message | None = None
+
+
+class GrpcServer:
+    def __init__(
+        self,
+        split_server: SplitServer,
+        tokens: dict[str, str],
+        address: str,
+        certs: Path | None,
+        mutual_tls: bool = False,
+        limits: Limits | None = None,
+    ) -> None:
+        self.split_server = split_server
+        self.tokens = tokens
+        self.address = address
+        self.certs = certs
+        self.mutual_tls = mutual_tls
+        self.limits = limits or Limits(max_header_bytes=HEADER_LIMIT)
+        self.connections = {client: Connection(client) for client in tokens.values()}
+        self._seq = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self.port = 0
+
+    # --- lifecycle (the asyncio loop runs on its own thread; the orchestrator stays synchronous) ----------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run_loop, name="splitlm-grpc", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def _run_loop(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start_server())
+        except BaseException as error:  # report to the caller of start()
+            self._startup_error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start_server(self) -> None:
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        if self.certs is None:
+            self.port = server.add_insecure_port(self.address)
+        else:
+            root = (self.certs / "ca.pem").read_bytes() if self.mutual_tls else None
+            credentials = grpc.ssl_server_credentials(
+                [((self.certs / "server.key").read_bytes(), (self.certs / "server.pem").read_bytes())],
+                root_certificates=root,
+                require_client_auth=self.mutual_tls,
+            )
+            self.port = server.add_secure_port(self.address, credentials)
+        if not self.port:
+            raise SplitLMError(f"cannot listen on {self.address}: is the port in use?")
+        await server.start()
+        self._server = server
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        for connection in self.connections.values():
+            if connection.outgoing is not None and connection.loop is not None:
+                connection.loop.call_soon_threadsafe(connection.outgoing.put_nowait, None)
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace=1.0), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # --- orchestrator side -----------------------------------------------------------------------------
+
+    def wait_for(self, client_id: str, timeout: float | None) -> bool:
+        return self.connections[client_id].connected.wait(timeout)
+
+    def command(self, client_id: str, message: Message, timeout: float | None = None) -> Message:
+        """Send a command to a client and wait for its ``done`` (raises on an ``error`` reply or a timeout)."""
+        connection = self.connections[client_id]
+        if not connection.connected.is_set() or connection.loop is None or connection.outgoing is None:
+            raise ProtocolError(f"client {client_id} is not connected")
+        seq = next(self._seq)
+        message.meta["seq"] = seq
+        future: concurrent.futures.Future[Message] = concurrent.futures.Future()
+        connection.pending[seq] = future
+        frames = encode(message)
+        connection.meter.record(message, "down")
+        connection.loop.call_soon_threadsafe(connection.outgoing.put_nowait, frames)
+        try:
+            reply = future.result(timeout=timeout)
+        finally:
+            connection.pending.pop(seq, None)
+        if reply.kind == "error":
+            raise ProtocolError(f"client {client_id}: {reply.meta.get('error')}")
+        return reply
+
+    # --- the stream ------------------------------------------------------------------------------------
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
+        metadata = dict(context.invocation_metadata() or ())
+        header = metadata.get("authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        client_id = self.tokens.get(token)
+        if not token or client_id is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+        claimed = metadata.get("x-splitlm-client")
+        if claimed is not None and claimed != client_id:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"this token belongs to another client than {claimed!r}"
+            )
+        assert client_id is not None
+        return client_id
+
+    async def _session(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        client_id = await self._authenticate(context)
+        connection = self.connections[client_id]
+        if connection.outgoing is not None:  # a reconnect: retire the old stream
+            connection.outgoing.put_nowait(None)
+        connection.loop = asyncio.get_running_loop()
+        connection.outgoing = outgoing = asyncio.Queue()
+        reader = asyncio.create_task(self._read(connection, requests))
+        log.info("client %s connected", client_id)
+        try:
+            while True:
+                frames = await outgoing.get()
+                if frames is None:
+                    return
+                for frame in frames:
+                    yield frame
+        finally:
+            reader.cancel()
+            if connection.outgoing is outgoing:
+                connection.connected.clear()
+                connection.outgoing = None
+                for future in connection.pending.values():
+                    if not future.done():
+                        future.set_exception(ProtocolError(f"client {client_id} disconnected"))
+            log.info("client %s disconnected", client_id)
+
+    async def _read(self, connection: Connection, requests: AsyncIterator[bytes]) -> None:
+        decoder = Decoder(self.limits)
+        async for frame in requests:
+            message: Message | None = None
+            try:
+                message = decoder.feed(frame)
+                if message is None:
+                    continue
+                if message.client_id != connection.client_id:
+                    raise ProtocolError(
+                        f"this stream is authenticated as client {connection.client_id!r} and cannot act as "
+                        f"{message.client_id!r}"
+                    )
+                connection.meter.record(message, "up")
+                if message.kind == "hello":
+                    connection.hello = message
+                    connection.connected.set()
+                elif message.kind in REQUEST_KINDS:
+                    await self._serve(connection, message)
+                elif message.kind in ("done", "error") and "seq" in message.meta:
+                    future = connection.pending.get(int(message.meta["seq"]))
+                    if future is not None and not future.done():
+                        future.set_result(message)
+                else:
+                    raise ProtocolError(f"unexpected message kind {message.kind!r} from a client")
+            except SplitLMError as error:
+                log.warning("client %s: %s", connection.client_id, error)
+                self._send(connection, error_message(connection.client_id, message, error))
+            except Exception as error:  # a bug must not end the stream silently
+                log.exception("client %s: request failed", connection.client_id)
+                self._send(connection, error_message(connection.client_id, message, error))
+
+    async def _serve(self, connection: Connection, message: Message) -> None:
+        key = (message.kind, message.step, message.micro)
+        cached = connection.replies.get(key) if message.kind != "eval" else None
+        if cached is not None:  # a retry of work already done: answer again, apply nothing
+            self._send(connection, cached)
+            return
+        if self.split_server is None:
+            raise ProtocolError("the server is still waiting for every client to connect; send no work yet")
+        try:
+            reply = await asyncio.wrap_future(self.split_server.submit(message))
+        except SplitLMError as error:
+            reply = error_message(connection.client_id, message, error)
+        if reply.kind != "error":
+            connection.replies[key] = reply
+            while len(connection.replies) > REPLAY_CACHE:
+                connection.replies.popitem(last=False)
+        self._send(connection, reply)
+
+    def _send(self, connection: Connection, message: Message) -> None:
+        if connection.outgoing is not None:
+            connection.meter.record(message, "down")
+            connection.outgoing.put_nowait(encode(message))

@@ -1,0 +1,121 @@
+"""TLS material and bearer tokens for the networked transport.
+
+``make_dev_certs`` writes a development CA, a server certificate (for the given host names / IPs) and one
+client certificate per client id, plus ``tokens.json`` mapping a fresh random bearer token to each client
+id. A token maps to exactly one client id; the server lets a stream act only as that id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import secrets
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from splitlm.errors import ConfigError
+
+VALID_DAYS = 30
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "splitlm dev"), x509.NameAttribute(NameOID.COMMON_NAME, common)]
+    )
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    os.chmod(path, 0o600)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _sign(
+    subject: x509.Name,
+    public_key,
+    issuer: x509.Name,
+    issuer_key,
+    *,
+    ca: bool,
+    sans: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def make_dev_certs(folder: Path, hosts: list[str], clients: list[str]) -> dict[str, Path]:
+    """Write ca.pem, server.pem/server.key, client-ID.pem/.key and tokens.json under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "tokens.json").exists():
+        raise ConfigError(f"{folder} already holds certificates and tokens: choose an empty folder")
+    ca_key = _key()
+    ca_name = _name("splitlm dev CA")
+    ca_cert = _sign(ca_name, ca_key.public_key(), ca_name, ca_key, ca=True)
+    (folder / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    server_key = _key()
+    server_cert = _sign(_name(hosts[0]), server_key.public_key(), ca_name, ca_key, ca=False, sans=sans)
+    (folder / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(folder / "server.key", _pem_key(server_key))
+    tokens = {}
+    for client in clients:
+        key = _key()
+        cert = _sign(_name(f"client-{client}"), key.public_key(), ca_name, ca_key, ca=False)
+        (folder / f"client-{client}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_private(folder / f"client-{client}.key", _pem_key(key))
+        tokens[secrets.token_urlsafe(24)] = client
+    _write_private(folder / "tokens.json", (json.dumps(tokens, indent=2) + "\n").encode())
+    return {"ca": folder / "ca.pem", "tokens": folder / "tokens.json"}
+
+
+def load_tokens(path: Path) -> dict[str, str]:
+    """token -> client id, from a JSON object; every client id at most once."""
+    try:
+        tokens = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"tokens file {path} unreadable ({error}): make one with `splitlm certs`") from None
+    if not isinstance(tokens, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tokens.items()):
+        raise ConfigError(f"tokens file {path}: expected a JSON object of token -> client id")
+    ids = list(tokens.values())
+    if len(ids) != len(set(ids)):
+        raise ConfigError(f"tokens file {path}: a client id has several tokens; give each client exactly one")
+    return tokens
+
+
+def token_for(path: Path, client_id: str) -> str:
+    for token, owner in load_tokens(path).items():
+        if owner == client_id:
+            return token
+    raise ConfigError(f"tokens file {path} has no token for client {client_id!r}")
