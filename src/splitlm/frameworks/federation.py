@@ -55,7 +55,7 @@ class Member:
 
     index: int
     client: SplitClient
-    transport: InProcessTransport
+    transport: Transport  # anything with a byte meter: in-process, gRPC
     examples: list[Example]
     order: DataOrder
     histogram: dict[str, int]
