@@ -70,8 +70,7 @@ class RemoteClientProxy:
         return EvalStats(float(reply.meta["loss_sum"]), int(reply.meta["tokens"]))
 
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
-        if not with_optimizer:  # the final adapters: each client writes its own, on its own machine
-            self.command("save_adapters")
+        """Nothing to write on the server: each client keeps its own state (see ``serve``)."""
 
     def load(self, folder: Path) -> None:
         raise CheckpointError("resuming a networked run is not supported yet: start it again")
@@ -166,6 +165,8 @@ def serve(
             )
         fed = Federation(config, server, members, None, fw.steps_per_round(config.train.steps), groups)
         summary = drive_rounds(config, fed, ROUNDS[fw.name], out, resume=False)
+        for member in members:  # each client writes its own adapters, on its own machine
+            member.client.command("save_adapters")  # type: ignore[union-attr]
         for member in members:
             try:
                 member.client.command("finish")  # type: ignore[union-attr]

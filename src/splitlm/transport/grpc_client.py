@@ -56,16 +56,18 @@ class GrpcConnection:
         self._reader: threading.Thread | None = None
         self._broken = threading.Event()
         self._closing = False
+        self._welcome = threading.Event()
         self._lock = threading.Lock()
+        if ca is None:
+            host = address.rsplit(":", 1)[0].strip("[]")
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise ProtocolError(f"plain-text transport is only allowed on loopback, not {host}: pass --ca")
         self.connect()
 
     # --- connection management -------------------------------------------------------------------------
 
     def _credentials_channel(self) -> grpc.Channel:
-        if self.ca is None:
-            host = self.address.rsplit(":", 1)[0].strip("[]")
-            if host not in ("127.0.0.1", "localhost", "::1"):
-                raise ProtocolError(f"plain-text transport is only allowed on loopback, not {host}: pass --ca")
+        if self.ca is None:  # loopback only: checked in __init__
             return grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         key_chain = None
         if self.client_cert is not None:
@@ -110,11 +112,14 @@ class GrpcConnection:
         )
         self._reader = threading.Thread(target=self._read, args=(call,), daemon=True, name="splitlm-reader")
         self._reader.start()
+        self._welcome.clear()
         self._put(self.hello)
-        # An auth failure surfaces as an immediate end of the stream.
-        time.sleep(0.05)
-        if self._broken.is_set() and self._auth_error is not None:
-            raise self._auth_error
+        # The server answers hello with welcome; an auth failure ends the stream instead.
+        while not self._welcome.wait(0.05):
+            if self._broken.is_set():
+                if self._auth_error is not None:
+                    raise self._auth_error
+                raise ProtocolError(f"the server at {self.address} closed the stream at hello")
 
     _auth_error: grpc.RpcError | None = None
 
@@ -126,7 +131,9 @@ class GrpcConnection:
                 if message is None:
                     continue
                 self.meter.record(message, "down")
-                if message.kind.startswith("cmd:"):
+                if message.kind == "welcome":
+                    self._welcome.set()
+                elif message.kind.startswith("cmd:"):
                     self.commands.put(message)
                 else:
                     self._replies.put(message)

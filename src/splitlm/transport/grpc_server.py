@@ -236,6 +236,7 @@ class GrpcServer:
                 if message.kind == "hello":
                     connection.hello = message
                     connection.connected.set()
+                    self._send(connection, Message("welcome", connection.client_id, -1))
                 elif message.kind in REQUEST_KINDS:
                     await self._serve(connection, message)
                 elif message.kind in ("done", "error") and "seq" in message.meta:
