@@ -174,6 +174,9 @@ class FrameworkConfig(Section):
     )
     num_groups: int = Field(2, ge=1, description="gsfl: groups formed by label-distribution similarity.")
     min_clients: int = Field(1, ge=1, description="Aggregate a round once at least this many clients finished.")
+    round_timeout_s: float = Field(
+        1800.0, gt=0, description="Networked runs: a client that has not finished its round by then is left out."
+    )
 
     def steps_per_round(self, total_steps: int) -> int:
         return self.local_steps or max(total_steps // self.rounds, 1)

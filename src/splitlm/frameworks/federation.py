@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from splitlm.config import Config
 from splitlm.data import DataOrder, Example, collate, label_histograms, make_partitioner, pack_examples, skew
-from splitlm.errors import ConfigError
+from splitlm.errors import ConfigError, ProtocolError
 from splitlm.frameworks.loop import (
     _load_checkpoint,
     _save_checkpoint,
@@ -62,6 +62,7 @@ class Member:
     steps_done: int = 0
     tokens: int = 0
     last_loss: float = math.nan
+    stale: bool = False  # missed a broadcast (a networked client that dropped out): resync before it trains
 
     @property
     def client_id(self) -> str:
@@ -125,7 +126,56 @@ class Federation:
     # --- the unit every recipe is made of: one client's local steps --------------------------------------
 
     def local_training(self, member: Member, round_index: int) -> None:
+        if member.stale and self.carry is not None:
+            member.client.load_state(self.carry)
+        member.stale = False
         member.train_round(self, round_index)
+
+    def train_clients(self, members: Sequence[Member], round_index: int, parallel: bool) -> list[Member]:
+        """Each member's local steps (at once, or one after another); a networked client that drops out or
+        times out is left out of the round. Returns those that finished; fewer than
+        ``framework.min_clients`` is an error."""
+        finished: list[Member] = []
+
+        def attempt(member: Member) -> None:
+            if self.try_training(member, round_index):
+                finished.append(member)
+
+        if parallel:
+            self.parallel([lambda m=m: attempt(m) for m in members])
+        else:
+            for member in members:
+                attempt(member)
+        self.check_quorum(finished, members, round_index)
+        return sorted(finished, key=lambda m: m.index)
+
+    def try_training(self, member: Member, round_index: int) -> bool:
+        """``local_training``, but a client that drops out (a ``ProtocolError``) is logged and left out."""
+        try:
+            self.local_training(member, round_index)
+            return True
+        except ProtocolError as error:
+            member.stale = True
+            log.warning("round %d: client %s left out (%s)", round_index + 1, member.client_id, error)
+            return False
+
+    def check_quorum(self, finished: Sequence[Member], members: Sequence[Member], round_index: int) -> None:
+        minimum = min(self.config.framework.min_clients, len(members))
+        if len(finished) < minimum:
+            raise ProtocolError(
+                f"round {round_index + 1}: only {len(finished)} of {len(members)} clients finished, fewer than "
+                f"framework.min_clients={minimum}"
+            )
+
+    def broadcast(self, state: dict[str, torch.Tensor]) -> None:
+        """Give every client the global client side; one that cannot be reached is resynced later."""
+        self.carry = state
+        for member in self.members:
+            try:
+                member.client.load_state(state)
+            except ProtocolError as error:
+                member.stale = True
+                log.warning("client %s missed the new client side (%s)", member.client_id, error)
 
     def log_step(self, record: dict[str, Any]) -> None:
         with self._lock:

@@ -23,52 +23,53 @@ from splitlm.frameworks.federation import Federation, Member, check_supported, r
 from splitlm.frameworks.registry import register
 
 
-def _train_in_sequence(fed: Federation, round_index: int, members: list[Member]) -> None:
+def _train_in_sequence(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
     """SL order: each client starts from the client-side weights the previous one finished with."""
+    finished = []
     for member in members:
-        if fed.carry is not None:
-            member.client.load_state(fed.carry)
-        fed.local_training(member, round_index)
-        fed.carry = member.client.state()
-
-
-def _broadcast_client_average(fed: Federation, states: list[dict], weights: list[float]) -> None:
-    average = fedavg(states, weights)
-    for member in fed.members:
-        member.client.load_state(average)
+        member.stale = fed.carry is not None  # so local_training first loads the carried client side
+        if fed.try_training(member, round_index):
+            finished.append(member)
+            fed.carry = member.client.state()
+    fed.check_quorum(finished, members, round_index)
+    return finished
 
 
 def sl_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
-    _train_in_sequence(fed, round_index, members)
-    for member in fed.members:  # everyone holds the latest client side for evaluation and the next round
-        member.client.load_state(fed.carry or member.client.state())
-    return [members[-1]]
+    finished = _train_in_sequence(fed, round_index, members)
+    if fed.carry is not None:
+        fed.broadcast(fed.carry)  # everyone holds the latest client side for evaluation and the next round
+    return [finished[-1]] if finished else [members[0]]
 
 
 def psl_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
-    fed.server.barriers["default"] = len(members)  # one trunk update per step, from all clients' gradients
+    # One trunk update per step from all clients' gradients (no drop-out tolerance: the step waits for all).
+    fed.server.barriers["default"] = len(members)
     fed.parallel([lambda m=m: fed.local_training(m, round_index) for m in members])
     return members
 
 
+def _average_client_sides(fed: Federation, finished: list[Member]) -> None:
+    fed.broadcast(fedavg([m.client.state() for m in finished], fed.weights(finished)))
+
+
 def sflv1_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
-    fed.parallel([lambda m=m: fed.local_training(m, round_index) for m in members])
-    weights = fed.weights(members)
-    _broadcast_client_average(fed, [m.client.state() for m in members], weights)
-    adapters = [fed.server.adapter_of(m.client_id) for m in members]
-    trunk = fedavg([fed.server.adapter_state(a) for a in adapters], weights)
+    finished = fed.train_clients(members, round_index, parallel=True)
+    _average_client_sides(fed, finished)
+    adapters = [fed.server.adapter_of(m.client_id) for m in finished]
+    trunk = fedavg([fed.server.adapter_state(a) for a in adapters], fed.weights(finished))
     for member in fed.members:
         fed.server.load_adapter_state(fed.server.adapter_of(member.client_id), trunk)
-    return [members[0]]
+    return [finished[0]]
 
 
 def sflv2_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
     order = list(members)
     random.Random(fed.config.seed * 104729 + round_index).shuffle(order)
-    for member in order:  # the server serves one client at a time, updating the shared adapter at once
-        fed.local_training(member, round_index)
-    _broadcast_client_average(fed, [m.client.state() for m in members], fed.weights(members))
-    return [members[0]]
+    # The server serves one client at a time, updating the shared adapter at once.
+    finished = fed.train_clients(order, round_index, parallel=False)
+    _average_client_sides(fed, finished)
+    return [finished[0]]
 
 
 def gsfl_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
@@ -89,9 +90,7 @@ def gsfl_round(fed: Federation, round_index: int, members: list[Member]) -> list
 
     fed.parallel([lambda p=p: run_group(p) for p in range(len(groups))])
     weights = [sum(fed.weights(g)) for g in groups]
-    fed.carry = fedavg(finished, weights)
-    for member in fed.members:
-        member.client.load_state(fed.carry)
+    fed.broadcast(fedavg(finished, weights))
     adapters = [fed.server.adapter_of(g[0].client_id) for g in groups]
     trunk = fedavg([fed.server.adapter_state(a) for a in adapters], weights)
     for adapter in {fed.server.adapter_of(m.client_id) for m in fed.members}:

@@ -58,6 +58,17 @@ class PartyOptimizer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def fast_forward(self, steps: int) -> None:
+        """Put the learning-rate schedule where it would be after ``steps`` optimizer steps."""
+        if self.optimizer is None or self.scheduler is None:
+            return
+        self.scheduler.last_epoch = steps
+        for group, base, factor in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(steps)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
+
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else 0.0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ class RemoteMember(Member):
 
     def train_round(self, fed: Federation, round_index: int) -> None:
         proxy: RemoteClientProxy = self.client  # type: ignore[assignment]
-        reply = proxy.command("train", round=round_index, steps=fed.local_steps)
+        reply = proxy.command("train", round=round_index, steps=fed.local_steps, start_step=self.steps_done)
         for record in json.loads(str(reply.meta["records"])):
             fed.log_step(record)
             self.steps_done = int(record["step"])
@@ -117,7 +118,6 @@ def serve(
     tokens_file: Path,
     mutual_tls: bool = False,
     connect_timeout: float = 600.0,
-    command_timeout: float = 3600.0,
 ) -> dict[str, Any]:
     """Host the trunk and the aggregator; wait for every client; run the configured framework."""
     from splitlm.frameworks.recipes import ROUNDS
@@ -154,7 +154,7 @@ def serve(
             members.append(
                 RemoteMember(
                     index,
-                    RemoteClientProxy(grpc_server, client_id, command_timeout),  # type: ignore[arg-type]
+                    RemoteClientProxy(grpc_server, client_id, fw.round_timeout_s),  # type: ignore[arg-type]
                     _MeterView(grpc_server.connections[client_id].meter),
                     [],
                     None,  # type: ignore[arg-type]
@@ -165,13 +165,12 @@ def serve(
             )
         fed = Federation(config, server, members, None, fw.steps_per_round(config.train.steps), groups)
         summary = drive_rounds(config, fed, ROUNDS[fw.name], out, resume=False)
-        for member in members:  # each client writes its own adapters, on its own machine
-            member.client.command("save_adapters")  # type: ignore[union-attr]
-        for member in members:
-            try:
-                member.client.command("finish")  # type: ignore[union-attr]
-            except ProtocolError as error:  # the run is complete either way
-                log.warning("finishing client %s: %s", member.client_id, error)
+        for kind in ("save_adapters", "finish"):  # each client writes its own adapters, on its own machine
+            for member in members:
+                try:
+                    member.client.command(kind)  # type: ignore[union-attr]
+                except ProtocolError as error:  # the run is complete either way
+                    log.warning("%s on client %s: %s", kind, member.client_id, error)
         return summary
     finally:
         grpc_server.stop()
@@ -210,12 +209,13 @@ def run_client(
     out.mkdir(parents=True, exist_ok=True)
     connection: GrpcConnection | None = None
     member: Member | None = None
+    session = secrets.token_hex(8)
 
     def hello() -> Message:
         assert member is not None
         meta = {
             "examples": member.num_examples, "histogram": json.dumps(histograms[index]),
-            "param_count": member.client_param_count(), "steps": client_steps(config),
+            "param_count": member.client_param_count(), "steps": client_steps(config), "session": session,
         }  # fmt: skip
         return Message("hello", client_id, -1, 0, {}, meta)
 
@@ -249,6 +249,10 @@ def run_client(
             meta: dict[str, Any] = {"seq": command.meta["seq"]}
             try:
                 if kind == "train":
+                    start = int(command.meta.get("start_step", member.steps_done))
+                    if start > member.steps_done:  # a restarted process: continue the schedule where it was
+                        member.steps_done = start
+                        member.client.optimizer.fast_forward(start)
                     log_sink.records = []
                     member.train_round(local, int(command.meta["round"]))
                     meta["records"] = json.dumps(log_sink.records)

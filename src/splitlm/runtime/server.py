@@ -159,6 +159,9 @@ class SplitServer:
             if message.kind == "step":
                 self._step(request)
                 return
+            if message.kind == "forget":  # internal (the network layer never forwards it from a client)
+                request.future.set_result(self._forget(message.client_id))
+                return
             handler = handlers.get(message.kind)
             if handler is None:
                 raise ProtocolError(
@@ -280,6 +283,19 @@ class SplitServer:
         for waiting, _ in arrived:
             m = waiting.message
             waiting.future.set_result(Message("stepped", m.client_id, m.step, 0, {}, dict(meta)))
+
+    def _forget(self, client_id: str) -> Message:
+        """Drop what a vanished client left half done: its pending graphs and the gradients they put on its
+        adapter (they would otherwise leak into the next optimizer step)."""
+        for key in [k for k in self._pending if k[0] == client_id]:
+            del self._pending[key]
+        adapter = self.adapter_of(client_id)
+        for key in [k for k in self._arrivals if k[0] == adapter]:
+            for waiting, _ in self._arrivals.pop(key):
+                waiting.future.set_exception(ProtocolError(f"client {client_id} left; step {key[1]} abandoned"))
+        for p in self.optimizer(adapter).params:
+            p.grad = None
+        return Message("forgotten", client_id, -1)
 
     @torch.no_grad()
     def _eval(self, message: Message) -> Message:

@@ -70,6 +70,7 @@ class Connection:
     replies: OrderedDict[tuple[str, int, int], Message] = field(default_factory=OrderedDict)
     meter: ByteMeter = field(default_factory=ByteMeter)
     hello: Message | None = None
+    session: str = ""  # a client process's random id: a new one means the process restarted
 
 
 class GrpcServer:
@@ -170,6 +171,8 @@ class GrpcServer:
         connection.loop.call_soon_threadsafe(connection.outgoing.put_nowait, frames)
         try:
             reply = future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise ProtocolError(f"client {client_id} did not answer {message.kind} within {timeout} s") from None
         finally:
             connection.pending.pop(seq, None)
         if reply.kind == "error":
@@ -211,12 +214,9 @@ class GrpcServer:
                     yield frame
         finally:
             reader.cancel()
-            if connection.outgoing is outgoing:
+            if connection.outgoing is outgoing:  # commands in flight wait for a reconnect (or their timeout)
                 connection.connected.clear()
                 connection.outgoing = None
-                for future in connection.pending.values():
-                    if not future.done():
-                        future.set_exception(ProtocolError(f"client {client_id} disconnected"))
             log.info("client %s disconnected", client_id)
 
     async def _read(self, connection: Connection, requests: AsyncIterator[bytes]) -> None:
@@ -234,6 +234,10 @@ class GrpcServer:
                     )
                 connection.meter.record(message, "up")
                 if message.kind == "hello":
+                    session = str(message.meta.get("session", ""))
+                    if connection.session and session != connection.session:
+                        self._restarted(connection)
+                    connection.session = session
                     connection.hello = message
                     connection.connected.set()
                     self._send(connection, Message("welcome", connection.client_id, -1))
@@ -251,6 +255,16 @@ class GrpcServer:
             except Exception as error:  # a bug must not end the stream silently
                 log.exception("client %s: request failed", connection.client_id)
                 self._send(connection, error_message(connection.client_id, message, error))
+
+    def _restarted(self, connection: Connection) -> None:
+        """A new process took over a client id: what the old one was doing will never be answered."""
+        log.warning("client %s restarted", connection.client_id)
+        connection.replies.clear()
+        if self.split_server is not None and connection.client_id in self.split_server.routes:
+            self.split_server.submit(Message("forget", connection.client_id, -1))
+        for future in connection.pending.values():
+            if not future.done():
+                future.set_exception(ProtocolError(f"client {connection.client_id} restarted"))
 
     async def _serve(self, connection: Connection, message: Message) -> None:
         key = (message.kind, message.step, message.micro)

@@ -1,0 +1,112 @@
+"""A client killed mid-round and started again: the networked run still finishes every round.
+
+The server leaves the vanished client out of the round it was in (its half-done work is dropped, not
+applied), aggregates over the clients that finished, and gives the restarted process the current client side
+before its next round; the restarted client continues its step count and schedule where the server saw it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from splitlm.transport.security import make_dev_certs
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "frameworks" / "sflv1.yaml"
+OVERRIDES = [
+    "framework.num_clients=3",
+    "framework.rounds=3",
+    "train.steps=24",  # 8 steps per round: long enough to kill a client in the middle of one
+    "train.seq_len=32",
+    "train.progress=false",
+    "data.max_rows=300",
+    "data.eval_size=16",
+    "framework.min_clients=2",
+]
+METRICS = "metrics.jsonl"
+LISTENING = re.compile(r"splitlm server listening on 127\.0\.0\.1:(\d+)")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "splitlm.cli.main", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _client(root: Path, certs: Path, port: int, index: int, log: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        _cli("client", str(CONFIG), *OVERRIDES, f"output_dir={root / f'client{index}'}",
+             "--server", f"localhost:{port}", "--client-id", str(index), "--certs", str(certs)),
+        stdout=open(root / log, "w"), stderr=subprocess.STDOUT, env=_env(),
+    )  # fmt: skip
+
+
+def _lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(240)
+def test_killed_client_restarts_and_the_run_finishes(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["0", "1", "2"])
+    server_log = tmp_path / "server.log"
+    server = subprocess.Popen(
+        _cli("serve", str(CONFIG), *OVERRIDES, f"output_dir={tmp_path / 'server'}", "--certs", str(certs),
+             "--address", "127.0.0.1:0"),
+        stdout=open(server_log, "w"), stderr=subprocess.STDOUT, env=_env(),  # noqa: SIM115 (lives with the process)
+    )  # fmt: skip
+    processes = [server]
+    try:
+        deadline = time.monotonic() + 60
+        port = None
+        while port is None and time.monotonic() < deadline:
+            match = LISTENING.search(server_log.read_text())
+            port = int(match.group(1)) if match else None
+            time.sleep(0.1)
+        assert port, server_log.read_text()
+        clients = {i: _client(tmp_path, certs, port, i, f"client{i}.log") for i in range(3)}
+        processes += clients.values()
+        metrics = tmp_path / "server" / "metrics.jsonl"
+        # Kill client 1 once it is in the middle of round 2 (it has logged a step there, and the round is not over).
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            # the server logs a client's steps when its round's work returns; wait for round 1 to be complete
+            if len(_lines(tmp_path / "server" / "rounds.jsonl")) >= 1:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)  # now inside round 2
+        clients[1].kill()
+        clients[1].wait()
+        restarted = _client(tmp_path, certs, port, 1, "client1-restarted.log")
+        processes.append(restarted)
+        assert server.wait(timeout=180) == 0, server_log.read_text()[-3000:]
+        for process in (clients[0], clients[2], restarted):
+            assert process.wait(timeout=60) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    rounds = _lines(tmp_path / "server" / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3], "no round lost"
+    steps = [(r["client"], r["step"]) for r in _lines(metrics)]
+    assert len(steps) == len(set(steps)), "no step logged (applied) twice"
+    by_client = {c: sorted(s for cc, s in steps if cc == c) for c in ("0", "1", "2")}
+    assert by_client["0"] == list(range(1, 25)) and by_client["2"] == list(range(1, 25))
+    # Client 1 lost the round it was killed in (its half-done steps were dropped, not counted) and trained in
+    # the other two; the restarted process numbered its steps on from where the server saw it stop.
+    assert by_client["1"] == list(range(1, 17))
+    assert [r["participants"] for r in rounds] == [["0", "1", "2"]] * 3
+    summary = json.loads((tmp_path / "server" / "summary.json").read_text())
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert (tmp_path / "client1" / "adapters" / "head.safetensors").is_file()
