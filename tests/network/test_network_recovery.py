@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from splitlm.transport.security import make_dev_certs
 
@@ -110,3 +111,65 @@ def test_killed_client_restarts_and_the_run_finishes(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "server" / "summary.json").read_text())
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert (tmp_path / "client1" / "adapters" / "head.safetensors").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _serve(root: Path, certs: Path, port: int, log: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        _cli("serve", str(CONFIG), *OVERRIDES, f"output_dir={root / 'server'}", "--certs", str(certs),
+             "--address", f"127.0.0.1:{port}", *extra),
+        stdout=open(root / log, "w"), stderr=subprocess.STDOUT, env=_env(),
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_server_killed_after_a_round_resumes_to_the_same_result(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from splitlm.config import load_config
+    from splitlm.frameworks import run_framework
+
+    reference = load_config(CONFIG, [*OVERRIDES, f"output_dir={tmp_path / 'reference'}"])
+    run_framework(reference)
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["0", "1", "2"])
+    port = _free_port()
+    server = _serve(tmp_path, certs, port, "server.log")
+    processes = [server]
+    try:
+        clients = [_client(tmp_path, certs, port, i, f"client{i}.log") for i in range(3)]
+        processes += clients
+        checkpoint = tmp_path / "server" / "checkpoints" / "step-000001"
+        deadline = time.monotonic() + 120
+        while not checkpoint.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpoint.is_dir(), (tmp_path / "server.log").read_text()[-3000:]
+        server.kill()
+        server.wait()
+        resumed = _serve(tmp_path, certs, port, "server-resumed.log", "--resume")
+        processes.append(resumed)
+        assert resumed.wait(timeout=200) == 0, (tmp_path / "server-resumed.log").read_text()[-3000:]
+        for client in clients:
+            assert client.wait(timeout=60) == 0, "a client did not survive the server restart"
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    ours = _lines(tmp_path / "server" / "rounds.jsonl")
+    theirs = _lines(tmp_path / "reference" / "rounds.jsonl")
+    assert [r["round"] for r in ours] == [1, 2, 3]
+    assert [r["eval_loss"] for r in ours] == [r["eval_loss"] for r in theirs]
+    trunk = load_file(str(tmp_path / "server" / "adapters" / "trunk.safetensors"))
+    expected = load_file(str(tmp_path / "reference" / "adapters" / "trunk.safetensors"))
+    assert trunk.keys() == expected.keys()
+    assert all(torch.equal(trunk[k], expected[k]) for k in trunk)
+    head = load_file(str(tmp_path / "client0" / "adapters" / "head.safetensors"))
+    expected_head = load_file(str(tmp_path / "reference" / "adapters" / "head.safetensors"))
+    assert all(torch.equal(head[k], expected_head[k]) for k in head)

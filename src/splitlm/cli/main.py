@@ -127,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tokens_file = Path(args.tokens) if args.tokens else tokens
     if tokens_file is None:
         raise SplitLMError("--insecure still needs --tokens FILE: every client authenticates with a bearer token")
-    summary = serve(config, args.address, certs, tokens_file, mutual_tls=args.mtls)
+    summary = serve(config, args.address, certs, tokens_file, mutual_tls=args.mtls, resume=args.resume)
     print(
         f"{summary['framework']}: held-out perplexity {summary['eval_ppl_before']:.2f} -> "
         f"{summary['eval_ppl_after']:.2f} after {summary['rounds']} rounds; results in {config.output_dir}/"
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tokens", help="tokens file (default: CERTS/tokens.json)")
     srv.add_argument("--mtls", action="store_true", help="also require client certificates")
     srv.add_argument("--insecure", action="store_true", help="plain text, loopback only")
+    srv.add_argument("--resume", action="store_true", help="continue from the newest round checkpoint")
     srv.set_defaults(func=cmd_serve)
 
     cli = sub.add_parser("client", help="run one client against a splitlm server")

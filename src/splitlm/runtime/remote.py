@@ -14,11 +14,13 @@ import json
 import logging
 import queue
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from splitlm.config import Config
 from splitlm.errors import CheckpointError, ConfigError, ProtocolError
@@ -71,10 +73,21 @@ class RemoteClientProxy:
         return EvalStats(float(reply.meta["loss_sum"]), int(reply.meta["tokens"]))
 
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
-        """Nothing to write on the server: each client keeps its own state (see ``serve``)."""
+        """A round checkpoint: the client writes its own state, on its own machine, under the same round."""
+        if with_optimizer:
+            self.command("checkpoint", round=_round_of(folder.parent))
 
     def load(self, folder: Path) -> None:
-        raise CheckpointError("resuming a networked run is not supported yet: start it again")
+        """Resume: the client goes back to its own checkpoint of the round the server resumes from."""
+        self.command("restore", round=_round_of(folder.parent))
+
+
+def _round_of(checkpoint: Path) -> int:
+    """``checkpoints/step-000003`` (or its temporary ``.tmp-step-000003``) -> 3."""
+    try:
+        return int(checkpoint.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise CheckpointError(f"{checkpoint} is not a round checkpoint folder") from None
 
 
 @dataclass
@@ -118,6 +131,7 @@ def serve(
     tokens_file: Path,
     mutual_tls: bool = False,
     connect_timeout: float = 600.0,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Host the trunk and the aggregator; wait for every client; run the configured framework."""
     from splitlm.frameworks.recipes import ROUNDS
@@ -132,7 +146,7 @@ def serve(
             f"{tokens_file} names clients {sorted(tokens.values())}, but framework.num_clients={fw.num_clients} "
             f"needs exactly {expected}"
         )
-    out = prepare_output(config, resume=False)
+    out = prepare_output(config, resume=resume)
     source = load_source(config)
     # gsfl groups by label mix need the clients' histograms: the trunk is built once they said hello.
     grpc_server = GrpcServer(None, tokens, address, certs, mutual_tls)  # type: ignore[arg-type]
@@ -164,7 +178,7 @@ def serve(
                 )
             )
         fed = Federation(config, server, members, None, fw.steps_per_round(config.train.steps), groups)
-        summary = drive_rounds(config, fed, ROUNDS[fw.name], out, resume=False)
+        summary = drive_rounds(config, fed, ROUNDS[fw.name], out, resume=resume)
         for kind in ("save_adapters", "finish"):  # each client writes its own adapters, on its own machine
             for member in members:
                 try:
@@ -177,6 +191,34 @@ def serve(
 
 
 # --- client side ------------------------------------------------------------------------------------------
+
+
+def _client_checkpoint(out: Path, round_number: int) -> Path:
+    return out / "checkpoints" / f"round-{round_number:06d}"
+
+
+def _save_client_checkpoint(out: Path, member: Member, round_number: int) -> None:
+    """This client's state at a round boundary, written to a temporary folder and renamed; keeps two."""
+    final = _client_checkpoint(out, round_number)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    member.client.save(tmp, with_optimizer=True)
+    save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "progress.json").write_text(json.dumps({"steps_done": member.steps_done, "tokens": member.tokens}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(p for p in final.parent.iterdir() if p.name.startswith("round-"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_client_checkpoint(out: Path, member: Member, round_number: int) -> None:
+    folder = _client_checkpoint(out, round_number)
+    if not folder.is_dir():
+        raise ProtocolError(f"client {member.client_id} has no checkpoint of round {round_number} in {folder}")
+    member.client.load(folder)
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])
+    progress = json.loads((folder / "progress.json").read_text())
+    member.steps_done, member.tokens = int(progress["steps_done"]), int(progress["tokens"])
 
 
 class _LocalLog:
@@ -266,6 +308,10 @@ def run_client(
                 elif kind == "accuracy":
                     value = member.accuracy(local)
                     meta["accuracy"] = "" if value is None else value
+                elif kind == "checkpoint":
+                    _save_client_checkpoint(out, member, int(command.meta["round"]))
+                elif kind == "restore":
+                    _load_client_checkpoint(out, member, int(command.meta["round"]))
                 elif kind == "save_adapters":
                     member.client.save(out / "adapters", with_optimizer=False)
                 elif kind == "finish":
