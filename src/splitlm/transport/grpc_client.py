@@ -25,6 +25,7 @@ from splitlm.transport.wire import Decoder, Limits, WireError, encode
 log = logging.getLogger(__name__)
 
 REPLY_KINDS = ("activations", "gradients", "stepped", "loss")
+CONNECT_TIMEOUT = 5.0
 _CLOSED = object()
 
 
@@ -86,14 +87,19 @@ class GrpcConnection:
             try:
                 self._open()
                 return
-            except (grpc.RpcError, ProtocolError) as error:
+            except (grpc.RpcError, grpc.FutureTimeoutError, ProtocolError) as error:
                 if isinstance(error, grpc.RpcError) and error.code() in (
                     grpc.StatusCode.UNAUTHENTICATED,
                     grpc.StatusCode.PERMISSION_DENIED,
                 ):
                     raise ProtocolError(f"server refused client {self.client_id}: {error.details()}") from None
                 if attempt == self.max_retries:
-                    raise ProtocolError(f"cannot reach {self.address}: {error}") from None
+                    why = (
+                        "no TLS connection (wrong CA, or a client certificate needed?)"
+                        if isinstance(error, grpc.FutureTimeoutError)
+                        else str(error)
+                    )
+                    raise ProtocolError(f"cannot reach {self.address}: {why}") from None
                 log.info("connect failed (%s); retrying in %.1f s", error, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -103,7 +109,7 @@ class GrpcConnection:
             self._channel.close()
         self._broken.clear()
         self._channel = self._credentials_channel()
-        grpc.channel_ready_future(self._channel).result(timeout=10)
+        grpc.channel_ready_future(self._channel).result(timeout=CONNECT_TIMEOUT)
         outgoing: queue.Queue[bytes | object] = queue.Queue()
         self._outgoing = outgoing
         call = self._channel.stream_stream(METHOD)(
