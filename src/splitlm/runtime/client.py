@@ -75,6 +75,8 @@ class SplitClient:
     def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
         for part in self.parts.values():
             part.train()
+        for p in self.optimizer.params:  # a step interrupted earlier (a lost server) may have left gradients
+            p.grad = None
         scale = 1.0 / len(micro_batches)
         losses: list[float] = []
         tokens = 0

@@ -149,7 +149,7 @@ def serve(
     out = prepare_output(config, resume=resume)
     source = load_source(config)
     # gsfl groups by label mix need the clients' histograms: the trunk is built once they said hello.
-    grpc_server = GrpcServer(None, tokens, address, certs, mutual_tls)  # type: ignore[arg-type]
+    grpc_server = GrpcServer(None, tokens, address, certs, mutual_tls, work_needs_command=True)  # type: ignore[arg-type]
     grpc_server.start()
     print(f"splitlm server listening on {address.rsplit(':', 1)[0]}:{grpc_server.port}", flush=True)
     try:

@@ -38,6 +38,7 @@ SERVICE = "splitlm.v1.Split"
 METHOD = f"/{SERVICE}/Session"
 MAX_FRAME_BYTES = MAX_CHUNK + 256 * 1024
 REPLAY_CACHE = 16
+WORK_COMMANDS = ("cmd:train", "cmd:evaluate", "cmd:accuracy")  # during these a client may send work requests
 HEADER_LIMIT = 1 << 20  # a train command's reply carries its step records in the header
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
@@ -71,6 +72,7 @@ class Connection:
     meter: ByteMeter = field(default_factory=ByteMeter)
     hello: Message | None = None
     session: str = ""  # a client process's random id: a new one means the process restarted
+    working: int = 0  # commands in flight that ask this client for work (train, evaluate, accuracy)
 
 
 class GrpcServer:
@@ -82,6 +84,7 @@ class GrpcServer:
         certs: Path | None,
         mutual_tls: bool = False,
         limits: Limits | None = None,
+        work_needs_command: bool = False,
     ) -> None:
         self.split_server = split_server
         self.tokens = tokens
@@ -89,6 +92,9 @@ class GrpcServer:
         self.certs = certs
         self.mutual_tls = mutual_tls
         self.limits = limits or Limits(max_header_bytes=HEADER_LIMIT)
+        # With an orchestrator, a client sends work only while it carries out a command (train, evaluate...):
+        # a request left over from before a restart must not touch the restored state.
+        self.work_needs_command = work_needs_command
         self.connections = {client: Connection(client) for client in tokens.values()}
         self._seq = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,6 +174,8 @@ class GrpcServer:
         connection.pending[seq] = future
         frames = encode(message)
         connection.meter.record(message, "down")
+        work = message.kind in WORK_COMMANDS
+        connection.working += work
         connection.loop.call_soon_threadsafe(connection.outgoing.put_nowait, frames)
         try:
             reply = future.result(timeout=timeout)
@@ -175,6 +183,7 @@ class GrpcServer:
             raise ProtocolError(f"client {client_id} did not answer {message.kind} within {timeout} s") from None
         finally:
             connection.pending.pop(seq, None)
+            connection.working -= work
         if reply.kind == "error":
             raise ProtocolError(f"client {client_id}: {reply.meta.get('error')}")
         return reply
@@ -274,6 +283,10 @@ class GrpcServer:
             return
         if self.split_server is None:
             raise ProtocolError("the server is still waiting for every client to connect; send no work yet")
+        if self.work_needs_command and not connection.working:
+            raise ProtocolError(
+                f"{message.kind} outside a command: the server asked client {connection.client_id} for no work"
+            )
         try:
             reply = await asyncio.wrap_future(self.split_server.submit(message))
         except SplitLMError as error:
