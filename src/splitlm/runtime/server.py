@@ -13,6 +13,7 @@ client's ``step`` arrives; the earlier ones get their reply then.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -39,6 +40,19 @@ from splitlm.transport.messages import Message
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[list[nn.Parameter]], PartyOptimizer]
+
+
+def _resolve(future: Future[Message], outcome: Message | BaseException) -> None:
+    """Answer a request unless its asker gave up (a closed stream cancels the future); never raise."""
+    if future.done():
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except concurrent.futures.InvalidStateError:  # cancelled in between
+        pass
 
 
 class SplitServer:
@@ -160,19 +174,19 @@ class SplitServer:
                 self._step(request)
                 return
             if message.kind == "forget":  # internal (the network layer never forwards it from a client)
-                request.future.set_result(self._forget(message.client_id))
+                _resolve(request.future, self._forget(message.client_id))
                 return
             handler = handlers.get(message.kind)
             if handler is None:
                 raise ProtocolError(
                     f"unknown request kind {message.kind!r}; expected one of {sorted([*handlers, 'step'])}"
                 )
-            request.future.set_result(handler(message))
+            _resolve(request.future, handler(message))
         except SplitLMError as error:
-            request.future.set_exception(error)
+            _resolve(request.future, error)
         except Exception as error:  # a bug must reach the client, not hang it
             log.exception("request %s from %s failed", message.kind, message.client_id)
-            request.future.set_exception(error)
+            _resolve(request.future, error)
 
     # --- validation of what a client sent --------------------------------------------------------------
 
@@ -282,7 +296,7 @@ class SplitServer:
         meta = {"grad_norm": math.sqrt(total), "clip": coefficient, "lr": optimizer.lr()}
         for waiting, _ in arrived:
             m = waiting.message
-            waiting.future.set_result(Message("stepped", m.client_id, m.step, 0, {}, dict(meta)))
+            _resolve(waiting.future, Message("stepped", m.client_id, m.step, 0, {}, dict(meta)))
 
     def _forget(self, client_id: str) -> Message:
         """Drop what a vanished client left half done: its pending graphs and the gradients they put on its
@@ -292,7 +306,7 @@ class SplitServer:
         adapter = self.adapter_of(client_id)
         for key in [k for k in self._arrivals if k[0] == adapter]:
             for waiting, _ in self._arrivals.pop(key):
-                waiting.future.set_exception(ProtocolError(f"client {client_id} left; step {key[1]} abandoned"))
+                _resolve(waiting.future, ProtocolError(f"client {client_id} left; step {key[1]} abandoned"))
         for p in self.optimizer(adapter).params:
             p.grad = None
         return Message("forgotten", client_id, -1)

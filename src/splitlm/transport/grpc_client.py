@@ -25,6 +25,12 @@ from splitlm.transport.wire import Decoder, Limits, WireError, encode
 log = logging.getLogger(__name__)
 
 REPLY_KINDS = ("activations", "gradients", "stepped", "loss")
+ANSWERS = {
+    "forward": ("activations", "loss"),
+    "eval": ("activations", "loss"),
+    "backward": ("gradients",),
+    "step": ("stepped",),
+}
 CONNECT_TIMEOUT = 5.0
 _CLOSED = object()
 
@@ -116,7 +122,11 @@ class GrpcConnection:
             iter(lambda: outgoing.get(), _CLOSED),
             metadata=(("authorization", f"Bearer {self.token}"), ("x-splitlm-client", self.client_id)),
         )
-        self._reader = threading.Thread(target=self._read, args=(call,), daemon=True, name="splitlm-reader")
+        # A fresh reply queue per stream: nothing left over from a broken stream is taken for a new reply.
+        self._replies = queue.Queue()
+        self._reader = threading.Thread(
+            target=self._read, args=(call, self._replies), daemon=True, name="splitlm-reader"
+        )
         self._reader.start()
         self._welcome.clear()
         self._put(self.hello)
@@ -129,7 +139,7 @@ class GrpcConnection:
 
     _auth_error: grpc.RpcError | None = None
 
-    def _read(self, call) -> None:
+    def _read(self, call, replies: queue.Queue[Message | object]) -> None:
         decoder = Decoder(Limits(max_header_bytes=HEADER_LIMIT))
         try:
             for frame in call:
@@ -142,7 +152,7 @@ class GrpcConnection:
                 elif message.kind.startswith("cmd:"):
                     self.commands.put(message)
                 else:
-                    self._replies.put(message)
+                    replies.put(message)
         except grpc.RpcError as error:
             if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 self._auth_error = error
@@ -152,7 +162,7 @@ class GrpcConnection:
             log.warning("bad frame from server: %s", error)
         finally:
             self._broken.set()
-            self._replies.put(_CLOSED)
+            replies.put(_CLOSED)
             if self._closing:
                 self.commands.put(_CLOSED)
 
@@ -182,7 +192,7 @@ class GrpcConnection:
                 if self._broken.is_set():
                     self.connect()
                 self._put(message.detached())
-                reply = self._next_reply()
+                reply = self._next_reply(message)
                 if reply is _CLOSED:
                     if attempt == self.max_retries:
                         raise ProtocolError(f"lost the server at {self.address}")
@@ -193,14 +203,23 @@ class GrpcConnection:
                 return reply
         raise ProtocolError(f"lost the server at {self.address}")
 
-    def _next_reply(self) -> Message | object:
+    def _next_reply(self, request: Message) -> Message | object:
+        """The reply to ``request``: same step and micro-batch, a kind that answers it; anything else is a
+        duplicate of an earlier answer (a request re-sent after a reconnect) and is dropped."""
+        expected = ANSWERS[request.kind]
         while True:
             try:
                 reply = self._replies.get(timeout=self.request_timeout)
             except queue.Empty:
                 raise ProtocolError(f"no reply from {self.address} within {self.request_timeout:.0f} s") from None
-            if reply is _CLOSED or (isinstance(reply, Message) and reply.kind in (*REPLY_KINDS, "error")):
+            if reply is _CLOSED:
                 return reply
+            assert isinstance(reply, Message)
+            if reply.kind == "error" and (reply.meta.get("about") in (None, request.kind)):
+                return reply
+            if reply.kind in expected and (reply.step, reply.micro) == (request.step, request.micro):
+                return reply
+            log.debug("dropped a stale %s for step %d", reply.kind, reply.step)
 
     def send(self, message: Message) -> None:
         """Send a message that needs no reply (a command's ``done``)."""

@@ -47,6 +47,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # let the clients' keepalive pings through (the default server policy answers them with "too many pings")
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
@@ -69,6 +72,7 @@ class Connection:
     connected: threading.Event = field(default_factory=threading.Event)
     pending: dict[int, concurrent.futures.Future[Message]] = field(default_factory=dict)
     replies: OrderedDict[tuple[str, int, int], Message] = field(default_factory=OrderedDict)
+    inflight: dict[tuple[str, int, int], concurrent.futures.Future[Message]] = field(default_factory=dict)
     meter: ByteMeter = field(default_factory=ByteMeter)
     hello: Message | None = None
     session: str = ""  # a client process's random id: a new one means the process restarted
@@ -269,6 +273,7 @@ class GrpcServer:
         """A new process took over a client id: what the old one was doing will never be answered."""
         log.warning("client %s restarted", connection.client_id)
         connection.replies.clear()
+        connection.inflight.clear()
         if self.split_server is not None and connection.client_id in self.split_server.routes:
             self.split_server.submit(Message("forget", connection.client_id, -1))
         for future in connection.pending.values():
@@ -287,15 +292,33 @@ class GrpcServer:
             raise ProtocolError(
                 f"{message.kind} outside a command: the server asked client {connection.client_id} for no work"
             )
+        future = connection.inflight.get(key) if message.kind != "eval" else None
+        if future is None:  # (a retry of a request still being worked on waits for that same work)
+            future = self.split_server.submit(message)
+            loop = asyncio.get_running_loop()
+            if message.kind != "eval":
+                connection.inflight[key] = future
+
+                def remember(done: concurrent.futures.Future[Message]) -> None:
+                    # Cache the reply even if this stream dies meanwhile: the retry on the next stream gets it.
+                    reply = None if done.cancelled() or done.exception() is not None else done.result()
+                    loop.call_soon_threadsafe(self._remember, connection, key, reply)
+
+                future.add_done_callback(remember)
         try:
-            reply = await asyncio.wrap_future(self.split_server.submit(message))
+            # shield: a closed stream must not cancel work the server may already be doing
+            reply = await asyncio.shield(asyncio.wrap_future(future))
         except SplitLMError as error:
             reply = error_message(connection.client_id, message, error)
-        if reply.kind != "error":
-            connection.replies[key] = reply
-            while len(connection.replies) > REPLAY_CACHE:
-                connection.replies.popitem(last=False)
         self._send(connection, reply)
+
+    def _remember(self, connection: Connection, key: tuple[str, int, int], reply: Message | None) -> None:
+        connection.inflight.pop(key, None)
+        if reply is None:
+            return
+        connection.replies[key] = reply
+        while len(connection.replies) > REPLAY_CACHE:
+            connection.replies.popitem(last=False)
 
     def _send(self, connection: Connection, message: Message) -> None:
         if connection.outgoing is not None:
