@@ -30,12 +30,12 @@ from splitlm.config import Config
 from splitlm.data import DataOrder, Example, collate, label_histograms, make_partitioner, pack_examples, skew
 from splitlm.errors import ConfigError, ProtocolError
 from splitlm.frameworks.loop import (
-    _load_checkpoint,
-    _save_checkpoint,
-    _trim_metrics,
-    _write_json,
+    load_checkpoint,
     perplexity,
     prepare_output,
+    save_checkpoint,
+    trim_metrics,
+    write_json,
 )
 from splitlm.frameworks.setup import RunData, build_part, count_parameters, load_source, prepare_data, spec_of
 from splitlm.models import ModelSource
@@ -206,7 +206,7 @@ class Federation:
             member.client.save(folder / f"client-{member.client_id}", with_optimizer=with_optimizer)
         self.server.save(folder / "server", with_optimizer=with_optimizer)
         state = {m.client_id: {"steps_done": m.steps_done, "tokens": m.tokens} for m in self.members}
-        _write_json(folder / "members.json", {"members": state, "carry": self.carry is not None})
+        write_json(folder / "members.json", {"members": state, "carry": self.carry is not None})
         if self.carry is not None:
             save_file(self.carry, str(folder / "carry.safetensors"))
 
@@ -365,9 +365,9 @@ def drive_rounds(config: Config, fed: Federation, recipe: RoundRecipe, out: Path
     metrics_path, rounds_path = out / "metrics.jsonl", out / "rounds.jsonl"
     progress: dict[str, Any] = {"step": 0, "wall_seconds": 0.0, "bytes_up": 0, "bytes_down": 0}
     if resume:
-        progress = _load_checkpoint(out, fed)
-        _trim_metrics(metrics_path, progress["step"], key="round")
-        _trim_metrics(rounds_path, progress["step"], key="round")
+        progress = load_checkpoint(out, fed)
+        trim_metrics(metrics_path, progress["step"], key="round")
+        trim_metrics(rounds_path, progress["step"], key="round")
     else:
         torch.manual_seed(config.seed)
         before, _ = fed.evaluate(fed.members[:1])
@@ -402,7 +402,7 @@ def drive_rounds(config: Config, fed: Federation, recipe: RoundRecipe, out: Path
                 progress["eval_loss_after"] = result.loss
                 progress["accuracy_after"] = record["accuracy"]
                 progress["per_client_eval_loss"] = per_client
-                _save_checkpoint(out, fed, round_index + 1, progress)
+                save_checkpoint(out, fed, round_index + 1, progress)
     finally:
         fed.server.stop()
         fed.metrics_file = None
@@ -450,7 +450,7 @@ def drive_rounds(config: Config, fed: Federation, recipe: RoundRecipe, out: Path
             for m in fed.members
         ],
     }
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary
 
 

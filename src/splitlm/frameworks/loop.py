@@ -64,27 +64,27 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
+def write_json(path: Path, value: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
     tmp.replace(path)
 
 
-def _save_checkpoint(out: Path, learner: Learner, step: int, progress: dict[str, Any]) -> None:
+def save_checkpoint(out: Path, learner: Learner, step: int, progress: dict[str, Any]) -> None:
     final = out / CHECKPOINTS / f"step-{step:06d}"
     tmp = out / CHECKPOINTS / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     learner.save(tmp, with_optimizer=True)
     save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    _write_json(tmp / "progress.json", {**progress, "step": step})
+    write_json(tmp / "progress.json", {**progress, "step": step})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in checkpoints(out)[:-2]:  # keep the last two
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(out: Path, learner: Learner) -> dict[str, Any]:
+def load_checkpoint(out: Path, learner: Learner) -> dict[str, Any]:
     found = checkpoints(out)
     if not found:
         raise CheckpointError(f"--resume: {out} has no checkpoints/step-* folder; start the run without --resume")
@@ -101,7 +101,7 @@ def _load_checkpoint(out: Path, learner: Learner) -> dict[str, Any]:
     return progress
 
 
-def _trim_metrics(path: Path, step: int, key: str = "step") -> None:
+def trim_metrics(path: Path, step: int, key: str = "step") -> None:
     """Drop metric lines after ``step`` (they belong to work the checkpoint does not contain)."""
     if not path.is_file():
         return
@@ -129,8 +129,8 @@ def train(config: Config, learner: Learner, data: RunData, resume: bool = False)
 
     progress: dict[str, Any] = {"step": 0, "wall_seconds": 0.0, "tokens": 0, "bytes_up": 0, "bytes_down": 0}
     if resume:
-        progress = _load_checkpoint(out, learner)
-        _trim_metrics(metrics_path, progress["step"])
+        progress = load_checkpoint(out, learner)
+        trim_metrics(metrics_path, progress["step"])
     else:
         torch.manual_seed(config.seed)
         before = learner.evaluate(data.eval)
@@ -190,13 +190,13 @@ def train(config: Config, learner: Learner, data: RunData, resume: bool = False)
             bar.set_postfix(loss=f"{stats.loss:.4f}")
             if train_cfg.save_every and (step + 1) % train_cfg.save_every == 0 and step + 1 < train_cfg.steps:
                 account()
-                _save_checkpoint(out, learner, step + 1, progress)
+                save_checkpoint(out, learner, step + 1, progress)
     bar.close()
 
     after = learner.evaluate(data.eval)
     account()
     wall = progress["wall_seconds"]
-    _save_checkpoint(out, learner, train_cfg.steps, progress)
+    save_checkpoint(out, learner, train_cfg.steps, progress)
     adapters = out / "adapters"
     adapters.mkdir(exist_ok=True)
     learner.save(adapters, with_optimizer=False)
@@ -217,5 +217,5 @@ def train(config: Config, learner: Learner, data: RunData, resume: bool = False)
         "train_tokens_per_s": progress["tokens"] / wall if wall else 0.0,
         **learner.info(),
     }
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary
