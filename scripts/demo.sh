@@ -7,4 +7,5 @@ bash scripts/setup.sh
 out="runs/demo-$(date +%Y%m%d-%H%M%S)"
 .venv/bin/splitlm train configs/demo.yaml "output_dir=$out" "$@"
 echo "--- sample from the fine-tuned model ($out):"
-.venv/bin/splitlm generate "$out" --prompt "Review: An unexpectedly moving film" --max-new-tokens 30
+.venv/bin/splitlm generate "$out" --prompt "Review: An unexpectedly moving film" --max-new-tokens 30 \
+    --repetition-penalty 1.3

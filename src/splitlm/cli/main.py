@@ -75,6 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             do_sample=sampling,
             temperature=args.temperature if sampling else None,
+            repetition_penalty=args.repetition_penalty,
             top_p=None,
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=40)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
     gen.set_defaults(func=cmd_generate)
 
     exp = sub.add_parser("export", help="write a merged model loadable by transformers")
