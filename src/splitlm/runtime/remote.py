@@ -231,6 +231,75 @@ class _LocalLog:
         self.records.append(record)
 
 
+class ClientAgent:
+    """A client that answers the orchestrator's commands: its parts, data and state live here.
+
+    Used by ``splitlm client`` (commands over gRPC) and by the Ray simulation (commands as actor calls).
+    """
+
+    def __init__(self, config: Config, client_id: str, transport: Any) -> None:
+        fw = config.framework
+        if not client_id.isdigit() or int(client_id) >= fw.num_clients:
+            raise ConfigError(f"client id {client_id!r}: expected 0..{fw.num_clients - 1} (framework.num_clients)")
+        self.client_id = client_id
+        self.index = int(client_id)
+        source = load_source(config)
+        self.data = prepare_data(config, source.tokenizer(), pack=False)
+        parts, histograms = partition(config, self.data)
+        self.histogram = histograms[self.index]
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.member = make_member(config, source, self.data, self.index, parts[self.index], self.histogram, transport)
+        self.local = Federation(config, None, [self.member], self.data, fw.steps_per_round(config.train.steps))  # type: ignore[arg-type]
+        self.log_sink = _LocalLog()
+        self.local.log_step = self.log_sink.log_step  # type: ignore[method-assign]
+        self.session = secrets.token_hex(8)
+        self.steps = client_steps(config)
+
+    def hello(self) -> Message:
+        meta = {
+            "examples": self.member.num_examples, "histogram": json.dumps(self.histogram),
+            "param_count": self.member.client_param_count(), "steps": self.steps, "session": self.session,
+        }  # fmt: skip
+        return Message("hello", self.client_id, -1, 0, {}, meta)
+
+    def answer(self, command: Message) -> Message:
+        """Carry out one command; a ``done`` (with results) or an ``error`` reply."""
+        member, kind = self.member, command.kind.removeprefix("cmd:")
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"seq": command.meta.get("seq", 0)}
+        try:
+            if kind == "train":
+                start = int(command.meta.get("start_step", member.steps_done))
+                if start > member.steps_done:  # a restarted process: continue the schedule where it was
+                    member.steps_done = start
+                    member.client.optimizer.fast_forward(start)
+                self.log_sink.records = []
+                member.train_round(self.local, int(command.meta["round"]))
+                meta["records"] = json.dumps(self.log_sink.records)
+            elif kind == "get_state":
+                tensors = member.client.state()
+            elif kind == "set_state":
+                member.client.load_state(dict(command.tensors))
+            elif kind == "evaluate":
+                stats = member.client.evaluate(self.data.eval)
+                meta.update(loss_sum=stats.loss_sum, tokens=stats.tokens)
+            elif kind == "accuracy":
+                value = member.accuracy(self.local)
+                meta["accuracy"] = "" if value is None else value
+            elif kind == "checkpoint":
+                _save_client_checkpoint(self.out, member, int(command.meta["round"]))
+            elif kind == "restore":
+                _load_client_checkpoint(self.out, member, int(command.meta["round"]))
+            elif kind == "save_adapters":
+                member.client.save(self.out / "adapters", with_optimizer=False)
+            elif kind != "finish":
+                raise ProtocolError(f"unknown command {command.kind!r}")
+        except ProtocolError as error:
+            return Message("error", self.client_id, -1, 0, {}, {**meta, "error": str(error)})
+        return Message("done", self.client_id, -1, 0, tensors, meta)
+
+
 def run_client(
     config: Config,
     client_id: str,
@@ -240,26 +309,7 @@ def run_client(
     client_cert: tuple[Path, Path] | None = None,
 ) -> dict[str, Any]:
     """One client in its own process: build its parts and data, connect, answer the server's commands."""
-    fw = config.framework
-    if not client_id.isdigit() or int(client_id) >= fw.num_clients:
-        raise ConfigError(f"--client-id {client_id!r}: expected 0..{fw.num_clients - 1} (framework.num_clients)")
-    index = int(client_id)
-    source = load_source(config)
-    data = prepare_data(config, source.tokenizer(), pack=False)
-    parts, histograms = partition(config, data)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     connection: GrpcConnection | None = None
-    member: Member | None = None
-    session = secrets.token_hex(8)
-
-    def hello() -> Message:
-        assert member is not None
-        meta = {
-            "examples": member.num_examples, "histogram": json.dumps(histograms[index]),
-            "param_count": member.client_param_count(), "steps": client_steps(config), "session": session,
-        }  # fmt: skip
-        return Message("hello", client_id, -1, 0, {}, meta)
 
     class _Lazy:  # the member needs a transport before the connection exists
         meter = ByteMeter()
@@ -269,13 +319,10 @@ def run_client(
             return connection.request(message)
 
     lazy = _Lazy()
-    member = make_member(config, source, data, index, parts[index], histograms[index], lazy)  # type: ignore[arg-type]
-    connection = GrpcConnection(address, client_id, token, ca, client_cert, hello=hello())
+    agent = ClientAgent(config, client_id, lazy)
+    connection = GrpcConnection(address, client_id, token, ca, client_cert, hello=agent.hello())
     lazy.meter = connection.meter
-    local = Federation(config, None, [member], data, fw.steps_per_round(config.train.steps))  # type: ignore[arg-type]
-    log_sink = _LocalLog()
-    local.log_step = log_sink.log_step  # type: ignore[method-assign]
-    print(f"client {client_id} connected to {address} with {member.num_examples} examples", flush=True)
+    print(f"client {client_id} connected to {address} with {agent.member.num_examples} examples", flush=True)
     try:
         while True:
             try:
@@ -286,43 +333,9 @@ def run_client(
                 continue
             if not isinstance(command, Message):
                 raise ProtocolError(f"the server at {address} closed the stream")
-            kind = command.kind.removeprefix("cmd:")
-            tensors: dict[str, torch.Tensor] = {}
-            meta: dict[str, Any] = {"seq": command.meta["seq"]}
-            try:
-                if kind == "train":
-                    start = int(command.meta.get("start_step", member.steps_done))
-                    if start > member.steps_done:  # a restarted process: continue the schedule where it was
-                        member.steps_done = start
-                        member.client.optimizer.fast_forward(start)
-                    log_sink.records = []
-                    member.train_round(local, int(command.meta["round"]))
-                    meta["records"] = json.dumps(log_sink.records)
-                elif kind == "get_state":
-                    tensors = member.client.state()
-                elif kind == "set_state":
-                    member.client.load_state(dict(command.tensors))
-                elif kind == "evaluate":
-                    stats = member.client.evaluate(data.eval)
-                    meta.update(loss_sum=stats.loss_sum, tokens=stats.tokens)
-                elif kind == "accuracy":
-                    value = member.accuracy(local)
-                    meta["accuracy"] = "" if value is None else value
-                elif kind == "checkpoint":
-                    _save_client_checkpoint(out, member, int(command.meta["round"]))
-                elif kind == "restore":
-                    _load_client_checkpoint(out, member, int(command.meta["round"]))
-                elif kind == "save_adapters":
-                    member.client.save(out / "adapters", with_optimizer=False)
-                elif kind == "finish":
-                    connection.send(Message("done", client_id, -1, 0, {}, meta))
-                    connection.wait_closed(timeout=10.0)  # let the server end the stream after our last word
-                    return {"client": client_id, "steps": member.steps_done, "tokens": member.tokens}
-                else:
-                    raise ProtocolError(f"unknown command {command.kind!r}")
-            except ProtocolError as error:
-                connection.send(Message("error", client_id, -1, 0, {}, {**meta, "error": str(error)}))
-                continue
-            connection.send(Message("done", client_id, -1, 0, tensors, meta))
+            connection.send(agent.answer(command))
+            if command.kind == "cmd:finish":
+                connection.wait_closed(timeout=10.0)  # let the server end the stream after our last word
+                return {"client": client_id, "steps": agent.member.steps_done, "tokens": agent.member.tokens}
     finally:
         connection.close()
