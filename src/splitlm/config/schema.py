@@ -187,7 +187,12 @@ class ServerConfig(Section):
 
 
 class TransportConfig(Section):
-    name: Literal["inprocess"] = Field("inprocess", description="How client and server exchange messages.")
+    name: Literal["inprocess", "ray"] = Field(
+        "inprocess",
+        description="inprocess: client and server objects in this process; ray: the server and every client as "
+        "Ray actors (pip install 'splitlm[ray]'). Networked runs use `splitlm serve` / `splitlm client`.",
+    )
+    address: str | None = Field(None, description="ray: the address of an existing Ray cluster (default: start one).")
 
 
 class Config(Section):

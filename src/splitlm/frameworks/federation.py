@@ -357,6 +357,10 @@ RoundRecipe = Callable[[Federation, int, list[Member]], list[Member]]
 def run_rounds(config: Config, recipe: RoundRecipe, resume: bool = False) -> dict[str, Any]:
     """Drive ``recipe`` for ``framework.rounds`` rounds; the recipe returns the members holding the global
     client-side model after its aggregation (one member), or every member that keeps its own (psl)."""
+    if config.transport.name == "ray":
+        from splitlm.runtime.ray_sim import run_ray
+
+        return run_ray(config, recipe, resume)
     out = prepare_output(config, resume)
     return drive_rounds(config, build_federation(config), recipe, out, resume)
 
@@ -432,7 +436,7 @@ def drive_rounds(config: Config, fed: Federation, recipe: RoundRecipe, out: Path
         "bytes_down": progress["bytes_down"],
         "wall_seconds": progress["wall_seconds"],
         "client_param_count": fed.members[0].client_param_count(),
-        "server_param_count": count_parameters(fed.server.trunk),
+        "server_param_count": fed.server.param_count,
         "server_adapters": fed.server.bank.names if fed.server.bank else [],
         "groups": fed.groups or None,
         "clients": [

@@ -90,7 +90,7 @@ def build_learner(config: Config, client_id: str = "0") -> SplitLearner:
 
 @register("sl")
 def run(config: Config, resume: bool = False) -> dict[str, Any]:
-    if config.framework.num_clients > 1 or config.framework.rounds > 1:
+    if config.framework.num_clients > 1 or config.framework.rounds > 1 or config.transport.name != "inprocess":
         from splitlm.frameworks.recipes import run_multi_sl
 
         return run_multi_sl(config, resume)

@@ -81,6 +81,11 @@ class SplitServer:
         self._worker: threading.Thread | None = None
         self._running = False
 
+    @property
+    def param_count(self) -> int:
+        """Parameters the server holds: the base trunk once, plus every adapter."""
+        return sum(p.numel() for p in {id(p): p for p in self.trunk.parameters()}.values())
+
     # --- tenants -----------------------------------------------------------------------------------------
 
     def assign(self, client_id: str, adapter: str = ADAPTER) -> None:
