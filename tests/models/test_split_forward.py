@@ -162,3 +162,27 @@ def test_unsupported_architecture_on_disk_raises_model_error(tmp_path: Path) -> 
 def test_directory_without_config_raises_model_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"no config\.json"):
         resolve_model(str(tmp_path))
+
+
+def test_trunk_spread_over_several_devices_computes_the_same() -> None:
+    """``model.server_device=cuda:0,cuda:1`` spreads the trunk's blocks; here over CPU "devices" (the code path
+    that moves activations and masks between blocks runs; a GPU machine moves them for real)."""
+    from splitlm.models.split import parse_devices
+
+    source = resolve_model("tiny-qwen2")
+    spec = SplitSpec("vanilla", 1, 0)
+    one = load_stage(source, spec, "trunk").eval()
+    spread = load_stage(source, spec, "trunk", device="cpu,cpu,cpu").eval()
+    assert sorted(spread.block_devices) == [1, 2, 3, 4, 5] and not one.block_devices
+    head = load_stage(source, spec, "head").eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        hidden = head(input_ids=ids, attention_mask=mask)
+        assert torch.equal(
+            spread(hidden_states=hidden, attention_mask=mask), one(hidden_states=hidden, attention_mask=mask)
+        )
+    assert [d.type for d in parse_devices("cpu, cpu")] == ["cpu", "cpu"]
+    with pytest.raises(ModelError, match="device 'gpu:0'"):
+        parse_devices("gpu:0")

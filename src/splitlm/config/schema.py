@@ -37,7 +37,11 @@ class ModelConfig(Section):
         "float32", description="dtype of the server's part (trunk)."
     )
     client_device: str = Field("cpu", description="torch device of the client's parts, e.g. cpu, cuda:0.")
-    server_device: str = Field("cpu", description="torch device of the server's part, e.g. cpu, cuda:0.")
+    server_device: str = Field(
+        "cpu",
+        description="torch device of the server's part, e.g. cpu, cuda:0; cuda:0,cuda:1 (or auto) spreads the "
+        "trunk's blocks over several GPUs.",
+    )
 
 
 class SplitConfig(Section):

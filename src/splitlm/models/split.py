@@ -8,7 +8,7 @@ client of a 7B model therefore never holds the trunk's weights, not even briefly
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from accelerate import init_empty_weights
@@ -87,6 +87,7 @@ class Stage(nn.Module):
         self.layer_indices = layer_indices
         self.starts = role == "head"
         self.ends = ends
+        self.block_devices: dict[int, torch.device] = {}  # set when the blocks are spread over devices
 
     @property
     def dtype(self) -> torch.dtype:
@@ -123,10 +124,39 @@ class Stage(nn.Module):
         )
         blocks = get_module(self, self.family.layers)
         for index in self.layer_indices:
-            hidden_states = self.family.run_block(blocks[str(index)], hidden_states, block_kwargs[index])
+            kwargs = block_kwargs[index]
+            target = self.block_devices.get(index)
+            if target is not None and hidden_states.device != target:  # the next block lives on another device
+                hidden_states, kwargs = hidden_states.to(target), _to_device(kwargs, target)
+            hidden_states = self.family.run_block(blocks[str(index)], hidden_states, kwargs)
         if self.ends:
-            return self.family.finish(self, self.config, hidden_states)  # (B, T, V)
+            final = get_module(self, self.family.final[-1]).weight.device
+            return self.family.finish(self, self.config, hidden_states.to(final))  # (B, T, V)
         return hidden_states  # (B, T, d)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def parse_devices(device: str | torch.device) -> list[torch.device]:
+    """``"cuda:0"`` -> one device; ``"cuda:0,cuda:1"`` -> blocks spread over both; ``"auto"`` -> every GPU."""
+    if isinstance(device, torch.device):
+        return [device]
+    if device == "auto":
+        count = torch.cuda.device_count()
+        return [torch.device(f"cuda:{i}") for i in range(count)] or [torch.device("cpu")]
+    names = [d.strip() for d in device.split(",") if d.strip()]
+    try:
+        return [torch.device(name) for name in names]
+    except RuntimeError as error:
+        raise ModelError(f"device {device!r}: {error}; use e.g. cpu, cuda:0, cuda:0,cuda:1 or auto") from None
 
 
 def _prune(skeleton: nn.Module, family: Family, keep_layers: list[int], keep: set[str]) -> None:
@@ -186,12 +216,22 @@ def load_stage(
     for name in names:
         key = _tensor_key(name, source, family, config)
         by_file.setdefault(str(source.weight_files[key]), []).append((name, key))
+    devices = parse_devices(device)
+    first = devices[0]
     for file, pairs in by_file.items():
         with safe_open(file, "pt", device="cpu") as handle:
             for name, key in pairs:
                 value = handle.get_tensor(key).to(torch_dtype)
-                set_module_tensor_to_device(stage, name, device, value=value)
-    stage.to(device)  # buffers (rotary tables, embedding scales) were built on the CPU
+                set_module_tensor_to_device(stage, name, first, value=value)
+    stage.to(first)  # buffers (rotary tables, embedding scales) were built on the CPU
+    if len(devices) > 1:  # spread the blocks contiguously over the devices; the end goes with the last block
+        blocks = get_module(stage, family.layers)
+        for position, index in enumerate(layers):
+            target = devices[position * len(devices) // len(layers)]
+            blocks[str(index)].to(target)
+            stage.block_devices[index] = target
+        for path in family.final if ends else ():
+            get_module(stage, path).to(devices[-1])
     stage.requires_grad_(False)
     return stage
 
