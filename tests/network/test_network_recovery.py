@@ -173,3 +173,40 @@ def test_server_killed_after_a_round_resumes_to_the_same_result(tmp_path: Path) 
     head = load_file(str(tmp_path / "client0" / "adapters" / "head.safetensors"))
     expected_head = load_file(str(tmp_path / "reference" / "adapters" / "head.safetensors"))
     assert all(torch.equal(head[k], expected_head[k]) for k in head)
+
+
+@pytest.mark.timeout(300)
+def test_everything_killed_after_a_round_resumes_to_the_same_result(tmp_path: Path) -> None:
+    """Server and clients all killed (SIGKILL) after round 1; all started again, the server with --resume:
+    each client restores its own round checkpoint from its output_dir, and the run ends as if uninterrupted."""
+    from splitlm.config import load_config
+    from splitlm.frameworks import run_framework
+
+    run_framework(load_config(CONFIG, [*OVERRIDES, f"output_dir={tmp_path / 'reference'}"]))
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["0", "1", "2"])
+    port = _free_port()
+    processes = [_serve(tmp_path, certs, port, "server.log")]
+    processes += [_client(tmp_path, certs, port, i, f"client{i}.log") for i in range(3)]
+    try:
+        checkpoint = tmp_path / "server" / "checkpoints" / "step-000001"
+        deadline = time.monotonic() + 120
+        while not checkpoint.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpoint.is_dir(), (tmp_path / "server.log").read_text()[-3000:]
+        for process in processes:
+            process.kill()
+            process.wait()
+        resumed = _serve(tmp_path, certs, port, "server-resumed.log", "--resume")
+        clients = [_client(tmp_path, certs, port, i, f"client{i}-again.log") for i in range(3)]
+        processes += [resumed, *clients]
+        assert resumed.wait(timeout=200) == 0, (tmp_path / "server-resumed.log").read_text()[-3000:]
+        for client in clients:
+            assert client.wait(timeout=60) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    ours = [r["eval_loss"] for r in _lines(tmp_path / "server" / "rounds.jsonl")]
+    assert ours == [r["eval_loss"] for r in _lines(tmp_path / "reference" / "rounds.jsonl")]
+    assert len(ours) == 3
