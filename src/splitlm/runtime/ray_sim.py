@@ -19,7 +19,7 @@ from splitlm.errors import ConfigError, ProtocolError, SplitLMError
 from splitlm.frameworks.federation import Federation, assign_groups, drive_rounds, make_server, route
 from splitlm.frameworks.loop import prepare_output
 from splitlm.frameworks.setup import count_parameters, load_source
-from splitlm.runtime.remote import ClientAgent, RemoteMember
+from splitlm.runtime.remote import ClientAgent, RemoteClientProxy, RemoteMember
 from splitlm.transport.base import ByteMeter
 from splitlm.transport.grpc_server import error_message
 from splitlm.transport.messages import Message
@@ -146,8 +146,8 @@ class _MeterHolder:
         self.meter = meter
 
 
-class RayClientProxy:
-    """What the recipes ask of a client, as calls on its actor (the same commands as over gRPC)."""
+class RayClientProxy(RemoteClientProxy):
+    """The same client commands as over gRPC, carried out as calls on the client's actor."""
 
     def __init__(self, actor: Any, client_id: str) -> None:
         self.actor = actor
@@ -161,25 +161,6 @@ class RayClientProxy:
         if reply.kind == "error":
             raise ProtocolError(f"client {self.client_id}: {reply.meta.get('error')}")
         return reply
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return dict(self.command("get_state").tensors)
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.command("set_state", state)
-
-    def evaluate(self, batches: list) -> Any:
-        from splitlm.runtime.client import EvalStats
-
-        reply = self.command("evaluate")
-        return EvalStats(float(reply.meta["loss_sum"]), int(reply.meta["tokens"]))
-
-    def save(self, folder: Path, with_optimizer: bool = True) -> None:
-        if with_optimizer:
-            self.command("checkpoint", round=int(folder.parent.name.rsplit("-", 1)[1]))
-
-    def load(self, folder: Path) -> None:
-        self.command("restore", round=int(folder.parent.name.rsplit("-", 1)[1]))
 
 
 class _Barriers:
