@@ -428,9 +428,13 @@ _mutations = st.one_of(
 
 def _mutate(frames: list[bytes], mutation: tuple[Any, ...]) -> list[bytes]:
     frames = list(frames)
+    if not frames:  # everything was dropped already
+        return frames
     op, i, *rest = mutation
     i %= len(frames)
     if op == "flip":
+        if not frames[i]:  # an earlier truncation emptied it: nothing to flip
+            return frames
         frame = bytearray(frames[i])
         pos = rest[0] % len(frame)
         frame[pos] ^= 1 << rest[1]
