@@ -37,3 +37,15 @@ class ProtocolError(SplitLMError):
     """A message between client and server is malformed or out of order."""
 
     exit_code = 6
+
+
+class PrivacyError(SplitLMError):
+    """A defense, an attack or a recorded run cannot be used as asked."""
+
+    exit_code = 7
+
+
+class HijackAlarm(SplitLMError):
+    """The client's detector concluded that the server is hijacking its training; training stopped."""
+
+    exit_code = 8

@@ -1,4 +1,4 @@
-"""The ``splitlm`` command: train, generate, export."""
+"""The ``splitlm`` command: train, generate, export, attack, serve, ..."""
 
 from __future__ import annotations
 
@@ -169,6 +169,22 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    import json
+
+    from splitlm.privacy.attacks import run_attack
+
+    options = {}
+    for pair in args.options:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SplitLMError(f"attack option {pair!r}: write options as key=value, e.g. steps=200")
+        options[key.strip()] = value.strip()
+    result = run_attack(Path(args.run_dir), args.attack, options, max_batches=args.batches)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from splitlm.metrics.report import write_report
 
@@ -230,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     crt.add_argument("--clients", type=int, required=True, help="number of clients (ids 0..N-1)")
     crt.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1"], help="server names / IPs")
     crt.set_defaults(func=cmd_certs)
+
+    atk = sub.add_parser(
+        "attack", help="attack a recorded run as an honest-but-curious server (train with privacy.tap.enabled=true)"
+    )
+    atk.add_argument("run_dir", help="output_dir of a run trained with privacy.tap.enabled=true")
+    atk.add_argument("attack", help="sip, bisr_b, bisr_f, tag, nn_inversion or eia")
+    atk.add_argument("options", nargs="*", help="attack options as key=value, e.g. steps=200 lr=0.01")
+    atk.add_argument("--batches", type=int, default=0, help="attack only the last N recorded micro-batches")
+    atk.set_defaults(func=cmd_attack)
 
     rep = sub.add_parser("report", help="plots and a markdown comparison of finished runs")
     rep.add_argument("run_dirs", nargs="+", help="output_dir of each run to compare")

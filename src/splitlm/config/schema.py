@@ -199,6 +199,128 @@ class TransportConfig(Section):
     address: str | None = Field(None, description="ray: the address of an existing Ray cluster (default: start one).")
 
 
+DEFENSE_NAMES = ("dxp", "santext", "custext", "smashed_noise", "grad_noise", "nopeek", "label_dp")
+Mechanism = Literal["gaussian", "laplace"]
+
+
+class DxpConfig(Section):
+    epsilon: float = Field(
+        500.0,
+        gt=0,
+        description="d_x-privacy parameter per unit of embedding distance: each input embedding gets noise r*u "
+        "(u uniform on the unit sphere, r ~ Gamma(d, 1/epsilon)) and is snapped to the nearest token; "
+        "smaller is stronger.",
+    )
+
+
+class TokenSubstitutionConfig(Section):
+    epsilon: float = Field(
+        10.0,
+        gt=0,
+        description="Exponential-mechanism parameter: a token is replaced by w with probability proportional "
+        "to exp(epsilon * similarity / 2); smaller is stronger.",
+    )
+    top_k: int = Field(
+        20, ge=1, description="custext: candidates per token (its nearest tokens); santext uses the whole vocabulary."
+    )
+
+
+class NoiseConfig(Section):
+    mechanism: Mechanism = Field(
+        "gaussian", description="gaussian (L2 clipping, Gaussian noise) or laplace (L1 clipping, Laplace noise)."
+    )
+    clip: float = Field(
+        0.0,
+        ge=0,
+        description="Clip each token's vector to this norm (L2 for gaussian, L1 for laplace) before adding noise; "
+        "0: no clipping (then no epsilon can be given).",
+    )
+    noise_multiplier: float = Field(
+        1.0,
+        ge=0,
+        description="Noise scale per coordinate as a multiple of clip (std for gaussian, scale b for laplace); "
+        "with clip=0 it is the absolute scale.",
+    )
+
+
+class GradNoiseConfig(NoiseConfig):
+    directions: list[Literal["up", "down"]] = Field(
+        default_factory=lambda: ["up"],
+        description="up: the gradient the client sends at the tail cut (step 7, U-shape); down: the gradient the "
+        "client receives at the head cut (step 9) before it reaches the head.",
+    )
+
+
+class NoPeekConfig(Section):
+    beta: float = Field(
+        1.0, ge=0, description="Weight of the distance correlation between input embeddings and smashed data."
+    )
+
+
+class LabelDpConfig(Section):
+    epsilon: float = Field(
+        2.0, gt=0, description="Randomized response over the vocabulary for each label token sent (vanilla split)."
+    )
+
+
+class TapConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="Record what the server received (smashed data, gradients, labels) and what it sent "
+        "(trunk outputs) for `splitlm attack`; the client also writes the true tokens of those batches for "
+        "scoring (an audit file: keep it private).",
+    )
+    max_batches: int = Field(4, ge=1, description="Keep the last N training micro-batches.")
+
+
+class SplitGuardConfig(Section):
+    enabled: bool = Field(
+        False, description="Client-side hijacking detector: probe batches with fake labels, compare gradients."
+    )
+    probe_every: int = Field(4, ge=2, description="Every N-th step is a probe with fake labels.")
+    warmup_steps: int = Field(0, ge=0, description="No probes before this step.")
+    threshold: float = Field(0.5, description="Alarm when the smoothed SplitGuard score exceeds this.")
+    patience: int = Field(2, ge=1, description="Consecutive probes above the threshold that raise the alarm.")
+    stop: bool = Field(True, description="Stop training on alarm (else only log and record it).")
+
+
+class FshaConfig(Section):
+    lr: float = Field(1e-3, gt=0, description="Learning rate of the attacker's pilot, decoder and discriminator.")
+    aux_rows: int = Field(512, ge=8, description="Public auxiliary rows the attacker trains its pilot/decoder on.")
+    gradient_scale: float = Field(1.0, gt=0, description="Scale of the forged gradient sent to the client.")
+
+
+class PrivacyConfig(Section):
+    defenses: list[Literal[DEFENSE_NAMES]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="Client-side defenses, applied in this order at their pipeline steps: "
+        + ", ".join(DEFENSE_NAMES)
+        + ".",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) the accountant reports.")
+    dxp: DxpConfig = Field(default_factory=DxpConfig, description="DxP token noise (step 2).")
+    santext: TokenSubstitutionConfig = Field(
+        default_factory=TokenSubstitutionConfig, description="SanText token substitution (step 2)."
+    )
+    custext: TokenSubstitutionConfig = Field(
+        default_factory=TokenSubstitutionConfig, description="CusText token substitution (step 2)."
+    )
+    smashed_noise: NoiseConfig = Field(
+        default_factory=NoiseConfig, description="Clipping + noise on the smashed data (step 3)."
+    )
+    grad_noise: GradNoiseConfig = Field(
+        default_factory=GradNoiseConfig, description="Clipping + noise on cut-layer gradients (steps 7, 9)."
+    )
+    nopeek: NoPeekConfig = Field(default_factory=NoPeekConfig, description="NoPeek loss (steps 2-3, 10).")
+    label_dp: LabelDpConfig = Field(default_factory=LabelDpConfig, description="Label DP for vanilla splits.")
+    tap: TapConfig = Field(default_factory=TapConfig, description="Server-side recording for attacks.")
+    splitguard: SplitGuardConfig = Field(default_factory=SplitGuardConfig, description="Hijacking detector.")
+    server_attack: Literal["none", "fsha"] = Field(
+        "none", description="Make the (simulated) server malicious: fsha hijacks the client's feature space."
+    )
+    fsha: FshaConfig = Field(default_factory=FshaConfig, description="The FSHA attacker's settings.")
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model, dtypes and devices.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Where to cut the model.")
@@ -208,6 +330,7 @@ class Config(Section):
     framework: FrameworkConfig = Field(default_factory=FrameworkConfig, description="Order of steps.")
     transport: TransportConfig = Field(default_factory=TransportConfig, description="Message transport.")
     server: ServerConfig = Field(default_factory=ServerConfig, description="Server-side serving settings.")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Defenses, recording, detection.")
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
     output_dir: str = Field("runs/default", description="Where metrics, adapters and checkpoints go.")
 
@@ -259,6 +382,17 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
         tree, "data.response_field"
     ):
         problems.append("data.response_field: must differ from data.prompt_field")
+    defenses = _get(tree, "privacy.defenses")
+    if isinstance(defenses, list):
+        if len(set(defenses)) != len(defenses):
+            problems.append("privacy.defenses: a defense is listed twice")
+        if "label_dp" in defenses and _get(tree, "split.mode") != "vanilla":
+            problems.append(
+                "privacy.defenses: label_dp protects the labels a vanilla split sends; in a ushape split "
+                "labels never leave the client, so drop label_dp or set split.mode=vanilla"
+            )
+        if defenses and _get(tree, "framework.name") == "centralized":
+            problems.append("privacy.defenses: defenses act at the cut; framework.name=centralized has none")
     return problems
 
 

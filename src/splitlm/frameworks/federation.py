@@ -37,7 +37,16 @@ from splitlm.frameworks.loop import (
     trim_metrics,
     write_json,
 )
-from splitlm.frameworks.setup import RunData, build_part, count_parameters, load_source, prepare_data, spec_of
+from splitlm.frameworks.setup import (
+    RunData,
+    build_part,
+    client_defenses,
+    client_guard,
+    count_parameters,
+    load_source,
+    prepare_data,
+    spec_of,
+)
 from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
@@ -320,7 +329,10 @@ def make_member(
         share_tied_embeddings(stages["head"], stages["tail"])
     params = [p for part in client_parts.values() for p in trainable_parameters(part)]
     optimizer = PartyOptimizer(params, config.train.model_copy(update={"steps": client_steps(config)}))
-    client = SplitClient(str(index), client_parts, stages, transport, optimizer, spec.mode)
+    client = SplitClient(
+        str(index), client_parts, stages, transport, optimizer, spec.mode,
+        defense=client_defenses(config, source, stages["head"]), guard=client_guard(config, stages["head"]),
+    )  # fmt: skip
     examples = [data.train[i] for i in indices]
     if config.data.pack:
         examples = pack_examples(examples, config.train.seq_len)

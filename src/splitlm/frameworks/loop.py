@@ -28,6 +28,7 @@ from splitlm.config import Config, dump_config
 from splitlm.data import Batch, DataOrder, collate
 from splitlm.errors import CheckpointError
 from splitlm.frameworks.setup import RunData
+from splitlm.privacy.accounting import releases
 from splitlm.runtime.client import EvalStats, StepStats
 
 log = logging.getLogger(__name__)
@@ -217,5 +218,10 @@ def train(config: Config, learner: Learner, data: RunData, resume: bool = False)
         "train_tokens_per_s": progress["tokens"] / wall if wall else 0.0,
         **learner.info(),
     }
+    report = getattr(learner, "privacy", None)  # split learners: tap records, defenses and their epsilon
+    if report is not None:
+        summary["privacy"] = report(
+            out, releases(train_cfg.steps, train_cfg.batch_size, train_cfg.grad_accum, len(data.train))
+        )
     write_json(out / "summary.json", summary)
     return summary

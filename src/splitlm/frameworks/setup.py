@@ -24,6 +24,8 @@ from splitlm.models import (
 )
 from splitlm.models.split import Role
 from splitlm.peft import make_trainable, trainable_parameters
+from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
+from splitlm.runtime.client import Guard
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,32 @@ def build_part(config: Config, source: ModelSource, role: Role) -> tuple[nn.Modu
     )
     part = make_trainable(stage, config.lora.part(role), stage.family.lora_targets, config.seed, role)
     return part, stage
+
+
+def client_defenses(config: Config, source: ModelSource, head: Stage) -> DefenseChain:
+    """The client's ``privacy.defenses``, built on its own (pretrained) token embeddings."""
+    if not config.privacy.defenses:
+        return DefenseChain([])
+    tokenizer = source.tokenizer()
+    context = DefenseContext(
+        token_embeddings=head.token_embeddings().detach(),
+        special_ids=frozenset(int(i) for i in tokenizer.all_special_ids),
+        mode=config.split.mode,
+        seq_len=config.train.seq_len,
+        seed=config.seed,
+    )
+    chain = build_defenses(config.privacy, context)
+    log.info("defenses: %s", ", ".join(chain.names))
+    return chain
+
+
+def client_guard(config: Config, head: Stage) -> Guard | None:
+    """The client's hijacking detector, when ``privacy.splitguard.enabled``."""
+    if not config.privacy.splitguard.enabled:
+        return None
+    from splitlm.privacy.detect import SplitGuard
+
+    return SplitGuard(config.privacy.splitguard, vocab_size=int(head.token_embeddings().shape[0]), seed=config.seed)
 
 
 def build_centralized(config: Config, source: ModelSource) -> nn.Module:

@@ -45,11 +45,22 @@ class Family:
 
     def embed(self, stage: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> hidden states (B, T, d) entering the first block."""
+        return self.embed_vectors(stage, get_module(stage, self.embeddings[0])(input_ids), position_ids)
+
+    def embed_vectors(self, stage: nn.Module, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token vectors (B, T, d), as the token embedding gives them -> hidden states entering the first block
+        (GPT-2 adds its learned positions here; the others use rotary positions inside the blocks)."""
         if self.name == "gpt2":
-            hidden = get_module(stage, "transformer.wte")(input_ids)
-            hidden = hidden + get_module(stage, "transformer.wpe")(position_ids).to(hidden.device)
+            hidden = inputs_embeds + get_module(stage, "transformer.wpe")(position_ids).to(inputs_embeds.device)
             return get_module(stage, "transformer.drop")(hidden)
-        return get_module(stage, self.embeddings[0])(input_ids)
+        return inputs_embeds
+
+    def token_embeddings(self, stage: nn.Module) -> torch.Tensor:
+        """The (V, d) vectors the token embedding gives each id, scale included (Gemma 3 scales by sqrt(d))."""
+        module = get_module(stage, self.embeddings[0])
+        scale = getattr(module, "embed_scale", None)
+        weight = module.weight
+        return weight * scale.to(weight.dtype) if torch.is_tensor(scale) else weight * (scale or 1.0)
 
     def block_inputs(
         self,

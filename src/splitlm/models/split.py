@@ -97,17 +97,24 @@ class Stage(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def token_embeddings(self) -> torch.Tensor:
+        """The head's (V, d) token vectors (what ``inputs_embeds`` holds for each id)."""
+        if not self.starts:
+            raise ValueError(f"the {self.role} has no token embeddings; only the head has")
+        return self.family.token_embeddings(self)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.starts:
-            if input_ids is None:
-                raise ValueError("the head takes input_ids")
-            length = input_ids.shape[1]
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("the head takes input_ids or inputs_embeds (one of them)")
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         else:
             if hidden_states is None:
                 raise ValueError(f"the {self.role} takes hidden_states")
@@ -115,7 +122,9 @@ class Stage(nn.Module):
         device = self.device
         if position_ids is None:  # the unsplit model's default: 0..T-1 for every row
             position_ids = torch.arange(length, device=device).unsqueeze(0)
-        if self.starts:
+        if self.starts and inputs_embeds is not None:
+            hidden_states = self.family.embed_vectors(self, inputs_embeds.to(device), position_ids)  # (B, T, d)
+        elif self.starts:
             hidden_states = self.family.embed(self, input_ids, position_ids)  # (B, T, d)
         else:
             hidden_states = hidden_states.to(device=device, dtype=self.dtype)
