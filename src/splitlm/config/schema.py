@@ -208,8 +208,8 @@ class DxpConfig(Section):
         500.0,
         gt=0,
         description="d_x-privacy parameter per unit of embedding distance: each input embedding gets noise r*u "
-        "(u uniform on the unit sphere, r ~ Gamma(d, 1/epsilon)) and is snapped to the nearest token; "
-        "smaller is stronger.",
+        "(u uniform on the unit sphere, r ~ Gamma(d, 1/epsilon), so about d/epsilon long) and is snapped to the "
+        "nearest token; smaller is stronger. Padding and special ids stay; metric DP, so no epsilon is reported.",
     )
 
 
@@ -218,7 +218,9 @@ class TokenSubstitutionConfig(Section):
         10.0,
         gt=0,
         description="Exponential-mechanism parameter: a token is replaced by w with probability proportional "
-        "to exp(epsilon * similarity / 2); smaller is stronger.",
+        "to exp(epsilon * similarity / 2); smaller is stronger. santext: similarity = -(Euclidean distance of "
+        "the token vectors), over the whole vocabulary; custext: cosine similarity rescaled to [0, 1] within "
+        "the top_k candidates. Padding and special ids stay; no epsilon is reported.",
     )
     top_k: int = Field(
         20, ge=1, description="custext: candidates per token (its nearest tokens); santext uses the whole vocabulary."
@@ -239,11 +241,19 @@ class NoiseConfig(Section):
         1.0,
         ge=0,
         description="Noise scale per coordinate as a multiple of clip (std for gaussian, scale b for laplace); "
-        "with clip=0 it is the absolute scale.",
+        "with clip=0 it is the absolute scale. The epsilon of one sequence of train.seq_len tokens is that of "
+        "a Gaussian mechanism with noise multiplier noise_multiplier / sqrt(seq_len) (Laplace: / seq_len).",
     )
 
 
 class GradNoiseConfig(NoiseConfig):
+    clip: float = Field(
+        0.0,
+        ge=0,
+        description="Clip each token's gradient to this norm (L2 for gaussian, L1 for laplace) before adding "
+        "noise; an absolute norm: cut-layer gradients are small (about 1e-4 to 1e-2 per coordinate), so pick it "
+        "from their scale (e.g. 1e-3), not the smashed data's. 0: no clipping (then no epsilon can be given).",
+    )
     directions: list[Literal["up", "down"]] = Field(
         default_factory=lambda: ["up"],
         description="up: the gradient the client sends at the tail cut (step 7, U-shape); down: the gradient the "
@@ -253,13 +263,20 @@ class GradNoiseConfig(NoiseConfig):
 
 class NoPeekConfig(Section):
     beta: float = Field(
-        1.0, ge=0, description="Weight of the distance correlation between input embeddings and smashed data."
+        1.0,
+        ge=0,
+        description="Weight of the distance correlation between input embeddings and smashed data (over at most "
+        "256 real tokens drawn per micro-batch).",
     )
 
 
 class LabelDpConfig(Section):
     epsilon: float = Field(
-        2.0, gt=0, description="Randomized response over the vocabulary for each label token sent (vanilla split)."
+        2.0,
+        gt=0,
+        description="Randomized response for each label token sent (vanilla split): kept with probability "
+        "e^eps / (e^eps + K - 1), else a uniformly random other token, over the K non-special tokens; exactly "
+        "eps-DP per label, composed over train.seq_len labels per sequence.",
     )
 
 
@@ -277,17 +294,48 @@ class SplitGuardConfig(Section):
     enabled: bool = Field(
         False, description="Client-side hijacking detector: probe batches with fake labels, compare gradients."
     )
-    probe_every: int = Field(4, ge=2, description="Every N-th step is a probe with fake labels.")
+    probe_every: int = Field(
+        4, ge=2, description="Every N-th step is a probe with fake labels (it does not train the client's parts)."
+    )
     warmup_steps: int = Field(0, ge=0, description="No probes before this step.")
-    threshold: float = Field(0.5, description="Alarm when the smoothed SplitGuard score exceeds this.")
-    patience: int = Field(2, ge=1, description="Consecutive probes above the threshold that raise the alarm.")
+    window: int = Field(
+        8, ge=3, description="Latest regular micro-batches whose gradients a probe's gradients are compared with."
+    )
+    projection: int = Field(
+        128, ge=8, description="Gradients wider than this are randomly projected to this many dimensions first."
+    )
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Alarm when the smoothed SplitGuard score exceeds this (per probe score in (0, 1]: near 0 when "
+        "the server's gradients react to the fake labels, 1 when they ignore them).",
+    )
+    smoothing: float = Field(
+        0.5, gt=0, le=1, description="Weight of the newest probe in the smoothed score (1: no smoothing)."
+    )
+    patience: int = Field(
+        3,
+        ge=1,
+        description="Consecutive probes whose smoothed score exceeds the threshold that raise the alarm (the first "
+        "probes of a randomly initialised model can look label-blind).",
+    )
     stop: bool = Field(True, description="Stop training on alarm (else only log and record it).")
 
 
 class FshaConfig(Section):
     lr: float = Field(1e-3, gt=0, description="Learning rate of the attacker's pilot, decoder and discriminator.")
     aux_rows: int = Field(512, ge=8, description="Public auxiliary rows the attacker trains its pilot/decoder on.")
-    gradient_scale: float = Field(1.0, gt=0, description="Scale of the forged gradient sent to the client.")
+    gradient_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Norm of the forged gradient sent to the client, as a multiple of the running mean of the "
+        "honest gradients' norms.",
+    )
+    width: int = Field(256, ge=8, description="Hidden width of the attacker's pilot, decoder and discriminator.")
+    disc_steps: int = Field(
+        1, ge=1, description="Discriminator updates per training forward (pilot features vs smashed data)."
+    )
 
 
 class PrivacyConfig(Section):

@@ -50,6 +50,7 @@ from splitlm.frameworks.setup import (
 from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
+from splitlm.privacy.accounting import epsilon, releases
 from splitlm.runtime.client import EvalStats, SplitClient
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.server import SplitServer
@@ -465,9 +466,25 @@ def drive_rounds(config: Config, fed: Federation, recipe: RoundRecipe, out: Path
             }
             for m in fed.members
         ],
+        "privacy": federation_privacy(config, fed.members),
     }
     write_json(out / "summary.json", summary)
     return summary
+
+
+def federation_privacy(config: Config, members: Sequence[Member]) -> dict[str, Any]:
+    """The defenses every client ran and the largest epsilon among the clients (each sends its own data)."""
+    values = []
+    for m in members:
+        count = releases(m.steps_done, config.train.batch_size, config.train.grad_accum, max(m.num_examples, 1))
+        values.append(epsilon(m.client.defense.dp_events(), count, config.privacy.delta))
+    known = [v for v in values if v is not None]
+    return {
+        "defenses": list(config.privacy.defenses),
+        "epsilon": max(known) if known and len(known) == len(values) else None,
+        "delta": config.privacy.delta,
+        "alarm_step": None,
+    }
 
 
 def check_supported(config: Config) -> None:

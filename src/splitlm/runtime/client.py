@@ -167,9 +167,10 @@ class SplitClient:
     ) -> None:
         """Step 10: the head's backward from the gradient the server returned (+ any defense's own loss)."""
         if grad is not None:
-            grad = self.defense.grad_down(grad.to(device=sent.device, dtype=sent.dtype), batch.attention_mask)
-            if self.guard is not None:
+            grad = grad.to(device=sent.device, dtype=sent.dtype)
+            if self.guard is not None:  # the detector judges what the server sent, before the client's own noise
                 self.guard.observe(step, grad, batch.attention_mask, probe)
+            grad = self.defense.grad_down(grad, batch.attention_mask)
         if not hidden.requires_grad:
             return
         outputs: list[torch.Tensor] = []

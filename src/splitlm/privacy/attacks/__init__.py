@@ -13,6 +13,10 @@ from splitlm.privacy.attacks.base import (
     score,
 )
 
+# isort: split
+# Importing the attack modules registers them by name (each imports only ``base`` and its siblings).
+from splitlm.privacy.attacks import bisr, inversion, sip, tag  # noqa: F401
+
 __all__ = [
     "ATTACKS",
     "Attack",

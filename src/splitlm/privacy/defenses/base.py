@@ -142,7 +142,11 @@ class DefenseChain:
         return any(type(d).extra_loss is not Defense.extra_loss for d in self.defenses)
 
     def dp_events(self) -> list[dp_event.DpEvent] | None:
-        """Every mechanism a sequence goes through per release; None unless every defense has one."""
+        """Every DP mechanism a sequence goes through per release; None when no defense has one.
+
+        The epsilon they give covers the channels those mechanisms guard (the smashed data for
+        smashed_noise, the gradients sent for grad_noise, the labels for label_dp), not every message.
+        """
         events: list[dp_event.DpEvent] = []
         for d in self.defenses:
             own = d.dp_events()

@@ -1,0 +1,107 @@
+"""Training-free inversions of smashed data: nearest-neighbour and embedding relaxation (EIA).
+
+``nn_inversion`` maps every smashed vector to the token whose embedding is nearest in cosine. With no
+block in the head (``split.head_layers=0``) a Llama-family client sends its raw token vectors, so this is
+exact; each block mixes in attention and MLP updates, and the match degrades with depth (GPT-2 also adds
+learned position vectors before the first block, so it is not exact even at split 0).
+
+``eia`` relaxes the discrete input: it optimises logits ``W`` (B, T, V) over the vocabulary, feeds the
+pretrained head ``softmax(W / temperature) @ E`` as input embeddings, pulls the head's output towards the
+smashed data (cosine or L2 distance on real positions) and decodes ``argmax W``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from splitlm.errors import PrivacyError
+from splitlm.privacy.attacks.base import AttackContext, Observation, parse_options, register_attack
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def nearest_tokens(vectors: torch.Tensor, embeddings: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(B, T) ids of the token embeddings (V, d) nearest in cosine to ``vectors`` (B, T, d)."""
+    table = F.normalize(embeddings.float(), dim=-1)  # (V, d)
+    flat = F.normalize(vectors.float().reshape(-1, vectors.shape[-1]), dim=-1)  # (N, d)
+    ids = torch.cat([(part @ table.T).argmax(-1) for part in flat.split(chunk)])  # (N,)
+    return ids.reshape(vectors.shape[:-1])
+
+
+@dataclass
+class NearestNeighbour:
+    name: ClassVar[str] = "nn_inversion"
+
+    def invert(self, ctx: AttackContext, obs: Observation) -> torch.Tensor:
+        smashed = obs.smashed.to(ctx.device)
+        embeddings = ctx.token_embeddings()
+        if smashed.shape[-1] != embeddings.shape[-1]:
+            raise PrivacyError(
+                f"nn_inversion: smashed vectors have {smashed.shape[-1]} dims but token embeddings "
+                f"{embeddings.shape[-1]}; a defense changed their width, use sip instead"
+            )
+        return nearest_tokens(smashed, embeddings)
+
+
+@register_attack("nn_inversion")
+def make_nn_inversion(options: dict[str, str]) -> NearestNeighbour:
+    if options:
+        raise PrivacyError(f"nn_inversion takes no options, got {', '.join(sorted(options))}; drop them")
+    return NearestNeighbour()
+
+
+@dataclass(frozen=True)
+class EiaOptions:
+    steps: int = 200  # AdamW steps on the vocabulary logits
+    lr: float = 0.1
+    temperature: float = 0.1  # softmax temperature of the relaxed one-hot input
+    distance: str = "cos"  # cos or l2, between the head's output and the smashed data
+
+    def check(self) -> None:
+        if self.steps < 0 or self.lr <= 0 or self.temperature <= 0:
+            raise PrivacyError("eia options: steps >= 0, lr > 0 and temperature > 0; fix them, e.g. steps=200")
+        if self.distance not in ("cos", "l2"):
+            raise PrivacyError(f"eia option distance={self.distance!r}: expected cos or l2")
+
+
+@dataclass
+class EmbeddingInversion:
+    name: ClassVar[str] = "eia"
+    options: EiaOptions
+
+    @torch.enable_grad()
+    def invert(self, ctx: AttackContext, obs: Observation) -> torch.Tensor:
+        head = ctx.stage("head")
+        embeddings = ctx.token_embeddings().float()  # (V, d)
+        mask = obs.attention_mask.to(ctx.device)
+        real = mask.bool()
+        target = obs.smashed.to(ctx.device).float()[real]  # (N, d)
+        scale = target.pow(2).mean().clamp_min(1e-12)
+        w = torch.zeros((*mask.shape, embeddings.shape[0]), device=ctx.device, requires_grad=True)  # (B, T, V)
+        optimizer = torch.optim.AdamW([w], lr=self.options.lr, weight_decay=0.0)
+        for step in range(self.options.steps):
+            inputs = (w / self.options.temperature).softmax(-1) @ embeddings  # (B, T, d)
+            out = head(inputs_embeds=inputs, attention_mask=mask).float()[real]  # (N, d)
+            if self.options.distance == "cos":
+                loss = (1.0 - F.cosine_similarity(out, target, dim=-1)).mean()
+            else:
+                loss = (out - target).pow(2).mean() / scale
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % 50 == 0 or step == self.options.steps - 1:
+                log.info("eia step %d/%d: distance %.4f", step + 1, self.options.steps, loss.item())
+        return w.detach().argmax(-1)
+
+
+@register_attack("eia")
+def make_eia(options: dict[str, str]) -> EmbeddingInversion:
+    parsed = parse_options(EiaOptions, options)
+    parsed.check()
+    return EmbeddingInversion(parsed)

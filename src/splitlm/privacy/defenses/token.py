@@ -1,0 +1,189 @@
+"""Token-level defenses (step 2): each real, non-special input token is replaced by a nearby one before the head.
+
+- ``dxp``: d_x-privacy (Feyisetan et al.): noise r*u on the token's embedding (u uniform on the unit sphere,
+  r ~ Gamma(d, 1/epsilon)), then the nearest vocabulary embedding (L2).
+- ``santext``: SanText (Yue et al.): y sampled with probability proportional to exp(-epsilon * ||E[x]-E[y]|| / 2)
+  over the whole vocabulary.
+- ``custext``: CusText (Chen et al.): y sampled among the ``top_k`` tokens most cosine-similar to x, with
+  probability proportional to exp(epsilon * s / 2), s the similarity rescaled to [0, 1] within that set.
+
+Padding (mask 0) and special ids are never changed, and no token is replaced *by* a special id (a stray
+EOS or pad in the middle of a text would change what the model sees beyond the defense's intent). The
+vocabulary is scanned in blocks, so memory stays bounded for large vocabularies (V = 49152 or more).
+These are metric-DP / exponential-mechanism guarantees per token, not (epsilon, delta) of a sequence: their
+``dp_events`` is None.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from splitlm.errors import PrivacyError
+from splitlm.privacy.defenses.base import Defense, DefenseContext, register_defense
+
+if TYPE_CHECKING:
+    from splitlm.config.schema import DxpConfig, TokenSubstitutionConfig
+
+BLOCK_BUDGET = 1 << 24  # elements of one (queries, vocabulary block) distance matrix: 64 MiB in float32
+
+
+def _salt(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+class TokenDefense(Defense):
+    """Shared machinery: which positions may change, the vocabulary in float32 blocks, the random stream."""
+
+    def __init__(self, context: DefenseContext, epsilon: float) -> None:
+        if not epsilon > 0:
+            raise PrivacyError(f"{self.name}: epsilon must be > 0, got {epsilon}; set privacy.{self.name}.epsilon")
+        self.epsilon = float(epsilon)
+        self.table = context.token_embeddings.detach()  # (V, d)
+        vocab = int(self.table.shape[0])
+        self.blocked = torch.zeros(vocab, dtype=torch.bool, device=self.table.device)  # (V,) never a replacement
+        special = [i for i in context.special_ids if 0 <= i < vocab]
+        if special:
+            self.blocked[torch.tensor(special, device=self.table.device)] = True
+        if bool(self.blocked.all()):
+            raise PrivacyError(f"{self.name}: every token id is special, nothing to substitute; check the tokenizer")
+        self.sq_norms = torch.cat([(rows.float() ** 2).sum(1) for _, _, rows in self._blocks(1)])  # (V,)
+        self.generator = context.generator(_salt(self.name))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.table.shape[0])
+
+    def _blocks(self, queries: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, rows as float32) over the vocabulary, sized so queries x rows stays in budget."""
+        step = max(1, BLOCK_BUDGET // max(queries, 1))
+        for start in range(0, self.vocab_size, step):
+            stop = min(start + step, self.vocab_size)
+            yield start, stop, self.table[start:stop].float()
+
+    def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to(self.table.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise PrivacyError(
+                f"{self.name}: input ids span {int(ids.min())}..{int(ids.max())} but the head has {self.vocab_size} "
+                "token vectors; use the tokenizer that belongs to the model"
+            )
+        change = attention_mask.to(self.table.device).bool() & ~self.blocked[ids]  # (B, T)
+        if not bool(change.any()):
+            return input_ids
+        out = ids.clone()
+        out[change] = self.substitute(ids[change])
+        return out.to(input_ids.device)
+
+    def substitute(self, ids: torch.Tensor) -> torch.Tensor:
+        """New ids (N,) for the ids (N,) of the positions that may change."""
+        raise NotImplementedError
+
+
+class Dxp(TokenDefense):
+    name = "dxp"
+
+    def substitute(self, ids: torch.Tensor) -> torch.Tensor:
+        points = self.table[ids].float()  # (N, d)
+        n, dim = points.shape
+        direction = torch.randn(n, dim, generator=self.generator, device=points.device)
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)  # uniform on the sphere
+        # Gamma(d, 1/epsilon) for an integer shape d: the sum of d unit exponentials, scaled.
+        radius = torch.empty(n, dim, device=points.device).exponential_(1.0, generator=self.generator).sum(1)
+        return self.nearest(points + (radius / self.epsilon)[:, None] * direction)
+
+    def nearest(self, points: torch.Tensor) -> torch.Tensor:
+        """The id of the nearest non-special vocabulary vector (L2) to each point (N, d)."""
+        best = torch.full((points.shape[0],), float("inf"), device=points.device)
+        choice = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+        for start, stop, rows in self._blocks(points.shape[0]):
+            dist = self.sq_norms[None, start:stop] - 2.0 * points @ rows.T  # (N, block); + ||p||^2 is constant
+            dist = dist.masked_fill(self.blocked[None, start:stop], float("inf"))
+            value, index = dist.min(dim=1)
+            better = value < best
+            best = torch.where(better, value, best)
+            choice = torch.where(better, index + start, choice)
+        return choice
+
+
+class SanText(TokenDefense):
+    name = "santext"
+
+    def substitute(self, ids: torch.Tensor) -> torch.Tensor:
+        # Gumbel-max over vocabulary blocks: an exact sample of softmax(-epsilon * distance / 2) without
+        # holding the (N, V) distribution.
+        points = self.table[ids].float()  # (N, d)
+        own = self.sq_norms[ids]  # (N,)
+        best = torch.full((points.shape[0],), -float("inf"), device=points.device)
+        choice = ids.clone()
+        for start, stop, rows in self._blocks(points.shape[0]):
+            sq = (own[:, None] + self.sq_norms[None, start:stop] - 2.0 * points @ rows.T).clamp_min(0.0)
+            sq = sq.masked_fill(ids[:, None] == torch.arange(start, stop, device=ids.device)[None], 0.0)
+            score = -self.epsilon * sq.sqrt() / 2.0  # (N, block) log-probabilities up to a constant
+            score = score.masked_fill(self.blocked[None, start:stop], -float("inf"))
+            exponential = torch.empty_like(score).exponential_(1.0, generator=self.generator)
+            score = score - exponential.clamp_min(1e-30).log()  # + Gumbel(0, 1)
+            value, index = score.max(dim=1)
+            better = value > best
+            best = torch.where(better, value, best)
+            choice = torch.where(better, index + start, choice)
+        return choice
+
+
+class CusText(TokenDefense):
+    name = "custext"
+
+    def __init__(self, context: DefenseContext, epsilon: float, top_k: int) -> None:
+        super().__init__(context, epsilon)
+        if top_k < 1:
+            raise PrivacyError(f"custext: top_k must be >= 1, got {top_k}; set privacy.custext.top_k")
+        self.top_k = min(int(top_k), int((~self.blocked).sum()))
+        vocab, device = self.vocab_size, self.table.device
+        self.candidates = torch.zeros(vocab, self.top_k, dtype=torch.long, device=device)  # (V, k) cached per id
+        self.similarity = torch.zeros(vocab, self.top_k, device=device)  # (V, k) rescaled to [0, 1]
+        self.known = torch.zeros(vocab, dtype=torch.bool, device=device)
+
+    def _fill(self, ids: torch.Tensor) -> None:
+        """Compute and cache the candidate sets of ``ids`` (unique, not yet known)."""
+        query = self.table[ids].float()
+        query = query / query.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (U, d)
+        top = torch.full((ids.numel(), 0), -float("inf"), device=query.device)
+        where = torch.zeros((ids.numel(), 0), dtype=torch.long, device=query.device)
+        for start, stop, rows in self._blocks(ids.numel()):
+            norms = self.sq_norms[start:stop].sqrt().clamp_min(1e-12)
+            cosine = (query @ rows.T) / norms[None]  # (U, block)
+            cosine = cosine.masked_fill(self.blocked[None, start:stop], -float("inf"))
+            top, pick = torch.cat([top, cosine], 1).topk(min(self.top_k, top.shape[1] + stop - start), dim=1)
+            where = torch.cat([where, torch.arange(start, stop, device=ids.device).expand(ids.numel(), -1)], 1)
+            where = where.gather(1, pick)
+        high, low = top[:, :1], top[:, -1:]
+        self.candidates[ids] = where
+        self.similarity[ids] = (top - low) / (high - low).clamp_min(1e-12)
+        self.known[ids] = True
+
+    def substitute(self, ids: torch.Tensor) -> torch.Tensor:
+        missing = ids.unique()
+        missing = missing[~self.known[missing]]
+        if missing.numel():
+            self._fill(missing)
+        weights = torch.softmax(self.epsilon * self.similarity[ids] / 2.0, dim=1)  # (N, k)
+        pick = torch.multinomial(weights, 1, generator=self.generator)  # (N, 1)
+        return self.candidates[ids].gather(1, pick).squeeze(1)
+
+
+@register_defense("dxp")
+def build_dxp(settings: DxpConfig, context: DefenseContext) -> Dxp:
+    return Dxp(context, settings.epsilon)
+
+
+@register_defense("santext")
+def build_santext(settings: TokenSubstitutionConfig, context: DefenseContext) -> SanText:
+    return SanText(context, settings.epsilon)
+
+
+@register_defense("custext")
+def build_custext(settings: TokenSubstitutionConfig, context: DefenseContext) -> CusText:
+    return CusText(context, settings.epsilon, settings.top_k)
