@@ -43,10 +43,15 @@ def split_options(kind: type, options: dict[str, str]) -> tuple[object, SipOptio
 
 def require_gradients(ctx: AttackContext, obs: Observation, attack: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The recorded trunk output and the client's gradient for it (U-shape only), on ``ctx.device``."""
-    if ctx.spec.mode != "ushape" or obs.trunk_out is None or obs.grad_trunk_out is None:
+    if ctx.spec.mode != "ushape":
         raise PrivacyError(
             f"{attack} needs the trunk output and the gradient the client sent back for it, which only a "
             f"ushape run records (this run is split.mode={ctx.spec.mode}); attack a ushape run, or use sip"
+        )
+    if obs.trunk_out is None or obs.grad_trunk_out is None:
+        raise PrivacyError(
+            f"{attack} needs the trunk output and the client's gradient for it, but tap record {obs.key} of this "
+            "ushape run lacks them (no gradient was sent back); attack a ushape run that trains, or use sip"
         )
     return obs.trunk_out.to(ctx.device).float(), obs.grad_trunk_out.to(ctx.device).float()
 

@@ -13,6 +13,7 @@ smashed data (cosine or L2 distance on real positions) and decodes ``argmax W``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,16 +59,23 @@ def make_nn_inversion(options: dict[str, str]) -> NearestNeighbour:
 
 @dataclass(frozen=True)
 class EiaOptions:
-    steps: int = 200  # AdamW steps on the vocabulary logits
+    steps: int = 200  # AdamW steps on the vocabulary logits, in all
+    full_steps: int = 40  # of which over the whole vocabulary; the rest over each position's top_k candidates
+    top_k: int = 64  # candidates per position kept after full_steps (0 = never narrow)
     lr: float = 0.1
     temperature: float = 0.1  # softmax temperature of the relaxed one-hot input
     distance: str = "cos"  # cos or l2, between the head's output and the smashed data
 
     def check(self) -> None:
-        if self.steps < 0 or self.lr <= 0 or self.temperature <= 0:
-            raise PrivacyError("eia options: steps >= 0, lr > 0 and temperature > 0; fix them, e.g. steps=200")
+        if self.steps < 0 or self.full_steps < 0 or self.top_k < 0 or self.lr <= 0 or self.temperature <= 0:
+            raise PrivacyError(
+                "eia options: steps, full_steps and top_k >= 0, lr > 0 and temperature > 0; fix them, e.g. steps=200"
+            )
         if self.distance not in ("cos", "l2"):
             raise PrivacyError(f"eia option distance={self.distance!r}: expected cos or l2")
+
+
+Mix = Callable[[torch.Tensor], torch.Tensor]  # (B, T, K) weights -> (B, T, d) input embeddings
 
 
 @dataclass
@@ -77,16 +85,34 @@ class EmbeddingInversion:
 
     @torch.enable_grad()
     def invert(self, ctx: AttackContext, obs: Observation) -> torch.Tensor:
-        head = ctx.stage("head")
         embeddings = ctx.token_embeddings().float()  # (V, d)
         mask = obs.attention_mask.to(ctx.device)
+        vocab, steps = embeddings.shape[0], self.options.steps
+        narrow = 0 < self.options.top_k < vocab and self.options.full_steps < steps
+        full = self.options.full_steps if narrow else steps
+        w = torch.zeros((*mask.shape, vocab), device=ctx.device)  # (B, T, V)
+        w = self._optimise(ctx, obs, mask, w, lambda p: p @ embeddings, full, 0)
+        if not narrow:
+            return w.argmax(-1)
+        top = w.topk(self.options.top_k, dim=-1)  # (B, T, K) values and ids
+        table = embeddings[top.indices]  # (B, T, K, d)
+        w = self._optimise(
+            ctx, obs, mask, top.values, lambda p: torch.einsum("btk,btkd->btd", p, table), steps - full, full
+        )
+        return top.indices.gather(-1, w.argmax(-1, keepdim=True)).squeeze(-1)
+
+    def _optimise(
+        self, ctx: AttackContext, obs: Observation, mask: torch.Tensor, w: torch.Tensor, mix: Mix, steps: int, done: int
+    ) -> torch.Tensor:
+        """Run ``steps`` AdamW steps on the logits ``w`` (B, T, K), whose softmax mixes the inputs by ``mix``."""
+        head = ctx.stage("head")
         real = mask.bool()
         target = obs.smashed.to(ctx.device).float()[real]  # (N, d)
         scale = target.pow(2).mean().clamp_min(1e-12)
-        w = torch.zeros((*mask.shape, embeddings.shape[0]), device=ctx.device, requires_grad=True)  # (B, T, V)
+        w = w.detach().clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([w], lr=self.options.lr, weight_decay=0.0)
-        for step in range(self.options.steps):
-            inputs = (w / self.options.temperature).softmax(-1) @ embeddings  # (B, T, d)
+        for step in range(done, done + steps):
+            inputs = mix((w / self.options.temperature).softmax(-1))  # (B, T, d)
             out = head(inputs_embeds=inputs, attention_mask=mask).float()[real]  # (N, d)
             if self.options.distance == "cos":
                 loss = (1.0 - F.cosine_similarity(out, target, dim=-1)).mean()
@@ -97,7 +123,7 @@ class EmbeddingInversion:
             optimizer.step()
             if step % 50 == 0 or step == self.options.steps - 1:
                 log.info("eia step %d/%d: distance %.4f", step + 1, self.options.steps, loss.item())
-        return w.detach().argmax(-1)
+        return w.detach()
 
 
 @register_attack("eia")

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SipOptions:
-    steps: int = 300  # optimiser steps over auxiliary batches
-    lr: float = 0.003  # AdamW peak learning rate (linear warm-up, then linear decay to 10%)
+    steps: int = 120  # optimiser steps over auxiliary batches
+    lr: float = 0.005  # AdamW peak learning rate (linear warm-up, then linear decay to 10%)
     hidden: int = 256  # GRU hidden size per direction
     bidirectional: bool = True  # read the whole sequence (the attack is offline)
     tied: bool = True  # factor the vocabulary map through the public token embeddings
@@ -126,6 +126,9 @@ def train_inverter(ctx: AttackContext, options: SipOptions) -> Inverter:
     """Train the SIP inverter on auxiliary text through the pretrained head (deterministic per seed)."""
     options.check()
     batches = [b.to(ctx.device) for b in ctx.aux_batches(options.aux_rows, options.batch_size, options.aux)]
+    log.info(
+        "sip: training on %d auxiliary sequences for %d steps", sum(len(b.input_ids) for b in batches), options.steps
+    )
     embeddings = ctx.token_embeddings().float()  # (V, d)
     vocab = embeddings.shape[0]
     with seeded(ctx, salt=1):
@@ -182,6 +185,12 @@ def sip_logits(
 ) -> torch.Tensor:
     """SIP's (B, T, V) token logits for smashed data (B, T, d) with its (B, T) attention mask."""
     model = inverter(ctx, options)
+    width = int(model.mean.shape[0])
+    if smashed.shape[-1] != width:
+        raise PrivacyError(
+            f"SIP was trained on {width}-dim head outputs but the smashed data has {smashed.shape[-1]} dims "
+            "(a defense or codec changed its width); attack a run whose smashed data keeps the model's width"
+        )
     return model(smashed.to(ctx.device).float(), mask.to(ctx.device))
 
 

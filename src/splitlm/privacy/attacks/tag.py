@@ -24,7 +24,7 @@ from splitlm.privacy.attacks.sip import seeded
 @dataclass(frozen=True)
 class TagOptions:
     steps: int = 60  # AdamW steps on the soft labels
-    lr: float = 0.1
+    lr: float = 0.5  # large: random logits over a big vocabulary must move far
     alpha: float = 0.01  # weight of the L1 distance next to the squared L2 distance
     init_scale: float = 1.0  # std of the random initial label logits
 
