@@ -136,7 +136,8 @@ def test_gradient_attacks_need_a_ushape_run(name: str, record_run) -> None:
         ("bisr_f", {"init": "zeros"}, "init='zeros'"),
         ("eia", {"distance": "l3"}, "distance='l3'"),
         ("tag", {"alpha": "-0.1"}, "tag options"),
-        ("nn_inversion", {"steps": "1"}, "takes no options"),
+        ("nn_inversion", {"steps": "1"}, "unknown option"),
+        ("nn_inversion", {"dictionary": "books"}, "dictionary must be"),
     ],
 )
 def test_bad_attack_or_option(name: str, options: dict[str, str], match: str) -> None:

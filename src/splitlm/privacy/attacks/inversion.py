@@ -1,9 +1,12 @@
 """Training-free inversions of smashed data: nearest-neighbour and embedding relaxation (EIA).
 
-``nn_inversion`` maps every smashed vector to the token whose embedding is nearest in cosine. With no
-block in the head (``split.head_layers=0``) a Llama-family client sends its raw token vectors, so this is
-exact; each block mixes in attention and MLP updates, and the match degrades with depth (GPT-2 also adds
-learned position vectors before the first block, so it is not exact even at split 0).
+``nn_inversion`` maps every smashed vector to the token of its nearest neighbour (cosine) in a dictionary.
+With no block in the head (``split.head_layers=0``) the dictionary is the token embedding matrix: a
+Llama-family client then sends its raw token vectors, so this is exact (GPT-2 adds learned position vectors
+before the first block, so it is not exact even there). Deeper cuts mix attention and MLP updates into each
+vector, and the embeddings stop matching; there the dictionary is built from public text passed through the
+pretrained head (each real position's output vector, labelled with its token), standardised per dimension
+by the dictionary's own statistics (a few dimensions of some models' activations are huge).
 
 ``eia`` relaxes the discrete input: it optimises logits ``W`` (B, T, V) over the vocabulary, feeds the
 pretrained head ``softmax(W / temperature) @ E`` as input embeddings, pulls the head's output towards the
@@ -35,10 +38,44 @@ def nearest_tokens(vectors: torch.Tensor, embeddings: torch.Tensor, chunk: int =
     return ids.reshape(vectors.shape[:-1])
 
 
+@dataclass(frozen=True)
+class NnOptions:
+    dictionary: str = "auto"  # embeddings, aux (public text through the pretrained head), or auto (by split)
+    aux_rows: int = 400  # public rows for the aux dictionary
+    aux: str | None = None  # a data name for the public text (default: the run's unseen rows)
+
+    def check(self) -> None:
+        if self.dictionary not in ("auto", "embeddings", "aux") or self.aux_rows < 1:
+            raise PrivacyError(
+                f"nn_inversion options: dictionary must be auto, embeddings or aux (got {self.dictionary!r}) and "
+                "aux_rows >= 1"
+            )
+
+
 @dataclass
 class NearestNeighbour:
     name: ClassVar[str] = "nn_inversion"
+    options: NnOptions = NnOptions()
 
+    def _dictionary(self, ctx: AttackContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(vectors (N, d), their token ids (N,), mean (d,), std (d,)), cached per context and options."""
+        key = ("nn_inversion", self.options.aux_rows, self.options.aux)
+        if key not in ctx.cache:
+            head = ctx.stage("head")
+            vectors, ids = [], []
+            with torch.no_grad():
+                for batch in ctx.aux_batches(self.options.aux_rows, 8, self.options.aux):
+                    batch = batch.to(ctx.device)
+                    out = head(input_ids=batch.input_ids, attention_mask=batch.attention_mask).float()  # (B,T,d)
+                    real = batch.attention_mask.bool()
+                    vectors.append(out[real])
+                    ids.append(batch.input_ids[real])
+            table = torch.cat(vectors)
+            mean, std = table.mean(0), table.std(0).clamp_min(1e-6)
+            ctx.cache[key] = (F.normalize((table - mean) / std, dim=-1), torch.cat(ids), mean, std)
+        return ctx.cache[key]
+
+    @torch.no_grad()
     def invert(self, ctx: AttackContext, obs: Observation) -> torch.Tensor:
         smashed = obs.smashed.to(ctx.device)
         embeddings = ctx.token_embeddings()
@@ -47,14 +84,22 @@ class NearestNeighbour:
                 f"nn_inversion: smashed vectors have {smashed.shape[-1]} dims but token embeddings "
                 f"{embeddings.shape[-1]}; a defense changed their width, use sip instead"
             )
-        return nearest_tokens(smashed, embeddings)
+        kind = self.options.dictionary
+        if kind == "auto":
+            kind = "embeddings" if ctx.spec.head_layers == 0 else "aux"
+        if kind == "embeddings":
+            return nearest_tokens(smashed, embeddings)
+        table, ids, mean, std = self._dictionary(ctx)
+        flat = F.normalize((smashed.float().reshape(-1, smashed.shape[-1]) - mean) / std, dim=-1)  # (N, d)
+        nearest = torch.cat([(part @ table.T).argmax(-1) for part in flat.split(1024)])
+        return ids[nearest].reshape(smashed.shape[:-1])
 
 
 @register_attack("nn_inversion")
 def make_nn_inversion(options: dict[str, str]) -> NearestNeighbour:
-    if options:
-        raise PrivacyError(f"nn_inversion takes no options, got {', '.join(sorted(options))}; drop them")
-    return NearestNeighbour()
+    parsed = parse_options(NnOptions, options)
+    parsed.check()
+    return NearestNeighbour(parsed)
 
 
 @dataclass(frozen=True)
