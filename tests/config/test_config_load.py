@@ -161,3 +161,13 @@ def test_empty_file_and_no_file_give_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("")
     assert load_config(path) == load_config(None) == Config()
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_names_its_command(path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# splitlm ") and path.name in first
+    assert isinstance(load_config(path), Config)

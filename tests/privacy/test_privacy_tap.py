@@ -114,3 +114,22 @@ def test_accountant_composes_releases_and_reports_none_without_a_mechanism() -> 
     assert once is not None and many is not None and 0 < once < many
     louder = epsilon([dp_event.GaussianDpEvent(4.0)], 10, 1e-5)
     assert louder is not None and louder < many
+
+
+def test_multi_client_runs_tap_every_client_and_refuse_a_simulated_attacker(fast_config, tmp_path: Path) -> None:
+    from splitlm.errors import ConfigError
+    from splitlm.frameworks import run_framework
+
+    config = fast_config(
+        tmp_path / "psl", "framework.name=psl", "framework.num_clients=2", "privacy.tap.enabled=true",
+        "privacy.tap.max_batches=4", "train.steps=3",
+    )  # fmt: skip
+    run_framework(config)
+    records = read_records(tmp_path / "psl")
+    assert {key[0] for key, _, _ in records} == {"0", "1"}
+    assert all(truth is not None and "trunk_out" in tap for _, tap, truth in records)
+    attacked = fast_config(
+        tmp_path / "fsha", "framework.name=sflv2", "framework.num_clients=2", "privacy.server_attack=fsha"
+    )
+    with pytest.raises(ConfigError, match="one in-process sl client"):
+        run_framework(attacked)

@@ -205,11 +205,13 @@ Mechanism = Literal["gaussian", "laplace"]
 
 class DxpConfig(Section):
     epsilon: float = Field(
-        500.0,
+        50.0,
         gt=0,
         description="d_x-privacy parameter per unit of embedding distance: each input embedding gets noise r*u "
         "(u uniform on the unit sphere, r ~ Gamma(d, 1/epsilon), so about d/epsilon long) and is snapped to the "
-        "nearest token; smaller is stronger. Padding and special ids stay; metric DP, so no epsilon is reported.",
+        "nearest token; smaller is stronger (the noise is about d/epsilon long: on SmolLM2-135M, d=576, epsilon 50 / "
+        "40 / 30 change about 18 / 35 / 55% of the tokens, 100 almost none). Padding and special ids stay; metric DP, "
+        "so no epsilon is reported.",
     )
 
 

@@ -51,6 +51,7 @@ from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
 from splitlm.privacy.accounting import epsilon, releases
+from splitlm.privacy.tap import ServerTap, TruthRecorder
 from splitlm.runtime.client import EvalStats, SplitClient
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.server import SplitServer
@@ -131,6 +132,8 @@ class Federation:
     groups: list[list[int]] = field(default_factory=list)
     carry: dict[str, torch.Tensor] | None = None  # client-side weights passed along (sl, gsfl)
     metrics_file: Any = None
+    tap: ServerTap | None = None  # in-process runs with privacy.tap.enabled: what the server received
+    truth: TruthRecorder | None = None  # ... and the clients' true tokens of those batches (audit)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- the unit every recipe is made of: one client's local steps --------------------------------------
@@ -348,12 +351,17 @@ def build_federation(config: Config) -> Federation:
     parts, histograms = partition(config, data)
     groups = assign_groups(config, histograms) if config.framework.name == "gsfl" else []
     server = make_server(config, source, groups)
+    tap = ServerTap(server.submit, config.privacy.tap.max_batches) if config.privacy.tap.enabled else None
+    truth = TruthRecorder() if tap is not None else None
     members = []
     for index, indices in enumerate(parts):
-        transport = InProcessTransport(server.submit)
-        members.append(make_member(config, source, data, index, indices, histograms[index], transport))
+        transport = InProcessTransport(tap or server.submit)
+        member = make_member(config, source, data, index, indices, histograms[index], transport)
+        member.client.truth = truth
+        members.append(member)
         route(config, server, index, groups)
-    return Federation(config, server, members, data, config.framework.steps_per_round(config.train.steps), groups)
+    steps = config.framework.steps_per_round(config.train.steps)
+    return Federation(config, server, members, data, steps, groups, tap=tap, truth=truth)
 
 
 def participants(config: Config, members: list[Member], round_index: int) -> list[Member]:
@@ -423,6 +431,10 @@ def drive_rounds(config: Config, fed: Federation, recipe: RoundRecipe, out: Path
     finally:
         fed.server.stop()
         fed.metrics_file = None
+    if fed.tap is not None:
+        keys = fed.tap.write(out)
+        if fed.truth is not None:
+            fed.truth.write(out, keys)
     adapters = out / "adapters"
     adapters.mkdir(exist_ok=True)
     # The model `generate` / `export` rebuild: the global client side (psl: the first client's) and the trunk
@@ -488,6 +500,11 @@ def federation_privacy(config: Config, members: Sequence[Member]) -> dict[str, A
 
 
 def check_supported(config: Config) -> None:
+    if config.privacy.server_attack != "none":
+        raise ConfigError(
+            f"privacy.server_attack={config.privacy.server_attack} is simulated for one in-process sl client: set "
+            "framework.name=sl, framework.num_clients=1, framework.rounds=1 and transport.name=inprocess"
+        )
     if config.framework.name in ("sflv1", "gsfl") and config.lora.part("trunk").method != "lora":
         raise ConfigError(
             f"framework.name={config.framework.name} keeps one trunk adapter per tenant: set lora.trunk.method=lora"

@@ -134,8 +134,10 @@ def serve(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Host the trunk and the aggregator; wait for every client; run the configured framework."""
+    from splitlm.frameworks.federation import check_supported
     from splitlm.frameworks.recipes import ROUNDS
 
+    check_supported(config)
     fw = config.framework
     if fw.name not in ROUNDS:
         raise ConfigError(f"framework.name={fw.name} does not run across processes; choose from {sorted(ROUNDS)}")
