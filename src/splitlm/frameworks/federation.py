@@ -505,6 +505,8 @@ def check_supported(config: Config) -> None:
             f"privacy.server_attack={config.privacy.server_attack} is simulated for one in-process sl client: set "
             "framework.name=sl, framework.num_clients=1, framework.rounds=1 and transport.name=inprocess"
         )
+    if config.privacy.tap.enabled and config.transport.name != "inprocess":
+        raise ConfigError("privacy.tap records in-process runs only: set transport.name=inprocess")
     if config.framework.name in ("sflv1", "gsfl") and config.lora.part("trunk").method != "lora":
         raise ConfigError(
             f"framework.name={config.framework.name} keeps one trunk adapter per tenant: set lora.trunk.method=lora"

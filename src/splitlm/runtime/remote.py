@@ -138,6 +138,8 @@ def serve(
     from splitlm.frameworks.recipes import ROUNDS
 
     check_supported(config)
+    if config.privacy.tap.enabled:
+        raise ConfigError("privacy.tap records in-process runs only: drop it from the server's config")
     fw = config.framework
     if fw.name not in ROUNDS:
         raise ConfigError(f"framework.name={fw.name} does not run across processes; choose from {sorted(ROUNDS)}")
