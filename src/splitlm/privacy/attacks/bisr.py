@@ -85,41 +85,26 @@ def match_gradients(
     tail runs forward once and each step is one vector-Jacobian product (create_graph) and its backward.
     """
     with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
-        return _match_gradients(ctx, trunk_out, grad, mask, init, steps, lr, l2, l1, name)
-
-
-def _match_gradients(
-    ctx: AttackContext,
-    trunk_out: torch.Tensor,
-    grad: torch.Tensor,
-    mask: torch.Tensor,
-    init: torch.Tensor,
-    steps: int,
-    lr: float,
-    l2: float,
-    l1: float,
-    name: str,
-) -> torch.Tensor:
-    tail = ctx.stage("tail")
-    z = trunk_out.detach().requires_grad_(True)  # (B, T, d)
-    logits = tail(hidden_states=z, attention_mask=mask).float()  # (B, T, V)
-    q = logits.detach().softmax(-1)
-    weight = label_positions(mask).unsqueeze(-1).float()  # (B, T, 1)
-    target = grad * mask.unsqueeze(-1)
-    target = target / target.norm().clamp_min(1e-30)
-    y = init.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([y], lr=lr, weight_decay=0.0)
-    for step in range(steps):
-        cotangent = (q - y.softmax(-1)) * weight  # d(soft CE)/d(logits), (B, T, V)
-        (guess,) = torch.autograd.grad(logits, z, cotangent, create_graph=True, retain_graph=True)
-        guess = guess * mask.unsqueeze(-1)
-        diff = guess / guess.norm().clamp_min(1e-30) - target
-        loss = l2 * diff.pow(2).sum() + l1 * diff.abs().sum()
-        (y.grad,) = torch.autograd.grad(loss, y, retain_graph=True)
-        optimizer.step()
-        if step % 10 == 0 or step == steps - 1:
-            log.info("%s step %d/%d: gradient distance %.4f", name, step + 1, steps, loss.item())
-    return y.detach()
+        tail = ctx.stage("tail")
+        z = trunk_out.detach().requires_grad_(True)  # (B, T, d)
+        logits = tail(hidden_states=z, attention_mask=mask).float()  # (B, T, V)
+        q = logits.detach().softmax(-1)
+        weight = label_positions(mask).unsqueeze(-1).float()  # (B, T, 1)
+        target = grad * mask.unsqueeze(-1)
+        target = target / target.norm().clamp_min(1e-30)
+        y = init.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([y], lr=lr, weight_decay=0.0)
+        for step in range(steps):
+            cotangent = (q - y.softmax(-1)) * weight  # d(soft CE)/d(logits), (B, T, V)
+            (guess,) = torch.autograd.grad(logits, z, cotangent, create_graph=True, retain_graph=True)
+            guess = guess * mask.unsqueeze(-1)
+            diff = guess / guess.norm().clamp_min(1e-30) - target
+            loss = l2 * diff.pow(2).sum() + l1 * diff.abs().sum()
+            (y.grad,) = torch.autograd.grad(loss, y, retain_graph=True)
+            optimizer.step()
+            if step % 10 == 0 or step == steps - 1:
+                log.info("%s step %d/%d: gradient distance %.4f", name, step + 1, steps, loss.item())
+        return y.detach()
 
 
 def labels_to_tokens(y: torch.Tensor, mask: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
