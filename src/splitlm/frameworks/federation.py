@@ -485,11 +485,15 @@ def drive_rounds(config: Config, fed: Federation, recipe: RoundRecipe, out: Path
 
 
 def federation_privacy(config: Config, members: Sequence[Member]) -> dict[str, Any]:
-    """The defenses every client ran and the largest epsilon among the clients (each sends its own data)."""
+    """The defenses every client ran and the largest epsilon among the clients (each sends its own data).
+
+    A networked or Ray server holds proxies of clients whose defenses run elsewhere: its epsilon is null.
+    """
     values = []
     for m in members:
+        chain = getattr(m.client, "defense", None)
         count = releases(m.steps_done, config.train.batch_size, config.train.grad_accum, max(m.num_examples, 1))
-        values.append(epsilon(m.client.defense.dp_events(), count, config.privacy.delta))
+        values.append(None if chain is None else epsilon(chain.dp_events(), count, config.privacy.delta))
     known = [v for v in values if v is not None]
     return {
         "defenses": list(config.privacy.defenses),
