@@ -352,7 +352,7 @@ def build_federation(config: Config) -> Federation:
     groups = assign_groups(config, histograms) if config.framework.name == "gsfl" else []
     server = make_server(config, source, groups)
     tap = ServerTap(server.submit, config.privacy.tap.max_batches) if config.privacy.tap.enabled else None
-    truth = TruthRecorder() if tap is not None else None
+    truth = TruthRecorder(2 * config.privacy.tap.max_batches * len(parts)) if tap is not None else None
     members = []
     for index, indices in enumerate(parts):
         transport = InProcessTransport(tap or server.submit)

@@ -119,7 +119,7 @@ def build_learner(config: Config, client_id: str = "0") -> SplitLearner:
 
         handler = Fsha(handler, config, source, trunk_stage)
     tap = ServerTap(handler, config.privacy.tap.max_batches) if config.privacy.tap.enabled else None
-    truth = TruthRecorder() if tap is not None else None
+    truth = TruthRecorder(2 * config.privacy.tap.max_batches) if tap is not None else None
     transport = InProcessTransport(tap or handler)
     parts, stages = {}, {}
     for role in spec.client_roles():

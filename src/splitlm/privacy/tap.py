@@ -112,15 +112,20 @@ class ServerTap:
 
 
 class TruthRecorder:
-    """Client-side: the true token ids of every training micro-batch, written only for the tapped ones."""
+    """Client-side: the true token ids of the latest ``limit`` training micro-batches (at least the tapped ones,
+    when ``limit`` covers the tap's window across clients), written only for the tapped ones."""
 
-    def __init__(self) -> None:
-        self.batches: dict[Key, dict[str, torch.Tensor]] = {}
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self.batches: OrderedDict[Key, dict[str, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __call__(self, key: Key, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         with self._lock:
             self.batches[key] = {"input_ids": _keep(input_ids), "attention_mask": _keep(attention_mask)}
+            self.batches.move_to_end(key)
+            while len(self.batches) > self.limit:
+                self.batches.popitem(last=False)
 
     def write(self, run_dir: Path, keys: list[Key]) -> None:
         for key in keys:
