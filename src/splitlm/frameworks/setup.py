@@ -153,7 +153,7 @@ def client_guard(config: Config, head: Stage) -> Guard | None:
         return None
     from splitlm.privacy.detect import SplitGuard
 
-    return SplitGuard(config.privacy.splitguard, vocab_size=int(head.token_embeddings().shape[0]), seed=config.seed)
+    return SplitGuard(config.privacy.splitguard, vocab_size=int(head.config.vocab_size), seed=config.seed)
 
 
 def build_centralized(config: Config, source: ModelSource) -> nn.Module:

@@ -60,7 +60,9 @@ class Family:
         module = get_module(stage, self.embeddings[0])
         scale = getattr(module, "embed_scale", None)
         weight = module.weight
-        return weight * scale.to(weight.dtype) if torch.is_tensor(scale) else weight * (scale or 1.0)
+        if scale is None:
+            return weight  # no copy: most families use the matrix as it is
+        return weight * (scale.to(weight.dtype) if torch.is_tensor(scale) else scale)
 
     def block_inputs(
         self,

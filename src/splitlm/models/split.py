@@ -103,6 +103,12 @@ class Stage(nn.Module):
             raise ValueError(f"the {self.role} has no token embeddings; only the head has")
         return self.family.token_embeddings(self)
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The head's (B, T, d) token vectors of ``input_ids`` (rows of ``token_embeddings``, no positions)."""
+        if not self.starts:
+            raise ValueError(f"the {self.role} has no token embeddings; only the head has")
+        return get_module(self, self.family.embeddings[0])(input_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

@@ -179,7 +179,7 @@ class SplitClient:
             outputs.append(sent)
             grads.append(grad)
         if self.defense.wants_embeddings:
-            embeddings = self.stages["head"].token_embeddings()[batch.input_ids].detach()  # (B, T, d)
+            embeddings = self.stages["head"].embed_tokens(batch.input_ids).detach()  # (B, T, d)
             extra = self.defense.extra_loss(embeddings, hidden, batch.attention_mask)
             if extra is not None and extra.requires_grad:
                 outputs.append(extra * scale)

@@ -63,7 +63,7 @@ class AttackContext:
         self.tokenizer = self.source.tokenizer()
         self.device = torch.device(device)
         self.spec = SplitSpec(config.split.mode, config.split.head_layers, config.split.tail_layers)
-        self.cache: dict[str, Any] = {}  # e.g. a trained SIP inverter, shared by BiSR(b)
+        self.cache: dict[Any, Any] = {}  # e.g. a trained SIP inverter, shared by BiSR(b)
         self._stages: dict[str, Stage] = {}
 
     @classmethod
@@ -90,6 +90,12 @@ class AttackContext:
     def aux_batches(self, rows: int, batch_size: int, name: str | None = None) -> list[Batch]:
         """Public text for the attacker: ``name`` (a data name), else rows of the run's dataset the client
         never trained on (those past ``data.max_rows``, or else its held-out rows)."""
+        key = ("aux_batches", rows, batch_size, name)
+        if key not in self.cache:  # SIP, the nn dictionary and FSHA read the same public text
+            self.cache[key] = self._aux_batches(rows, batch_size, name)
+        return self.cache[key]
+
+    def _aux_batches(self, rows: int, batch_size: int, name: str | None) -> list[Batch]:
         data = self.config.data
         if name:
             pool = load_rows(data.model_copy(update={"name": name, "max_rows": None}))

@@ -106,30 +106,26 @@ class DefenseChain:
     def names(self) -> list[str]:
         return [d.name for d in self.defenses]
 
-    def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _through(self, hook: str, value: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        """``value`` through every defense's ``hook`` in order."""
         for d in self.defenses:
-            input_ids = d.tokens(input_ids, attention_mask)
-        return input_ids
+            value = getattr(d, hook)(value, *context)
+        return value
+
+    def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._through("tokens", input_ids, attention_mask)
 
     def smashed(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        for d in self.defenses:
-            hidden = d.smashed(hidden, attention_mask)
-        return hidden
+        return self._through("smashed", hidden, attention_mask)
 
     def labels(self, labels: torch.Tensor) -> torch.Tensor:
-        for d in self.defenses:
-            labels = d.labels(labels)
-        return labels
+        return self._through("labels", labels)
 
     def grad_up(self, grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        for d in self.defenses:
-            grad = d.grad_up(grad, attention_mask)
-        return grad
+        return self._through("grad_up", grad, attention_mask)
 
     def grad_down(self, grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        for d in self.defenses:
-            grad = d.grad_down(grad, attention_mask)
-        return grad
+        return self._through("grad_down", grad, attention_mask)
 
     def extra_loss(
         self, embeddings: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor
