@@ -9,7 +9,6 @@ tokens ride along for scoring only; an attack's ``invert`` never reads ``truth``
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 from splitlm.config import Config, load_config
 from splitlm.data import Batch, collate, load_rows, split_rows, tokenize_rows
 from splitlm.errors import PrivacyError
+from splitlm.frameworks.loop import write_json
 from splitlm.models import ModelSource, Stage, load_stage, resolve_model
 from splitlm.models.split import SplitSpec
 from splitlm.privacy.metrics import rouge_l, token_accuracy
@@ -217,5 +217,5 @@ def run_attack(
     result = {**score(ctx, name, attack, obs), "run_dir": str(run_dir), "options": dict(options or {})}
     folder = run_dir / "attacks"
     folder.mkdir(exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(folder / f"{name}.json", result)  # atomic: an interrupted attack leaves the last result whole
     return result
