@@ -13,14 +13,15 @@ from transformers import AutoModelForCausalLM, BertConfig
 
 from splitlm.cli.main import main
 from splitlm.frameworks.assemble import assemble, load_run_config
-from splitlm.frameworks.sl import build_learner
+from splitlm.frameworks.federation import build_federation
 from splitlm.models import load_full_model, resolve_model
 from splitlm.peft import load_trainable
 
 METRIC_KEYS = {"step", "client", "loss", "tokens", "bytes_up", "bytes_down", "seconds"}
 SUMMARY_KEYS = {
     "framework", "split_mode", "eval_loss_before", "eval_loss_after", "eval_ppl_before", "eval_ppl_after",
-    "bytes_up", "bytes_down", "wall_seconds", "client_param_count", "server_param_count",
+    "bytes_up", "bytes_down", "eval_bytes_up", "eval_bytes_down", "train_seconds", "wall_seconds",
+    "client_param_count", "server_param_count", "format",
 }  # fmt: skip
 PROMPT = "A three-hour cinema"
 
@@ -116,9 +117,10 @@ def test_train_writes_metrics_and_summary(trained, run_files) -> None:
     assert summary["eval_ppl_before"] == pytest.approx(math.exp(summary["eval_loss_before"]))
     assert summary["eval_ppl_after"] == pytest.approx(math.exp(summary["eval_loss_after"]))
     assert summary["eval_loss_after"] < summary["eval_loss_before"]  # 6 steps at lr 5e-3 do learn
-    # Evaluation traffic comes on top of the training steps' traffic.
-    assert summary["bytes_up"] > sum(r["bytes_up"] for r in metrics)
-    assert summary["bytes_down"] > sum(r["bytes_down"] for r in metrics)
+    # Training traffic is the steps' traffic; evaluation traffic is counted apart.
+    assert summary["bytes_up"] == sum(r["bytes_up"] for r in metrics)
+    assert summary["eval_bytes_up"] > 0 and summary["eval_bytes_down"] > 0
+    assert summary["bytes_down"] == sum(r["bytes_down"] for r in metrics)
     assert summary["client_param_count"] > 0 and summary["server_param_count"] > 0
     assert (run / "config.yaml").is_file()
     assert {p.name for p in (run / "adapters").glob("*.safetensors")} == {
@@ -128,8 +130,8 @@ def test_train_writes_metrics_and_summary(trained, run_files) -> None:
 
 def _split_logits(run: Path, ids: torch.Tensor) -> torch.Tensor:
     """Logits of the trained parts themselves (LoRA not merged), head -> trunk -> tail."""
-    learner = build_learner(load_run_config(run))
-    parts = {**learner.client.parts, "trunk": learner.server.trunk}
+    fed = build_federation(load_run_config(run))
+    parts = {**fed.members[0].client.parts, "trunk": fed.server.trunk}
     for role, part in parts.items():
         load_trainable(part, run / "adapters" / f"{role}.safetensors")
         part.eval()

@@ -1,7 +1,13 @@
-"""An interrupted run resumed from its checkpoint ends exactly where an uninterrupted run ends."""
+"""An interrupted run resumed from its checkpoint ends exactly where an uninterrupted run ends.
+
+Two interruptions: Ctrl-C (SIGINT), after which the run finishes the step it is in and checkpoints it; and a
+hard stop in the middle of a step (an exception), after which ``--resume`` goes back to the last checkpoint.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,8 +15,9 @@ import torch
 
 from splitlm.errors import CheckpointError
 from splitlm.frameworks import run_framework
-from splitlm.frameworks.centralized import CentralizedLearner
-from splitlm.frameworks.sl import SplitLearner
+from splitlm.frameworks.centralized import CentralizedClient
+from splitlm.frameworks.federation import Interrupted
+from splitlm.runtime.client import SplitClient
 
 STEPS, SAVE_EVERY, INTERRUPT_AT = 6, 3, 4  # checkpoint after step 3; interrupted while running step 5
 
@@ -21,39 +28,48 @@ def _config(fast_config, out: Path, *extra: str):
 
 
 CASES = {
-    "sl-ushape": (SplitLearner, ("split.mode=ushape", "split.tail_layers=1"), ("head", "trunk", "tail")),
-    "sl-vanilla": (SplitLearner, ("split.mode=vanilla", "split.tail_layers=0"), ("head", "trunk")),
-    "centralized": (CentralizedLearner, ("framework.name=centralized",), ("model",)),
+    "sl-ushape": (SplitClient, ("split.mode=ushape", "split.tail_layers=1"), ("head", "trunk", "tail")),
+    "sl-vanilla": (SplitClient, ("split.mode=vanilla", "split.tail_layers=0"), ("head", "trunk")),
+    "centralized": (CentralizedClient, ("framework.name=centralized",), ("model",)),
+}
+# (how the run is interrupted while step 5 runs, metric lines left, checkpoints left)
+STOPS = {
+    "ctrl-c": ("sigint", [1, 2, 3, 4, 5], ["step-000003", "step-000005"]),
+    "hard": ("raise", [1, 2, 3, 4], ["step-000000", "step-000003"]),
 }
 
 
+@pytest.mark.parametrize("stop", list(STOPS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_resumed_run_equals_uninterrupted_run(
-    tmp_path: Path, fast_config, run_files, monkeypatch: pytest.MonkeyPatch, case: str
+    tmp_path: Path, fast_config, run_files, monkeypatch: pytest.MonkeyPatch, case: str, stop: str
 ) -> None:
-    learner_class, extra, parts = CASES[case]
+    client_class, extra, parts = CASES[case]
+    how, lines, kept = STOPS[stop]
     a, b = tmp_path / "a", tmp_path / "b"
     run_framework(_config(fast_config, a, *extra))
 
-    real_step = learner_class.train_step
+    real_step = client_class.train_step
 
     def interrupted(self, step, micro_batches):
         if step == INTERRUPT_AT:  # 0-based: steps 1-4 are done and logged, step 3 is checkpointed
-            raise KeyboardInterrupt
+            if how == "raise":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step 5 runs: it finishes, then the run stops
         return real_step(self, step, micro_batches)
 
     with monkeypatch.context() as patch:
-        patch.setattr(learner_class, "train_step", interrupted)
-        with pytest.raises(KeyboardInterrupt):
+        patch.setattr(client_class, "train_step", interrupted)
+        with pytest.raises(KeyboardInterrupt if how == "raise" else Interrupted):
             run_framework(_config(fast_config, b, *extra))
-    assert [r["step"] for r in run_files.metrics(b)] == [1, 2, 3, 4]
-    assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-000003"]
+    assert [r["step"] for r in run_files.metrics(b)] == lines
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == kept
     assert not (b / "summary.json").exists()
 
     run_framework(_config(fast_config, b, *extra), resume=True)
 
     metrics_a, metrics_b = run_files.metrics(a), run_files.metrics(b)
-    # Step 4 ran after the checkpoint, so its line is replaced by the resumed run's own step 4.
+    # A step that ran after the last checkpoint has its line replaced by the resumed run's own.
     assert [r["step"] for r in metrics_b] == list(range(1, STEPS + 1))
     # The resumed process restores adapters, optimizer moments, schedule position and RNG state, and
     # replays the same data order: every number is the same computation, so equality is exact.
@@ -74,3 +90,24 @@ def test_resumed_run_equals_uninterrupted_run(
 def test_resume_without_checkpoint_is_a_checkpoint_error(tmp_path: Path, fast_config) -> None:
     with pytest.raises(CheckpointError, match=r"no checkpoints/step-\* folder; start the run without --resume"):
         run_framework(_config(fast_config, tmp_path / "fresh"), resume=True)
+
+
+def test_ctrl_c_without_save_every_resumes(tmp_path: Path, fast_config, run_files, monkeypatch) -> None:
+    """No train.save_every: Ctrl-C still leaves a checkpoint of the last finished step, and --resume works."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_framework(fast_config(a, f"train.steps={STEPS}"))
+    real_step = SplitClient.train_step
+
+    def interrupted(self, step, micro_batches):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, step, micro_batches)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SplitClient, "train_step", interrupted)
+        with pytest.raises(Interrupted, match="interrupted after step 2; checkpoint written"):
+            run_framework(fast_config(b, f"train.steps={STEPS}"))
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step-000000", "step-000002"]
+    run_framework(fast_config(b, f"train.steps={STEPS}"), resume=True)
+    assert [r["loss"] for r in run_files.metrics(b)] == [r["loss"] for r in run_files.metrics(a)]
+    assert run_files.summary(b)["eval_loss_after"] == run_files.summary(a)["eval_loss_after"]

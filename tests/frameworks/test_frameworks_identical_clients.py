@@ -10,6 +10,7 @@ equals a one-client sflv1 run on the same data.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from splitlm.data import partition
 from splitlm.data.partition import PARTITIONERS, register_partitioner
-from splitlm.frameworks import recipes, run_framework
+from splitlm.frameworks import run_framework, sflv1
 
 EVERYONE = "test-everyone"  # every client gets every index
 
@@ -29,10 +30,10 @@ class EveryoneGetsAll:
 
 
 @pytest.fixture
-def everyone(monkeypatch) -> str:
-    monkeypatch.setitem(PARTITIONERS, EVERYONE, None)  # recorded as absent: undo removes the key again
+def everyone() -> Iterator[str]:
     register_partitioner(EVERYONE)(EveryoneGetsAll)
-    return EVERYONE
+    yield EVERYONE
+    PARTITIONERS.remove(EVERYONE)
 
 
 def _equal_states(states: list[dict[str, torch.Tensor]]) -> None:
@@ -47,7 +48,7 @@ def _equal_states(states: list[dict[str, torch.Tensor]]) -> None:
 def test_identical_clients_stay_identical(everyone, make_config, run_files, monkeypatch) -> None:
     # Prepare: record what each FedAvg call averages (client states, then trunk adapters, per round).
     calls: list[tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = []
-    real = recipes.fedavg
+    real = sflv1.fedavg
 
     def spy(states, weights):
         inputs = [{k: v.clone() for k, v in s.items()} for s in states]
@@ -55,7 +56,7 @@ def test_identical_clients_stay_identical(everyone, make_config, run_files, monk
         calls.append((inputs, result))
         return result
 
-    monkeypatch.setattr(recipes, "fedavg", spy)
+    monkeypatch.setattr(sflv1, "fedavg", spy)
     overrides = ("framework.name=sflv1", "framework.rounds=2", "train.steps=4", f"data.partition={everyone}")
     config = make_config("three", "framework.num_clients=3", *overrides)
     # Execute
@@ -82,7 +83,7 @@ def test_identical_clients_stay_identical(everyone, make_config, run_files, monk
     assert any(v.abs().sum() > 0 for k, v in server[0].items() if "lora_B" in k)  # it did train
 
     # ...and three copies are one: a single client on the same data gives the same losses and adapters.
-    monkeypatch.setattr(recipes, "fedavg", real)
+    monkeypatch.setattr(sflv1, "fedavg", real)
     single = make_config("one", "framework.num_clients=1", *overrides)
     run_framework(single)
     one = run_files.metrics(Path(single.output_dir))
@@ -93,8 +94,9 @@ def test_identical_clients_stay_identical(everyone, make_config, run_files, monk
 
 
 def test_the_test_partitioner_is_removed_again() -> None:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(PARTITIONERS, EVERYONE, None)
-        register_partitioner(EVERYONE)(EveryoneGetsAll)
+    register_partitioner(EVERYONE)(EveryoneGetsAll)
+    try:
         assert partition.make_partitioner(EVERYONE)(["a", "b"], 3, 0) == [[0, 1]] * 3
+    finally:
+        PARTITIONERS.remove(EVERYONE)
     assert EVERYONE not in PARTITIONERS

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from splitlm.frameworks import recipes, run_framework
+from splitlm.frameworks import FRAMEWORKS as REGISTRY
+from splitlm.frameworks import run_framework
 from splitlm.frameworks.assemble import assemble, load_run_config
 from splitlm.frameworks.setup import load_source, prepare_data
 from splitlm.runtime.loss import causal_lm_loss
@@ -164,18 +166,22 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(make_config, 
     run_framework(straight)
 
     interrupted = make_config("interrupted", *overrides)
-    real = recipes.ROUNDS["sflv1"]
+    real = REGISTRY.get("sflv1")
 
     def until_round_two(fed, round_index, members):
         if round_index == 2:
             raise KeyboardInterrupt
-        return real(fed, round_index, members)
+        return real.round(fed, round_index, members)
 
-    with monkeypatch.context() as patch:
-        patch.setitem(recipes.ROUNDS, "sflv1", until_round_two)
+    REGISTRY.remove("sflv1")
+    REGISTRY.add("sflv1", dataclasses.replace(real, round=until_round_two))
+    try:
         with pytest.raises(KeyboardInterrupt):
             run_framework(interrupted)
-    assert recipes.ROUNDS["sflv1"] is real
+    finally:
+        REGISTRY.remove("sflv1")
+        REGISTRY.add("sflv1", real)
+    assert REGISTRY.get("sflv1") is real
     out = Path(interrupted.output_dir)
     assert [r["round"] for r in rounds_of(out)] == [1, 2]
     assert not (out / "adapters").exists()

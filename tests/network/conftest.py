@@ -8,7 +8,7 @@ import grpc
 import pytest
 from network_support import CLIENTS, HEALTHY_ADAPTER, NetServer, RawStream
 
-from splitlm.frameworks.sl import build_learner
+from splitlm.frameworks.federation import build_federation
 from splitlm.transport.grpc_client import GrpcConnection
 from splitlm.transport.grpc_server import CHANNEL_OPTIONS, GrpcServer
 from splitlm.transport.security import load_tokens, make_dev_certs
@@ -23,9 +23,11 @@ def net_server(fast_config, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     by_token = load_tokens(certs / "tokens.json")
     # No warmup and no decay: every optimizer step has the full learning rate, so each shows in the weights.
     config = fast_config(root / "run", "train.warmup_steps=0", "train.schedule=constant")
-    split_server = build_learner(config, "0").server
+    split_server = build_federation(config).server
     split_server.assign("1", HEALTHY_ADAPTER)
-    grpc_server = GrpcServer(split_server, by_token, "127.0.0.1:0", certs)
+    grpc_server = GrpcServer(
+        split_server.submit, by_token, "127.0.0.1:0", certs, on_restart=lambda c: split_server.forget(c, wait=False)
+    )
     split_server.start()
     grpc_server.start()
     try:

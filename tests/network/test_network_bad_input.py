@@ -134,16 +134,16 @@ def _equal(a: Message, b: Message) -> bool:
 
 
 def test_retried_requests_are_answered_from_the_replay_cache(net_server, open_stream, healthy, monkeypatch) -> None:
-    # Prepare: count the requests that reach the SplitServer.
+    # Prepare: count the requests that reach the server's handler.
     split = net_server.split_server
     submitted: list[tuple[str, str, int]] = []
-    submit = split.submit
+    submit = net_server.grpc_server.handler
 
     def counting_submit(message: Message):
         submitted.append((message.kind, message.client_id, message.step))
         return submit(message)
 
-    monkeypatch.setattr(split, "submit", counting_submit)
+    monkeypatch.setattr(net_server.grpc_server, "handler", counting_submit)
     stream = open_stream(bearer(net_server.tokens["0"], client_header="0"))
     step = next(net_server.steps)
     forward = forward_message("0", step, net_server.hidden_size, seed=step)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from splitlm.errors import ProtocolError
-from splitlm.frameworks.sl import build_learner
+from splitlm.frameworks.federation import build_federation
 from splitlm.transport.grpc_client import GrpcConnection
 from splitlm.transport.grpc_server import GrpcServer
 from splitlm.transport.security import load_tokens, make_dev_certs
@@ -19,8 +19,8 @@ def mtls_server(fast_config, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     root = tmp_path_factory.mktemp("mtls")
     certs = root / "certs"
     make_dev_certs(certs, ["localhost", "127.0.0.1"], ["0"])
-    split_server = build_learner(fast_config(root / "run"), "0").server
-    server = GrpcServer(split_server, load_tokens(certs / "tokens.json"), "127.0.0.1:0", certs, mutual_tls=True)
+    split_server = build_federation(fast_config(root / "run")).server
+    server = GrpcServer(split_server.submit, load_tokens(certs / "tokens.json"), "127.0.0.1:0", certs, mutual_tls=True)
     split_server.start()
     server.start()
     try:

@@ -113,6 +113,15 @@ def test_killed_client_restarts_and_the_run_finishes(tmp_path: Path) -> None:
     assert (tmp_path / "client1" / "adapters" / "head.safetensors").is_file()
 
 
+def _round_checkpoint(run: Path) -> Path | None:
+    """The server's checkpoint at the end of round 1 (checkpoints are named by client steps), once written."""
+    for folder in sorted((run / "checkpoints").glob("step-*")):
+        progress = folder / "progress.json"
+        if progress.is_file() and json.loads(progress.read_text())["round"] >= 1:
+            return folder
+    return None
+
+
 def _free_port() -> int:
     import socket
 
@@ -146,11 +155,10 @@ def test_server_killed_after_a_round_resumes_to_the_same_result(tmp_path: Path) 
     try:
         clients = [_client(tmp_path, certs, port, i, f"client{i}.log") for i in range(3)]
         processes += clients
-        checkpoint = tmp_path / "server" / "checkpoints" / "step-000001"
         deadline = time.monotonic() + 120
-        while not checkpoint.is_dir() and time.monotonic() < deadline:
+        while _round_checkpoint(tmp_path / "server") is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert checkpoint.is_dir(), (tmp_path / "server.log").read_text()[-3000:]
+        assert _round_checkpoint(tmp_path / "server") is not None, (tmp_path / "server.log").read_text()[-3000:]
         server.kill()
         server.wait()
         resumed = _serve(tmp_path, certs, port, "server-resumed.log", "--resume")
@@ -189,11 +197,10 @@ def test_everything_killed_after_a_round_resumes_to_the_same_result(tmp_path: Pa
     processes = [_serve(tmp_path, certs, port, "server.log")]
     processes += [_client(tmp_path, certs, port, i, f"client{i}.log") for i in range(3)]
     try:
-        checkpoint = tmp_path / "server" / "checkpoints" / "step-000001"
         deadline = time.monotonic() + 120
-        while not checkpoint.is_dir() and time.monotonic() < deadline:
+        while _round_checkpoint(tmp_path / "server") is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert checkpoint.is_dir(), (tmp_path / "server.log").read_text()[-3000:]
+        assert _round_checkpoint(tmp_path / "server") is not None, (tmp_path / "server.log").read_text()[-3000:]
         for process in processes:
             process.kill()
             process.wait()

@@ -13,7 +13,7 @@ import torch
 
 from splitlm.cli.main import main
 from splitlm.errors import PrivacyError
-from splitlm.privacy.attacks import AttackContext, Observation, make_attack, observations, score
+from splitlm.privacy.attacks import ATTACKS, AttackContext, Observation, make_attack, observations, score
 from splitlm.privacy.metrics import rouge_l, token_accuracy
 
 SIP = {"steps": "150"}  # a short SIP keeps the file fast; the tiny head is easy to invert
@@ -143,6 +143,13 @@ def test_gradient_attacks_need_a_ushape_run(name: str, record_run) -> None:
 def test_bad_attack_or_option(name: str, options: dict[str, str], match: str) -> None:
     with pytest.raises(PrivacyError, match=match):
         make_attack(name, options)
+
+
+def test_attacks_are_registered_by_name() -> None:
+    assert sorted(ATTACKS) == ["bisr_b", "bisr_f", "eia", "nn_inversion", "sip", "tag"]
+    assert "sip" in ATTACKS and "nope" not in ATTACKS and len(ATTACKS) == 6
+    with pytest.raises(PrivacyError, match=r"unknown attack 'sipp'; choose from \[.*'tag'\] \(did you mean 'sip'\?\)"):
+        make_attack("sipp")
 
 
 # --- the CLI -------------------------------------------------------------------------------------------

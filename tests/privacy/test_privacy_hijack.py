@@ -17,8 +17,8 @@ from splitlm.config.schema import SplitGuardConfig
 from splitlm.data import Batch, DataOrder, collate
 from splitlm.errors import HijackAlarm
 from splitlm.frameworks import run_framework
+from splitlm.frameworks.federation import build_federation
 from splitlm.frameworks.setup import load_source, prepare_data
-from splitlm.frameworks.sl import SplitLearner, build_learner
 from splitlm.privacy.detect import SplitGuard
 from splitlm.privacy.hijack import Fsha
 from splitlm.privacy.tap import read_records
@@ -37,7 +37,7 @@ def _alarm_step(error: HijackAlarm) -> int:
     return int(found.group(1))
 
 
-def _batches(learner: SplitLearner, config: Config, count: int) -> list[Batch]:
+def _batches(config: Config, count: int) -> list[Batch]:
     data = prepare_data(config, load_source(config).tokenizer())
     order = DataOrder(len(data.train), config.train.batch_size, config.seed)
     return [collate([data.train[i] for i in order.indices(step)], data.pad_id) for step in range(count)]
@@ -104,17 +104,15 @@ def test_fsha_forges_the_gradient_of_the_smashed_data(record_run: Callable[..., 
 
 def test_fsha_reconstructs_ids_and_serves_a_queued_server(make_config: Callable[..., Config]) -> None:
     config = make_config("run", FSHA, "privacy.fsha.aux_rows=16", "privacy.fsha.gradient_scale=2.0")
-    learner = build_learner(config)
-    fsha = learner.transport.handler
-    assert isinstance(fsha, Fsha)
+    fed = build_federation(config)
+    fsha = next(mod for mod in fed.server_mods if isinstance(mod, Fsha))
     # a server with a request queue answers with futures: the forgery waits for them
-    learner.server.start()
-    fsha.handler = learner.server.submit
+    fed.server.start()
     try:
-        for step, batch in enumerate(_batches(learner, config, 2)):
-            learner.train_step(step, [batch])
+        for step, batch in enumerate(_batches(config, 2)):
+            fed.members[0].client.train_step(step, [batch])
     finally:
-        learner.server.stop()
+        fed.server.stop()
     assert len(fsha.history) == 2 and fsha.honest_norm is not None
     smashed = torch.randn(3, 7, 64)
     mask = torch.ones(3, 7, dtype=torch.long)
@@ -132,21 +130,20 @@ def test_a_probe_step_leaves_the_client_parts_alone(make_config: Callable[..., C
     config = make_config(
         "run", "privacy.splitguard.enabled=true", "privacy.splitguard.probe_every=2", "train.warmup_steps=0"
     )
-    learner = build_learner(config)
-    guard = learner.client.guard
-    assert isinstance(guard, SplitGuard)
+    client = build_federation(config).members[0].client
+    guard = next(plugin for plugin in client.plugins if isinstance(plugin, SplitGuard))
     assert [guard.is_probe(s) for s in range(4)] == [False, True, False, True]
-    batches = _batches(learner, config, 3)
+    batches = _batches(config, 3)
 
     def state() -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in learner.client.state().items()}
+        return {k: v.clone() for k, v in client.state().items()}
 
     before = state()
-    learner.train_step(0, [batches[0]])
+    client.train_step(0, [batches[0]])
     after_regular = state()
-    learner.train_step(1, [batches[1]])  # a probe
+    client.train_step(1, [batches[1]])  # a probe
     after_probe = state()
-    learner.train_step(2, [batches[2]])
+    client.train_step(2, [batches[2]])
     assert before and any(not torch.equal(before[k], after_regular[k]) for k in before)
     assert all(torch.equal(after_regular[k], after_probe[k]) for k in before)
     assert any(not torch.equal(after_probe[k], v) for k, v in state().items())

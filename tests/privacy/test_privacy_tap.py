@@ -14,6 +14,7 @@ from splitlm.errors import PrivacyError
 from splitlm.privacy.accounting import epsilon, releases
 from splitlm.privacy.metrics import rouge_l, token_accuracy
 from splitlm.privacy.tap import ServerTap, read_records
+from splitlm.transport import server_chain
 from splitlm.transport.messages import Message
 
 
@@ -63,11 +64,14 @@ class _Server:
 
 def test_tap_pairs_requests_and_replies_and_writes_files(tmp_path: Path) -> None:
     server = _Server()
-    tap = ServerTap(server, max_batches=2)
+    tap = ServerTap(max_batches=2)
+    handle = server_chain([tap], server)  # the tap is a server mod around the handler
     for step in range(3):
         hidden = torch.full((1, 3, 4), float(step))
-        tap(Message("forward", "c", step, 0, {"hidden": hidden, "attention_mask": torch.ones(1, 3, dtype=torch.long)}))
-        tap(Message("backward", "c", step, 0, {"grad": torch.zeros(1, 3, 4)}))
+        handle(
+            Message("forward", "c", step, 0, {"hidden": hidden, "attention_mask": torch.ones(1, 3, dtype=torch.long)})
+        )
+        handle(Message("backward", "c", step, 0, {"grad": torch.zeros(1, 3, 4)}))
     assert len(server.seen) == 6  # the tap passes everything through
     assert tap.keys() == [("c", 1, 0), ("c", 2, 0)]
     keys = tap.write(tmp_path)
@@ -131,5 +135,5 @@ def test_multi_client_runs_tap_every_client_and_refuse_a_simulated_attacker(fast
     attacked = fast_config(
         tmp_path / "fsha", "framework.name=sflv2", "framework.num_clients=2", "privacy.server_attack=fsha"
     )
-    with pytest.raises(ConfigError, match="one in-process sl client"):
+    with pytest.raises(ConfigError, match="simulated for one in-process client"):
         run_framework(attacked)

@@ -1,17 +1,20 @@
-"""The byte meter counts exactly the tensor bytes that cross the cut, and labels stay home in U-shape."""
+"""The byte meter counts exactly the tensor bytes that cross the cut, and labels stay home in U-shape.
+
+Training traffic and evaluation traffic are counted apart (``snapshot`` / ``eval_snapshot``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
 
-import splitlm.frameworks.sl as sl_module
+import splitlm.frameworks.federation as federation_module
 from splitlm.data import Batch
 from splitlm.frameworks import run_framework
-from splitlm.frameworks.sl import build_learner
+from splitlm.frameworks.federation import build_federation
 from splitlm.transport import InProcessTransport, Message
 
 B, T = 4, 32
@@ -34,6 +37,8 @@ class Recorder:
 
     def __call__(self, message: Message) -> Message:
         reply = self.handler(message)
+        if isinstance(reply, Future):  # a server with a request queue answers with a future
+            reply = reply.result()
         self.pairs.append((message, reply))
         return reply
 
@@ -54,17 +59,18 @@ def _batch() -> Batch:
     return Batch(ids, mask, labels)
 
 
-def _learner(make_config, mode: str):
+def _client(make_config, mode: str):
     tail = "1" if mode == "ushape" else "0"
-    learner = build_learner(make_config("run", f"split.mode={mode}", f"split.tail_layers={tail}"))
-    recorder = Recorder(learner.transport.handler)
-    learner.transport.handler = recorder
-    return learner, recorder
+    client = build_federation(make_config("run", f"split.mode={mode}", f"split.tail_layers={tail}")).members[0].client
+    transport = client.channel.transport
+    recorder = Recorder(transport.handler)
+    transport.handler = recorder
+    return client, recorder
 
 
 def test_ushape_step_sends_hidden_and_mask_up_and_never_labels(make_config) -> None:
-    learner, recorder = _learner(make_config, "ushape")
-    learner.train_step(0, [_batch()])
+    client, recorder = _client(make_config, "ushape")
+    client.train_step(0, [_batch()])
     kinds = [(q.kind, r.kind) for q, r in recorder.pairs]
     assert kinds == [("forward", "activations"), ("backward", "gradients"), ("step", "stepped")]
     forward, backward, step = (q for q, _ in recorder.pairs)
@@ -74,23 +80,25 @@ def test_ushape_step_sends_hidden_and_mask_up_and_never_labels(make_config) -> N
     assert set(backward.tensors) == {"grad"} and step.tensors == {}
     # Analytic sizes: up = activations (B*T*d float32) + mask (B*T int64) + trunk-output gradient;
     # down = trunk outputs + head-output gradient.
-    assert learner.transport.meter.snapshot() == (2 * HIDDEN + MASK, 2 * HIDDEN)
-    assert (recorder.up(), recorder.down()) == learner.transport.meter.snapshot()
-    assert learner.transport.meter.by_kind["forward"] == HIDDEN + MASK
+    assert client.meter.snapshot() == (2 * HIDDEN + MASK, 2 * HIDDEN)
+    assert (recorder.up(), recorder.down()) == client.meter.snapshot()
+    assert client.meter.by_kind["forward"] == HIDDEN + MASK
 
-    learner.evaluate([_batch()])
+    client.evaluate([_batch()])
     eval_pair = recorder.pairs[-1]
     assert eval_pair[0].kind == "eval" and set(eval_pair[0].tensors) == {"hidden", "attention_mask"}
-    assert (recorder.up(), recorder.down()) == learner.transport.meter.snapshot()
-    assert learner.transport.meter.snapshot() == (3 * HIDDEN + 2 * MASK, 3 * HIDDEN)
+    # evaluation is counted apart from training
+    assert client.meter.snapshot() == (2 * HIDDEN + MASK, 2 * HIDDEN)
+    assert client.meter.eval_snapshot() == (HIDDEN + MASK, HIDDEN)
+    assert (recorder.up(("eval",)), recorder.down(("eval",))) == client.meter.eval_snapshot()
     for request, reply in recorder.pairs:
         assert "labels" not in request.tensors and "labels" not in reply.tensors
 
 
 def test_vanilla_step_sends_labels_up(make_config) -> None:
-    learner, recorder = _learner(make_config, "vanilla")
+    client, recorder = _client(make_config, "vanilla")
     batch = _batch()
-    learner.train_step(0, [batch])
+    client.train_step(0, [batch])
     kinds = [(q.kind, r.kind) for q, r in recorder.pairs]
     assert kinds == [("forward", "loss"), ("step", "stepped")]
     forward = recorder.pairs[0][0]
@@ -98,8 +106,8 @@ def test_vanilla_step_sends_labels_up(make_config) -> None:
     assert torch.equal(forward.tensors["labels"], batch.labels)
     assert set(recorder.pairs[0][1].tensors) == {"grad"}
     # up = activations + mask + labels (B*T int64); down = the head-output gradient only.
-    assert learner.transport.meter.snapshot() == (HIDDEN + 2 * MASK, HIDDEN)
-    assert (recorder.up(), recorder.down()) == learner.transport.meter.snapshot()
+    assert client.meter.snapshot() == (HIDDEN + 2 * MASK, HIDDEN)
+    assert (recorder.up(), recorder.down()) == client.meter.snapshot()
 
 
 @pytest.mark.parametrize("mode", ["ushape", "vanilla"])
@@ -111,14 +119,16 @@ def test_run_traffic_matches_messages(make_config, run_files, monkeypatch: pytes
             recorders.append(Recorder(handler))
             super().__init__(recorders[-1])
 
-    monkeypatch.setattr(sl_module, "InProcessTransport", RecordingTransport)
+    monkeypatch.setattr(federation_module, "InProcessTransport", RecordingTransport)
     tail = "1" if mode == "ushape" else "0"
     config = make_config("run", f"split.mode={mode}", f"split.tail_layers={tail}", "train.grad_accum=2")
     run_framework(config)
     (recorder,) = recorders
     out = Path(config.output_dir)
     summary, metrics = run_files.summary(out), run_files.metrics(out)
-    assert (summary["bytes_up"], summary["bytes_down"]) == (recorder.up(), recorder.down())
+    training = ("forward", "backward", "step")
+    assert (summary["bytes_up"], summary["bytes_down"]) == (recorder.up(training), recorder.down(training))
+    assert (summary["eval_bytes_up"], summary["eval_bytes_down"]) == (recorder.up(("eval",)), recorder.down(("eval",)))
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
     # Each step's line counts its own forward/backward/step messages; evaluation adds the rest.
     for record in metrics:
@@ -126,8 +136,8 @@ def test_run_traffic_matches_messages(make_config, run_files, monkeypatch: pytes
         assert len([q for q, _ in pairs if q.kind == "forward"]) == 2  # grad_accum=2
         assert record["bytes_up"] == sum(_size(q) for q, _ in pairs)
         assert record["bytes_down"] == sum(_size(r) for _, r in pairs)
-    assert sum(r["bytes_up"] for r in metrics) == recorder.up(("forward", "backward", "step"))
-    assert summary["bytes_up"] - sum(r["bytes_up"] for r in metrics) == recorder.up(("eval",))
+    assert sum(r["bytes_up"] for r in metrics) == summary["bytes_up"]
+    assert sum(r["bytes_down"] for r in metrics) == summary["bytes_down"]
     if mode == "ushape":
         assert all("labels" not in q.tensors for q, _ in recorder.pairs)
     else:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitlm.errors import ProtocolError
-from splitlm.frameworks.sl import build_learner
+from splitlm.frameworks.federation import build_federation
 from splitlm.peft import trainable_parameters, trainable_state
 from splitlm.runtime.server import SplitServer
 from splitlm.transport import Message
@@ -19,7 +19,7 @@ def _server(make_config, mode: str) -> SplitServer:
     # No warmup: the first optimizer step already has the full learning rate, so a step that applied
     # leftover gradients would show in the weights.
     overrides = (f"split.mode={mode}", f"split.tail_layers={tail}", "train.warmup_steps=0")
-    return build_learner(make_config("run", *overrides)).server
+    return build_federation(make_config("run", *overrides)).server
 
 
 def _hidden(*shape: int) -> torch.Tensor:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from splitlm.errors import SplitLMError
+from splitlm.errors import ConfigError, SplitLMError
+
+STARTED = time.perf_counter()  # the process's start, as near as splitlm can tell: wall_seconds count from here
 
 
 def _quiet_libraries() -> None:
@@ -29,14 +33,17 @@ def _fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
+    """The config from the file and the overrides, every problem reported at once (unknown plugin names too)."""
     from splitlm.config import load_config
-    from splitlm.frameworks import run_framework
+    from splitlm.frameworks import config_problems
 
-    config = load_config(args.config, args.overrides)
-    summary = run_framework(config, resume=args.resume)
+    return load_config(args.config, args.overrides, checks=[config_problems])
+
+
+def _print_summary(summary: dict, output_dir: str) -> None:
     where = f"{summary['framework']}" + (f" ({summary['split_mode']})" if summary["split_mode"] else "")
-    if "rounds" in summary:
+    if summary["num_clients"] > 1 or summary["rounds"] > 1:
         span = f"{summary['rounds']} rounds ({summary['num_clients']} clients, {summary['steps']} client steps)"
     else:
         span = f"{summary['steps']} steps"
@@ -48,8 +55,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}")
     print(
         f"traffic up {_fmt_bytes(summary['bytes_up'])}, down {_fmt_bytes(summary['bytes_down'])}; "
-        f"{summary['wall_seconds']:.1f} s; results in {config.output_dir}/"
+        f"{summary['train_seconds']:.1f} s training, {summary['wall_seconds']:.1f} s in all; results in {output_dir}/"
     )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from splitlm.deploy import launch
+
+    config = _load(args)
+    _print_summary(launch(config, resume=args.resume, started=STARTED), config.output_dir)
     return 0
 
 
@@ -95,14 +109,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from splitlm.config import load_config
     from splitlm.config.schema import Config, key_reference
+    from splitlm.frameworks import framework_of
+    from splitlm.frameworks.pipeline import codec_mod
 
     if args.keys:
         for key, default, help_text in key_reference(Config):
             print(f"{key} = {default!r}\n    {help_text}")
         return 0
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
+    framework_of(config).check(config)  # the checks a run makes before it builds anything
+    codec_mod(config)
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
     return 0
 
@@ -112,52 +129,54 @@ def _certs_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     if args.insecure:
         host = args.address.rsplit(":", 1)[0].strip("[]")
         if host not in ("127.0.0.1", "localhost", "::1"):
-            raise SplitLMError(f"--insecure is only allowed on loopback, not {host}: use --certs")
+            raise ConfigError(f"--insecure is only allowed on loopback, not {host}: use --certs")
         return None, None
     if args.certs is None:
-        raise SplitLMError("pass --certs DIR (made by `splitlm certs DIR`), or --insecure on loopback")
+        raise ConfigError("pass --certs DIR (made by `splitlm certs DIR`), or --insecure on loopback")
     return Path(args.certs), Path(args.certs) / "tokens.json"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from splitlm.config import load_config
-    from splitlm.runtime.remote import serve
+    from splitlm.deploy.serve import serve
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     certs, tokens = _certs_paths(args)
     tokens_file = Path(args.tokens) if args.tokens else tokens
     if tokens_file is None:
-        raise SplitLMError("--insecure still needs --tokens FILE: every client authenticates with a bearer token")
-    summary = serve(config, args.address, certs, tokens_file, mutual_tls=args.mtls, resume=args.resume)
-    print(
-        f"{summary['framework']}: held-out perplexity {summary['eval_ppl_before']:.2f} -> "
-        f"{summary['eval_ppl_after']:.2f} after {summary['rounds']} rounds; results in {config.output_dir}/"
-    )
+        raise ConfigError("--insecure still needs --tokens FILE: every client authenticates with a bearer token")
+    summary = serve(
+        config, args.address, certs, tokens_file, mutual_tls=args.mtls, connect_timeout=args.client_timeout,
+        resume=args.resume, started=STARTED,
+    )  # fmt: skip
+    _print_summary(summary, config.output_dir)
     return 0
 
 
 def cmd_client(args: argparse.Namespace) -> int:
     import os
 
-    from splitlm.config import load_config
-    from splitlm.runtime.remote import run_client
+    from splitlm.deploy.agent import run_client
     from splitlm.transport.security import token_for
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     args.address = args.server
     certs, tokens = _certs_paths(args)
     token = args.token or os.environ.get("SPLITLM_TOKEN")
     if token is None:
         source = Path(args.tokens) if args.tokens else tokens
         if source is None:
-            raise SplitLMError("pass --token, set SPLITLM_TOKEN, or give --tokens FILE")
+            raise ConfigError("pass --token, set SPLITLM_TOKEN, or give --tokens FILE")
         token = token_for(source, args.client_id)
     ca = certs / "ca.pem" if certs is not None else None
     client_cert = None
     if args.mtls and certs is not None:
         client_cert = (certs / f"client-{args.client_id}.pem", certs / f"client-{args.client_id}.key")
-    result = run_client(config, args.client_id, args.server, token, ca, client_cert)
-    print(f"client {result['client']}: {result['steps']} steps, {result['tokens']} tokens; done")
+    result = run_client(config, args.client_id, args.server, token, ca, client_cert, args.connect_timeout)
+    print(
+        f"client {result['client']}: {result['steps']} steps, {result['tokens']} tokens, traffic up "
+        f"{_fmt_bytes(result['bytes_up'])}, down {_fmt_bytes(result['bytes_down'])}; "
+        f"{time.perf_counter() - STARTED:.1f} s; done"
+    )
     return 0
 
 
@@ -180,7 +199,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise SplitLMError(f"attack option {pair!r}: write options as key=value, e.g. steps=200")
         options[key.strip()] = value.strip()
-    result = run_attack(Path(args.run_dir), args.attack, options, max_batches=args.batches)
+    result = run_attack(
+        Path(args.run_dir), args.attack, options, max_batches=args.batches, progress=not args.no_progress
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -227,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--mtls", action="store_true", help="also require client certificates")
     srv.add_argument("--insecure", action="store_true", help="plain text, loopback only")
     srv.add_argument("--resume", action="store_true", help="continue from the newest round checkpoint")
+    srv.add_argument("--client-timeout", type=float, default=600.0, help="seconds to wait for every client to connect")
     srv.set_defaults(func=cmd_serve)
 
     cli = sub.add_parser("client", help="run one client against a splitlm server")
@@ -239,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--tokens", help="tokens file to take this client's token from")
     cli.add_argument("--mtls", action="store_true", help="present this client's certificate")
     cli.add_argument("--insecure", action="store_true", help="plain text, loopback only")
+    cli.add_argument(
+        "--connect-timeout", type=float, default=30.0, help="give up connecting after this many seconds (default 30)"
+    )
     cli.set_defaults(func=cmd_client)
 
     crt = sub.add_parser("certs", help="make a development CA, server and client certificates and tokens")
@@ -254,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("attack", help="sip, bisr_b, bisr_f, tag, nn_inversion or eia")
     atk.add_argument("options", nargs="*", help="attack options as key=value, e.g. steps=200 lr=0.01")
     atk.add_argument("--batches", type=int, default=0, help="attack only the last N recorded micro-batches")
+    atk.add_argument("--no-progress", action="store_true", help="no progress bars")
     atk.set_defaults(func=cmd_attack)
 
     rep = sub.add_parser("report", help="plots and a markdown comparison of finished runs")
@@ -269,11 +295,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags and ``key=value`` overrides in any order (``train CONFIG --resume output_dir=x`` works)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    pairs = [item for item in rest if "=" in item and not item.startswith("-")]
+    unknown = [item for item in rest if item not in pairs]
+    target = next((name for name in ("overrides", "options") if hasattr(args, name)), None)
+    if unknown or (pairs and target is None):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or pairs)}")
+    if pairs and target is not None:
+        setattr(args, target, [*getattr(args, target), *pairs])
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # gRPC's own handshake logging, unless asked for
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     _quiet_libraries()
     try:
         return args.func(args)
@@ -281,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"splitlm: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("splitlm: interrupted; resume with --resume", file=sys.stderr)
+        print("splitlm: interrupted at once; --resume continues from the last checkpoint", file=sys.stderr)
         return 130
 
 

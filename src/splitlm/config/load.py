@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +50,37 @@ def _format(error: ValidationError) -> list[str]:
     return parts
 
 
-def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Validate a config tree with overrides applied; raise ``ConfigError`` naming every bad key."""
+Check = Callable[[dict[str, Any]], list[str]]  # more problems of a raw config tree (e.g. unknown plugin names)
+
+
+def build_config(
+    tree: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (), checks: Sequence[Check] = ()
+) -> Config:
+    """Validate a config tree with overrides applied; raise ``ConfigError`` naming every bad key.
+
+    ``checks`` add problems that the schema cannot see by itself (the callers above it pass the names their
+    registries know), reported together with the schema's own."""
     tree = dict(tree or {})
     for text in overrides:
         path, value = parse_override(text)
         _set(tree, path, value)
     try:
-        return Config.model_validate(tree)
+        config = Config.model_validate(tree)
     except ValidationError as error:
         problems = _format(error)
         if all(item["loc"] for item in error.errors()):  # field errors stopped the cross-field checks: run them
             problems += cross_field_problems(tree)
+        problems += [problem for check in checks for problem in check(tree)]
         raise ConfigError(f"invalid config: {'; '.join(problems)}") from None
+    problems = [problem for check in checks for problem in check(tree)]
+    if problems:
+        raise ConfigError(f"invalid config: {'; '.join(problems)}")
+    return config
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), checks: Sequence[Check] = ()
+) -> Config:
     """Load ``path`` (YAML) and apply overrides. ``path=None`` starts from the defaults."""
     tree: dict[str, Any] = {}
     if path is not None:
@@ -80,7 +96,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}
-    return build_config(tree, overrides)
+    return build_config(tree, overrides, checks)
 
 
 def dump_config(config: Config, path: str | Path) -> None:

@@ -154,10 +154,11 @@ class DataConfig(Section):
 
 
 class FrameworkConfig(Section):
-    name: Literal["centralized", "sl", "psl", "sflv1", "sflv2", "gsfl"] = Field(
+    name: str = Field(
         "sl",
-        description="centralized: the unsplit baseline on all clients' data; sl: sequential split learning; "
-        "psl: parallel SL; sflv1 / sflv2: split-federated learning; gsfl: grouped SFL.",
+        description="A registered framework: centralized (the unsplit baseline on all clients' data), sl "
+        "(sequential split learning), psl (parallel SL), sflv1 / sflv2 (split-federated learning), gsfl (grouped "
+        "SFL), or one a plugin registers.",
     )
     num_clients: int = Field(1, ge=1, description="Number of clients.")
     rounds: int = Field(1, ge=1, description="Communication rounds (FedAvg happens at the end of each).")
@@ -190,7 +191,21 @@ class ServerConfig(Section):
     policy: str = Field("fifo", description="Request scheduling on the server: fifo or round_robin.")
 
 
+class CodecConfig(Section):
+    activations: str = Field(
+        "none",
+        description="Codec of the activations at steps 3 and 5 (the smashed data and the trunk output): none, fp16, "
+        "bf16, or a +-joined chain applied left to right.",
+    )
+    gradients: str = Field(
+        "none", description="Codec of the cut gradients at steps 7 and 9: none, fp16, bf16, or a +-joined chain."
+    )
+
+
 class TransportConfig(Section):
+    codec: CodecConfig = Field(
+        default_factory=CodecConfig, description="Wire codecs (both sides must use the same settings)."
+    )
     name: Literal["inprocess", "ray"] = Field(
         "inprocess",
         description="inprocess: client and server objects in this process; ray: the server and every client as "
@@ -215,18 +230,25 @@ class DxpConfig(Section):
     )
 
 
-class TokenSubstitutionConfig(Section):
+class SanTextConfig(Section):
     epsilon: float = Field(
         10.0,
         gt=0,
         description="Exponential-mechanism parameter: a token is replaced by w with probability proportional "
-        "to exp(epsilon * similarity / 2); smaller is stronger. santext: similarity = -(Euclidean distance of "
-        "the token vectors), over the whole vocabulary; custext: cosine similarity rescaled to [0, 1] within "
-        "the top_k candidates. Padding and special ids stay; no epsilon is reported.",
+        "to exp(-epsilon * distance(E[x], E[w]) / 2) over the whole vocabulary (Euclidean distance of the token "
+        "vectors); smaller is stronger. Padding and special ids stay; no epsilon is reported.",
     )
-    top_k: int = Field(
-        20, ge=1, description="custext: candidates per token (its nearest tokens); santext uses the whole vocabulary."
+
+
+class CusTextConfig(Section):
+    epsilon: float = Field(
+        10.0,
+        gt=0,
+        description="Exponential-mechanism parameter: a token is replaced by one of its top_k nearest tokens w "
+        "with probability proportional to exp(epsilon * s / 2), s the cosine similarity rescaled to [0, 1] within "
+        "those candidates; smaller is stronger. Padding and special ids stay; no epsilon is reported.",
     )
+    top_k: int = Field(20, ge=1, description="Candidates per token (its nearest tokens by cosine similarity).")
 
 
 class NoiseConfig(Section):
@@ -349,12 +371,8 @@ class PrivacyConfig(Section):
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) the accountant reports.")
     dxp: DxpConfig = Field(default_factory=DxpConfig, description="DxP token noise (step 2).")
-    santext: TokenSubstitutionConfig = Field(
-        default_factory=TokenSubstitutionConfig, description="SanText token substitution (step 2)."
-    )
-    custext: TokenSubstitutionConfig = Field(
-        default_factory=TokenSubstitutionConfig, description="CusText token substitution (step 2)."
-    )
+    santext: SanTextConfig = Field(default_factory=SanTextConfig, description="SanText token substitution (step 2).")
+    custext: CusTextConfig = Field(default_factory=CusTextConfig, description="CusText token substitution (step 2).")
     smashed_noise: NoiseConfig = Field(
         default_factory=NoiseConfig, description="Clipping + noise on the smashed data (step 3)."
     )
@@ -392,16 +410,20 @@ class Config(Section):
         return self
 
 
-def _get(tree: dict[str, Any], dotted: str) -> Any:
+def value_at(tree: dict[str, Any], dotted: str) -> Any:
     """A value from a raw config tree, or the schema's default where the tree does not set it."""
     node: Any = tree
     model: type[BaseModel] = Config
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    for index, part in enumerate(parts):
         field = model.model_fields[part]
         if isinstance(node, dict) and part in node:
             node = node[part]
         else:
-            return field.default if field.default_factory is None else field.default_factory()
+            default = field.default if field.default_factory is None else field.default_factory()
+            for rest in parts[index + 1 :]:  # a whole section is unset: its default's own defaults
+                default = getattr(default, rest)
+            return default
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             model = field.annotation
     return node
@@ -411,38 +433,36 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
     """Checks that involve several fields. Works on a raw tree too, so that they are reported together with
     field errors (pydantic skips model validators when a field is invalid)."""
     problems: list[str] = []
-    warmup, steps = _get(tree, "train.warmup_steps"), _get(tree, "train.steps")
+    warmup, steps = value_at(tree, "train.warmup_steps"), value_at(tree, "train.steps")
     if isinstance(warmup, int) and isinstance(steps, int) and warmup > steps:
         problems.append(f"train.warmup_steps: {warmup} exceeds train.steps={steps}")
-    rounds, local = _get(tree, "framework.rounds"), _get(tree, "framework.local_steps")
+    rounds, local = value_at(tree, "framework.rounds"), value_at(tree, "framework.local_steps")
     if isinstance(rounds, int) and isinstance(steps, int) and not local and rounds > steps:
         problems.append(f"framework.rounds: {rounds} rounds need train.steps >= {rounds} (got {steps})")
-    clients, per_round = _get(tree, "framework.num_clients"), _get(tree, "framework.clients_per_round")
+    clients, per_round = value_at(tree, "framework.num_clients"), value_at(tree, "framework.clients_per_round")
     if isinstance(clients, int) and isinstance(per_round, int) and per_round > clients:
         problems.append(f"framework.clients_per_round: {per_round} exceeds framework.num_clients={clients}")
-    minimum = _get(tree, "framework.min_clients")
+    minimum = value_at(tree, "framework.min_clients")
     if isinstance(clients, int) and isinstance(minimum, int) and minimum > clients:
         problems.append(f"framework.min_clients: {minimum} exceeds framework.num_clients={clients}")
-    groups = _get(tree, "framework.groups")
+    groups = value_at(tree, "framework.groups")
     if isinstance(groups, list) and isinstance(clients, int):
         members = sorted(m for g in groups if isinstance(g, list) for m in g)
         if members != list(range(clients)):
             problems.append(f"framework.groups: must contain each client 0..{clients - 1} exactly once")
-    if _get(tree, "data.format") == "instruction" and _get(tree, "data.prompt_field") == _get(
+    if value_at(tree, "data.format") == "instruction" and value_at(tree, "data.prompt_field") == value_at(
         tree, "data.response_field"
     ):
         problems.append("data.response_field: must differ from data.prompt_field")
-    defenses = _get(tree, "privacy.defenses")
+    defenses = value_at(tree, "privacy.defenses")
     if isinstance(defenses, list):
         if len(set(defenses)) != len(defenses):
             problems.append("privacy.defenses: a defense is listed twice")
-        if "label_dp" in defenses and _get(tree, "split.mode") != "vanilla":
+        if "label_dp" in defenses and value_at(tree, "split.mode") != "vanilla":
             problems.append(
                 "privacy.defenses: label_dp protects the labels a vanilla split sends; in a ushape split "
                 "labels never leave the client, so drop label_dp or set split.mode=vanilla"
             )
-        if defenses and _get(tree, "framework.name") == "centralized":
-            problems.append("privacy.defenses: defenses act at the cut; framework.name=centralized has none")
     return problems
 
 

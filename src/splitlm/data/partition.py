@@ -16,11 +16,12 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 
 from splitlm.errors import ConfigError, DataError
+from splitlm.registry import Registry
 
 NONE_LABEL = "none"  # how an example without a label is counted in histograms and skew
 DIRICHLET_TRIES = 10  # draws of the Dirichlet label split before an empty client is patched by hand
@@ -46,19 +47,12 @@ class Partitioner(Protocol):
 
 
 PartitionerFactory = Callable[..., Partitioner]
-PARTITIONERS: dict[str, PartitionerFactory] = {}
-
-_F = TypeVar("_F", bound=PartitionerFactory)
+PARTITIONERS = Registry[PartitionerFactory]("partitioner", "data.partition")
 
 
-def register_partitioner(name: str) -> Callable[[_F], _F]:
+def register_partitioner(name: str) -> Callable[[PartitionerFactory], PartitionerFactory]:
     """Register a partitioner factory (called with keyword options) under ``name``."""
-
-    def decorate(factory: _F) -> _F:
-        PARTITIONERS[name] = factory
-        return factory
-
-    return decorate
+    return PARTITIONERS.register(name)
 
 
 def make_partitioner(name: str, **options: Any) -> Partitioner:
@@ -68,8 +62,6 @@ def make_partitioner(name: str, **options: Any) -> Partitioner:
     or invalid option at once (with the options the partitioner accepts).
     """
     factory = PARTITIONERS.get(name)
-    if factory is None:
-        raise ConfigError(f"unknown partitioner {name!r}; choose from {sorted(PARTITIONERS)}")
     params = inspect.signature(factory).parameters
     accepted = sorted(params)
     problems = [f"unknown option {key!r} (accepted: {accepted or 'none'})" for key in options if key not in params]

@@ -1,6 +1,11 @@
-"""Frameworks: the order of pipeline steps across clients and rounds, each a short recipe."""
+"""Frameworks: the order of pipeline steps across clients and rounds, each a short recipe in its own module.
 
-from splitlm.frameworks import centralized, recipes, sl  # noqa: F401  (register the recipes)
-from splitlm.frameworks.registry import FRAMEWORKS, register, run_framework
+Importing this package registers the built-ins in ``FRAMEWORKS``; ``run_framework`` trains in-process
+(``splitlm.deploy.launch`` also covers Ray and networked runs).
+"""
 
-__all__ = ["FRAMEWORKS", "register", "run_framework"]
+from splitlm.frameworks import centralized, gsfl, psl, sflv1, sflv2, sl  # noqa: F401  (register the built-ins)
+from splitlm.frameworks.base import FRAMEWORKS, Framework, config_problems, framework_of, register
+from splitlm.frameworks.driver import run_framework
+
+__all__ = ["FRAMEWORKS", "Framework", "config_problems", "framework_of", "register", "run_framework"]

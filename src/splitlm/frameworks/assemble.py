@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from splitlm.config import Config, build_config
 from splitlm.errors import CheckpointError
+from splitlm.frameworks.base import framework_of
 from splitlm.frameworks.setup import build_centralized, build_part, load_source, spec_of
 from splitlm.models import load_full_model
 from splitlm.peft import load_trainable, merged, trainable_parameters
@@ -35,7 +36,7 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
     if not adapters.is_dir():
         raise CheckpointError(f"{run_dir} has no adapters/ folder: the run did not finish; resume it with --resume")
     source = load_source(config)
-    if config.framework.name == "centralized":
+    if not framework_of(config).split:
         model = build_centralized(config, source)
         load_trainable(model, adapters / "model.safetensors")
         full = merged(model)

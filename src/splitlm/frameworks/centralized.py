@@ -1,35 +1,53 @@
-"""The ``centralized`` baseline: the unsplit model, same LoRA, same data order, same seed.
+"""``centralized``: the unsplit baseline. The whole model, same LoRA, same data order, same seed, one client
+holding everyone's data and no server.
 
 It is the reference a split run is measured against: with identical settings, ``sl`` reproduces its
-per-step losses and final adapters.
+per-step losses and final adapters. It runs through the same driver as every framework, as a federation of
+one whose client computes the whole model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from splitlm.config import Config
-from splitlm.data import Batch
-from splitlm.frameworks.loop import train
-from splitlm.frameworks.registry import register
-from splitlm.frameworks.setup import build_centralized, count_parameters, load_source, prepare_data
-from splitlm.peft import load_trainable, save_trainable, trainable_parameters
+from splitlm.config.schema import TrainConfig
+from splitlm.data import Batch, Example, collate
+from splitlm.frameworks.base import Framework, register
+from splitlm.frameworks.federation import Federation, Member
+from splitlm.frameworks.setup import build_centralized
+from splitlm.frameworks.sl import train_in_sequence
+from splitlm.models import ModelSource
+from splitlm.peft import load_trainable, save_trainable, trainable_parameters, trainable_state
 from splitlm.runtime.client import EvalStats, StepStats
-from splitlm.runtime.loss import causal_lm_loss
+from splitlm.runtime.loss import causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
+from splitlm.transport import ByteMeter
 
 
-class CentralizedLearner:
-    client_id = "centralized"
+class CentralizedClient:
+    """The unsplit model as a federation member's client: nothing crosses a cut, nothing is metered."""
 
-    def __init__(self, model: nn.Module, config: Config) -> None:
+    client_id = "0"
+
+    def __init__(self, model: nn.Module, train: TrainConfig) -> None:
         self.model = model
-        self.optimizer = PartyOptimizer(trainable_parameters(model), config.train)
+        self.parts = {"model": model}
+        self.stages: dict[str, nn.Module] = {}
+        self.optimizer = PartyOptimizer(trainable_parameters(model), train)
         self.device = next(model.parameters()).device
+        self._meter = ByteMeter()
+
+    @classmethod
+    def build(cls, config: Config, source: ModelSource, train: TrainConfig) -> CentralizedClient:
+        return cls(build_centralized(config, source), train)
+
+    @property
+    def meter(self) -> ByteMeter:
+        return self._meter
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -60,10 +78,21 @@ class CentralizedLearner:
         self.model.train()
         return EvalStats(loss_sum, count)
 
-    def traffic(self) -> tuple[int, int]:
-        return 0, 0
+    @torch.no_grad()
+    def sequence_losses(self, examples: list[Example], pad_id: int) -> list[float]:
+        self.model.eval()
+        batch = collate(examples, pad_id).to(self.device)
+        losses = row_losses(self._logits(batch), batch.labels)
+        self.model.train()
+        return [float(x) for x in losses]
 
-    def save(self, folder: Path, with_optimizer: bool) -> None:
+    def state(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.model)
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError("the centralized baseline has one client; nothing is passed between clients")
+
+    def save(self, folder: Path, with_optimizer: bool = True) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_trainable(self.model, folder / "model.safetensors")
         if with_optimizer:
@@ -73,17 +102,17 @@ class CentralizedLearner:
         load_trainable(self.model, folder / "model.safetensors")
         self.optimizer.load(folder)
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "client_param_count": count_parameters(self.model),
-            "server_param_count": 0,
-            "trainable_param_count": sum(p.numel() for p in trainable_parameters(self.model)),
-        }
+
+def centralized_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
+    """The one client trains its local steps (its state carries over between rounds by itself)."""
+    return train_in_sequence(fed, round_index, members)
 
 
-@register("centralized")
-def run(config: Config, resume: bool = False) -> dict[str, Any]:
-    source = load_source(config)
-    data = prepare_data(config, source.tokenizer())
-    learner = CentralizedLearner(build_centralized(config, source), config)
-    return train(config, learner, data, resume)
+CENTRALIZED = register(
+    Framework(
+        "centralized",
+        centralized_round,
+        "the unsplit baseline: the whole model on all clients' data in one process, same LoRA, data order and seed",
+        split=False,
+    )
+)

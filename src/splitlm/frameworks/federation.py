@@ -1,12 +1,10 @@
-"""Many clients, one server: the shared machinery of the multi-client frameworks.
+"""Clients and one server: the members a framework's recipe orders, and the one step loop they all run.
 
-A ``Federation`` holds one server (one frozen base trunk, adapters in an ``AdapterBank``) and N clients,
-each with its own head [+ tail], optimizer, private slice of the data and transport. A framework is a
-*round recipe* (see ``recipes.py``) that orders the clients' local steps and the aggregation; ``run_rounds``
-drives the rounds: sampling participants, evaluation, checkpoints at round boundaries, metrics, summary.
-
-Files written besides those of a single-client run: ``rounds.jsonl`` (one object per round: held-out loss
-and perplexity, accuracy for classification-style data, per-client results, traffic).
+A ``Federation`` holds one server (one frozen base trunk, adapters in an ``AdapterBank``) and N members, each
+a client with its own head [+ tail], optimizer, private slice of the data and channel to the server. A
+single-client run is a federation of one; the centralized baseline is a federation of one whose client
+holds the unsplit model and no server. ``build_federation`` is the one place a run's parties are built;
+``Member.train_round`` is the one step loop (in-process, and inside each networked or Ray client too).
 """
 
 from __future__ import annotations
@@ -17,47 +15,61 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from splitlm.config import Config
-from splitlm.data import DataOrder, Example, collate, label_histograms, make_partitioner, pack_examples, skew
-from splitlm.errors import ConfigError, ProtocolError
-from splitlm.frameworks.loop import (
-    load_checkpoint,
-    perplexity,
-    prepare_output,
-    save_checkpoint,
-    trim_metrics,
-    write_json,
-)
-from splitlm.frameworks.setup import (
-    RunData,
-    build_part,
-    client_defenses,
-    client_guard,
-    count_parameters,
-    load_source,
-    prepare_data,
-    spec_of,
-)
+from splitlm.data import Batch, DataOrder, Example, collate, label_histograms, make_partitioner, pack_examples, skew
+from splitlm.errors import ConfigError, ProtocolError, SplitLMError
+from splitlm.files import write_json
+from splitlm.frameworks.base import Framework, client_steps, framework_of
+from splitlm.frameworks.pipeline import ClientPipeline, client_pipeline, recorders, server_mods
+from splitlm.frameworks.setup import RunData, build_part, count_parameters, load_source, prepare_data, spec_of
 from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
-from splitlm.privacy.accounting import epsilon, releases
 from splitlm.privacy.tap import ServerTap, TruthRecorder
-from splitlm.runtime.client import EvalStats, SplitClient
+from splitlm.runtime.client import EvalStats, SplitClient, StepStats
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.server import SplitServer
-from splitlm.transport import InProcessTransport, Transport
+from splitlm.transport import ByteMeter, Channel, InProcessTransport, Mod, Transport, server_chain
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(SplitLMError):
+    """Training was stopped on request (Ctrl-C, SIGTERM)."""
+
+    exit_code = 130
+
+
+class Client(Protocol):
+    """What a member's client does: the split client, the centralized baseline, or a proxy of a remote one."""
+
+    client_id: str
+
+    @property
+    def meter(self) -> ByteMeter: ...
+
+    def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats: ...
+
+    def evaluate(self, batches: list[Batch]) -> EvalStats: ...
+
+    def sequence_losses(self, examples: list[Example], pad_id: int) -> list[float]: ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def save(self, folder: Path, with_optimizer: bool = True) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
 
 
 @dataclass
@@ -65,15 +77,16 @@ class Member:
     """One client of the federation and its private data."""
 
     index: int
-    client: SplitClient
-    transport: Transport  # anything with a byte meter: in-process, gRPC
+    client: Client
     examples: list[Example]
-    order: DataOrder
+    order: DataOrder | None
     histogram: dict[str, int]
+    pipeline: ClientPipeline | None = None  # None where the client's mods run elsewhere (a remote client)
     steps_done: int = 0
     tokens: int = 0
     last_loss: float = math.nan
     stale: bool = False  # missed a broadcast (a networked client that dropped out): resync before it trains
+    round_goal: int | None = None  # ``steps_done`` at which the round in progress ends (kept across a resume)
 
     @property
     def client_id(self) -> str:
@@ -83,33 +96,51 @@ class Member:
     def num_examples(self) -> int:
         return len(self.examples)
 
-    def client_param_count(self) -> int:
-        return count_parameters(*self.client.parts.values())
+    @property
+    def meter(self) -> ByteMeter:
+        return self.client.meter
+
+    def info(self) -> dict[str, Any]:
+        """Parameter counts and layer ranges of this client (and, where known here, the server)."""
+        parts = list(getattr(self.client, "parts", {}).values())
+        stages = getattr(self.client, "stages", {})
+        return {
+            "client_param_count": count_parameters(*parts),
+            "client_trainable_param_count": sum(p.numel() for m in parts for p in trainable_parameters(m)),
+            "head_layers": stages["head"].layer_indices if "head" in stages else [],
+            "tail_layers": stages["tail"].layer_indices if "tail" in stages else [],
+        }
 
     def train_round(self, fed: Federation, round_index: int) -> None:
-        """This client's local steps of one round, each through the whole split pipeline."""
+        """This client's local steps of one round, each through the whole split pipeline (the one step loop)."""
+        if self.order is None:
+            raise ProtocolError(f"client {self.client_id} has no data here")
+        if self.round_goal is None:
+            self.round_goal = self.steps_done + fed.local_steps
         train = fed.config.train
-        for _ in range(fed.local_steps):
+        while self.steps_done < self.round_goal:
+            fed.check_stop()
             step = self.steps_done
             micro = [
                 collate([self.examples[i] for i in self.order.indices(step * train.grad_accum + m)], fed.pad_id)
                 for m in range(train.grad_accum)
             ]
-            up0, down0 = self.transport.meter.snapshot()
-            start = time.perf_counter()
+            up0, down0 = self.meter.snapshot()
+            started = time.perf_counter()
             stats = self.client.train_step(step, micro)
-            seconds = time.perf_counter() - start
-            up1, down1 = self.transport.meter.snapshot()
+            seconds = time.perf_counter() - started
+            up1, down1 = self.meter.snapshot()
             self.steps_done += 1
             self.tokens += stats.tokens
             self.last_loss = stats.loss
-            fed.log_step(
-                {
-                    "step": self.steps_done, "client": self.client_id, "round": round_index + 1,
-                    "loss": stats.loss, "tokens": stats.tokens, "bytes_up": up1 - up0, "bytes_down": down1 - down0,
-                    "seconds": seconds, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                }
-            )  # fmt: skip
+            record = {
+                "step": self.steps_done, "client": self.client_id, "round": round_index + 1,
+                "loss": stats.loss, "tokens": stats.tokens, "bytes_up": up1 - up0, "bytes_down": down1 - down0,
+                "seconds": seconds, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                "epoch": self.order.epoch(self.steps_done * train.grad_accum),
+            }  # fmt: skip
+            fed.on_step(self, record)
+        self.round_goal = None
 
     def accuracy(self, fed: Federation) -> float | None:
         """For classification-style data: how often the true response scores best among the candidates."""
@@ -121,25 +152,42 @@ class Member:
             correct += int(min(range(len(losses)), key=losses.__getitem__) == truth)
         return correct / len(fed.data.choices)
 
+    def evaluate(self, fed: Federation) -> EvalStats:
+        return self.client.evaluate(fed.data.eval if fed.data is not None else [])
+
+
+StepHook = Callable[[Member, dict[str, Any]], None]
+
+
+def _no_hook(member: Member, record: dict[str, Any]) -> None:
+    pass
+
 
 @dataclass
 class Federation:
     config: Config
-    server: SplitServer
+    framework: Framework
+    server: Any  # SplitServer, a proxy of a remote one, or None (the unsplit baseline)
     members: list[Member]
     data: RunData | None  # None on a networked server: the clients hold the data
     local_steps: int
     groups: list[list[int]] = field(default_factory=list)
     carry: dict[str, torch.Tensor] | None = None  # client-side weights passed along (sl, gsfl)
-    metrics_file: Any = None
+    carry_from: str | None = None  # the client whose state ``carry`` is
     tap: ServerTap | None = None  # in-process runs with privacy.tap.enabled: what the server received
     truth: TruthRecorder | None = None  # ... and the clients' true tokens of those batches (audit)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    server_mods: list[Mod] = field(default_factory=list)  # around the server's handler, from the wire inwards
+    on_step: StepHook = _no_hook  # called after every client step with its metrics record (the driver's)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted("training interrupted")
 
     # --- the unit every recipe is made of: one client's local steps --------------------------------------
 
     def local_training(self, member: Member, round_index: int) -> None:
-        if member.stale and self.carry is not None:
+        if member.stale and self.carry is not None and self.carry_from != member.client_id:
             member.client.load_state(self.carry)
         member.stale = False
         member.train_round(self, round_index)
@@ -168,7 +216,10 @@ class Federation:
             self.local_training(member, round_index)
             return True
         except ProtocolError as error:
+            if self.stop.is_set():
+                raise Interrupted("training interrupted") from None
             member.stale = True
+            member.round_goal = None
             log.warning("round %d: client %s left out (%s)", round_index + 1, member.client_id, error)
             return False
 
@@ -180,9 +231,13 @@ class Federation:
                 f"framework.min_clients={minimum}"
             )
 
+    def pass_on(self, member: Member) -> None:
+        """Make ``member``'s client side the one the next client starts from (sequential recipes)."""
+        self.carry, self.carry_from = member.client.state(), member.client_id
+
     def broadcast(self, state: dict[str, torch.Tensor]) -> None:
         """Give every client the global client side; one that cannot be reached is resynced later."""
-        self.carry = state
+        self.carry, self.carry_from = state, None
         for member in self.members:
             try:
                 member.client.load_state(state)
@@ -190,47 +245,67 @@ class Federation:
                 member.stale = True
                 log.warning("client %s missed the new client side (%s)", member.client_id, error)
 
-    def log_step(self, record: dict[str, Any]) -> None:
-        with self._lock:
-            if self.metrics_file is not None:
-                self.metrics_file.write(json.dumps(record) + "\n")
-                self.metrics_file.flush()
-
     def parallel(self, tasks: Sequence[Callable[[], None]]) -> None:
-        """Run tasks on threads (clients working at once against the one server); re-raise the first error."""
+        """Run tasks on threads (clients working at once against the one server); re-raise the first error.
+
+        When one task fails, the server forgets the others' half-done work, so none waits forever at a step
+        barrier for a client that stopped."""
         if len(tasks) == 1:
             tasks[0]()
             return
         with ThreadPoolExecutor(max_workers=len(tasks), thread_name_prefix="splitlm-client") as pool:
-            for future in [pool.submit(task) for task in tasks]:
+            futures = [pool.submit(task) for task in tasks]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            if any(f.exception() is not None for f in done):
+                self.stop_barriers()
+            for future in futures:
                 future.result()
+
+    def stop_barriers(self) -> None:
+        """Release clients waiting at a step barrier (their step is abandoned with an error)."""
+        forget = getattr(self.server, "forget", None)
+        if forget is not None:
+            for member in self.members:
+                forget(member.client_id, wait=False)
 
     def weights(self, members: Sequence[Member]) -> list[float]:
         return [float(m.num_examples) for m in members]
 
-    # --- the Learner-like surface the shared checkpoint helpers use --------------------------------------
+    # --- traffic, state -----------------------------------------------------------------------------------
 
     def traffic(self) -> tuple[int, int]:
-        ups, downs = zip(*(m.transport.meter.snapshot() for m in self.members), strict=True)
-        return sum(ups), sum(downs)
+        """Training bytes (up, down) of every client so far in this process."""
+        return _sum_pairs(m.meter.snapshot() for m in self.members)
 
-    def save(self, folder: Path, with_optimizer: bool) -> None:
+    def eval_traffic(self) -> tuple[int, int]:
+        return _sum_pairs(m.meter.eval_snapshot() for m in self.members)
+
+    def save(self, folder: Path, with_optimizer: bool = True) -> None:
         for member in self.members:
             member.client.save(folder / f"client-{member.client_id}", with_optimizer=with_optimizer)
-        self.server.save(folder / "server", with_optimizer=with_optimizer)
-        state = {m.client_id: {"steps_done": m.steps_done, "tokens": m.tokens} for m in self.members}
-        write_json(folder / "members.json", {"members": state, "carry": self.carry is not None})
+        if self.server is not None:
+            self.server.save(folder / "server", with_optimizer=with_optimizer)
+        state = {
+            m.client_id: {"steps_done": m.steps_done, "tokens": m.tokens, "round_goal": m.round_goal}
+            for m in self.members
+        }
+        write_json(
+            folder / "members.json", {"members": state, "carry": self.carry is not None, "carry_from": self.carry_from}
+        )
         if self.carry is not None:
             save_file(self.carry, str(folder / "carry.safetensors"))
 
     def load(self, folder: Path) -> None:
         for member in self.members:
             member.client.load(folder / f"client-{member.client_id}")
-        self.server.load(folder / "server")
+        if self.server is not None:
+            self.server.load(folder / "server")
         state = json.loads((folder / "members.json").read_text())
         for member in self.members:
-            member.steps_done = int(state["members"][member.client_id]["steps_done"])
-            member.tokens = int(state["members"][member.client_id]["tokens"])
+            saved = state["members"][member.client_id]
+            member.steps_done, member.tokens = int(saved["steps_done"]), int(saved["tokens"])
+            member.round_goal = None if saved.get("round_goal") is None else int(saved["round_goal"])
+        self.carry_from = state.get("carry_from")
         if state["carry"]:
             self.carry = load_file(str(folder / "carry.safetensors"))
 
@@ -241,22 +316,30 @@ class Federation:
         per_client: dict[str, float] = {}
         loss_sum, tokens = 0.0, 0
         for member in members:
-            stats = member.client.evaluate(self.data.eval if self.data is not None else [])
+            stats = member.evaluate(self)
             per_client[member.client_id] = stats.loss
             loss_sum += stats.loss_sum
             tokens += stats.tokens
         return EvalStats(loss_sum, tokens), per_client
-
-    def accuracy(self, member: Member) -> float | None:
-        return member.accuracy(self)
 
     @property
     def pad_id(self) -> int:
         return self.data.pad_id if self.data is not None else 0
 
 
+def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    ups, downs = 0, 0
+    for up, down in pairs:
+        ups, downs = ups + up, downs + down
+    return ups, downs
+
+
+# --- building ----------------------------------------------------------------------------------------------
+
+
 def assign_groups(config: Config, histograms: list[dict[str, int]]) -> list[list[int]]:
-    """gsfl groups: explicit ``framework.groups``, else clients clustered by label distribution."""
+    """Client groups (a framework with one trunk adapter per group): explicit ``framework.groups``, else
+    clients clustered by label distribution."""
     if config.framework.groups:
         return [list(g) for g in config.framework.groups]
     count = min(config.framework.num_groups, len(histograms))
@@ -271,9 +354,18 @@ def assign_groups(config: Config, histograms: list[dict[str, int]]) -> list[list
     return [sorted(ordered[g * len(ordered) // count : (g + 1) * len(ordered) // count]) for g in range(count)]
 
 
+def groups_of(config: Config, framework: Framework, histograms: list[dict[str, int]]) -> list[list[int]]:
+    return assign_groups(config, histograms) if framework.trunk_adapters == "group" else []
+
+
 def partition(config: Config, data: RunData) -> tuple[list[list[int]], list[dict[str, int]]]:
-    """Each client's example indices and label histogram (the same on every machine for the same config)."""
+    """Each client's example indices and label histogram (the same on every machine for the same config).
+
+    The unsplit baseline trains one model on everyone's data: one share holding every example."""
     labels = [e.label for e in data.train]
+    if not framework_of(config).split:
+        everything = [list(range(len(labels)))]
+        return everything, label_histograms(everything, labels)
     options = {"alpha": config.data.alpha} if config.data.partition in ("dirichlet", "quantity") else {}
     parts = make_partitioner(config.data.partition, **options)(
         labels, config.framework.num_clients, config.seed, sources=data.sources
@@ -282,21 +374,11 @@ def partition(config: Config, data: RunData) -> tuple[list[list[int]], list[dict
     return parts, label_histograms(parts, labels)
 
 
-def client_steps(config: Config) -> int:
-    """Optimizer steps of one client over the run (its learning-rate schedule's length)."""
-    return config.framework.rounds * config.framework.steps_per_round(config.train.steps)
-
-
 def make_server(config: Config, source: ModelSource, groups: list[list[int]]) -> SplitServer:
-    fw = config.framework
-    per_round = fw.clients_per_round or fw.num_clients
-    # How many clients feed one trunk adapter, and how many optimizer steps it takes per client step: psl
-    # updates once per synchronised step and sflv1 gives each client its own adapter; in sl, sflv2 and gsfl
-    # every client step is a step of the shared (group) adapter. That fixes the server schedule's length.
-    sharing = {"sflv1": 1, "gsfl": max((len(g) for g in groups), default=1)}.get(fw.name, per_round)
-    server_steps = client_steps(config) * (1 if fw.name in ("psl", "sflv1") else sharing)
-    scale = {"none": 1.0, "linear": float(sharing), "sqrt": math.sqrt(sharing)}[fw.server_lr_scale]
-    server_train = config.train.model_copy(update={"steps": server_steps})
+    """The trunk and its adapter bank; each trunk adapter's schedule spans the steps the framework gives it."""
+    framework = framework_of(config)
+    server_train = config.train.model_copy(update={"steps": framework.server_steps(config, groups)})
+    scale = framework.server_lr_scale(config, groups)
     trunk, trunk_stage = build_part(config, source, "trunk")
     return SplitServer(
         trunk, trunk_stage, spec_of(config).mode,
@@ -305,63 +387,83 @@ def make_server(config: Config, source: ModelSource, groups: list[list[int]]) ->
 
 
 def route(config: Config, server: SplitServer, index: int, groups: list[list[int]]) -> None:
-    """Give client ``index`` its trunk adapter: its own (sflv1), its group's (gsfl) or the shared one."""
-    if config.framework.name == "sflv1":
-        adapter = f"client-{index}"
-    elif config.framework.name == "gsfl":
-        adapter = next(f"group-{g}" for g, group in enumerate(groups) if index in group)
-    else:
-        adapter = "default"
-    server.assign(str(index), adapter)
+    """Give client ``index`` its trunk adapter (as the framework lays them out) and its cut."""
+    server.assign(str(index), framework_of(config).adapter_of(index, groups), spec_of(config))
 
 
-def make_member(
+def build_client(
+    config: Config, source: ModelSource, index: int, transport: Transport | None, truth: TruthRecorder | None = None
+) -> tuple[Client, ClientPipeline | None]:
+    """Client ``index``: its head [+ tail] and optimizer behind its pipeline of mods and plugins (or, for the
+    unsplit baseline, the whole model)."""
+    framework = framework_of(config)
+    optimizer_train = config.train.model_copy(update={"steps": client_steps(config)})
+    if not framework.split:
+        from splitlm.frameworks.centralized import CentralizedClient
+
+        return CentralizedClient.build(config, source, optimizer_train), None
+    spec = spec_of(config)
+    parts, stages = {}, {}
+    for role in spec.client_roles():
+        parts[role], stages[role] = build_part(config, source, role)
+    if "tail" in stages:
+        share_tied_embeddings(stages["head"], stages["tail"])
+    params = [p for part in parts.values() for p in trainable_parameters(part)]
+    if transport is None:
+        raise ProtocolError(f"client {index} has no transport to the server")
+    pipeline = client_pipeline(config, source, stages["head"], truth)
+    channel = Channel(transport, pipeline.mods)
+    client = SplitClient(
+        str(index), parts, stages, channel, PartyOptimizer(params, optimizer_train), spec.mode, pipeline.plugins
+    )
+    return client, pipeline
+
+
+def build_member(
     config: Config,
     source: ModelSource,
     data: RunData,
     index: int,
     indices: list[int],
     histogram: dict[str, int],
-    transport: Transport,
+    transport: Transport | None,
+    truth: TruthRecorder | None = None,
 ) -> Member:
-    """Client ``index`` with its head [+ tail], optimizer and private share of the training data."""
-    spec = spec_of(config)
-    client_parts, stages = {}, {}
-    for role in spec.client_roles():
-        client_parts[role], stages[role] = build_part(config, source, role)
-    if "tail" in stages:
-        share_tied_embeddings(stages["head"], stages["tail"])
-    params = [p for part in client_parts.values() for p in trainable_parameters(part)]
-    optimizer = PartyOptimizer(params, config.train.model_copy(update={"steps": client_steps(config)}))
-    client = SplitClient(
-        str(index), client_parts, stages, transport, optimizer, spec.mode,
-        defense=client_defenses(config, source, stages["head"]), guard=client_guard(config, stages["head"]),
-    )  # fmt: skip
+    """Client ``index`` with its private share of the training data (packed per client when ``data.pack``)."""
+    client, pipeline = build_client(config, source, index, transport, truth)
     examples = [data.train[i] for i in indices]
     if config.data.pack:
         examples = pack_examples(examples, config.train.seq_len)
     order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
     log.info("client %s: %d examples, labels %s", index, len(examples), histogram)
-    return Member(index, client, transport, examples, order, histogram)
+    return Member(index, client, examples, order, histogram, pipeline)
 
 
 def build_federation(config: Config) -> Federation:
+    """Every party of an in-process run: the server (with its mods) and each client (with its own)."""
+    framework = framework_of(config)
+    framework.check(config)
     source = load_source(config)
     data = prepare_data(config, source.tokenizer(), pack=False)  # partition rows by label first, then pack
     parts, histograms = partition(config, data)
-    groups = assign_groups(config, histograms) if config.framework.name == "gsfl" else []
-    server = make_server(config, source, groups)
-    tap = ServerTap(server.submit, config.privacy.tap.max_batches) if config.privacy.tap.enabled else None
-    truth = TruthRecorder(2 * config.privacy.tap.max_batches * len(parts)) if tap is not None else None
+    groups = groups_of(config, framework, histograms)
+    server: SplitServer | None = None
+    tap, truth = recorders(config, len(parts))
+    transport: Transport | None = None
+    mods: list[Mod] = []
+    if framework.split:
+        server = make_server(config, source, groups)
+        mods = server_mods(config, source, server.stage, tap)
+        transport = InProcessTransport(server_chain(mods, server.submit))
     members = []
     for index, indices in enumerate(parts):
-        transport = InProcessTransport(tap or server.submit)
-        member = make_member(config, source, data, index, indices, histograms[index], transport)
-        member.client.truth = truth
-        members.append(member)
-        route(config, server, index, groups)
+        members.append(build_member(config, source, data, index, indices, histograms[index], transport, truth))
+        if server is not None:
+            route(config, server, index, groups)
     steps = config.framework.steps_per_round(config.train.steps)
-    return Federation(config, server, members, data, steps, groups, tap=tap, truth=truth)
+    if server is not None and not server.trainable and not any(m.client.optimizer.params for m in members):
+        raise ConfigError("nothing to train: lora.head, lora.trunk and lora.tail are all frozen")
+    return Federation(config, framework, server, members, data, steps, groups, tap=tap, truth=truth, server_mods=mods)
 
 
 def participants(config: Config, members: list[Member], round_index: int) -> list[Member]:
@@ -370,148 +472,3 @@ def participants(config: Config, members: list[Member], round_index: int) -> lis
         return list(members)
     rng = random.Random(config.seed * 7919 + round_index)
     return sorted(rng.sample(members, per_round), key=lambda m: m.index)
-
-
-RoundRecipe = Callable[[Federation, int, list[Member]], list[Member]]
-
-
-def run_rounds(config: Config, recipe: RoundRecipe, resume: bool = False) -> dict[str, Any]:
-    """Drive ``recipe`` for ``framework.rounds`` rounds; the recipe returns the members holding the global
-    client-side model after its aggregation (one member), or every member that keeps its own (psl)."""
-    if config.transport.name == "ray":
-        from splitlm.runtime.ray_sim import run_ray
-
-        return run_ray(config, recipe, resume)
-    out = prepare_output(config, resume)
-    return drive_rounds(config, build_federation(config), recipe, out, resume)
-
-
-def drive_rounds(config: Config, fed: Federation, recipe: RoundRecipe, out: Path, resume: bool) -> dict[str, Any]:
-    metrics_path, rounds_path = out / "metrics.jsonl", out / "rounds.jsonl"
-    progress: dict[str, Any] = {"step": 0, "wall_seconds": 0.0, "bytes_up": 0, "bytes_down": 0}
-    if resume:
-        progress = load_checkpoint(out, fed)
-        trim_metrics(metrics_path, progress["step"], key="round")
-        trim_metrics(rounds_path, progress["step"], key="round")
-    else:
-        torch.manual_seed(config.seed)
-        before, _ = fed.evaluate(fed.members[:1])
-        progress.update(eval_loss_before=before.loss, accuracy_before=fed.accuracy(fed.members[0]))
-    start_round = int(progress["step"])
-    up_before, down_before = int(progress["bytes_up"]), int(progress["bytes_down"])
-    wall_before, started = float(progress["wall_seconds"]), time.perf_counter()
-    fed.server.start()
-    holders: list[Member] = fed.members[:1]
-    try:
-        with metrics_path.open("a") as metrics, rounds_path.open("a") as rounds_file:
-            fed.metrics_file = metrics
-            for round_index in range(start_round, config.framework.rounds):
-                chosen = participants(config, fed.members, round_index)
-                holders = recipe(fed, round_index, chosen)
-                result, per_client = fed.evaluate(holders)
-                up, down = fed.traffic()
-                progress.update(
-                    bytes_up=up_before + up, bytes_down=down_before + down,
-                    wall_seconds=wall_before + time.perf_counter() - started,
-                )  # fmt: skip
-                record = {
-                    "round": round_index + 1, "participants": [m.client_id for m in chosen],
-                    "eval_loss": result.loss, "eval_ppl": perplexity(result.loss),
-                    "accuracy": fed.accuracy(holders[0]) if len(holders) == 1 else None,
-                    "per_client_eval_loss": per_client if len(holders) > 1 else None,
-                    "bytes_up": progress["bytes_up"], "bytes_down": progress["bytes_down"],
-                    "wall_seconds": progress["wall_seconds"],
-                }  # fmt: skip
-                rounds_file.write(json.dumps(record) + "\n")
-                rounds_file.flush()
-                progress["eval_loss_after"] = result.loss
-                progress["accuracy_after"] = record["accuracy"]
-                progress["per_client_eval_loss"] = per_client
-                save_checkpoint(out, fed, round_index + 1, progress)
-    finally:
-        fed.server.stop()
-        fed.metrics_file = None
-    if fed.tap is not None:
-        keys = fed.tap.write(out)
-        if fed.truth is not None:
-            fed.truth.write(out, keys)
-    adapters = out / "adapters"
-    adapters.mkdir(exist_ok=True)
-    # The model `generate` / `export` rebuild: the global client side (psl: the first client's) and the trunk
-    # adapter it was trained with.
-    holders[0].client.save(adapters, with_optimizer=False)
-    fed.server.export_adapter(fed.server.adapter_of(holders[0].client_id), adapters / "trunk.safetensors")
-    summary = {
-        "framework": config.framework.name,
-        "split_mode": config.split.mode,
-        "model": config.model.name,
-        "num_clients": config.framework.num_clients,
-        "rounds": config.framework.rounds,
-        "local_steps": fed.local_steps,
-        "partition": config.data.partition,
-        "steps": sum(m.steps_done for m in fed.members),
-        "tokens": sum(m.tokens for m in fed.members),
-        "eval_loss_before": progress["eval_loss_before"],
-        "eval_loss_after": progress["eval_loss_after"],
-        "eval_ppl_before": perplexity(progress["eval_loss_before"]),
-        "eval_ppl_after": perplexity(progress["eval_loss_after"]),
-        "accuracy_before": progress.get("accuracy_before"),
-        "accuracy_after": progress.get("accuracy_after"),
-        "bytes_up": progress["bytes_up"],
-        "bytes_down": progress["bytes_down"],
-        "wall_seconds": progress["wall_seconds"],
-        "client_param_count": fed.members[0].client_param_count(),
-        "server_param_count": fed.server.param_count,
-        "server_adapters": fed.server.bank.names if fed.server.bank else [],
-        "groups": fed.groups or None,
-        "clients": [
-            {
-                "client": m.client_id,
-                "examples": m.num_examples,
-                "label_histogram": m.histogram,
-                "steps": m.steps_done,
-                "tokens": m.tokens,
-                "last_loss": m.last_loss,
-                "bytes_up": m.transport.meter.up,
-                "bytes_down": m.transport.meter.down,
-                "eval_loss": (progress.get("per_client_eval_loss") or {}).get(m.client_id),
-            }
-            for m in fed.members
-        ],
-        "privacy": federation_privacy(config, fed.members),
-    }
-    write_json(out / "summary.json", summary)
-    return summary
-
-
-def federation_privacy(config: Config, members: Sequence[Member]) -> dict[str, Any]:
-    """The defenses every client ran and the largest epsilon among the clients (each sends its own data).
-
-    A networked or Ray server holds proxies of clients whose defenses run elsewhere: its epsilon is null.
-    """
-    values = []
-    for m in members:
-        chain = getattr(m.client, "defense", None)
-        count = releases(m.steps_done, config.train.batch_size, config.train.grad_accum, max(m.num_examples, 1))
-        values.append(None if chain is None else epsilon(chain.dp_events(), count, config.privacy.delta))
-    known = [v for v in values if v is not None]
-    return {
-        "defenses": list(config.privacy.defenses),
-        "epsilon": max(known) if known and len(known) == len(values) else None,
-        "delta": config.privacy.delta,
-        "alarm_step": None,
-    }
-
-
-def check_supported(config: Config) -> None:
-    if config.privacy.server_attack != "none":
-        raise ConfigError(
-            f"privacy.server_attack={config.privacy.server_attack} is simulated for one in-process sl client: set "
-            "framework.name=sl, framework.num_clients=1, framework.rounds=1 and transport.name=inprocess"
-        )
-    if config.privacy.tap.enabled and config.transport.name != "inprocess":
-        raise ConfigError("privacy.tap records in-process runs only: set transport.name=inprocess")
-    if config.framework.name in ("sflv1", "gsfl") and config.lora.part("trunk").method != "lora":
-        raise ConfigError(
-            f"framework.name={config.framework.name} keeps one trunk adapter per tenant: set lora.trunk.method=lora"
-        )

@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -24,8 +23,6 @@ from splitlm.models import (
 )
 from splitlm.models.split import Role
 from splitlm.peft import make_trainable, trainable_parameters
-from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
-from splitlm.runtime.client import Guard
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +65,9 @@ def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase, pack: bool 
     sources: list[str | None] = []
     for source in dict.fromkeys(row.get("_source") for row in train_rows):  # one pass per source, in order
         group = [row for row in train_rows if row.get("_source") == source]
-        if config.data.pack and pack:  # tokenize whole rows, then cut the stream into full blocks
-            examples = pack_examples(tokenize_rows(group, tokenizer, config.data, 1 << 30), config.train.seq_len)
+        if config.data.pack:  # tokenize whole rows, then cut the stream into full blocks (here or per client)
+            examples = tokenize_rows(group, tokenizer, config.data, 1 << 30)
+            examples = pack_examples(examples, config.train.seq_len) if pack else examples
         else:
             examples = tokenize_rows(group, tokenizer, config.data, config.train.seq_len)
         train.extend(examples)
@@ -130,32 +128,6 @@ def build_part(config: Config, source: ModelSource, role: Role) -> tuple[nn.Modu
     return part, stage
 
 
-def client_defenses(config: Config, source: ModelSource, head: Stage) -> DefenseChain:
-    """The client's ``privacy.defenses``, built on its own (pretrained) token embeddings."""
-    if not config.privacy.defenses:
-        return DefenseChain([])
-    tokenizer = source.tokenizer()
-    context = DefenseContext(
-        token_embeddings=head.token_embeddings().detach(),
-        special_ids=frozenset(int(i) for i in tokenizer.all_special_ids),
-        mode=config.split.mode,
-        seq_len=config.train.seq_len,
-        seed=config.seed,
-    )
-    chain = build_defenses(config.privacy, context)
-    log.info("defenses: %s", ", ".join(chain.names))
-    return chain
-
-
-def client_guard(config: Config, head: Stage) -> Guard | None:
-    """The client's hijacking detector, when ``privacy.splitguard.enabled``."""
-    if not config.privacy.splitguard.enabled:
-        return None
-    from splitlm.privacy.detect import SplitGuard
-
-    return SplitGuard(config.privacy.splitguard, vocab_size=int(head.config.vocab_size), seed=config.seed)
-
-
 def build_centralized(config: Config, source: ModelSource) -> nn.Module:
     overrides = [r for r in ("head", "trunk", "tail") if getattr(config.lora, r).model_fields_set]
     if overrides:
@@ -182,7 +154,3 @@ def count_parameters(*modules: nn.Module) -> int:
                 seen.add(id(p))
                 total += p.numel()
     return total
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)

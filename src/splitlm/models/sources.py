@@ -33,6 +33,7 @@ from transformers import (
 
 from splitlm.errors import ModelError
 from splitlm.models.tokenizer import byte_level_tokenizer
+from splitlm.registry import suggestion
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,10 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
         if not (path / "config.json").is_file():
             raise ModelError(f"model directory {path} has no config.json: pass a Hugging Face model directory")
         return ModelSource(name, path)
+    builtins = [DEFAULT_MODEL, *TINY_MODELS]
+    close = suggestion(name, builtins)
+    if close and "/" not in name:  # a misspelt built-in, not a hub id: say so before trying the hub
+        raise ModelError(f"unknown model {name!r}{close}; built-ins: {', '.join(builtins)}")
     return ModelSource(name, _download(name, revision))
 
 

@@ -66,7 +66,8 @@ class Stage(nn.Module):
     """One part of a split model, holding only its own modules under the unsplit model's names.
 
     ``forward`` takes token ids (a head) or hidden states (trunk, tail) and returns hidden states, or
-    logits for the part that ends with the LM head.
+    logits for the part that ends with the LM head. ``blocks`` runs only that contiguous sub-range of the
+    part's blocks (a server serving a client whose cut leaves it fewer blocks).
     """
 
     def __init__(
@@ -116,7 +117,9 @@ class Stage(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        blocks: list[int] | None = None,
     ) -> torch.Tensor:
+        indices = self.layer_indices if blocks is None else self._sub_range(blocks)
         if self.starts:
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("the head takes input_ids or inputs_embeds (one of them)")
@@ -134,20 +137,31 @@ class Stage(nn.Module):
             hidden_states = self.family.embed(self, input_ids, position_ids)  # (B, T, d)
         else:
             hidden_states = hidden_states.to(device=device, dtype=self.dtype)
-        block_kwargs = self.family.block_inputs(
-            self, self.config, hidden_states, attention_mask, position_ids, self.layer_indices
-        )
-        blocks = get_module(self, self.family.layers)
-        for index in self.layer_indices:
+        block_kwargs = self.family.block_inputs(self, self.config, hidden_states, attention_mask, position_ids, indices)
+        modules = get_module(self, self.family.layers)
+        for index in indices:
             kwargs = block_kwargs[index]
             target = self.block_devices.get(index)
             if target is not None and hidden_states.device != target:  # the next block lives on another device
                 hidden_states, kwargs = hidden_states.to(target), _to_device(kwargs, target)
-            hidden_states = self.family.run_block(blocks[str(index)], hidden_states, kwargs)
+            hidden_states = self.family.run_block(modules[str(index)], hidden_states, kwargs)
         if self.ends:
             final = get_module(self, self.family.final[-1]).weight.device
             return self.family.finish(self, self.config, hidden_states.to(final))  # (B, T, V)
         return hidden_states  # (B, T, d)
+
+    def _sub_range(self, blocks: list[int]) -> list[int]:
+        start = self.layer_indices.index(blocks[0]) if blocks and blocks[0] in self.layer_indices else -1
+        if start < 0 or self.layer_indices[start : start + len(blocks)] != list(blocks):
+            raise ModelError(
+                f"blocks {blocks} are not a contiguous range of this {self.role}'s blocks {self.layer_indices}"
+            )
+        if (self.starts and start != 0) or (self.ends and start + len(blocks) != len(self.layer_indices)):
+            raise ModelError(
+                f"blocks {blocks}: a {self.role} that starts at the embeddings or ends at the LM head must keep its "
+                "first or last block"
+            )
+        return list(blocks)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

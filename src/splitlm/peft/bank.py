@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -23,18 +24,17 @@ from torch import nn
 
 from splitlm.errors import CheckpointError, ProtocolError
 from splitlm.peft.lora import ADAPTER, PEFT_PREFIX, canonical_name, seeded_init
-from splitlm.runtime.optim import PartyOptimizer
 
-OptimizerFactory = Callable[[list[nn.Parameter]], PartyOptimizer]
+Opt = TypeVar("Opt")  # the optimizer kept beside each adapter (the runtime's PartyOptimizer)
 
 
-class AdapterBank:
-    def __init__(self, model: PeftModel, make_optimizer: OptimizerFactory, seed: int) -> None:
+class AdapterBank(Generic[Opt]):
+    def __init__(self, model: PeftModel, make_optimizer: Callable[[list[nn.Parameter]], Opt], seed: int) -> None:
         self.model = model
         self.make_optimizer = make_optimizer
         self.seed = seed
         self.template = model.peft_config[ADAPTER]
-        self.optimizers: dict[str, PartyOptimizer] = {}
+        self.optimizers: dict[str, Opt] = {}
         self.lock = threading.RLock()  # one request at a time runs on the shared base
         self._active: str | None = None
         self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
@@ -83,7 +83,7 @@ class AdapterBank:
                 self._activate(name)
             yield
 
-    def optimizer(self, name: str) -> PartyOptimizer:
+    def optimizer(self, name: str) -> Opt:
         if name not in self.optimizers:
             raise ProtocolError(f"unknown adapter {name!r}: this server holds {sorted(self.optimizers)}")
         return self.optimizers[name]

@@ -36,8 +36,10 @@ batch. tiny-gemma3's first honest probes score up to 0.66 (its random-init gradi
 yet) and fall below 0.3 after about 15 steps, which is why ``patience`` defaults to 3.
 
 ``alarm_step`` is the step number of the alarm as ``metrics.jsonl`` counts steps (1 = the first step).
-The detector observes the gradient as the server sent it, before the client's own ``grad_noise`` (direction
-``down``) blurs it. An honest server still takes one trunk step on each probe's fake labels.
+The detector is a client plugin (it swaps in the probe's labels, keeps a probe from training the client, and
+checks after each step) and a client mod placed after the codec and before the defenses: it observes the
+gradient as the server sent it, before the client's own ``grad_noise`` (direction ``down``) blurs it. An
+honest server still takes one trunk step on each probe's fake labels.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ import torch
 from splitlm.config.schema import SplitGuardConfig
 from splitlm.data.batch import IGNORE_INDEX
 from splitlm.errors import HijackAlarm
+from splitlm.runtime.plugins import ClientPlugin
+from splitlm.transport import Message, Mod
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,10 @@ def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.acos(max(-1.0, min(1.0, cos)))
 
 
-class SplitGuard:
+class SplitGuard(ClientPlugin, Mod):
     """Probes with fake labels; raises ``HijackAlarm`` when the returned gradients ignore the labels."""
+
+    name = "splitguard"
 
     def __init__(self, settings: SplitGuardConfig, vocab_size: int, seed: int = 0) -> None:
         self.settings = settings
@@ -85,8 +91,34 @@ class SplitGuard:
         self.streak = 0
         self.alarm_step: int | None = None
         self._projection: torch.Tensor | None = None
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}  # (step, micro) -> mask, until its gradient is back
 
-    # --- the Guard protocol -----------------------------------------------------------------------------
+    # --- as a plugin and a mod ----------------------------------------------------------------------------
+
+    def labels(self, step: int, labels: torch.Tensor) -> torch.Tensor:
+        return self.fake_labels(labels) if self.is_probe(step) else labels
+
+    def keeps_gradients(self, step: int) -> bool:
+        return not self.is_probe(step)  # a probe's fake labels must not train the client's own parts
+
+    def after_step(self, step: int) -> None:
+        self.check(step)
+
+    def on_request(self, message: Message) -> Message:
+        if message.kind == "forward" and "attention_mask" in message.tensors:
+            self._masks[message.step, message.micro] = message.tensors["attention_mask"]
+            while len(self._masks) > 64:  # forwards whose gradient never came back
+                self._masks.pop(next(iter(self._masks)))
+        return message
+
+    def on_reply(self, request: Message, reply: Message) -> Message:
+        if reply.kind in ("gradients", "loss") and "grad" in reply.tensors:
+            mask = self._masks.pop((request.step, request.micro), None)
+            if mask is not None:
+                self.observe(request.step, reply.tensors["grad"], mask, self.is_probe(request.step))
+        return reply
+
+    # --- the detector ---------------------------------------------------------------------------------------
 
     def is_probe(self, step: int) -> bool:
         """Every ``probe_every``-th step from ``warmup_steps`` on (steps count from 0)."""

@@ -7,8 +7,8 @@ to make its smashed data look like pilot features. The attacker trains f~ togeth
 an autoencoder on public text, so once f maps into f~'s feature space, f~^-1 reads the client's tokens back
 from what it sends (``Fsha.reconstruct``).
 
-``Fsha`` wraps the honest server's message handler (like the tap, a cross-cutting wrapper): the honest server
-keeps running underneath, so the client sees ordinary replies (real trunk outputs in U-shape, a real loss in
+``Fsha`` is a server-side mod (``transport/mods.py``) around the honest server: the honest server keeps
+running underneath, so the client sees ordinary replies (real trunk outputs in U-shape, a real loss in
 a vanilla split), but the ``grad`` of a U-shape ``gradients`` reply, or of a vanilla ``loss`` reply, is
 replaced by the forged one, of the same shape and dtype, zero on padding. Its norm is a running mean of the
 norms of the honest gradients computed so far (times ``gradient_scale``), so it is plausible in size and, like
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -40,10 +39,10 @@ from torch import nn
 from splitlm.config import Config
 from splitlm.data import Batch
 from splitlm.models import ModelSource, Stage
-from splitlm.privacy.attacks.base import AttackContext
+from splitlm.privacy.knowledge import PublicKnowledge as AttackContext
 from splitlm.privacy.tap import Key
-from splitlm.transport.base import Handler
-from splitlm.transport.messages import Message
+from splitlm.transport import Answer, Handler, Message, Mod
+from splitlm.transport.base import then
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +72,12 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-class Fsha:
-    """A malicious server: the honest ``handler`` underneath, forged gradients for the smashed data on top."""
+class Fsha(Mod):
+    """A malicious server: the honest server underneath, forged gradients for the smashed data on top."""
 
-    def __init__(self, handler: Handler, config: Config, source: ModelSource, trunk_stage: Stage) -> None:
-        self.handler = handler
+    name = "fsha"
+
+    def __init__(self, config: Config, source: ModelSource, trunk_stage: Stage) -> None:
         self.settings = config.privacy.fsha
         self.device = trunk_stage.device
         ctx = AttackContext(config, source, device=str(self.device))
@@ -104,26 +104,15 @@ class Fsha:
 
     # --- the wrapper ---------------------------------------------------------------------------------------
 
-    def __call__(self, message: Message) -> Message | Future[Message]:
+    def serve(self, message: Message, call_next: Handler) -> Answer:
         if message.kind == "forward" and "hidden" in message.tensors:
             with self._lock:
                 self._observe(message)
-        answer = self.handler(message)
+        answer = call_next(message)
         if message.kind not in ("forward", "backward"):
             return answer
-        key = (message.client_id, message.step, message.micro)
-        if not isinstance(answer, Future):
-            return self._forge(key, answer)
-        forged: Future[Message] = Future()
-
-        def relay(done: Future[Message]) -> None:
-            try:
-                forged.set_result(self._forge(key, done.result()))
-            except BaseException as error:  # the honest server's error (or a cancellation) reaches the client
-                forged.set_exception(error)
-
-        answer.add_done_callback(relay)
-        return forged
+        key = message.key
+        return then(answer, lambda reply: self._forge(key, reply))
 
     def _observe(self, message: Message) -> None:
         """A training forward: train the attacker's networks on it, keep its smashed data for the forgery."""

@@ -1,12 +1,12 @@
 """The server-side tap: what an honest-but-curious server keeps of a run, for the attacks to read.
 
-``ServerTap`` wraps the server's message handler (cross-cutting, like a transport middleware): it copies
+``ServerTap`` is a server-side mod (``transport/mods.py``), between the codec and the server: it copies
 the tensors of every training ``forward`` request (the smashed data, its mask, and in a vanilla split the
 labels), the trunk output the server sent back (U-shape), the gradient the client sent for it (step 7)
 and the gradient the server returned for the smashed data (step 9). It keeps the last ``max_batches``
 micro-batches and writes each as ``tap/<client>-<step>-<micro>.safetensors``.
 
-Scoring needs the truth, which the server never sees: ``TruthRecorder`` runs on the client and writes the
+Scoring needs the truth, which the server never sees: ``TruthRecorder`` is a client plugin that writes the
 true token ids of the same micro-batches to ``truth/`` (an audit file; it holds private text).
 """
 
@@ -15,18 +15,16 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from splitlm.data import Batch
 from splitlm.errors import PrivacyError
-from splitlm.transport.messages import Message
-
-Key = tuple[str, int, int]  # (client id, step, micro-batch)
-Handler = Callable[[Message], "Message | Future[Message]"]
+from splitlm.runtime.plugins import ClientPlugin, Key
+from splitlm.transport import Answer, Handler, Message, Mod
+from splitlm.transport.base import then
 
 TAP_DIR = "tap"
 TRUTH_DIR = "truth"
@@ -49,17 +47,18 @@ def _write(folder: Path, key: Key, tensors: dict[str, torch.Tensor]) -> None:
     tmp.replace(path)
 
 
-class ServerTap:
-    """Wraps a server handler; records what crossed the cut for the last ``max_batches`` micro-batches."""
+class ServerTap(Mod):
+    """A server mod; records what crossed the cut for the last ``max_batches`` micro-batches."""
 
-    def __init__(self, handler: Handler, max_batches: int = 4) -> None:
-        self.handler = handler
+    name = "tap"
+
+    def __init__(self, max_batches: int = 4) -> None:
         self.max_batches = max_batches
         self.records: OrderedDict[Key, dict[str, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def __call__(self, message: Message) -> Message | Future[Message]:
-        key = (message.client_id, message.step, message.micro)
+    def serve(self, message: Message, call_next: Handler) -> Answer:
+        key = message.key
         if message.kind == "forward":
             kept = {"smashed": _keep(message.tensors["hidden"])} if "hidden" in message.tensors else {}
             for name in ("attention_mask", "labels"):
@@ -72,23 +71,17 @@ class ServerTap:
                     self.records.popitem(last=False)
         elif message.kind == "backward" and "grad" in message.tensors:
             self._add(key, "grad_trunk_out", message.tensors["grad"])
-        answer = self.handler(message)
+        answer = call_next(message)
         if message.kind in ("forward", "backward"):
-            if isinstance(answer, Future):
-                answer.add_done_callback(lambda f: self._reply(key, f))
-            else:
-                self._note_reply(key, answer)
+            return then(answer, lambda reply: self._note_reply(key, reply))
         return answer
 
-    def _reply(self, key: Key, future: Future[Message]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._note_reply(key, future.result())
-
-    def _note_reply(self, key: Key, reply: Message) -> None:
+    def _note_reply(self, key: Key, reply: Message) -> Message:
         if reply.kind == "activations" and "hidden" in reply.tensors:
             self._add(key, "trunk_out", reply.tensors["hidden"])
         elif reply.kind in ("gradients", "loss") and "grad" in reply.tensors:
             self._add(key, "grad_smashed", reply.tensors["grad"])
+        return reply
 
     def _add(self, key: Key, name: str, tensor: torch.Tensor) -> None:
         with self._lock:
@@ -111,18 +104,20 @@ class ServerTap:
         return [key for key, _ in records]
 
 
-class TruthRecorder:
-    """Client-side: the true token ids of the latest ``limit`` training micro-batches (at least the tapped ones,
-    when ``limit`` covers the tap's window across clients), written only for the tapped ones."""
+class TruthRecorder(ClientPlugin):
+    """Client plugin: the true token ids of the latest ``limit`` training micro-batches (at least the tapped
+    ones, when ``limit`` covers the tap's window across clients), written only for the tapped ones."""
+
+    name = "truth"
 
     def __init__(self, limit: int = 64) -> None:
         self.limit = limit
         self.batches: OrderedDict[Key, dict[str, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def __call__(self, key: Key, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def on_batch(self, key: Key, batch: Batch) -> None:
         with self._lock:
-            self.batches[key] = {"input_ids": _keep(input_ids), "attention_mask": _keep(attention_mask)}
+            self.batches[key] = {"input_ids": _keep(batch.input_ids), "attention_mask": _keep(batch.attention_mask)}
             self.batches.move_to_end(key)
             while len(self.batches) > self.limit:
                 self.batches.popitem(last=False)

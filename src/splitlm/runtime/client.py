@@ -1,15 +1,17 @@
 """The client runtime: steps 2, 6 and 10 (head forward, tail forward + loss + backward, head backward).
 
-The client owns its data, its head (and in U-shape its tail, labels and loss) and talks to the server
-only through a ``Transport``.
+The client owns its data, its head (and in U-shape its tail, labels and loss) and talks to the server only
+through a ``Channel`` (its mods around a transport). One optimizer step is a schedule of operations
+(``runtime/schedule.py``) that ``train_step`` executes; requests are submitted and awaited as separate
+operations, so a schedule decides what overlaps. Plugins (``runtime/plugins.py``) hook into the client's own
+computation: its input tokens, labels, loss and optimizer step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -17,10 +19,13 @@ from torch import nn
 from splitlm.data import Batch, Example, collate
 from splitlm.models.split import SplitMode, Stage
 from splitlm.peft import load_trainable, load_trainable_state, save_trainable, trainable_parameters, trainable_state
-from splitlm.privacy.defenses.base import DefenseChain
 from splitlm.runtime.loss import causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
-from splitlm.transport import Message, Transport
+from splitlm.runtime.plugins import ClientPlugin, Plugins
+from splitlm.runtime.schedule import Op, OpKind, serial
+from splitlm.transport import ByteMeter, Channel, Message, Pending
+
+Schedule = Callable[[int, bool], list[Op]]  # (micro-batches, ushape) -> ops
 
 
 @dataclass
@@ -41,19 +46,28 @@ class EvalStats:
         return self.loss_sum / max(self.tokens, 1)
 
 
-class Guard(Protocol):
-    """A client-side detector of a malicious server (``splitlm.privacy.detect``)."""
+@dataclass
+class _Micro:
+    """What one micro-batch's operations pass each other within a step."""
 
-    def is_probe(self, step: int) -> bool: ...
+    batch: Batch
+    labels: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # the head's output (B, T, d)
+    message: Message | None = None
+    pending: Pending | None = None
+    sent: torch.Tensor | None = None  # the differentiable version of what was sent (B, T, d)
+    trunk_out: torch.Tensor | None = None  # U-shape: a leaf on this side of the cut
+    grad_up: torch.Tensor | None = None  # U-shape: gradient of the trunk output (B, T, d)
+    grad: torch.Tensor | None = None  # gradient of the head output, from the server (B, T, d)
+    loss: float = 0.0
 
-    def fake_labels(self, labels: torch.Tensor) -> torch.Tensor: ...
 
-    def observe(self, step: int, grad: torch.Tensor, attention_mask: torch.Tensor, probe: bool) -> None: ...
-
-    def check(self, step: int) -> None: ...  # raises HijackAlarm when it concludes and is told to stop
-
-
-TruthHook = Callable[[tuple[str, int, int], torch.Tensor, torch.Tensor], None]
+@dataclass
+class _Step:
+    step: int
+    micros: list[_Micro]
+    scale: float
+    losses: dict[int, float] = field(default_factory=dict)
 
 
 class SplitClient:
@@ -62,38 +76,158 @@ class SplitClient:
         client_id: str,
         parts: dict[str, nn.Module],
         stages: dict[str, Stage],
-        transport: Transport,
+        channel: Channel,
         optimizer: PartyOptimizer,
         mode: SplitMode,
-        defense: DefenseChain | None = None,
-        guard: Guard | None = None,
-        truth: TruthHook | None = None,
+        plugins: Sequence[ClientPlugin] = (),
+        schedule: Schedule = serial,
     ) -> None:
         self.client_id = client_id
         self.parts = parts  # "head" and, in U-shape, "tail"; possibly peft-wrapped stages
         self.stages = stages
-        self.transport = transport
+        self.channel = channel
         self.optimizer = optimizer
         self.mode = mode
+        self.plugins = Plugins(plugins)
+        self.schedule = schedule
         self.head_trainable = bool(trainable_parameters(parts["head"]))
-        self.defense = defense or DefenseChain([])
-        self.guard = guard
-        self.truth = truth  # audit only: records the true tokens of the batches a server tap keeps
 
-    def _send(self, kind: str, step: int, micro: int, tensors: dict[str, torch.Tensor], **meta) -> Message:
-        return self.transport.request(Message(kind, self.client_id, step, micro, tensors, meta))
+    @property
+    def meter(self) -> ByteMeter:
+        return self.channel.meter
 
-    def _head_message(self, batch: Batch, hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    # --- one optimizer step: a schedule of operations ---------------------------------------------------
+
+    def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
+        for part in self.parts.values():
+            part.train()
+        for p in self.optimizer.params:  # a step interrupted earlier (a lost server) may have left gradients
+            p.grad = None
+        state = _Step(step, [_Micro(b.to(self.stages["head"].device)) for b in micro_batches], 1.0 / len(micro_batches))
+        handlers = {
+            OpKind.HEAD_FORWARD: self._head_forward,
+            OpKind.SEND_FORWARD: self._send_forward,
+            OpKind.AWAIT_FORWARD: self._await_forward,
+            OpKind.TAIL: self._tail_step,
+            OpKind.SEND_BACKWARD: self._send_backward,
+            OpKind.AWAIT_BACKWARD: self._await_backward,
+            OpKind.HEAD_BACKWARD: self._head_backward,
+        }
+        stats: StepStats | None = None
+        for op in self.schedule(len(micro_batches), self.mode == "ushape"):
+            if op.kind is OpKind.STEP:
+                stats = self._step(state)
+            else:
+                handlers[op.kind](state, state.micros[op.micro], op.micro)
+        assert stats is not None, "a schedule ends with STEP"
+        return stats
+
+    def _head_forward(self, state: _Step, m: _Micro, micro: int) -> None:
+        """Step 2: the head's output for micro-batch ``micro`` and the message that carries it (step 3)."""
+        batch = m.batch
+        self.plugins.on_batch((self.client_id, state.step, micro), batch)
+        m.labels = self.plugins.labels(state.step, batch.labels)
+        m.hidden = self._head(batch)
+        m.message = self._head_message(
+            "forward", state.step, micro, m.hidden, batch, m.labels, scale=state.scale, want_grad=self.head_trainable
+        )
+
+    def _send_forward(self, state: _Step, m: _Micro, micro: int) -> None:
+        assert m.message is not None
+        m.pending = self.channel.submit(m.message)
+
+    def _await_forward(self, state: _Step, m: _Micro, micro: int) -> None:
+        assert m.pending is not None
+        exchange = m.pending.result()
+        reply = exchange.reply
+        m.sent = exchange.sent.get("hidden")
+        m.pending = None
+        if self.mode == "vanilla":
+            state.losses[micro] = float(reply.meta["loss_sum"]) / max(int(reply.meta["tokens"]), 1)
+            m.grad = reply.tensors.get("grad")
+        else:
+            m.trunk_out = reply.tensors["hidden"].to(self.stages["tail"].dtype)
+            m.trunk_out.requires_grad_(bool(reply.meta.get("needs_grad", True)))  # a fresh leaf on this side
+
+    def _tail_step(self, state: _Step, m: _Micro, micro: int) -> None:
+        """Step 6: tail forward, loss and backward down to the trunk output."""
+        assert m.trunk_out is not None and m.labels is not None
+        total, count = causal_lm_loss(self._tail(m.trunk_out, m.batch), m.labels)
+        state.losses[micro] = total.item() / max(count, 1)
+        if count and total.requires_grad:
+            (total / count * state.scale).backward()
+        if m.trunk_out.requires_grad:
+            m.grad_up = m.trunk_out.grad if m.trunk_out.grad is not None else torch.zeros_like(m.trunk_out)
+
+    def _send_backward(self, state: _Step, m: _Micro, micro: int) -> None:
+        """Step 7: the gradient of the trunk output goes back (unless the server said it needs none)."""
+        if m.grad_up is not None:
+            m.pending = self.channel.submit(Message("backward", self.client_id, state.step, micro, {"grad": m.grad_up}))
+
+    def _await_backward(self, state: _Step, m: _Micro, micro: int) -> None:
+        if m.pending is not None:
+            m.grad = m.pending.result().reply.tensors.get("grad")
+            m.pending = None
+
+    def _head_backward(self, state: _Step, m: _Micro, micro: int) -> None:
+        """Step 10: the head's backward from the gradient the server returned (+ any plugin's own loss)."""
+        assert m.hidden is not None
+        if not m.hidden.requires_grad:
+            return
+        outputs: list[torch.Tensor] = []
+        grads: list[torch.Tensor | None] = []
+        if m.grad is not None and m.sent is not None:
+            outputs.append(m.sent)
+            grads.append(m.grad.to(device=m.sent.device, dtype=m.sent.dtype))
+        if self.plugins.wants_embeddings:
+            embeddings = self.stages["head"].embed_tokens(m.batch.input_ids).detach()  # (B, T, d)
+            extra = self.plugins.extra_loss(embeddings, m.hidden, m.batch.attention_mask)
+            if extra is not None and extra.requires_grad:
+                outputs.append(extra * state.scale)
+                grads.append(None)
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+
+    def _step(self, state: _Step) -> StepStats:
+        """Clip by the global gradient norm (the server adds its own share) and step together with the server."""
+        if not self.plugins.keeps_gradients(state.step):  # e.g. a probe's fake labels must not train the client
+            for p in self.optimizer.params:
+                p.grad = None
+        exchange = self.channel.request(
+            Message("step", self.client_id, state.step, 0, {}, {"grad_sq_norm": self.optimizer.grad_sq_norm()})
+        )
+        meta = exchange.reply.meta
+        self.optimizer.step(float(meta["clip"]))
+        self.plugins.after_step(state.step)
+        losses = [state.losses[m] for m in sorted(state.losses)]
+        return StepStats(
+            loss=sum(losses) / len(losses),
+            tokens=sum(int(m.batch.attention_mask.sum()) for m in state.micros),
+            grad_norm=float(meta["grad_norm"]),
+            lr=float(meta["lr"]) if self.optimizer.optimizer is None else self.optimizer.lr(),
+        )
+
+    # --- the parts ---------------------------------------------------------------------------------------
+
+    def _head(self, batch: Batch) -> torch.Tensor:
+        """Step 2: the head's output (B, T, d) on the input ids the plugins let through."""
+        input_ids = self.plugins.tokens(batch.input_ids, batch.attention_mask)
+        return self.parts["head"](input_ids=input_ids, attention_mask=batch.attention_mask)
+
+    def _head_message(
+        self,
+        kind: str,
+        step: int,
+        micro: int,
+        hidden: torch.Tensor,
+        batch: Batch,
+        labels: torch.Tensor,
+        **meta: float | bool,
+    ) -> Message:
         tensors = {"hidden": hidden, "attention_mask": batch.attention_mask}
         if self.mode == "vanilla":
-            tensors["labels"] = self.defense.labels(labels)  # vanilla SL: labels travel to the server
-        return tensors
-
-    def _head(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 2-3 on the client: (head output, what is sent after the defenses), both (B, T, d)."""
-        input_ids = self.defense.tokens(batch.input_ids, batch.attention_mask)
-        hidden = self.parts["head"](input_ids=input_ids, attention_mask=batch.attention_mask)
-        return hidden, self.defense.smashed(hidden, batch.attention_mask)
+            tensors["labels"] = labels  # vanilla SL: labels travel to the server
+        return Message(kind, self.client_id, step, micro, tensors, dict(meta))
 
     def _tail(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         stage = self.stages["tail"]
@@ -102,90 +236,7 @@ class SplitClient:
             attention_mask=batch.attention_mask,
         )
 
-    def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
-        for part in self.parts.values():
-            part.train()
-        for p in self.optimizer.params:  # a step interrupted earlier (a lost server) may have left gradients
-            p.grad = None
-        scale = 1.0 / len(micro_batches)
-        losses: list[float] = []
-        tokens = 0
-        probe = self.guard is not None and self.guard.is_probe(step)
-        for micro, batch in enumerate(micro_batches):
-            batch = batch.to(self.stages["head"].device)
-            tokens += int(batch.attention_mask.sum())
-            if self.truth is not None:
-                self.truth((self.client_id, step, micro), batch.input_ids, batch.attention_mask)
-            labels = self.guard.fake_labels(batch.labels) if probe and self.guard is not None else batch.labels
-            hidden, sent = self._head(batch)  # (B,T,d)
-            reply = self._send(
-                "forward",
-                step,
-                micro,
-                self._head_message(batch, sent, labels),
-                scale=scale,
-                want_grad=self.head_trainable,
-            )
-            if self.mode == "vanilla":
-                losses.append(float(reply.meta["loss_sum"]) / max(int(reply.meta["tokens"]), 1))
-            else:
-                trunk_out = reply.tensors["hidden"].to(self.stages["tail"].dtype)
-                needs_grad = bool(reply.meta.get("needs_grad", True))
-                trunk_out.requires_grad_(needs_grad)  # a fresh leaf on this side of the cut
-                total, count = causal_lm_loss(self._tail(trunk_out, batch), labels)
-                losses.append(total.item() / max(count, 1))
-                if count and total.requires_grad:
-                    (total / count * scale).backward()
-                if needs_grad:
-                    grad = trunk_out.grad if trunk_out.grad is not None else torch.zeros_like(trunk_out)
-                    grad = self.defense.grad_up(grad, batch.attention_mask)  # step 7 defenses
-                    reply = self._send("backward", step, micro, {"grad": grad})
-            self._head_backward(step, batch, hidden, sent, reply.tensors.get("grad"), scale, probe)
-        if probe:  # a probe's fake labels must not train the client's own parts
-            for p in self.optimizer.params:
-                p.grad = None
-        reply = self._send("step", step, 0, {}, grad_sq_norm=self.optimizer.grad_sq_norm())
-        self.optimizer.step(float(reply.meta["clip"]))
-        if self.guard is not None:
-            self.guard.check(step)
-        return StepStats(
-            loss=sum(losses) / len(losses),
-            tokens=tokens,
-            grad_norm=float(reply.meta["grad_norm"]),
-            lr=float(reply.meta["lr"]) if self.optimizer.optimizer is None else self.optimizer.lr(),
-        )
-
-    def _head_backward(
-        self,
-        step: int,
-        batch: Batch,
-        hidden: torch.Tensor,
-        sent: torch.Tensor,
-        grad: torch.Tensor | None,
-        scale: float,
-        probe: bool,
-    ) -> None:
-        """Step 10: the head's backward from the gradient the server returned (+ any defense's own loss)."""
-        if grad is not None:
-            grad = grad.to(device=sent.device, dtype=sent.dtype)
-            if self.guard is not None:  # the detector judges what the server sent, before the client's own noise
-                self.guard.observe(step, grad, batch.attention_mask, probe)
-            grad = self.defense.grad_down(grad, batch.attention_mask)
-        if not hidden.requires_grad:
-            return
-        outputs: list[torch.Tensor] = []
-        grads: list[torch.Tensor | None] = []
-        if grad is not None and sent.requires_grad:
-            outputs.append(sent)
-            grads.append(grad)
-        if self.defense.wants_embeddings:
-            embeddings = self.stages["head"].embed_tokens(batch.input_ids).detach()  # (B, T, d)
-            extra = self.defense.extra_loss(embeddings, hidden, batch.attention_mask)
-            if extra is not None and extra.requires_grad:
-                outputs.append(extra * scale)
-                grads.append(None)
-        if outputs:
-            torch.autograd.backward(outputs, grads)
+    # --- evaluation --------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch], step: int = -1) -> EvalStats:
@@ -194,8 +245,8 @@ class SplitClient:
         loss_sum, count = 0.0, 0
         for micro, batch in enumerate(batches):
             batch = batch.to(self.stages["head"].device)
-            _, sent = self._head(batch)
-            reply = self._send("eval", step, micro, self._head_message(batch, sent, batch.labels))
+            message = self._head_message("eval", step, micro, self._head(batch), batch, batch.labels)
+            reply = self.channel.request(message).reply
             if self.mode == "vanilla":
                 loss_sum += float(reply.meta["loss_sum"])
                 count += int(reply.meta["tokens"])
@@ -213,8 +264,8 @@ class SplitClient:
         for part in self.parts.values():
             part.eval()
         batch = collate(examples, pad_id).to(self.stages["head"].device)
-        _, sent = self._head(batch)
-        reply = self._send("eval", -1, 0, self._head_message(batch, sent, batch.labels), per_row=True)
+        message = self._head_message("eval", -1, 0, self._head(batch), batch, batch.labels, per_row=True)
+        reply = self.channel.request(message).reply
         if self.mode == "vanilla":
             losses = reply.tensors["row_loss"]
         else:
@@ -223,7 +274,7 @@ class SplitClient:
             part.train()
         return [float(x) for x in losses]
 
-    # --- state -----------------------------------------------------------------------------------------
+    # --- state -------------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, torch.Tensor]:
         """The client-side trainable tensors (head and tail adapters), under unsplit-model names."""

@@ -1,7 +1,7 @@
 """The server's request queue: which waiting request runs next on the shared trunk.
 
-A policy is a small container with ``push`` / ``pop`` / ``len``; policies register by name and
-``server.policy`` in a config picks one. ``fifo`` serves requests in arrival order; ``round_robin`` takes
+A policy is a small container with ``push`` / ``pop`` / ``len``; policies register by name in ``POLICIES``
+and ``server.policy`` in a config picks one. ``fifo`` serves requests in arrival order; ``round_robin`` takes
 one request per client in turn, so a chatty client cannot starve the others.
 """
 
@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from splitlm.errors import ConfigError
+from splitlm.registry import Registry
 from splitlm.transport.messages import Message
 
 
@@ -21,6 +21,7 @@ from splitlm.transport.messages import Message
 class Request:
     message: Message
     future: Future[Message] = field(default_factory=Future)
+    action: Callable[[], None] | None = None  # internal work run in the queue's order instead of a handler
 
 
 class Policy(Protocol):
@@ -31,21 +32,12 @@ class Policy(Protocol):
     def __len__(self) -> int: ...
 
 
-POLICIES: dict[str, Callable[[], Policy]] = {}
-
-
-def register_policy(name: str) -> Callable[[Callable[[], Policy]], Callable[[], Policy]]:
-    def decorate(factory: Callable[[], Policy]) -> Callable[[], Policy]:
-        POLICIES[name] = factory
-        return factory
-
-    return decorate
+POLICIES = Registry[Callable[[], Policy]]("policy", "server.policy")
+register_policy = POLICIES.register
 
 
 def make_policy(name: str) -> Policy:
-    if name not in POLICIES:
-        raise ConfigError(f"server.policy: unknown policy {name!r}; choose from {sorted(POLICIES)}")
-    return POLICIES[name]()
+    return POLICIES.get(name)()
 
 
 @register_policy("fifo")

@@ -9,6 +9,9 @@ Requests go through a queue and a worker thread (``start``), in the order a sche
 concurrent clients are served one request at a time. Without a worker, ``handle`` runs a request at once.
 An optimizer step on an adapter shared by a barrier of n clients (parallel SL) happens when the n-th
 client's ``step`` arrives; the earlier ones get their reply then.
+
+Each client's route records its cut: the trunk holds a contiguous range of blocks, and a client's requests
+run the part of that range its own ``SplitSpec`` leaves to the server (today every client has the same cut).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from splitlm.errors import CheckpointError, ProtocolError, SplitLMError
-from splitlm.models.split import SplitMode, Stage
+from splitlm.models.split import SplitMode, SplitSpec, Stage
 from splitlm.peft import load_trainable, save_trainable, trainable_parameters
 from splitlm.peft.bank import AdapterBank
 from splitlm.peft.lora import ADAPTER
@@ -40,6 +44,14 @@ from splitlm.transport.messages import Message
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[list[nn.Parameter]], PartyOptimizer]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a client's requests go: its trunk adapter and the trunk blocks its cut leaves to the server."""
+
+    adapter: str
+    blocks: tuple[int, ...]
 
 
 def _resolve(future: Future[Message], outcome: Message | BaseException) -> None:
@@ -72,7 +84,7 @@ class SplitServer:
         self.trainable = bool(trainable_parameters(trunk))
         self.bank = AdapterBank(trunk, make_optimizer, seed) if isinstance(trunk, PeftModel) else None
         self._shared = None if self.bank else make_optimizer(trainable_parameters(trunk))
-        self.routes: dict[str, str] = {}  # client id -> adapter name
+        self.routes: dict[str, Route] = {}  # client id -> its adapter and trunk blocks
         self.barriers: dict[str, int] = {}  # adapter -> step messages per optimizer step
         self._pending: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._arrivals: dict[tuple[str, int], list[tuple[Request, float]]] = {}
@@ -86,23 +98,48 @@ class SplitServer:
         """Parameters the server holds: the base trunk once, plus every adapter."""
         return sum(p.numel() for p in {id(p): p for p in self.trunk.parameters()}.values())
 
+    @property
+    def trainable_param_count(self) -> int:
+        """Parameters of one trunk adapter (or of the trunk, trained without LoRA)."""
+        params = self.bank.parameters(ADAPTER) if self.bank is not None else trainable_parameters(self.trunk)
+        return sum(p.numel() for p in params)
+
     # --- tenants -----------------------------------------------------------------------------------------
 
-    def assign(self, client_id: str, adapter: str = ADAPTER) -> None:
-        """Route ``client_id`` to ``adapter`` (created on first use, initialised like every other one)."""
+    def assign(self, client_id: str, adapter: str = ADAPTER, spec: SplitSpec | None = None) -> None:
+        """Route ``client_id`` to ``adapter`` (created on first use, initialised like every other one) and to
+        the trunk blocks its cut ``spec`` leaves to the server (default: every block this trunk holds)."""
         if adapter != ADAPTER:
             if self.bank is None:
                 if self.trainable:
                     raise ProtocolError("per-client trunk adapters need lora.trunk.method=lora")
             elif adapter not in self.bank.names:
                 self.bank.add(adapter)
-        self.routes[client_id] = adapter
+        self.routes[client_id] = Route(adapter, self._blocks_of(client_id, spec))
+
+    def _blocks_of(self, client_id: str, spec: SplitSpec | None) -> tuple[int, ...]:
+        held = tuple(self.stage.layer_indices)
+        if spec is None:
+            return held
+        if spec.mode != self.mode:
+            raise ProtocolError(f"client {client_id} uses a {spec.mode} split; this server serves {self.mode} splits")
+        blocks = tuple(spec.layers("trunk", int(self.stage.config.num_hidden_layers)))
+        if not blocks or not set(blocks) <= set(held):
+            raise ProtocolError(
+                f"client {client_id}'s cut (head {spec.head_layers}, tail {spec.tail_layers}) needs trunk blocks "
+                f"{blocks[0] if blocks else '-'}..{blocks[-1] if blocks else '-'}, but this server holds blocks "
+                f"{held[0]}..{held[-1]}; cut within them"
+            )
+        return blocks
+
+    def route_of(self, client_id: str) -> Route:
+        route = self.routes.get(client_id)
+        if route is None:
+            raise ProtocolError(f"unknown client {client_id!r}: this server serves {sorted(self.routes)}")
+        return route
 
     def adapter_of(self, client_id: str) -> str:
-        adapter = self.routes.get(client_id)
-        if adapter is None:
-            raise ProtocolError(f"unknown client {client_id!r}: this server serves {sorted(self.routes)}")
-        return adapter
+        return self.route_of(client_id).adapter
 
     def optimizer(self, adapter: str = ADAPTER) -> PartyOptimizer:
         if self.bank is not None:
@@ -120,13 +157,17 @@ class SplitServer:
             self.bank.load_state(adapter, state)
 
     @contextlib.contextmanager
-    def _serving(self, client_id: str) -> Iterator[str]:
-        adapter = self.adapter_of(client_id)
+    def _serving(self, client_id: str) -> Iterator[Route]:
+        route = self.route_of(client_id)
         if self.bank is None:
-            yield adapter
+            yield route
         else:
-            with self.bank.use(adapter):
-                yield adapter
+            with self.bank.use(route.adapter):
+                yield route
+
+    def _run_trunk(self, route: Route, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None):
+        blocks = None if route.blocks == tuple(self.stage.layer_indices) else list(route.blocks)
+        return self.trunk(hidden_states=hidden, attention_mask=mask, position_ids=positions, blocks=blocks)
 
     # --- requests: queue, worker, dispatch --------------------------------------------------------------
 
@@ -172,14 +213,17 @@ class SplitServer:
             self._dispatch(request)
 
     def _dispatch(self, request: Request) -> None:
+        if request.action is not None:  # internal work queued behind the requests already waiting
+            try:
+                request.action()
+            except Exception:  # a bug must not stop the worker
+                log.exception("internal server action failed")
+            return
         message = request.message
         handlers = {"forward": self._forward, "backward": self._backward, "eval": self._eval}
         try:
             if message.kind == "step":
                 self._step(request)
-                return
-            if message.kind == "forget":  # internal (the network layer never forwards it from a client)
-                _resolve(request.future, self._forget(message.client_id))
                 return
             handler = handlers.get(message.kind)
             if handler is None:
@@ -241,9 +285,9 @@ class SplitServer:
         labels = self._labels(message, hidden) if self.mode == "vanilla" else None
         want_grad = bool(message.meta.get("want_grad", True))
         hidden = hidden.detach().requires_grad_(want_grad)  # a fresh leaf: the graph starts here
-        with self._serving(message.client_id):
+        with self._serving(message.client_id) as route:
             self.trunk.train()
-            out = self.trunk(hidden_states=hidden, attention_mask=mask, position_ids=positions)  # (B,T,d|V)
+            out = self._run_trunk(route, hidden, mask, positions)  # (B,T,d|V)
             if self.mode == "ushape":
                 self._pending[message.client_id, message.step, message.micro] = (hidden, out)
                 return Message(
@@ -303,9 +347,28 @@ class SplitServer:
             m = waiting.message
             _resolve(waiting.future, Message("stepped", m.client_id, m.step, 0, {}, dict(meta)))
 
-    def _forget(self, client_id: str) -> Message:
+    def forget(self, client_id: str, wait: bool = True) -> None:
         """Drop what a vanished client left half done: its pending graphs and the gradients they put on its
-        adapter (they would otherwise leak into the next optimizer step)."""
+        adapter (they would otherwise leak into the next optimizer step). Runs between requests; ``wait=False``
+        only queues it (for callers that must not block, like the network's event loop)."""
+        if client_id not in self.routes:
+            return
+        if self._worker is None:
+            self._forget(client_id)
+            return
+        done: Future[None] = Future()
+
+        def run() -> None:
+            self._forget(client_id)
+            done.set_result(None)
+
+        with self._wakeup:
+            self._policy.push(Request(Message("forget", client_id, -1), action=run))
+            self._wakeup.notify()
+        if wait:
+            done.result()
+
+    def _forget(self, client_id: str) -> None:
         for key in [k for k in self._pending if k[0] == client_id]:
             del self._pending[key]
         adapter = self.adapter_of(client_id)
@@ -314,15 +377,14 @@ class SplitServer:
                 _resolve(waiting.future, ProtocolError(f"client {client_id} left; step {key[1]} abandoned"))
         for p in self.optimizer(adapter).params:
             p.grad = None
-        return Message("forgotten", client_id, -1)
 
     @torch.no_grad()
     def _eval(self, message: Message) -> Message:
         hidden, mask, positions = self._inputs(message)
         labels = self._labels(message, hidden) if self.mode == "vanilla" else None
-        with self._serving(message.client_id):
+        with self._serving(message.client_id) as route:
             self.trunk.eval()
-            out = self.trunk(hidden_states=hidden, attention_mask=mask, position_ids=positions)
+            out = self._run_trunk(route, hidden, mask, positions)
             self.trunk.train()
         if labels is None:
             return Message("activations", message.client_id, message.step, message.micro, {"hidden": out})
@@ -345,7 +407,7 @@ class SplitServer:
             return
         for name in self.bank.names:
             suffix = "" if name == ADAPTER else f"-{name}"
-            if name == ADAPTER or name in self.routes.values():
+            if name == ADAPTER or name in {route.adapter for route in self.routes.values()}:
                 tmp = folder / f".trunk{suffix}.safetensors.tmp"
                 save_file(self.bank.state(name), str(tmp), metadata={"format": "pt"})
                 tmp.replace(folder / f"trunk{suffix}.safetensors")

@@ -1,4 +1,8 @@
-"""The ``Transport`` interface and the byte meter every transport keeps."""
+"""The ``Transport`` interface and the byte meter.
+
+A transport moves a request to the server and brings back its reply, nothing else: encoding, defenses,
+recording and byte counting are mods (``transport/mods.py``) that wrap it the same way for every transport.
+"""
 
 from __future__ import annotations
 
@@ -10,38 +14,88 @@ from typing import Protocol
 
 from splitlm.transport.messages import Message
 
-Handler = Callable[[Message], "Message | Future[Message]"]
+Answer = Message | Future[Message]
+Handler = Callable[[Message], Answer]
+
+EVAL_KINDS = ("eval",)  # requests (and their replies) that evaluate rather than train
 
 
 @dataclass
 class ByteMeter:
-    """Exact tensor bytes moved in each direction, in total and per message kind."""
+    """Exact tensor bytes moved in each direction.
+
+    Training traffic (``up``, ``down``) and evaluation traffic (``eval_up``, ``eval_down``) are kept apart, so a
+    client that evaluates for everyone does not look chattier than the others. A reply is counted with the
+    request it answers. ``by_kind`` holds the bytes of each message kind, both directions.
+    """
 
     up: int = 0
     down: int = 0
+    eval_up: int = 0
+    eval_down: int = 0
     by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def record(self, message: Message, direction: str) -> None:
+    def record(self, message: Message, direction: str, about: str | None = None) -> None:
+        """Count ``message`` going ``up`` (client -> server) or ``down``; ``about``: the request kind it answers."""
         size = message.payload_bytes()
+        evaluating = (about or message.kind) in EVAL_KINDS
         if direction == "up":
-            self.up += size
+            if evaluating:
+                self.eval_up += size
+            else:
+                self.up += size
+        elif evaluating:
+            self.eval_down += size
         else:
             self.down += size
         self.by_kind[message.kind] += size
 
     def snapshot(self) -> tuple[int, int]:
+        """Training bytes (up, down) so far."""
         return self.up, self.down
+
+    def eval_snapshot(self) -> tuple[int, int]:
+        return self.eval_up, self.eval_down
 
 
 class Transport(Protocol):
     """Moves a client's request to the server and returns the server's reply.
 
-    Every transport has the same semantics: tensors arrive detached (the receiver makes its own leaves),
-    and ``meter`` counts the bytes of every message in each direction.
+    Every transport has the same semantics: tensors arrive detached (the receiver makes its own leaves);
+    ``submit`` returns at once with a future, so several requests may be in flight; ``request`` waits.
+    A reply of kind ``error`` becomes a ``ProtocolError`` raised by the future.
     """
 
-    meter: ByteMeter
+    def submit(self, message: Message) -> Future[Message]: ...
 
     def request(self, message: Message) -> Message: ...
 
     def close(self) -> None: ...
+
+
+def resolved(answer: Answer) -> Future[Message]:
+    """An answer as a future (a plain message becomes an already finished one)."""
+    if isinstance(answer, Future):
+        return answer
+    future: Future[Message] = Future()
+    future.set_result(answer)
+    return future
+
+
+def then(answer: Answer, fn: Callable[[Message], Message]) -> Answer:
+    """``fn`` applied to an answer: now if it is a message, when it arrives if it is a future.
+
+    An error of the answer (or of ``fn``) reaches whoever waits on the returned future.
+    """
+    if not isinstance(answer, Future):
+        return fn(answer)
+    mapped: Future[Message] = Future()
+
+    def relay(done: Future[Message]) -> None:
+        try:
+            mapped.set_result(fn(done.result()))
+        except BaseException as error:  # the handler's error, a cancellation, or fn's own
+            mapped.set_exception(error)
+
+    answer.add_done_callback(relay)
+    return mapped

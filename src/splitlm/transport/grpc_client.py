@@ -1,17 +1,28 @@
 """The networked client side: a ``Transport`` over one bidirectional gRPC stream.
 
-``request`` sends a request and waits for its reply; commands the server pushes (``cmd:*``) are queued for
-the client's agent loop. If the stream breaks, the connection reconnects with exponential backoff and
-re-sends the request in flight; the server answers a retried request from its replay cache, so nothing is
-applied twice.
+``submit`` sends a request with a fresh id (``meta["rid"]``) and returns a future that the reply carrying the
+same id completes, so several requests may be in flight; ``request`` waits for one. Commands the server pushes
+(``cmd:*``) are queued for the client's agent loop. If the stream breaks, the connection reconnects with
+backoff and sends every request still in flight again; the server answers a retried request from its replay
+cache, so nothing is applied twice.
+
+A connection that cannot be made is diagnosed (``diagnose``): nothing listening, an unreachable host, a
+server certificate for another name, an unknown CA, a client certificate the server requires, or a refused
+token each get their own one-line message, within ``connect_timeout``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import queue
+import socket
+import ssl
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import grpc
@@ -19,20 +30,67 @@ import grpc
 from splitlm.errors import ProtocolError
 from splitlm.transport.base import ByteMeter
 from splitlm.transport.grpc_server import CHANNEL_OPTIONS, HEADER_LIMIT, METHOD
-from splitlm.transport.messages import Message
+from splitlm.transport.messages import RID, Message
 from splitlm.transport.wire import Decoder, Limits, WireError, encode
 
 log = logging.getLogger(__name__)
 
-REPLY_KINDS = ("activations", "gradients", "stepped", "loss")
-ANSWERS = {
-    "forward": ("activations", "loss"),
-    "eval": ("activations", "loss"),
-    "backward": ("gradients",),
-    "step": ("stepped",),
-}
-CONNECT_TIMEOUT = 5.0
+ATTEMPT_TIMEOUT = 5.0  # one attempt to open the channel
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _CLOSED = object()
+_AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise ProtocolError(f"server address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:50051") from None
+
+
+def diagnose(address: str, ca: Path | None, client_cert: tuple[Path, Path] | None, timeout: float = 5.0) -> str:
+    """Why a stream to ``address`` cannot be opened, in one line naming the likely fix ("" if TLS works)."""
+    host, port = split_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        return f"nothing is listening at {address} (connection refused): is the server running, and is the port right?"
+    except TimeoutError:
+        return f"{address} does not answer (no reply in {timeout:.0f} s): check the host name and any firewall"
+    except socket.gaierror:
+        return f"cannot resolve the host name {host!r}: check the server address"
+    except OSError as error:
+        return f"cannot reach {address}: {error.strerror or error}"
+    with sock:
+        if ca is None:
+            return f"{address} accepts connections but no plain-text gRPC stream: does it need TLS (pass --certs)?"
+        context = ssl.create_default_context(cafile=str(ca))
+        context.set_alpn_protocols(["h2"])
+        if client_cert is not None:
+            context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+        try:
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                tls.settimeout(1.0)
+                with contextlib.suppress(TimeoutError, ssl.SSLWantReadError):
+                    tls.recv(1)  # TLS 1.3 reports a missing client certificate only after the handshake
+        except ssl.SSLCertVerificationError as error:
+            if error.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+                return (
+                    f"the server's certificate is not for {host!r}: connect with a name it was issued for, or "
+                    "re-issue it with `splitlm certs DIR --hosts NAME ...`"
+                )
+            if error.verify_code in (2, 18, 19, 20, 21):  # no issuer in our CA file / self-signed
+                return f"the server's certificate is not signed by {ca} (unknown CA): use the ca.pem of its certs"
+            return f"the server's certificate was refused: {error.verify_message}"
+        except ssl.SSLError as error:
+            text = str(error).upper()
+            if "CERTIFICATE_REQUIRED" in text or ("HANDSHAKE_FAILURE" in text and client_cert is None):
+                return "the server requires a client certificate: pass --mtls (with client-ID.pem/.key in --certs)"
+            return f"TLS handshake with {address} failed ({error.reason or error})"
+        except OSError as error:
+            return f"the connection to {address} broke during the TLS handshake ({error})"
+    return ""
 
 
 class GrpcConnection:
@@ -46,6 +104,8 @@ class GrpcConnection:
         request_timeout: float = 600.0,
         max_retries: int = 8,
         hello: Message | None = None,
+        connect_timeout: float = 30.0,
+        reconnect_timeout: float = 120.0,
     ) -> None:
         self.address = address
         self.client_id = client_id
@@ -53,23 +113,26 @@ class GrpcConnection:
         self.ca = ca
         self.client_cert = client_cert
         self.request_timeout = request_timeout
-        self.max_retries = max_retries
+        self.max_retries = max_retries  # re-sends of one request across reconnects
+        self.connect_timeout = connect_timeout
+        self.reconnect_timeout = reconnect_timeout
         self.hello = hello or Message("hello", client_id, -1)
-        self.meter = ByteMeter()
+        self.meter = ByteMeter()  # every frame's tensors, commands included
         self.commands: queue.Queue[Message | object] = queue.Queue()
-        self._replies: queue.Queue[Message | object] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._inflight: dict[int, tuple[Message, Future[Message], int]] = {}  # rid -> (request, future, sends)
+        self._lock = threading.RLock()  # guards the stream's outgoing queue and the in-flight table
         self._outgoing: queue.Queue[bytes | object] | None = None
         self._channel: grpc.Channel | None = None
-        self._reader: threading.Thread | None = None
+        self._generation = 0  # which stream is current; a reader of an old one changes nothing
         self._broken = threading.Event()
         self._closing = False
         self._welcome = threading.Event()
-        self._lock = threading.Lock()
-        if ca is None:
-            host = address.rsplit(":", 1)[0].strip("[]")
-            if host not in ("127.0.0.1", "localhost", "::1"):
-                raise ProtocolError(f"plain-text transport is only allowed on loopback, not {host}: pass --ca")
-        self.connect()
+        self._auth_error: grpc.RpcError | None = None
+        host = split_address(address)[0]
+        if ca is None and host not in LOOPBACK:
+            raise ProtocolError(f"plain-text transport is only allowed on loopback, not {host}: pass --ca")
+        self.connect(self.connect_timeout, attempts=max_retries + 1)
 
     # --- connection management -------------------------------------------------------------------------
 
@@ -86,48 +149,49 @@ class GrpcConnection:
         )
         return grpc.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
 
-    def connect(self) -> None:
-        """(Re)open the stream, with exponential backoff; say hello so the server knows we are here."""
-        delay = 0.2
-        for attempt in range(self.max_retries + 1):
+    def connect(self, timeout: float | None = None, attempts: int | None = None) -> None:
+        """(Re)open the stream within ``timeout`` seconds, with backoff; say hello so the server knows us."""
+        deadline = time.monotonic() + (self.connect_timeout if timeout is None else timeout)
+        delay, attempt = 0.2, 0
+        while True:
+            attempt += 1
             try:
-                self._open()
+                self._open(max(0.5, min(ATTEMPT_TIMEOUT, deadline - time.monotonic())))
                 return
             except (grpc.RpcError, grpc.FutureTimeoutError, ProtocolError) as error:
-                if isinstance(error, grpc.RpcError) and error.code() in (
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                ):
-                    raise ProtocolError(f"server refused client {self.client_id}: {error.details()}") from None
-                if attempt == self.max_retries:
-                    why = (
-                        "no TLS connection (wrong CA, or a client certificate needed?)"
-                        if isinstance(error, grpc.FutureTimeoutError)
-                        else str(error)
+                if isinstance(error, grpc.RpcError) and error.code() in _AUTH_CODES:
+                    raise ProtocolError(
+                        f"server refused client {self.client_id}: {error.details()} (check the token: --token, "
+                        "$SPLITLM_TOKEN or tokens.json)"
+                    ) from None
+                out_of_time = time.monotonic() + delay >= deadline or (attempts is not None and attempt >= attempts)
+                if out_of_time:
+                    reason = diagnose(self.address, self.ca, self.client_cert) or (
+                        str(error) if isinstance(error, ProtocolError) else "no gRPC stream could be opened"
                     )
-                    raise ProtocolError(f"cannot reach {self.address}: {why}") from None
-                log.info("connect failed (%s); retrying in %.1f s", error, delay)
+                    raise ProtocolError(f"cannot connect to {self.address}: {reason}") from None
+                log.info("connect to %s failed (%s); retrying in %.1f s", self.address, type(error).__name__, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 5.0)
 
-    def _open(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._broken.clear()
-        self._channel = self._credentials_channel()
-        grpc.channel_ready_future(self._channel).result(timeout=CONNECT_TIMEOUT)
+    def _open(self, timeout: float) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._generation += 1
+            generation = self._generation
+            self._broken.clear()
+            self._auth_error = None
+            self._channel = self._credentials_channel()
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
         outgoing: queue.Queue[bytes | object] = queue.Queue()
-        self._outgoing = outgoing
         call = self._channel.stream_stream(METHOD)(
-            iter(lambda: outgoing.get(), _CLOSED),
+            iter(outgoing.get, _CLOSED),
             metadata=(("authorization", f"Bearer {self.token}"), ("x-splitlm-client", self.client_id)),
         )
-        # A fresh reply queue per stream: nothing left over from a broken stream is taken for a new reply.
-        self._replies = queue.Queue()
-        self._reader = threading.Thread(
-            target=self._read, args=(call, self._replies), daemon=True, name="splitlm-reader"
-        )
-        self._reader.start()
+        with self._lock:
+            self._outgoing = outgoing
+        threading.Thread(target=self._read, args=(call, generation), daemon=True, name="splitlm-reader").start()
         self._welcome.clear()
         self._put(self.hello)
         # The server answers hello with welcome; an auth failure ends the stream instead.
@@ -137,9 +201,7 @@ class GrpcConnection:
                     raise self._auth_error
                 raise ProtocolError(f"the server at {self.address} closed the stream at hello")
 
-    _auth_error: grpc.RpcError | None = None
-
-    def _read(self, call, replies: queue.Queue[Message | object]) -> None:
+    def _read(self, call: grpc.Call, generation: int) -> None:
         decoder = Decoder(Limits(max_header_bytes=HEADER_LIMIT))
         try:
             for frame in call:
@@ -152,74 +214,117 @@ class GrpcConnection:
                 elif message.kind.startswith("cmd:"):
                     self.commands.put(message)
                 else:
-                    replies.put(message)
+                    self._answer(message)
         except grpc.RpcError as error:
-            if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            if error.code() in _AUTH_CODES:
                 self._auth_error = error
             elif not self._closing:
                 log.warning("stream to %s broke: %s", self.address, error.code())
         except WireError as error:
             log.warning("bad frame from server: %s", error)
         finally:
-            self._broken.set()
-            replies.put(_CLOSED)
-            if self._closing:
-                self.commands.put(_CLOSED)
+            if generation == self._generation:
+                self._broken.set()
+                if self._closing:
+                    self.commands.put(_CLOSED)
+                elif self._welcome.is_set():  # a working stream broke: get it back
+                    threading.Thread(target=self._recover, args=(generation,), daemon=True).start()
+
+    def _answer(self, reply: Message) -> None:
+        """Complete the future of the request ``reply`` answers (by id); drop a duplicate of an old answer."""
+        rid = reply.meta.get(RID)
+        with self._lock:
+            if rid is None and reply.kind == "error" and self._inflight:
+                rid = min(self._inflight)  # an error about a frame the server could not read: the oldest request
+            entry = self._inflight.pop(int(rid), None) if isinstance(rid, int) else None
+        if entry is None:
+            log.debug("dropped a stale %s for step %d", reply.kind, reply.step)
+            return
+        request, future, _ = entry
+        if reply.kind == "error":
+            future.set_exception(ProtocolError(f"server rejected {request.kind}: {reply.meta.get('error')}"))
+        else:
+            future.set_result(reply)
+
+    def _recover(self, generation: int) -> None:
+        """Reconnect after a broken stream and send every request in flight again; give up on them (and on the
+        commands) if the server stays away."""
+        try:
+            if generation != self._generation:
+                return
+            self.connect(self.reconnect_timeout)
+            with self._lock:
+                resend = sorted(self._inflight.items())
+                for rid, (request, future, sends) in resend:
+                    if sends > self.max_retries:
+                        del self._inflight[rid]
+                        future.set_exception(ProtocolError(f"lost the server at {self.address}"))
+                    else:
+                        self._inflight[rid] = (request, future, sends + 1)
+                        self._put(request)
+        except ProtocolError as error:
+            self._fail_all(ProtocolError(f"lost the server at {self.address}: {error}"))
+            self.commands.put(_CLOSED)
+
+    def _fail_all(self, error: ProtocolError) -> None:
+        with self._lock:
+            pending, self._inflight = self._inflight, {}
+        for _, future, _ in pending.values():
+            if not future.done():
+                future.set_exception(error)
 
     def _put(self, message: Message) -> None:
-        assert self._outgoing is not None
-        self.meter.record(message, "up")
-        for frame in encode(message):
-            self._outgoing.put(frame)
+        with self._lock:
+            assert self._outgoing is not None
+            self.meter.record(message, "up")
+            for frame in encode(message):
+                self._outgoing.put(frame)
+
+    def update_hello(self, hello: Message) -> None:
+        """Say more about this client (its data and parts, once built); repeated on every reconnect."""
+        self.hello = hello
+        self._put(hello)
+
+    @property
+    def broken(self) -> bool:
+        return self._broken.is_set()
 
     def wait_closed(self, timeout: float) -> bool:
         """Wait for the server to end the stream."""
         return self._broken.wait(timeout)
 
+    def expect_close(self) -> None:
+        """The server is about to end the stream (the run is over): do not reconnect."""
+        self._closing = True
+
     def close(self) -> None:
         self._closing = True
-        if self._outgoing is not None:
-            self._outgoing.put(_CLOSED)
-        if self._channel is not None:
-            self._channel.close()
+        self._fail_all(ProtocolError("the connection was closed"))
+        with self._lock:
+            if self._outgoing is not None:
+                self._outgoing.put(_CLOSED)
+            if self._channel is not None:
+                self._channel.close()
 
     # --- Transport --------------------------------------------------------------------------------------
 
-    def request(self, message: Message) -> Message:
-        """Send a request, wait for its reply; on a broken stream reconnect and send it again."""
+    def submit(self, message: Message) -> Future[Message]:
+        """Send a request now; its future completes with the reply (or a ``ProtocolError``)."""
+        future: Future[Message] = Future()
         with self._lock:
-            for attempt in range(self.max_retries + 1):
-                if self._broken.is_set():
-                    self.connect()
-                self._put(message.detached())
-                reply = self._next_reply(message)
-                if reply is _CLOSED:
-                    if attempt == self.max_retries:
-                        raise ProtocolError(f"lost the server at {self.address}")
-                    continue  # the stream broke: reconnect and retry; the server replays if it had the work
-                assert isinstance(reply, Message)
-                if reply.kind == "error":
-                    raise ProtocolError(f"server rejected {message.kind}: {reply.meta.get('error')}")
-                return reply
-        raise ProtocolError(f"lost the server at {self.address}")
+            rid = next(self._ids)
+            request = message.detached().replace(**{RID: rid})
+            self._inflight[rid] = (request, future, 1)
+            if not self._broken.is_set():
+                self._put(request)  # else the reconnect in progress sends it
+        return future
 
-    def _next_reply(self, request: Message) -> Message | object:
-        """The reply to ``request``: same step and micro-batch, a kind that answers it; anything else is a
-        duplicate of an earlier answer (a request re-sent after a reconnect) and is dropped."""
-        expected = ANSWERS[request.kind]
-        while True:
-            try:
-                reply = self._replies.get(timeout=self.request_timeout)
-            except queue.Empty:
-                raise ProtocolError(f"no reply from {self.address} within {self.request_timeout:.0f} s") from None
-            if reply is _CLOSED:
-                return reply
-            assert isinstance(reply, Message)
-            if reply.kind == "error" and (reply.meta.get("about") in (None, request.kind)):
-                return reply
-            if reply.kind in expected and (reply.step, reply.micro) == (request.step, request.micro):
-                return reply
-            log.debug("dropped a stale %s for step %d", reply.kind, reply.step)
+    def request(self, message: Message) -> Message:
+        """Send a request and wait for its reply."""
+        try:
+            return self.submit(message).result(timeout=self.request_timeout)
+        except FutureTimeout:
+            raise ProtocolError(f"no reply from {self.address} within {self.request_timeout:.0f} s") from None
 
     def send(self, message: Message) -> None:
         """Send a message that needs no reply (a command's ``done``)."""

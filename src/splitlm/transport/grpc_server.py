@@ -3,8 +3,9 @@
 Each gRPC message is one wire frame (``transport/wire.py``): a validated header, then raw tensor chunks of at
 most 4 MiB. No protobuf code generation: the service is a generic handler over raw bytes.
 
-On a stream the client sends requests (``forward``, ``backward``, ``step``, ``eval``), which go to the
-``SplitServer``'s queue, and replies (``done``) to the commands the server's orchestrator sends it
+On a stream the client sends requests (``forward``, ``backward``, ``step``, ``eval``), which go to the server's
+handler (the server's mods around the ``SplitServer``'s queue; several may be in flight, each reply carries
+its request's id), and replies (``done``) to the commands the server's orchestrator sends it
 (``cmd:train``, ``cmd:get_state``, ...). Every stream is authenticated by a bearer token that maps to exactly
 one client id; a frame claiming another id is refused. A malformed or out-of-order frame gets an ``error``
 message on the stream and changes nothing; the stream and the other clients carry on. The last replies of
@@ -20,16 +21,15 @@ import itertools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from splitlm.errors import ProtocolError, SplitLMError
-from splitlm.runtime.server import SplitServer
-from splitlm.transport.base import ByteMeter
-from splitlm.transport.messages import REQUEST_KINDS, Message
+from splitlm.transport.base import ByteMeter, Handler, resolved
+from splitlm.transport.messages import REQUEST_KINDS, RID, Message
 from splitlm.transport.wire import MAX_CHUNK, Decoder, Limits, encode
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,11 @@ CHANNEL_OPTIONS = [
 def error_message(client_id: str, about: Message | None, error: Exception) -> Message:
     step = about.step if about else -1
     micro = about.micro if about else 0
-    meta = {"error": str(error), "type": type(error).__name__}
+    meta: dict[str, str | int | float | bool] = {"error": str(error), "type": type(error).__name__}
     if about is not None:
         meta["about"] = about.kind
+        if RID in about.meta:
+            meta[RID] = about.meta[RID]
     return Message("error", client_id, step, micro, {}, meta)
 
 
@@ -80,17 +82,23 @@ class Connection:
 
 
 class GrpcServer:
+    """Serves clients' streams. ``handler`` answers their requests (the server's mods around the ``SplitServer``;
+    it may be set after ``start``, once every client said hello); ``on_restart(client_id)`` is called when a
+    new process takes over a client id, so the server can drop what the old one left half done."""
+
     def __init__(
         self,
-        split_server: SplitServer,
+        handler: Handler | None,
         tokens: dict[str, str],
         address: str,
         certs: Path | None,
         mutual_tls: bool = False,
         limits: Limits | None = None,
         work_needs_command: bool = False,
+        on_restart: Callable[[str], None] | None = None,
     ) -> None:
-        self.split_server = split_server
+        self.handler = handler
+        self.on_restart = on_restart
         self.tokens = tokens
         self.address = address
         self.certs = certs
@@ -247,12 +255,15 @@ class GrpcServer:
                     )
                 connection.meter.record(message, "up")
                 if message.kind == "hello":
-                    session = str(message.meta.get("session", ""))
-                    if connection.session and session != connection.session:
-                        self._restarted(connection)
-                    connection.session = session
-                    connection.hello = message
-                    connection.connected.set()
+                    # A first hello with ready=False only checks the token; the client says it is ready (with
+                    # its data and parts) once it has built them, and only then takes over its client id.
+                    if message.meta.get("ready", True):
+                        session = str(message.meta.get("session", ""))
+                        if connection.session and session != connection.session:
+                            self._restarted(connection)
+                        connection.session = session
+                        connection.hello = message
+                        connection.connected.set()
                     self._send(connection, Message("welcome", connection.client_id, -1))
                 elif message.kind in REQUEST_KINDS:
                     await self._serve(connection, message)
@@ -274,19 +285,20 @@ class GrpcServer:
         log.warning("client %s restarted", connection.client_id)
         connection.replies.clear()
         connection.inflight.clear()
-        if self.split_server is not None and connection.client_id in self.split_server.routes:
-            self.split_server.submit(Message("forget", connection.client_id, -1))
+        if self.on_restart is not None:
+            self.on_restart(connection.client_id)
         for future in connection.pending.values():
             if not future.done():
                 future.set_exception(ProtocolError(f"client {connection.client_id} restarted"))
 
     async def _serve(self, connection: Connection, message: Message) -> None:
         key = (message.kind, message.step, message.micro)
+        rid = message.meta.get(RID)
         cached = connection.replies.get(key) if message.kind != "eval" else None
         if cached is not None:  # a retry of work already done: answer again, apply nothing
-            self._send(connection, cached)
+            self._send(connection, _answering(cached, rid))
             return
-        if self.split_server is None:
+        if self.handler is None:
             raise ProtocolError("the server is still waiting for every client to connect; send no work yet")
         if self.work_needs_command and not connection.working:
             raise ProtocolError(
@@ -294,7 +306,7 @@ class GrpcServer:
             )
         future = connection.inflight.get(key) if message.kind != "eval" else None
         if future is None:  # (a retry of a request still being worked on waits for that same work)
-            future = self.split_server.submit(message)
+            future = resolved(self.handler(message))
             loop = asyncio.get_running_loop()
             if message.kind != "eval":
                 connection.inflight[key] = future
@@ -307,7 +319,7 @@ class GrpcServer:
                 future.add_done_callback(remember)
         try:
             # shield: a closed stream must not cancel work the server may already be doing
-            reply = await asyncio.shield(asyncio.wrap_future(future))
+            reply = _answering(await asyncio.shield(asyncio.wrap_future(future)), rid)
         except SplitLMError as error:
             reply = error_message(connection.client_id, message, error)
         self._send(connection, reply)
@@ -321,6 +333,12 @@ class GrpcServer:
             connection.replies.popitem(last=False)
 
     def _send(self, connection: Connection, message: Message) -> None:
+        """Queue ``message`` on the client's current stream (from the event loop's thread)."""
         if connection.outgoing is not None:
             connection.meter.record(message, "down")
             connection.outgoing.put_nowait(encode(message))
+
+
+def _answering(reply: Message, rid: object) -> Message:
+    """``reply`` carrying the id of the request it answers now (a cached reply may answer a retry)."""
+    return reply if rid is None else reply.replace(**{RID: rid})  # type: ignore[arg-type]

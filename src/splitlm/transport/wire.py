@@ -5,7 +5,9 @@ A message becomes a list of frames. Frame 0 is the header::
     b"SLM1" | uint32 LE header length | UTF-8 JSON header
 
 with the JSON object ``{"kind", "client_id", "step", "micro", "meta", "tensors", "frames"}``, where each entry of
-``tensors`` is ``{"name", "dtype", "shape", "nbytes", "codec": "raw"}`` and ``frames`` is the total frame count.
+``tensors`` is ``{"name", "dtype", "shape", "nbytes", "codec"}`` and ``frames`` is the total frame count. ``codec``
+is ``"raw"``, or the codec (``transport/codecs.py``) the tensor is a part of: the main part ``name`` and its
+other parts ``name#<part>`` carry the same codec, and the receiver's codec mod decodes them.
 The tensors' raw bytes (contiguous, CPU, little-endian) follow in header order, cut into data frames of at
 most ``chunk_size`` bytes::
 
@@ -38,7 +40,10 @@ PREFIX_BYTES = 8  # magic + uint32
 MAX_KIND_CHARS = 32
 MAX_CLIENT_ID_CHARS = 128
 MAX_NAME_CHARS = 64
-CODEC = "raw"
+CODEC = "raw"  # a tensor sent as it is
+PART = "#"  # an encoded tensor's other parts travel as "name#part"
+MAX_CODEC_CHARS = 64
+_CODEC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:+-")
 _INT64_MAX = (1 << 63) - 1
 _UINT32_MAX = (1 << 32) - 1
 _U32 = struct.Struct("<I")
@@ -90,6 +95,7 @@ class _TensorSpec:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    codec: str = CODEC
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,12 @@ def _check_little_endian() -> None:
 def message_nbytes(message: Message) -> int:
     """Tensor payload bytes of ``message`` (what the data frames carry; equals ``Message.payload_bytes()``)."""
     return message.payload_bytes()
+
+
+def _codec_of(message: Message, name: str) -> str:
+    """The codec a tensor of ``message`` travels under: its own, or that of the tensor it is a part of."""
+    main = name.split(PART, 1)[0]
+    return message.codecs.get(name) or message.codecs.get(main) or CODEC
 
 
 def _tensor_bytes(name: str, tensor: torch.Tensor) -> tuple[str, memoryview]:
@@ -147,7 +159,13 @@ def encode(message: Message, chunk_size: int = MAX_CHUNK) -> list[bytes]:
         dtype_name, data = _tensor_bytes(name, tensor)
         views.append(data)
         entries.append(
-            {"name": name, "dtype": dtype_name, "shape": list(tensor.shape), "nbytes": data.nbytes, "codec": CODEC}
+            {
+                "name": name,
+                "dtype": dtype_name,
+                "shape": list(tensor.shape),
+                "nbytes": data.nbytes,
+                "codec": _codec_of(message, name),
+            }
         )
     total = sum(view.nbytes for view in views)
     frames = 1 + math.ceil(total / chunk_size)
@@ -231,8 +249,13 @@ def _validate_tensor(index: int, entry: Any, limits: Limits) -> _TensorSpec:
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         shown = dtype_name[:40] if isinstance(dtype_name, str) else dtype_name
         raise WireError(f"wire: header {where}.dtype {shown!r} is not supported; expected one of {', '.join(DTYPES)}")
-    if entry["codec"] != CODEC:
-        raise WireError(f"wire: header {where}.codec must be {CODEC!r}; decode other codecs before the wire")
+    codec = entry["codec"]
+    if not isinstance(codec, str) or not 1 <= len(codec) <= MAX_CODEC_CHARS or not set(codec) <= _CODEC_CHARS:
+        shown = codec[:40] if isinstance(codec, str) else codec
+        raise WireError(
+            f"wire: header {where}.codec {shown!r} is not a codec name (1 to {MAX_CODEC_CHARS} letters, digits "
+            "or _.:+-)"
+        )
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_int(dim) for dim in shape):
         raise WireError(f"wire: header {where}.shape must be a list of ints")
@@ -254,7 +277,7 @@ def _validate_tensor(index: int, entry: Any, limits: Limits) -> _TensorSpec:
             f"wire: tensor {name!r} declares {nbytes} bytes, over the limit of {limits.max_tensor_bytes} "
             "(Limits.max_tensor_bytes); send smaller tensors or raise the limit"
         )
-    return _TensorSpec(name, dtype, tuple(shape), nbytes)
+    return _TensorSpec(name, dtype, tuple(shape), nbytes, codec)
 
 
 def _validate_header(obj: Any, limits: Limits) -> _Header:
@@ -290,6 +313,15 @@ def _validate_header(obj: Any, limits: Limits) -> _Header:
     if len(set(names)) != len(names):
         duplicate = next(name for name in names if names.count(name) > 1)
         raise WireError(f"wire: header names the tensor {duplicate!r} twice; names must be unique")
+    codecs = {spec.name: spec.codec for spec in specs}
+    for spec in specs:
+        main, dot, _ = spec.name.partition(PART)
+        if dot and codecs.get(main, CODEC) == CODEC:
+            raise WireError(f"wire: tensor {spec.name!r} is a part of {main!r}, which is not an encoded tensor")
+        if dot and spec.codec != codecs[main]:
+            raise WireError(
+                f"wire: tensor {spec.name!r} has codec {spec.codec!r} but its main part {main!r} has {codecs[main]!r}"
+            )
     total = sum(spec.nbytes for spec in specs)
     if total > limits.max_message_bytes:
         raise WireError(
@@ -432,7 +464,8 @@ class Decoder:
                 raise WireError(f"wire: bool tensor {spec.name!r} holds bytes other than 0 and 1")
             tensors[spec.name] = raw.view(spec.dtype).reshape(spec.shape)
         self.reset()
-        return Message(header.kind, header.client_id, header.step, header.micro, tensors, dict(header.meta))
+        codecs = {spec.name: spec.codec for spec in header.tensors if spec.codec != CODEC and PART not in spec.name}
+        return Message(header.kind, header.client_id, header.step, header.micro, tensors, dict(header.meta), codecs)
 
 
 def decode(frames: Iterable[bytes], limits: Limits = Limits()) -> Message:

@@ -1,30 +1,35 @@
 """What every attack shares: the recorded observations, the attacker's knowledge, a registry, scoring.
 
 The attacker is an honest-but-curious server. It knows the public pretrained weights of the whole model
-(not the client's fine-tuned adapters), public auxiliary text of the same kind as the client's, and
-what it received during the run: ``Observation`` holds exactly what the server tap recorded. The true
-tokens ride along for scoring only; an attack's ``invert`` never reads ``truth``.
+(not the client's fine-tuned adapters), public auxiliary text of the same kind as the client's
+(``splitlm.privacy.knowledge``), and what it received during the run: ``Observation`` holds exactly what
+the server tap recorded. The true tokens ride along for scoring only; an attack's ``invert`` never reads
+``truth``.
+
+``run_attack`` (``splitlm attack``) writes the scores to ``RUN_DIR/attacks/NAME.json`` and every rebuilt
+sequence, with its truth and its own scores, to ``RUN_DIR/attacks/NAME.jsonl``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
-from splitlm.config import Config, load_config
-from splitlm.data import Batch, collate, load_rows, split_rows, tokenize_rows
 from splitlm.errors import PrivacyError
-from splitlm.frameworks.loop import write_json
-from splitlm.models import ModelSource, Stage, load_stage, resolve_model
-from splitlm.models.split import SplitSpec
+from splitlm.files import write_json, write_jsonl
+from splitlm.privacy.knowledge import PublicKnowledge
 from splitlm.privacy.metrics import rouge_l, token_accuracy
 from splitlm.privacy.tap import Key, read_records
+from splitlm.registry import Registry
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,65 +59,22 @@ class Observation:
         )
 
 
-class AttackContext:
-    """The attacker's knowledge: the run's config, the pretrained parts, public auxiliary text, a cache."""
+class AttackContext(PublicKnowledge):
+    """The offline attacker's context: its public knowledge (``PublicKnowledge``: config, pretrained parts,
+    auxiliary text, ``cache``, ``run_dir``) and whether its long loops show progress bars (``score`` sets
+    ``progress``)."""
 
-    def __init__(self, config: Config, source: ModelSource | None = None, device: str = "cpu") -> None:
-        self.config = config
-        self.source = source or resolve_model(config.model.name, config.model.revision)
-        self.tokenizer = self.source.tokenizer()
-        self.device = torch.device(device)
-        self.spec = SplitSpec(config.split.mode, config.split.head_layers, config.split.tail_layers)
-        self.cache: dict[Any, Any] = {}  # e.g. a trained SIP inverter, shared by BiSR(b)
-        self._stages: dict[str, Stage] = {}
+    progress: bool = True
 
-    @classmethod
-    def from_run(cls, run_dir: Path, device: str = "cpu") -> AttackContext:
-        path = run_dir / "config.yaml"
-        if not path.is_file():
-            raise PrivacyError(f"{run_dir} is not a run directory ({path} missing); give the output_dir of a run")
-        return cls(load_config(path), device=device)
+    def cache_file(self, name: str) -> Path | None:
+        """``RUN_DIR/attacks/cache/NAME``, where an attack keeps what it trained for later processes; ``None``
+        when the context was not read from a run directory (then nothing is kept on disk)."""
+        return None if self.run_dir is None else self.run_dir / "attacks" / "cache" / name
 
-    def stage(self, role: str) -> Stage:
-        """A pretrained part (public weights, no adapters), frozen and in eval mode, in float32."""
-        if role == "tail" and self.spec.mode != "ushape":
-            raise PrivacyError("this attack needs the client's tail, which only a ushape split has")
-        if role not in self._stages:
-            stage = load_stage(
-                self.source, self.spec, role, "float32", self.device, self.config.model.attn_implementation
-            )  # type: ignore[arg-type]
-            self._stages[role] = stage.eval()
-        return self._stages[role]
 
-    def token_embeddings(self) -> torch.Tensor:
-        return self.stage("head").token_embeddings().detach()  # (V, d)
-
-    def aux_batches(self, rows: int, batch_size: int, name: str | None = None) -> list[Batch]:
-        """Public text for the attacker: ``name`` (a data name), else rows of the run's dataset the client
-        never trained on (those past ``data.max_rows``, or else its held-out rows)."""
-        key = ("aux_batches", rows, batch_size, name)
-        if key not in self.cache:  # SIP, the nn dictionary and FSHA read the same public text
-            self.cache[key] = self._aux_batches(rows, batch_size, name)
-        return self.cache[key]
-
-    def _aux_batches(self, rows: int, batch_size: int, name: str | None) -> list[Batch]:
-        data = self.config.data
-        if name:
-            pool = load_rows(data.model_copy(update={"name": name, "max_rows": None}))
-        else:
-            everything = load_rows(data.model_copy(update={"max_rows": None}))
-            if data.max_rows is not None and len(everything) > data.max_rows:
-                pool = everything[data.max_rows :]
-            else:
-                pool = split_rows(everything, data.eval_size, self.config.seed)[1]
-        examples = tokenize_rows(pool[:rows], self.tokenizer, data, self.config.train.seq_len)
-        if not examples:
-            raise PrivacyError("no auxiliary text for the attacker: pass aux=<data name> with public text")
-        pad = int(self.tokenizer.pad_token_id)
-        return [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
-
-    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> str:
-        return self.tokenizer.decode([int(t) for t in ids[mask.bool()]])
+def bar(ctx: AttackContext, items: Iterable[T], desc: str, total: int | None = None, leave: bool = False) -> tqdm[T]:
+    """``items`` with a progress bar on stderr while ``ctx.progress`` is on (``leave=False``: inner loops)."""
+    return tqdm(items, desc=desc, total=total, leave=leave, dynamic_ncols=True, disable=not ctx.progress)
 
 
 class Attack(Protocol):
@@ -124,15 +86,13 @@ class Attack(Protocol):
 
 
 AttackFactory = Callable[[dict[str, str]], Attack]
-ATTACKS: dict[str, AttackFactory] = {}
+# Attack modules register their factories by name; the first look-up imports the built-in ones.
+ATTACKS = Registry[AttackFactory]("attack", error=PrivacyError, builtins=("splitlm.privacy.attacks",))
 
 
 def register_attack(name: str) -> Callable[[AttackFactory], AttackFactory]:
-    def wrap(factory: AttackFactory) -> AttackFactory:
-        ATTACKS[name] = factory
-        return factory
-
-    return wrap
+    """Decorator registering an attack factory under ``name`` (``ATTACKS.register``)."""
+    return ATTACKS.register(name)
 
 
 def parse_options(kind: type, options: dict[str, str]) -> Any:
@@ -160,12 +120,7 @@ def parse_options(kind: type, options: dict[str, str]) -> Any:
 
 
 def make_attack(name: str, options: dict[str, str] | None = None) -> Attack:
-    from splitlm.privacy import attacks as _  # noqa: F401  (registers the built-in attacks)
-
-    factory = ATTACKS.get(name)
-    if factory is None:
-        raise PrivacyError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
-    return factory(options or {})
+    return ATTACKS.get(name)(options or {})
 
 
 def observations(run_dir: Path, max_batches: int = 0) -> list[Observation]:
@@ -174,14 +129,32 @@ def observations(run_dir: Path, max_batches: int = 0) -> list[Observation]:
     return obs[-max_batches:] if max_batches else obs
 
 
-def score(ctx: AttackContext, name: str, attack: Attack, obs: list[Observation]) -> dict[str, Any]:
-    """Run ``attack`` on every observation and score it against the truth."""
+def score(
+    ctx: AttackContext,
+    name: str,
+    attack: Attack,
+    obs: list[Observation],
+    sequences: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``attack`` on every observation and score it against the truth (means over micro-batches).
+
+    ``sequences``: also write every rebuilt sequence there as JSON lines, one object per row of each
+    micro-batch: ``client``, ``step``, ``micro``, ``row``, the decoded ``truth`` and ``guess`` text and that
+    row's ``rouge_l`` and ``token_accuracy`` (``truth`` and the scores are null for a micro-batch recorded
+    without its truth). ``progress``: show progress bars on stderr (kept on ``ctx.progress`` for the
+    attack's own loops).
+    """
     started = time.perf_counter()
+    ctx.progress = progress
     rouges, accuracies = [], []
     example: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
     torch.manual_seed(ctx.config.seed)
-    for o in obs:
-        guess = attack.invert(ctx, o).to("cpu")
+    for o in bar(ctx, obs, f"{name}: micro-batches", leave=True):
+        guess = attack.invert(ctx, o).to("cpu")  # (B, T)
+        if sequences is not None:
+            rows.extend(_sequences(ctx, o, guess))
         if o.truth is None:
             continue
         rouges.append(rouge_l(o.truth, guess, o.attention_mask))
@@ -193,7 +166,7 @@ def score(ctx: AttackContext, name: str, attack: Attack, obs: list[Observation])
             }
     if not rouges:
         raise PrivacyError("the run has no truth records to score against (truth/ missing); re-run with the tap")
-    return {
+    result = {
         "attack": name,
         "rouge_l": sum(rouges) / len(rouges),
         "token_accuracy": sum(accuracies) / len(accuracies),
@@ -201,6 +174,31 @@ def score(ctx: AttackContext, name: str, attack: Attack, obs: list[Observation])
         "seconds": time.perf_counter() - started,
         "example": example,
     }
+    if sequences is not None:
+        write_jsonl(sequences, rows)  # atomic, like the result file
+        result["sequences"] = str(sequences)
+    return result
+
+
+def _sequences(ctx: AttackContext, o: Observation, guess: torch.Tensor) -> list[dict[str, Any]]:
+    """One record per row of the micro-batch ``o``: its key, the decoded truth and guess, the row's scores."""
+    client, step, micro = o.key
+    records = []
+    for row, mask in enumerate(o.attention_mask):
+        truth = None if o.truth is None else o.truth[row : row + 1]  # (1, T)
+        records.append(
+            {
+                "client": client,
+                "step": step,
+                "micro": micro,
+                "row": row,
+                "truth": None if truth is None else ctx.decode(truth[0], mask),
+                "guess": ctx.decode(guess[row], mask),
+                "rouge_l": None if truth is None else rouge_l(truth, guess[row : row + 1], mask[None]),
+                "token_accuracy": None if truth is None else token_accuracy(truth, guess[row : row + 1], mask[None]),
+            }
+        )
+    return records
 
 
 def run_attack(
@@ -209,13 +207,16 @@ def run_attack(
     options: dict[str, str] | None = None,
     max_batches: int = 0,
     ctx: AttackContext | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """``splitlm attack``: attack a recorded run; the result also goes to ``RUN_DIR/attacks/NAME.json``."""
+    """``splitlm attack``: attack a recorded run. The result also goes to ``RUN_DIR/attacks/NAME.json`` and every
+    rebuilt sequence to ``RUN_DIR/attacks/NAME.jsonl`` (see ``score``); ``progress``: show progress bars."""
     attack = make_attack(name, options)
     obs = observations(run_dir, max_batches)
     ctx = ctx or AttackContext.from_run(run_dir)
-    result = {**score(ctx, name, attack, obs), "run_dir": str(run_dir), "options": dict(options or {})}
     folder = run_dir / "attacks"
     folder.mkdir(exist_ok=True)
+    scored = score(ctx, name, attack, obs, sequences=folder / f"{name}.jsonl", progress=progress)
+    result = {**scored, "run_dir": str(run_dir), "options": dict(options or {})}
     write_json(folder / f"{name}.json", result)  # atomic: an interrupted attack leaves the last result whole
     return result

@@ -12,6 +12,13 @@ token of each row has no label and comes from SIP.
 ``bisr_f`` (forward) optimises input embeddings ``e`` (B, T, d), starting from SIP's guess, so that the
 pretrained head maps them onto the smashed data (cosine distance on real positions), then decodes each
 position by its nearest token embedding.
+
+Both start from SIP (``sip``), whose inverter they train first, or reuse. Options prefixed ``sip_`` configure
+that inverter and map to SIP's options of the same name without the prefix: ``sip_steps``, ``sip_lr``,
+``sip_hidden``, ``sip_bidirectional``, ``sip_tied``, ``sip_noise``, ``sip_aux_rows``, ``sip_batch_size`` and
+``sip_aux`` (e.g. ``splitlm attack RUN bisr_b sip_steps=500`` uses the inverter of ``splitlm attack RUN sip
+steps=500``). An inverter with the same SIP options is shared: within one process through the context's cache,
+across processes through ``RUN_DIR/attacks/cache/``, so it is trained once.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from splitlm.errors import PrivacyError
-from splitlm.privacy.attacks.base import AttackContext, Observation, parse_options, register_attack
+from splitlm.privacy.attacks.base import AttackContext, Observation, bar, parse_options, register_attack
 from splitlm.privacy.attacks.inversion import nearest_tokens
 from splitlm.privacy.attacks.sip import SipOptions, seeded, sip_logits
 
@@ -94,7 +101,7 @@ def match_gradients(
         target = target / target.norm().clamp_min(1e-30)
         y = init.detach().clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([y], lr=lr, weight_decay=0.0)
-        for step in range(steps):
+        for step in bar(ctx, range(steps), f"{name}: matching gradients"):
             cotangent = (q - y.softmax(-1)) * weight  # d(soft CE)/d(logits), (B, T, V)
             (guess,) = torch.autograd.grad(logits, z, cotangent, create_graph=True, retain_graph=True)
             guess = guess * mask.unsqueeze(-1)
@@ -118,8 +125,10 @@ def labels_to_tokens(y: torch.Tensor, mask: torch.Tensor, fallback: torch.Tensor
 
 @dataclass(frozen=True)
 class BisrBOptions:
-    steps: int = 30  # AdamW steps on the soft labels
-    lr: float = 0.09
+    """``bisr_b`` options; ``sip_<name>`` options (``SipOptions``) configure the SIP start."""
+
+    steps: int = 30  # AdamW steps on the soft labels (0: SIP's guess, shifted into labels, as is)
+    lr: float = 0.09  # AdamW learning rate of the soft-label logits
     temperature: float = 1.2  # the soft labels start at softmax(SIP logits / temperature)
     l2: float = 0.85  # weight of the squared L2 gradient distance
     l1: float = 0.15  # weight of the L1 gradient distance
@@ -158,8 +167,10 @@ def make_bisr_b(options: dict[str, str]) -> BisrBAttack:
 
 @dataclass(frozen=True)
 class BisrFOptions:
+    """``bisr_f`` options; ``sip_<name>`` options (``SipOptions``) configure the SIP start (init=sip)."""
+
     steps: int = 300  # AdamW steps on the input embeddings
-    lr: float = 0.01
+    lr: float = 0.01  # AdamW learning rate of the input embeddings
     init: str = "sip"  # sip: start from SIP's guess; random: from noise of the embeddings' scale
 
     def check(self) -> None:
@@ -180,7 +191,7 @@ def match_smashed(
     target = smashed.to(ctx.device).float()[real]  # (N, d)
     e = init.detach().clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([e], lr=lr, weight_decay=0.0)
-    for step in range(steps):
+    for step in bar(ctx, range(steps), f"{name}: matching smashed data"):
         out = head(inputs_embeds=e, attention_mask=mask).float()  # (B, T, d)
         loss = (1.0 - F.cosine_similarity(out[real], target, dim=-1)).mean()
         optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from splitlm.errors import PrivacyError
-from splitlm.privacy.attacks.base import AttackContext, Observation, parse_options, register_attack
+from splitlm.privacy.attacks.base import AttackContext, Observation, bar, parse_options, register_attack
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class NearestNeighbour:
             head = ctx.stage("head")
             vectors, ids = [], []
             with torch.no_grad():
-                for batch in ctx.aux_batches(self.options.aux_rows, 8, self.options.aux):
+                batches = ctx.aux_batches(self.options.aux_rows, 8, self.options.aux)
+                for batch in bar(ctx, batches, "nn_inversion: building the dictionary"):
                     batch = batch.to(ctx.device)
                     out = head(input_ids=batch.input_ids, attention_mask=batch.attention_mask).float()  # (B,T,d)
                     real = batch.attention_mask.bool()
@@ -107,7 +108,7 @@ class EiaOptions:
     steps: int = 200  # AdamW steps on the vocabulary logits, in all
     full_steps: int = 40  # of which over the whole vocabulary; the rest over each position's top_k candidates
     top_k: int = 64  # candidates per position kept after full_steps (0 = never narrow)
-    lr: float = 0.1
+    lr: float = 0.1  # AdamW learning rate of the vocabulary logits
     temperature: float = 0.1  # softmax temperature of the relaxed one-hot input
     distance: str = "cos"  # cos or l2, between the head's output and the smashed data
 
@@ -156,7 +157,8 @@ class EmbeddingInversion:
         scale = target.pow(2).mean().clamp_min(1e-12)
         w = w.detach().clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([w], lr=self.options.lr, weight_decay=0.0)
-        for step in range(done, done + steps):
+        phase = "whole vocabulary" if done == 0 else f"top {self.options.top_k} candidates"
+        for step in bar(ctx, range(done, done + steps), f"eia: {phase}"):
             inputs = mix((w / self.options.temperature).softmax(-1))  # (B, T, d)
             out = head(inputs_embeds=inputs, attention_mask=mask).float()[real]  # (N, d)
             if self.options.distance == "cos":

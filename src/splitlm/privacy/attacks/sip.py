@@ -9,25 +9,37 @@ each position's own vector, then a linear map to the vocabulary. By default (``t
 factorised through the model's public token embeddings, ``logits = proj(h) @ E^T + b``: a token the
 auxiliary text never shows still has a meaningful output row, which matters when the aux text is small
 and the vocabulary large. ``noise`` replaces that share of auxiliary tokens by random ids, for the same
-reason. A trained inverter is kept in ``ctx.cache`` under its options, so BiSR and repeated runs on the
-same context reuse it.
+reason.
+
+A trained inverter is kept in ``ctx.cache`` under its options, so BiSR and repeated runs on the same context
+reuse it. A context read from a run directory also keeps it on disk, as safetensors, in
+``RUN_DIR/attacks/cache/sip-<key>.safetensors``: ``<key>`` hashes everything that shapes the training (the
+options, the model, the split, the seed and the auxiliary text), so ``splitlm attack RUN sip`` and a later
+``splitlm attack RUN bisr_b`` with the same SIP options train it once. A file that does not match (names,
+shapes, key) or cannot be read is reported and replaced by a freshly trained inverter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from splitlm.errors import PrivacyError
-from splitlm.privacy.attacks.base import AttackContext, Observation, parse_options, register_attack
+from splitlm.privacy.attacks.base import AttackContext, Observation, bar, parse_options, register_attack
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +100,8 @@ class Inverter(nn.Module):
         self.tied = tied
         if tied:
             scale = embeddings.norm(dim=1).mean().clamp_min(1e-6)
-            self.register_buffer("embeddings", embeddings / scale)  # (V, d_e), frozen
+            # (V, d_e), frozen; public, so not saved with the inverter (rebuilt from the model when loaded)
+            self.register_buffer("embeddings", embeddings / scale, persistent=False)
             self.proj = nn.Linear(width, d_embed)
             self.bias = nn.Parameter(torch.zeros(vocab))
         else:
@@ -110,10 +123,37 @@ class Inverter(nn.Module):
         return self.vocabulary(self.features(smashed, mask))  # (B, T, V)
 
 
+# Bump when the inverter's architecture or training changes, so that older cache files are not read.
+CACHE_VERSION = 1
+
+
+def _identity(ctx: AttackContext, options: SipOptions) -> dict[str, Any]:
+    """Everything that shapes a trained inverter: its options, the public model, the split, the seed, the
+    auxiliary text (a data name, else the run's data settings and sequence length)."""
+    config = ctx.config
+    aux: dict[str, Any] = (
+        {"name": options.aux}
+        if options.aux
+        else {"data": config.data.model_dump(mode="json"), "seq_len": config.train.seq_len}
+    )
+    return {
+        "version": CACHE_VERSION,
+        "options": dataclasses.asdict(options),
+        "model": {"name": config.model.name, "revision": config.model.revision},
+        "split": dataclasses.asdict(ctx.spec),
+        "seed": config.seed,
+        "aux": aux,
+    }
+
+
+def _canonical(ctx: AttackContext, options: SipOptions) -> str:
+    """``_identity`` as canonical JSON (sorted keys, no spaces); saved in the cache file's metadata."""
+    return json.dumps(_identity(ctx, options), sort_keys=True, separators=(",", ":"))
+
+
 def _cache_key(ctx: AttackContext, options: SipOptions) -> str:
-    fields = ",".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(options).items()))
-    spec = ctx.spec
-    return f"sip:{ctx.config.model.name}:{spec.mode}:{spec.head_layers}:{spec.tail_layers}:{fields}"
+    """A short stable hash of ``_identity``: the inverter's name in ``ctx.cache`` and on disk."""
+    return hashlib.sha256(_canonical(ctx, options).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -149,7 +189,8 @@ def train_inverter(ctx: AttackContext, options: SipOptions) -> Inverter:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         order: list[int] = []
         model.train()
-        for step in range(options.steps):
+        steps = bar(ctx, range(options.steps), "sip: training the inverter")
+        for step in steps:
             if not order:
                 order = torch.randperm(len(batches)).tolist()
             batch = batches[order.pop()]
@@ -167,15 +208,74 @@ def train_inverter(ctx: AttackContext, options: SipOptions) -> Inverter:
             schedule.step()
             if step % 50 == 0 or step == options.steps - 1:
                 log.info("sip step %d/%d: loss %.3f", step + 1, options.steps, loss.item())
+                steps.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
 
 
+def _skeleton(ctx: AttackContext, options: SipOptions, width: int) -> Inverter:
+    """An untrained inverter for ``width``-dim head outputs, to load saved tensors into."""
+    zeros, ones = torch.zeros(width), torch.ones(width)
+    embeddings = ctx.token_embeddings().float()  # (V, d)
+    return Inverter(zeros, ones, embeddings, options.hidden, options.bidirectional, options.tied).to(ctx.device)
+
+
+def load_inverter(ctx: AttackContext, options: SipOptions, path: Path) -> Inverter | None:
+    """The inverter saved at ``path`` (safetensors, never pickle), or ``None`` when the file is missing; a file
+    that cannot be read or does not match these options is reported and ignored."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+            saved = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as error:  # a truncated or foreign file: retrain rather than fail the attack
+        log.warning("sip: cannot read the cached inverter %s (%s); training a new one", path, error)
+        return None
+    if metadata.get("identity") != _canonical(ctx, options):
+        log.warning("sip: the cached inverter %s was trained for other settings; training a new one", path)
+        return None
+    if "mean" not in saved or saved["mean"].dim() != 1:
+        log.warning("sip: the cached inverter %s lacks its per-dimension statistics; training a new one", path)
+        return None
+    model = _skeleton(ctx, options, int(saved["mean"].shape[0]))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in saved.items()}
+    if expected != found:
+        log.warning(
+            "sip: the cached inverter %s does not fit these options (tensors %s, expected %s); training a new one",
+            path,
+            found,
+            expected,
+        )
+        return None
+    model.load_state_dict(saved, strict=True)
+    log.info("sip: loaded the trained inverter from %s", path)
+    return model.eval()
+
+
+def save_inverter(ctx: AttackContext, options: SipOptions, model: Inverter, path: Path) -> None:
+    """Write ``model`` to ``path`` as safetensors, atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"identity": _canonical(ctx, options)})
+    tmp.replace(path)
+    log.info("sip: saved the trained inverter to %s", path)
+
+
 def inverter(ctx: AttackContext, options: SipOptions | None = None) -> Inverter:
-    """The SIP inverter for ``options``, trained once per context and kept in ``ctx.cache``."""
+    """The SIP inverter for ``options``: trained once per context and kept in ``ctx.cache``, and, for a context
+    read from a run directory, kept in ``RUN_DIR/attacks/cache/`` for later processes."""
     options = options or SipOptions()
-    key = _cache_key(ctx, options)
+    key = ("sip", _cache_key(ctx, options))
     if key not in ctx.cache:
-        ctx.cache[key] = train_inverter(ctx, options)
+        path = ctx.cache_file(f"sip-{key[1]}.safetensors")
+        model = None if path is None else load_inverter(ctx, options, path)
+        if model is None:
+            model = train_inverter(ctx, options)
+            if path is not None:
+                save_inverter(ctx, options, model, path)
+        ctx.cache[key] = model
     return ctx.cache[key]
 
 

@@ -7,8 +7,19 @@ from splitlm.privacy.defenses.base import (
     Defense,
     DefenseChain,
     DefenseContext,
+    InputDefense,
+    MessageDefense,
     build_defenses,
     register_defense,
 )
 
-__all__ = ["DEFENSES", "Defense", "DefenseChain", "DefenseContext", "build_defenses", "register_defense"]
+__all__ = [
+    "DEFENSES",
+    "Defense",
+    "DefenseChain",
+    "DefenseContext",
+    "InputDefense",
+    "MessageDefense",
+    "build_defenses",
+    "register_defense",
+]

@@ -1,16 +1,18 @@
-"""The ``Defense`` interface, its registry, and the chain a client applies at each pipeline step.
+"""The ``Defense`` interface, its registry, and how a client's defenses enter its pipeline.
 
-A defense is a client-side component with one hook per place it can act; each hook defaults to doing
-nothing, so a defense overrides only the steps it works at:
+A defense is a client-side component. Those that act on what crosses the cut are message mods
+(``MessageDefense``, see ``transport/mods.py``); those that act on the client's private inputs or loss are
+client plugins (``InputDefense``, see ``runtime/plugins.py``). Each hook defaults to doing nothing, so a
+defense overrides only the steps it works at:
 
-| hook          | step | what it sees                                              |
-|---------------|------|-----------------------------------------------------------|
-| ``tokens``    | 2    | input ids before the head (token-level: DxP, SanText, ...) |
-| ``smashed``   | 3    | the head's output before it is sent (differentiable)       |
-| ``labels``    | 3    | labels before a vanilla split sends them                   |
-| ``grad_up``   | 7    | the gradient a U-shaped client sends for the trunk output  |
-| ``grad_down`` | 9    | the gradient the client receives for its head output       |
-| ``extra_loss``| 10   | a loss on (input embeddings, smashed data) added to the head's backward |
+| hook          | step | kind    | what it sees                                                |
+|---------------|------|---------|-------------------------------------------------------------|
+| ``tokens``    | 2    | plugin  | input ids before the head (token-level: DxP, SanText, ...)  |
+| ``smashed``   | 3    | mod     | the head's output in a forward/eval request (differentiable)|
+| ``labels``    | 3    | mod     | the labels a vanilla split sends                            |
+| ``grad_up``   | 7    | mod     | the gradient a U-shaped client sends for the trunk output   |
+| ``grad_down`` | 9    | mod     | the gradient the client receives for its head output        |
+| ``extra_loss``| 10   | plugin  | a loss on (input embeddings, smashed data) added to the head's backward |
 
 Defenses with a DP mechanism describe one release of one sequence as a ``dp_accounting`` event; the
 accountant (``splitlm.privacy.accounting``) composes them over the run.
@@ -26,6 +28,9 @@ import torch
 from dp_accounting import dp_event
 
 from splitlm.errors import PrivacyError
+from splitlm.registry import Registry
+from splitlm.runtime.plugins import ClientPlugin
+from splitlm.transport import Message, Mod
 
 
 @dataclass
@@ -50,51 +55,64 @@ class DefenseContext:
 
 
 class Defense:
-    """Base of every defense: identity at every step. Subclasses set ``name`` and override their hooks."""
+    """Base of every defense. Subclasses set ``name`` and derive from ``MessageDefense`` or ``InputDefense``."""
 
     name: ClassVar[str] = ""
-
-    def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return input_ids  # (B, T)
-
-    def smashed(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return hidden  # (B, T, d)
-
-    def labels(self, labels: torch.Tensor) -> torch.Tensor:
-        return labels  # (B, T), -100 where no loss
-
-    def grad_up(self, grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return grad  # (B, T, d)
-
-    def grad_down(self, grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return grad  # (B, T, d)
-
-    def extra_loss(
-        self, embeddings: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor | None:
-        return None  # a scalar added to the client's loss; gradients flow into ``hidden`` only
 
     def dp_events(self) -> list[dp_event.DpEvent] | None:
         """The DP mechanism one sequence goes through each time it is sent; None where there is none."""
         return None
 
 
+class MessageDefense(Defense, Mod):
+    """A defense on the messages the client sends (steps 3, 7) and receives (step 9): a client mod."""
+
+    def smashed(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return hidden  # (B, T, d)
+
+    def labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels  # (B, T), -100 where no loss
+
+    def grad_up(self, grad: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return grad  # (B, T, d)
+
+    def grad_down(self, grad: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return grad  # (B, T, d)
+
+    def on_request(self, message: Message) -> Message:
+        tensors = dict(message.tensors)
+        mask = tensors.get("attention_mask")
+        if message.kind in ("forward", "eval"):
+            if "hidden" in tensors:
+                tensors["hidden"] = self.smashed(tensors["hidden"], mask)
+            if "labels" in tensors:
+                tensors["labels"] = self.labels(tensors["labels"])
+        elif message.kind == "backward" and "grad" in tensors:
+            tensors["grad"] = self.grad_up(tensors["grad"], mask)
+        else:
+            return message
+        return message.replace(tensors)
+
+    def on_reply(self, request: Message, reply: Message) -> Message:
+        if reply.kind not in ("gradients", "loss") or "grad" not in reply.tensors:
+            return reply
+        grad = self.grad_down(reply.tensors["grad"], request.tensors.get("attention_mask"))
+        return reply.replace({**reply.tensors, "grad": grad})
+
+
+class InputDefense(Defense, ClientPlugin):
+    """A defense on the client's own inputs or loss (steps 2, 10): a client plugin (``tokens``, ``extra_loss``)."""
+
+
 DefenseFactory = Callable[[Any, DefenseContext], Defense]
-DEFENSES: dict[str, DefenseFactory] = {}
-
-
-def register_defense(name: str) -> Callable[[DefenseFactory], DefenseFactory]:
-    """Register a factory ``(settings section, context) -> Defense`` under ``privacy.defenses`` name ``name``."""
-
-    def wrap(factory: DefenseFactory) -> DefenseFactory:
-        DEFENSES[name] = factory
-        return factory
-
-    return wrap
+DEFENSES = Registry[DefenseFactory](
+    "defense", "privacy.defenses", error=PrivacyError, builtins=("splitlm.privacy.defenses",)
+)
+register_defense = DEFENSES.register  # ``(settings section, context) -> Defense`` under a ``privacy.defenses`` name
 
 
 class DefenseChain:
-    """The configured defenses in order; the client calls one method per pipeline step."""
+    """The configured defenses in order: the message ones enter the client's mods, the others its plugins."""
 
     def __init__(self, defenses: list[Defense]) -> None:
         self.defenses = defenses
@@ -106,36 +124,13 @@ class DefenseChain:
     def names(self) -> list[str]:
         return [d.name for d in self.defenses]
 
-    def _through(self, hook: str, value: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
-        """``value`` through every defense's ``hook`` in order."""
-        for d in self.defenses:
-            value = getattr(d, hook)(value, *context)
-        return value
-
-    def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._through("tokens", input_ids, attention_mask)
-
-    def smashed(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._through("smashed", hidden, attention_mask)
-
-    def labels(self, labels: torch.Tensor) -> torch.Tensor:
-        return self._through("labels", labels)
-
-    def grad_up(self, grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._through("grad_up", grad, attention_mask)
-
-    def grad_down(self, grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._through("grad_down", grad, attention_mask)
-
-    def extra_loss(
-        self, embeddings: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor | None:
-        terms = [t for d in self.defenses if (t := d.extra_loss(embeddings, hidden, attention_mask)) is not None]
-        return torch.stack(terms).sum() if terms else None
+    @property
+    def mods(self) -> list[MessageDefense]:
+        return [d for d in self.defenses if isinstance(d, MessageDefense)]
 
     @property
-    def wants_embeddings(self) -> bool:
-        return any(type(d).extra_loss is not Defense.extra_loss for d in self.defenses)
+    def plugins(self) -> list[InputDefense]:
+        return [d for d in self.defenses if isinstance(d, InputDefense)]
 
     def dp_events(self) -> list[dp_event.DpEvent] | None:
         """Every DP mechanism a sequence goes through per release; None when no defense has one.
@@ -153,12 +148,4 @@ class DefenseChain:
 
 def build_defenses(privacy: Any, context: DefenseContext) -> DefenseChain:
     """The chain ``privacy.defenses`` names, each built from its own settings section (``privacy.<name>``)."""
-    from splitlm.privacy import defenses as _  # noqa: F401  (registers the built-in defenses)
-
-    chain = []
-    for name in privacy.defenses:
-        factory = DEFENSES.get(name)
-        if factory is None:
-            raise PrivacyError(f"unknown defense {name!r}; known: {', '.join(sorted(DEFENSES))}")
-        chain.append(factory(getattr(privacy, name), context))
-    return DefenseChain(chain)
+    return DefenseChain([DEFENSES.get(name)(getattr(privacy, name), context) for name in privacy.defenses])

@@ -20,7 +20,7 @@ import torch
 from dp_accounting import dp_event
 
 from splitlm.errors import PrivacyError
-from splitlm.privacy.defenses.base import Defense, DefenseContext, register_defense
+from splitlm.privacy.defenses.base import DefenseContext, MessageDefense, register_defense
 
 if TYPE_CHECKING:
     from splitlm.config.schema import LabelDpConfig
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 IGNORE = -100
 
 
-class LabelDp(Defense):
+class LabelDp(MessageDefense):
     name = "label_dp"
 
     def __init__(self, context: DefenseContext, epsilon: float) -> None:

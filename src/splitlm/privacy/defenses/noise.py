@@ -28,7 +28,7 @@ import torch
 from dp_accounting import dp_event
 
 from splitlm.errors import PrivacyError
-from splitlm.privacy.defenses.base import Defense, DefenseContext, register_defense
+from splitlm.privacy.defenses.base import DefenseContext, MessageDefense, register_defense
 
 if TYPE_CHECKING:
     from splitlm.config.schema import GradNoiseConfig, NoiseConfig
@@ -84,7 +84,7 @@ class ClipNoise:
         return [dp_event.LaplaceDpEvent(self.noise_multiplier / seq_len)]
 
 
-class SmashedNoise(Defense):
+class SmashedNoise(MessageDefense):
     name = "smashed_noise"
 
     def __init__(self, context: DefenseContext, mechanism: str, clip: float, noise_multiplier: float) -> None:
@@ -92,14 +92,14 @@ class SmashedNoise(Defense):
         self.noise = ClipNoise(self.name, mechanism, clip, noise_multiplier, generator)
         self.seq_len = context.seq_len
 
-    def smashed(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def smashed(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.noise(hidden)  # (B, T, d)
 
     def dp_events(self) -> list[dp_event.DpEvent] | None:
         return self.noise.events(self.seq_len)
 
 
-class GradNoise(Defense):
+class GradNoise(MessageDefense):
     name = "grad_noise"
 
     def __init__(
@@ -124,10 +124,10 @@ class GradNoise(Defense):
         self.down = "down" in directions
         self.seq_len = context.seq_len
 
-    def grad_up(self, grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def grad_up(self, grad: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.noise(grad) if self.up else grad
 
-    def grad_down(self, grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def grad_down(self, grad: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.noise(grad) if self.down else grad
 
     def dp_events(self) -> list[dp_event.DpEvent] | None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from splitlm.errors import PrivacyError
-from splitlm.privacy.defenses.base import Defense, DefenseContext, register_defense
+from splitlm.privacy.defenses.base import DefenseContext, InputDefense, register_defense
 
 if TYPE_CHECKING:
     from splitlm.config.schema import NoPeekConfig
@@ -37,7 +37,7 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(1e-12).sqrt()
 
 
-class NoPeek(Defense):
+class NoPeek(InputDefense):
     name = "nopeek"
 
     def __init__(self, context: DefenseContext, beta: float, max_tokens: int = MAX_TOKENS) -> None:

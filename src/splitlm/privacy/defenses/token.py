@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from splitlm.errors import PrivacyError
-from splitlm.privacy.defenses.base import Defense, DefenseContext, register_defense
+from splitlm.privacy.defenses.base import DefenseContext, InputDefense, register_defense
 
 if TYPE_CHECKING:
-    from splitlm.config.schema import DxpConfig, TokenSubstitutionConfig
+    from splitlm.config.schema import CusTextConfig, DxpConfig, SanTextConfig
 
 BLOCK_BUDGET = 1 << 24  # elements of one (queries, vocabulary block) distance matrix: 64 MiB in float32
 
@@ -35,7 +35,7 @@ def _salt(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-class TokenDefense(Defense):
+class TokenDefense(InputDefense):
     """Shared machinery: which positions may change, the vocabulary in float32 blocks, the random stream."""
 
     def __init__(self, context: DefenseContext, epsilon: float) -> None:
@@ -180,10 +180,10 @@ def build_dxp(settings: DxpConfig, context: DefenseContext) -> Dxp:
 
 
 @register_defense("santext")
-def build_santext(settings: TokenSubstitutionConfig, context: DefenseContext) -> SanText:
+def build_santext(settings: SanTextConfig, context: DefenseContext) -> SanText:
     return SanText(context, settings.epsilon)
 
 
 @register_defense("custext")
-def build_custext(settings: TokenSubstitutionConfig, context: DefenseContext) -> CusText:
+def build_custext(settings: CusTextConfig, context: DefenseContext) -> CusText:
     return CusText(context, settings.epsilon, settings.top_k)

@@ -1,0 +1,193 @@
+"""A client in its own process (``splitlm client``) or Ray actor: its parts, data and state live here.
+
+The ``ClientAgent`` answers the orchestrator's commands (``cmd:train``, ``cmd:get_state``, ``cmd:set_state``,
+``cmd:evaluate``, ``cmd:accuracy``, ``cmd:checkpoint``, ``cmd:restore``, ``cmd:save_adapters``,
+``cmd:finish``). While training it runs the same step loop as an in-process client (``Member.train_round``)
+and sends the pipeline's requests through its own mods on the same stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from splitlm.config import Config
+from splitlm.errors import ConfigError, ProtocolError
+from splitlm.files import write_json
+from splitlm.frameworks.base import client_steps, framework_of
+from splitlm.frameworks.driver import evaluate_now
+from splitlm.frameworks.federation import Federation, Member, build_member, partition
+from splitlm.frameworks.setup import load_source, prepare_data
+from splitlm.transport import Message, Transport
+from splitlm.transport.grpc_client import GrpcConnection
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+def check_client_id(config: Config, client_id: str) -> None:
+    count = config.framework.num_clients
+    if not client_id.isdigit() or int(client_id) >= count:
+        raise ConfigError(f"client id {client_id!r}: expected 0..{count - 1} (framework.num_clients)")
+
+
+class ClientAgent:
+    """A client that answers the orchestrator's commands: its parts, data and state live here."""
+
+    def __init__(
+        self, config: Config, client_id: str, transport: Transport, session: str | None = None, progress: bool = False
+    ) -> None:
+        check_client_id(config, client_id)
+        self.config = config
+        self.client_id = client_id
+        self.index = int(client_id)
+        source = load_source(config)
+        self.data = prepare_data(config, source.tokenizer(), pack=False)
+        parts, histograms = partition(config, self.data)
+        self.histogram = histograms[self.index]
+        self.out = Path(config.output_dir)
+        self.member = build_member(config, source, self.data, self.index, parts[self.index], self.histogram, transport)
+        steps = config.framework.steps_per_round(config.train.steps)
+        self.local = Federation(config, framework_of(config), None, [self.member], self.data, steps)
+        self.records: list[dict[str, Any]] = []
+        self.local.on_step = self._on_step
+        self.session = session or secrets.token_hex(8)
+        self.steps = client_steps(config)
+        self.bar = tqdm(
+            total=self.steps, desc=f"client {client_id}", unit="step", dynamic_ncols=True,
+            disable=not (progress and config.train.progress),
+        )  # fmt: skip
+
+    def _on_step(self, member: Member, record: dict[str, Any]) -> None:
+        evaluate_now(self.local, member, record)
+        self.records.append(record)
+        self.bar.update(1)
+        self.bar.set_postfix(round=record["round"], loss=f"{record['loss']:.4f}")
+
+    def hello(self) -> Message:
+        member = self.member
+        meta = {
+            "examples": member.num_examples, "histogram": json.dumps(self.histogram),
+            "param_count": member.info()["client_param_count"], "steps": self.steps, "session": self.session,
+            "head_layers": self.config.split.head_layers, "tail_layers": self.config.split.tail_layers,
+            "mode": self.config.split.mode, "ready": True,
+        }  # fmt: skip
+        return Message("hello", self.client_id, -1, 0, {}, meta)
+
+    def answer(self, command: Message) -> Message:
+        """Carry out one command; a ``done`` (with results) or an ``error`` reply."""
+        member, kind = self.member, command.kind.removeprefix("cmd:")
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"seq": command.meta.get("seq", 0)}
+        try:
+            if kind == "train":
+                start = int(command.meta.get("start_step", member.steps_done))
+                if start > member.steps_done:  # a restarted process: continue the schedule where it was
+                    member.steps_done = start
+                    member.client.optimizer.fast_forward(start)  # type: ignore[attr-defined]
+                    self.bar.n = start
+                self.records = []
+                member.train_round(self.local, int(command.meta["round"]))
+                meta["records"] = json.dumps(self.records)
+            elif kind == "get_state":
+                tensors = member.client.state()
+            elif kind == "set_state":
+                member.client.load_state(dict(command.tensors))
+            elif kind == "evaluate":
+                stats = member.evaluate(self.local)
+                meta.update(loss_sum=stats.loss_sum, tokens=stats.tokens)
+            elif kind == "accuracy":
+                value = member.accuracy(self.local)
+                meta["accuracy"] = "" if value is None else value
+            elif kind == "checkpoint":
+                self.save_checkpoint(str(command.meta["name"]))
+            elif kind == "restore":
+                self.load_checkpoint(str(command.meta["name"]))
+            elif kind == "save_adapters":
+                member.client.save(self.out / "adapters", with_optimizer=False)
+            elif kind == "finish":
+                self.bar.close()
+            else:
+                raise ProtocolError(f"unknown command {command.kind!r}")
+        except ProtocolError as error:
+            return Message("error", self.client_id, -1, 0, {}, {**meta, "error": str(error)})
+        return Message("done", self.client_id, -1, 0, tensors, meta)
+
+    # --- this client's own checkpoints, named like the server's ------------------------------------------
+
+    def save_checkpoint(self, name: str) -> None:
+        """This client's state at the server's checkpoint ``name``: a temporary folder, renamed; keeps two."""
+        final = self.out / CHECKPOINTS / name
+        tmp = final.with_name(f".tmp-{name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.member.client.save(tmp, with_optimizer=True)
+        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        member = self.member
+        write_json(tmp / "progress.json", {"steps_done": member.steps_done, "tokens": member.tokens})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(p for p in final.parent.iterdir() if p.name.startswith("step-"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, name: str) -> None:
+        folder = self.out / CHECKPOINTS / name
+        if not folder.is_dir():
+            raise ProtocolError(f"client {self.client_id} has no checkpoint {name} in {folder.parent}")
+        self.member.client.load(folder)
+        torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])
+        progress = json.loads((folder / "progress.json").read_text())
+        self.member.steps_done, self.member.tokens = int(progress["steps_done"]), int(progress["tokens"])
+        self.member.round_goal = None
+        self.bar.n = self.member.steps_done
+
+
+def run_client(
+    config: Config,
+    client_id: str,
+    address: str,
+    token: str,
+    ca: Path | None,
+    client_cert: tuple[Path, Path] | None = None,
+    connect_timeout: float = 30.0,
+) -> dict[str, Any]:
+    """One client in its own process: connect (the token is checked before anything is built or written),
+    build its parts and data, answer the server's commands until it says finish."""
+    check_client_id(config, client_id)
+    session = secrets.token_hex(8)
+    hello = Message("hello", client_id, -1, 0, {}, {"session": session, "ready": False})
+    connection = GrpcConnection(
+        address, client_id, token, ca, client_cert, hello=hello, connect_timeout=connect_timeout
+    )
+    try:
+        print(f"client {client_id}: connected to {address}; loading the model and data", flush=True)
+        agent = ClientAgent(config, client_id, connection, session, progress=True)
+        connection.update_hello(agent.hello())
+        print(f"client {client_id}: ready with {agent.member.num_examples} examples", flush=True)
+        while True:
+            try:
+                command = connection.commands.get(timeout=5.0)
+            except queue.Empty:
+                continue
+            if not isinstance(command, Message):
+                raise ProtocolError(f"the server at {address} closed the stream")
+            if command.kind == "cmd:finish":
+                connection.expect_close()
+            connection.send(agent.answer(command))
+            if command.kind == "cmd:finish":
+                connection.wait_closed(timeout=10.0)  # let the server end the stream after our last word
+                member = agent.member
+                up, down = member.meter.snapshot()
+                return {"client": client_id, "steps": member.steps_done, "tokens": member.tokens, "bytes_up": up,
+                        "bytes_down": down}  # fmt: skip
+    finally:
+        connection.close()

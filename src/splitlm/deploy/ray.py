@@ -1,0 +1,242 @@
+"""``transport.name: ray``: simulated clients as Ray actors, so a study with many clients can use a cluster.
+
+The server is one Ray actor (threaded, so parallel clients and psl's step barrier work), each client another,
+and the driver runs the same round recipes as any run, as it does for networked clients. Messages cross
+actors as wire frames (``transport/wire.py``: validated header + raw bytes), never as pickled tensors, and
+go through the same mods as any transport: the client's in its actor, the server's in the server actor.
+Install the extra with ``pip install 'splitlm[ray]'``; ``transport.address`` joins an existing cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splitlm.config import Config, build_config
+from splitlm.deploy.agent import ClientAgent
+from splitlm.deploy.remote import RemoteClientProxy, remote_member
+from splitlm.errors import ConfigError, ProtocolError, SplitLMError
+from splitlm.frameworks.base import framework_of
+from splitlm.frameworks.checkpoint import prepare_output
+from splitlm.frameworks.driver import drive
+from splitlm.frameworks.federation import Federation, groups_of, make_server, route
+from splitlm.frameworks.pipeline import server_mods
+from splitlm.frameworks.setup import count_parameters, load_source
+from splitlm.transport import ByteMeter, Message, server_chain
+from splitlm.transport.base import resolved, then
+from splitlm.transport.grpc_server import error_message
+from splitlm.transport.wire import decode, encode
+
+
+def _frames(tensors: dict[str, torch.Tensor]) -> list[bytes]:
+    return encode(Message("state", "-", -1, 0, tensors))
+
+
+def _tensors(frames: list[bytes]) -> dict[str, torch.Tensor]:
+    return dict(decode(frames).tensors)
+
+
+class ServerActorImpl:
+    """The trunk, its adapter bank and the server's mods, in one actor."""
+
+    def __init__(self, tree: dict[str, Any]) -> None:
+        torch.set_num_threads(1)
+        self.config = build_config(tree)
+        self.source = load_source(self.config)
+        self.server: Any = None
+        self.handler: Any = None
+
+    def setup(self, groups: list[list[int]]) -> tuple[int, int]:
+        self.server = make_server(self.config, self.source, groups)
+        for index in range(self.config.framework.num_clients):
+            route(self.config, self.server, index, groups)
+        self.handler = server_chain(server_mods(self.config, self.source, self.server.stage), self.server.submit)
+        self.server.start()
+        return count_parameters(self.server.trunk), self.server.trainable_param_count
+
+    def submit(self, frames: list[bytes]) -> list[bytes]:
+        message = decode(frames)
+        try:
+            reply = resolved(self.handler(message)).result()
+        except SplitLMError as error:
+            reply = error_message(message.client_id, message, error)
+        return encode(reply)
+
+    def call(self, method: str, *args: Any) -> Any:
+        """The server methods the recipes and the driver use (adapter states travel as wire frames)."""
+        server = self.server
+        calls = {
+            "adapter_of": lambda client_id: server.adapter_of(client_id),
+            "adapter_state": lambda adapter: _frames(server.adapter_state(adapter)),
+            "load_adapter_state": lambda adapter, frames: server.load_adapter_state(adapter, _tensors(frames)),
+            "set_barrier": lambda adapter, count: server.barriers.__setitem__(adapter, count),
+            "adapter_names": lambda: server.bank.names if server.bank else [],
+            "forget": lambda client_id, wait: server.forget(client_id, wait),
+            "save": lambda folder, with_optimizer: server.save(Path(folder), with_optimizer),
+            "load": lambda folder: server.load(Path(folder)),
+            "export_adapter": lambda adapter, path: server.export_adapter(adapter, Path(path)),
+            "stop": lambda: server.stop(),
+        }
+        if method not in calls:
+            raise ProtocolError(f"unknown server call {method!r}")
+        return calls[method](*args)
+
+
+class _RayTransport:
+    """A client actor's way to the server actor: wire frames through Ray, a future per request."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def submit(self, message: Message) -> Future[Message]:
+        ref = self.server.submit.remote(encode(message.detached()))
+        return resolved(then(ref.future(), lambda frames: _reply(message, frames)))  # type: ignore[arg-type]
+
+    def request(self, message: Message) -> Message:
+        return self.submit(message).result()
+
+    def close(self) -> None:
+        pass
+
+
+def _reply(request: Message, frames: Any) -> Message:
+    reply = decode(frames)
+    if reply.kind == "error":
+        raise ProtocolError(f"server rejected {request.kind}: {reply.meta.get('error')}")
+    return reply
+
+
+class ClientActorImpl:
+    def __init__(self, tree: dict[str, Any], client_id: str, server: Any) -> None:
+        torch.set_num_threads(1)
+        self.agent = ClientAgent(build_config(tree), client_id, _RayTransport(server))
+
+    def hello(self) -> list[bytes]:
+        return encode(self.agent.hello())
+
+    def answer(self, frames: list[bytes]) -> list[bytes]:
+        return encode(self.agent.answer(decode(frames)))
+
+    def traffic(self) -> tuple[int, int, int, int]:
+        meter = self.agent.member.meter
+        return meter.up, meter.down, meter.eval_up, meter.eval_down
+
+
+def _actor_meter(actor: Any) -> ByteMeter:
+    """The bytes a client actor's meter counted, read when the driver asks."""
+    import ray
+
+    up, down, eval_up, eval_down = ray.get(actor.traffic.remote())
+    return ByteMeter(up, down, eval_up, eval_down)
+
+
+class _Barriers:
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def __setitem__(self, adapter: str, count: int) -> None:
+        import ray
+
+        ray.get(self.actor.call.remote("set_barrier", adapter, count))
+
+
+class _Bank:
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+
+class RayServerProxy:
+    """The server surface the recipes and the driver use, as calls on the server actor."""
+
+    def __init__(self, actor: Any, param_count: int, trainable_param_count: int) -> None:
+        self.actor = actor
+        self.barriers = _Barriers(actor)
+        self.param_count = param_count
+        self.trainable_param_count = trainable_param_count
+
+    def _call(self, method: str, *args: Any) -> Any:
+        import ray
+
+        return ray.get(self.actor.call.remote(method, *args))
+
+    def adapter_of(self, client_id: str) -> str:
+        return self._call("adapter_of", client_id)
+
+    def adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
+        return _tensors(self._call("adapter_state", adapter))
+
+    def load_adapter_state(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
+        self._call("load_adapter_state", adapter, _frames(state))
+
+    def forget(self, client_id: str, wait: bool = True) -> None:
+        self._call("forget", client_id, wait)
+
+    @property
+    def bank(self) -> _Bank:
+        return _Bank(self._call("adapter_names"))
+
+    def start(self) -> None:
+        pass  # the actor's worker runs from setup on
+
+    def stop(self) -> None:
+        pass  # stopped with the actor
+
+    def save(self, folder: Path, with_optimizer: bool = True) -> None:
+        self._call("save", str(folder), with_optimizer)
+
+    def load(self, folder: Path) -> None:
+        self._call("load", str(folder))
+
+    def export_adapter(self, adapter: str, path: Path) -> None:
+        self._call("export_adapter", adapter, str(path))
+
+
+def run_ray(config: Config, resume: bool = False, started: float | None = None) -> dict[str, Any]:
+    """Run a framework with the server and every client as Ray actors."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("transport.name=ray needs Ray: pip install 'splitlm[ray]'") from None
+    started = time.perf_counter() if started is None else started
+    framework = framework_of(config)
+    framework.check(config)
+    if not framework.split:
+        raise ConfigError(f"framework.name={framework.name} runs in one process; set transport.name=inprocess")
+    fw = config.framework
+    out = prepare_output(config, resume)
+    tree = config.model_dump(mode="json")
+    started_here = not ray.is_initialized()
+    if started_here:
+        os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
+        ray.init(address=config.transport.address, include_dashboard=False, log_to_driver=False)
+    try:
+        server_actor = ray.remote(ServerActorImpl).options(max_concurrency=max(16, 4 * fw.num_clients)).remote(tree)
+        actors = [ray.remote(ClientActorImpl).remote(tree, str(i), server_actor) for i in range(fw.num_clients)]
+        hellos = [decode(frames) for frames in ray.get([a.hello.remote() for a in actors])]
+        members = []
+        for index, (actor, hello) in enumerate(zip(actors, hellos, strict=True)):
+
+            def send(message: Message, actor: Any = actor) -> Message:
+                reply = decode(ray.get(actor.answer.remote(encode(message))))
+                if reply.kind == "error":
+                    raise ProtocolError(f"client {message.client_id}: {reply.meta.get('error')}")
+                return reply
+
+            proxy = RemoteClientProxy(str(index), send, lambda actor=actor: _actor_meter(actor))
+            members.append(remote_member(index, proxy, hello))
+        groups = groups_of(config, framework, [m.histogram for m in members])
+        server = RayServerProxy(server_actor, *ray.get(server_actor.setup.remote(groups)))
+        fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
+        summary = drive(fed, out, resume, started)
+        for member in members:
+            member.client.command("save_adapters")  # type: ignore[attr-defined]
+        ray.get(server_actor.call.remote("stop"))
+        return summary
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,125 @@
+"""The server process (``splitlm serve``): the trunk and the aggregator, for clients in other processes.
+
+It waits for every client to connect (each authenticated by its token), builds the trunk with its mods,
+and runs the configured framework through the same driver as an in-process run; each member is a
+``RemoteMember`` whose work is done by the client process. With the same config and seed, a networked run
+computes what the in-process run computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from splitlm.config import Config
+from splitlm.deploy.remote import RemoteClientProxy, remote_member
+from splitlm.errors import ConfigError, ProtocolError
+from splitlm.frameworks.base import framework_of
+from splitlm.frameworks.checkpoint import prepare_output
+from splitlm.frameworks.driver import drive
+from splitlm.frameworks.federation import Federation, groups_of, make_server
+from splitlm.frameworks.pipeline import server_mods
+from splitlm.frameworks.setup import load_source
+from splitlm.models import SplitSpec
+from splitlm.transport import Message, server_chain
+from splitlm.transport.grpc_server import GrpcServer
+from splitlm.transport.security import load_tokens
+
+log = logging.getLogger(__name__)
+
+
+def _say(text: str) -> None:
+    print(f"splitlm server: {text}", flush=True)
+
+
+def check_networked(config: Config) -> None:
+    framework = framework_of(config)
+    framework.check(config)
+    if not framework.split:
+        raise ConfigError(f"framework.name={framework.name} runs in one process; use `splitlm train`")
+    if config.privacy.tap.enabled or config.privacy.server_attack != "none":
+        raise ConfigError(
+            "privacy.tap and privacy.server_attack are simulations of in-process runs: drop them from the server's "
+            "config"
+        )
+
+
+def serve(
+    config: Config,
+    address: str,
+    certs: Path | None,
+    tokens_file: Path,
+    mutual_tls: bool = False,
+    connect_timeout: float = 600.0,
+    resume: bool = False,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Host the trunk and the aggregator; wait for every client; run the configured framework."""
+    started = time.perf_counter() if started is None else started
+    check_networked(config)
+    fw = config.framework
+    tokens = load_tokens(tokens_file)
+    expected = [str(i) for i in range(fw.num_clients)]
+    if sorted(tokens.values()) != sorted(expected):
+        raise ConfigError(
+            f"{tokens_file} names clients {sorted(tokens.values())}, but framework.num_clients={fw.num_clients} "
+            f"needs exactly {expected}"
+        )
+    out = prepare_output(config, resume=resume)
+    source = load_source(config)
+    # Groups by label mix need the clients' histograms: the trunk is built once they said hello.
+    grpc_server = GrpcServer(None, tokens, address, certs, mutual_tls, work_needs_command=True)
+    grpc_server.start()
+    print(f"splitlm server listening on {address.rsplit(':', 1)[0]}:{grpc_server.port}", flush=True)
+    try:
+        _say(f"waiting for clients {', '.join(expected)} (up to {connect_timeout:.0f} s)")
+        for client_id in expected:
+            if not grpc_server.wait_for(client_id, connect_timeout):
+                raise ProtocolError(f"client {client_id} did not connect within {connect_timeout:.0f} s")
+            hello = grpc_server.connections[client_id].hello
+            assert hello is not None
+            _say(f"client {client_id} ready ({hello.meta.get('examples')} examples)")
+        hellos = {cid: grpc_server.connections[cid].hello for cid in expected}
+        members = []
+        for index, client_id in enumerate(expected):
+            connection = grpc_server.connections[client_id]
+
+            def send(message: Message, client_id: str = client_id) -> Message:
+                return grpc_server.command(client_id, message, fw.round_timeout_s)
+
+            proxy = RemoteClientProxy(client_id, send, lambda c=connection: c.meter)
+            members.append(remote_member(index, proxy, hellos[client_id]))  # type: ignore[arg-type]
+        framework = framework_of(config)
+        groups = groups_of(config, framework, [m.histogram for m in members])
+        server = make_server(config, source, groups)
+        grpc_server.on_restart = lambda client_id: server.forget(client_id, wait=False)
+        for index, client_id in enumerate(expected):
+            hello = hellos[client_id]
+            assert hello is not None
+            spec = SplitSpec(
+                str(hello.meta.get("mode", config.split.mode)),  # type: ignore[arg-type]
+                int(hello.meta.get("head_layers", config.split.head_layers)),
+                int(hello.meta.get("tail_layers", config.split.tail_layers)),
+            )
+            if spec != SplitSpec(config.split.mode, config.split.head_layers, config.split.tail_layers):
+                raise ConfigError(
+                    f"client {client_id} cuts the model at (head {spec.head_layers}, tail {spec.tail_layers}, "
+                    f"{spec.mode}); the server's config says (head {config.split.head_layers}, tail "
+                    f"{config.split.tail_layers}, {config.split.mode}): use the same split settings on every side"
+                )
+            server.assign(client_id, framework.adapter_of(index, groups), spec)
+        grpc_server.handler = server_chain(server_mods(config, source, server.stage), server.submit)
+        fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
+        _say(f"{framework.name}: {fw.rounds} rounds of {fed.local_steps} steps per client")
+        summary = drive(fed, out, resume, started)
+        for kind in ("save_adapters", "finish"):  # each client writes its own adapters, on its own machine
+            for member in members:
+                try:
+                    member.client.command(kind)  # type: ignore[attr-defined]
+                except ProtocolError as error:  # the run is complete either way
+                    log.warning("%s on client %s: %s", kind, member.client_id, error)
+        return summary
+    finally:
+        grpc_server.stop()

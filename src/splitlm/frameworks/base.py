@@ -1,0 +1,162 @@
+"""What a framework is: a round recipe plus the few facts the rest of the system needs about it.
+
+A framework (sequential SL, PSL, SFL-V1, SFL-V2, grouped SFL, the centralized baseline) is an *ordering* of
+the pipeline's steps across clients and rounds. Each lives in its own module as a short recipe for one
+round, and registers a ``Framework`` that also says how the server lays out its trunk adapters (one shared,
+one per client, one per group), whether a step waits for every client (a barrier), whether the model is
+split at all, and which options it supports. Nothing outside a framework's own module compares framework
+names: the driver, the server and the network layer read these fields.
+
+Adding a framework means one module with its recipe and one ``FRAMEWORKS.register`` line (plus an import in
+``frameworks/__init__.py`` for a built-in; a plugin's own module may register itself).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from splitlm.config import Config
+from splitlm.config.schema import value_at
+from splitlm.errors import ConfigError
+from splitlm.registry import Registry
+
+if TYPE_CHECKING:
+    from splitlm.frameworks.federation import Federation, Member
+
+RoundRecipe = Callable[["Federation", int, list["Member"]], list["Member"]]
+TrunkAdapters = Literal["shared", "client", "group"]
+Check = Callable[[Config], None]
+
+
+@dataclass(frozen=True)
+class Framework:
+    """A framework's round recipe and layout.
+
+    ``round(fed, round_index, participants)`` trains the round's participants and aggregates; it returns the
+    members whose client side is the global model after the round (one member), or every participant when
+    each keeps its own (psl).
+    """
+
+    name: str
+    round: RoundRecipe
+    description: str
+    trunk_adapters: TrunkAdapters = "shared"  # one trunk adapter for all, one per client, or one per group
+    barrier: bool = False  # one trunk update per synchronised step of all participants (psl)
+    split: bool = True  # False: the unsplit baseline (one member, no server, no transport)
+    checks: tuple[Check, ...] = field(default=())  # the framework's own option checks
+
+    # --- the server's layout ---------------------------------------------------------------------------
+
+    def adapter_of(self, index: int, groups: list[list[int]]) -> str:
+        """The trunk adapter client ``index`` trains: its own, its group's, or the shared one."""
+        if self.trunk_adapters == "client":
+            return f"client-{index}"
+        if self.trunk_adapters == "group":
+            return next(f"group-{g}" for g, group in enumerate(groups) if index in group)
+        return "default"
+
+    def sharing(self, config: Config, groups: list[list[int]]) -> int:
+        """How many clients feed one trunk adapter in a round."""
+        fw = config.framework
+        if self.trunk_adapters == "client":
+            return 1
+        if self.trunk_adapters == "group":
+            return max((len(g) for g in groups), default=1)
+        return fw.clients_per_round or fw.num_clients
+
+    def server_steps(self, config: Config, groups: list[list[int]]) -> int:
+        """Optimizer steps a trunk adapter takes over the run (its learning-rate schedule's length): one per
+        client step, except that a barrier makes one step of all participants' steps."""
+        per_client = client_steps(config)
+        return (
+            per_client if self.barrier or self.trunk_adapters == "client" else per_client * self.sharing(config, groups)
+        )
+
+    def server_lr_scale(self, config: Config, groups: list[list[int]]) -> float:
+        """``framework.server_lr_scale``: the trunk's learning rate scaled with the clients sharing it (SGLR)."""
+        n = self.sharing(config, groups)
+        return {"none": 1.0, "linear": float(n), "sqrt": math.sqrt(n)}[config.framework.server_lr_scale]
+
+    # --- what it supports --------------------------------------------------------------------------------
+
+    def check(self, config: Config) -> None:
+        """Refuse options this framework cannot honour, with what to change."""
+        problems = []
+        if not self.split:
+            if config.privacy.defenses:
+                problems.append(f"privacy.defenses: defenses act at the cut; framework.name={self.name} has none")
+            if config.transport.name != "inprocess":
+                problems.append(f"transport.name: framework.name={self.name} runs in one process; set inprocess")
+        if self.trunk_adapters != "shared" and config.lora.part("trunk").method != "lora":
+            problems.append(
+                f"framework.name={self.name} keeps one trunk adapter per {self.trunk_adapters}: "
+                "set lora.trunk.method=lora"
+            )
+        if config.privacy.server_attack != "none" and (
+            config.framework.num_clients != 1 or config.transport.name != "inprocess" or not self.split
+        ):
+            problems.append(
+                f"privacy.server_attack={config.privacy.server_attack} is simulated for one in-process client: set "
+                "framework.num_clients=1 and transport.name=inprocess"
+            )
+        if config.privacy.tap.enabled and config.transport.name != "inprocess":
+            problems.append("privacy.tap records in-process runs only: set transport.name=inprocess")
+        for check in self.checks:
+            try:
+                check(config)
+            except ConfigError as error:
+                problems.append(str(error))
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+FRAMEWORKS = Registry[Framework]("framework", "framework.name", builtins=("splitlm.frameworks",))
+
+
+def register(framework: Framework) -> Framework:
+    """Register a framework under its name (one line per framework module)."""
+    FRAMEWORKS.add(framework.name, framework)
+    return framework
+
+
+def framework_of(config: Config) -> Framework:
+    return FRAMEWORKS.get(config.framework.name)
+
+
+def config_problems(tree: dict[str, Any]) -> list[str]:
+    """Names a config gives that no registry knows (frameworks, policies, partitioners, defenses, codecs), for
+    ``load_config(..., checks=[config_problems])`` to report with the schema's own problems."""
+    from splitlm.data.partition import PARTITIONERS
+    from splitlm.privacy.defenses import DEFENSES
+    from splitlm.runtime.scheduling import POLICIES
+    from splitlm.transport.codecs import parse_codec
+
+    problems = []
+    for key, registry in (
+        ("framework.name", FRAMEWORKS),
+        ("server.policy", POLICIES),
+        ("data.partition", PARTITIONERS),
+    ):
+        problem = registry.problem(value_at(tree, key))
+        if problem is not None:
+            problems.append(problem if problem.startswith(key) else f"{key}: {problem}")
+    defenses = value_at(tree, "privacy.defenses")
+    for name in defenses if isinstance(defenses, list) else []:
+        problem = DEFENSES.problem(name)
+        if problem is not None:
+            problems.append(problem)
+    for key in ("transport.codec.activations", "transport.codec.gradients"):
+        spec = value_at(tree, key)
+        try:
+            parse_codec(spec if isinstance(spec, str) else "")
+        except ConfigError as error:
+            problems.append(f"{key}: {str(error).removeprefix('transport.codec: ')}")
+    return problems
+
+
+def client_steps(config: Config) -> int:
+    """Optimizer steps of one client over the run (its learning-rate schedule's length)."""
+    return config.framework.rounds * config.framework.steps_per_round(config.train.steps)

@@ -1,0 +1,315 @@
+"""The one driver of every run: rounds of a framework's recipe, evaluation, metrics, checkpoints, summary.
+
+Single-client runs, the centralized baseline, in-process federations, Ray and networked servers all run
+through ``drive``: it evaluates before training, runs ``framework.rounds`` rounds of the recipe over the
+round's participants, evaluates and checkpoints after each round, and writes the adapters and
+``summary.json`` at the end. A run stops cleanly on Ctrl-C or SIGTERM: the clients finish the step they are
+in, and a run of one client is checkpointed at that step (several clients: at their last round), so
+``--resume`` continues it. A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from splitlm.config import Config
+from splitlm.files import write_json
+from splitlm.frameworks.checkpoint import (
+    load_checkpoint,
+    prepare_output,
+    save_checkpoint,
+    trim_metrics,
+    trim_rounds,
+)
+from splitlm.frameworks.federation import Federation, Interrupted, Member, build_federation, participants
+from splitlm.privacy.accounting import epsilon, releases
+
+SUMMARY_FORMAT = 2  # ``summary.json``'s schema; ``splitlm report`` reads this one
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def run_framework(config: Config, resume: bool = False, started: float | None = None) -> dict[str, Any]:
+    """Train in this process as ``config`` says; ``started``: when the process began (``time.perf_counter``)."""
+    started = time.perf_counter() if started is None else started
+    out = prepare_output(config, resume)
+    return drive(build_federation(config), out, resume, started)
+
+
+@contextlib.contextmanager
+def interruptible(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C / SIGTERM set ``stop`` (the clients stop after their current step); a second Ctrl-C raises."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nsplitlm: stopping after the current step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Progress:
+    """The progress bar over every client step of the run, and the per-step hook that feeds it."""
+
+    def __init__(self, fed: Federation, metrics: Any, done: int) -> None:
+        fw = fed.config.framework
+        total = fw.rounds * (fw.clients_per_round or len(fed.members)) * fed.local_steps
+        self.fed = fed
+        self.metrics = metrics
+        self.lock = threading.Lock()
+        self.bar = tqdm(
+            total=total, initial=min(done, total), desc=fed.framework.name, unit="step", dynamic_ncols=True,
+            disable=not fed.config.train.progress,
+        )  # fmt: skip
+        self.losses: dict[str, float] = {}
+
+    def round(self, round_index: int) -> None:
+        rounds = self.fed.config.framework.rounds
+        self.bar.set_description(f"{self.fed.framework.name} round {round_index + 1}/{rounds}")
+
+    def step(self, member: Member, record: dict[str, Any]) -> None:
+        with self.lock:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+            self.losses[member.client_id] = record["loss"]
+            self.bar.update(1)
+            shown = sorted(self.losses.items())[:4]
+            self.bar.set_postfix_str(" ".join(f"{cid}:{loss:.3f}" for cid, loss in shown) if len(shown) > 1 else
+                                     f"loss={record['loss']:.4f}")  # fmt: skip
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str, Any]:
+    """Run ``fed``'s framework round after round into ``out``; return (and write) the summary."""
+    config = fed.config
+    metrics_path, rounds_path = out / "metrics.jsonl", out / "rounds.jsonl"
+    progress: dict[str, Any] = {
+        "round": 0, "train_seconds": 0.0, "wall_seconds": 0.0,
+        "bytes_up": 0, "bytes_down": 0, "eval_bytes_up": 0, "eval_bytes_down": 0,
+    }  # fmt: skip
+    if fed.server is not None and len(fed.members) > 1:
+        fed.server.start()  # clients work at once: the server serves them from its queue
+    holders: list[Member] = fed.members[:1]
+    base = dict(progress)
+    loop_started = time.perf_counter()
+
+    def account() -> None:
+        now = time.perf_counter()
+        (up, down), (eval_up, eval_down) = fed.traffic(), fed.eval_traffic()
+        progress.update(
+            bytes_up=base["bytes_up"] + up, bytes_down=base["bytes_down"] + down,
+            eval_bytes_up=base["eval_bytes_up"] + eval_up, eval_bytes_down=base["eval_bytes_down"] + eval_down,
+            train_seconds=base["train_seconds"] + now - loop_started, wall_seconds=base["wall_seconds"] + now - started,
+        )  # fmt: skip
+
+    def checkpoint() -> None:
+        account()
+        save_checkpoint(out, fed, sum(m.steps_done for m in fed.members), progress)
+
+    try:
+        if resume:
+            progress = load_checkpoint(out, fed)
+            trim_metrics(metrics_path, {m.client_id: m.steps_done for m in fed.members})
+            trim_rounds(rounds_path, int(progress["round"]))
+            base = dict(progress)
+        else:
+            torch.manual_seed(config.seed)
+            before, _ = fed.evaluate(fed.members[:1])
+            progress.update(eval_loss_before=before.loss, accuracy_before=fed.members[0].accuracy(fed))
+            checkpoint()  # so that --resume works from the start on
+        loop_started = time.perf_counter()
+        with (
+            metrics_path.open("a") as metrics,
+            rounds_path.open("a") as rounds_file,
+            interruptible(fed.stop),
+        ):
+            bar = _Progress(fed, metrics, sum(m.steps_done for m in fed.members))
+            fed.on_step = _step_hook(fed, bar, checkpoint)
+            try:
+                for round_index in range(int(progress["round"]), config.framework.rounds):
+                    bar.round(round_index)
+                    chosen = participants(config, fed.members, round_index)
+                    holders = fed.framework.round(fed, round_index, chosen)
+                    result, per_client = fed.evaluate(holders)
+                    progress.update(
+                        round=round_index + 1, eval_loss_after=result.loss, per_client_eval_loss=per_client,
+                        accuracy_after=holders[0].accuracy(fed) if len(holders) == 1 else None,
+                    )  # fmt: skip
+                    account()
+                    record = {
+                        "round": round_index + 1, "participants": [m.client_id for m in chosen],
+                        "eval_loss": result.loss, "eval_ppl": perplexity(result.loss),
+                        "accuracy": progress["accuracy_after"],
+                        "per_client_eval_loss": per_client if len(holders) > 1 else None,
+                        "bytes_up": progress["bytes_up"], "bytes_down": progress["bytes_down"],
+                        "train_seconds": progress["train_seconds"],
+                    }  # fmt: skip
+                    rounds_file.write(json.dumps(record) + "\n")
+                    rounds_file.flush()
+                    checkpoint()
+            finally:
+                bar.close()
+                fed.on_step = lambda member, record: None
+    except Interrupted:
+        raise Interrupted(_interrupted(fed, out, progress, checkpoint)) from None
+    finally:
+        if fed.server is not None:
+            fed.server.stop()
+    if fed.tap is not None:
+        keys = fed.tap.write(out)
+        if fed.truth is not None:
+            fed.truth.write(out, keys)
+    adapters = out / "adapters"
+    adapters.mkdir(exist_ok=True)
+    # The model `generate` / `export` rebuild: the global client side (psl: the first client's) and the trunk
+    # adapter it was trained with.
+    holders[0].client.save(adapters, with_optimizer=False)
+    if fed.server is not None:
+        fed.server.export_adapter(fed.server.adapter_of(holders[0].client_id), adapters / "trunk.safetensors")
+    account()
+    summary = summarize(fed, progress)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _step_hook(fed: Federation, bar: _Progress, checkpoint: Any) -> Any:
+    """After each client step: evaluate when ``train.eval_every`` says, log, and (one client) checkpoint when
+    ``train.save_every`` says."""
+    train = fed.config.train
+    total = fed.config.framework.rounds * fed.local_steps
+
+    def hook(member: Member, record: dict[str, Any]) -> None:
+        step = member.steps_done
+        if fed.data is not None:  # else the step ran on a remote client, which evaluated there
+            evaluate_now(fed, member, record)
+        bar.step(member, record)
+        if train.save_every and len(fed.members) == 1 and step % train.save_every == 0 and step < total:
+            checkpoint()
+
+    return hook
+
+
+def evaluate_now(fed: Federation, member: Member, record: dict[str, Any]) -> None:
+    """Add held-out loss and perplexity to a step's record when ``train.eval_every`` says (not at the end)."""
+    every, step = fed.config.train.eval_every, member.steps_done
+    if every and step % every == 0 and step < fed.config.framework.rounds * fed.local_steps:
+        result = member.evaluate(fed)
+        record.update(eval_loss=result.loss, eval_ppl=perplexity(result.loss))
+
+
+def _interrupted(fed: Federation, out: Path, progress: dict[str, Any], checkpoint: Any) -> str:
+    """Checkpoint what can be resumed exactly and say where ``--resume`` will continue."""
+    if len(fed.members) == 1:
+        checkpoint()
+        return (
+            f"interrupted after step {fed.members[0].steps_done}; checkpoint written: continue with the same command "
+            "and --resume"
+        )
+    return (
+        f"interrupted in round {int(progress['round']) + 1}; --resume continues from the checkpoint of round "
+        f"{progress['round']} in {out}/checkpoints"
+    )
+
+
+def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json`` (format ``SUMMARY_FORMAT``): the same keys for every framework and transport."""
+    config = fed.config
+    fw = config.framework
+    per_client = progress.get("per_client_eval_loss") or {}
+    server = fed.server
+    tokens = sum(m.tokens for m in fed.members)
+    first = fed.members[0]
+    return {
+        "format": SUMMARY_FORMAT,
+        "framework": fw.name,
+        "split_mode": config.split.mode if fed.framework.split else None,
+        "model": config.model.name,
+        "num_clients": len(fed.members),
+        "rounds": fw.rounds,
+        "local_steps": fed.local_steps,
+        "partition": config.data.partition,
+        "steps": sum(m.steps_done for m in fed.members),
+        "tokens": tokens,
+        "eval_loss_before": progress["eval_loss_before"],
+        "eval_loss_after": progress["eval_loss_after"],
+        "eval_ppl_before": perplexity(progress["eval_loss_before"]),
+        "eval_ppl_after": perplexity(progress["eval_loss_after"]),
+        "accuracy_before": progress.get("accuracy_before"),
+        "accuracy_after": progress.get("accuracy_after"),
+        "bytes_up": progress["bytes_up"],
+        "bytes_down": progress["bytes_down"],
+        "eval_bytes_up": progress["eval_bytes_up"],
+        "eval_bytes_down": progress["eval_bytes_down"],
+        "codecs": {"activations": config.transport.codec.activations, "gradients": config.transport.codec.gradients},
+        "train_seconds": progress["train_seconds"],
+        "wall_seconds": progress["wall_seconds"],
+        "train_tokens_per_s": tokens / progress["train_seconds"] if progress["train_seconds"] else 0.0,
+        **first.info(),
+        "server_param_count": server.param_count if server is not None else 0,
+        "server_trainable_param_count": getattr(server, "trainable_param_count", 0) if server is not None else 0,
+        "trunk_layers": list(server.stage.layer_indices) if server is not None and hasattr(server, "stage") else [],
+        "server_adapters": list(server.bank.names) if server is not None and server.bank else [],
+        "groups": fed.groups or None,
+        "clients": [
+            {
+                "client": m.client_id,
+                "examples": m.num_examples,
+                "label_histogram": m.histogram,
+                "steps": m.steps_done,
+                "tokens": m.tokens,
+                "last_loss": m.last_loss,
+                "bytes_up": m.meter.up,
+                "bytes_down": m.meter.down,
+                "eval_loss": per_client.get(m.client_id, progress["eval_loss_after"]),
+            }
+            for m in fed.members
+        ],
+        "privacy": privacy_summary(config, fed) if fed.framework.split else None,
+    }
+
+
+def privacy_summary(config: Config, fed: Federation) -> dict[str, Any]:
+    """The defenses every client ran and the largest epsilon among the clients (each sends its own data).
+
+    A networked or Ray server holds proxies of clients whose defenses run elsewhere: its epsilon is null.
+    """
+    train = config.train
+    values, counts = [], []
+    for m in fed.members:
+        count = releases(m.steps_done, train.batch_size, train.grad_accum, max(m.num_examples, 1))
+        counts.append(count)
+        events = None if m.pipeline is None else m.pipeline.defenses.dp_events()
+        values.append(None if m.pipeline is None else epsilon(events, count, config.privacy.delta))
+    known = [v for v in values if v is not None]
+    return {
+        "defenses": list(config.privacy.defenses),
+        "epsilon": max(known) if known and len(known) == len(values) else None,
+        "delta": config.privacy.delta,
+        "releases": max(counts, default=0),
+        "alarm_step": fed.members[0].pipeline.alarm_step if fed.members[0].pipeline is not None else None,
+    }

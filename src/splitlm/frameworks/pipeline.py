@@ -1,0 +1,103 @@
+"""The one factory of the message pipeline: both sides' mods and the client's plugins, from a config.
+
+Every transport (in-process, gRPC, Ray) gets its chains here, so a run behaves the same however its bytes
+travel. The order, from the client's training code to the server's handler::
+
+    client:  defenses (smashed data, labels, gradients) -> SplitGuard -> codec -> meter -> transport
+    server:  transport -> codec -> tap -> attacker (FSHA) -> SplitServer
+
+The meter is the client's last mod, so it counts what travels (encoded bytes); the tap sits after the
+server's codec, so attacks read what the server decoded; SplitGuard observes gradients after the codec and
+before the client's own gradient noise. Token and loss defenses, SplitGuard's probes and the audit truth
+recorder are client plugins (``runtime/plugins.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from splitlm.config import Config
+from splitlm.models import ModelSource, Stage
+from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
+from splitlm.privacy.tap import ServerTap, TruthRecorder
+from splitlm.runtime.plugins import ClientPlugin
+from splitlm.transport import MeterMod, Mod
+from splitlm.transport.codecs import CodecMod
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientPipeline:
+    """What wraps one client: its mods (request order), its plugins, and its defenses (for the accountant)."""
+
+    mods: list[Mod]
+    plugins: list[ClientPlugin]
+    defenses: DefenseChain = field(default_factory=lambda: DefenseChain([]))
+
+    @property
+    def alarm_step(self) -> int | None:
+        """The step at which this client's hijacking detector raised its alarm, if it has one and did."""
+        return next((getattr(p, "alarm_step", None) for p in self.plugins if hasattr(p, "alarm_step")), None)
+
+
+def codec_mod(config: Config) -> CodecMod:
+    codec = config.transport.codec
+    return CodecMod(codec.activations, codec.gradients)
+
+
+def client_pipeline(
+    config: Config, source: ModelSource, head: Stage, truth: TruthRecorder | None = None
+) -> ClientPipeline:
+    """One client's mods and plugins; ``truth`` is the recorder shared with a server tap (in-process runs)."""
+    defenses = _defenses(config, source, head)
+    mods: list[Mod] = list(defenses.mods)
+    plugins: list[ClientPlugin] = list(defenses.plugins)
+    if config.privacy.splitguard.enabled:
+        from splitlm.privacy.detect import SplitGuard
+
+        guard = SplitGuard(config.privacy.splitguard, vocab_size=int(head.config.vocab_size), seed=config.seed)
+        mods.append(guard)  # after the defenses on a request, so before them on the reply
+        plugins.append(guard)
+    if truth is not None:
+        plugins.append(truth)
+    mods += [codec_mod(config), MeterMod()]
+    return ClientPipeline(mods, plugins, defenses)
+
+
+def server_mods(config: Config, source: ModelSource, trunk: Stage, tap: ServerTap | None = None) -> list[Mod]:
+    """The server's mods, from the wire inwards; ``tap`` is the run's recorder (in-process runs)."""
+    mods: list[Mod] = [codec_mod(config)]
+    if tap is not None:
+        mods.append(tap)
+    if config.privacy.server_attack == "fsha":
+        from splitlm.privacy.hijack import Fsha
+
+        mods.append(Fsha(config, source, trunk))
+    return mods
+
+
+def recorders(config: Config, clients: int) -> tuple[ServerTap | None, TruthRecorder | None]:
+    """The server tap and the clients' audit truth recorder, when ``privacy.tap.enabled``."""
+    if not config.privacy.tap.enabled:
+        return None, None
+    window = config.privacy.tap.max_batches
+    return ServerTap(window), TruthRecorder(2 * window * clients)
+
+
+def _defenses(config: Config, source: ModelSource, head: Stage) -> DefenseChain:
+    """The client's ``privacy.defenses``, built on its own (pretrained) token embeddings."""
+    if not config.privacy.defenses:
+        return DefenseChain([])
+    tokenizer = source.tokenizer()
+    context = DefenseContext(
+        token_embeddings=head.token_embeddings().detach(),
+        special_ids=frozenset(int(i) for i in tokenizer.all_special_ids),
+        mode=config.split.mode,
+        seq_len=config.train.seq_len,
+        seed=config.seed,
+    )
+    chain = build_defenses(config.privacy, context)
+    log.info("defenses: %s", ", ".join(chain.names))
+    return chain

@@ -1,0 +1,35 @@
+"""``sflv1``: split-federated learning V1 (Thapa et al.). Clients train at once, each with its own trunk
+adapter on the server; at the end of a round the client sides and the trunk adapters are each FedAvg'd
+(step 11) and given back to everyone.
+"""
+
+from __future__ import annotations
+
+from splitlm.frameworks.aggregate import fedavg
+from splitlm.frameworks.base import Framework, register
+from splitlm.frameworks.federation import Federation, Member
+
+
+def average_client_sides(fed: Federation, finished: list[Member]) -> None:
+    fed.broadcast(fedavg([m.client.state() for m in finished], fed.weights(finished)))
+
+
+def sflv1_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
+    finished = fed.train_clients(members, round_index, parallel=True)
+    average_client_sides(fed, finished)
+    adapters = [fed.server.adapter_of(m.client_id) for m in finished]
+    trunk = fedavg([fed.server.adapter_state(a) for a in adapters], fed.weights(finished))
+    for member in fed.members:
+        fed.server.load_adapter_state(fed.server.adapter_of(member.client_id), trunk)
+    return [finished[0]]
+
+
+SFLV1 = register(
+    Framework(
+        "sflv1",
+        sflv1_round,
+        "split-federated learning V1: clients at once, one trunk adapter per client; client sides and trunk "
+        "adapters FedAvg'd every round",
+        trunk_adapters="client",
+    )
+)
