@@ -1,4 +1,5 @@
-"""``transport.name=ray``: the server and every client as Ray actors compute the in-process run."""
+"""``transport.name=ray``: the server and every client as Ray actors compute the in-process run, through the
+same mods (here also the fp16 codec) as in-process."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from pathlib import Path
 import pytest
 import ray
 
+from splitlm.deploy import launch
 from splitlm.frameworks import run_framework
 
 COMMON = ("framework.num_clients=3", "framework.rounds=2", "train.steps=4", "data.partition=dirichlet")
+FP16 = ("transport.codec.activations=fp16", "transport.codec.gradients=fp16")
+CASES = {"sflv2": ("sflv2", ()), "psl": ("psl", ()), "sflv2-fp16": ("sflv2", FP16)}
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +30,15 @@ def _losses(run_files, out: Path) -> list[tuple[int, str, int, float]]:
     return sorted((r["round"], r["client"], r["step"], r["loss"]) for r in run_files.metrics(out))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("framework", ["sflv2", "psl"])
-def test_ray_actors_compute_the_in_process_run(ray_cluster, framework, fast_config, run_files, tmp_path) -> None:
-    local = fast_config(tmp_path / "local", f"framework.name={framework}", *COMMON)
-    actors = fast_config(tmp_path / "ray", f"framework.name={framework}", *COMMON, "transport.name=ray")
-    run_framework(local)
-    summary = run_framework(actors)
+@pytest.mark.parametrize("case", list(CASES))
+def test_ray_actors_compute_the_in_process_run(ray_cluster, case, fast_config, run_files, tmp_path) -> None:
+    framework, extra = CASES[case]
+    local = fast_config(tmp_path / "local", f"framework.name={framework}", *COMMON, *extra)
+    actors = fast_config(tmp_path / "ray", f"framework.name={framework}", *COMMON, *extra, "transport.name=ray")
+    local_summary = run_framework(local)
+    summary = launch(actors)
     ours, theirs = _losses(run_files, tmp_path / "ray"), _losses(run_files, tmp_path / "local")
     assert [r[:3] for r in ours] == [r[:3] for r in theirs]
     # sflv2 serves one client at a time: bit for bit. psl sums the clients' trunk gradients in the order they
@@ -42,3 +48,12 @@ def test_ray_actors_compute_the_in_process_run(ray_cluster, framework, fast_conf
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert (tmp_path / "ray" / "adapters" / "head.safetensors").is_file()
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    # the client actors' meters count what their mods sent: the same bytes as in-process (fp16: half the floats)
+    assert (summary["bytes_up"], summary["bytes_down"]) == (local_summary["bytes_up"], local_summary["bytes_down"])
+
+
+def test_run_framework_refuses_a_ray_config(fast_config, tmp_path) -> None:
+    from splitlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="run it with `splitlm train`"):
+        run_framework(fast_config(tmp_path / "x", "transport.name=ray"))

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splitlm.config import Config
+from splitlm.errors import ConfigError
 from splitlm.files import write_json
 from splitlm.frameworks.checkpoint import (
     load_checkpoint,
@@ -46,6 +47,11 @@ def perplexity(loss: float) -> float:
 def run_framework(config: Config, resume: bool = False, started: float | None = None) -> dict[str, Any]:
     """Train in this process as ``config`` says; ``started``: when the process began (``time.perf_counter``)."""
     started = time.perf_counter() if started is None else started
+    if config.transport.name != "inprocess":
+        raise ConfigError(
+            f"transport.name={config.transport.name}: run it with `splitlm train` (splitlm.deploy.launch); "
+            "run_framework trains in this process"
+        )
     out = prepare_output(config, resume)
     return drive(build_federation(config), out, resume, started)
 

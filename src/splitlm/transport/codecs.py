@@ -130,6 +130,8 @@ def parse_codec(spec: str) -> Codec | None:
     for item in spec.split("+"):
         name, _, argument = item.strip().partition(":")
         codecs.append(CODECS.get(name)(argument or None))
+    if any(isinstance(codec, Cast) for codec in codecs[:-1]):
+        raise ConfigError(f"transport.codec {spec!r}: a cast (fp16, bf16) sets the wire dtype and can only come last")
     return codecs[0] if len(codecs) == 1 else Chain(spec, tuple(codecs))
 
 

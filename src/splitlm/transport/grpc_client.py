@@ -72,15 +72,23 @@ def diagnose(address: str, ca: Path | None, client_cert: tuple[Path, Path] | Non
         try:
             with context.wrap_socket(sock, server_hostname=host) as tls:
                 tls.settimeout(1.0)
+                closed = False
                 with contextlib.suppress(TimeoutError, ssl.SSLWantReadError):
-                    tls.recv(1)  # TLS 1.3 reports a missing client certificate only after the handshake
+                    closed = tls.recv(1) == b""  # a healthy server waits for us to speak first
+                if closed:  # TLS 1.3 refuses a missing client certificate only after the handshake
+                    if client_cert is None:
+                        return (
+                            "the server closed the connection after the TLS handshake: it requires a client "
+                            "certificate, pass --mtls (with client-ID.pem/.key in --certs)"
+                        )
+                    return f"the server closed the connection after the TLS handshake (is {client_cert[0]} its CA's?)"
         except ssl.SSLCertVerificationError as error:
             if error.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
                 return (
                     f"the server's certificate is not for {host!r}: connect with a name it was issued for, or "
                     "re-issue it with `splitlm certs DIR --hosts NAME ...`"
                 )
-            if error.verify_code in (2, 18, 19, 20, 21):  # no issuer in our CA file / self-signed
+            if error.verify_code in (2, 7, 18, 19, 20, 21):  # not signed by (or no issuer in) our CA file
                 return f"the server's certificate is not signed by {ca} (unknown CA): use the ca.pem of its certs"
             return f"the server's certificate was refused: {error.verify_message}"
         except ssl.SSLError as error:

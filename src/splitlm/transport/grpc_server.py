@@ -79,6 +79,7 @@ class Connection:
     hello: Message | None = None
     session: str = ""  # a client process's random id: a new one means the process restarted
     working: int = 0  # commands in flight that ask this client for work (train, evaluate, accuracy)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # requests being served
 
 
 class GrpcServer:
@@ -266,7 +267,11 @@ class GrpcServer:
                         connection.connected.set()
                     self._send(connection, Message("welcome", connection.client_id, -1))
                 elif message.kind in REQUEST_KINDS:
-                    await self._serve(connection, message)
+                    # Served in a task of its own, so the stream keeps reading: several requests may be in
+                    # flight. Tasks start in the order they are created, so the server gets them in order.
+                    task = asyncio.create_task(self._serve_one(connection, message))
+                    connection.tasks.add(task)
+                    task.add_done_callback(connection.tasks.discard)
                 elif message.kind in ("done", "error") and "seq" in message.meta:
                     future = connection.pending.get(int(message.meta["seq"]))
                     if future is not None and not future.done():
@@ -290,6 +295,16 @@ class GrpcServer:
         for future in connection.pending.values():
             if not future.done():
                 future.set_exception(ProtocolError(f"client {connection.client_id} restarted"))
+
+    async def _serve_one(self, connection: Connection, message: Message) -> None:
+        try:
+            await self._serve(connection, message)
+        except SplitLMError as error:
+            log.warning("client %s: %s", connection.client_id, error)
+            self._send(connection, error_message(connection.client_id, message, error))
+        except Exception as error:  # a bug must not end the stream silently
+            log.exception("client %s: request failed", connection.client_id)
+            self._send(connection, error_message(connection.client_id, message, error))
 
     async def _serve(self, connection: Connection, message: Message) -> None:
         key = (message.kind, message.step, message.micro)
