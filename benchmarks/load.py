@@ -33,8 +33,11 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(1)
     from splitlm.config import build_config
-    from splitlm.frameworks.federation import Federation, make_member, make_server, partition, route
+    from splitlm.frameworks.base import framework_of
+    from splitlm.frameworks.federation import Federation, build_member, make_server, partition, route
+    from splitlm.frameworks.pipeline import server_mods
     from splitlm.frameworks.setup import load_source, prepare_data
+    from splitlm.transport import server_chain
     from splitlm.transport.grpc_client import GrpcConnection
     from splitlm.transport.grpc_server import GrpcServer
     from splitlm.transport.security import load_tokens, make_dev_certs, token_for
@@ -48,7 +51,7 @@ def main() -> None:
         ],
     )  # fmt: skip
     source = load_source(config)
-    data = prepare_data(config, source.tokenizer())
+    data = prepare_data(config, source.tokenizer(), pack=False)
     parts, histograms = partition(config, data)
     server = make_server(config, source, [])
     for index in range(args.clients):
@@ -59,7 +62,8 @@ def main() -> None:
         certs = Path(tmp) / "certs"
         ids = [str(i) for i in range(args.clients)]
         make_dev_certs(certs, ["localhost", "127.0.0.1"], ids)
-        grpc_server = GrpcServer(server, load_tokens(certs / "tokens.json"), "127.0.0.1:0", certs)
+        handler = server_chain(server_mods(config, source, server.stage), server.submit)
+        grpc_server = GrpcServer(handler, load_tokens(certs / "tokens.json"), "127.0.0.1:0", certs)
         grpc_server.start()
         members, connections = [], []
         for index, client_id in enumerate(ids):
@@ -70,8 +74,8 @@ def main() -> None:
                 certs / "ca.pem",
             )
             connections.append(connection)
-            members.append(make_member(config, source, data, index, parts[index], histograms[index], connection))
-        fed = Federation(config, server, members, data, args.steps)
+            members.append(build_member(config, source, data, index, parts[index], histograms[index], connection))
+        fed = Federation(config, framework_of(config), server, members, data, args.steps)
 
         def work(member) -> None:
             try:

@@ -37,9 +37,7 @@ def main() -> None:
 
     from splitlm.config import build_config
     from splitlm.data import DataOrder, collate
-    from splitlm.frameworks.centralized import CentralizedLearner
-    from splitlm.frameworks.setup import build_centralized, load_source, prepare_data
-    from splitlm.frameworks.sl import build_learner
+    from splitlm.frameworks.federation import build_federation
 
     overrides = [
         f"model.name={args.model}",
@@ -58,12 +56,12 @@ def main() -> None:
         *args.overrides,
     ]
     config = build_config({}, overrides)
-    source = load_source(config)
-    data = prepare_data(config, source.tokenizer())
     torch.manual_seed(config.seed)
-    central = CentralizedLearner(build_centralized(config, source), config)
-    split = build_learner(config)
-    order = DataOrder(len(data.train), config.train.batch_size, config.seed)
+    central_fed = build_federation(build_config({}, [*overrides, "framework.name=centralized"]))
+    split_fed = build_federation(config)
+    central, split = central_fed.members[0].client, split_fed.members[0].client
+    member = split_fed.members[0]  # the same packed examples as the centralized member's
+    order = DataOrder(len(member.examples), config.train.batch_size, config.seed)
 
     def sync() -> None:
         if args.device.startswith("cuda"):
@@ -72,7 +70,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"centralized": [], "split": []}
     tokens: list[int] = []
     for step in range(args.warmup + args.steps):
-        batch = collate([data.train[i] for i in order.indices(step)], data.pad_id)
+        batch = collate([member.examples[i] for i in order.indices(step)], split_fed.pad_id)
         for name, learner in (("centralized", central), ("split", split)):
             sync()
             start = time.perf_counter()
@@ -85,7 +83,7 @@ def main() -> None:
     tokens_per_step = statistics.mean(tokens)
     central_s = statistics.median(times["centralized"])
     split_s = statistics.median(times["split"])
-    up, down = split.traffic()
+    up, down = split.meter.snapshot()
     result = {
         "model": args.model,
         "device": args.device,

@@ -35,8 +35,8 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     from splitlm.config import build_config
     from splitlm.data import DataOrder, collate
-    from splitlm.frameworks.setup import load_source, prepare_data
-    from splitlm.frameworks.sl import build_learner
+    from splitlm.frameworks.federation import build_federation
+    from splitlm.transport import server_chain
     from splitlm.transport.grpc_client import GrpcConnection
     from splitlm.transport.grpc_server import GrpcServer
     from splitlm.transport.security import make_dev_certs, token_for
@@ -49,26 +49,28 @@ def main() -> None:
             "data.eval_size=8", f"train.steps={args.steps + args.warmup}", *args.overrides,
         ],
     )  # fmt: skip
-    data = prepare_data(config, load_source(config).tokenizer())
-    order = DataOrder(len(data.train), config.train.batch_size, config.seed)
-    local = build_learner(config)
-    remote = build_learner(config)
+    local_fed, remote_fed = build_federation(config), build_federation(config)
+    member = local_fed.members[0]
+    order = DataOrder(len(member.examples), config.train.batch_size, config.seed)
+    local, remote = member.client, remote_fed.members[0].client
     with tempfile.TemporaryDirectory(prefix="splitlm-transport-") as tmp:
         certs = Path(tmp) / "certs"
         make_dev_certs(certs, ["localhost", "127.0.0.1"], ["0"])
-        server = GrpcServer(remote.server, {token_for(certs / "tokens.json", "0"): "0"}, "127.0.0.1:0", certs)
+        split_server = remote_fed.server
+        handler = server_chain(remote_fed.server_mods, split_server.submit)  # the server's own mods, over gRPC
+        server = GrpcServer(handler, {token_for(certs / "tokens.json", "0"): "0"}, "127.0.0.1:0", certs)
         server.start()
         connection = GrpcConnection(
             f"localhost:{server.port}", "0", token_for(certs / "tokens.json", "0"), certs / "ca.pem"
         )
-        remote.client.transport = connection
+        remote.channel.transport = connection  # the same mods, over gRPC + TLS + token
         times: dict[str, list[float]] = {"inprocess": [], "grpc_tls": []}
         try:
             for step in range(args.warmup + args.steps):
-                batch = collate([data.train[i] for i in order.indices(step)], data.pad_id)
+                batch = collate([member.examples[i] for i in order.indices(step)], local_fed.pad_id)
                 for name, learner in (("inprocess", local), ("grpc_tls", remote)):
                     start = time.perf_counter()
-                    learner.client.train_step(step, [batch])
+                    learner.train_step(step, [batch])
                     if step >= args.warmup:
                         times[name].append(time.perf_counter() - start)
         finally:

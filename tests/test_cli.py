@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig
 
-from splitlm.cli.main import main
+from splitlm.cli.main import main, parse_args
 from splitlm.frameworks.assemble import assemble, load_run_config
 from splitlm.frameworks.federation import build_federation
 from splitlm.models import load_full_model, resolve_model
@@ -208,3 +208,58 @@ def test_export_of_vanilla_run(config_file, capsys, tmp_path: Path) -> None:
     code = main(["export", str(tmp_path / "run"), str(tmp_path / "merged")])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+# --- what a new user hit ----------------------------------------------------------------------------------
+
+
+def test_overrides_may_come_after_the_flags() -> None:
+    args = parse_args(["train", "c.yaml", "--resume", "output_dir=x", "train.steps=3"])
+    assert args.resume and args.overrides == ["output_dir=x", "train.steps=3"]
+    args = parse_args(["attack", "run", "bisr_b", "--batches", "1", "steps=30"])
+    assert args.options == ["steps=30"] and args.batches == 1
+    with pytest.raises(SystemExit):
+        parse_args(["train", "c.yaml", "--resume", "--frobnicate"])
+
+
+def test_insecure_off_loopback_is_a_config_error(config_file, capsys) -> None:
+    argv = ["serve", str(config_file()), "--insecure", "--tokens", "t.json", "--address", "10.1.2.3:50051"]
+    assert main(argv) == 2
+    assert "--insecure is only allowed on loopback" in _one_error_line(capsys)
+
+
+def test_a_misspelt_built_in_model_gets_a_suggestion(config_file, capsys) -> None:
+    assert main(["train", str(config_file()), "model.name=tiny-lama"]) == 4
+    assert "did you mean 'tiny-llama'" in _one_error_line(capsys)
+
+
+def test_unknown_plugin_names_are_reported_with_the_choices(config_file, capsys) -> None:
+    argv = ["config", str(config_file()), "transport.codec.activations=fp61", "server.policy=lifo"]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "transport.codec.activations: unknown codec 'fp61'" in line and "did you mean 'fp16'" in line
+    assert "server.policy: unknown policy 'lifo'" in line
+
+
+def test_santext_has_no_top_k(config_file, capsys) -> None:
+    assert main(["config", str(config_file()), "privacy.santext.top_k=3"]) == 2
+    assert "privacy.santext.top_k: unknown key" in _one_error_line(capsys)
+
+
+def test_a_client_refused_for_its_token_writes_nothing(config_file, capsys, tmp_path: Path) -> None:
+    from splitlm.transport.grpc_server import GrpcServer
+
+    server = GrpcServer(None, {"the-right-token": "0"}, "127.0.0.1:0", None)
+    server.start()
+    try:
+        out = tmp_path / "client-out"
+        argv = [
+            "client", str(config_file()), "--server", f"127.0.0.1:{server.port}", "--client-id", "0",
+            "--insecure", "--token", "a-wrong-token", f"output_dir={out}",
+        ]  # fmt: skip
+        assert main(argv) == 6
+    finally:
+        server.stop()
+    line = _one_error_line(capsys)
+    assert "server refused client 0" in line and "token" in line
+    assert not out.exists()  # the token was checked before anything was built or written

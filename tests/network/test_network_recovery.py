@@ -20,6 +20,8 @@ import torch
 
 from splitlm.transport.security import make_dev_certs
 
+pytestmark = pytest.mark.slow  # processes killed and restarted: minutes
+
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "frameworks" / "sflv1.yaml"
 OVERRIDES = [
     "framework.num_clients=3",

@@ -8,6 +8,8 @@ import pytest
 
 from splitlm.privacy.attacks import AttackContext, make_attack, observations, score
 
+pytestmark = pytest.mark.slow  # trains and attacks a run per defense: minutes
+
 FAST = {
     "sip": {"steps": "150"},
     "bisr_b": {"sip_steps": "150", "steps": "30"},

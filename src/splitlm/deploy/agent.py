@@ -12,18 +12,17 @@ import json
 import logging
 import queue
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from splitlm.config import Config
-from splitlm.errors import ConfigError, ProtocolError
+from splitlm.errors import CheckpointError, ConfigError, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.base import client_steps, framework_of
+from splitlm.frameworks.checkpoint import load_checkpoint, save_checkpoint
 from splitlm.frameworks.driver import evaluate_now
 from splitlm.frameworks.federation import Federation, Member, build_member, partition
 from splitlm.frameworks.setup import load_source, prepare_data
@@ -31,8 +30,6 @@ from splitlm.transport import Message, Transport
 from splitlm.transport.grpc_client import GrpcConnection
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
 
 
 def check_client_id(config: Config, client_id: str) -> None:
@@ -125,30 +122,28 @@ class ClientAgent:
 
     # --- this client's own checkpoints, named like the server's ------------------------------------------
 
-    def save_checkpoint(self, name: str) -> None:
-        """This client's state at the server's checkpoint ``name``: a temporary folder, renamed; keeps two."""
-        final = self.out / CHECKPOINTS / name
-        tmp = final.with_name(f".tmp-{name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.member.client.save(tmp, with_optimizer=True)
-        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    def save(self, folder: Path, with_optimizer: bool = True) -> None:
+        """What a checkpoint of this process holds: the client's parts, optimizer and progress."""
         member = self.member
-        write_json(tmp / "progress.json", {"steps_done": member.steps_done, "tokens": member.tokens})
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(p for p in final.parent.iterdir() if p.name.startswith("step-"))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
+        member.client.save(folder, with_optimizer=with_optimizer)
+        write_json(folder / "member.json", {"steps_done": member.steps_done, "tokens": member.tokens})
+
+    def load(self, folder: Path) -> None:
+        member = self.member
+        member.client.load(folder)
+        state = json.loads((folder / "member.json").read_text())
+        member.steps_done, member.tokens, member.round_goal = int(state["steps_done"]), int(state["tokens"]), None
+        self.bar.n = member.steps_done
+
+    def save_checkpoint(self, name: str) -> None:
+        """This client's state at the server's checkpoint ``name`` (the driver's checkpoint writer)."""
+        save_checkpoint(self.out, self, self.member.steps_done, {"client": self.client_id}, name)
 
     def load_checkpoint(self, name: str) -> None:
-        folder = self.out / CHECKPOINTS / name
-        if not folder.is_dir():
-            raise ProtocolError(f"client {self.client_id} has no checkpoint {name} in {folder.parent}")
-        self.member.client.load(folder)
-        torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])
-        progress = json.loads((folder / "progress.json").read_text())
-        self.member.steps_done, self.member.tokens = int(progress["steps_done"]), int(progress["tokens"])
-        self.member.round_goal = None
-        self.bar.n = self.member.steps_done
+        try:
+            load_checkpoint(self.out, self, name)
+        except CheckpointError as error:
+            raise ProtocolError(f"client {self.client_id}: {error}") from None
 
 
 def run_client(

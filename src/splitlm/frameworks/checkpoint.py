@@ -52,8 +52,11 @@ def checkpoint_name(steps: int) -> str:
     return f"step-{steps:06d}"
 
 
-def save_checkpoint(out: Path, parties: Saveable, steps: int, progress: dict[str, Any]) -> Path:
-    final = out / CHECKPOINTS / checkpoint_name(steps)
+def save_checkpoint(
+    out: Path, parties: Saveable, steps: int, progress: dict[str, Any], name: str | None = None
+) -> Path:
+    """Write ``checkpoints/<name>`` (default ``step-<steps>``): each party's state, the RNG, ``progress``."""
+    final = out / CHECKPOINTS / (name or checkpoint_name(steps))
     tmp = out / CHECKPOINTS / f"{TMP_PREFIX}{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -67,10 +70,14 @@ def save_checkpoint(out: Path, parties: Saveable, steps: int, progress: dict[str
     return final
 
 
-def load_checkpoint(out: Path, parties: Saveable) -> dict[str, Any]:
+def load_checkpoint(out: Path, parties: Saveable, name: str | None = None) -> dict[str, Any]:
+    """Restore the newest checkpoint (or ``checkpoints/<name>``) into ``parties``; return its progress."""
     found = checkpoints(out)
+    if name is not None:
+        found = [folder for folder in found if folder.name == name]
     if not found:
-        raise CheckpointError(f"--resume: {out} has no checkpoints/step-* folder; start the run without --resume")
+        where = f"checkpoints/{name}" if name else "checkpoints/step-* folder"
+        raise CheckpointError(f"--resume: {out} has no {where}; start the run without --resume")
     folder = found[-1]
     try:
         progress = json.loads((folder / "progress.json").read_text())
@@ -78,9 +85,9 @@ def load_checkpoint(out: Path, parties: Saveable) -> dict[str, Any]:
         raise CheckpointError(
             f"{folder}/progress.json unreadable ({error}); delete that folder to resume earlier"
         ) from None
-    if "round" not in progress:
+    if "steps" not in progress:
         raise CheckpointError(
-            f"{folder} was written by an older splitlm (no round in progress.json); start the run again in a new "
+            f"{folder} was written by an older splitlm (no steps in progress.json); start the run again in a new "
             "output_dir"
         )
     parties.load(folder)

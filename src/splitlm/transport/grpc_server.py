@@ -278,12 +278,16 @@ class GrpcServer:
                         future.set_result(message)
                 else:
                     raise ProtocolError(f"unexpected message kind {message.kind!r} from a client")
-            except SplitLMError as error:
-                log.warning("client %s: %s", connection.client_id, error)
-                self._send(connection, error_message(connection.client_id, message, error))
-            except Exception as error:  # a bug must not end the stream silently
-                log.exception("client %s: request failed", connection.client_id)
-                self._send(connection, error_message(connection.client_id, message, error))
+            except Exception as error:  # a bug must not end the stream silently either
+                self._refuse(connection, message, error)
+
+    def _refuse(self, connection: Connection, message: Message | None, error: Exception) -> None:
+        """Answer a message that failed with an ``error`` message on its stream (called inside ``except``)."""
+        if isinstance(error, SplitLMError):
+            log.warning("client %s: %s", connection.client_id, error)
+        else:
+            log.exception("client %s: request failed", connection.client_id)
+        self._send(connection, error_message(connection.client_id, message, error))
 
     def _restarted(self, connection: Connection) -> None:
         """A new process took over a client id: what the old one was doing will never be answered."""
@@ -299,12 +303,8 @@ class GrpcServer:
     async def _serve_one(self, connection: Connection, message: Message) -> None:
         try:
             await self._serve(connection, message)
-        except SplitLMError as error:
-            log.warning("client %s: %s", connection.client_id, error)
-            self._send(connection, error_message(connection.client_id, message, error))
-        except Exception as error:  # a bug must not end the stream silently
-            log.exception("client %s: request failed", connection.client_id)
-            self._send(connection, error_message(connection.client_id, message, error))
+        except Exception as error:
+            self._refuse(connection, message, error)
 
     async def _serve(self, connection: Connection, message: Message) -> None:
         key = (message.kind, message.step, message.micro)
