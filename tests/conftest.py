@@ -121,6 +121,11 @@ class RunFiles:
         return [json.loads(line) for line in lines if line.strip()]
 
     @staticmethod
+    def rounds(run_dir: Path) -> list[dict[str, Any]]:
+        lines = (run_dir / "rounds.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    @staticmethod
     def summary(run_dir: Path) -> dict[str, Any]:
         return json.loads((run_dir / "summary.json").read_text())
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlm.errors import CheckpointError
+from splitlm.errors import CheckpointError, Interrupted
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.centralized import CentralizedClient
-from splitlm.frameworks.federation import Interrupted
 from splitlm.runtime.client import SplitClient
 
 STEPS, SAVE_EVERY, INTERRUPT_AT = 6, 3, 4  # checkpoint after step 3; interrupted while running step 5
@@ -111,3 +110,31 @@ def test_ctrl_c_without_save_every_resumes(tmp_path: Path, fast_config, run_file
     run_framework(fast_config(b, f"train.steps={STEPS}"), resume=True)
     assert [r["loss"] for r in run_files.metrics(b)] == [r["loss"] for r in run_files.metrics(a)]
     assert run_files.summary(b)["eval_loss_after"] == run_files.summary(a)["eval_loss_after"]
+
+
+@pytest.mark.parametrize("framework", ["psl", "sflv2"])
+def test_ctrl_c_in_a_multi_client_round_stops_cleanly_and_resumes(
+    tmp_path: Path, fast_config, run_files, monkeypatch, framework: str
+) -> None:
+    """Clients on threads (psl: waiting at a step barrier) stop without hanging; the run resumes from its last
+    round and ends as an uninterrupted run does (psl sums the clients' trunk gradients in arrival order)."""
+    common = (f"framework.name={framework}", "framework.num_clients=2", "framework.rounds=2", "train.steps=4")
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_framework(fast_config(a, *common))
+    real_step = SplitClient.train_step
+
+    def interrupted(self, step, micro_batches):
+        if step == 2 and self.client_id == "1":  # client 1's first step of round 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, step, micro_batches)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SplitClient, "train_step", interrupted)
+        with pytest.raises(Interrupted, match="continues from the checkpoint of round 1"):
+            run_framework(fast_config(b, *common))
+    assert [r["round"] for r in run_files.rounds(b)] == [1]
+    run_framework(fast_config(b, *common), resume=True)
+    ours, theirs = run_files.rounds(b), run_files.rounds(a)
+    assert [r["round"] for r in ours] == [1, 2]
+    tolerance = 1e-6 if framework == "psl" else 0.0
+    assert ours[-1]["eval_loss"] == pytest.approx(theirs[-1]["eval_loss"], rel=tolerance, abs=0)

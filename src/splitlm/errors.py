@@ -49,3 +49,9 @@ class HijackAlarm(SplitLMError):
     """The client's detector concluded that the server is hijacking its training; training stopped."""
 
     exit_code = 8
+
+
+class Interrupted(SplitLMError):
+    """Training was stopped on request (Ctrl-C, SIGTERM); the message says where ``--resume`` continues."""
+
+    exit_code = 130

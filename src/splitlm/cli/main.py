@@ -181,8 +181,14 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from splitlm.transport.security import make_dev_certs
+    from splitlm.transport.security import add_client, make_dev_certs
 
+    if (args.clients is None) == (args.add_client is None):
+        raise ConfigError("pass --clients N to make new certificates, or --add-client ID to add one client")
+    if args.add_client is not None:
+        add_client(Path(args.out), args.add_client)
+        print(f"added client {args.add_client}: {args.out}/client-{args.add_client}.pem/.key and its token")
+        return 0
     paths = make_dev_certs(Path(args.out), args.hosts, [str(i) for i in range(args.clients)])
     print(f"wrote a development CA, server and {args.clients} client certificates and {paths['tokens']}")
     return 0
@@ -268,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     crt = sub.add_parser("certs", help="make a development CA, server and client certificates and tokens")
     crt.add_argument("out", help="new folder for the files")
-    crt.add_argument("--clients", type=int, required=True, help="number of clients (ids 0..N-1)")
+    crt.add_argument("--clients", type=int, help="number of clients (ids 0..N-1), for new certificates")
+    crt.add_argument("--add-client", help="issue one more client certificate and token with DIR's CA")
     crt.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1"], help="server names / IPs")
     crt.set_defaults(func=cmd_certs)
 

@@ -82,6 +82,7 @@ class RemoteMember(Member):
         return {"client_param_count": self.param_count, "client_trainable_param_count": None}
 
     def train_round(self, fed: Federation, round_index: int) -> None:
+        fed.check_stop()  # a stopped server asks for no more work (the clients finish what they have)
         proxy: RemoteClientProxy = self.client  # type: ignore[assignment]
         reply = proxy.command("train", round=round_index, steps=fed.local_steps, start_step=self.steps_done)
         for record in json.loads(str(reply.meta["records"])):

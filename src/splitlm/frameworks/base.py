@@ -24,9 +24,12 @@ from splitlm.errors import ConfigError
 from splitlm.registry import Registry
 
 if TYPE_CHECKING:
-    from splitlm.frameworks.federation import Federation, Member
+    from splitlm.config.schema import TrainConfig
+    from splitlm.frameworks.federation import Client, Federation, Member
+    from splitlm.models import ModelSource
 
 RoundRecipe = Callable[["Federation", int, list["Member"]], list["Member"]]
+MakeClient = Callable[[Config, "ModelSource", "TrainConfig"], "Client"]
 TrunkAdapters = Literal["shared", "client", "group"]
 Check = Callable[[Config], None]
 
@@ -47,6 +50,8 @@ class Framework:
     barrier: bool = False  # one trunk update per synchronised step of all participants (psl)
     split: bool = True  # False: the unsplit baseline (one member, no server, no transport)
     checks: tuple[Check, ...] = field(default=())  # the framework's own option checks
+    make_client: MakeClient | None = None  # its own kind of client (config, model source, train settings); None:
+    # the split client (head [+ tail] behind its mods)
 
     # --- the server's layout ---------------------------------------------------------------------------
 

@@ -114,5 +114,6 @@ CENTRALIZED = register(
         centralized_round,
         "the unsplit baseline: the whole model on all clients' data in one process, same LoRA, data order and seed",
         split=False,
+        make_client=CentralizedClient.build,
     )
 )

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splitlm.config import Config
-from splitlm.errors import ConfigError
+from splitlm.errors import ConfigError, Interrupted
 from splitlm.files import write_json
 from splitlm.frameworks.checkpoint import (
     load_checkpoint,
@@ -34,7 +34,7 @@ from splitlm.frameworks.checkpoint import (
     trim_metrics,
     trim_rounds,
 )
-from splitlm.frameworks.federation import Federation, Interrupted, Member, build_federation, participants
+from splitlm.frameworks.federation import Federation, Member, build_federation, participants
 from splitlm.privacy.accounting import epsilon, releases
 
 SUMMARY_FORMAT = 2  # ``summary.json``'s schema; ``splitlm report`` reads this one
@@ -102,9 +102,9 @@ class _Progress:
             self.metrics.flush()
             self.losses[member.client_id] = record["loss"]
             self.bar.update(1)
-            shown = sorted(self.losses.items())[:4]
-            self.bar.set_postfix_str(" ".join(f"{cid}:{loss:.3f}" for cid, loss in shown) if len(shown) > 1 else
-                                     f"loss={record['loss']:.4f}")  # fmt: skip
+            shown = sorted(self.losses.items())[:4]  # each client's latest loss (the first four)
+            many = " ".join(f"{client}:{loss:.3f}" for client, loss in shown)
+            self.bar.set_postfix_str(many if len(shown) > 1 else f"loss={record['loss']:.4f}")
 
     def close(self) -> None:
         self.bar.close()
@@ -158,6 +158,7 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
             fed.on_step = _step_hook(fed, bar, checkpoint)
             try:
                 for round_index in range(int(progress["round"]), config.framework.rounds):
+                    fed.check_stop()
                     bar.round(round_index)
                     chosen = participants(config, fed.members, round_index)
                     holders = fed.framework.round(fed, round_index, chosen)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from splitlm.config import Config
 from splitlm.data import Batch, DataOrder, Example, collate, label_histograms, make_partitioner, pack_examples, skew
-from splitlm.errors import ConfigError, ProtocolError, SplitLMError
+from splitlm.errors import ConfigError, Interrupted, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.base import Framework, client_steps, framework_of
 from splitlm.frameworks.pipeline import ClientPipeline, client_pipeline, recorders, server_mods
@@ -41,12 +41,6 @@ from splitlm.runtime.server import SplitServer
 from splitlm.transport import ByteMeter, Channel, InProcessTransport, Mod, Transport, server_chain
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(SplitLMError):
-    """Training was stopped on request (Ctrl-C, SIGTERM)."""
-
-    exit_code = 130
 
 
 class Client(Protocol):
@@ -258,8 +252,11 @@ class Federation:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             if any(f.exception() is not None for f in done):
                 self.stop_barriers()
-            for future in futures:
-                future.result()
+            errors = [error for f in futures if (error := f.exception()) is not None]
+        if errors and self.stop.is_set():  # the others' errors follow from the stop
+            raise Interrupted("training interrupted")
+        if errors:
+            raise errors[0]
 
     def stop_barriers(self) -> None:
         """Release clients waiting at a step barrier (their step is abandoned with an error)."""
@@ -398,10 +395,8 @@ def build_client(
     unsplit baseline, the whole model)."""
     framework = framework_of(config)
     optimizer_train = config.train.model_copy(update={"steps": client_steps(config)})
-    if not framework.split:
-        from splitlm.frameworks.centralized import CentralizedClient
-
-        return CentralizedClient.build(config, source, optimizer_train), None
+    if framework.make_client is not None:  # a framework with its own kind of client (the unsplit baseline)
+        return framework.make_client(config, source, optimizer_train), None
     spec = spec_of(config)
     parts, stages = {}, {}
     for role in spec.client_roles():

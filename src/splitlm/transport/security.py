@@ -1,8 +1,9 @@
 """TLS material and bearer tokens for the networked transport.
 
-``make_dev_certs`` writes a development CA, a server certificate (for the given host names / IPs) and one
-client certificate per client id, plus ``tokens.json`` mapping a fresh random bearer token to each client
-id. A token maps to exactly one client id; the server lets a stream act only as that id.
+``make_dev_certs`` writes a development CA (its key kept in ``ca.key``, mode 0600), a server certificate (for the
+given host names / IPs) and one client certificate per client id, plus ``tokens.json`` mapping a fresh random
+bearer token to each client id; ``add_client`` issues one more client certificate and token later. A token maps
+to exactly one client id; the server lets a stream act only as that id.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def make_dev_certs(folder: Path, hosts: list[str], clients: list[str]) -> dict[s
     ca_name = _name("splitlm dev CA")
     ca_cert = _sign(ca_name, ca_key.public_key(), ca_name, ca_key, ca=True)
     (folder / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(folder / "ca.key", _pem_key(ca_key))
     sans: list[x509.GeneralName] = []
     for host in hosts:
         try:
@@ -89,15 +91,45 @@ def make_dev_certs(folder: Path, hosts: list[str], clients: list[str]) -> dict[s
     server_cert = _sign(_name(hosts[0]), server_key.public_key(), ca_name, ca_key, ca=False, sans=sans)
     (folder / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(folder / "server.key", _pem_key(server_key))
-    tokens = {}
-    for client in clients:
-        key = _key()
-        cert = _sign(_name(f"client-{client}"), key.public_key(), ca_name, ca_key, ca=False)
-        (folder / f"client-{client}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(folder / f"client-{client}.key", _pem_key(key))
-        tokens[secrets.token_urlsafe(24)] = client
-    _write_private(folder / "tokens.json", (json.dumps(tokens, indent=2) + "\n").encode())
+    tokens = {_issue_client(folder, client, ca_name, ca_key): client for client in clients}
+    _write_tokens(folder / "tokens.json", tokens)
     return {"ca": folder / "ca.pem", "tokens": folder / "tokens.json"}
+
+
+def _issue_client(folder: Path, client: str, ca_name: x509.Name, ca_key: ec.EllipticCurvePrivateKey) -> str:
+    """Write client-ID.pem/.key signed by the CA; return a fresh bearer token for the client."""
+    key = _key()
+    cert = _sign(_name(f"client-{client}"), key.public_key(), ca_name, ca_key, ca=False)
+    (folder / f"client-{client}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(folder / f"client-{client}.key", _pem_key(key))
+    return secrets.token_urlsafe(24)
+
+
+def _write_tokens(path: Path, tokens: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    _write_private(tmp, (json.dumps(tokens, indent=2) + "\n").encode())
+    tmp.replace(path)
+
+
+def add_client(folder: Path, client: str) -> str:
+    """Issue one more client certificate and token with the CA in ``folder``; return the token."""
+    tokens = load_tokens(folder / "tokens.json")
+    if client in tokens.values():
+        raise ConfigError(f"{folder} has client {client!r} already; choose another id")
+    if not client or not client.isprintable() or "/" in client:
+        raise ConfigError(f"client id {client!r}: use letters and digits, e.g. 3")
+    try:
+        ca_cert = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+        ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"{folder} has no usable CA key ({error}): it was made by an older splitlm; make new certificates"
+        ) from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{folder}/ca.key is not the CA's EC key; make new certificates")
+    token = _issue_client(folder, client, ca_cert.subject, ca_key)
+    _write_tokens(folder / "tokens.json", {**tokens, token: client})
+    return token
 
 
 def load_tokens(path: Path) -> dict[str, str]:
