@@ -39,6 +39,18 @@ class ProtocolError(SplitLMError):
     exit_code = 6
 
 
+class ClientGone(ProtocolError):
+    """Clients stopped answering during a round (disconnected past the grace period, restarted, or timed out).
+
+    The round's work is rolled back and done again without them (``frameworks/driver.py``)."""
+
+    def __init__(self, client_ids: tuple[str, ...] | list[str], reason: str) -> None:
+        self.client_ids = tuple(client_ids)
+        self.reason = reason
+        who = ", ".join(self.client_ids)
+        super().__init__(f"client{'s' if len(self.client_ids) > 1 else ''} {who} gone: {reason}")
+
+
 class PrivacyError(SplitLMError):
     """A defense, an attack or a recorded run cannot be used as asked."""
 

@@ -19,17 +19,20 @@ CASES = {
     # Gradient accumulation over two micro-batches and a clip norm far below the gradient norm (~0.3):
     # each party scales its gradients by the coefficient computed from the *global* norm.
     "llama-accum-clip": ("model.name=tiny-llama", "train.grad_accum=2", "train.max_grad_norm=0.01"),
-    # GPT-2: Conv1D layers (fused c_attn), learned positions, and dropout inside the model (0.1),
-    # which draws from the same RNG stream in the same order whether the model is split or not.
+    # GPT-2: Conv1D layers (fused c_attn), learned positions, and dropout inside the model (0.1): the baseline
+    # reseeds its random stream where the split's parts begin, so it draws the split run's dropout masks.
     "gpt2": ("model.name=tiny-gpt2", "lora.target_modules=[c_attn]", "train.steps=6"),
     # Qwen2: an untied LM head and sliding-window layers.
     "qwen2": ("model.name=tiny-qwen2", "split.head_layers=2", "lora.target_modules=[q_proj, v_proj]"),
 }
 FRAMEWORKS = {
-    "centralized": ("framework.name=centralized",),
+    # the baseline is told the cut it is compared with (it draws dropout where each part begins)
+    "centralized": ("framework.name=centralized", "split.mode=ushape", "split.tail_layers=1"),
+    "centralized-vanilla": ("framework.name=centralized", "split.mode=vanilla", "split.tail_layers=0"),
     "ushape": ("framework.name=sl", "split.mode=ushape", "split.tail_layers=1"),
     "vanilla": ("framework.name=sl", "split.mode=vanilla", "split.tail_layers=0"),
 }
+BASELINE = {"ushape": "centralized", "vanilla": "centralized-vanilla"}
 PARTS = {"ushape": ("head", "trunk", "tail"), "vanilla": ("head", "trunk")}
 
 # Losses: the forward passes are bit-identical (see test_split_forward), so the first step's loss is equal
@@ -62,7 +65,7 @@ def _losses(run_files, out: Path) -> list[float]:
 @pytest.mark.parametrize("mode", ["ushape", "vanilla"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_split_losses_equal_centralized(runs, run_files, case: str, mode: str) -> None:
-    expected = _losses(run_files, runs[case, "centralized"])
+    expected = _losses(run_files, runs[case, BASELINE[mode]])
     actual = _losses(run_files, runs[case, mode])
     assert len(expected) >= 5
     assert len(actual) == len(expected)
@@ -75,7 +78,7 @@ def test_split_losses_equal_centralized(runs, run_files, case: str, mode: str) -
 @pytest.mark.parametrize("mode", ["ushape", "vanilla"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_split_adapters_equal_centralized(runs, run_files, case: str, mode: str) -> None:
-    expected = run_files.adapters(runs[case, "centralized"], "model")
+    expected = run_files.adapters(runs[case, BASELINE[mode]], "model")
     actual = run_files.adapters(runs[case, mode], *PARTS[mode])
     assert sorted(actual) == sorted(expected)
     lora_b = [key for key in expected if "lora_B" in key]

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -327,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except SplitLMError as error:
+        if args.verbose:  # where it came from, for a bug report
+            traceback.print_exc()
         print(f"splitlm: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

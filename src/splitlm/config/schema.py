@@ -182,6 +182,23 @@ class FrameworkConfig(Section):
     round_timeout_s: float = Field(
         1800.0, gt=0, description="Networked runs: a client that has not finished its round by then is left out."
     )
+    client_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="Networked runs: a client whose stream broke may take this long to reconnect before its work "
+        "in the round counts as lost (the round is then done again without it).",
+    )
+    wait_for_clients_s: float = Field(
+        60.0,
+        ge=0,
+        description="Networked runs: at a round's start, how long to wait for clients that are not connected "
+        "before leaving them out of the round.",
+    )
+    leave_out: dict[int, list[str]] | None = Field(
+        None,
+        description="Leave these clients out of these rounds, e.g. {2: ['0']} (round numbers from 1): what a run "
+        "computes when a client fails in a round, to compare a networked run with faults against.",
+    )
 
     def steps_per_round(self, total_steps: int) -> int:
         return self.local_steps or max(total_steps // self.rounds, 1)
@@ -445,6 +462,14 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
     minimum = value_at(tree, "framework.min_clients")
     if isinstance(clients, int) and isinstance(minimum, int) and minimum > clients:
         problems.append(f"framework.min_clients: {minimum} exceeds framework.num_clients={clients}")
+    leave_out, rounds = value_at(tree, "framework.leave_out"), value_at(tree, "framework.rounds")
+    if isinstance(leave_out, dict) and isinstance(rounds, int) and isinstance(clients, int):
+        for round_number, ids in leave_out.items():
+            if not isinstance(round_number, int) or not 1 <= round_number <= rounds:
+                problems.append(f"framework.leave_out: round {round_number!r} is not in 1..{rounds}")
+            unknown = [i for i in ids or [] if str(i) not in {str(c) for c in range(clients)}]
+            if unknown:
+                problems.append(f"framework.leave_out: clients {unknown} are not in 0..{clients - 1}")
     groups = value_at(tree, "framework.groups")
     if isinstance(groups, list) and isinstance(clients, int):
         members = sorted(m for g in groups if isinstance(g, list) for m in g)

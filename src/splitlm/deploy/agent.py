@@ -12,6 +12,9 @@ import json
 import logging
 import queue
 import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from splitlm.config import Config
 from splitlm.errors import CheckpointError, ConfigError, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.base import client_steps, framework_of
-from splitlm.frameworks.checkpoint import load_checkpoint, save_checkpoint
+from splitlm.frameworks.checkpoint import checkpoints, load_checkpoint, save_checkpoint, trim_metrics
 from splitlm.frameworks.driver import evaluate_now
 from splitlm.frameworks.federation import Federation, Member, build_member, partition
 from splitlm.frameworks.setup import load_source, prepare_data
@@ -39,12 +42,23 @@ def check_client_id(config: Config, client_id: str) -> None:
 
 
 class ClientAgent:
-    """A client that answers the orchestrator's commands: its parts, data and state live here."""
+    """A client that answers the orchestrator's commands: its parts, data and state live here.
+
+    It writes its own ``metrics.jsonl`` (its steps) and, at the end, ``summary.json`` into its ``output_dir``;
+    ``report`` (networked clients) streams each step's record to the server as it happens. A command the
+    server sends again after a broken stream is answered from a small cache, never carried out twice."""
 
     def __init__(
-        self, config: Config, client_id: str, transport: Transport, session: str | None = None, progress: bool = False
+        self,
+        config: Config,
+        client_id: str,
+        transport: Transport,
+        session: str | None = None,
+        progress: bool = False,
+        report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         check_client_id(config, client_id)
+        self.started = time.perf_counter()
         self.config = config
         self.client_id = client_id
         self.index = int(client_id)
@@ -60,16 +74,36 @@ class ClientAgent:
         self.local.on_step = self._on_step
         self.session = session or secrets.token_hex(8)
         self.steps = client_steps(config)
+        self.report = report
+        self.attempt = 0
+        self._snapshot: dict[str, Any] | None = None
+        self._answered: OrderedDict[tuple[str, int], Message] = OrderedDict()
+        self._summary: dict[str, Any] | None = None
         self.bar = tqdm(
             total=self.steps, desc=f"client {client_id}", unit="step", dynamic_ncols=True,
             disable=not (progress and config.train.progress),
         )  # fmt: skip
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
     def _on_step(self, member: Member, record: dict[str, Any]) -> None:
         evaluate_now(self.local, member, record)
         self.records.append(record)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a") as metrics:
+            metrics.write(json.dumps(record) + "\n")
+        if self.report is not None:
+            self.report({**record, "attempt": self.attempt})
         self.bar.update(1)
         self.bar.set_postfix(round=record["round"], loss=f"{record['loss']:.4f}")
+
+    def _rewound(self) -> None:
+        """The client's steps went back (a restore or a rollback): its metrics and progress bar follow."""
+        trim_metrics(self.metrics_path, {self.client_id: self.member.steps_done})
+        self.bar.n = self.member.steps_done
+        self.bar.refresh()
 
     def hello(self) -> Message:
         member = self.member
@@ -82,18 +116,32 @@ class ClientAgent:
         return Message("hello", self.client_id, -1, 0, {}, meta)
 
     def answer(self, command: Message) -> Message:
-        """Carry out one command; a ``done`` (with results) or an ``error`` reply."""
+        """Carry out one command (once: a repeated one gets the same reply); a ``done`` or an ``error`` reply."""
+        key = (str(command.meta.get("server", "")), int(command.meta.get("seq", 0)))  # a server's n-th command
+        if key[1] and key in self._answered:
+            return self._answered[key]
+        reply = self._answer(command)
+        if key[1]:
+            self._answered[key] = reply
+            while len(self._answered) > 16:
+                self._answered.popitem(last=False)
+        return reply
+
+    def _answer(self, command: Message) -> Message:
         member, kind = self.member, command.kind.removeprefix("cmd:")
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"seq": command.meta.get("seq", 0)}
         try:
             if kind == "train":
                 start = int(command.meta.get("start_step", member.steps_done))
-                if start > member.steps_done:  # a restarted process: continue the schedule where it was
-                    member.steps_done = start
-                    member.client.optimizer.fast_forward(start)  # type: ignore[attr-defined]
-                    self.bar.n = start
+                if start != member.steps_done:
+                    raise ProtocolError(
+                        f"the server expects client {self.client_id} at step {start}, but it is at step "
+                        f"{member.steps_done}; restart the run with --resume"
+                    )
+                self.attempt = int(command.meta.get("attempt", 0))
                 self.records = []
+                self._rewound()  # lines a previous process left beyond this step go
                 member.train_round(self.local, int(command.meta["round"]))
                 meta["records"] = json.dumps(self.records)
             elif kind == "get_state":
@@ -106,19 +154,45 @@ class ClientAgent:
             elif kind == "accuracy":
                 value = member.accuracy(self.local)
                 meta["accuracy"] = "" if value is None else value
+            elif kind == "snapshot":
+                self._snapshot = member.snapshot()
+            elif kind == "rollback":
+                if self._snapshot is None:
+                    raise ProtocolError(f"client {self.client_id} has no snapshot to roll back to")
+                member.restore(self._snapshot)
+                self._rewound()
             elif kind == "checkpoint":
                 self.save_checkpoint(str(command.meta["name"]))
             elif kind == "restore":
-                self.load_checkpoint(str(command.meta["name"]))
+                meta["restored"] = self.load_checkpoint(str(command.meta["name"]))
+                meta.update(steps_done=member.steps_done, tokens=member.tokens)
             elif kind == "save_adapters":
                 member.client.save(self.out / "adapters", with_optimizer=False)
             elif kind == "finish":
-                self.bar.close()
+                self.finish()
             else:
                 raise ProtocolError(f"unknown command {command.kind!r}")
         except ProtocolError as error:
             return Message("error", self.client_id, -1, 0, {}, {**meta, "error": str(error)})
         return Message("done", self.client_id, -1, 0, tensors, meta)
+
+    def finish(self) -> dict[str, Any]:
+        """This client's own summary (its steps, tokens, traffic, time), also written to ``summary.json``."""
+        if self._summary is not None:
+            return self._summary
+        self.bar.close()
+        member = self.member
+        meter = member.meter
+        summary = {
+            "client": self.client_id, "steps": member.steps_done, "tokens": member.tokens,
+            "last_loss": member.last_loss, "bytes_up": meter.up, "bytes_down": meter.down,
+            "eval_bytes_up": meter.eval_up, "eval_bytes_down": meter.eval_down,
+            "wall_seconds": time.perf_counter() - self.started,
+        }  # fmt: skip
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "summary.json", summary)
+        self._summary = summary
+        return summary
 
     # --- this client's own checkpoints, named like the server's ------------------------------------------
 
@@ -133,17 +207,23 @@ class ClientAgent:
         member.client.load(folder)
         state = json.loads((folder / "member.json").read_text())
         member.steps_done, member.tokens, member.round_goal = int(state["steps_done"]), int(state["tokens"]), None
-        self.bar.n = member.steps_done
+        self._rewound()
 
     def save_checkpoint(self, name: str) -> None:
         """This client's state at the server's checkpoint ``name`` (the driver's checkpoint writer)."""
         save_checkpoint(self.out, self, self.member.steps_done, {"client": self.client_id}, name)
 
-    def load_checkpoint(self, name: str) -> None:
+    def load_checkpoint(self, name: str) -> str:
+        """Restore checkpoint ``name``, or this client's newest one before it (a client that missed ``name``);
+        ``""`` for the newest of all. Returns the name restored."""
+        found = [folder.name for folder in checkpoints(self.out) if not name or folder.name <= name]
+        if not found:
+            raise ProtocolError(f"client {self.client_id} has no checkpoint up to {name or 'now'} in {self.out}")
         try:
-            load_checkpoint(self.out, self, name)
+            load_checkpoint(self.out, self, found[-1])
         except CheckpointError as error:
             raise ProtocolError(f"client {self.client_id}: {error}") from None
+        return found[-1]
 
 
 def run_client(
@@ -165,7 +245,11 @@ def run_client(
     )
     try:
         print(f"client {client_id}: connected to {address}; loading the model and data", flush=True)
-        agent = ClientAgent(config, client_id, connection, session, progress=True)
+
+        def report(record: dict[str, Any]) -> None:  # each step's record, to the server's metrics as it happens
+            connection.send(Message("progress", client_id, -1, 0, {}, {"record": json.dumps(record)}))
+
+        agent = ClientAgent(config, client_id, connection, session, progress=True, report=report)
         connection.update_hello(agent.hello())
         print(f"client {client_id}: ready with {agent.member.num_examples} examples", flush=True)
         while True:
@@ -180,9 +264,6 @@ def run_client(
             connection.send(agent.answer(command))
             if command.kind == "cmd:finish":
                 connection.wait_closed(timeout=10.0)  # let the server end the stream after our last word
-                member = agent.member
-                up, down = member.meter.snapshot()
-                return {"client": client_id, "steps": member.steps_done, "tokens": member.tokens, "bytes_up": up,
-                        "bytes_down": down}  # fmt: skip
+                return agent.finish()
     finally:
         connection.close()

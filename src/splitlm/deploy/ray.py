@@ -77,6 +77,7 @@ class ServerActorImpl:
             "set_barrier": lambda adapter, count: server.barriers.__setitem__(adapter, count),
             "adapter_names": lambda: server.bank.names if server.bank else [],
             "forget": lambda client_id, wait: server.forget(client_id, wait),
+            "abandon": lambda: server.abandon(),
             "save": lambda folder, with_optimizer: server.save(Path(folder), with_optimizer),
             "load": lambda folder: server.load(Path(folder)),
             "export_adapter": lambda adapter, path: server.export_adapter(adapter, Path(path)),
@@ -173,6 +174,9 @@ class RayServerProxy:
     def load_adapter_state(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
         self._call("load_adapter_state", adapter, _frames(state))
 
+    def abandon(self) -> None:
+        self._call("abandon")
+
     def forget(self, client_id: str, wait: bool = True) -> None:
         self._call("forget", client_id, wait)
 
@@ -221,7 +225,7 @@ def run_ray(config: Config, resume: bool = False, started: float | None = None) 
         members = []
         for index, (actor, hello) in enumerate(zip(actors, hellos, strict=True)):
 
-            def send(message: Message, actor: Any = actor) -> Message:
+            def send(message: Message, session: str | None, actor: Any = actor) -> Message:
                 reply = decode(ray.get(actor.answer.remote(encode(message))))
                 if reply.kind == "error":
                     raise ProtocolError(f"client {message.client_id}: {reply.meta.get('error')}")

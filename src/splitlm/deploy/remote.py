@@ -2,15 +2,23 @@
 
 The server process (``splitlm serve``) and the Ray driver run the same round recipes and the same driver as
 an in-process run; each of their federation members is a ``RemoteMember`` whose client is a proxy that
-carries out what the recipes ask (train a round, get or set the client-side state, evaluate, checkpoint) by
-sending commands to the client's agent (``deploy/agent.py``).
+carries out what the recipes ask (train a round, get or set the client-side state, evaluate, checkpoint,
+snapshot and roll back) by sending commands to the client's agent (``deploy/agent.py``).
+
+A networked client can be lost (its process dies or restarts). Then its commands raise ``ClientGone``, the
+driver rolls the round back and does it again without it, and when the client is back it *rejoins*: it
+restores its own newest checkpoint (up to the server's newest) and, before it next trains, takes the current
+client side, as a client left out of those rounds would have.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +31,51 @@ from splitlm.frameworks.federation import Federation, Member
 from splitlm.runtime.client import EvalStats, StepStats
 from splitlm.transport import ByteMeter, Message
 
-Command = Callable[[Message], Message]  # sends a command to the client and returns its ``done`` (or raises)
+log = logging.getLogger(__name__)
+
+# Sends a command to the client (only to the process of the given session, when not None) and returns its
+# ``done`` (or raises).
+Command = Callable[[Message, str | None], Message]
 
 
 class RemoteClientProxy:
-    """What the recipes ask of a client, carried out by the client's own process or actor."""
+    """What the recipes ask of a client, carried out by the client's own process or actor.
 
-    def __init__(self, client_id: str, send: Command, meter: Callable[[], ByteMeter]) -> None:
+    ``session()`` names the client process now connected and ``wait_connected(timeout)`` waits for one (both
+    given for networked clients, which ``can_fail``); a command to a process other than the one this member
+    last worked with raises ``ClientGone`` until it rejoins."""
+
+    def __init__(
+        self,
+        client_id: str,
+        send: Command,
+        meter: Callable[[], ByteMeter],
+        session: Callable[[], str] | None = None,
+        wait_connected: Callable[[float], bool] | None = None,
+    ) -> None:
         self.client_id = client_id
         self._send = send
         self._meter = meter
+        self._session = session
+        self._wait_connected = wait_connected
+        self.can_fail = session is not None
+        self.expected_session = self.session()
 
     @property
     def meter(self) -> ByteMeter:
         return self._meter()
 
-    def command(self, kind: str, tensors: dict[str, torch.Tensor] | None = None, **meta: Any) -> Message:
-        return self._send(Message(f"cmd:{kind}", self.client_id, -1, 0, dict(tensors or {}), dict(meta)))
+    def session(self) -> str:
+        return self._session() if self._session is not None else ""
+
+    def connected(self, timeout: float) -> bool:
+        return self._wait_connected(timeout) if self._wait_connected is not None else True
+
+    def command(
+        self, kind: str, tensors: dict[str, torch.Tensor] | None = None, rejoining: bool = False, **meta: Any
+    ) -> Message:
+        message = Message(f"cmd:{kind}", self.client_id, -1, 0, dict(tensors or {}), dict(meta))
+        return self._send(message, None if rejoining or not self.can_fail else self.expected_session)
 
     def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
         raise ProtocolError("a remote client trains whole rounds (cmd:train), not single steps")
@@ -57,6 +93,13 @@ class RemoteClientProxy:
     def sequence_losses(self, examples: list[Example], pad_id: int) -> list[float]:
         raise ProtocolError("a remote client scores its own held-out choices (cmd:accuracy)")
 
+    def snapshot(self) -> None:
+        """The client keeps the snapshot itself (its state never travels for it)."""
+        self.command("snapshot")
+
+    def restore(self, snapshot: None) -> None:
+        self.command("rollback")
+
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
         """A checkpoint: the client writes its own state, on its own machine, under the checkpoint's name."""
         if with_optimizer:
@@ -64,7 +107,8 @@ class RemoteClientProxy:
 
     def load(self, folder: Path) -> None:
         """Resume: the client goes back to its own checkpoint of the same name."""
-        self.command("restore", name=folder.parent.name)
+        self.command("restore", name=folder.parent.name, rejoining=True)
+        self.expected_session = self.session()
 
 
 @dataclass
@@ -73,30 +117,84 @@ class RemoteMember(Member):
 
     remote_examples: int = 0
     param_count: int = 0
+    attempt: int = 0  # which attempt at a round the client's step records belong to (late ones are dropped)
+    logged: set[int] = field(default_factory=set)  # steps of the current attempt already passed to on_step
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def num_examples(self) -> int:
         return self.remote_examples
+
+    @property
+    def proxy(self) -> RemoteClientProxy:
+        return self.client  # type: ignore[return-value]
 
     def info(self) -> dict[str, Any]:
         return {"client_param_count": self.param_count, "client_trainable_param_count": None}
 
     def train_round(self, fed: Federation, round_index: int) -> None:
         fed.check_stop()  # a stopped server asks for no more work (the clients finish what they have)
-        proxy: RemoteClientProxy = self.client  # type: ignore[assignment]
-        reply = proxy.command("train", round=round_index, steps=fed.local_steps, start_step=self.steps_done)
+        with self._lock:
+            self.attempt += 1
+            self.logged = set()
+            attempt = self.attempt
+        reply = self.proxy.command(
+            "train", round=round_index, steps=fed.local_steps, start_step=self.steps_done, attempt=attempt
+        )
         for record in json.loads(str(reply.meta["records"])):
             self.steps_done = int(record["step"])
             self.tokens += int(record["tokens"])
             self.last_loss = float(record["loss"])
-            fed.on_step(self, record)
+            self.progress(fed, record, attempt)
+
+    def progress(self, fed: Federation, record: dict[str, Any], attempt: int | None = None) -> None:
+        """A step record, streamed as the client takes the step or with the round's reply: logged once."""
+        with self._lock:
+            current = attempt if attempt is not None else int(record.pop("attempt", self.attempt))
+            step = int(record["step"])
+            if current != self.attempt or step in self.logged:
+                return
+            self.logged.add(step)
+        record.pop("attempt", None)
+        fed.on_step(self, record)
+
+    def restore(self, snapshot: dict[str, Any], gone: bool = False) -> None:
+        with self._lock:
+            self.attempt += 1  # records still on their way from the rolled-back attempt are dropped
+        if not gone:
+            super().restore(snapshot, gone)
+            return
+        self.steps_done, self.tokens, self.last_loss = snapshot["steps_done"], snapshot["tokens"], snapshot["last_loss"]
+        self.round_goal, self.stale = snapshot["round_goal"], True  # it rejoins, then takes the client side
+
+    def ready(self, fed: Federation, deadline: float, rejoin: bool = True) -> bool:
+        proxy = self.proxy
+        if not proxy.can_fail:
+            return True
+        if not proxy.connected(max(0.0, deadline - time.monotonic())):
+            return False
+        if proxy.session() == proxy.expected_session:
+            return True
+        if not rejoin:
+            return False
+        self.rejoin(fed)
+        return True
+
+    def rejoin(self, fed: Federation) -> None:
+        """A restarted client process goes back to its own newest checkpoint (up to the server's newest) and
+        takes the current client side before it next trains."""
+        proxy = self.proxy
+        proxy.expected_session = proxy.session()
+        reply = proxy.command("restore", name=fed.last_checkpoint or "", rejoining=True)
+        self.steps_done, self.tokens = int(reply.meta["steps_done"]), int(reply.meta["tokens"])
+        self.round_goal, self.stale = None, True
+        log.warning("client %s rejoined from its checkpoint %s", self.client_id, reply.meta.get("restored"))
 
     def evaluate(self, fed: Federation) -> EvalStats:
         return self.client.evaluate([])
 
     def accuracy(self, fed: Federation) -> float | None:
-        proxy: RemoteClientProxy = self.client  # type: ignore[assignment]
-        value = proxy.command("accuracy").meta.get("accuracy")
+        value = self.proxy.command("accuracy").meta.get("accuracy")
         return None if value is None or value == "" else float(value)
 
 

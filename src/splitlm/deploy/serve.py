@@ -70,7 +70,11 @@ def serve(
     out = prepare_output(config, resume=resume)
     source = load_source(config)
     # Groups by label mix need the clients' histograms: the trunk is built once they said hello.
-    grpc_server = GrpcServer(None, tokens, address, certs, mutual_tls, work_needs_command=True)
+    for name in ("splitlm.transport.grpc_server", "splitlm.deploy"):  # connections, rejoins: worth seeing
+        logging.getLogger(name).setLevel(logging.INFO)
+    grpc_server = GrpcServer(
+        None, tokens, address, certs, mutual_tls, work_needs_command=True, client_grace_s=fw.client_grace_s
+    )
     grpc_server.start()
     print(f"splitlm server listening on {address.rsplit(':', 1)[0]}:{grpc_server.port}", flush=True)
     try:
@@ -86,10 +90,13 @@ def serve(
         for index, client_id in enumerate(expected):
             connection = grpc_server.connections[client_id]
 
-            def send(message: Message, client_id: str = client_id) -> Message:
-                return grpc_server.command(client_id, message, fw.round_timeout_s)
+            def send(message: Message, session: str | None, client_id: str = client_id) -> Message:
+                return grpc_server.command(client_id, message, fw.round_timeout_s, session)
 
-            proxy = RemoteClientProxy(client_id, send, lambda c=connection: c.meter)
+            proxy = RemoteClientProxy(
+                client_id, send, lambda c=connection: c.meter, session=lambda c=connection: c.session,
+                wait_connected=lambda timeout, c=connection: c.connected.wait(timeout),
+            )  # fmt: skip
             members.append(remote_member(index, proxy, hellos[client_id]))  # type: ignore[arg-type]
         framework = framework_of(config)
         groups = groups_of(config, framework, [m.histogram for m in members])
@@ -112,6 +119,9 @@ def serve(
             server.assign(client_id, framework.adapter_of(index, groups), spec)
         grpc_server.handler = server_chain(server_mods(config, source, server.stage), server.submit)
         fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
+        fed.rollback_hooks.append(grpc_server.clear_replies)  # a rolled-back round's requests come again
+        by_id = {m.client_id: m for m in members}
+        grpc_server.on_progress = lambda client_id, record: by_id[client_id].progress(fed, dict(record))
         _say(f"{framework.name}: {fw.rounds} rounds of {fed.local_steps} steps per client")
         summary = drive(fed, out, resume, started)
         for kind in ("save_adapters", "finish"):  # each client writes its own adapters, on its own machine

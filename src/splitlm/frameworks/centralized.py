@@ -9,8 +9,10 @@ one whose client computes the whole model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from splitlm.config import Config
@@ -18,23 +20,35 @@ from splitlm.config.schema import TrainConfig
 from splitlm.data import Batch, Example, collate
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
-from splitlm.frameworks.setup import build_centralized
+from splitlm.frameworks.setup import build_centralized, spec_of
 from splitlm.frameworks.sl import train_in_sequence
-from splitlm.models import ModelSource
-from splitlm.peft import load_trainable, save_trainable, trainable_parameters, trainable_state
+from splitlm.models import ModelSource, family_for
+from splitlm.models.families import get_module
+from splitlm.peft import load_trainable, load_trainable_state, save_trainable, trainable_parameters, trainable_state
 from splitlm.runtime.client import EvalStats, StepStats
 from splitlm.runtime.loss import causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
+from splitlm.runtime.rng import derive, seeded
 from splitlm.transport import ByteMeter
 
 
 class CentralizedClient:
-    """The unsplit model as a federation member's client: nothing crosses a cut, nothing is metered."""
+    """The unsplit model as a federation member's client: nothing crosses a cut, nothing is metered.
+
+    Its random draws (dropout) follow the split run's: the stream is reseeded where the split's parts begin
+    (``runtime/rng.py``), so with the same seed the baseline and a split run draw the same dropout masks."""
 
     client_id = "0"
 
-    def __init__(self, model: nn.Module, train: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, train: TrainConfig, seed: int = 0, cuts: dict[int, str] | None = None) -> None:
         self.model = model
+        self.seed = seed
+        self._key: tuple[str, int, int] | None = None  # (client, step, micro-batch) of the forward in progress
+        blocks = get_module(
+            model.get_base_model() if isinstance(model, PeftModel) else model, family_for(model.config).layers
+        )
+        for index, part in (cuts or {}).items():  # a part of the split model starts at block ``index``
+            blocks[index].register_forward_pre_hook(lambda module, args, part=part: self._enter(part))
         self.parts = {"model": model}
         self.stages: dict[str, nn.Module] = {}
         self.optimizer = PartyOptimizer(trainable_parameters(model), train)
@@ -43,7 +57,16 @@ class CentralizedClient:
 
     @classmethod
     def build(cls, config: Config, source: ModelSource, train: TrainConfig) -> CentralizedClient:
-        return cls(build_centralized(config, source), train)
+        spec = spec_of(config)
+        total = int(source.config().num_hidden_layers)
+        cuts = {spec.head_layers: "trunk"} if spec.head_layers < total else {}
+        if spec.mode == "ushape" and spec.tail_layers:
+            cuts[total - spec.tail_layers] = "tail"
+        return cls(build_centralized(config, source), train, config.seed, cuts)
+
+    def _enter(self, part: str) -> None:
+        if self._key is not None and self.model.training:
+            torch.manual_seed(derive(self.seed, *self._key, part))
 
     @property
     def meter(self) -> ByteMeter:
@@ -55,10 +78,14 @@ class CentralizedClient:
     def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
         self.model.train()
         losses, tokens = [], 0
-        for batch in micro_batches:
+        for micro, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
             tokens += int(batch.attention_mask.sum())
-            total, count = causal_lm_loss(self._logits(batch), batch.labels)
+            self._key = (self.client_id, step, micro)
+            with seeded(self.seed, *self._key, "head", devices=(self.device,)):
+                logits = self._logits(batch)
+            self._key = None
+            total, count = causal_lm_loss(logits, batch.labels)
             losses.append(total.item() / max(count, 1))
             if count:
                 (total / count / len(micro_batches)).backward()
@@ -91,6 +118,13 @@ class CentralizedClient:
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError("the centralized baseline has one client; nothing is passed between clients")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"state": {k: v.clone() for k, v in self.state().items()}, "optimizer": self.optimizer.snapshot()}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        load_trainable_state(self.model, snapshot["state"], "the model")
+        self.optimizer.restore(snapshot["optimizer"])
 
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     parties.save(tmp, with_optimizer=True)
     save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    write_json(tmp / "progress.json", {**progress, "steps": steps})
+    write_json(tmp / "progress.json", {**progress, "steps": steps, "name": final.name})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in checkpoints(out)[:-2]:  # keep the last two

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import signal
 import sys
@@ -25,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splitlm.config import Config
-from splitlm.errors import ConfigError, Interrupted
+from splitlm.errors import ClientGone, ConfigError, Interrupted
 from splitlm.files import write_json
 from splitlm.frameworks.checkpoint import (
     load_checkpoint,
@@ -38,6 +39,8 @@ from splitlm.frameworks.federation import Federation, Member, build_federation, 
 from splitlm.privacy.accounting import epsilon, releases
 
 SUMMARY_FORMAT = 2  # ``summary.json``'s schema; ``splitlm report`` reads this one
+
+log = logging.getLogger(__name__)
 
 
 def perplexity(loss: float) -> float:
@@ -78,13 +81,14 @@ def interruptible(stop: threading.Event) -> Iterator[None]:
 
 
 class _Progress:
-    """The progress bar over every client step of the run, and the per-step hook that feeds it."""
+    """The progress bar over every client step of the run, and ``metrics.jsonl``, which the steps feed."""
 
-    def __init__(self, fed: Federation, metrics: Any, done: int) -> None:
+    def __init__(self, fed: Federation, metrics_path: Path, done: int) -> None:
         fw = fed.config.framework
         total = fw.rounds * (fw.clients_per_round or len(fed.members)) * fed.local_steps
         self.fed = fed
-        self.metrics = metrics
+        self.path = metrics_path
+        self.metrics = metrics_path.open("a")
         self.lock = threading.Lock()
         self.bar = tqdm(
             total=total, initial=min(done, total), desc=fed.framework.name, unit="step", dynamic_ncols=True,
@@ -106,8 +110,40 @@ class _Progress:
             many = " ".join(f"{client}:{loss:.3f}" for client, loss in shown)
             self.bar.set_postfix_str(many if len(shown) > 1 else f"loss={record['loss']:.4f}")
 
+    def rewind(self) -> None:
+        """After a round was rolled back: forget the steps the clients no longer have done."""
+        with self.lock:
+            self.metrics.close()
+            trim_metrics(self.path, {m.client_id: m.steps_done for m in self.fed.members})
+            self.metrics = self.path.open("a")
+            self.bar.n = sum(m.steps_done for m in self.fed.members)
+            self.bar.refresh()
+
     def close(self) -> None:
+        self.metrics.close()
         self.bar.close()
+
+
+def run_round(fed: Federation, round_index: int, chosen: list[Member], progress: _Progress) -> tuple[list, list]:
+    """One round of the framework's recipe as a transaction: clients lost during it (networked runs) are
+    rolled back with everything else, and the round is done again without them, so it computes what the
+    same round computes with those clients left out (``framework.leave_out``). Returns (holders, participants)."""
+    wanted = len(chosen)
+    chosen = fed.available(chosen, round_index)
+    while True:
+        fed.check_quorum(chosen, wanted, round_index)
+        snapshot = fed.snapshot(chosen) if fed.can_fail else None
+        try:
+            return fed.framework.round(fed, round_index, chosen), chosen
+        except ClientGone as gone:
+            if snapshot is None:
+                raise
+            if fed.stop.is_set():
+                raise Interrupted("training interrupted") from None
+            log.warning("round %d: %s; the round starts again without them", round_index + 1, gone)
+            fed.rollback(snapshot, gone.client_ids)
+            progress.rewind()
+            chosen = [m for m in chosen if m.client_id not in gone.client_ids]
 
 
 def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str, Any]:
@@ -135,11 +171,12 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
 
     def checkpoint() -> None:
         account()
-        save_checkpoint(out, fed, sum(m.steps_done for m in fed.members), progress)
+        fed.last_checkpoint = save_checkpoint(out, fed, sum(m.steps_done for m in fed.members), progress).name
 
     try:
         if resume:
             progress = load_checkpoint(out, fed)
+            fed.last_checkpoint = progress.get("name")
             trim_metrics(metrics_path, {m.client_id: m.steps_done for m in fed.members})
             trim_rounds(rounds_path, int(progress["round"]))
             base = dict(progress)
@@ -149,19 +186,15 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
             progress.update(eval_loss_before=before.loss, accuracy_before=fed.members[0].accuracy(fed))
             checkpoint()  # so that --resume works from the start on
         loop_started = time.perf_counter()
-        with (
-            metrics_path.open("a") as metrics,
-            rounds_path.open("a") as rounds_file,
-            interruptible(fed.stop),
-        ):
-            bar = _Progress(fed, metrics, sum(m.steps_done for m in fed.members))
+        with rounds_path.open("a") as rounds_file, interruptible(fed.stop):
+            bar = _Progress(fed, metrics_path, sum(m.steps_done for m in fed.members))
             fed.on_step = _step_hook(fed, bar, checkpoint)
             try:
                 for round_index in range(int(progress["round"]), config.framework.rounds):
                     fed.check_stop()
                     bar.round(round_index)
-                    chosen = participants(config, fed.members, round_index)
-                    holders = fed.framework.round(fed, round_index, chosen)
+                    holders, chosen = run_round(fed, round_index, participants(config, fed.members, round_index), bar)
+                    holders = fed.reachable(holders, chosen)
                     result, per_client = fed.evaluate(holders)
                     progress.update(
                         round=round_index + 1, eval_loss_after=result.loss, per_client_eval_loss=per_client,

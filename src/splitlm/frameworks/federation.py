@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from splitlm.config import Config
 from splitlm.data import Batch, DataOrder, Example, collate, label_histograms, make_partitioner, pack_examples, skew
-from splitlm.errors import ConfigError, Interrupted, ProtocolError
+from splitlm.errors import ClientGone, ConfigError, Interrupted, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.base import Framework, client_steps, framework_of
 from splitlm.frameworks.pipeline import ClientPipeline, client_pipeline, recorders, server_mods
@@ -64,6 +64,10 @@ class Client(Protocol):
     def save(self, folder: Path, with_optimizer: bool = True) -> None: ...
 
     def load(self, folder: Path) -> None: ...
+
+    def snapshot(self) -> Any: ...
+
+    def restore(self, snapshot: Any) -> None: ...
 
 
 @dataclass
@@ -136,6 +140,24 @@ class Member:
             fed.on_step(self, record)
         self.round_goal = None
 
+    def ready(self, fed: Federation, deadline: float, rejoin: bool = True) -> bool:
+        """Whether this client can work now (a client in this process always can). A networked client is waited
+        for until ``deadline`` (``time.monotonic``); one that restarted rejoins first, unless ``rejoin=False``
+        (then it does not count as ready)."""
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        fields = {"steps_done": self.steps_done, "tokens": self.tokens, "last_loss": self.last_loss}
+        return {"client": self.client.snapshot(), "round_goal": self.round_goal, "stale": self.stale, **fields}
+
+    def restore(self, snapshot: dict[str, Any], gone: bool = False) -> None:
+        """Back to ``snapshot`` (``gone``: the client was lost; a client in this process is restored all the
+        same, a remote one rejoins later from its own checkpoint)."""
+        self.client.restore(snapshot["client"])
+        self.stale = snapshot["stale"]
+        self.steps_done, self.tokens, self.last_loss = snapshot["steps_done"], snapshot["tokens"], snapshot["last_loss"]
+        self.round_goal = snapshot["round_goal"]
+
     def accuracy(self, fed: Federation) -> float | None:
         """For classification-style data: how often the true response scores best among the candidates."""
         if fed.data is None or not fed.data.choices:
@@ -151,6 +173,14 @@ class Member:
 
 
 StepHook = Callable[[Member, dict[str, Any]], None]
+
+
+@dataclass
+class RoundSnapshot:
+    server: Any
+    members: dict[str, dict[str, Any]]
+    carry: dict[str, torch.Tensor] | None
+    carry_from: str | None
 
 
 def _no_hook(member: Member, record: dict[str, Any]) -> None:
@@ -171,6 +201,8 @@ class Federation:
     tap: ServerTap | None = None  # in-process runs with privacy.tap.enabled: what the server received
     truth: TruthRecorder | None = None  # ... and the clients' true tokens of those batches (audit)
     server_mods: list[Mod] = field(default_factory=list)  # around the server's handler, from the wire inwards
+    rollback_hooks: list[Callable[[], None]] = field(default_factory=list)  # e.g. forget the replay caches
+    last_checkpoint: str | None = None  # the newest checkpoint's name (a client that rejoins restores it)
     on_step: StepHook = _no_hook  # called after every client step with its metrics record (the driver's)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -187,41 +219,21 @@ class Federation:
         member.train_round(self, round_index)
 
     def train_clients(self, members: Sequence[Member], round_index: int, parallel: bool) -> list[Member]:
-        """Each member's local steps (at once, or one after another); a networked client that drops out or
-        times out is left out of the round. Returns those that finished; fewer than
-        ``framework.min_clients`` is an error."""
-        finished: list[Member] = []
-
-        def attempt(member: Member) -> None:
-            if self.try_training(member, round_index):
-                finished.append(member)
-
+        """Each member's local steps, at once or one after another. A client that is lost meanwhile stops the
+        round (``ClientGone``): the driver rolls it back and does it again without that client."""
         if parallel:
-            self.parallel([lambda m=m: attempt(m) for m in members])
+            self.parallel([lambda m=m: self.local_training(m, round_index) for m in members])
         else:
             for member in members:
-                attempt(member)
-        self.check_quorum(finished, members, round_index)
-        return sorted(finished, key=lambda m: m.index)
+                self.local_training(member, round_index)
+        return sorted(members, key=lambda m: m.index)
 
-    def try_training(self, member: Member, round_index: int) -> bool:
-        """``local_training``, but a client that drops out (a ``ProtocolError``) is logged and left out."""
-        try:
-            self.local_training(member, round_index)
-            return True
-        except ProtocolError as error:
-            if self.stop.is_set():
-                raise Interrupted("training interrupted") from None
-            member.stale = True
-            member.round_goal = None
-            log.warning("round %d: client %s left out (%s)", round_index + 1, member.client_id, error)
-            return False
-
-    def check_quorum(self, finished: Sequence[Member], members: Sequence[Member], round_index: int) -> None:
-        minimum = min(self.config.framework.min_clients, len(members))
-        if len(finished) < minimum:
+    def check_quorum(self, members: Sequence[Member], chosen: int, round_index: int) -> None:
+        """Fewer than ``framework.min_clients`` of the round's ``chosen`` clients left is an error."""
+        minimum = min(self.config.framework.min_clients, chosen)
+        if len(members) < minimum:
             raise ProtocolError(
-                f"round {round_index + 1}: only {len(finished)} of {len(members)} clients finished, fewer than "
+                f"round {round_index + 1}: only {len(members)} of {chosen} clients are left, fewer than "
                 f"framework.min_clients={minimum}"
             )
 
@@ -230,7 +242,7 @@ class Federation:
         self.carry, self.carry_from = member.client.state(), member.client_id
 
     def broadcast(self, state: dict[str, torch.Tensor]) -> None:
-        """Give every client the global client side; one that cannot be reached is resynced later."""
+        """Give every client the global client side; one that cannot be reached gets it before it next trains."""
         self.carry, self.carry_from = state, None
         for member in self.members:
             try:
@@ -240,10 +252,11 @@ class Federation:
                 log.warning("client %s missed the new client side (%s)", member.client_id, error)
 
     def parallel(self, tasks: Sequence[Callable[[], None]]) -> None:
-        """Run tasks on threads (clients working at once against the one server); re-raise the first error.
+        """Run tasks on threads (clients working at once against the one server).
 
         When one task fails, the server forgets the others' half-done work, so none waits forever at a step
-        barrier for a client that stopped."""
+        barrier for a client that stopped. Clients lost meanwhile are reported together (``ClientGone``), and
+        the other tasks' failures that follow from them are not errors of their own."""
         if len(tasks) == 1:
             tasks[0]()
             return
@@ -255,18 +268,66 @@ class Federation:
             errors = [error for f in futures if (error := f.exception()) is not None]
         if errors and self.stop.is_set():  # the others' errors follow from the stop
             raise Interrupted("training interrupted")
+        gone = [error for error in errors if isinstance(error, ClientGone)]
+        if gone:
+            raise ClientGone(sorted({c for e in gone for c in e.client_ids}), "; ".join(e.reason for e in gone))
         if errors:
             raise errors[0]
 
     def stop_barriers(self) -> None:
-        """Release clients waiting at a step barrier (their step is abandoned with an error)."""
-        forget = getattr(self.server, "forget", None)
-        if forget is not None:
-            for member in self.members:
-                forget(member.client_id, wait=False)
+        """Release clients waiting at a step barrier, now or later in this round (their step fails)."""
+        abandon = getattr(self.server, "abandon", None)
+        if abandon is not None:
+            abandon()
 
     def weights(self, members: Sequence[Member]) -> list[float]:
         return [float(m.num_examples) for m in members]
+
+    # --- who takes part ------------------------------------------------------------------------------------
+
+    def available(self, members: Sequence[Member], round_index: int) -> list[Member]:
+        """The round's members that can work now: a networked client that is not connected is waited for up to
+        ``framework.wait_for_clients_s`` (together), then left out; one that restarted rejoins first."""
+        deadline = time.monotonic() + self.config.framework.wait_for_clients_s
+        ready = [m for m in members if m.ready(self, deadline)]
+        for member in members:
+            if member not in ready:
+                log.warning("round %d: client %s is not connected; it is left out", round_index + 1, member.client_id)
+        return ready
+
+    def reachable(self, holders: list[Member], members: Sequence[Member]) -> list[Member]:
+        """``holders`` that still answer; when the one holder of the global client side is gone, another
+        member that received it stands in."""
+        alive = [m for m in holders if m.ready(self, time.monotonic(), rejoin=False)]
+        if alive or len(holders) > 1:
+            return alive or holders
+        stand_in = [m for m in members if not m.stale and m.ready(self, time.monotonic(), rejoin=False)]
+        return stand_in[:1] or holders
+
+    # --- a round as a transaction: snapshot, and roll back when clients are lost ---------------------------
+
+    @property
+    def can_fail(self) -> bool:
+        """Whether a client can be lost mid-round (clients in other processes); then rounds are snapshotted."""
+        return any(getattr(m.client, "can_fail", False) for m in self.members)
+
+    def snapshot(self, members: Sequence[Member]) -> RoundSnapshot:
+        """Everything a round of ``members`` may change: the server's adapters and optimizers, each member's
+        client side, optimizer and progress, and the client side being passed along."""
+        server = self.server.snapshot() if self.server is not None else None
+        return RoundSnapshot(server, {m.client_id: m.snapshot() for m in members}, self.carry, self.carry_from)
+
+    def rollback(self, snapshot: RoundSnapshot, lost: Sequence[str]) -> None:
+        """Back to ``snapshot``. A lost remote client's process is gone or restarted: it rejoins later (from its
+        checkpoint, then the current client side) instead."""
+        if self.server is not None:
+            self.server.restore(snapshot.server)
+        for member in self.members:
+            if member.client_id in snapshot.members:
+                member.restore(snapshot.members[member.client_id], gone=member.client_id in lost)
+        self.carry, self.carry_from = snapshot.carry, snapshot.carry_from
+        for hook in self.rollback_hooks:
+            hook()
 
     # --- traffic, state -----------------------------------------------------------------------------------
 
@@ -279,7 +340,10 @@ class Federation:
 
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
         for member in self.members:
-            member.client.save(folder / f"client-{member.client_id}", with_optimizer=with_optimizer)
+            try:
+                member.client.save(folder / f"client-{member.client_id}", with_optimizer=with_optimizer)
+            except ClientGone as gone:  # it restores an older checkpoint of its own when it rejoins
+                log.warning("client %s misses checkpoint %s (%s)", member.client_id, folder.name, gone.reason)
         if self.server is not None:
             self.server.save(folder / "server", with_optimizer=with_optimizer)
         state = {
@@ -409,8 +473,9 @@ def build_client(
     pipeline = client_pipeline(config, source, stages["head"], truth)
     channel = Channel(transport, pipeline.mods)
     client = SplitClient(
-        str(index), parts, stages, channel, PartyOptimizer(params, optimizer_train), spec.mode, pipeline.plugins
-    )
+        str(index), parts, stages, channel, PartyOptimizer(params, optimizer_train), spec.mode, pipeline.plugins,
+        seed=config.seed,
+    )  # fmt: skip
     return client, pipeline
 
 
@@ -462,8 +527,11 @@ def build_federation(config: Config) -> Federation:
 
 
 def participants(config: Config, members: list[Member], round_index: int) -> list[Member]:
+    """The round's clients: all, or ``framework.clients_per_round`` sampled, minus ``framework.leave_out``'s."""
     per_round = config.framework.clients_per_round or len(members)
-    if per_round >= len(members):
-        return list(members)
-    rng = random.Random(config.seed * 7919 + round_index)
-    return sorted(rng.sample(members, per_round), key=lambda m: m.index)
+    chosen = list(members)
+    if per_round < len(members):
+        rng = random.Random(config.seed * 7919 + round_index)
+        chosen = sorted(rng.sample(members, per_round), key=lambda m: m.index)
+    left_out = set((config.framework.leave_out or {}).get(round_index + 1, []))
+    return [m for m in chosen if m.client_id not in left_out]

@@ -13,21 +13,18 @@ from splitlm.frameworks.federation import Federation, Member
 
 def train_in_sequence(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
     """SL order: each client starts from the client-side weights the previous one finished with."""
-    finished = []
     for member in members:
         member.stale = fed.carry is not None  # so local_training first loads the carried client side
-        if fed.try_training(member, round_index):
-            finished.append(member)
-            fed.pass_on(member)
-    fed.check_quorum(finished, members, round_index)
-    return finished
+        fed.local_training(member, round_index)
+        fed.pass_on(member)
+    return list(members)
 
 
 def sl_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
-    finished = train_in_sequence(fed, round_index, members)
+    train_in_sequence(fed, round_index, members)
     if fed.carry is not None and len(fed.members) > 1:
         fed.broadcast(fed.carry)  # everyone holds the latest client side for evaluation and the next round
-    return [finished[-1]] if finished else [members[0]]
+    return [members[-1]]
 
 
 SL = register(

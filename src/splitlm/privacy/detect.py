@@ -55,6 +55,7 @@ from splitlm.config.schema import SplitGuardConfig
 from splitlm.data.batch import IGNORE_INDEX
 from splitlm.errors import HijackAlarm
 from splitlm.runtime.plugins import ClientPlugin
+from splitlm.runtime.rng import derive
 from splitlm.transport import Message, Mod
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ class SplitGuard(ClientPlugin, Mod):
     def __init__(self, settings: SplitGuardConfig, vocab_size: int, seed: int = 0) -> None:
         self.settings = settings
         self.vocab_size = vocab_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)  # fake labels, reseeded per micro-batch
+        self._projection_generator = torch.Generator().manual_seed(seed)
         self.regular: deque[_Summary] = deque(maxlen=settings.window)
         self.probes: list[_Summary] = []  # the current probe step's micro-batches
         self.scores: list[tuple[int, float]] = []  # (step, score) of every scored probe
@@ -94,6 +97,9 @@ class SplitGuard(ClientPlugin, Mod):
         self._masks: dict[tuple[int, int], torch.Tensor] = {}  # (step, micro) -> mask, until its gradient is back
 
     # --- as a plugin and a mod ----------------------------------------------------------------------------
+
+    def on_forward(self, key: tuple[str, int, int], training: bool) -> None:
+        self.generator.manual_seed(derive(self.seed, "splitguard", *key))  # the same fake labels in any process
 
     def labels(self, step: int, labels: torch.Tensor) -> torch.Tensor:
         return self.fake_labels(labels) if self.is_probe(step) else labels
@@ -163,7 +169,7 @@ class SplitGuard(ClientPlugin, Mod):
         d = tokens.shape[-1]
         if d > self.settings.projection:
             if self._projection is None or self._projection.shape[0] != d:
-                self._projection = torch.randn(d, self.settings.projection, generator=self.generator)
+                self._projection = torch.randn(d, self.settings.projection, generator=self._projection_generator)
             tokens = tokens @ self._projection  # (n, k): a random projection keeps angles roughly
         units = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         moment = units.T @ units / len(units)  # (k, k)

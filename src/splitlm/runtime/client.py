@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from splitlm.peft import load_trainable, load_trainable_state, save_trainable, t
 from splitlm.runtime.loss import causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.plugins import ClientPlugin, Plugins
+from splitlm.runtime.rng import seeded
 from splitlm.runtime.schedule import Op, OpKind, serial
 from splitlm.transport import ByteMeter, Channel, Message, Pending
 
@@ -81,8 +83,10 @@ class SplitClient:
         mode: SplitMode,
         plugins: Sequence[ClientPlugin] = (),
         schedule: Schedule = serial,
+        seed: int = 0,
     ) -> None:
         self.client_id = client_id
+        self.seed = seed  # with (client, step, micro-batch, part), fixes every random draw of a forward pass
         self.parts = parts  # "head" and, in U-shape, "tail"; possibly peft-wrapped stages
         self.stages = stages
         self.channel = channel
@@ -126,8 +130,8 @@ class SplitClient:
         """Step 2: the head's output for micro-batch ``micro`` and the message that carries it (step 3)."""
         batch = m.batch
         self.plugins.on_batch((self.client_id, state.step, micro), batch)
-        m.labels = self.plugins.labels(state.step, batch.labels)
-        m.hidden = self._head(batch)
+        m.hidden = self._head(batch, (self.client_id, state.step, micro), training=True)
+        m.labels = self.plugins.labels(state.step, batch.labels)  # after on_forward has reseeded the plugins
         m.message = self._head_message(
             "forward", state.step, micro, m.hidden, batch, m.labels, scale=state.scale, want_grad=self.head_trainable
         )
@@ -152,7 +156,10 @@ class SplitClient:
     def _tail_step(self, state: _Step, m: _Micro, micro: int) -> None:
         """Step 6: tail forward, loss and backward down to the trunk output."""
         assert m.trunk_out is not None and m.labels is not None
-        total, count = causal_lm_loss(self._tail(m.trunk_out, m.batch), m.labels)
+        stage = self.stages["tail"]
+        with seeded(self.seed, self.client_id, state.step, micro, "tail", devices=(stage.device,)):
+            logits = self._tail(m.trunk_out, m.batch)
+        total, count = causal_lm_loss(logits, m.labels)
         state.losses[micro] = total.item() / max(count, 1)
         if count and total.requires_grad:
             (total / count * state.scale).backward()
@@ -209,10 +216,15 @@ class SplitClient:
 
     # --- the parts ---------------------------------------------------------------------------------------
 
-    def _head(self, batch: Batch) -> torch.Tensor:
-        """Step 2: the head's output (B, T, d) on the input ids the plugins let through."""
+    def _head(self, batch: Batch, key: tuple[str, int, int], training: bool = False) -> torch.Tensor:
+        """Step 2: the head's output (B, T, d) on the input ids the plugins let through; ``key`` (client, step,
+        micro-batch; step -1 when evaluating) fixes the random draws of the plugins and, training, the head's."""
+        self.plugins.on_forward(key, training)
         input_ids = self.plugins.tokens(batch.input_ids, batch.attention_mask)
-        return self.parts["head"](input_ids=input_ids, attention_mask=batch.attention_mask)
+        if not training:
+            return self.parts["head"](input_ids=input_ids, attention_mask=batch.attention_mask)
+        with seeded(self.seed, *key, "head", devices=(self.stages["head"].device,)):
+            return self.parts["head"](input_ids=input_ids, attention_mask=batch.attention_mask)
 
     def _head_message(
         self,
@@ -245,7 +257,8 @@ class SplitClient:
         loss_sum, count = 0.0, 0
         for micro, batch in enumerate(batches):
             batch = batch.to(self.stages["head"].device)
-            message = self._head_message("eval", step, micro, self._head(batch), batch, batch.labels)
+            hidden = self._head(batch, (self.client_id, step, micro))
+            message = self._head_message("eval", step, micro, hidden, batch, batch.labels)
             reply = self.channel.request(message).reply
             if self.mode == "vanilla":
                 loss_sum += float(reply.meta["loss_sum"])
@@ -264,7 +277,8 @@ class SplitClient:
         for part in self.parts.values():
             part.eval()
         batch = collate(examples, pad_id).to(self.stages["head"].device)
-        message = self._head_message("eval", -1, 0, self._head(batch), batch, batch.labels, per_row=True)
+        hidden = self._head(batch, (self.client_id, -1, 0))
+        message = self._head_message("eval", -1, 0, hidden, batch, batch.labels, per_row=True)
         reply = self.channel.request(message).reply
         if self.mode == "vanilla":
             losses = reply.tensors["row_loss"]
@@ -285,6 +299,14 @@ class SplitClient:
             own = trainable_state(part)
             if own:
                 load_trainable_state(part, {k: state[k] for k in own if k in state}, f"client {self.client_id} {name}")
+
+    def snapshot(self) -> dict[str, Any]:
+        """The client-side tensors and optimizer state, in memory (to roll a failed round back)."""
+        return {"state": {k: v.clone() for k, v in self.state().items()}, "optimizer": self.optimizer.snapshot()}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.load_state(snapshot["state"])
+        self.optimizer.restore(snapshot["optimizer"])
 
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
         folder.mkdir(parents=True, exist_ok=True)

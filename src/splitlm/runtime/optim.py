@@ -6,9 +6,11 @@ centralized one; each party sends only the sum of squares of its own gradients, 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,6 +73,20 @@ class PartyOptimizer:
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else 0.0
+
+    # --- in memory, to roll a failed round back ---------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any] | None:
+        if self.optimizer is None or self.scheduler is None:
+            return None
+        return {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict()}
+
+    def restore(self, snapshot: dict[str, Any] | None) -> None:
+        if self.optimizer is None or self.scheduler is None or snapshot is None:
+            return
+        self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+        self.scheduler.load_state_dict(snapshot["scheduler"])
+        self.optimizer.zero_grad(set_to_none=True)
 
     # --- checkpoints: tensors as safetensors, the rest as JSON; never pickle -------------------------
 

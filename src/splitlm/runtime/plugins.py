@@ -9,6 +9,7 @@ fixed points of its schedule; each defaults to doing nothing.
 | hook              | when                                            | returns                                  |
 |-------------------|-------------------------------------------------|------------------------------------------|
 | ``on_batch``      | a training micro-batch starts                   |                                          |
+| ``on_forward``    | before every head forward (training or eval)    | (key: client, step or -1, micro-batch)   |
 | ``labels``        | before the loss (or the vanilla labels) is made | the labels to train on (B, T)            |
 | ``tokens``        | step 2, before the head                         | the input ids the head sees (B, T)       |
 | ``extra_loss``    | step 10, with the head's backward               | a scalar added to the client's loss      |
@@ -34,6 +35,9 @@ class ClientPlugin:
 
     def on_batch(self, key: Key, batch: Batch) -> None:
         pass
+
+    def on_forward(self, key: Key, training: bool) -> None:
+        pass  # e.g. reseed a random stream for this piece of work (``runtime/rng.py``)
 
     def labels(self, step: int, labels: torch.Tensor) -> torch.Tensor:
         return labels  # (B, T), -100 where no loss
@@ -69,6 +73,10 @@ class Plugins:
     def on_batch(self, key: Key, batch: Batch) -> None:
         for plugin in self.plugins:
             plugin.on_batch(key, batch)
+
+    def on_forward(self, key: Key, training: bool) -> None:
+        for plugin in self.plugins:
+            plugin.on_forward(key, training)
 
     def labels(self, step: int, labels: torch.Tensor) -> torch.Tensor:
         for plugin in self.plugins:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from peft import PeftModel
@@ -33,17 +34,19 @@ from torch import nn
 
 from splitlm.errors import CheckpointError, ProtocolError, SplitLMError
 from splitlm.models.split import SplitMode, SplitSpec, Stage
-from splitlm.peft import load_trainable, save_trainable, trainable_parameters
+from splitlm.peft import load_trainable, load_trainable_state, save_trainable, trainable_parameters, trainable_state
 from splitlm.peft.bank import AdapterBank
 from splitlm.peft.lora import ADAPTER
 from splitlm.runtime.loss import causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
+from splitlm.runtime.rng import seeded
 from splitlm.runtime.scheduling import Request, make_policy
 from splitlm.transport.messages import Message
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[list[nn.Parameter]], PartyOptimizer]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,17 @@ class SplitServer:
         self.mode = mode
         self.hidden_size = int(stage.config.hidden_size)
         self.trainable = bool(trainable_parameters(trunk))
+        self.seed = seed
         self.bank = AdapterBank(trunk, make_optimizer, seed) if isinstance(trunk, PeftModel) else None
         self._shared = None if self.bank else make_optimizer(trainable_parameters(trunk))
         self.routes: dict[str, Route] = {}  # client id -> its adapter and trunk blocks
         self.barriers: dict[str, int] = {}  # adapter -> step messages per optimizer step
         self._pending: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._arrivals: dict[tuple[str, int], list[tuple[Request, float]]] = {}
+        # adapter -> the step requests waiting at its barrier (each client's next step: clients left out of
+        # a round may be at other step numbers than the rest)
+        self._arrivals: dict[str, list[tuple[Request, float]]] = {}
+        self._abandoned = False  # a stopped round: steps fail until it is rolled back
+        self._gradients: dict[str, list[torch.Tensor | None]] = {}  # client -> its gradients at a barrier
         self._policy = make_policy(policy)
         self._wakeup = threading.Condition()
         self._worker: threading.Thread | None = None
@@ -155,6 +163,25 @@ class SplitServer:
     def load_adapter_state(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
         if self.bank is not None:
             self.bank.load_state(adapter, state)
+
+    @contextlib.contextmanager
+    def _own_gradients(self, client_id: str) -> Iterator[None]:
+        """On an adapter shared at a barrier, a client's backward passes accumulate into gradients of its own,
+        summed in client order at the step: the result does not depend on the order requests arrived in."""
+        adapter = self.adapter_of(client_id)
+        if self.barriers.get(adapter, 1) <= 1:
+            yield
+            return
+        params = self.optimizer(adapter).params
+        own = self._gradients.get(client_id) or [None] * len(params)
+        for p, grad in zip(params, own, strict=True):
+            p.grad = grad
+        try:
+            yield
+        finally:
+            self._gradients[client_id] = [p.grad for p in params]
+            for p in params:
+                p.grad = None
 
     @contextlib.contextmanager
     def _serving(self, client_id: str) -> Iterator[Route]:
@@ -287,7 +314,9 @@ class SplitServer:
         hidden = hidden.detach().requires_grad_(want_grad)  # a fresh leaf: the graph starts here
         with self._serving(message.client_id) as route:
             self.trunk.train()
-            out = self._run_trunk(route, hidden, mask, positions)  # (B,T,d|V)
+            # the trunk's random draws (dropout) are fixed by (client, step, micro-batch), not by arrival order
+            with seeded(self.seed, *message.key, "trunk", devices=(self.stage.device,)):
+                out = self._run_trunk(route, hidden, mask, positions)  # (B,T,d|V)
             if self.mode == "ushape":
                 self._pending[message.client_id, message.step, message.micro] = (hidden, out)
                 return Message(
@@ -297,7 +326,8 @@ class SplitServer:
             assert labels is not None
             total, count = causal_lm_loss(out, labels)
             if out.requires_grad and count:
-                (total / count * float(message.meta.get("scale", 1.0))).backward()
+                with self._own_gradients(message.client_id):
+                    (total / count * float(message.meta.get("scale", 1.0))).backward()
         tensors = {"grad": hidden.grad} if want_grad and hidden.grad is not None else {}
         return Message(
             "loss", message.client_id, message.step, message.micro, tensors,
@@ -319,7 +349,7 @@ class SplitServer:
         if not torch.isfinite(grad).all():
             raise ProtocolError(f"backward from {message.client_id}: grad contains NaN or Inf")
         del self._pending[key]  # only a valid gradient consumes the forward; a rejected one may be retried
-        with self._serving(message.client_id):
+        with self._serving(message.client_id), self._own_gradients(message.client_id):
             out.backward(grad.to(device=out.device, dtype=out.dtype))
         tensors = {"grad": hidden.grad} if hidden.grad is not None else {}
         return Message("gradients", message.client_id, message.step, message.micro, tensors)
@@ -327,16 +357,28 @@ class SplitServer:
     def _step(self, request: Request) -> None:
         message = request.message
         adapter = self.adapter_of(message.client_id)
-        key = (adapter, message.step)
-        arrived = self._arrivals.setdefault(key, [])
+        if self._abandoned:
+            raise ProtocolError(f"step {message.step} from {message.client_id} abandoned: the round stopped")
+        arrived = self._arrivals.setdefault(adapter, [])
+        if any(waiting.message.client_id == message.client_id for waiting, _ in arrived):
+            raise ProtocolError(
+                f"step {message.step} from {message.client_id}: its previous step still waits for the other "
+                "clients; wait for its reply before stepping again"
+            )
         arrived.append((request, float(message.meta.get("grad_sq_norm", 0.0))))
         expected = self.barriers.get(adapter, 1)
         if len(arrived) < expected:
             return  # the reply waits for the other clients of this step
-        del self._arrivals[key]
+        del self._arrivals[adapter]
         optimizer = self.optimizer(adapter)
-        if expected > 1:  # the trunk's gradient is the mean over the clients that fed it
-            for p in optimizer.params:
+        if expected > 1:  # the trunk's gradient is the mean over the clients that fed it, summed in client order
+            clients = sorted(waiting.message.client_id for waiting, _ in arrived)
+            owns = [self._gradients.pop(c, None) or [None] * len(optimizer.params) for c in clients]
+            for i, p in enumerate(optimizer.params):
+                grads = [own[i] for own in owns if own[i] is not None]
+                p.grad = None
+                for grad in grads:
+                    p.grad = grad if p.grad is None else p.grad.add_(grad)
                 if p.grad is not None:
                     p.grad.div_(expected)
         total = sum(sq for _, sq in arrived) + optimizer.grad_sq_norm()
@@ -347,35 +389,84 @@ class SplitServer:
             m = waiting.message
             _resolve(waiting.future, Message("stepped", m.client_id, m.step, 0, {}, dict(meta)))
 
-    def forget(self, client_id: str, wait: bool = True) -> None:
-        """Drop what a vanished client left half done: its pending graphs and the gradients they put on its
-        adapter (they would otherwise leak into the next optimizer step). Runs between requests; ``wait=False``
-        only queues it (for callers that must not block, like the network's event loop)."""
-        if client_id not in self.routes:
-            return
+    def _between_requests(self, work: Callable[[], T], wait: bool = True) -> T | None:
+        """Run ``work`` on the worker, in the queue's order (at once without a worker); ``wait=False`` only
+        queues it (for callers that must not block, like the network's event loop)."""
         if self._worker is None:
-            self._forget(client_id)
-            return
-        done: Future[None] = Future()
+            return work()
+        done: Future[T] = Future()
 
         def run() -> None:
-            self._forget(client_id)
-            done.set_result(None)
+            try:
+                done.set_result(work())
+            except BaseException as error:  # reaches the caller
+                done.set_exception(error)
 
         with self._wakeup:
-            self._policy.push(Request(Message("forget", client_id, -1), action=run))
+            self._policy.push(Request(Message("internal", "-", -1), action=run))
             self._wakeup.notify()
-        if wait:
-            done.result()
+        return done.result() if wait else None
+
+    def forget(self, client_id: str, wait: bool = True) -> None:
+        """Drop what a vanished client left half done: its pending graphs and the gradients they put on its
+        adapter (they would otherwise leak into the next optimizer step), and release the clients waiting for
+        it at a step barrier (their step fails). Runs between requests."""
+        if client_id in self.routes:
+            self._between_requests(lambda: self._forget(client_id), wait)
+
+    def abandon(self) -> None:
+        """Stop the round's optimizer steps: the clients waiting at a step barrier are released (their step
+        fails), and so is every step that arrives later, until ``restore`` rolls the round back. Queued behind
+        the requests already waiting, without blocking, so no step can slip in between and wait forever."""
+        self._between_requests(self._abandon, wait=False)
+
+    def _abandon(self) -> None:
+        self._abandoned = True
+        self._gradients.clear()
+        for adapter in list(self._arrivals):
+            for waiting, _ in self._arrivals.pop(adapter):
+                step = waiting.message.step
+                _resolve(waiting.future, ProtocolError(f"step {step} abandoned: the round stopped"))
 
     def _forget(self, client_id: str) -> None:
+        self._gradients.pop(client_id, None)
         for key in [k for k in self._pending if k[0] == client_id]:
             del self._pending[key]
         adapter = self.adapter_of(client_id)
-        for key in [k for k in self._arrivals if k[0] == adapter]:
-            for waiting, _ in self._arrivals.pop(key):
-                _resolve(waiting.future, ProtocolError(f"client {client_id} left; step {key[1]} abandoned"))
+        for waiting, _ in self._arrivals.pop(adapter, []):
+            step = waiting.message.step
+            _resolve(waiting.future, ProtocolError(f"client {client_id} left; step {step} abandoned"))
         for p in self.optimizer(adapter).params:
+            p.grad = None
+
+    # --- rolling a failed round back ------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, tuple[dict[str, torch.Tensor], Any]]:
+        """Every adapter's tensors and optimizer state, taken between requests."""
+        return self._between_requests(self._snapshot) or {}
+
+    def _snapshot(self) -> dict[str, tuple[dict[str, torch.Tensor], Any]]:
+        if self.bank is not None:
+            return {name: (self.bank.state(name), self.bank.optimizer(name).snapshot()) for name in self.bank.names}
+        state = {k: v.detach().clone() for k, v in trainable_state(self.trunk).items()}
+        return {ADAPTER: (state, self.optimizer().snapshot())}
+
+    def restore(self, snapshot: dict[str, tuple[dict[str, torch.Tensor], Any]]) -> None:
+        """Go back to ``snapshot``: adapters, optimizer states; work in progress is dropped (its askers fail)."""
+        self._between_requests(lambda: self._restore(snapshot))
+
+    def _restore(self, snapshot: dict[str, tuple[dict[str, torch.Tensor], Any]]) -> None:
+        self._pending.clear()
+        self._abandon()
+        self._abandoned = False
+        for name, (state, optimizer) in snapshot.items():
+            if self.bank is not None:
+                self.bank.load_state(name, state)
+                self.bank.optimizer(name).restore(optimizer)
+            else:
+                load_trainable_state(self.trunk, state, "trunk")
+                self.optimizer().restore(optimizer)
+        for p in self.trunk.parameters():
             p.grad = None
 
     @torch.no_grad()

@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import json
 import logging
+import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import grpc
 
-from splitlm.errors import ProtocolError, SplitLMError
+from splitlm.errors import ClientGone, ProtocolError, SplitLMError
 from splitlm.transport.base import ByteMeter, Handler, resolved
 from splitlm.transport.messages import REQUEST_KINDS, RID, Message
 from splitlm.transport.wire import MAX_CHUNK, Decoder, Limits, encode
@@ -38,6 +41,7 @@ SERVICE = "splitlm.v1.Split"
 METHOD = f"/{SERVICE}/Session"
 MAX_FRAME_BYTES = MAX_CHUNK + 256 * 1024
 REPLAY_CACHE = 16
+STRAGGLER_NOTE_S = 60.0  # a command waiting this long is logged, and again every as long
 WORK_COMMANDS = ("cmd:train", "cmd:evaluate", "cmd:accuracy")  # during these a client may send work requests
 HEADER_LIMIT = 1 << 20  # a train command's reply carries its step records in the header
 CHANNEL_OPTIONS = [
@@ -73,6 +77,8 @@ class Connection:
     outgoing: asyncio.Queue | None = None
     connected: threading.Event = field(default_factory=threading.Event)
     pending: dict[int, concurrent.futures.Future[Message]] = field(default_factory=dict)
+    pending_frames: dict[int, list[bytes]] = field(default_factory=dict)  # sent again after a reconnect
+    generation: int = 0  # counts the client's streams; a timer of an older stream changes nothing
     replies: OrderedDict[tuple[str, int, int], Message] = field(default_factory=OrderedDict)
     inflight: dict[tuple[str, int, int], concurrent.futures.Future[Message]] = field(default_factory=dict)
     meter: ByteMeter = field(default_factory=ByteMeter)
@@ -97,9 +103,13 @@ class GrpcServer:
         limits: Limits | None = None,
         work_needs_command: bool = False,
         on_restart: Callable[[str], None] | None = None,
+        client_grace_s: float = 30.0,
     ) -> None:
         self.handler = handler
         self.on_restart = on_restart
+        self.on_progress: Callable[[str, dict[str, object]], None] | None = None  # a client's step records
+        self.client_grace_s = client_grace_s  # a broken stream may take this long to come back
+        self.session = secrets.token_hex(8)  # commands carry it: a restarted server's are new commands
         self.tokens = tokens
         self.address = address
         self.certs = certs
@@ -176,30 +186,69 @@ class GrpcServer:
     def wait_for(self, client_id: str, timeout: float | None) -> bool:
         return self.connections[client_id].connected.wait(timeout)
 
-    def command(self, client_id: str, message: Message, timeout: float | None = None) -> Message:
-        """Send a command to a client and wait for its ``done`` (raises on an ``error`` reply or a timeout)."""
+    def command(
+        self, client_id: str, message: Message, timeout: float | None = None, session: str | None = None
+    ) -> Message:
+        """Send a command to a client and wait for its ``done``. A client that is not connected (after
+        ``client_grace_s``), restarted, or silent for ``timeout`` s raises ``ClientGone``; its ``error`` reply a
+        ``ProtocolError``. A command in flight when the stream breaks is sent again on the next one (the client
+        answers a repeated command from its cache). ``session``: only the client process of that session may
+        get the command."""
         connection = self.connections[client_id]
-        if not connection.connected.is_set() or connection.loop is None or connection.outgoing is None:
-            raise ProtocolError(f"client {client_id} is not connected")
+        if not connection.connected.wait(self.client_grace_s) or connection.loop is None:
+            raise ClientGone([client_id], f"not connected (waited {self.client_grace_s:.0f} s)")
+        if session is not None and connection.session != session:  # a new process, not the one that worked
+            raise ClientGone([client_id], "restarted since it last worked; it rejoins at the next round")
         seq = next(self._seq)
         message.meta["seq"] = seq
+        message.meta["server"] = self.session
         future: concurrent.futures.Future[Message] = concurrent.futures.Future()
-        connection.pending[seq] = future
         frames = encode(message)
+        connection.pending[seq] = future
+        connection.pending_frames[seq] = frames
         connection.meter.record(message, "down")
         work = message.kind in WORK_COMMANDS
         connection.working += work
-        connection.loop.call_soon_threadsafe(connection.outgoing.put_nowait, frames)
+        connection.loop.call_soon_threadsafe(self._put, connection, frames)
+        started = time.monotonic()
         try:
-            reply = future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            raise ProtocolError(f"client {client_id} did not answer {message.kind} within {timeout} s") from None
+            while True:
+                waited = time.monotonic() - started
+                left = None if timeout is None else timeout - waited
+                try:
+                    reply = future.result(timeout=STRAGGLER_NOTE_S if left is None else min(STRAGGLER_NOTE_S, left))
+                    break
+                except concurrent.futures.TimeoutError:
+                    if left is not None and left <= STRAGGLER_NOTE_S:
+                        raise ClientGone([client_id], f"did not answer {message.kind} within {timeout:.0f} s") from None
+                    log.warning("still waiting for client %s (%s, %.0f s)", client_id, message.kind, waited + 1)
         finally:
             connection.pending.pop(seq, None)
+            connection.pending_frames.pop(seq, None)
             connection.working -= work
         if reply.kind == "error":
             raise ProtocolError(f"client {client_id}: {reply.meta.get('error')}")
         return reply
+
+    def _put(self, connection: Connection, frames: list[bytes]) -> None:
+        """Queue frames on the client's current stream (a broken one sends them again when it is back)."""
+        if connection.outgoing is not None:
+            connection.outgoing.put_nowait(frames)
+
+    def _expire(self, connection: Connection, generation: int) -> None:
+        """The grace period of a broken stream ended: the commands waiting for that client fail."""
+        if connection.generation != generation or connection.connected.is_set():
+            return
+        gone = ClientGone([connection.client_id], f"disconnected for {self.client_grace_s:.0f} s")
+        for future in connection.pending.values():
+            if not future.done():
+                future.set_exception(gone)
+
+    def clear_replies(self) -> None:
+        """Forget the cached replies (a round was rolled back: the same requests will ask for new work)."""
+        for connection in self.connections.values():
+            if connection.loop is not None:
+                connection.loop.call_soon_threadsafe(connection.replies.clear)
 
     # --- the stream ------------------------------------------------------------------------------------
 
@@ -225,6 +274,8 @@ class GrpcServer:
             connection.outgoing.put_nowait(None)
         connection.loop = asyncio.get_running_loop()
         connection.outgoing = outgoing = asyncio.Queue()
+        connection.generation += 1
+        generation = connection.generation
         reader = asyncio.create_task(self._read(connection, requests))
         log.info("client %s connected", client_id)
         try:
@@ -236,9 +287,11 @@ class GrpcServer:
                     yield frame
         finally:
             reader.cancel()
-            if connection.outgoing is outgoing:  # commands in flight wait for a reconnect (or their timeout)
+            if connection.outgoing is outgoing:  # commands in flight wait for a reconnect, for a while
                 connection.connected.clear()
                 connection.outgoing = None
+                if connection.pending:
+                    connection.loop.call_later(self.client_grace_s, self._expire, connection, generation)
             log.info("client %s disconnected", client_id)
 
     async def _read(self, connection: Connection, requests: AsyncIterator[bytes]) -> None:
@@ -262,10 +315,17 @@ class GrpcServer:
                         session = str(message.meta.get("session", ""))
                         if connection.session and session != connection.session:
                             self._restarted(connection)
+                        elif connection.session:  # the same process, back: send what it may have missed
+                            for frames in list(connection.pending_frames.values()):
+                                self._put(connection, frames)
                         connection.session = session
                         connection.hello = message
                         connection.connected.set()
+                        log.info("client %s ready", connection.client_id)
                     self._send(connection, Message("welcome", connection.client_id, -1))
+                elif message.kind == "progress":
+                    if self.on_progress is not None:
+                        self.on_progress(connection.client_id, _record(message))
                 elif message.kind in REQUEST_KINDS:
                     # Served in a task of its own, so the stream keeps reading: several requests may be in
                     # flight. Tasks start in the order they are created, so the server gets them in order.
@@ -298,7 +358,7 @@ class GrpcServer:
             self.on_restart(connection.client_id)
         for future in connection.pending.values():
             if not future.done():
-                future.set_exception(ProtocolError(f"client {connection.client_id} restarted"))
+                future.set_exception(ClientGone([connection.client_id], "restarted"))
 
     async def _serve_one(self, connection: Connection, message: Message) -> None:
         try:
@@ -357,3 +417,14 @@ class GrpcServer:
 def _answering(reply: Message, rid: object) -> Message:
     """``reply`` carrying the id of the request it answers now (a cached reply may answer a retry)."""
     return reply if rid is None else reply.replace(**{RID: rid})  # type: ignore[arg-type]
+
+
+def _record(message: Message) -> dict[str, object]:
+    """A client's step record from a ``progress`` message (a JSON object in ``meta["record"]``)."""
+    try:
+        record = json.loads(str(message.meta.get("record", "")))
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise ProtocolError("progress from a client: meta['record'] must be a JSON object")
+    return record

@@ -30,6 +30,7 @@ from dp_accounting import dp_event
 from splitlm.errors import PrivacyError
 from splitlm.registry import Registry
 from splitlm.runtime.plugins import ClientPlugin
+from splitlm.runtime.rng import derive
 from splitlm.transport import Message, Mod
 
 
@@ -55,9 +56,22 @@ class DefenseContext:
 
 
 class Defense:
-    """Base of every defense. Subclasses set ``name`` and derive from ``MessageDefense`` or ``InputDefense``."""
+    """Base of every defense. Subclasses set ``name`` and derive from ``MessageDefense`` or ``InputDefense``.
+
+    A defense that draws noise keeps its stream in ``generator``; before each piece of work the pipeline
+    ``reseed``s it from (its seed, the work's key), so the noise does not depend on which process draws it
+    or on what it drew before (``runtime/rng.py``)."""
 
     name: ClassVar[str] = ""
+    generator: torch.Generator | None = None
+    _base_seed: int | None = None
+
+    def reseed(self, *key: object) -> None:
+        if self.generator is None:
+            return
+        if self._base_seed is None:
+            self._base_seed = self.generator.initial_seed()
+        self.generator.manual_seed(derive(self._base_seed, *key))
 
     def dp_events(self) -> list[dp_event.DpEvent] | None:
         """The DP mechanism one sequence goes through each time it is sent; None where there is none."""
@@ -80,6 +94,7 @@ class MessageDefense(Defense, Mod):
         return grad  # (B, T, d)
 
     def on_request(self, message: Message) -> Message:
+        self.reseed(*message.key, message.kind)
         tensors = dict(message.tensors)
         mask = tensors.get("attention_mask")
         if message.kind in ("forward", "eval"):
@@ -96,12 +111,16 @@ class MessageDefense(Defense, Mod):
     def on_reply(self, request: Message, reply: Message) -> Message:
         if reply.kind not in ("gradients", "loss") or "grad" not in reply.tensors:
             return reply
+        self.reseed(*reply.key, "down")
         grad = self.grad_down(reply.tensors["grad"], request.tensors.get("attention_mask"))
         return reply.replace({**reply.tensors, "grad": grad})
 
 
 class InputDefense(Defense, ClientPlugin):
     """A defense on the client's own inputs or loss (steps 2, 10): a client plugin (``tokens``, ``extra_loss``)."""
+
+    def on_forward(self, key: tuple[str, int, int], training: bool) -> None:
+        self.reseed(*key)
 
 
 DefenseFactory = Callable[[Any, DefenseContext], Defense]

@@ -88,7 +88,7 @@ class SmashedNoise(MessageDefense):
     name = "smashed_noise"
 
     def __init__(self, context: DefenseContext, mechanism: str, clip: float, noise_multiplier: float) -> None:
-        generator = context.generator(zlib.crc32(self.name.encode()))
+        self.generator = generator = context.generator(zlib.crc32(self.name.encode()))
         self.noise = ClipNoise(self.name, mechanism, clip, noise_multiplier, generator)
         self.seq_len = context.seq_len
 
@@ -118,7 +118,7 @@ class GradNoise(MessageDefense):
                 "grad_noise: direction up acts on the gradient a ushape client sends, and a vanilla split sends "
                 "none; set privacy.grad_noise.directions=[down] or split.mode=ushape"
             )
-        generator = context.generator(zlib.crc32(self.name.encode()))
+        self.generator = generator = context.generator(zlib.crc32(self.name.encode()))
         self.noise = ClipNoise(self.name, mechanism, clip, noise_multiplier, generator)
         self.up = "up" in directions and context.mode == "ushape"
         self.down = "down" in directions

@@ -1,0 +1,252 @@
+"""Faults across processes: every framework, every fault, against the in-process run that leaves the client out.
+
+    python benchmarks/faults.py [--frameworks sl psl sflv1 sflv2 gsfl] [--faults ...] [--keep DIR]
+
+Each case runs `splitlm serve` and three `splitlm client` processes over gRPC with TLS and tokens on loopback
+(tiny model, 3 rounds of 3 steps per client, LoRA dropout 0.05), injects one fault, and compares the run with
+its reference: the same config trained in-process with `framework.leave_out` naming the client the fault took
+out of round 2 (none for the server's faults). Faults:
+
+- ``client_killed_restarted_in_round``: client 1 is killed (SIGKILL) in the middle of its round-2 steps and
+  started again at once.
+- ``client_killed_restarted_after_round``: the same, but started again only after round 2 ended.
+- ``client_absent_for_a_round``: client 1 is killed right after it wrote its checkpoint of round 1, so it is
+  not there when round 2 starts, and started again after round 2.
+- ``server_killed_mid_round``: the server is killed in the middle of round 2 and started with ``--resume``.
+- ``server_killed_in_checkpoint``: the server is killed while it writes its checkpoint of round 1 (its
+  temporary checkpoint folder exists) and started with ``--resume``.
+
+Prints one JSON line ``{"cases": [{"framework", "fault", "completed", "equal_to_reference", "lost_steps",
+"duplicated_steps", ...}]}``: ``completed`` (every process exited 0), ``equal_to_reference`` (every round's
+held-out loss, every client step's loss and the trunk adapter are bit for bit those of the reference),
+``lost_steps`` (client steps of the reference missing from the run's metrics) and ``duplicated_steps`` (client
+steps the run logged more than once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMEWORKS = ["sl", "psl", "sflv1", "sflv2", "gsfl"]
+FAULTS = [
+    "client_killed_restarted_in_round",
+    "client_killed_restarted_after_round",
+    "client_absent_for_a_round",
+    "server_killed_mid_round",
+    "server_killed_in_checkpoint",
+]
+CLIENTS, ROUNDS, LOCAL_STEPS = 3, 3, 3
+OVERRIDES = [
+    f"framework.num_clients={CLIENTS}", f"framework.rounds={ROUNDS}", f"framework.local_steps={LOCAL_STEPS}",
+    f"train.steps={ROUNDS * LOCAL_STEPS}", "train.seq_len=32", "train.warmup_steps=1", "train.progress=false",
+    "data.max_rows=300", "data.eval_size=16", "lora.dropout=0.05", "framework.client_grace_s=3",
+    "framework.wait_for_clients_s=25",
+]  # fmt: skip
+TIMEOUT = 300.0
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "splitlm.cli.main", "-v", *args]  # -v: the logs of a case show what happened
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written
+            break
+    return out
+
+
+def _wait(condition: Any, what: str, timeout: float = TIMEOUT, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(poll)
+
+
+class Case:
+    """One networked run with one fault, in its own folder."""
+
+    def __init__(self, framework: str, fault: str, root: Path) -> None:
+        self.framework, self.fault, self.root = framework, fault, root
+        self.config = ROOT / "configs" / "frameworks" / f"{framework}.yaml"
+        self.port = _free_port()
+        self.certs = root / "certs"
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("ab")
+        process = subprocess.Popen(_cli(*args), stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=self.root)
+        self.processes.append(process)
+        return process
+
+    def server(self, *extra: str) -> subprocess.Popen[bytes]:
+        return self._spawn(
+            "server", "serve", str(self.config), *OVERRIDES, f"output_dir={self.root / 'server'}", "--certs",
+            str(self.certs), "--address", f"127.0.0.1:{self.port}", *extra,
+        )  # fmt: skip
+
+    def client(self, index: int) -> subprocess.Popen[bytes]:
+        return self._spawn(
+            f"client{index}", "client", str(self.config), *OVERRIDES, f"output_dir={self.root / f'client{index}'}",
+            "--server", f"127.0.0.1:{self.port}", "--client-id", str(index), "--certs", str(self.certs),
+            "--connect-timeout", "120",
+        )  # fmt: skip
+
+    def server_steps(self, round_number: int, client: str | None = None) -> bool:
+        records = _lines(self.root / "server" / "metrics.jsonl")
+        return any(r["round"] == round_number and (client is None or r["client"] == client) for r in records)
+
+    def rounds_done(self) -> int:
+        return len(_lines(self.root / "server" / "rounds.jsonl"))
+
+    def run(self) -> dict[str, Any]:
+        from splitlm.transport.security import make_dev_certs
+
+        make_dev_certs(self.certs, ["127.0.0.1"], [str(i) for i in range(CLIENTS)])
+        server = self.server()
+        clients = [self.client(i) for i in range(CLIENTS)]
+        caught = self.inject(server, clients)
+        finals = [p for p in self.processes if p.poll() is None or p.returncode != -signal.SIGKILL]
+        codes = [p.wait(timeout=TIMEOUT) for p in finals]
+        return {"completed": all(code == 0 for code in codes), "fault_hit": caught}
+
+    def inject(self, server: subprocess.Popen[bytes], clients: list[subprocess.Popen[bytes]]) -> bool:
+        fault = self.fault
+        if fault.startswith("client_killed"):
+            _wait(lambda: self.server_steps(2, "1"), "client 1's steps in round 2")
+            clients[1].send_signal(signal.SIGKILL)
+            clients[1].wait()
+            if fault.endswith("after_round"):
+                _wait(lambda: self.rounds_done() >= 2, "round 2 to end")
+            self.client(1)
+            return True
+        if fault == "client_absent_for_a_round":
+            checkpoint = self.root / "client1" / "checkpoints" / f"step-{CLIENTS * LOCAL_STEPS:06d}"
+            _wait(checkpoint.is_dir, "client 1's checkpoint of round 1", poll=0.005)
+            clients[1].send_signal(signal.SIGKILL)
+            clients[1].wait()
+            _wait(lambda: self.rounds_done() >= 2, "round 2 to end")
+            self.client(1)
+            return True
+        if fault == "server_killed_mid_round":
+            _wait(lambda: self.server_steps(2), "a step of round 2")
+            hit = True
+        else:  # server_killed_in_checkpoint: its temporary checkpoint folder of round 1 exists
+            folder = self.root / "server" / "checkpoints"
+            name = f".tmp-step-{CLIENTS * LOCAL_STEPS:06d}"
+            _wait(lambda: (folder / name).is_dir() or self.rounds_done() >= 1, "the checkpoint of round 1", poll=0.002)
+            hit = (folder / name).is_dir()
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        self.server("--resume")
+        return hit
+
+
+def reference(framework: str, fault: str, out: Path) -> Path:
+    """The in-process run the faulty one must equal: client 1 left out of round 2 for the clients' faults."""
+    left = ["framework.leave_out={2: ['1']}"] if fault.startswith("client") else []
+    config = ROOT / "configs" / "frameworks" / f"{framework}.yaml"
+    subprocess.run(
+        _cli("train", str(config), *OVERRIDES, *left, f"output_dir={out}"), env=_env(), check=True,
+        capture_output=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    return out
+
+
+def compare(run: Path, ref: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    ours, theirs = _lines(run / "metrics.jsonl"), _lines(ref / "metrics.jsonl")
+    steps = Counter((r["client"], r["step"]) for r in ours)
+    expected = {(r["client"], r["step"]) for r in theirs}
+    lost = len(expected - set(steps))
+    duplicated = sum(count - 1 for count in steps.values() if count > 1)
+    key = lambda r: (r["round"], r["client"], r["step"])  # noqa: E731
+    same_steps = sorted((key(r), r["loss"]) for r in ours) == sorted((key(r), r["loss"]) for r in theirs)
+    rounds_ours, rounds_theirs = _lines(run / "rounds.jsonl"), _lines(ref / "rounds.jsonl")
+    same_rounds = [(r["eval_loss"], r["participants"]) for r in rounds_ours] == [
+        (r["eval_loss"], r["participants"]) for r in rounds_theirs
+    ]
+    trunk, trunk_ref = (load_file(str(p / "adapters" / "trunk.safetensors")) for p in (run, ref))
+    same_trunk = trunk.keys() == trunk_ref.keys() and all(bool((trunk[k] == trunk_ref[k]).all()) for k in trunk)
+    return {
+        "equal_to_reference": same_steps and same_rounds and same_trunk,
+        "lost_steps": lost,
+        "duplicated_steps": duplicated,
+        "same_step_losses": same_steps,
+        "same_rounds": same_rounds,
+        "same_trunk_adapter": same_trunk,
+    }
+
+
+def run_case(framework: str, fault: str, root: Path) -> dict[str, Any]:
+    """One case, in ``root`` (made if needed); the processes are killed whatever happens."""
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    result: dict[str, Any] = {"framework": framework, "fault": fault}
+    case = Case(framework, fault, root)
+    try:
+        result.update(case.run())
+        result.update(compare(root / "server", reference(framework, fault, root / "reference")))
+    except Exception as error:  # reported, not raised: the other cases still run
+        result.update(completed=False, equal_to_reference=False, lost_steps=None, duplicated_steps=None)
+        result["error"] = f"{type(error).__name__}: {error}"
+    finally:
+        for process in case.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frameworks", nargs="+", default=FRAMEWORKS, choices=FRAMEWORKS)
+    parser.add_argument("--faults", nargs="+", default=FAULTS, choices=FAULTS)
+    parser.add_argument("--keep", help="keep every case's folder (logs, metrics) under this folder")
+    args = parser.parse_args()
+    base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="splitlm-faults-"))
+    cases = []
+    try:
+        for framework in args.frameworks:
+            for fault in args.faults:
+                cases.append(run_case(framework, fault, base / f"{framework}-{fault}"))
+                print(json.dumps(cases[-1]), file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps({"cases": cases}))
+
+
+if __name__ == "__main__":
+    main()
