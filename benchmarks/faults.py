@@ -53,7 +53,7 @@ OVERRIDES = [
     f"framework.num_clients={CLIENTS}", f"framework.rounds={ROUNDS}", f"framework.local_steps={LOCAL_STEPS}",
     f"train.steps={ROUNDS * LOCAL_STEPS}", "train.seq_len=32", "train.warmup_steps=1", "train.progress=false",
     "data.max_rows=300", "data.eval_size=16", "lora.dropout=0.05", "framework.client_grace_s=3",
-    "framework.wait_for_clients_s=25",
+    "framework.wait_for_clients_s=120",
 ]  # fmt: skip
 TIMEOUT = 300.0
 

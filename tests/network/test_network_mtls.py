@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from splitlm.errors import ProtocolError
+from splitlm.errors import ConfigError, ProtocolError
 from splitlm.frameworks.federation import build_federation
 from splitlm.transport.grpc_client import GrpcConnection
 from splitlm.transport.grpc_server import GrpcServer
@@ -50,3 +50,35 @@ def test_client_without_a_certificate_is_refused(mtls_server) -> None:
     server, certs = mtls_server
     with pytest.raises(ProtocolError):
         GrpcConnection(f"localhost:{server.port}", "0", _token(certs), certs / "ca.pem", max_retries=1)
+
+
+def test_certs_keep_the_ca_key_and_add_client_issues_one_the_server_accepts(fast_config, tmp_path: Path) -> None:
+    from splitlm.cli.main import main
+
+    certs = tmp_path / "certs"
+    assert main(["certs", str(certs), "--clients", "1", "--hosts", "localhost"]) == 0
+    assert (certs / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert main(["certs", str(certs), "--add-client", "7"]) == 0
+    tokens = load_tokens(certs / "tokens.json")
+    assert sorted(tokens.values()) == ["0", "7"]
+    assert (certs / "client-7.key").stat().st_mode & 0o777 == 0o600
+    assert main(["certs", str(certs), "--add-client", "7"]) == ConfigError.exit_code  # the same id twice is refused
+    assert sorted(load_tokens(certs / "tokens.json").values()) == ["0", "7"]  # and nothing is lost
+
+    split_server = build_federation(fast_config(tmp_path / "run", "framework.num_clients=8")).server
+    server = GrpcServer(split_server.submit, tokens, "127.0.0.1:0", certs, mutual_tls=True)
+    split_server.start()
+    server.start()
+    try:
+        token = next(t for t, c in tokens.items() if c == "7")
+        connection = GrpcConnection(
+            f"localhost:{server.port}", "7", token, certs / "ca.pem",
+            client_cert=(certs / "client-7.pem", certs / "client-7.key"), max_retries=1,
+        )  # fmt: skip
+        try:
+            assert server.wait_for("7", timeout=10)
+        finally:
+            connection.close()
+    finally:
+        server.stop()
+        split_server.stop()

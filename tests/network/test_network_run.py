@@ -1,7 +1,9 @@
 """`splitlm serve` and three `splitlm client` processes over gRPC with TLS and tokens compute the in-process run.
 
 Both runs use the same config, seed and one CPU thread, and the networked run moves tensors as raw bytes: the
-per-step losses and round evaluations are equal to the last bit, not within a tolerance.
+per-step losses and round evaluations are equal to the last bit, not within a tolerance, with LoRA dropout on
+(every random draw is seeded by seed, client, step, micro-batch and part, not by process-global state), and two
+networked runs are equal to each other.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ OVERRIDES = [
     "train.progress=false",
     "data.max_rows=300",
     "data.eval_size=16",
+    "lora.dropout=0.05",
 ]
 LISTENING = re.compile(r"splitlm server listening on 127\.0\.0\.1:(\d+)")
 START_TIMEOUT = 60.0
@@ -156,6 +159,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, NetworkRun]:
     return inproc, _run_over_network(root)
 
 
+@pytest.fixture(scope="module")
+def second_run(runs, tmp_path_factory: pytest.TempPathFactory) -> NetworkRun:
+    return _run_over_network(tmp_path_factory.mktemp("network-run-again"))
+
+
 def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -172,6 +180,8 @@ def test_server_and_clients_exit_zero(runs) -> None:
     assert net.client_rcs == {str(i): 0 for i in range(CLIENTS)}, net.explain()
     for client in map(str, range(CLIENTS)):
         assert f"client {client}: 4 steps" in net.logs[f"client {client}"], net.explain()
+        assert re.search(r"traffic up [\d.]+ \w+, down [\d.]+ \w+; [\d.]+ s", net.logs[f"client {client}"])
+    assert re.search(r"traffic up [\d.]+ \w+, down [\d.]+ \w+; [\d.]+ s training, [\d.]+ s in all", net.logs["server"])
 
 
 @pytest.mark.timeout(180)
@@ -180,6 +190,31 @@ def test_per_step_losses_equal_the_in_process_run(runs) -> None:
     expected = _steps(inproc)
     assert len(expected) == 2 * 2 * CLIENTS  # rounds x local steps x clients
     assert _steps(net.server_dir()) == expected, net.explain()
+
+
+@pytest.mark.timeout(180)
+def test_two_networked_runs_with_dropout_are_identical(runs, second_run) -> None:
+    _, net = runs
+    assert second_run.server_rc == 0, second_run.explain()
+    assert _steps(second_run.server_dir()) == _steps(net.server_dir())
+    fields = ("eval_loss", "participants")
+    assert [{k: r[k] for k in fields} for r in _records(second_run.server_dir() / "rounds.jsonl")] == [
+        {k: r[k] for k in fields} for r in _records(net.server_dir() / "rounds.jsonl")
+    ]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("client", [str(i) for i in range(CLIENTS)])
+def test_each_client_writes_its_own_metrics_and_summary(runs, client) -> None:
+    # the client's output_dir has its own steps (the same records the server logged for it) and a summary
+    _, net = runs
+    server_records = [r for r in _records(net.server_dir() / "metrics.jsonl") if r["client"] == client]
+    own = _records(net.client_dir(client) / "metrics.jsonl")
+    fields = ("round", "step", "loss", "tokens")
+    assert [{k: r[k] for k in fields} for r in own] == [{k: r[k] for k in fields} for r in server_records]
+    summary = json.loads((net.client_dir(client) / "summary.json").read_text())
+    assert summary["client"] == client and summary["steps"] == 4
+    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0 and summary["wall_seconds"] > 0
 
 
 @pytest.mark.timeout(180)

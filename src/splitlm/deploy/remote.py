@@ -149,6 +149,13 @@ class RemoteMember(Member):
 
     def progress(self, fed: Federation, record: dict[str, Any], attempt: int | None = None) -> None:
         """A step record, streamed as the client takes the step or with the round's reply: logged once."""
+        fields = {"step": (int,), "round": (int,), "loss": (int, float), "tokens": (int,)}
+        wrong = [k for k, kinds in fields.items() if type(record.get(k)) not in kinds]  # not bool, not None
+        if wrong or record.get("client") != self.client_id:
+            raise ProtocolError(
+                f"a step record from client {self.client_id} has no valid {', '.join(wrong) or 'client'}; "
+                "client and server must run the same splitlm version"
+            )
         with self._lock:
             current = attempt if attempt is not None else int(record.pop("attempt", self.attempt))
             step = int(record["step"])

@@ -132,7 +132,12 @@ def run_round(fed: Federation, round_index: int, chosen: list[Member], progress:
     chosen = fed.available(chosen, round_index)
     while True:
         fed.check_quorum(chosen, wanted, round_index)
-        snapshot = fed.snapshot(chosen) if fed.can_fail else None
+        try:
+            snapshot = fed.snapshot(chosen) if fed.can_fail else None
+        except ClientGone as gone:  # lost before the round started: nothing to undo
+            log.warning("round %d: %s; it is left out", round_index + 1, gone)
+            chosen = [m for m in chosen if m.client_id not in gone.client_ids]
+            continue
         try:
             return fed.framework.round(fed, round_index, chosen), chosen
         except ClientGone as gone:
@@ -141,9 +146,9 @@ def run_round(fed: Federation, round_index: int, chosen: list[Member], progress:
             if fed.stop.is_set():
                 raise Interrupted("training interrupted") from None
             log.warning("round %d: %s; the round starts again without them", round_index + 1, gone)
-            fed.rollback(snapshot, gone.client_ids)
+            lost = fed.rollback(snapshot, gone.client_ids)
             progress.rewind()
-            chosen = [m for m in chosen if m.client_id not in gone.client_ids]
+            chosen = [m for m in chosen if m.client_id not in lost]
 
 
 def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from splitlm.data import Batch, DataOrder, Example, collate, label_histograms, m
 from splitlm.errors import ClientGone, ConfigError, Interrupted, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.base import Framework, client_steps, framework_of
+from splitlm.frameworks.checkpoint import TMP_PREFIX
 from splitlm.frameworks.pipeline import ClientPipeline, client_pipeline, recorders, server_mods
 from splitlm.frameworks.setup import RunData, build_part, count_parameters, load_source, prepare_data, spec_of
 from splitlm.models import ModelSource
@@ -317,17 +318,25 @@ class Federation:
         server = self.server.snapshot() if self.server is not None else None
         return RoundSnapshot(server, {m.client_id: m.snapshot() for m in members}, self.carry, self.carry_from)
 
-    def rollback(self, snapshot: RoundSnapshot, lost: Sequence[str]) -> None:
+    def rollback(self, snapshot: RoundSnapshot, lost: Sequence[str]) -> list[str]:
         """Back to ``snapshot``. A lost remote client's process is gone or restarted: it rejoins later (from its
-        checkpoint, then the current client side) instead."""
+        checkpoint, then the current client side) instead. Returns the lost clients, with any lost meanwhile."""
+        lost = list(lost)
         if self.server is not None:
             self.server.restore(snapshot.server)
         for member in self.members:
-            if member.client_id in snapshot.members:
-                member.restore(snapshot.members[member.client_id], gone=member.client_id in lost)
+            if member.client_id not in snapshot.members:
+                continue
+            saved = snapshot.members[member.client_id]
+            try:
+                member.restore(saved, gone=member.client_id in lost)
+            except ClientGone:
+                lost.append(member.client_id)
+                member.restore(saved, gone=True)
         self.carry, self.carry_from = snapshot.carry, snapshot.carry_from
         for hook in self.rollback_hooks:
             hook()
+        return lost
 
     # --- traffic, state -----------------------------------------------------------------------------------
 
@@ -343,7 +352,8 @@ class Federation:
             try:
                 member.client.save(folder / f"client-{member.client_id}", with_optimizer=with_optimizer)
             except ClientGone as gone:  # it restores an older checkpoint of its own when it rejoins
-                log.warning("client %s misses checkpoint %s (%s)", member.client_id, folder.name, gone.reason)
+                name = folder.name.removeprefix(TMP_PREFIX)
+                log.warning("client %s misses checkpoint %s (%s)", member.client_id, name, gone.reason)
         if self.server is not None:
             self.server.save(folder / "server", with_optimizer=with_optimizer)
         state = {

@@ -1,0 +1,40 @@
+"""Faults across processes (benchmarks/faults.py): `splitlm serve` and three `splitlm client` processes over gRPC
+with TLS, one process killed at a chosen moment, must end bit for bit as the in-process run that leaves the lost
+client out of that round, and log every client step exactly once. One case per framework, together covering
+every fault; `python benchmarks/faults.py` runs all 25."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = pytest.mark.slow  # processes killed and restarted: about a minute a case
+
+HARNESS = Path(__file__).resolve().parents[2] / "benchmarks" / "faults.py"
+
+
+def _harness() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("splitlm_faults_benchmark", HARNESS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FAULTS = _harness()
+CASES = list(zip(FAULTS.FRAMEWORKS, FAULTS.FAULTS, strict=True))  # sl x killed in round, psl x after round, ...
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("framework", "fault"), CASES, ids=[f"{a}-{b}" for a, b in CASES])
+def test_a_fault_ends_as_its_reference(framework: str, fault: str, tmp_path: Path) -> None:
+    result = FAULTS.run_case(framework, fault, tmp_path / "case")
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((tmp_path / "case").glob("*.log")))
+    assert result.get("error") is None, f"{result}\n{logs}"
+    assert result["fault_hit"], f"the fault was injected too late to test anything: {result}"
+    assert result["completed"], f"a process did not exit 0: {result}\n{logs}"
+    assert result["lost_steps"] == 0 and result["duplicated_steps"] == 0, result
+    assert result["equal_to_reference"], f"{result}\n{logs}"
