@@ -47,6 +47,10 @@ def test_ray_actors_compute_the_in_process_run(ray_cluster, case, fast_config, r
     assert ours == theirs
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert (tmp_path / "ray" / "adapters" / "head.safetensors").is_file()
+    for client in ("0", "1", "2"):  # each client actor writes its own files, apart from the driver's
+        own = tmp_path / "ray" / "clients" / client
+        assert [r["loss"] for r in run_files.metrics(own)] == [r[3] for r in ours if r[1] == client]
+        assert (own / "summary.json").is_file() and (own / "adapters" / "head.safetensors").is_file()
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
     # the client actors' meters count what their mods sent: the same bytes as in-process (fp16: half the floats)
     assert (summary["bytes_up"], summary["bytes_down"]) == (local_summary["bytes_up"], local_summary["bytes_down"])

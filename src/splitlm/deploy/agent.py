@@ -56,6 +56,7 @@ class ClientAgent:
         session: str | None = None,
         progress: bool = False,
         report: Callable[[dict[str, Any]], None] | None = None,
+        shares_files: bool = False,
     ) -> None:
         check_client_id(config, client_id)
         self.started = time.perf_counter()
@@ -73,6 +74,7 @@ class ClientAgent:
         self.records: list[dict[str, Any]] = []
         self.local.on_step = self._on_step
         self.session = session or secrets.token_hex(8)
+        self.shares_files = shares_files  # Ray: the driver may name a folder of its own to export adapters to
         self.steps = client_steps(config)
         self.report = report
         self.attempt = 0
@@ -167,7 +169,8 @@ class ClientAgent:
                 meta["restored"] = self.load_checkpoint(str(command.meta["name"]))
                 meta.update(steps_done=member.steps_done, tokens=member.tokens)
             elif kind == "save_adapters":
-                member.client.save(self.out / "adapters", with_optimizer=False)
+                folder = command.meta.get("folder") if self.shares_files else None  # never a peer's path
+                member.client.save(Path(str(folder)) if folder else self.out / "adapters", with_optimizer=False)
             elif kind == "finish":
                 self.finish()
             else:

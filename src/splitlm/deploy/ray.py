@@ -115,7 +115,9 @@ def _reply(request: Message, frames: Any) -> Message:
 class ClientActorImpl:
     def __init__(self, tree: dict[str, Any], client_id: str, server: Any) -> None:
         torch.set_num_threads(1)
-        self.agent = ClientAgent(build_config(tree), client_id, _RayTransport(server))
+        # its own metrics, summary, checkpoints and adapters, apart from the driver's files
+        own = {**tree, "output_dir": str(Path(tree["output_dir"]) / "clients" / client_id)}
+        self.agent = ClientAgent(build_config(own), client_id, _RayTransport(server), shares_files=True)
 
     def hello(self) -> list[bytes]:
         return encode(self.agent.hello())
@@ -213,7 +215,7 @@ def run_ray(config: Config, resume: bool = False, started: float | None = None) 
         raise ConfigError(f"framework.name={framework.name} runs in one process; set transport.name=inprocess")
     fw = config.framework
     out = prepare_output(config, resume)
-    tree = config.model_dump(mode="json")
+    tree = {**config.model_dump(mode="json"), "output_dir": str(out.resolve())}  # the actors' working folder may differ
     started_here = not ray.is_initialized()
     if started_here:
         os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
@@ -231,14 +233,15 @@ def run_ray(config: Config, resume: bool = False, started: float | None = None) 
                     raise ProtocolError(f"client {message.client_id}: {reply.meta.get('error')}")
                 return reply
 
-            proxy = RemoteClientProxy(str(index), send, lambda actor=actor: _actor_meter(actor))
+            proxy = RemoteClientProxy(str(index), send, lambda actor=actor: _actor_meter(actor), shares_files=True)
             members.append(remote_member(index, proxy, hello))
         groups = groups_of(config, framework, [m.histogram for m in members])
         server = RayServerProxy(server_actor, *ray.get(server_actor.setup.remote(groups)))
         fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
         summary = drive(fed, out, resume, started)
-        for member in members:
-            member.client.command("save_adapters")  # type: ignore[attr-defined]
+        for kind in ("save_adapters", "finish"):  # each client actor's own adapters and summary
+            for member in members:
+                member.client.command(kind)  # type: ignore[attr-defined]
         ray.get(server_actor.call.remote("stop"))
         return summary
     finally:

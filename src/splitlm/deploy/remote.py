@@ -52,6 +52,7 @@ class RemoteClientProxy:
         meter: Callable[[], ByteMeter],
         session: Callable[[], str] | None = None,
         wait_connected: Callable[[float], bool] | None = None,
+        shares_files: bool = False,
     ) -> None:
         self.client_id = client_id
         self._send = send
@@ -59,6 +60,7 @@ class RemoteClientProxy:
         self._session = session
         self._wait_connected = wait_connected
         self.can_fail = session is not None
+        self.shares_files = shares_files  # the client sees the driver's files (Ray actors on one cluster)
         self.expected_session = self.session()
 
     @property
@@ -101,9 +103,13 @@ class RemoteClientProxy:
         self.command("rollback")
 
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
-        """A checkpoint: the client writes its own state, on its own machine, under the checkpoint's name."""
+        """A checkpoint: the client writes its own state, on its own machine, under the checkpoint's name. The
+        run's final adapters (``with_optimizer=False``) it writes into ``folder`` only where it sees the driver's
+        files; a networked client writes them into its own ``output_dir``."""
         if with_optimizer:
             self.command("checkpoint", name=folder.parent.name.removeprefix(TMP_PREFIX))
+        elif self.shares_files:
+            self.command("save_adapters", folder=str(folder))
 
     def load(self, folder: Path) -> None:
         """Resume: the client goes back to its own checkpoint of the same name."""
