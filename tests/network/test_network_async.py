@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -137,10 +136,9 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GrpcS
 
 
 def _refused(address: str, ca: Path | None, timeout: float = 3.0, token: str = "x", **extra: object) -> str:
-    started = time.monotonic()
+    # it gives up after its connect_timeout (nothing timed is asserted here; the message says what went wrong)
     with pytest.raises(ProtocolError) as caught:
         GrpcConnection(address, "0", token, ca=ca, connect_timeout=timeout, **extra)  # type: ignore[arg-type]
-    assert time.monotonic() - started < timeout + 10  # gives up within its timeout (plus one diagnosis)
     message = str(caught.value)
     assert "\n" not in message
     return message

@@ -34,16 +34,21 @@ def _token(certs: Path) -> str:
     return next(iter(load_tokens(certs / "tokens.json")))
 
 
-def test_client_with_its_certificate_is_served(mtls_server) -> None:
-    server, certs = mtls_server
+def _served_with_certificate(server: GrpcServer, certs: Path, client: str, token: str) -> bool:
+    """Whether ``client``, connecting with its certificate from ``certs``, is taken in by ``server``."""
     connection = GrpcConnection(
-        f"localhost:{server.port}", "0", _token(certs), certs / "ca.pem",
-        client_cert=(certs / "client-0.pem", certs / "client-0.key"), max_retries=1,
+        f"localhost:{server.port}", client, token, certs / "ca.pem",
+        client_cert=(certs / f"client-{client}.pem", certs / f"client-{client}.key"), max_retries=1,
     )  # fmt: skip
     try:
-        assert server.wait_for("0", timeout=10)
+        return server.wait_for(client, timeout=10)
     finally:
         connection.close()
+
+
+def test_client_with_its_certificate_is_served(mtls_server) -> None:
+    server, certs = mtls_server
+    assert _served_with_certificate(server, certs, "0", _token(certs))
 
 
 def test_client_without_a_certificate_is_refused(mtls_server) -> None:
@@ -71,14 +76,7 @@ def test_certs_keep_the_ca_key_and_add_client_issues_one_the_server_accepts(fast
     server.start()
     try:
         token = next(t for t, c in tokens.items() if c == "7")
-        connection = GrpcConnection(
-            f"localhost:{server.port}", "7", token, certs / "ca.pem",
-            client_cert=(certs / "client-7.pem", certs / "client-7.key"), max_retries=1,
-        )  # fmt: skip
-        try:
-            assert server.wait_for("7", timeout=10)
-        finally:
-            connection.close()
+        assert _served_with_certificate(server, certs, "7", token)
     finally:
         server.stop()
         split_server.stop()

@@ -177,8 +177,8 @@ class RemoteMember(Member):
         if not gone:
             super().restore(snapshot, gone)
             return
-        self.steps_done, self.tokens, self.last_loss = snapshot["steps_done"], snapshot["tokens"], snapshot["last_loss"]
-        self.round_goal, self.stale = snapshot["round_goal"], True  # it rejoins, then takes the client side
+        self.restore_progress(snapshot)
+        self.stale = True  # it rejoins, then takes the client side
 
     def ready(self, fed: Federation, deadline: float, rejoin: bool = True) -> bool:
         proxy = self.proxy

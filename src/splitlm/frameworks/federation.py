@@ -156,6 +156,10 @@ class Member:
         same, a remote one rejoins later from its own checkpoint)."""
         self.client.restore(snapshot["client"])
         self.stale = snapshot["stale"]
+        self.restore_progress(snapshot)
+
+    def restore_progress(self, snapshot: dict[str, Any]) -> None:
+        """The step count, tokens, last loss and round goal of ``snapshot`` (not the client's weights)."""
         self.steps_done, self.tokens, self.last_loss = snapshot["steps_done"], snapshot["tokens"], snapshot["last_loss"]
         self.round_goal = snapshot["round_goal"]
 
