@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitlm.errors import SplitLMError
-from splitlm.runtime.schedule import Op, OpKind, check, serial
+from splitlm.runtime.schedule import Op, OpKind, check, pipelined, serial
 
 K = OpKind
 
@@ -66,8 +66,8 @@ def test_the_client_executes_the_schedule_it_is_given(make_config) -> None:
     from splitlm.data import DataOrder, collate
     from splitlm.frameworks.federation import build_federation
 
-    def reversed_micro(micro_batches: int, ushape: bool) -> list[Op]:
-        ops = serial(micro_batches, ushape)
+    def reversed_micro(micro_batches: int, ushape: bool, waits: bool) -> list[Op]:
+        ops = serial(micro_batches, ushape, waits)
         by_micro = [[op for op in ops if op.micro == m] for m in range(micro_batches)]
         return [op for group in reversed(by_micro) for op in group] + [Op(K.STEP)]
 
@@ -82,3 +82,30 @@ def test_the_client_executes_the_schedule_it_is_given(make_config) -> None:
     assert second.tokens == first.tokens and second.loss == pytest.approx(first.loss, rel=1e-6)
     for key, value in one.state().items():  # the same accumulated gradient, summed in another order
         assert torch.allclose(two.state()[key], value, atol=1e-6), key
+
+
+@pytest.mark.parametrize("waits", [True, False])
+@pytest.mark.parametrize("ushape", [True, False])
+@pytest.mark.parametrize("micro_batches", [1, 2, 4])
+def test_pipelined_schedules_pass_the_dependency_check(micro_batches: int, ushape: bool, waits: bool) -> None:
+    check(pipelined(micro_batches, ushape, waits), micro_batches, ushape, waits)
+    check(serial(micro_batches, ushape, waits), micro_batches, ushape, waits)
+
+
+def test_pipelined_ushape_sends_every_forward_before_awaiting_any() -> None:
+    ops = pipelined(3, ushape=True)
+    sends = [i for i, op in enumerate(ops) if op.kind is K.SEND_FORWARD]
+    first_await = next(i for i, op in enumerate(ops) if op.kind is K.AWAIT_FORWARD)
+    assert sends == [1, 3, 5] and first_await == 6
+    # the head's backwards run in micro-batch order, as in the serial schedule (same accumulation order)
+    assert [op.micro for op in ops if op.kind is K.HEAD_BACKWARD] == [0, 1, 2]
+    # the tail of micro-batch 0 runs while micro-batches 1 and 2 are still in the trunk
+    assert ops.index(Op(K.TAIL, 0)) < ops.index(Op(K.AWAIT_FORWARD, 1))
+
+
+def test_a_step_that_does_not_wait_for_step_9_has_no_await_backward() -> None:
+    for schedule in (serial, pipelined):
+        kinds = [op.kind for op in schedule(2, True, False)]
+        assert K.AWAIT_BACKWARD not in kinds and kinds.count(K.SEND_BACKWARD) == 2
+    with pytest.raises(SplitLMError, match="unknown or repeated"):
+        check(serial(1, True, True), 1, ushape=True, waits=False)

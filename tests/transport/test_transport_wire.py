@@ -14,12 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitlm.errors import ProtocolError
+from splitlm.transport.codecs import CodecMod
 from splitlm.transport.messages import Message
 from splitlm.transport.wire import (
     DATA_MAGIC,
     DTYPES,
     HEADER_MAGIC,
     MAX_CHUNK,
+    PART,
+    PREFIX_BYTES,
     Decoder,
     Limits,
     WireError,
@@ -374,7 +377,10 @@ _ENTRY_KEYS = ("name", "dtype", "shape", "nbytes", "codec")
 @st.composite
 def perturbed_encodings(draw: st.DrawFn) -> list[bytes]:
     """A valid encoding whose header has up to two fields replaced by arbitrary JSON or nearby ints."""
-    frames = encode(draw(messages()), chunk_size=draw(st.integers(1, 32)))
+    return _perturb_header(draw, encode(draw(messages()), chunk_size=draw(st.integers(1, 32))))
+
+
+def _perturb_header(draw: st.DrawFn, frames: list[bytes]) -> list[bytes]:
     header = json.loads(frames[0][8:])
     for _ in range(draw(st.integers(0, 2))):
         target = header
@@ -484,3 +490,92 @@ def test_fuzz_mutated_encodings_raise_wire_error_or_match_their_header(
             assert tensor.numel() * tensor.element_size() == entry["nbytes"]
             if tensor.dtype == torch.bool and tensor.numel():
                 assert int(tensor.view(torch.uint8).max()) <= 1
+
+
+# ---------------------------------------------------------------- encoded payloads (transport/codecs.py)
+
+CODEC_SPECS = (
+    "fp16",
+    "bf16",
+    "int8",
+    "int8:sr",
+    "int4",
+    "int4:sr",
+    "topk:0.5",
+    "randtopk:0.5:0.5",
+    "unpadded",
+    "unpadded+int8",
+    "unpadded+int4",
+    "unpadded+topk:0.5+fp16",
+    "topk:0.3+int4",
+    "lowrank:5",
+)
+_CODEC_TENSORS = (("forward", "hidden"), ("activations", "hidden"), ("backward", "grad"), ("gradients", "grad"))
+
+
+def _codec_mod(spec: str) -> CodecMod:
+    return CodecMod(spec, "none" if spec.startswith("lowrank") else spec)
+
+
+@st.composite
+def codec_encodings(draw: st.DrawFn) -> tuple[str, list[bytes]]:
+    """A message whose tensor one codec encoded (a mask with padding where it has tokens), as frames."""
+    spec = draw(st.sampled_from(CODEC_SPECS))
+    kinds = _CODEC_TENSORS[:2] if spec.startswith("lowrank") else _CODEC_TENSORS
+    kind, name = draw(st.sampled_from(kinds))
+    batch, tokens = draw(st.integers(0, 3)), draw(st.integers(0, 4))
+    d = 5 if spec.startswith("lowrank") else draw(st.integers(1, 9))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    tensor = torch.randn(batch, tokens, d, generator=gen) * draw(st.sampled_from([1e-8, 1.0, 1e4]))
+    mask = torch.randint(0, 2, (batch, tokens), generator=gen)
+    tensors = {name: tensor, **({"attention_mask": mask} if kind == "forward" else {})}
+    encoded = _codec_mod(spec).encode(Message(kind, "c", 1, 0, tensors), mask)
+    assert encoded.codecs == {name: spec}
+    return spec, encode(encoded, chunk_size=draw(st.integers(1, 64)))
+
+
+_pokes = st.tuples(st.just("poke"), st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 255))
+
+
+def _poke(frames: list[bytes], poke: tuple[Any, ...]) -> list[bytes]:
+    """One payload byte of a data frame set to a value: the wire stays valid, the codec's parts do not."""
+    _, i, pos, value = poke
+    data = [index for index, frame in enumerate(frames) if frame[:4] == DATA_MAGIC and len(frame) > PREFIX_BYTES]
+    if not data:
+        return frames
+    index = data[i % len(data)]
+    frame = bytearray(frames[index])
+    frame[PREFIX_BYTES + pos % (len(frame) - PREFIX_BYTES)] = value
+    return [*frames[:index], bytes(frame), *frames[index + 1 :]]
+
+
+@FUZZ
+@given(
+    encoding=codec_encodings(),
+    perturb=st.booleans(),
+    data=st.data(),
+    mutations=st.lists(_mutations | _pokes, max_size=3),
+)
+def test_fuzz_encoded_payloads_raise_only_protocol_errors(
+    encoding: tuple[str, list[bytes]], perturb: bool, data: st.DataObject, mutations: list[tuple[Any, ...]]
+) -> None:
+    spec, frames = encoding
+    intact = not perturb and not mutations
+    if perturb:
+        frames = _perturb_header(data.draw, frames)
+    for mutation in mutations:
+        if frames:
+            frames = _poke(frames, mutation) if mutation[0] == "poke" else _mutate(frames, mutation)
+    decoder = Decoder(SMALL)
+    decoded = []
+    for frame in frames:
+        try:
+            message = decoder.feed(frame)
+            if message is not None:
+                decoded.append((set(message.codecs), _codec_mod(spec).decode(message)))
+        except ProtocolError:  # WireError included
+            assert not intact, "an intact encoding must decode"
+    for encoded, message in decoded:
+        assert all(PART not in name for name in message.tensors) and not message.codecs
+        assert all(message.tensors[name].dtype.is_floating_point for name in encoded)
+    assert decoded or not intact

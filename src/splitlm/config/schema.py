@@ -101,6 +101,24 @@ class ResolvedLora(Section):
     target_modules: list[str] | None
 
 
+class PipelineConfig(Section):
+    micro_batches: int = Field(
+        1,
+        ge=1,
+        description="Cut each batch into this many micro-batches (by rows; at most train.batch_size) and pipeline "
+        "them (PiPar): the client runs the head forward of micro-batch k+1 while micro-batch k is on the wire or "
+        "in the trunk. The step equals gradient accumulation over the same micro-batches.",
+    )
+    overlap: bool = Field(
+        True,
+        description="Overlap the micro-batches (false: run them one after another, the same arithmetic without "
+        "the pipeline, to measure what it gains).",
+    )
+
+
+ClientUpdate = Literal["split", "local_loss", "frozen"]
+
+
 class TrainConfig(Section):
     steps: int = Field(40, ge=1, description="Optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Sequences per micro-batch.")
@@ -119,6 +137,26 @@ class TrainConfig(Section):
     eval_batches: int = Field(0, ge=0, description="Held-out batches per evaluation (0: the whole held-out set).")
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
     progress: bool = Field(True, description="Show a progress bar.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Micro-batch pipelining.")
+    client_update: ClientUpdate = Field(
+        "split",
+        description="How the client's head learns. split: from the server's gradient (step 9); local_loss: from a "
+        "local auxiliary loss (the tail's final norm and LM head applied to the head's output, a logit lens; "
+        "LocSplitFed / FSL-SAGE), so the client never waits for step 9 (ushape only); frozen: not at all "
+        "(StreamSL), the client streams activations and never waits for step 9.",
+    )
+    client_update_every: int = Field(
+        1,
+        ge=1,
+        description="Update the head from the server's gradient only every H-th step (CSE-FSL); on the other "
+        "steps no step-9 gradient is sent and the head does not change (its tail still trains).",
+    )
+    align_every: int = Field(
+        0,
+        ge=0,
+        description="local_loss: every N-th step also fetch the server's gradient at the cut and train the "
+        "auxiliary part (a low-rank map in front of the logit lens) to match it (FSL-SAGE); 0: never.",
+    )
 
 
 class DataConfig(Section):
@@ -145,6 +183,12 @@ class DataConfig(Section):
     alpha: float = Field(0.5, gt=0, description="Concentration of the dirichlet / quantity partitioners.")
     sources: list[str] | None = Field(
         None, description="by_source: one data name (file or dataset id) per client, read like data.name."
+    )
+    prune: str = Field(
+        "none",
+        description="el2n:F keeps, of each micro-batch, the fraction F of its rows with the highest EL2N score "
+        "(SFPrompt), computed by the client with its own parts (head + logit lens, ushape only) before anything "
+        "crosses the wire; none keeps every row.",
     )
     pack: bool = Field(
         False,
@@ -209,19 +253,107 @@ class ServerConfig(Section):
 
 
 class CodecConfig(Section):
+    """Wire codecs (``transport/codecs.py``): a name, ``name:argument``, or a +-joined chain applied left to right:
+    ``lowrank:K`` first, then ``unpadded``, and the dtype setters (fp16, bf16, int8, int4) last."""
+
     activations: str = Field(
         "none",
         description="Codec of the activations at steps 3 and 5 (the smashed data and the trunk output): none, fp16, "
-        "bf16, or a +-joined chain applied left to right.",
+        "bf16, int8, int4 (per-token absmax; int8:sr / int4:sr round stochastically), topk:R (keep ceil(R*d) "
+        "entries a token), randtopk:R[:A] (A of them, default 0.1, drawn outside the top-k), unpadded (real tokens "
+        "only), lowrank:K (the model parts' learned rank-K bottleneck; first only), or a +-joined chain, e.g. "
+        "unpadded+int8.",
     )
     gradients: str = Field(
-        "none", description="Codec of the cut gradients at steps 7 and 9: none, fp16, bf16, or a +-joined chain."
+        "none",
+        description="Codec of the cut gradients at steps 7 and 9: none, fp16, bf16, int8, int4, int8:sr, int4:sr, "
+        "topk:R, randtopk:R[:A], unpadded, or a +-joined chain (not lowrank).",
     )
+    error_feedback: bool = Field(
+        False,
+        description="Keep what a lossy gradients codec drops (per client, message and micro-batch) and add it to the "
+        "next gradient sent under the same key, so the decoded gradients sum to the true ones over steps.",
+    )
+
+    @model_validator(mode="after")
+    def _no_lowrank_gradients(self) -> CodecConfig:
+        for item in self.gradients.split("+"):
+            name, _, rank = item.strip().partition(":")
+            if name == "lowrank":
+                raise ValueError(
+                    f"transport.codec.gradients: lowrank's gradients are already rank {rank or 'K'}; set it only on "
+                    "transport.codec.activations"
+                )
+        return self
+
+
+LINK_DIRECTIONS = ("up", "down")  # client -> server, server -> client
+
+
+class LinkDirectionConfig(Section):
+    bandwidth_mbps: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="This direction's bandwidth in Mbit/s (0: unlimited); unset: transport.link's.",
+    )
+    latency_ms: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="This direction's one-way latency; unset: transport.link's."
+    )
+    jitter_ms: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="This direction's jitter; unset: transport.link's."
+    )
+
+
+class LinkConfig(Section):
+    """An emulated slow link between each client and the server, on one machine (no netem needed)."""
+
+    bandwidth_mbps: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Emulated bandwidth of each client's link in Mbit/s, each direction: a message of n encoded "
+        "bytes occupies the link n*8/(bandwidth*1e6) s and waits behind the ones before it; 0: unlimited.",
+    )
+    latency_ms: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Emulated one-way latency of every message, each direction."
+    )
+    jitter_ms: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Each message's latency varies uniformly within +-jitter_ms (never below 0; messages still "
+        "arrive in order), drawn from a generator seeded by seed, client and direction.",
+    )
+    up: LinkDirectionConfig = Field(
+        default_factory=LinkDirectionConfig, description="client -> server: overrides of the values above."
+    )
+    down: LinkDirectionConfig = Field(
+        default_factory=LinkDirectionConfig, description="server -> client: overrides of the values above."
+    )
+
+    def direction(self, name: str) -> dict[str, float]:
+        """The settings of direction ``name`` (``up`` or ``down``): its overrides, else the shared values."""
+        own = getattr(self, name)
+        return {
+            key: value if (value := getattr(own, key)) is not None else getattr(self, key)
+            for key in ("bandwidth_mbps", "latency_ms", "jitter_ms")
+        }
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any direction is slowed down at all (by default none is: no emulation)."""
+        return any(value > 0 for name in LINK_DIRECTIONS for value in self.direction(name).values())
 
 
 class TransportConfig(Section):
     codec: CodecConfig = Field(
         default_factory=CodecConfig, description="Wire codecs (both sides must use the same settings)."
+    )
+    link: LinkConfig = Field(
+        default_factory=LinkConfig,
+        description="Link emulation: bandwidth, latency and jitter applied to the encoded bytes of every request and "
+        "reply, on the client's side, in-process and networked alike; default: none.",
     )
     name: Literal["inprocess", "ray"] = Field(
         "inprocess",
@@ -479,6 +611,7 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
         tree, "data.response_field"
     ):
         problems.append("data.response_field: must differ from data.prompt_field")
+    problems += _round_trip_problems(tree)
     defenses = value_at(tree, "privacy.defenses")
     if isinstance(defenses, list):
         if len(set(defenses)) != len(defenses):
@@ -487,6 +620,40 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
             problems.append(
                 "privacy.defenses: label_dp protects the labels a vanilla split sends; in a ushape split "
                 "labels never leave the client, so drop label_dp or set split.mode=vanilla"
+            )
+    return problems
+
+
+def _round_trip_problems(tree: dict[str, Any]) -> list[str]:
+    """Micro-batches, client update modes and pruning (the communication settings of ``train`` and ``data``)."""
+    problems: list[str] = []
+    micro, batch = value_at(tree, "train.pipeline.micro_batches"), value_at(tree, "train.batch_size")
+    if isinstance(micro, int) and isinstance(batch, int) and micro > batch:
+        problems.append(
+            f"train.pipeline.micro_batches: {micro} micro-batches need train.batch_size >= {micro} (got {batch})"
+        )
+    ushape = value_at(tree, "split.mode") == "ushape"
+    update = value_at(tree, "train.client_update")
+    if update == "local_loss" and not ushape:
+        problems.append(
+            "train.client_update: local_loss needs split.mode=ushape (its auxiliary loss uses the final norm and "
+            "LM head of the client's tail)"
+        )
+    align = value_at(tree, "train.align_every")
+    if isinstance(align, int) and align and update != "local_loss":
+        problems.append("train.align_every: aligns the auxiliary part of train.client_update=local_loss; set both")
+    prune = value_at(tree, "data.prune")
+    if isinstance(prune, str) and prune != "none":
+        name, _, fraction = prune.partition(":")
+        try:
+            valid = name == "el2n" and 0 < float(fraction) <= 1
+        except ValueError:
+            valid = False
+        if not valid:
+            problems.append(f"data.prune: {prune!r} is not none or el2n:F with F in (0, 1], e.g. el2n:0.5")
+        elif not ushape:
+            problems.append(
+                "data.prune: el2n scores rows with the client's head and the LM head of its tail; set split.mode=ushape"
             )
     return problems
 

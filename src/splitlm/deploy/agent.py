@@ -27,7 +27,7 @@ from splitlm.files import write_json
 from splitlm.frameworks.base import client_steps, framework_of
 from splitlm.frameworks.checkpoint import checkpoints, load_checkpoint, save_checkpoint, trim_metrics
 from splitlm.frameworks.driver import evaluate_now
-from splitlm.frameworks.federation import Federation, Member, build_member, partition
+from splitlm.frameworks.federation import Federation, Member, build_member, link_seconds, partition
 from splitlm.frameworks.setup import load_source, prepare_data
 from splitlm.transport import Message, Transport
 from splitlm.transport.grpc_client import GrpcConnection
@@ -190,6 +190,7 @@ class ClientAgent:
             "client": self.client_id, "steps": member.steps_done, "tokens": member.tokens,
             "last_loss": member.last_loss, "bytes_up": meter.up, "bytes_down": meter.down,
             "eval_bytes_up": meter.eval_up, "eval_bytes_down": meter.eval_down,
+            "link_seconds": link_seconds(member.client),  # every message on the emulated link, eval included
             "wall_seconds": time.perf_counter() - self.started,
         }  # fmt: skip
         self.out.mkdir(parents=True, exist_ok=True)

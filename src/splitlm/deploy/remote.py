@@ -157,6 +157,8 @@ class RemoteMember(Member):
         """A step record, streamed as the client takes the step or with the round's reply: logged once."""
         fields = {"step": (int,), "round": (int,), "loss": (int, float), "tokens": (int,)}
         wrong = [k for k, kinds in fields.items() if type(record.get(k)) not in kinds]  # not bool, not None
+        optional = {"comm_seconds": (int, float)}  # absent from an older client's records
+        wrong += [k for k, kinds in optional.items() if k in record and type(record[k]) not in kinds]
         if wrong or record.get("client") != self.client_id:
             raise ProtocolError(
                 f"a step record from client {self.client_id} has no valid {', '.join(wrong) or 'client'}; "

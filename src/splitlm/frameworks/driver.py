@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splitlm.config import Config
+from splitlm.config.schema import LINK_DIRECTIONS
 from splitlm.errors import ClientGone, ConfigError, Interrupted
 from splitlm.files import write_json
 from splitlm.frameworks.checkpoint import (
@@ -95,6 +96,7 @@ class _Progress:
             disable=not fed.config.train.progress,
         )  # fmt: skip
         self.losses: dict[str, float] = {}
+        self.comm_seconds = 0.0  # emulated link time of the steps logged here (rolled-back ones too, like bytes)
 
     def round(self, round_index: int) -> None:
         rounds = self.fed.config.framework.rounds
@@ -105,6 +107,7 @@ class _Progress:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
             self.losses[member.client_id] = record["loss"]
+            self.comm_seconds += float(record.get("comm_seconds", 0.0))
             self.bar.update(1)
             shown = sorted(self.losses.items())[:4]  # each client's latest loss (the first four)
             many = " ".join(f"{client}:{loss:.3f}" for client, loss in shown)
@@ -157,13 +160,14 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
     metrics_path, rounds_path = out / "metrics.jsonl", out / "rounds.jsonl"
     progress: dict[str, Any] = {
         "round": 0, "train_seconds": 0.0, "wall_seconds": 0.0,
-        "bytes_up": 0, "bytes_down": 0, "eval_bytes_up": 0, "eval_bytes_down": 0,
+        "bytes_up": 0, "bytes_down": 0, "eval_bytes_up": 0, "eval_bytes_down": 0, "comm_seconds": 0.0,
     }  # fmt: skip
     if fed.server is not None and len(fed.members) > 1:
         fed.server.start()  # clients work at once: the server serves them from its queue
     holders: list[Member] = fed.members[:1]
     base = dict(progress)
     loop_started = time.perf_counter()
+    bar: _Progress | None = None
 
     def account() -> None:
         now = time.perf_counter()
@@ -172,6 +176,7 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
             bytes_up=base["bytes_up"] + up, bytes_down=base["bytes_down"] + down,
             eval_bytes_up=base["eval_bytes_up"] + eval_up, eval_bytes_down=base["eval_bytes_down"] + eval_down,
             train_seconds=base["train_seconds"] + now - loop_started, wall_seconds=base["wall_seconds"] + now - started,
+            comm_seconds=base.get("comm_seconds", 0.0) + (bar.comm_seconds if bar is not None else 0.0),
         )  # fmt: skip
 
     def checkpoint() -> None:
@@ -311,6 +316,7 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         "eval_bytes_up": progress["eval_bytes_up"],
         "eval_bytes_down": progress["eval_bytes_down"],
         "codecs": {"activations": config.transport.codec.activations, "gradients": config.transport.codec.gradients},
+        "link": link_summary(config, progress),
         "train_seconds": progress["train_seconds"],
         "wall_seconds": progress["wall_seconds"],
         "train_tokens_per_s": tokens / progress["train_seconds"] if progress["train_seconds"] else 0.0,
@@ -336,6 +342,13 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         ],
         "privacy": privacy_summary(config, fed) if fed.framework.split else None,
     }
+
+
+def link_summary(config: Config, progress: dict[str, Any]) -> dict[str, Any]:
+    """The emulated link's settings per direction and the link time of every step (``transport.link``)."""
+    link = config.transport.link
+    directions = {name: link.direction(name) for name in LINK_DIRECTIONS}
+    return {"enabled": link.enabled, **directions, "comm_seconds": progress.get("comm_seconds", 0.0)}
 
 
 def privacy_summary(config: Config, fed: Federation) -> dict[str, Any]:

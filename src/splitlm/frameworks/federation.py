@@ -9,6 +9,7 @@ holds the unsplit model and no server. ``build_federation`` is the one place a r
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from splitlm.errors import ClientGone, ConfigError, Interrupted, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.base import Framework, client_steps, framework_of
 from splitlm.frameworks.checkpoint import TMP_PREFIX
-from splitlm.frameworks.pipeline import ClientPipeline, client_pipeline, recorders, server_mods
+from splitlm.frameworks.pipeline import ClientPipeline, client_link, client_pipeline, recorders, server_mods
 from splitlm.frameworks.setup import RunData, build_part, count_parameters, load_source, prepare_data, spec_of
 from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
@@ -38,8 +39,11 @@ from splitlm.peft import trainable_parameters
 from splitlm.privacy.tap import ServerTap, TruthRecorder
 from splitlm.runtime.client import EvalStats, SplitClient, StepStats
 from splitlm.runtime.optim import PartyOptimizer
+from splitlm.runtime.schedule import pipelined, serial
 from splitlm.runtime.server import SplitServer
+from splitlm.runtime.updates import keep_fraction, make_update
 from splitlm.transport import ByteMeter, Channel, InProcessTransport, Mod, Transport, server_chain
+from splitlm.transport.link import EmulatedLink
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +125,12 @@ class Member:
             fed.check_stop()
             step = self.steps_done
             micro = [
-                collate([self.examples[i] for i in self.order.indices(step * train.grad_accum + m)], fed.pad_id)
+                collate([self.examples[i] for i in rows], fed.pad_id)
                 for m in range(train.grad_accum)
+                for rows in split_rows(self.order.indices(step * train.grad_accum + m), train.pipeline.micro_batches)
             ]
             up0, down0 = self.meter.snapshot()
+            comm0 = link_seconds(self.client)
             started = time.perf_counter()
             stats = self.client.train_step(step, micro)
             seconds = time.perf_counter() - started
@@ -135,6 +141,7 @@ class Member:
             record = {
                 "step": self.steps_done, "client": self.client_id, "round": round_index + 1,
                 "loss": stats.loss, "tokens": stats.tokens, "bytes_up": up1 - up0, "bytes_down": down1 - down0,
+                "comm_seconds": link_seconds(self.client) - comm0,
                 "seconds": seconds, "lr": stats.lr, "grad_norm": stats.grad_norm,
                 "epoch": self.order.epoch(self.steps_done * train.grad_accum),
             }  # fmt: skip
@@ -175,6 +182,12 @@ class Member:
 
     def evaluate(self, fed: Federation) -> EvalStats:
         return self.client.evaluate(fed.data.eval if fed.data is not None else [])
+
+
+def link_seconds(client: Client) -> float:
+    """Seconds ``client``'s messages spent on its emulated link so far (``transport.link``; 0.0 without one)."""
+    link = getattr(getattr(client, "channel", None), "transport", None)
+    return link.seconds() if isinstance(link, EmulatedLink) else 0.0
 
 
 StepHook = Callable[[Member, dict[str, Any]], None]
@@ -466,6 +479,17 @@ def route(config: Config, server: SplitServer, index: int, groups: list[list[int
     server.assign(str(index), framework_of(config).adapter_of(index, groups), spec_of(config))
 
 
+def split_rows(rows: list[int], parts: int) -> list[list[int]]:
+    """``rows`` cut into ``parts`` contiguous micro-batches as even as possible (the first ones one row longer);
+    never an empty one."""
+    parts = max(1, min(parts, len(rows)))
+    size, extra = divmod(len(rows), parts)
+    bounds = [0]
+    for index in range(parts):
+        bounds.append(bounds[-1] + size + (index < extra))
+    return [rows[a:b] for a, b in itertools.pairwise(bounds)]
+
+
 def build_client(
     config: Config, source: ModelSource, index: int, transport: Transport | None, truth: TruthRecorder | None = None
 ) -> tuple[Client, ClientPipeline | None]:
@@ -485,10 +509,12 @@ def build_client(
     if transport is None:
         raise ProtocolError(f"client {index} has no transport to the server")
     pipeline = client_pipeline(config, source, stages["head"], truth)
-    channel = Channel(transport, pipeline.mods)
+    channel = Channel(client_link(config, transport, str(index)), pipeline.mods)  # each client its own link
+    pipelining = config.train.pipeline
     client = SplitClient(
         str(index), parts, stages, channel, PartyOptimizer(params, optimizer_train), spec.mode, pipeline.plugins,
-        seed=config.seed,
+        schedule=pipelined if pipelining.micro_batches > 1 and pipelining.overlap else serial,
+        seed=config.seed, update=make_update(config, stages), prune=keep_fraction(config.data.prune),
     )  # fmt: skip
     return client, pipeline
 

@@ -3,7 +3,7 @@
 Every transport (in-process, gRPC, Ray) gets its chains here, so a run behaves the same however its bytes
 travel. The order, from the client's training code to the server's handler::
 
-    client:  defenses (smashed data, labels, gradients) -> SplitGuard -> codec -> meter -> transport
+    client:  defenses (smashed data, labels, gradients) -> SplitGuard -> codec -> meter -> [link] -> transport
     server:  transport -> codec -> tap -> attacker (FSHA) -> SplitServer
 
 The meter is the client's last mod, so it counts what travels (encoded bytes); the tap sits after the
@@ -18,12 +18,15 @@ import logging
 from dataclasses import dataclass, field
 
 from splitlm.config import Config
+from splitlm.config.schema import LINK_DIRECTIONS
 from splitlm.models import ModelSource, Stage
 from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
 from splitlm.privacy.tap import ServerTap, TruthRecorder
 from splitlm.runtime.plugins import ClientPlugin
-from splitlm.transport import MeterMod, Mod
+from splitlm.runtime.rng import derive
+from splitlm.transport import MeterMod, Mod, Transport
 from splitlm.transport.codecs import CodecMod
+from splitlm.transport.link import EmulatedLink, Link
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class ClientPipeline:
 
 def codec_mod(config: Config) -> CodecMod:
     codec = config.transport.codec
-    return CodecMod(codec.activations, codec.gradients)
+    return CodecMod(codec.activations, codec.gradients, error_feedback=codec.error_feedback)
 
 
 def client_pipeline(
@@ -76,6 +79,19 @@ def server_mods(config: Config, source: ModelSource, trunk: Stage, tap: ServerTa
 
         mods.append(Fsha(config, source, trunk))
     return mods
+
+
+def client_link(config: Config, transport: Transport, client_id: str) -> Transport:
+    """``transport`` behind client ``client_id``'s own emulated link (``transport.link``), or as it is (no
+    emulation). Below the mods: the link carries what travels, the encoded bytes."""
+    link = config.transport.link
+    if not link.enabled:
+        return transport
+    up, down = (
+        Link(**link.direction(name), seed=derive(config.seed, "link", client_id, name)) for name in LINK_DIRECTIONS
+    )
+    log.info("client %s: emulated link up %s, down %s", client_id, up.settings(), down.settings())
+    return EmulatedLink(transport, up, down)
 
 
 def recorders(config: Config, clients: int) -> tuple[ServerTap | None, TruthRecorder | None]:

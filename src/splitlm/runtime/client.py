@@ -25,9 +25,10 @@ from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.plugins import ClientPlugin, Plugins
 from splitlm.runtime.rng import seeded
 from splitlm.runtime.schedule import Op, OpKind, serial
+from splitlm.runtime.updates import ClientUpdate, el2n_scores, most_informative
 from splitlm.transport import ByteMeter, Channel, Message, Pending
 
-Schedule = Callable[[int, bool], list[Op]]  # (micro-batches, ushape) -> ops
+Schedule = Callable[[int, bool, bool], list[Op]]  # (micro-batches, ushape, waits for step 9) -> ops
 
 
 @dataclass
@@ -69,6 +70,8 @@ class _Step:
     step: int
     micros: list[_Micro]
     scale: float
+    waits: bool = True  # asks for the server's gradient at the cut (step 9) and waits for it
+    trains: bool = True  # the head learns this step (from the server's gradient or a local loss)
     losses: dict[int, float] = field(default_factory=dict)
 
 
@@ -84,6 +87,8 @@ class SplitClient:
         plugins: Sequence[ClientPlugin] = (),
         schedule: Schedule = serial,
         seed: int = 0,
+        update: ClientUpdate | None = None,
+        prune: float | None = None,
     ) -> None:
         self.client_id = client_id
         self.seed = seed  # with (client, step, micro-batch, part), fixes every random draw of a forward pass
@@ -94,6 +99,8 @@ class SplitClient:
         self.mode = mode
         self.plugins = Plugins(plugins)
         self.schedule = schedule
+        self.update = update or ClientUpdate()  # how the head learns: which steps wait for step 9
+        self.prune = prune  # data.prune=el2n:F: the fraction of each micro-batch's rows that is sent
         self.head_trainable = bool(trainable_parameters(parts["head"]))
 
     @property
@@ -107,7 +114,13 @@ class SplitClient:
             part.train()
         for p in self.optimizer.params:  # a step interrupted earlier (a lost server) may have left gradients
             p.grad = None
-        state = _Step(step, [_Micro(b.to(self.stages["head"].device)) for b in micro_batches], 1.0 / len(micro_batches))
+        state = _Step(
+            step,
+            [_Micro(b.to(self.stages["head"].device)) for b in micro_batches],
+            1.0 / len(micro_batches),
+            waits=self.head_trainable and self.update.waits(step),
+            trains=self.head_trainable and self.update.trains_head(step),
+        )
         handlers = {
             OpKind.HEAD_FORWARD: self._head_forward,
             OpKind.SEND_FORWARD: self._send_forward,
@@ -118,7 +131,7 @@ class SplitClient:
             OpKind.HEAD_BACKWARD: self._head_backward,
         }
         stats: StepStats | None = None
-        for op in self.schedule(len(micro_batches), self.mode == "ushape"):
+        for op in self.schedule(len(micro_batches), self.mode == "ushape", state.waits):
             if op.kind is OpKind.STEP:
                 stats = self._step(state)
             else:
@@ -128,12 +141,17 @@ class SplitClient:
 
     def _head_forward(self, state: _Step, m: _Micro, micro: int) -> None:
         """Step 2: the head's output for micro-batch ``micro`` and the message that carries it (step 3)."""
-        batch = m.batch
-        self.plugins.on_batch((self.client_id, state.step, micro), batch)
-        m.hidden = self._head(batch, (self.client_id, state.step, micro), training=True)
-        m.labels = self.plugins.labels(state.step, batch.labels)  # after on_forward has reseeded the plugins
+        with torch.set_grad_enabled(state.trains):  # a head that does not learn this step keeps no graph
+            m.hidden = self._head(m.batch, (self.client_id, state.step, micro), training=True)
+        m.labels = self.plugins.labels(state.step, m.batch.labels)  # after on_forward has reseeded the plugins
+        if self.prune is not None:  # only the most informative rows cross the wire (SFPrompt)
+            keep = most_informative(el2n_scores(self.stages["tail"], m.hidden, m.labels), self.prune)
+            keep = keep.to(m.hidden.device)
+            m.batch = Batch(m.batch.input_ids[keep], m.batch.attention_mask[keep], m.batch.labels[keep])
+            m.hidden, m.labels = m.hidden[keep], m.labels[keep]
+        self.plugins.on_batch((self.client_id, state.step, micro), m.batch)
         m.message = self._head_message(
-            "forward", state.step, micro, m.hidden, batch, m.labels, scale=state.scale, want_grad=self.head_trainable
+            "forward", state.step, micro, m.hidden, m.batch, m.labels, scale=state.scale, want_grad=state.waits
         )
 
     def _send_forward(self, state: _Step, m: _Micro, micro: int) -> None:
@@ -178,14 +196,21 @@ class SplitClient:
 
     def _head_backward(self, state: _Step, m: _Micro, micro: int) -> None:
         """Step 10: the head's backward from the gradient the server returned (+ any plugin's own loss)."""
-        assert m.hidden is not None
+        assert m.hidden is not None and m.labels is not None
         if not m.hidden.requires_grad:
             return
         outputs: list[torch.Tensor] = []
         grads: list[torch.Tensor | None] = []
+        local = self.update.local_loss(m.hidden, m.labels, state.scale)  # before any alignment changes it
+        if local is not None:
+            outputs.append(local)
+            grads.append(None)
         if m.grad is not None and m.sent is not None:
-            outputs.append(m.sent)
-            grads.append(m.grad.to(device=m.sent.device, dtype=m.sent.dtype))
+            if self.update.follows_server(state.step):
+                outputs.append(m.sent)
+                grads.append(m.grad.to(device=m.sent.device, dtype=m.sent.dtype))
+            else:  # e.g. align a local loss's auxiliary part to the server's gradient
+                self.update.observe(m.hidden, m.labels, m.grad, state.scale)
         if self.plugins.wants_embeddings:
             embeddings = self.stages["head"].embed_tokens(m.batch.input_ids).detach()  # (B, T, d)
             extra = self.plugins.extra_loss(embeddings, m.hidden, m.batch.attention_mask)
@@ -197,6 +222,10 @@ class SplitClient:
 
     def _step(self, state: _Step) -> StepStats:
         """Clip by the global gradient norm (the server adds its own share) and step together with the server."""
+        for m in state.micros:  # acknowledgements of gradients sent without waiting for step 9 (long since here)
+            if m.pending is not None:
+                m.pending.result()
+                m.pending = None
         if not self.plugins.keeps_gradients(state.step):  # e.g. a probe's fake labels must not train the client
             for p in self.optimizer.params:
                 p.grad = None
