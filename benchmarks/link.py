@@ -6,18 +6,21 @@ Each row runs `splitlm serve` and one `splitlm client` as separate processes (on
 stand for two machines) over gRPC with TLS and a token on loopback, with the client's link emulated by
 splitlm (``transport.link``: the bandwidth each way, 20 ms one-way latency; the server's replies cross it
 too). The model is the default one (SmolLM2-135M-Instruct), U-shape 2/2, LoRA r=8 on q/v, batch 4 x 128
-tokens of Rotten Tomatoes, the same steps and data in every row. Modes:
+packed tokens of Rotten Tomatoes (full rows: what the fp32 traffic of a step is quoted for), the same steps and
+data in every row. Modes:
 
 - ``plain``: fp32 activations and gradients, one micro-batch per step;
 - ``pipelined``: ``train.pipeline.micro_batches=4`` (PiPar);
-- ``best_codec``: the codecs of ``--activations`` / ``--gradients`` (the best row of benchmarks/comm.py);
+- ``best_codec``: the codecs of ``--activations`` / ``--gradients`` (the best chain of benchmarks/comm.py:
+  ``unpadded+int4:o32`` / ``unpadded+int4``);
 - ``best_codec+pipelined``: both;
 - ``local_loss``: ``train.client_update=local_loss`` (the client never waits for step 9).
 
 ``step_s`` is the median of the client's step times (its metrics.jsonl ``seconds``) after the first step.
 Prints one JSON line ``{"rows": [{"bandwidth_mbps", "mode", "step_s", "comm_s", "bytes_per_step"}],
 "speedup_pipeline_100mbit", "speedup_best_100mbit", "speedup_best_10mbit", ...}`` (each speedup: plain step time
-over that mode's at the same link, measured in this run) and writes ``docs/link.png``.
+over that mode's at the same link, measured in this run; ``best`` is the best codec with pipelining, the fastest
+combination; ``speedup_codec_only_*`` is the codec alone) and writes ``docs/link.png``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ BASE = [
     "model.name=smollm2-135m-instruct", "split.mode=ushape", "split.head_layers=2", "split.tail_layers=2",
     "lora.rank=8", "lora.alpha=16", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj]",
     "train.batch_size=4", "train.seq_len=128", "train.lr=0.001", "train.warmup_steps=0", "train.progress=false",
-    "train.eval_batches=1", "data.name=rotten_tomatoes", "data.max_rows=2000", "data.eval_size=4",
+    "train.eval_batches=1", "data.name=rotten_tomatoes", "data.max_rows=2000", "data.eval_size=4", "data.pack=true",
     "framework.name=sl", "framework.wait_for_clients_s=300", "seed=0",
 ]  # fmt: skip
 TIMEOUT = 1200.0
@@ -131,8 +134,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--bandwidths", type=float, nargs="+", default=[1000.0, 100.0, 10.0])
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--activations", default="unpadded+int8", help="the best codec's activations setting")
-    parser.add_argument("--gradients", default="unpadded+int8", help="the best codec's gradients setting")
+    parser.add_argument("--activations", default="unpadded+int4:o32", help="the best codec's activations setting")
+    parser.add_argument("--gradients", default="unpadded+int4", help="the best codec's gradients setting")
     parser.add_argument("--modes", nargs="+", default=None)
     parser.add_argument("--plot", default=str(ROOT / "docs" / "link.png"))
     parser.add_argument("--keep", default=None, help="keep the runs' folders here")

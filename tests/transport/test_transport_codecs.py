@@ -74,6 +74,33 @@ def test_round_to_nearest_is_within_half_a_step(spec: str, levels: int, shape: t
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("spec", "levels", "outliers"), [("int8:o8", 127, 8), ("int4:o8", 7, 8), ("int4:o2", 7, 2)])
+def test_outliers_travel_exactly_and_the_rest_within_half_a_step_of_their_own_scale(
+    spec: str, levels: int, outliers: int, shape: tuple[int, ...]
+) -> None:
+    x = _tensor(shape)
+    x[..., 0] *= 300.0  # a massive-activation dimension, as in LLM hidden states
+    back = _round_trip(spec, x)
+    kept = min(outliers, shape[-1])
+    top = x.abs().topk(kept, dim=-1).indices
+    assert torch.equal(back.gather(-1, top), x.gather(-1, top))  # sent exactly (float32)
+    rest = x.scatter(-1, top, 0.0)
+    half_step = _token_scale(rest, levels) / 2
+    assert bool(((back.scatter(-1, top, 0.0) - rest).abs() <= half_step * (1 + 1e-5) + 1e-7).all())
+    plain = _round_trip(spec.split(":")[0], x)
+    if shape[-1] > outliers:  # without the outliers, the huge dimension sets everyone's step
+        assert (back - x).abs().mean() < (plain - x).abs().mean()
+
+
+def test_outlier_options_combine_with_stochastic_rounding_and_name_themselves() -> None:
+    assert _codec("int4:sr:o8").spec == "int4:sr:o8"
+    assert parse_codec("int4:o8:sr").spec == "int4:sr:o8"  # one spelling on the wire
+    parts = _codec("int4:o8").encode(_tensor((2, 3, 576)))
+    assert set(parts) == {"", "scale", "dim", "ovals", "oidx"}
+    assert _nbytes(parts) == 2 * 3 * (288 + 4 + 8 * (4 + 2)) + 8  # + the int64 ``dim``
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("spec", "levels"), [("int8:sr", 127), ("int4:sr", 7)])
 def test_stochastic_rounding_is_within_one_step(spec: str, levels: int, shape: tuple[int, ...]) -> None:
     x = _tensor(shape, seed=1)
@@ -258,6 +285,10 @@ CODECS_AT_576 = [
         ("randtopk:0.1:2", r"random share A.*\[0, 1\]"),
         ("int8:x", "stochastic rounding"),
         ("int4:3", "stochastic rounding"),
+        ("int4:o0", "outliers per token"),
+        ("int4:o300", "outliers per token"),
+        ("int4:o8:o4", "outliers per token"),
+        ("int8:sr:sr", "outliers per token"),
         ("unpadded:1", "takes no argument"),
         ("lowrank", "integer >= 1"),
         ("lowrank:0", "integer >= 1"),
@@ -331,6 +362,11 @@ MALFORMED: dict[str, tuple[str, Mutation, str]] = {
     "int4 nibble -8": ("int4", lambda p: _with(p, _=torch.zeros_like(p[""])), "holds -8"),
     "int4 main int8": ("int4", lambda p: _with(p, _=p[""].to(torch.int8)), "expected uint8"),
     "int4 scale wrong tokens": ("int4", lambda p: _with(p, scale=p["scale"][:1]), "part 'scale' has shape"),
+    "outliers dropped": ("int4:o2", lambda p: _with(p, ovals=None), "expected"),
+    "outliers idx out of range": ("int4:o2", lambda p: _with(p, oidx=torch.full_like(p["oidx"], 12)), "out of range"),
+    "outliers idx repeated": ("int4:o2", lambda p: _with(p, oidx=torch.zeros_like(p["oidx"])), "not increasing"),
+    "outliers values fewer": ("int8:o2", lambda p: _with(p, ovals=p["ovals"][..., :1]), "part 'ovals' has shape"),
+    "outliers values fp16": ("int8:o2", lambda p: _with(p, ovals=p["ovals"].half()), "dtype float16"),
     "topk idx dropped": ("topk:0.3", lambda p: _with(p, idx=None), "expected"),
     "topk idx out of range": ("topk:0.3", lambda p: _with(p, idx=torch.full_like(p["idx"], 12)), ">= d=10"),
     "topk idx repeated": ("topk:0.3", lambda p: _with(p, idx=torch.zeros_like(p["idx"])), "strictly increasing"),

@@ -501,6 +501,8 @@ CODEC_SPECS = (
     "int8:sr",
     "int4",
     "int4:sr",
+    "int4:o2",
+    "int8:sr:o3",
     "topk:0.5",
     "randtopk:0.5:0.5",
     "unpadded",

@@ -2,7 +2,8 @@
 
 ``splitlm generate`` and ``splitlm export`` use this. Each part is rebuilt exactly as in training, its
 adapter loaded and merged into its weights; the merged parts' tensors (named as in the unsplit model) then
-fill one ordinary Hugging Face model.
+fill one ordinary Hugging Face model. A ``lowrank:K`` run's learned bottlenecks at the cuts are part of its
+model: ``generate`` runs them inside the assembled model (hooks at the cuts), ``export`` refuses such a run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from splitlm.errors import CheckpointError
 from splitlm.frameworks.base import framework_of
 from splitlm.frameworks.setup import build_centralized, build_part, load_source, spec_of
 from splitlm.models import load_full_model
+from splitlm.models.lowrank import fold_into
+from splitlm.models.split import LOWRANK, Stage
 from splitlm.peft import load_trainable, merged, trainable_parameters
+from splitlm.transport.codecs import learned_rank
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -45,12 +49,17 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
             source, config.model.client_dtype, config.model.client_device, config.model.attn_implementation
         )
         state: dict[str, torch.Tensor] = {}
+        plain: dict[str, Stage] = {}
         for role in spec_of(config).roles():
             part, _ = build_part(config, source, role)
             if trainable_parameters(part):
                 load_trainable(part, adapters / f"{role}.safetensors")
-            state.update({k: v.to(full.device) for k, v in merged(part).state_dict().items()})
+            plain[role] = merged(part)
+            own = plain[role].state_dict().items()
+            state.update({k: v.to(full.device) for k, v in own if k.split(".", 1)[0] != LOWRANK})
         _load_into(full, state)
+        if learned_rank(config.transport.codec.activations) is not None:
+            fold_into(full, plain)
     full.eval()
     return full, source.tokenizer(), config
 
@@ -72,6 +81,12 @@ def export(run_dir: Path, out: Path, force: bool = False) -> Path:
     """Write a merged model that ``AutoModelForCausalLM.from_pretrained(out)`` loads."""
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out} exists and is not empty: choose a new folder or pass --force")
+    rank = learned_rank(load_run_config(run_dir).transport.codec.activations)
+    if rank is not None:
+        raise CheckpointError(
+            f"{run_dir} trained a learned lowrank:{rank} bottleneck at the cut, which is part of its model and has no "
+            "place in a plain Hugging Face model: it cannot be exported (splitlm generate runs it)"
+        )
     model, tokenizer, _ = assemble(run_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

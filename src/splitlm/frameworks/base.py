@@ -95,6 +95,11 @@ class Framework:
                 problems.append(f"privacy.defenses: defenses act at the cut; framework.name={self.name} has none")
             if config.transport.name != "inprocess":
                 problems.append(f"transport.name: framework.name={self.name} runs in one process; set inprocess")
+            if config.transport.codec.activations.strip().startswith("lowrank"):
+                problems.append(
+                    f"transport.codec.activations: lowrank is a learned bottleneck at the cut; "
+                    f"framework.name={self.name} does not cut the model, so drop it"
+                )
             if config.transport.link.enabled:
                 problems.append(f"transport.link: framework.name={self.name} sends nothing over a link; unset it")
         if self.trunk_adapters != "shared" and config.lora.part("trunk").method != "lora":

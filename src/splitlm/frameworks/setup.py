@@ -21,8 +21,10 @@ from splitlm.models import (
     load_stage,
     resolve_model,
 )
+from splitlm.models.lowrank import add_bottleneck
 from splitlm.models.split import Role
 from splitlm.peft import make_trainable, trainable_parameters
+from splitlm.transport.codecs import learned_rank
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,8 @@ def load_source(config: Config) -> ModelSource:
 
 
 def build_part(config: Config, source: ModelSource, role: Role) -> tuple[nn.Module, Stage]:
-    """One trainable part: the stage with its own weights only, made trainable as ``lora.<role>`` says."""
+    """One trainable part: the stage with its own weights only (and its halves of a ``lowrank:K`` bottleneck at
+    its cuts), made trainable as ``lora.<role>`` says."""
     on_client = role != "trunk"
     stage = load_stage(
         source,
@@ -124,6 +127,9 @@ def build_part(config: Config, source: ModelSource, role: Role) -> tuple[nn.Modu
         device=config.model.client_device if on_client else config.model.server_device,
         attn_implementation=config.model.attn_implementation,
     )
+    rank = learned_rank(config.transport.codec.activations)
+    if rank is not None:
+        add_bottleneck(stage, source, rank)
     part = make_trainable(stage, config.lora.part(role), stage.family.lora_targets, config.seed, role)
     return part, stage
 

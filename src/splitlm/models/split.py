@@ -24,6 +24,7 @@ from splitlm.models.sources import ModelSource
 Role = Literal["head", "trunk", "tail"]
 SplitMode = Literal["vanilla", "ushape"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOWRANK = "lowrank"  # a Stage's learned bottleneck halves (lowrank:K): lowrank.<i>.encoder / lowrank.<i>.decoder
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class Stage(nn.Module):
     ``forward`` takes token ids (a head) or hidden states (trunk, tail) and returns hidden states, or
     logits for the part that ends with the LM head. ``blocks`` runs only that contiguous sub-range of the
     part's blocks (a server serving a client whose cut leaves it fewer blocks).
+
+    With a learned bottleneck at the cuts (``transport.codec.activations: lowrank:K``, ``models/lowrank.py``),
+    the part holds its halves in ``lowrank``: ``lowrank.<i>.decoder`` (K -> d; trunk and tail) runs on the
+    hidden states it takes and ``lowrank.<i>.encoder`` (d -> K; head and U-shaped trunk) on those it returns,
+    ``i`` being the first block after that cut: ``(B, T, K)`` cross the cut.
     """
 
     def __init__(
@@ -89,6 +95,28 @@ class Stage(nn.Module):
         self.starts = role == "head"
         self.ends = ends
         self.block_devices: dict[int, torch.device] = {}  # set when the blocks are spread over devices
+        self.lowrank: nn.ModuleDict | None = None  # lowrank:K: {"<i>": {"encoder" | "decoder": Linear}}
+        self.wire_rank: int | None = None  # K when the part has a bottleneck
+
+    @property
+    def wire_in(self) -> nn.Module | None:
+        """The bottleneck's decoder (B, T, K) -> (B, T, d) this part starts with, if any."""
+        return self._wire("decoder")
+
+    @property
+    def wire_out(self) -> nn.Module | None:
+        """The bottleneck's encoder (B, T, d) -> (B, T, K) this part ends with, if any."""
+        return self._wire("encoder")
+
+    def _wire(self, half: str) -> nn.Module | None:
+        cuts = self.lowrank.values() if self.lowrank is not None else ()
+        return next((cut[half] for cut in cuts if half in cut), None)
+
+    @property
+    def in_width(self) -> int:
+        """The last dimension of the hidden states this part takes: d, or K behind a bottleneck."""
+        rank = self.wire_rank if self.wire_in is not None else None
+        return int(self.config.hidden_size if rank is None else rank)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -137,6 +165,9 @@ class Stage(nn.Module):
             hidden_states = self.family.embed(self, input_ids, position_ids)  # (B, T, d)
         else:
             hidden_states = hidden_states.to(device=device, dtype=self.dtype)
+            decoder = self.wire_in
+            if decoder is not None:
+                hidden_states = decoder(hidden_states)  # (B, T, K) -> (B, T, d)
         block_kwargs = self.family.block_inputs(self, self.config, hidden_states, attention_mask, position_ids, indices)
         modules = get_module(self, self.family.layers)
         for index in indices:
@@ -148,6 +179,9 @@ class Stage(nn.Module):
         if self.ends:
             final = get_module(self, self.family.final[-1]).weight.device
             return self.family.finish(self, self.config, hidden_states.to(final))  # (B, T, V)
+        encoder = self.wire_out
+        if encoder is not None:
+            return encoder(hidden_states.to(next(encoder.parameters()).device))  # (B, T, K)
         return hidden_states  # (B, T, d)
 
     def _sub_range(self, blocks: list[int]) -> list[int]:

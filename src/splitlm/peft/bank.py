@@ -8,6 +8,10 @@ peft's ``set_adapter`` freezes the adapters it deactivates. A U-shaped client's 
 another client's forward switched adapters, and a leaf whose ``requires_grad`` was turned off in between
 gets no gradient, so the bank keeps every adapter's parameters trainable and only switches which one the
 layers apply. Gradients then reach exactly the adapter a forward used.
+
+An adapter also holds its copy of peft's ``modules_to_save`` (the trunk's learned bottleneck at the cut,
+``lowrank:K``): created with the adapter from the same initial weights, switched, trained, saved and loaded
+with its LoRA tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Generic, TypeVar
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from splitlm.errors import CheckpointError, ProtocolError
@@ -38,6 +43,7 @@ class AdapterBank(Generic[Opt]):
         self.lock = threading.RLock()  # one request at a time runs on the shared base
         self._active: str | None = None
         self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self._saved = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
         self.optimizers[ADAPTER] = make_optimizer(self.parameters(ADAPTER))
 
     @property
@@ -52,6 +58,7 @@ class AdapterBank(Generic[Opt]):
             self.model.add_adapter(name, self.template)
             seeded_init(self.model, self.seed, name)
             self._lora_layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+            self._saved = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
             for p in self.parameters(name):
                 p.requires_grad_(True)
             self.optimizers[name] = self.make_optimizer(self.parameters(name))
@@ -63,10 +70,13 @@ class AdapterBank(Generic[Opt]):
             for container in (layer.lora_A, layer.lora_B):
                 if name in container:
                     params.extend(container[name].parameters())
+        for wrapper in self._saved:
+            if name in wrapper.modules_to_save:
+                params.extend(wrapper.modules_to_save[name].parameters())
         return params
 
     def _activate(self, name: str) -> None:
-        for layer in self._lora_layers:
+        for layer in [*self._lora_layers, *self._saved]:
             layer.set_adapter(name)  # also sets requires_grad: restored below
         for adapter in self.optimizers:
             for p in self.parameters(adapter):

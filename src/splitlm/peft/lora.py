@@ -3,6 +3,11 @@
 LoRA weights are initialised from a generator seeded by (run seed, module name in the unsplit model), so a
 module starts from the same adapter whether it sits in a head, a trunk, a tail or the whole model. That is
 what lets a split run reproduce the centralized run step by step.
+
+A part's learned bottleneck at the cut (``Stage.lowrank``, ``models/lowrank.py``) always trains: with LoRA
+it is one of peft's ``modules_to_save`` (a trained copy per adapter, saved with the adapter's tensors), with
+``full`` it is one more trainable weight, and a ``frozen`` part still trains it (it is new and only
+initialised, so the part's pretrained weights stay frozen and the bottleneck alone learns).
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from torch import nn
 
 from splitlm.config import ResolvedLora
 from splitlm.errors import CheckpointError, ConfigError
+
+# The attribute a part keeps its learned-bottleneck halves under (``models.split.LOWRANK``; the layers keep peft
+# from importing models, so the name is repeated here and a test checks the two agree).
+LOWRANK = "lowrank"
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER = "default"
@@ -54,34 +63,48 @@ def seeded_init(model: nn.Module, seed: int, adapter: str) -> None:
                 b.copy_(fresh)
 
 
-def peft_config(settings: ResolvedLora, default_targets: tuple[str, ...]) -> LoraConfig:
+def peft_config(
+    settings: ResolvedLora, default_targets: tuple[str, ...], modules_to_save: list[str] | None = None
+) -> LoraConfig:
     return LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules or default_targets),
         bias="none",
+        modules_to_save=modules_to_save or None,
     )
+
+
+def bottleneck_modules(module: nn.Module) -> list[str]:
+    """The names of a part's learned-bottleneck halves (``lowrank.<i>.encoder``, ...), empty without any."""
+    cuts = getattr(module, LOWRANK, None)
+    return [f"{LOWRANK}.{index}.{half}" for index, cut in (cuts or {}).items() for half in cut]
 
 
 def make_trainable(
     module: nn.Module, settings: ResolvedLora, default_targets: tuple[str, ...], seed: int, part: str
 ) -> nn.Module:
-    """Return the part ready to train: a ``PeftModel`` (lora), the module itself (full, frozen)."""
+    """Return the part ready to train: a ``PeftModel`` (lora), the module itself (full, frozen). A bottleneck
+    at the cut trains whatever the method (see the module's docstring)."""
     module.requires_grad_(False)
+    wires = bottleneck_modules(module)
     if settings.method == "frozen":
+        for name in wires:
+            module.get_submodule(name).requires_grad_(True)
         return module
     if settings.method == "full":
         module.requires_grad_(True)
         return module
     targets = list(settings.target_modules or default_targets)
-    leaves = {name.rsplit(".", 1)[-1]: type(m).__name__ for name, m in module.named_modules() if name}
+    own = [(name, m) for name, m in module.named_modules() if name and name.split(".", 1)[0] != LOWRANK]
+    leaves = {name.rsplit(".", 1)[-1]: type(m).__name__ for name, m in own}
     if not any(target in leaves for target in targets):
         linear = sorted(n for n, kind in leaves.items() if kind in ("Linear", "Conv1D"))
         raise ConfigError(
             f"lora.{part}.target_modules: none of {targets} is a module of this part; choose from {linear}"
         )
-    model = get_peft_model(module, peft_config(settings, default_targets))
+    model = get_peft_model(module, peft_config(settings, default_targets, wires))
     seeded_init(model, seed, ADAPTER)
     return model
 

@@ -83,7 +83,7 @@ class SplitServer:
         self.trunk = trunk  # the stage, possibly wrapped by peft
         self.stage = stage
         self.mode = mode
-        self.hidden_size = int(stage.config.hidden_size)
+        self.hidden_size = stage.in_width  # d, or K behind a learned bottleneck (lowrank:K)
         self.trainable = bool(trainable_parameters(trunk))
         self.seed = seed
         self.bank = AdapterBank(trunk, make_optimizer, seed) if isinstance(trunk, PeftModel) else None

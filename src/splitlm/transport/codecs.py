@@ -11,6 +11,9 @@ the parts they send and what decoding gives back (float32 unless said otherwise)
 - ``fp16``, ``bf16``: the tensor in that dtype; the dtype's rounding (bf16 is exact on bf16 data).
 - ``int8``: per-token absmax quantization: int8 main in [-127, 127] and ``scale`` float32 ``(..., 1)``,
   s = absmax / 127; ``|x - x^| <= s/2`` per entry. ``int8:sr``: stochastic rounding (unbiased), ``< s``.
+- ``int8:oN``, ``int4:oN`` (also with ``:sr``): each token's N largest-magnitude entries travel exactly (``ovals``
+  float32 and ``oidx``, indices packed as for topk) and are left out of the scale, so a few huge entries (LLM hidden
+  states have them in fixed dimensions) do not coarsen everyone's step; the rest within half its own step.
 - ``int4`` (``int4:sr``): as int8 with s = absmax / 7, two values a byte (uint8 main, ``value + 8``, the
   first in the low nibble) and ``dim`` (d, int64 ``(1,)``); ``<= s/2`` (stochastic: ``< s``).
 - ``topk:R`` (R in (0, 1]): each token's ``k = ceil(R * d)`` largest-magnitude entries: values (main, in the
@@ -231,6 +234,7 @@ class Quantize:
     spec: str
     bits: int
     stochastic: bool = False
+    outliers: int = 0  # entries per token sent exactly (float32 value + index) and left out of the scale
     sets_dtype: ClassVar[bool] = True
     lossless: ClassVar[bool] = False
 
@@ -238,11 +242,21 @@ class Quantize:
     def levels(self) -> int:
         return 127 if self.bits == 8 else 7
 
+    def names(self) -> set[str]:
+        base = {"", "scale"} if self.bits == 8 else {"", "scale", "dim"}
+        return base | ({"ovals", "oidx"} if self.outliers else set())
+
     def encode(self, tensor: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x = tensor.detach().to(torch.float32)  # (..., d)
         if x.dim() == 0:
             raise ValueError(f"codec {self.spec}: needs a tensor of tokens (..., d), got a scalar")
         d = x.shape[-1]
+        extra: dict[str, torch.Tensor] = {}
+        if self.outliers:  # LLM hidden states have a few huge entries per token: they travel exactly
+            kept = min(self.outliers, d)
+            index = x.abs().topk(kept, dim=-1).indices.sort(-1).values  # (..., o)
+            extra = {"ovals": x.gather(-1, index), "oidx": _pack_indices(index, d)}
+            x = x.scatter(-1, index, 0.0)
         absmax = x.abs().amax(-1, keepdim=True) if d else x.new_zeros((*x.shape[:-1], 1))
         scale = absmax / self.levels  # (..., 1)
         scaled = x / torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -253,12 +267,12 @@ class Quantize:
             q = torch.round(scaled)
         q = q.clamp(-self.levels, self.levels)
         if self.bits == 8:
-            return {"": q.to(torch.int8), "scale": scale}
+            return {"": q.to(torch.int8), "scale": scale, **extra}
         dim = torch.tensor([d], dtype=torch.int64, device=x.device)
-        return {"": _pack_nibbles(q), "scale": scale, "dim": dim}
+        return {"": _pack_nibbles(q), "scale": scale, "dim": dim, **extra}
 
     def decode(self, parts: dict[str, torch.Tensor], where: str) -> torch.Tensor:
-        _expect(parts, where, self.spec, {"", "scale"} if self.bits == 8 else {"", "scale", "dim"})
+        _expect(parts, where, self.spec, self.names())
         if self.bits == 8:
             q = _part(parts, self.spec, where, "", (torch.int8,), min_dims=1)
             if bool((q == -128).any()):
@@ -282,7 +296,22 @@ class Quantize:
             raise _bad(
                 self.spec, where, "part 'scale' holds negative or non-finite values (inf/nan in the sender's tensor?)"
             )
-        return q.to(torch.float32) * scale
+        x = q.to(torch.float32) * scale
+        if self.outliers:
+            x = self._put_outliers(parts, where, x)
+        return x
+
+    def _put_outliers(self, parts: dict[str, torch.Tensor], where: str, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        kept = min(self.outliers, d)
+        values = _part(parts, self.spec, where, "ovals", (torch.float32,))
+        _check_shape(self.spec, where, "ovals", values, (*x.shape[:-1], kept))
+        packed = _part(parts, self.spec, where, "oidx", (torch.uint8,))
+        _check_shape(self.spec, where, "oidx", packed, (*x.shape[:-1], kept, _index_width(d)))
+        index = _unpack_indices(packed)
+        if kept and (bool((index >= d).any()) or bool((index[..., 1:] <= index[..., :-1]).any())):
+            raise _bad(self.spec, where, f"part 'oidx' holds indices out of range 0..{d - 1} or not increasing")
+        return x.scatter(-1, index, values)
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -304,11 +333,21 @@ def _quantize_factory(bits: int) -> CodecFactory:
     name = f"int{bits}"
 
     def factory(argument: str | None) -> Codec:
-        if argument not in (None, "sr"):
+        options = [] if argument is None else argument.split(":")
+        stochastic = "sr" in options
+        outliers = [o for o in options if o != "sr"]
+        valid = len(outliers) <= 1 and options.count("sr") <= 1
+        if valid and outliers:
+            count = outliers[0]
+            valid = count.startswith("o") and count[1:].isdigit() and 0 < int(count[1:]) <= 256
+        if not valid:
             raise ConfigError(
-                f"transport.codec: {name} takes no argument or 'sr' (stochastic rounding), got {name}:{argument}"
+                f"transport.codec: {name} takes 'sr' (stochastic rounding) and/or 'oN' (N outliers per token sent "
+                f"exactly, 1..256), e.g. {name}:o8 or {name}:sr:o8; got {name}:{argument}"
             )
-        return Quantize(name if argument is None else f"{name}:sr", bits, argument == "sr")
+        count = int(outliers[0][1:]) if outliers else 0
+        spec = ":".join([name, *(["sr"] if stochastic else []), *([f"o{count}"] if count else [])])
+        return Quantize(spec, bits, stochastic, count)
 
     return factory
 
@@ -356,8 +395,7 @@ class TopK:
             scores.scatter_(-1, index, -1.0)  # the top-k set is never drawn
             index = torch.cat([index[..., : k - slots], scores.topk(slots, dim=-1).indices], -1)
         index = index.sort(-1).values
-        width = _index_width(d)
-        packed = torch.stack([(index >> (8 * byte)) & 0xFF for byte in range(width)], -1).to(torch.uint8)
+        packed = _pack_indices(index, d)
         return {"": x.gather(-1, index), "idx": packed, "dim": torch.tensor([d], dtype=torch.int64, device=x.device)}
 
     def decode(self, parts: dict[str, torch.Tensor], where: str) -> torch.Tensor:
@@ -374,15 +412,26 @@ class TopK:
         _check_shape(self.spec, where, "idx", packed, (*values.shape, width))
         shape = (*values.shape[:-1], d)
         _check_size(self.spec, where, shape, 4)
-        index = packed[..., 0].to(torch.int64)
-        for byte in range(1, width):
-            index |= packed[..., byte].to(torch.int64) << (8 * byte)
+        index = _unpack_indices(packed)
         if k and bool((index[..., -1] >= d).any()):
             raise _bad(self.spec, where, f"part 'idx' holds indices >= d={d}")
         if k > 1 and bool((index[..., 1:] <= index[..., :-1]).any()):
             raise _bad(self.spec, where, "part 'idx' is not strictly increasing along a token (repeated indices?)")
         out = torch.zeros(shape, dtype=torch.float32, device=values.device)
         return out.scatter_(-1, index, values.to(torch.float32))
+
+
+def _pack_indices(index: torch.Tensor, d: int) -> torch.Tensor:
+    """(..., k) indices into d entries -> (..., k, w) uint8, each index in w little-endian bytes."""
+    return torch.stack([(index >> (8 * byte)) & 0xFF for byte in range(_index_width(d))], -1).to(torch.uint8)
+
+
+def _unpack_indices(packed: torch.Tensor) -> torch.Tensor:
+    """(..., k, w) uint8 -> (..., k) int64 (the inverse of ``_pack_indices``)."""
+    index = packed[..., 0].to(torch.int64)
+    for byte in range(1, packed.shape[-1]):
+        index |= packed[..., byte].to(torch.int64) << (8 * byte)
+    return index
 
 
 def _index_width(d: int) -> int:
