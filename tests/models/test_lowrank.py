@@ -8,17 +8,16 @@ and 5, so the head holds ``lowrank.1.encoder``, the trunk ``lowrank.1.decoder`` 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import splitlm.frameworks.federation as federation_module
 import splitlm.frameworks.sflv1 as sflv1_module
 import splitlm.models.lowrank as lowrank_module
+from message_recorder import Recorder as BaseRecorder
+from message_recorder import recorded_run
 from splitlm.errors import CheckpointError, ConfigError, ProtocolError
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.aggregate import fedavg
@@ -31,7 +30,7 @@ from splitlm.models.lowrank import basis
 from splitlm.peft import load_trainable, trainable_parameters
 from splitlm.peft.lora import ADAPTER
 from splitlm.runtime.client import SplitClient
-from splitlm.transport import InProcessTransport, Message
+from splitlm.transport import Message
 
 D, K = 64, 8  # tiny-llama's hidden size; the bottleneck's rank
 LOWRANK = f"transport.codec.activations=lowrank:{K}"
@@ -47,19 +46,8 @@ CUT_TENSORS = {  # what each part's adapter file holds of the bottleneck (U-shap
 CUT_TENSORS_VANILLA = {"head": CUT_TENSORS["head"], "trunk": {"lowrank.1.decoder.weight", "lowrank.1.decoder.bias"}}
 
 
-class Recorder:
-    """Wraps the server's handler and keeps every (request, reply) pair."""
-
-    def __init__(self, handler: Callable[[Message], Message]) -> None:
-        self.handler = handler
-        self.pairs: list[tuple[Message, Message]] = []
-
-    def __call__(self, message: Message) -> Message:
-        reply = self.handler(message)
-        if isinstance(reply, Future):
-            reply = reply.result()
-        self.pairs.append((message, reply))
-        return reply
+class Recorder(BaseRecorder):
+    """Every (request, reply) pair, and the cut tensors among them."""
 
     def cut_bytes(self, step: int) -> int:
         """Bytes of the tensors that cross a cut (activations and their gradients) in training step ``step``."""
@@ -83,18 +71,7 @@ class Recorder:
 
 
 def _recorded_run(monkeypatch: pytest.MonkeyPatch, config) -> tuple[dict, Recorder]:
-    recorders: list[Recorder] = []
-
-    class RecordingTransport(InProcessTransport):
-        def __init__(self, handler: Callable[[Message], Message]) -> None:
-            recorders.append(Recorder(handler))
-            super().__init__(recorders[-1])
-
-    with monkeypatch.context() as patch:
-        patch.setattr(federation_module, "InProcessTransport", RecordingTransport)
-        summary = run_framework(config)
-    (recorder,) = recorders
-    return summary, recorder
+    return recorded_run(monkeypatch, config, Recorder)
 
 
 def _drive(config) -> tuple[Federation, dict]:

@@ -4,18 +4,16 @@ Training traffic and evaluation traffic are counted apart (``snapshot`` / ``eval
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
 
-import splitlm.frameworks.federation as federation_module
+from message_recorder import Recorder as BaseRecorder
+from message_recorder import recorded_run
 from splitlm.data import Batch
-from splitlm.frameworks import run_framework
 from splitlm.frameworks.federation import build_federation
-from splitlm.transport import InProcessTransport, Message
+from splitlm.transport import Message
 
 B, T = 4, 32
 D = 64  # hidden size of tiny-llama (sources.py: hidden_size=64)
@@ -28,19 +26,8 @@ def _size(message: Message) -> int:
     return sum(t.numel() * t.element_size() for t in message.tensors.values())
 
 
-class Recorder:
-    """Wraps a server handler and keeps every (request, reply) pair it sees."""
-
-    def __init__(self, handler: Callable[[Message], Message]) -> None:
-        self.handler = handler
-        self.pairs: list[tuple[Message, Message]] = []
-
-    def __call__(self, message: Message) -> Message:
-        reply = self.handler(message)
-        if isinstance(reply, Future):  # a server with a request queue answers with a future
-            reply = reply.result()
-        self.pairs.append((message, reply))
-        return reply
+class Recorder(BaseRecorder):
+    """Every (request, reply) pair, and their bytes each way."""
 
     def up(self, kinds: tuple[str, ...] | None = None) -> int:
         return sum(_size(q) for q, _ in self.pairs if kinds is None or q.kind in kinds)
@@ -112,18 +99,9 @@ def test_vanilla_step_sends_labels_up(make_config) -> None:
 
 @pytest.mark.parametrize("mode", ["ushape", "vanilla"])
 def test_run_traffic_matches_messages(make_config, run_files, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    recorders: list[Recorder] = []
-
-    class RecordingTransport(InProcessTransport):
-        def __init__(self, handler: Callable[[Message], Message]) -> None:
-            recorders.append(Recorder(handler))
-            super().__init__(recorders[-1])
-
-    monkeypatch.setattr(federation_module, "InProcessTransport", RecordingTransport)
     tail = "1" if mode == "ushape" else "0"
     config = make_config("run", f"split.mode={mode}", f"split.tail_layers={tail}", "train.grad_accum=2")
-    run_framework(config)
-    (recorder,) = recorders
+    _, recorder = recorded_run(monkeypatch, config, Recorder)
     out = Path(config.output_dir)
     summary, metrics = run_files.summary(out), run_files.metrics(out)
     training = ("forward", "backward", "step")
