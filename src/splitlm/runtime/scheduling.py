@@ -1,13 +1,32 @@
 """The server's request queue: which waiting request runs next on the shared trunk.
 
 A policy is a small container with ``push`` / ``pop`` / ``len``; policies register by name in ``POLICIES``
-and ``server.policy`` in a config picks one. ``fifo`` serves requests in arrival order; ``round_robin`` takes
-one request per client in turn, so a chatty client cannot starve the others.
+and ``server.policy`` in a config picks one:
+
+- ``fifo``: arrival order.
+- ``round_robin``: one request per client in turn, so a chatty client cannot starve the others.
+- ``straggler_first`` (PipeSFL, survey §4.2.2): the client furthest behind first, i.e. the request with the
+  lowest training step (``message.step``), so stragglers catch up; ties in arrival order.
+- ``longest_backward_first`` (Chen et al., survey §4.2.2): backward passes before anything else, the one with
+  the longest expected backward first (the server's ``cost`` estimate: the trunk blocks the client's route runs
+  times its tokens), as the client that waits for it has the most left to do; forwards, steps and evals
+  after them in arrival order.
+
+Two rules hold for every policy (``_Queue``):
+
+- ``pop(admissible)`` serves only requests ``admissible`` accepts (the server's back-pressure holds training
+  forwards back while ``server.max_pending`` graphs wait for their backward); the others wait, never dropped.
+  ``pop`` returns None when no waiting request may be served now.
+- An internal action (``Request.action``: forget, abandon, snapshot, restore) keeps its place: it runs after
+  every admissible request queued before it, and nothing queued after it runs before it. A request that is
+  inadmissible when the action comes up does not hold it back (the action may be what frees it).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import math
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -17,59 +36,117 @@ from splitlm.registry import Registry
 from splitlm.transport.messages import Message
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     message: Message
     future: Future[Message] = field(default_factory=Future)
     action: Callable[[], None] | None = None  # internal work run in the queue's order instead of a handler
+    queued_at: float = field(default_factory=time.monotonic)  # for the server's waiting-time statistics
+
+
+Admissible = Callable[[Request], bool]
+Cost = Callable[[Request], float]  # expected time of a request, in any unit (longest_backward_first)
+
+
+def request_tokens(request: Request) -> int:
+    """Tokens a backward carries gradients for (batch x sequence of its ``grad``; 0 without one)."""
+    grad = request.message.tensors.get("grad")
+    return math.prod(grad.shape[:-1]) if grad is not None and grad.dim() >= 2 else 0
 
 
 class Policy(Protocol):
     def push(self, request: Request) -> None: ...
 
-    def pop(self) -> Request: ...
+    def pop(self, admissible: Admissible | None = None) -> Request | None: ...
 
     def __len__(self) -> int: ...
 
 
-POLICIES = Registry[Callable[[], Policy]]("policy", "server.policy")
+POLICIES = Registry[Callable[..., Policy]]("policy", "server.policy")
 register_policy = POLICIES.register
 
 
-def make_policy(name: str) -> Policy:
-    return POLICIES.get(name)()
+def make_policy(name: str, cost: Cost | None = None) -> Policy:
+    """A fresh queue of policy ``name``; ``cost`` estimates a request's duration for policies that use one."""
+    return POLICIES.get(name)(cost)
+
+
+class _Queue:
+    """What every policy shares: arrival order, admissibility and internal actions keeping their place. A
+    policy only says which of the requests that may run now goes first (``_choose``)."""
+
+    def __init__(self, cost: Cost | None = None) -> None:
+        self.cost = cost or request_tokens
+        self._waiting: list[Request] = []  # arrival order
+
+    def push(self, request: Request) -> None:
+        self._waiting.append(request)
+
+    def pop(self, admissible: Admissible | None = None) -> Request | None:
+        barrier = next((i for i, r in enumerate(self._waiting) if r.action is not None), len(self._waiting))
+        ready = [i for i in range(barrier) if admissible is None or admissible(self._waiting[i])]
+        if ready:
+            index = self._choose(ready)
+        elif barrier < len(self._waiting):
+            index = barrier  # every request before the action is held back: the action goes now
+        else:
+            return None
+        request = self._waiting.pop(index)
+        self._served(request)
+        return request
+
+    def _choose(self, ready: list[int]) -> int:
+        """The index (into ``_waiting``) of the request to serve among ``ready`` (ascending, non-empty)."""
+        return ready[0]
+
+    def _served(self, request: Request) -> None:
+        """Bookkeeping after ``request`` left the queue."""
+
+    def __len__(self) -> int:
+        return len(self._waiting)
 
 
 @register_policy("fifo")
-class Fifo:
-    def __init__(self) -> None:
-        self._queue: deque[Request] = deque()
-
-    def push(self, request: Request) -> None:
-        self._queue.append(request)
-
-    def pop(self) -> Request:
-        return self._queue.popleft()
-
-    def __len__(self) -> int:
-        return len(self._queue)
+class Fifo(_Queue):
+    pass
 
 
 @register_policy("round_robin")
-class RoundRobin:
-    def __init__(self) -> None:
-        self._queues: OrderedDict[str, deque[Request]] = OrderedDict()
+class RoundRobin(_Queue):
+    def __init__(self, cost: Cost | None = None) -> None:
+        super().__init__(cost)
+        self._turns: OrderedDict[str, None] = OrderedDict()  # clients with waiting requests, next turn first
 
     def push(self, request: Request) -> None:
-        self._queues.setdefault(request.message.client_id, deque()).append(request)
+        super().push(request)
+        if request.action is None:
+            self._turns.setdefault(request.message.client_id, None)
 
-    def pop(self) -> Request:
-        client, queue = next(iter(self._queues.items()))
-        request = queue.popleft()
-        del self._queues[client]
-        if queue:  # the client goes to the back of the line
-            self._queues[client] = queue
-        return request
+    def _choose(self, ready: list[int]) -> int:
+        first: dict[str, int] = {}
+        for index in ready:  # each client's earliest request that may run
+            first.setdefault(self._waiting[index].message.client_id, index)
+        return next(first[client] for client in self._turns if client in first)
 
-    def __len__(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+    def _served(self, request: Request) -> None:
+        client = request.message.client_id
+        if request.action is not None or client not in self._turns:
+            return
+        del self._turns[client]
+        if any(r.action is None and r.message.client_id == client for r in self._waiting):
+            self._turns[client] = None  # the client goes to the back of the line
+
+
+@register_policy("straggler_first")
+class StragglerFirst(_Queue):
+    def _choose(self, ready: list[int]) -> int:
+        return min(ready, key=lambda i: (self._waiting[i].message.step, i))
+
+
+@register_policy("longest_backward_first")
+class LongestBackwardFirst(_Queue):
+    def _choose(self, ready: list[int]) -> int:
+        backwards = [i for i in ready if self._waiting[i].message.kind == "backward"]
+        if not backwards:
+            return ready[0]
+        return min(backwards, key=lambda i: (-self.cost(self._waiting[i]), i))

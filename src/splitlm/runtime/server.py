@@ -11,7 +11,15 @@ An optimizer step on an adapter shared by a barrier of n clients (parallel SL) h
 client's ``step`` arrives; the earlier ones get their reply then.
 
 Each client's route records its cut: the trunk holds a contiguous range of blocks, and a client's requests
-run the part of that range its own ``SplitSpec`` leaves to the server (today every client has the same cut).
+run the part of that range its own ``SplitSpec`` leaves to the server: clients may cut in different places
+(``framework.clients``), and the trunk holds the union of their ranges once.
+
+Memory (Menos): with ``max_resident_adapters``, the bank offloads the least recently served adapters (and
+their optimizer states) to ``offload_dir`` and brings them back when their client is served; an adapter whose
+client awaits a backward or holds gradients is pinned (``_pinned``). With ``max_pending``, at most that many
+trunk graphs wait for their backward (U-shape): the worker leaves further training forwards in the queue until
+a backward frees a slot, and serves every other request meanwhile (back-pressure, never a refusal).
+``serving_stats`` reports the worker's idle fraction and each client's time queued.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import contextlib
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -40,7 +49,7 @@ from splitlm.peft.lora import ADAPTER
 from splitlm.runtime.loss import causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.rng import seeded
-from splitlm.runtime.scheduling import Request, make_policy
+from splitlm.runtime.scheduling import Request, make_policy, request_tokens
 from splitlm.transport.messages import Message
 
 log = logging.getLogger(__name__)
@@ -79,14 +88,25 @@ class SplitServer:
         make_optimizer: OptimizerFactory,
         seed: int = 0,
         policy: str = "fifo",
+        max_resident_adapters: int = 0,
+        offload_dir: Path | None = None,
+        max_pending: int = 0,
     ) -> None:
+        if max_pending < 0:
+            raise ValueError(f"max_pending is {max_pending}; expected 0 (no bound) or a positive count")
         self.trunk = trunk  # the stage, possibly wrapped by peft
         self.stage = stage
         self.mode = mode
         self.hidden_size = stage.in_width  # d, or K behind a learned bottleneck (lowrank:K)
         self.trainable = bool(trainable_parameters(trunk))
         self.seed = seed
-        self.bank = AdapterBank(trunk, make_optimizer, seed) if isinstance(trunk, PeftModel) else None
+        self.max_pending = max_pending  # trunk graphs waiting for their backward at most (0: no bound)
+        self.bank: AdapterBank[PartyOptimizer] | None = None
+        if isinstance(trunk, PeftModel):
+            self.bank = AdapterBank(
+                trunk, make_optimizer, seed,
+                max_resident=max_resident_adapters, offload_dir=offload_dir, pinned=self._pinned,
+            )  # fmt: skip
         self._shared = None if self.bank else make_optimizer(trainable_parameters(trunk))
         self.routes: dict[str, Route] = {}  # client id -> its adapter and trunk blocks
         self.barriers: dict[str, int] = {}  # adapter -> step messages per optimizer step
@@ -96,33 +116,44 @@ class SplitServer:
         self._arrivals: dict[str, list[tuple[Request, float]]] = {}
         self._abandoned = False  # a stopped round: steps fail until it is rolled back
         self._gradients: dict[str, list[torch.Tensor | None]] = {}  # client -> its gradients at a barrier
-        self._policy = make_policy(policy)
+        self._policy = make_policy(policy, cost=self._backward_cost)
         self._wakeup = threading.Condition()
         self._worker: threading.Thread | None = None
         self._running = False
+        # serving statistics (``serving_stats``), updated under ``_wakeup``
+        self._started_at: float | None = None
+        self._stopped_at: float | None = None
+        self._idle_seconds = 0.0
+        self._idle_since: float | None = None  # the worker waits for work since then
+        self._busy_seconds = 0.0
+        self._waits: dict[str, tuple[int, float]] = {}  # client -> (requests served, seconds they were queued)
 
     @property
     def param_count(self) -> int:
-        """Parameters the server holds: the base trunk once, plus every adapter."""
+        """Parameters the server holds in memory: the base trunk once, plus every resident adapter."""
         return sum(p.numel() for p in {id(p): p for p in self.trunk.parameters()}.values())
 
     @property
     def trainable_param_count(self) -> int:
         """Parameters of one trunk adapter (or of the trunk, trained without LoRA)."""
-        params = self.bank.parameters(ADAPTER) if self.bank is not None else trainable_parameters(self.trunk)
-        return sum(p.numel() for p in params)
+        if self.bank is not None:
+            return self.bank.numel(ADAPTER)
+        return sum(p.numel() for p in trainable_parameters(self.trunk))
 
     # --- tenants -----------------------------------------------------------------------------------------
 
-    def assign(self, client_id: str, adapter: str = ADAPTER, spec: SplitSpec | None = None) -> None:
-        """Route ``client_id`` to ``adapter`` (created on first use, initialised like every other one) and to
-        the trunk blocks its cut ``spec`` leaves to the server (default: every block this trunk holds)."""
+    def assign(
+        self, client_id: str, adapter: str = ADAPTER, spec: SplitSpec | None = None, rank: int | None = None
+    ) -> None:
+        """Route ``client_id`` to ``adapter`` (created on first use, initialised like every other one, with LoRA
+        rank ``rank`` if given) and to the trunk blocks its cut ``spec`` leaves to the server (default: every
+        block this trunk holds)."""
         if adapter != ADAPTER:
             if self.bank is None:
                 if self.trainable:
                     raise ProtocolError("per-client trunk adapters need lora.trunk.method=lora")
             elif adapter not in self.bank.names:
-                self.bank.add(adapter)
+                self.bank.add(adapter, rank)
         self.routes[client_id] = Route(adapter, self._blocks_of(client_id, spec))
 
     def _blocks_of(self, client_id: str, spec: SplitSpec | None) -> tuple[int, ...]:
@@ -192,6 +223,12 @@ class SplitServer:
             with self.bank.use(route.adapter):
                 yield route
 
+    def _pinned(self) -> set[str]:
+        """Adapters that must stay where they are: a client's trunk graph awaits its backward, or the client
+        holds gradients at a barrier (the bank also pins adapters with a ``.grad`` of their own)."""
+        clients = {key[0] for key in list(self._pending)} | set(list(self._gradients))
+        return {self.routes[c].adapter for c in clients if c in self.routes}
+
     def _run_trunk(self, route: Route, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None):
         blocks = None if route.blocks == tuple(self.stage.layer_indices) else list(route.blocks)
         return self.trunk(hidden_states=hidden, attention_mask=mask, position_ids=positions, blocks=blocks)
@@ -202,6 +239,8 @@ class SplitServer:
         """Serve queued requests on a worker thread, in the order the scheduling policy picks."""
         if self._worker is None:
             self._running = True
+            self._started_at = self._started_at or time.monotonic()
+            self._stopped_at = None
             self._worker = threading.Thread(target=self._serve, name="splitlm-server", daemon=True)
             self._worker.start()
 
@@ -212,11 +251,13 @@ class SplitServer:
                 self._wakeup.notify_all()
             self._worker.join()
             self._worker = None
+            self._stopped_at = time.monotonic()
 
     def submit(self, message: Message) -> Future[Message]:
         request = Request(message)
         if self._worker is None:
-            self._dispatch(request)
+            self._record_wait(request)
+            self._timed_dispatch(request)
         else:
             with self._wakeup:
                 self._policy.push(request)
@@ -232,12 +273,68 @@ class SplitServer:
     def _serve(self) -> None:
         while True:
             with self._wakeup:
-                while self._running and not len(self._policy):
+                while True:
+                    if not self._running:
+                        return
+                    request = self._policy.pop(self._admissible) if len(self._policy) else None
+                    if request is not None:
+                        break
+                    self._idle_since = time.monotonic()  # nothing (admissible) to serve
                     self._wakeup.wait()
-                if not self._running:
-                    return
-                request = self._policy.pop()
+                    self._idle_seconds += time.monotonic() - self._idle_since
+                    self._idle_since = None
+                self._record_wait(request)
+            self._timed_dispatch(request)
+
+    def _admissible(self, request: Request) -> bool:
+        """Back-pressure: a U-shaped training forward needs a free graph slot; everything else can run now.
+        Only the worker changes ``_pending``, so a slot freed by a backward is seen on its next look."""
+        message = request.message
+        if request.action is not None or message.kind != "forward":
+            return True
+        return self._slot_free(message)
+
+    def _slot_free(self, message: Message) -> bool:
+        if not self.max_pending or self.mode != "ushape" or message.key in self._pending:
+            return True
+        return len(self._pending) < self.max_pending
+
+    def _backward_cost(self, request: Request) -> float:
+        """Expected time of a backward (longest_backward_first): trunk blocks of the client's route x tokens."""
+        route = self.routes.get(request.message.client_id)
+        return (len(route.blocks) if route is not None else 1) * request_tokens(request)
+
+    def _record_wait(self, request: Request) -> None:
+        if request.action is None:
+            client = request.message.client_id
+            count, seconds = self._waits.get(client, (0, 0.0))
+            self._waits[client] = (count + 1, seconds + max(0.0, time.monotonic() - request.queued_at))
+
+    def _timed_dispatch(self, request: Request) -> None:
+        began = time.monotonic()
+        try:
             self._dispatch(request)
+        finally:
+            with self._wakeup:
+                self._busy_seconds += time.monotonic() - began
+
+    def serving_stats(self) -> dict[str, Any]:
+        """How the worker spent its time since ``start`` (idle: waiting with nothing admissible to serve) and
+        how long each client's requests waited in the queue before being served."""
+        with self._wakeup:
+            now = time.monotonic()
+            idle = self._idle_seconds + (now - self._idle_since if self._idle_since is not None else 0.0)
+            elapsed = (self._stopped_at or now) - self._started_at if self._started_at is not None else 0.0
+            clients = {
+                client: {"requests": count, "wait_seconds": seconds, "mean_wait_s": seconds / count}
+                for client, (count, seconds) in self._waits.items()
+            }
+            return {
+                "idle_fraction": min(1.0, idle / elapsed) if elapsed > 0 else 0.0,
+                "busy_seconds": self._busy_seconds,
+                "idle_seconds": idle,
+                "clients": clients,
+            }
 
     def _dispatch(self, request: Request) -> None:
         if request.action is not None:  # internal work queued behind the requests already waiting
@@ -308,6 +405,11 @@ class SplitServer:
     # --- handlers --------------------------------------------------------------------------------------
 
     def _forward(self, message: Message) -> Message:
+        if not self._slot_free(message):  # only without a worker: the worker holds such forwards back
+            raise ProtocolError(
+                f"forward from {message.client_id}: {len(self._pending)} trunk graphs already wait for their "
+                f"backward (max_pending={self.max_pending}); send those backwards first"
+            )
         hidden, mask, positions = self._inputs(message)
         labels = self._labels(message, hidden) if self.mode == "vanilla" else None
         want_grad = bool(message.meta.get("want_grad", True))
@@ -318,7 +420,8 @@ class SplitServer:
             with seeded(self.seed, *message.key, "trunk", devices=(self.stage.device,)):
                 out = self._run_trunk(route, hidden, mask, positions)  # (B,T,d|V)
             if self.mode == "ushape":
-                self._pending[message.client_id, message.step, message.micro] = (hidden, out)
+                if out.requires_grad:  # else the client sends no backward (``needs_grad``): nothing to keep
+                    self._pending[message.client_id, message.step, message.micro] = (hidden, out)
                 return Message(
                     "activations", message.client_id, message.step, message.micro, {"hidden": out},
                     {"needs_grad": out.requires_grad},
@@ -436,7 +539,8 @@ class SplitServer:
         for waiting, _ in self._arrivals.pop(adapter, []):
             step = waiting.message.step
             _resolve(waiting.future, ProtocolError(f"client {client_id} left; step {step} abandoned"))
-        for p in self.optimizer(adapter).params:
+        params = self.bank.parameters(adapter) if self.bank is not None else self.optimizer(adapter).params
+        for p in params:  # an offloaded adapter has none, and no gradients either
             p.grad = None
 
     # --- rolling a failed round back ------------------------------------------------------------------
@@ -446,8 +550,8 @@ class SplitServer:
         return self._between_requests(self._snapshot) or {}
 
     def _snapshot(self) -> dict[str, tuple[dict[str, torch.Tensor], Any]]:
-        if self.bank is not None:
-            return {name: (self.bank.state(name), self.bank.optimizer(name).snapshot()) for name in self.bank.names}
+        if self.bank is not None:  # offloaded adapters stay where they are
+            return {name: self.bank.snapshot(name) for name in self.bank.names}
         state = {k: v.detach().clone() for k, v in trainable_state(self.trunk).items()}
         return {ADAPTER: (state, self.optimizer().snapshot())}
 
@@ -459,10 +563,11 @@ class SplitServer:
         self._pending.clear()
         self._abandon()
         self._abandoned = False
+        for p in self.trunk.parameters():  # nothing is pinned now: the bank may move adapters as it restores
+            p.grad = None
         for name, (state, optimizer) in snapshot.items():
             if self.bank is not None:
-                self.bank.load_state(name, state)
-                self.bank.optimizer(name).restore(optimizer)
+                self.bank.restore(name, (state, optimizer))
             else:
                 load_trainable_state(self.trunk, state, "trunk")
                 self.optimizer().restore(optimizer)
@@ -504,7 +609,7 @@ class SplitServer:
                 tmp.replace(folder / f"trunk{suffix}.safetensors")
                 if with_optimizer:
                     (folder / f"optimizer{suffix}").mkdir(exist_ok=True)
-                    self.bank.optimizer(name).save(folder / f"optimizer{suffix}")
+                    self.bank.save_optimizer(name, folder / f"optimizer{suffix}")
 
     def export_adapter(self, adapter: str, path: Path) -> None:
         """Write one adapter as a part file (``trunk.safetensors``) that ``splitlm generate/export`` load."""
