@@ -10,30 +10,15 @@ equals a one-client sflv1 run on the same data.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
+from partitioners import EVERYONE, EveryoneGetsAll
 from splitlm.data import partition
 from splitlm.data.partition import PARTITIONERS, register_partitioner
 from splitlm.frameworks import run_framework, sflv1
-
-EVERYONE = "test-everyone"  # every client gets every index
-
-
-class EveryoneGetsAll:
-    def __call__(self, labels, num_clients, seed, sources=None) -> list[list[int]]:
-        return [list(range(len(labels))) for _ in range(num_clients)]
-
-
-@pytest.fixture
-def everyone() -> Iterator[str]:
-    register_partitioner(EVERYONE)(EveryoneGetsAll)
-    yield EVERYONE
-    PARTITIONERS.remove(EVERYONE)
 
 
 def _equal_states(states: list[dict[str, torch.Tensor]]) -> None:

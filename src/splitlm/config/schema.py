@@ -197,6 +197,46 @@ class DataConfig(Section):
     )
 
 
+class ClientSplitConfig(Section):
+    head_layers: int | None = Field(None, ge=0, description="This client's head blocks; unset: split.head_layers.")
+    tail_layers: int | None = Field(
+        None, ge=0, description="This client's tail blocks (ushape); unset: split.tail_layers."
+    )
+
+
+class ClientLoraConfig(Section):
+    rank: int | None = Field(
+        None,
+        ge=1,
+        description="This client's LoRA rank (its head and tail, and its trunk adapter where it has its own): it "
+        "replaces lora.rank for this client; per-part lora.<part>.rank still wins.",
+    )
+
+
+class ClientOverrides(Section):
+    """One client's settings where they differ from the run's (``framework.clients``)."""
+
+    split: ClientSplitConfig = Field(default_factory=ClientSplitConfig, description="This client's cut.")
+    lora: ClientLoraConfig = Field(default_factory=ClientLoraConfig, description="This client's LoRA rank.")
+    speed: float = Field(
+        1.0,
+        ge=1,
+        allow_inf_nan=False,
+        description="Simulated compute slowdown: after each piece of the client's own computation it sleeps "
+        "(speed - 1) times as long as the piece took, so a client with speed 4 computes 4x slower (1: as fast as "
+        "this machine).",
+    )
+    link: LinkConfig | None = Field(
+        None, description="This client's emulated link (replaces transport.link for it); unset: transport.link."
+    )
+    client_memory_mb: float | None = Field(
+        None, gt=0, description="`splitlm plan`: this client's memory budget; unset: plan.client_memory_mb."
+    )
+
+
+Aggregation = Literal["sync", "async", "semi_async"]
+
+
 class FrameworkConfig(Section):
     name: str = Field(
         "sl",
@@ -244,12 +284,79 @@ class FrameworkConfig(Section):
         "computes when a client fails in a round, to compare a networked run with faults against.",
     )
 
+    clients: list[ClientOverrides] | None = Field(
+        None,
+        description="Per-client overrides, one entry per client (framework.num_clients of them): split.head_layers, "
+        "split.tail_layers, lora.rank, speed, link, client_memory_mb. The server holds the union of the trunk "
+        "blocks the clients need, once; each client loads only its own blocks.",
+    )
+    aggregation: Aggregation = Field(
+        "sync",
+        description="sflv1: sync (every round waits for its clients, then FedAvg); async (each client's update is "
+        "mixed into the global model when it arrives, weighted by a staleness penalty, dropped past max_staleness; "
+        "DT-ASFL, SFL-LEO); semi_async (what arrived within round_window_s is aggregated, stragglers go on "
+        "training into the next window, weighted by participation interval; SAFSL). No client waits for a round "
+        "barrier in the async modes.",
+    )
+    async_mix: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="async: weight of a fresh update (staleness 0, average size) mixed into the global model.",
+    )
+    staleness_exponent: float = Field(
+        0.5,
+        ge=0,
+        description="async: an update s versions stale is weighted (1 + s) ** -staleness_exponent (soft penalty).",
+    )
+    max_staleness: int = Field(
+        4, ge=0, description="async: updates more than this many versions stale are dropped (hard cutoff)."
+    )
+    round_window_s: float = Field(
+        10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="semi_async: wall seconds of one aggregation window.",
+    )
+
     def steps_per_round(self, total_steps: int) -> int:
         return self.local_steps or max(total_steps // self.rounds, 1)
 
 
 class ServerConfig(Section):
-    policy: str = Field("fifo", description="Request scheduling on the server: fifo or round_robin.")
+    policy: str = Field(
+        "fifo",
+        description="Request scheduling on the server: fifo, round_robin, straggler_first (the client furthest "
+        "behind first; PipeSFL) or longest_backward_first (backward passes first, the longest first; Chen et al.).",
+    )
+    max_resident_adapters: int = Field(
+        0,
+        ge=0,
+        description="Trunk adapters (with their optimizer states) kept on the compute device; the least recently "
+        "served others wait in server.offload_dir and are loaded back when their client is served (Menos). "
+        "0: all resident.",
+    )
+    offload_dir: str | None = Field(
+        None,
+        description="Where offloaded adapters go (default: <output_dir>/offload). With the trunk on a GPU and "
+        "max_resident_adapters 0, adapters not being served wait in CPU memory instead.",
+    )
+    max_pending: int = Field(
+        0,
+        ge=0,
+        description="Trunk forwards whose graphs wait for their backward at most (U-shape); more forwards wait in "
+        "the queue until a backward frees a slot (back-pressure). 0: no bound.",
+    )
+
+
+class PlanConfig(Section):
+    client_memory_mb: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="`splitlm plan`: the client's memory budget; the fastest cut within it is marked (0: no budget).",
+    )
+    profile_batches: int = Field(3, ge=1, description="`splitlm plan`: timed batches per block and device.")
 
 
 class CodecConfig(Section):
@@ -547,9 +654,28 @@ class Config(Section):
     framework: FrameworkConfig = Field(default_factory=FrameworkConfig, description="Order of steps.")
     transport: TransportConfig = Field(default_factory=TransportConfig, description="Message transport.")
     server: ServerConfig = Field(default_factory=ServerConfig, description="Server-side serving settings.")
+    plan: PlanConfig = Field(default_factory=PlanConfig, description="The cut planner (`splitlm plan`).")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Defenses, recording, detection.")
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
     output_dir: str = Field("runs/default", description="Where metrics, adapters and checkpoints go.")
+
+    def client(self, index: int) -> ClientOverrides:
+        """Client ``index``'s entry of ``framework.clients`` (all defaults where there is none)."""
+        overrides = self.framework.clients
+        return overrides[index] if overrides and 0 <= index < len(overrides) else ClientOverrides()
+
+    def for_client(self, index: int) -> Config:
+        """This config as client ``index`` sees it: its cut, LoRA rank and link from ``framework.clients``."""
+        own = self.client(index)
+        if not self.framework.clients:
+            return self
+        split = {k: v for k, v in own.split.model_dump().items() if v is not None}
+        update: dict[str, Any] = {"split": self.split.model_copy(update=split)}
+        if own.lora.rank is not None:
+            update["lora"] = self.lora.model_copy(update={"rank": own.lora.rank})
+        if own.link is not None:
+            update["transport"] = self.transport.model_copy(update={"link": own.link})
+        return self.model_copy(update=update)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -612,6 +738,7 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
     ):
         problems.append("data.response_field: must differ from data.prompt_field")
     problems += _round_trip_problems(tree)
+    problems += _client_problems(tree)
     defenses = value_at(tree, "privacy.defenses")
     if isinstance(defenses, list):
         if len(set(defenses)) != len(defenses):
@@ -655,6 +782,31 @@ def _round_trip_problems(tree: dict[str, Any]) -> list[str]:
             problems.append(
                 "data.prune: el2n scores rows with the client's head and the LM head of its tail; set split.mode=ushape"
             )
+    return problems
+
+
+def _client_problems(tree: dict[str, Any]) -> list[str]:
+    """``framework.clients`` (one entry per client) and the aggregation modes."""
+    problems: list[str] = []
+    clients, overrides = value_at(tree, "framework.num_clients"), value_at(tree, "framework.clients")
+    if isinstance(overrides, list) and isinstance(clients, int) and len(overrides) != clients:
+        problems.append(
+            f"framework.clients: {len(overrides)} entries for framework.num_clients={clients}; give one per client"
+        )
+    if isinstance(overrides, list) and value_at(tree, "split.mode") == "vanilla":
+        splits = [(o.get("split") or {}) if isinstance(o, dict) else {} for o in overrides]
+        tails = [i for i, split in enumerate(splits) if split.get("tail_layers")]
+        if tails:
+            problems.append(f"framework.clients: clients {tails} set split.tail_layers; a vanilla split has no tail")
+    aggregation = value_at(tree, "framework.aggregation")
+    if aggregation in ("async", "semi_async"):
+        if value_at(tree, "framework.name") != "sflv1":
+            problems.append(
+                f"framework.aggregation: {aggregation} aggregates client sides and trunk adapters as sflv1 does; set "
+                "framework.name=sflv1"
+            )
+        if value_at(tree, "transport.name") != "inprocess":
+            problems.append(f"framework.aggregation: {aggregation} runs in-process; set transport.name=inprocess")
     return problems
 
 

@@ -109,11 +109,11 @@ class ClientAgent:
 
     def hello(self) -> Message:
         member = self.member
+        split = self.config.for_client(self.index).split  # this client's own cut (framework.clients)
         meta = {
             "examples": member.num_examples, "histogram": json.dumps(self.histogram),
             "param_count": member.info()["client_param_count"], "steps": self.steps, "session": self.session,
-            "head_layers": self.config.split.head_layers, "tail_layers": self.config.split.tail_layers,
-            "mode": self.config.split.mode, "ready": True,
+            "head_layers": split.head_layers, "tail_layers": split.tail_layers, "mode": split.mode, "ready": True,
         }  # fmt: skip
         return Message("hello", self.client_id, -1, 0, {}, meta)
 

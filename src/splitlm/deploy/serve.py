@@ -19,9 +19,9 @@ from splitlm.errors import ConfigError, ProtocolError
 from splitlm.frameworks.base import framework_of
 from splitlm.frameworks.checkpoint import prepare_output
 from splitlm.frameworks.driver import drive
-from splitlm.frameworks.federation import Federation, groups_of, make_server
+from splitlm.frameworks.federation import Federation, groups_of, make_server, route
 from splitlm.frameworks.pipeline import server_mods
-from splitlm.frameworks.setup import load_source
+from splitlm.frameworks.setup import load_source, spec_of
 from splitlm.models import SplitSpec
 from splitlm.transport import Message, server_chain
 from splitlm.transport.grpc_server import GrpcServer
@@ -105,18 +105,20 @@ def serve(
         for index, client_id in enumerate(expected):
             hello = hellos[client_id]
             assert hello is not None
+            split = config.for_client(index).split  # its own cut (framework.clients)
+            mode = str(hello.meta.get("mode", split.mode))
             spec = SplitSpec(
-                str(hello.meta.get("mode", config.split.mode)),  # type: ignore[arg-type]
-                int(hello.meta.get("head_layers", config.split.head_layers)),
-                int(hello.meta.get("tail_layers", config.split.tail_layers)),
+                mode,  # type: ignore[arg-type]
+                int(hello.meta.get("head_layers", split.head_layers)),
+                int(hello.meta.get("tail_layers", split.tail_layers)) if mode == "ushape" else 0,
             )
-            if spec != SplitSpec(config.split.mode, config.split.head_layers, config.split.tail_layers):
+            if spec != spec_of(config.for_client(index)):
                 raise ConfigError(
                     f"client {client_id} cuts the model at (head {spec.head_layers}, tail {spec.tail_layers}, "
-                    f"{spec.mode}); the server's config says (head {config.split.head_layers}, tail "
-                    f"{config.split.tail_layers}, {config.split.mode}): use the same split settings on every side"
+                    f"{spec.mode}); the server's config says (head {split.head_layers}, tail "
+                    f"{split.tail_layers}, {split.mode}): use the same split settings on every side"
                 )
-            server.assign(client_id, framework.adapter_of(index, groups), spec)
+            route(config, server, index, groups)  # its adapter, cut and (own trunk adapter) LoRA rank
         grpc_server.handler = server_chain(server_mods(config, source, server.stage), server.submit)
         fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
         fed.rollback_hooks.append(grpc_server.clear_replies)  # a rolled-back round's requests come again

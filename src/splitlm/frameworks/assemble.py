@@ -50,8 +50,13 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
         )
         state: dict[str, torch.Tensor] = {}
         plain: dict[str, Stage] = {}
-        for role in spec_of(config).roles():
-            part, _ = build_part(config, source, role)
+        # adapters/ holds client 0's side and the trunk adapter it trained with (its own rank where each client
+        # has its own trunk adapter). The trunk covers every client's trunk blocks: it goes first, and client 0's
+        # head and tail then replace the blocks client 0 runs itself.
+        first = config.for_client(0)
+        trunk_config = first if framework_of(config).trunk_adapters == "client" else config
+        for role in ("trunk", *spec_of(first).client_roles()):
+            part, _ = build_part(trunk_config if role == "trunk" else first, source, role)
             if trainable_parameters(part):
                 load_trainable(part, adapters / f"{role}.safetensors")
             plain[role] = merged(part)

@@ -20,7 +20,7 @@ from splitlm.config.schema import TrainConfig
 from splitlm.data import Batch, Example, collate
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
-from splitlm.frameworks.setup import build_centralized, spec_of
+from splitlm.frameworks.setup import build_centralized, same_cut_and_rank, spec_of
 from splitlm.frameworks.sl import train_in_sequence
 from splitlm.models import ModelSource, family_for
 from splitlm.models.families import get_module
@@ -149,5 +149,6 @@ CENTRALIZED = register(
         "the unsplit baseline: the whole model on all clients' data in one process, same LoRA, data order and seed",
         split=False,
         make_client=CentralizedClient.build,
+        checks=(same_cut_and_rank("trains one unsplit model with one LoRA rank"),),
     )
 )

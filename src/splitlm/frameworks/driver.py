@@ -221,7 +221,8 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
                     }  # fmt: skip
                     rounds_file.write(json.dumps(record) + "\n")
                     rounds_file.flush()
-                    checkpoint()
+                    if settled(fed):
+                        checkpoint()
             finally:
                 bar.close()
                 fed.on_step = lambda member, record: None
@@ -245,6 +246,12 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
     summary = summarize(fed, progress)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def settled(fed: Federation) -> bool:
+    """Whether no client is in the middle of its training now (asynchronous aggregation lets them train across
+    the driver's rounds): only then is the state a checkpoint that ``--resume`` can continue exactly."""
+    return fed.aggregation is None or fed.aggregation.over
 
 
 def _step_hook(fed: Federation, bar: _Progress, checkpoint: Any) -> Any:
@@ -326,9 +333,12 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         "trunk_layers": list(server.stage.layer_indices) if server is not None and hasattr(server, "stage") else [],
         "server_adapters": list(server.bank.names) if server is not None and server.bank else [],
         "groups": fed.groups or None,
+        "server": serving_summary(server),
+        "aggregation": fed.aggregation.stats.summary() if fed.aggregation is not None else {"mode": fw.aggregation},
         "clients": [
             {
                 "client": m.client_id,
+                **client_setup(config, m),
                 "examples": m.num_examples,
                 "label_histogram": m.histogram,
                 "steps": m.steps_done,
@@ -342,6 +352,24 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         ],
         "privacy": privacy_summary(config, fed) if fed.framework.split else None,
     }
+
+
+def client_setup(config: Config, member: Member) -> dict[str, Any]:
+    """A client's own cut, LoRA rank, simulated speed and link (``framework.clients``)."""
+    own = config.for_client(member.index)
+    return {
+        "head_layers": own.split.head_layers,
+        "tail_layers": own.split.tail_layers if own.split.mode == "ushape" else 0,
+        "lora_rank": own.lora.rank,
+        "speed": config.client(member.index).speed,
+        "link_mbps": {name: own.transport.link.direction(name)["bandwidth_mbps"] for name in LINK_DIRECTIONS},
+    }
+
+
+def serving_summary(server: Any) -> dict[str, Any] | None:
+    """The server's idle fraction and each client's time queued (in this process's server; None elsewhere)."""
+    stats = getattr(server, "serving_stats", None)
+    return stats() if callable(stats) else None
 
 
 def link_summary(config: Config, progress: dict[str, Any]) -> dict[str, Any]:

@@ -29,10 +29,20 @@ from splitlm.config import Config
 from splitlm.data import Batch, DataOrder, Example, collate, label_histograms, make_partitioner, pack_examples, skew
 from splitlm.errors import ClientGone, ConfigError, Interrupted, ProtocolError
 from splitlm.files import write_json
+from splitlm.frameworks.aggregate import contribution, fit
 from splitlm.frameworks.base import Framework, client_steps, framework_of
 from splitlm.frameworks.checkpoint import TMP_PREFIX
 from splitlm.frameworks.pipeline import ClientPipeline, client_link, client_pipeline, recorders, server_mods
-from splitlm.frameworks.setup import RunData, build_part, count_parameters, load_source, prepare_data, spec_of
+from splitlm.frameworks.setup import (
+    RunData,
+    block_layout,
+    build_part,
+    count_parameters,
+    load_source,
+    mixed_clients,
+    prepare_data,
+    spec_of,
+)
 from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
@@ -219,9 +229,11 @@ class Federation:
     tap: ServerTap | None = None  # in-process runs with privacy.tap.enabled: what the server received
     truth: TruthRecorder | None = None  # ... and the clients' true tokens of those batches (audit)
     server_mods: list[Mod] = field(default_factory=list)  # around the server's handler, from the wire inwards
+    templates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # client -> its state's shapes (meta)
     rollback_hooks: list[Callable[[], None]] = field(default_factory=list)  # e.g. forget the replay caches
     last_checkpoint: str | None = None  # the newest checkpoint's name (a client that rejoins restores it)
     on_step: StepHook = _no_hook  # called after every client step with its metrics record (the driver's)
+    aggregation: Any = None  # framework.aggregation async / semi_async: the clients' threads and the global model
     stop: threading.Event = field(default_factory=threading.Event)
 
     def check_stop(self) -> None:
@@ -232,7 +244,7 @@ class Federation:
 
     def local_training(self, member: Member, round_index: int) -> None:
         if member.stale and self.carry is not None and self.carry_from != member.client_id:
-            member.client.load_state(self.carry)
+            member.client.load_state(self.fitted(member, self.carry))
         member.stale = False
         member.train_round(self, round_index)
 
@@ -264,10 +276,33 @@ class Federation:
         self.carry, self.carry_from = state, None
         for member in self.members:
             try:
-                member.client.load_state(state)
+                member.client.load_state(self.fitted(member, state))
             except ProtocolError as error:
                 member.stale = True
                 log.warning("client %s missed the new client side (%s)", member.client_id, error)
+
+    def fitted(self, member: Member, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` as ``member`` can load it: with clients of different cuts or LoRA ranks, the aggregate fitted
+        to the member's own tensors (``aggregate.fit``; their shapes are asked once); otherwise as it is."""
+        if not mixed_clients(self.config):
+            return state
+        like = self.templates.get(member.client_id)
+        if like is None:
+            like = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in member.client.state().items()}
+            self.templates[member.client_id] = like
+        return fit(like, state)
+
+    def contribution(self, member: Member) -> dict[str, torch.Tensor]:
+        """What ``member`` trained, for ``aggregate``: its client side, and from its trunk adapter the blocks its cut
+        leaves to the server (a per-client adapter), or of those only the ones other clients run in their head or
+        tail (one shared adapter: the blocks every client leaves to it need no averaging)."""
+        layout, server = block_layout(self.config), self.server
+        own = self.framework.trunk_adapters == "client"
+        on_server = {m.index: set(layout.trunk_blocks(self.config, m.index)) for m in self.members}
+        on_clients = set(range(layout.total)) - set.intersection(*on_server.values())  # some client runs them itself
+        blocks = on_server[member.index] if own else on_server[member.index] & on_clients
+        trunk = server.adapter_state(server.adapter_of(member.client_id)) if blocks or own else {}
+        return contribution(member.client.state(), trunk, blocks, layout.block_of, blockless=own)
 
     def parallel(self, tasks: Sequence[Callable[[], None]]) -> None:
         """Run tasks on threads (clients working at once against the one server).
@@ -468,15 +503,23 @@ def make_server(config: Config, source: ModelSource, groups: list[list[int]]) ->
     server_train = config.train.model_copy(update={"steps": framework.server_steps(config, groups)})
     scale = framework.server_lr_scale(config, groups)
     trunk, trunk_stage = build_part(config, source, "trunk")
+    serving = config.server
+    offload = Path(serving.offload_dir) if serving.offload_dir else Path(config.output_dir) / "offload"
     return SplitServer(
         trunk, trunk_stage, spec_of(config).mode,
-        lambda params: PartyOptimizer(params, server_train, lr_scale=scale), config.seed, config.server.policy,
+        lambda params: PartyOptimizer(params, server_train, lr_scale=scale), config.seed, serving.policy,
+        max_resident_adapters=serving.max_resident_adapters,
+        offload_dir=offload if serving.max_resident_adapters or serving.offload_dir else None,
+        max_pending=serving.max_pending,
     )  # fmt: skip
 
 
 def route(config: Config, server: SplitServer, index: int, groups: list[list[int]]) -> None:
-    """Give client ``index`` its trunk adapter (as the framework lays them out) and its cut."""
-    server.assign(str(index), framework_of(config).adapter_of(index, groups), spec_of(config))
+    """Give client ``index`` its trunk adapter (as the framework lays them out; one of its own has its LoRA rank)
+    and its cut."""
+    framework, own = framework_of(config), config.for_client(index)
+    rank = own.lora.part("trunk").rank if framework.trunk_adapters == "client" else None
+    server.assign(str(index), framework.adapter_of(index, groups), spec_of(own), rank)
 
 
 def split_rows(rows: list[int], parts: int) -> list[list[int]]:
@@ -494,8 +537,9 @@ def build_client(
     config: Config, source: ModelSource, index: int, transport: Transport | None, truth: TruthRecorder | None = None
 ) -> tuple[Client, ClientPipeline | None]:
     """Client ``index``: its head [+ tail] and optimizer behind its pipeline of mods and plugins (or, for the
-    unsplit baseline, the whole model)."""
+    unsplit baseline, the whole model), as ``config.for_client(index)`` says (its cut, LoRA rank and link)."""
     framework = framework_of(config)
+    config = config.for_client(index)
     optimizer_train = config.train.model_copy(update={"steps": client_steps(config)})
     if framework.make_client is not None:  # a framework with its own kind of client (the unsplit baseline)
         return framework.make_client(config, source, optimizer_train), None
@@ -515,6 +559,7 @@ def build_client(
         str(index), parts, stages, channel, PartyOptimizer(params, optimizer_train), spec.mode, pipeline.plugins,
         schedule=pipelined if pipelining.micro_batches > 1 and pipelining.overlap else serial,
         seed=config.seed, update=make_update(config, stages), prune=keep_fraction(config.data.prune),
+        pace=config.client(index).speed,
     )  # fmt: skip
     return client, pipeline
 

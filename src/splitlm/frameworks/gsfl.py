@@ -10,6 +10,7 @@ import torch
 from splitlm.frameworks.aggregate import fedavg
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
+from splitlm.frameworks.setup import same_cut_and_rank
 
 
 def gsfl_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
@@ -45,5 +46,6 @@ GSFL = register(
         "grouped split-federated learning: groups at once, sequential SL inside a group, one trunk adapter per "
         "group; FedAvg'd over groups every round",
         trunk_adapters="group",
+        checks=(same_cut_and_rank("passes one client side from client to client inside a group"),),
     )
 )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,72 @@ class RunData:
 def spec_of(config: Config) -> SplitSpec:
     tail = config.split.tail_layers if config.split.mode == "ushape" else 0
     return SplitSpec(config.split.mode, config.split.head_layers, tail)
+
+
+def client_specs(config: Config) -> list[SplitSpec]:
+    """Each client's cut (``framework.clients`` overrides the run's)."""
+    return [spec_of(config.for_client(i)) for i in range(config.framework.num_clients)]
+
+
+def server_spec(config: Config) -> SplitSpec:
+    """The trunk the server holds: every block some client leaves to it (the shallowest head and tail), once."""
+    specs = client_specs(config) or [spec_of(config)]
+    if len(set(specs)) > 1 and learned_rank(config.transport.codec.activations) is not None:
+        raise ConfigError(
+            "transport.codec.activations: a lowrank bottleneck is learned at one cut, but framework.clients gives "
+            "the clients different cuts; drop lowrank or split.head_layers/tail_layers from framework.clients"
+        )
+    heads, tails = [s.head_layers for s in specs], [s.tail_layers for s in specs]
+    return SplitSpec(config.split.mode, min(heads), min(tails))
+
+
+def mixed_clients(config: Config) -> bool:
+    """Whether ``framework.clients`` gives some client another cut or LoRA rank than the rest."""
+    if not config.framework.clients:
+        return False
+    own = [config.for_client(i) for i in range(config.framework.num_clients)]
+    return any(spec_of(c) != spec_of(own[0]) or c.lora != own[0].lora for c in own)
+
+
+def same_cut_and_rank(why: str) -> Callable[[Config], None]:
+    """A framework check (``Framework.checks``): every client must have the same cut and LoRA rank, because ``why``."""
+
+    def check(config: Config) -> None:
+        if mixed_clients(config):
+            raise ConfigError(
+                f"framework.clients: framework.name={config.framework.name} {why}, so every client needs the same "
+                "cut and LoRA rank; drop split and lora from framework.clients, or use sflv1, sflv2 or psl"
+            )
+
+    return check
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a model's blocks are (their ``ModuleList``'s name in the unsplit model) and how many there are."""
+
+    layers: str  # e.g. model.layers
+    total: int
+
+    def block_of(self, key: str) -> int | None:
+        """The block a tensor (unsplit-model name) belongs to, None outside the blocks."""
+        if not key.startswith(self.layers + "."):
+            return None
+        return int(key[len(self.layers) + 1 :].split(".", 1)[0])
+
+    def trunk_blocks(self, config: Config, index: int) -> list[int]:
+        """The blocks client ``index``'s cut leaves to the server."""
+        return spec_of(config.for_client(index)).layers("trunk", self.total)
+
+
+def block_layout(config: Config) -> BlockLayout:
+    return _layout(config.model.name, config.model.revision)
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(name: str, revision: str | None) -> BlockLayout:
+    model = resolve_model(name, revision).config()
+    return BlockLayout(family_for(model).layers, int(model.num_hidden_layers))
 
 
 def _load_all_rows(config: Config) -> list[dict[str, Any]]:
@@ -117,11 +185,12 @@ def load_source(config: Config) -> ModelSource:
 
 def build_part(config: Config, source: ModelSource, role: Role) -> tuple[nn.Module, Stage]:
     """One trainable part: the stage with its own weights only (and its halves of a ``lowrank:K`` bottleneck at
-    its cuts), made trainable as ``lora.<role>`` says."""
+    its cuts), made trainable as ``lora.<role>`` says. A client's part follows ``config``'s cut (pass
+    ``config.for_client(i)``); the trunk covers every client's trunk blocks (``server_spec``)."""
     on_client = role != "trunk"
     stage = load_stage(
         source,
-        spec_of(config),
+        spec_of(config) if on_client else server_spec(config),
         role,
         dtype=config.model.client_dtype if on_client else config.model.server_dtype,
         device=config.model.client_device if on_client else config.model.server_device,

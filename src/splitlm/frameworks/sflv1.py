@@ -1,21 +1,48 @@
 """``sflv1``: split-federated learning V1 (Thapa et al.). Clients train at once, each with its own trunk
 adapter on the server; at the end of a round the client sides and the trunk adapters are each FedAvg'd
 (step 11) and given back to everyone.
+
+Clients with different cuts or LoRA ranks (``framework.clients``) are averaged module by module instead
+(``average_across_cuts``): each client's client side with the blocks its own trunk adapter ran for it.
 """
 
 from __future__ import annotations
 
-from splitlm.frameworks.aggregate import fedavg
+from splitlm.frameworks import asynchronous
+from splitlm.frameworks.aggregate import aggregate, fedavg, fit
+from splitlm.frameworks.asynchronous import async_round
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
+from splitlm.frameworks.setup import mixed_clients
 
 
 def average_client_sides(fed: Federation, finished: list[Member]) -> None:
     fed.broadcast(fedavg([m.client.state() for m in finished], fed.weights(finished)))
 
 
+def average_across_cuts(fed: Federation, finished: list[Member]) -> None:
+    """Step 11 for clients of different cuts or ranks (``aggregate.aggregate``): each client contributes its
+    client side and the blocks its cut leaves to the server, from its trunk adapter. Per-client adapters (sflv1)
+    contribute all of those; one shared adapter (sflv2) contributes the blocks other clients run in their head
+    or tail, once for each client it ran them for, so such a block is averaged over both. Every client side and
+    trunk adapter then takes the average fitted to its own blocks and ranks (``aggregate.fit``)."""
+    server = fed.server
+    average = aggregate([fed.contribution(m) for m in finished], fed.weights(finished))
+    fed.broadcast(average)
+    for adapter in dict.fromkeys(server.adapter_of(m.client_id) for m in fed.members):
+        current = server.adapter_state(adapter)
+        averaged = {k: v for k, v in current.items() if k in average}
+        if averaged:
+            server.load_adapter_state(adapter, {**current, **fit(averaged, average)})
+
+
 def sflv1_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
+    if fed.config.framework.aggregation != "sync":  # no round barrier: the clients' own loops (§4.4)
+        return async_round(fed, round_index, members)
     finished = fed.train_clients(members, round_index, parallel=True)
+    if mixed_clients(fed.config):
+        average_across_cuts(fed, finished)
+        return [finished[0]]
     average_client_sides(fed, finished)
     adapters = [fed.server.adapter_of(m.client_id) for m in finished]
     trunk = fedavg([fed.server.adapter_state(a) for a in adapters], fed.weights(finished))
@@ -31,5 +58,6 @@ SFLV1 = register(
         "split-federated learning V1: clients at once, one trunk adapter per client; client sides and trunk "
         "adapters FedAvg'd every round",
         trunk_adapters="client",
+        checks=(asynchronous.check,),
     )
 )

@@ -8,7 +8,8 @@ import random
 
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
-from splitlm.frameworks.sflv1 import average_client_sides
+from splitlm.frameworks.setup import mixed_clients
+from splitlm.frameworks.sflv1 import average_across_cuts, average_client_sides
 
 
 def sflv2_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
@@ -16,7 +17,10 @@ def sflv2_round(fed: Federation, round_index: int, members: list[Member]) -> lis
     random.Random(fed.config.seed * 104729 + round_index).shuffle(order)
     # The server serves one client at a time, updating the shared adapter at once.
     finished = fed.train_clients(order, round_index, parallel=False)
-    average_client_sides(fed, finished)
+    if mixed_clients(fed.config):  # a block some run in their head and others on the trunk: averaged over both
+        average_across_cuts(fed, finished)
+    else:
+        average_client_sides(fed, finished)
     return [finished[0]]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
+from splitlm.frameworks.setup import same_cut_and_rank
 
 
 def train_in_sequence(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
@@ -33,5 +34,6 @@ SL = register(
         sl_round,
         "sequential split learning: clients one after another, one shared trunk adapter, the client side "
         "passed from each client to the next",
+        checks=(same_cut_and_rank("passes one client side from each client to the next"),),
     )
 )

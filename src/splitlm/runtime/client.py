@@ -9,6 +9,7 @@ computation: its input tokens, labels, loss and optimizer step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,10 @@ from splitlm.runtime.updates import ClientUpdate, el2n_scores, most_informative
 from splitlm.transport import ByteMeter, Channel, Message, Pending
 
 Schedule = Callable[[int, bool, bool], list[Op]]  # (micro-batches, ushape, waits for step 9) -> ops
+# The client's own computation, which a simulated slower device (``pace``) stretches; sending and awaiting
+# are the link's and the server's time. STEP is left out: it waits for the server's reply (at a barrier, for
+# other clients too), and the client's own optimizer step on its adapters is small.
+COMPUTE_OPS = frozenset({OpKind.HEAD_FORWARD, OpKind.TAIL, OpKind.HEAD_BACKWARD})
 
 
 @dataclass
@@ -89,6 +94,7 @@ class SplitClient:
         seed: int = 0,
         update: ClientUpdate | None = None,
         prune: float | None = None,
+        pace: float = 1.0,
     ) -> None:
         self.client_id = client_id
         self.seed = seed  # with (client, step, micro-batch, part), fixes every random draw of a forward pass
@@ -102,6 +108,8 @@ class SplitClient:
         self.update = update or ClientUpdate()  # how the head learns: which steps wait for step 9
         self.prune = prune  # data.prune=el2n:F: the fraction of each micro-batch's rows that is sent
         self.head_trainable = bool(trainable_parameters(parts["head"]))
+        self.pace = pace  # simulated slowdown (framework.clients[i].speed): own computation takes pace x as long
+        self.paced_seconds = 0.0  # the extra time slept for it so far
 
     @property
     def meter(self) -> ByteMeter:
@@ -132,12 +140,23 @@ class SplitClient:
         }
         stats: StepStats | None = None
         for op in self.schedule(len(micro_batches), self.mode == "ushape", state.waits):
+            started = time.perf_counter()
             if op.kind is OpKind.STEP:
                 stats = self._step(state)
             else:
                 handlers[op.kind](state, state.micros[op.micro], op.micro)
+            if op.kind in COMPUTE_OPS:
+                self._keep_pace(time.perf_counter() - started)
         assert stats is not None, "a schedule ends with STEP"
         return stats
+
+    def _keep_pace(self, seconds: float) -> None:
+        """A slower device, simulated on this one: sleep (pace - 1) x the time the computation took, so the
+        figures of a run with mixed speeds are reproducible on one machine."""
+        if self.pace > 1.0 and seconds > 0:
+            extra = (self.pace - 1.0) * seconds
+            time.sleep(extra)
+            self.paced_seconds += extra
 
     def _head_forward(self, state: _Step, m: _Micro, micro: int) -> None:
         """Step 2: the head's output for micro-batch ``micro`` and the message that carries it (step 3)."""
