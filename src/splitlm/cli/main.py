@@ -125,6 +125,16 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from splitlm.planning import as_json, make_plan, render
+
+    plan = make_plan(_load(args))
+    print(json.dumps(as_json(plan)) if args.json else render(plan))
+    return 0
+
+
 def _certs_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     """(certs dir or CA file, tokens file) from --certs / --insecure."""
     if args.insecure:
@@ -300,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("overrides", nargs="*", help="dotted overrides")
     cfg.add_argument("--keys", action="store_true", help="list every config key with its default and help")
     cfg.set_defaults(func=cmd_config)
+
+    pln = sub.add_parser(
+        "plan", help="profile the model and predict every cut's step time and memory; mark the best within budget"
+    )
+    pln.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
+    pln.add_argument("overrides", nargs="*", help="dotted overrides, e.g. plan.client_memory_mb=600")
+    pln.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    pln.set_defaults(func=cmd_plan)
     return parser
 
 
