@@ -72,7 +72,11 @@ def test_each_script_line_names_a_script_that_accepts_its_arguments(line: str) -
 
 # The README lines that train tiny models: run verbatim in a scratch folder that sees the repository's configs.
 QUICK = [c for c in SPLITLM_LINES if "configs/tiny.yaml" in c and "fsha" not in c] + [
-    c for c in SPLITLM_LINES if c.startswith(("splitlm train configs/frameworks/sflv1.yaml", "splitlm config "))
+    c
+    for c in SPLITLM_LINES
+    if c.startswith(
+        ("splitlm train configs/frameworks/sflv1.yaml", "splitlm train configs/clients.yaml", "splitlm config ")
+    )
 ]
 
 
