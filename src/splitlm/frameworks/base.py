@@ -49,6 +49,7 @@ class Framework:
     trunk_adapters: TrunkAdapters = "shared"  # one trunk adapter for all, one per client, or one per group
     barrier: bool = False  # one trunk update per synchronised step of all participants (psl)
     split: bool = True  # False: the unsplit baseline (one member, no server, no transport)
+    sequential: bool = False  # passes the client side from one client to the next (sl): train.ema applies
     checks: tuple[Check, ...] = field(default=())  # the framework's own option checks
     make_client: MakeClient | None = None  # its own kind of client (config, model source, train settings); None:
     # the split client (head [+ tail] behind its mods)
@@ -102,6 +103,11 @@ class Framework:
                 )
             if config.transport.link.enabled:
                 problems.append(f"transport.link: framework.name={self.name} sends nothing over a link; unset it")
+            if config.train.logit_adjustment:
+                problems.append(
+                    f"train.logit_adjustment: adjusts a split client's loss; framework.name={self.name} has no "
+                    "client side, so unset it"
+                )
         if self.trunk_adapters != "shared" and config.lora.part("trunk").method != "lora":
             problems.append(
                 f"framework.name={self.name} keeps one trunk adapter per {self.trunk_adapters}: "
@@ -113,6 +119,11 @@ class Framework:
             problems.append(
                 f"privacy.server_attack={config.privacy.server_attack} is simulated for one in-process client: set "
                 "framework.num_clients=1 and transport.name=inprocess"
+            )
+        if config.train.ema and not self.sequential:
+            problems.append(
+                f"train.ema averages the client side passed from one client to the next; framework.name={self.name} "
+                "passes none: set framework.name=sl or train.ema=0"
             )
         if config.privacy.tap.enabled and config.transport.name != "inprocess":
             problems.append("privacy.tap records in-process runs only: set transport.name=inprocess")
@@ -139,9 +150,10 @@ def framework_of(config: Config) -> Framework:
 
 
 def config_problems(tree: dict[str, Any]) -> list[str]:
-    """Names a config gives that no registry knows (frameworks, policies, partitioners, defenses, codecs), for
-    ``load_config(..., checks=[config_problems])`` to report with the schema's own problems."""
+    """Names a config gives that no registry knows (frameworks, groupings, selections, policies, partitioners,
+    defenses, codecs), for ``load_config(..., checks=[config_problems])`` to report with the schema's own problems."""
     from splitlm.data.partition import PARTITIONERS
+    from splitlm.frameworks.grouping import GROUPINGS, SELECTIONS
     from splitlm.privacy.defenses import DEFENSES
     from splitlm.runtime.scheduling import POLICIES
     from splitlm.transport.codecs import parse_codec
@@ -149,6 +161,8 @@ def config_problems(tree: dict[str, Any]) -> list[str]:
     problems = []
     for key, registry in (
         ("framework.name", FRAMEWORKS),
+        ("framework.grouping", GROUPINGS),
+        ("framework.selection", SELECTIONS),
         ("server.policy", POLICIES),
         ("data.partition", PARTITIONERS),
     ):

@@ -32,6 +32,7 @@ from splitlm.files import write_json
 from splitlm.frameworks.aggregate import contribution, fit
 from splitlm.frameworks.base import Framework, client_steps, framework_of
 from splitlm.frameworks.checkpoint import TMP_PREFIX
+from splitlm.frameworks.grouping import GROUPINGS, SELECTIONS
 from splitlm.frameworks.pipeline import ClientPipeline, client_link, client_pipeline, recorders, server_mods
 from splitlm.frameworks.setup import (
     RunData,
@@ -48,6 +49,7 @@ from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
 from splitlm.privacy.tap import ServerTap, TruthRecorder
 from splitlm.runtime.client import EvalStats, SplitClient, StepStats
+from splitlm.runtime.loss import LogitAdjustment, label_prior
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.schedule import pipelined, serial
 from splitlm.runtime.server import SplitServer
@@ -131,13 +133,21 @@ class Member:
         if self.round_goal is None:
             self.round_goal = self.steps_done + fed.local_steps
         train = fed.config.train
+        # train.replay: the examples the data order dealt this client in its earlier rounds (recomputed from the
+        # order, so a resumed run or a restarted remote client keeps exactly the same ones); none in its first round
+        start = self.round_goal - fed.local_steps
+        kept = earlier_rows(self.order, start, train.grad_accum) if train.replay else []
         while self.steps_done < self.round_goal:
             fed.check_stop()
             step = self.steps_done
+            batches = [self.order.indices(step * train.grad_accum + m) for m in range(train.grad_accum)]
+            if train.replay:
+                rng = random.Random(f"replay/{fed.config.seed}/{self.client_id}/{step}")
+                batches = [with_replay(rows, kept, train.replay, rng) for rows in batches]
             micro = [
                 collate([self.examples[i] for i in rows], fed.pad_id)
-                for m in range(train.grad_accum)
-                for rows in split_rows(self.order.indices(step * train.grad_accum + m), train.pipeline.micro_batches)
+                for batch in batches
+                for rows in split_rows(batch, train.pipeline.micro_batches)
             ]
             up0, down0 = self.meter.snapshot()
             comm0 = link_seconds(self.client)
@@ -192,6 +202,27 @@ class Member:
 
     def evaluate(self, fed: Federation) -> EvalStats:
         return self.client.evaluate(fed.data.eval if fed.data is not None else [])
+
+
+def with_replay(rows: list[int], kept: list[int], fraction: float, rng: random.Random) -> list[int]:
+    """``rows`` with ``round(fraction * len(rows))`` of them, at positions ``rng`` picks, replaced by examples drawn
+    from ``kept`` (MultiSFL-style replay, ``train.replay``): a client revisits earlier rounds' data while it learns
+    new, so the new cannot simply overwrite the old. Drawn without repeats where ``kept`` has enough; ``rows`` as
+    they are while nothing is kept yet."""
+    count = min(round(fraction * len(rows)), len(rows))
+    if not kept or count == 0:
+        return list(rows)
+    positions = rng.sample(range(len(rows)), count)
+    drawn = rng.sample(kept, count) if len(kept) >= count else rng.choices(kept, k=count)
+    out = list(rows)
+    for position, index in zip(positions, drawn, strict=True):
+        out[position] = index
+    return out
+
+
+def earlier_rows(order: DataOrder, steps: int, grad_accum: int) -> list[int]:
+    """The examples ``order`` deals in a client's first ``steps`` steps (what ``train.replay`` draws from)."""
+    return sorted({i for step in range(steps * grad_accum) for i in order.indices(step)})
 
 
 def link_seconds(client: Client) -> float:
@@ -462,19 +493,11 @@ def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
 
 def assign_groups(config: Config, histograms: list[dict[str, int]]) -> list[list[int]]:
     """Client groups (a framework with one trunk adapter per group): explicit ``framework.groups``, else
-    clients clustered by label distribution."""
+    ``framework.num_groups`` groups of the clients' label histograms as ``framework.grouping`` forms them
+    (``grouping.GROUPINGS``; by default CSFL's k-means, so clients of similar label mix share a trunk adapter)."""
     if config.framework.groups:
         return [list(g) for g in config.framework.groups]
-    count = min(config.framework.num_groups, len(histograms))
-    labels = sorted({label for h in histograms for label in h})
-    vectors = []
-    for h in histograms:
-        total = sum(h.values()) or 1
-        vectors.append([h.get(label, 0) / total for label in labels])
-    # Sort clients by their share of the first label and cut the order into `count` contiguous groups, so
-    # that clients with similar label mixes train together (deterministic; exact for two-label data).
-    ordered = sorted(range(len(vectors)), key=lambda i: (vectors[i][0] if vectors[i] else 0.0, i))
-    return [sorted(ordered[g * len(ordered) // count : (g + 1) * len(ordered) // count]) for g in range(count)]
+    return GROUPINGS.get(config.framework.grouping)(histograms, config.framework.num_groups, config.seed)
 
 
 def groups_of(config: Config, framework: Framework, histograms: list[dict[str, int]]) -> list[list[int]]:
@@ -579,6 +602,9 @@ def build_member(
     examples = [data.train[i] for i in indices]
     if config.data.pack:
         examples = pack_examples(examples, config.train.seq_len)
+    if config.train.logit_adjustment > 0:  # SCALA: the prior is this client's own label mix, nobody else's
+        vocab = int(client.stages["tail"].config.vocab_size)
+        client.adjust = LogitAdjustment(label_prior(examples, vocab), config.train.logit_adjustment)
     order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
     log.info("client %s: %d examples, labels %s", index, len(examples), histogram)
     return Member(index, client, examples, order, histogram, pipeline)
@@ -612,11 +638,13 @@ def build_federation(config: Config) -> Federation:
 
 
 def participants(config: Config, members: list[Member], round_index: int) -> list[Member]:
-    """The round's clients: all, or ``framework.clients_per_round`` sampled, minus ``framework.leave_out``'s."""
+    """The round's clients: all, or ``framework.clients_per_round`` of them as ``framework.selection`` picks them
+    (``grouping.SELECTIONS``: random, or PairingFL's most diverse label mix), minus ``framework.leave_out``'s."""
     per_round = config.framework.clients_per_round or len(members)
     chosen = list(members)
     if per_round < len(members):
-        rng = random.Random(config.seed * 7919 + round_index)
-        chosen = sorted(rng.sample(members, per_round), key=lambda m: m.index)
+        select = SELECTIONS.get(config.framework.selection)
+        picked = select([m.histogram for m in members], per_round, round_index, config.seed)
+        chosen = sorted((members[i] for i in picked), key=lambda m: m.index)
     left_out = set((config.framework.leave_out or {}).get(round_index + 1, []))
     return [m for m in chosen if m.client_id not in left_out]

@@ -1,6 +1,7 @@
 """``gsfl``: grouped split-federated learning. Groups of clients train at once, sequential SL inside a group,
 one trunk adapter per group; at the end of a round the groups' client sides and trunk adapters are FedAvg'd
-(weighted by each group's samples). Groups: ``framework.groups``, else clients of similar label mix.
+(weighted by each group's samples). Groups: ``framework.groups``, else ``framework.grouping`` (default
+label_kmeans: clients of similar label mix; ``frameworks/grouping.py``).
 """
 
 from __future__ import annotations

@@ -7,17 +7,45 @@ the centralized baseline are checked against.
 
 from __future__ import annotations
 
+import torch
+
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
 from splitlm.frameworks.setup import same_cut_and_rank
 
 
+def decelerated(
+    previous: dict[str, torch.Tensor] | None, trained: dict[str, torch.Tensor], ema: float
+) -> dict[str, torch.Tensor]:
+    """SLwF's decelerated update (``train.ema``): ``ema * previous + (1 - ema) * trained`` tensor by tensor, so
+    one client's local steps move the carried client side only part of the way and cannot overwrite what the
+    clients before it taught. Accumulated in float64 and returned in each trained tensor's dtype; with no
+    previous carry (the very first client), or a tensor it lacks or shapes differently, the trained one as it is."""
+    if previous is None:
+        return dict(trained)
+    mixed = {}
+    for name, now in trained.items():
+        before = previous.get(name)
+        if before is None or before.shape != now.shape or not now.is_floating_point():
+            mixed[name] = now
+            continue
+        average = ema * before.to(now.device, torch.float64) + (1.0 - ema) * now.to(torch.float64)
+        mixed[name] = average.to(now.dtype)
+    return mixed
+
+
 def train_in_sequence(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
-    """SL order: each client starts from the client-side weights the previous one finished with."""
+    """SL order: each client starts from the client-side weights the previous one finished with (with
+    ``train.ema``, their moving average with the ones it started from)."""
+    ema = fed.config.train.ema
     for member in members:
         member.stale = fed.carry is not None  # so local_training first loads the carried client side
         fed.local_training(member, round_index)
+        previous = fed.carry
         fed.pass_on(member)
+        if ema and previous is not None and fed.carry is not None:
+            # the carry is now no client's own state: the next client (this one too) loads it
+            fed.carry, fed.carry_from = decelerated(previous, fed.carry, ema), None
     return list(members)
 
 
@@ -35,5 +63,6 @@ SL = register(
         "sequential split learning: clients one after another, one shared trunk adapter, the client side "
         "passed from each client to the next",
         checks=(same_cut_and_rank("passes one client side from each client to the next"),),
+        sequential=True,
     )
 )

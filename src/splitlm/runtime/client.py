@@ -21,7 +21,7 @@ from torch import nn
 from splitlm.data import Batch, Example, collate
 from splitlm.models.split import SplitMode, Stage
 from splitlm.peft import load_trainable, load_trainable_state, save_trainable, trainable_parameters, trainable_state
-from splitlm.runtime.loss import causal_lm_loss, row_losses
+from splitlm.runtime.loss import LogitAdjustment, causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.plugins import ClientPlugin, Plugins
 from splitlm.runtime.rng import seeded
@@ -95,6 +95,7 @@ class SplitClient:
         update: ClientUpdate | None = None,
         prune: float | None = None,
         pace: float = 1.0,
+        adjust: LogitAdjustment | None = None,
     ) -> None:
         self.client_id = client_id
         self.seed = seed  # with (client, step, micro-batch, part), fixes every random draw of a forward pass
@@ -110,6 +111,9 @@ class SplitClient:
         self.head_trainable = bool(trainable_parameters(parts["head"]))
         self.pace = pace  # simulated slowdown (framework.clients[i].speed): own computation takes pace x as long
         self.paced_seconds = 0.0  # the extra time slept for it so far
+        # train.logit_adjustment (SCALA): shifts the tail's logits of the training loss only; evaluation and
+        # sequence scoring measure the plain model, which is what the adjustment trains and what is deployed
+        self.adjust = adjust
 
     @property
     def meter(self) -> ByteMeter:
@@ -191,11 +195,14 @@ class SplitClient:
             m.trunk_out.requires_grad_(bool(reply.meta.get("needs_grad", True)))  # a fresh leaf on this side
 
     def _tail_step(self, state: _Step, m: _Micro, micro: int) -> None:
-        """Step 6: tail forward, loss and backward down to the trunk output."""
+        """Step 6: tail forward, loss (on logit-adjusted logits with ``adjust``) and backward down to the trunk
+        output; the step's reported loss is then the adjusted one, the loss the client trains on."""
         assert m.trunk_out is not None and m.labels is not None
         stage = self.stages["tail"]
         with seeded(self.seed, self.client_id, state.step, micro, "tail", devices=(stage.device,)):
             logits = self._tail(m.trunk_out, m.batch)
+        if self.adjust is not None:
+            logits = self.adjust(logits)
         total, count = causal_lm_loss(logits, m.labels)
         state.losses[micro] = total.item() / max(count, 1)
         if count and total.requires_grad:

@@ -11,6 +11,16 @@ and ``server.policy`` in a config picks one:
   the longest expected backward first (the server's ``cost`` estimate: the trunk blocks the client's route runs
   times its tokens), as the client that waits for it has the most left to do; forwards, steps and evals
   after them in arrival order.
+- ``dissimilar_first`` (Hourglass's dissimilar priority scheduling, survey §3.1.2): among training forwards, the
+  one whose smashed data differs most from what the trunk trained on lately, so each update step carries more
+  new information under heterogeneous data. Each forward's ``hidden`` (B, T, d) is summarised as its mean over
+  real tokens (``attention_mask``) and hashed by SimHash (the signs of ``SIMHASH_BITS`` fixed random
+  projections, seeded per width, never from the global RNG); the forward with the smallest summed similarity
+  (bits minus Hamming distance) to the last ``SIMHASH_WINDOW`` served forwards' hashes goes first, ties in
+  arrival order. Backwards, steps and evals go before any forward, in arrival order among themselves: a client
+  waiting for its gradient or its step should not wait on another's forward, and evaluation does not train. A
+  forward whose ``hidden`` cannot be summarised (missing, encoded, malformed, not finite) has no hash and counts
+  as the most dissimilar: it goes first among forwards, so the server rejects it without delaying the others.
 
 Two rules hold for every policy (``_Queue``):
 
@@ -26,11 +36,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import torch
 
 from splitlm.registry import Registry
 from splitlm.transport.messages import Message
@@ -150,3 +162,73 @@ class LongestBackwardFirst(_Queue):
         if not backwards:
             return ready[0]
         return min(backwards, key=lambda i: (-self.cost(self._waiting[i]), i))
+
+
+SIMHASH_BITS = 32  # random hyperplanes of dissimilar_first's locality-sensitive hash
+SIMHASH_WINDOW = 8  # served forwards whose hashes count as "recent"
+SIMHASH_SEED = 0x5EED  # fixes the hyperplanes of each width: the same data hashes the same in every run
+
+
+def summarise_hidden(message: Message) -> torch.Tensor | None:
+    """The mean over real tokens of a forward's ``hidden`` (d,) in float32 on the CPU, or None when it has no
+    usable one (missing, encoded, not (B, T, d), a mask of another shape, not finite): the server rejects such a
+    request itself, so the policy must not fail on it first."""
+    hidden = message.tensors.get("hidden")
+    if hidden is None or "hidden" in message.codecs or hidden.dim() != 3 or hidden.numel() == 0:
+        return None
+    hidden = hidden.detach().float()
+    mask = message.tensors.get("attention_mask")
+    if mask is None or "attention_mask" in message.codecs or mask.shape not in (hidden.shape[:2], (1, hidden.shape[1])):
+        summary = hidden.mean(dim=(0, 1))
+    else:
+        weights = mask.to(device=hidden.device, dtype=hidden.dtype).expand(hidden.shape[:2]).unsqueeze(-1)
+        real = weights.sum()
+        summary = (hidden * weights).sum(dim=(0, 1)) / real if real > 0 else hidden.mean(dim=(0, 1))
+    summary = summary.cpu()
+    return summary if bool(torch.isfinite(summary).all()) else None
+
+
+@register_policy("dissimilar_first")
+class DissimilarFirst(_Queue):
+    def __init__(self, cost: Cost | None = None) -> None:
+        super().__init__(cost)
+        self._planes: dict[int, torch.Tensor] = {}  # width d -> (SIMHASH_BITS, d) hyperplanes, made on first use
+        self._hashes: dict[int, int | None] = {}  # id(request) -> hash of a waiting forward (None: no usable hidden)
+        self._recent: deque[int] = deque(maxlen=SIMHASH_WINDOW)  # hashes of the last forwards served
+
+    def push(self, request: Request) -> None:
+        super().push(request)
+        if request.action is None and request.message.kind == "forward":  # hashed once, not at every pop
+            self._hashes[id(request)] = self._hash(request.message)
+
+    def _hash(self, message: Message) -> int | None:
+        summary = summarise_hidden(message)
+        if summary is None:
+            return None
+        width = summary.shape[0]
+        if width not in self._planes:
+            generator = torch.Generator().manual_seed(SIMHASH_SEED + width)
+            self._planes[width] = torch.randn(SIMHASH_BITS, width, generator=generator)
+        bits = (self._planes[width] @ summary > 0).tolist()
+        return sum(1 << i for i, bit in enumerate(bits) if bit)
+
+    def _similarity(self, index: int) -> int:
+        """Summed similarity (matching bits) of a waiting forward to the recent hashes; -1 without a hash."""
+        code = self._hashes.get(id(self._waiting[index]))
+        if code is None:
+            return -1
+        return sum(SIMHASH_BITS - (code ^ recent).bit_count() for recent in self._recent)
+
+    def _choose(self, ready: list[int]) -> int:
+        forwards = [i for i in ready if self._waiting[i].message.kind == "forward"]
+        others = [i for i in ready if self._waiting[i].message.kind != "forward"]
+        if others:
+            return others[0]
+        return min(forwards, key=lambda i: (self._similarity(i), i))
+
+    def _served(self, request: Request) -> None:
+        if request.action is not None or request.message.kind != "forward":
+            return
+        code = self._hashes.pop(id(request), None)
+        if code is not None:
+            self._recent.append(code)
