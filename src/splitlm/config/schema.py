@@ -203,6 +203,15 @@ class DataConfig(Section):
     split: str = Field("train", description="Split to read from a datasets id.")
     eval_size: int = Field(200, ge=1, description="Rows held out for evaluation (never trained on).")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many rows (before the held-out split).")
+    client_eval_size: int = Field(
+        0,
+        ge=0,
+        description="Each client holds out this many of its own training examples (a seeded choice after "
+        "partitioning, before packing; never trained on) and is evaluated on them after every round: the held-out "
+        "loss on each client's own distribution, which one global held-out set hides (rounds.jsonl "
+        "client_eval_loss, own_eval_loss, mean/worst_client_eval_loss and, for sequential frameworks, forgetting). "
+        "0: off.",
+    )
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token to each sequence.")
     partition: str = Field(
         "iid", description="How training data is split across clients: iid, dirichlet, quantity, by_source."

@@ -40,6 +40,10 @@ from splitlm.frameworks.federation import Federation, Member, build_federation, 
 from splitlm.privacy.accounting import epsilon, releases
 
 SUMMARY_FORMAT = 2  # ``summary.json``'s schema; ``splitlm report`` reads this one
+# the last round's losses on the clients' own held-out sets (``data.client_eval_size``; ``client_evaluation``)
+CLIENT_EVAL_KEYS = (
+    "client_eval_loss", "own_eval_loss", "mean_client_eval_loss", "worst_client_eval_loss", "forgetting",
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +214,14 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
                         round=round_index + 1, eval_loss_after=result.loss, per_client_eval_loss=per_client,
                         accuracy_after=holders[0].accuracy(fed) if len(holders) == 1 else None,
                     )  # fmt: skip
+                    own_sets = client_evaluation(fed, holders, round_index)
+                    progress.update(own_sets)
                     account()
                     record = {
                         "round": round_index + 1, "participants": [m.client_id for m in chosen],
                         "eval_loss": result.loss, "eval_ppl": perplexity(result.loss),
                         "accuracy": progress["accuracy_after"],
-                        "per_client_eval_loss": per_client if len(holders) > 1 else None,
+                        "per_client_eval_loss": per_client if len(holders) > 1 else None, **own_sets,
                         "bytes_up": progress["bytes_up"], "bytes_down": progress["bytes_down"],
                         "train_seconds": progress["train_seconds"],
                     }  # fmt: skip
@@ -246,6 +252,34 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
     summary = summarize(fed, progress)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def client_evaluation(fed: Federation, holders: list[Member], round_index: int) -> dict[str, Any]:
+    """Held-out losses on each client's own held-out set (``data.client_eval_size``; every value None when off).
+
+    ``client_eval_loss``: the global model's (the round's first holder) per client, with its mean and its worst
+    (largest) one, so a model that fits the average client but fails one shows it; ``own_eval_loss``: where each
+    client keeps its own client side (several holders, psl), that client's own model on its own set.
+    ``forgetting`` (sequential frameworks, survey §3.3): ``mean_i (loss_i(end of round) - loss_i(right after i
+    trained))`` over the round's clients but the last, where loss_i is client i's held-out loss of the carried
+    client side; positive: what the later clients' training made the model forget of the earlier clients' data."""
+    values: dict[str, Any] = dict.fromkeys(CLIENT_EVAL_KEYS)
+    owners = [m for m in fed.members if m.held_out]
+    if fed.config.data.client_eval_size == 0 or not owners or not holders:
+        return values
+    losses = {m.client_id: holders[0].evaluate_on(m).loss for m in owners}
+    values.update(
+        client_eval_loss=losses, mean_client_eval_loss=sum(losses.values()) / len(losses),
+        worst_client_eval_loss=max(losses.values()),
+    )  # fmt: skip
+    if len(holders) > 1:
+        values["own_eval_loss"] = {m.client_id: m.evaluate_on(m).loss for m in holders if m.held_out}
+    if fed.framework.sequential:
+        trained = sorted((m.fresh[1], m.client_id, m.fresh[2]) for m in owners if m.fresh and m.fresh[0] == round_index)
+        earlier = trained[:-1]  # the last client's end-of-round model is the one it passed on
+        if earlier:
+            values["forgetting"] = sum(losses[client] - loss for _, client, loss in earlier) / len(earlier)
+    return values
 
 
 def settled(fed: Federation) -> bool:
@@ -316,6 +350,7 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         "eval_loss_after": progress["eval_loss_after"],
         "eval_ppl_before": perplexity(progress["eval_loss_before"]),
         "eval_ppl_after": perplexity(progress["eval_loss_after"]),
+        **{key: progress.get(key) for key in CLIENT_EVAL_KEYS},
         "accuracy_before": progress.get("accuracy_before"),
         "accuracy_after": progress.get("accuracy_after"),
         "bytes_up": progress["bytes_up"],

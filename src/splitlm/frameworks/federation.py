@@ -26,7 +26,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from splitlm.config import Config
-from splitlm.data import Batch, DataOrder, Example, collate, label_histograms, make_partitioner, pack_examples, skew
+from splitlm.data import (
+    Batch,
+    DataOrder,
+    Example,
+    collate,
+    eval_batches,
+    label_histograms,
+    make_partitioner,
+    pack_examples,
+    skew,
+)
 from splitlm.errors import ClientGone, ConfigError, Interrupted, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.aggregate import contribution, fit
@@ -102,6 +112,10 @@ class Member:
     last_loss: float = math.nan
     stale: bool = False  # missed a broadcast (a networked client that dropped out): resync before it trains
     round_goal: int | None = None  # ``steps_done`` at which the round in progress ends (kept across a resume)
+    held_out: list[Batch] = field(default_factory=list)  # data.client_eval_size: its own held-out examples
+    # sequential frameworks with data.client_eval_size: (round index, position in the round's sequence, loss on
+    # ``held_out`` of the client side it passed on) right after it trained, for the round's ``forgetting``
+    fresh: tuple[int, int, float] | None = None
 
     @property
     def client_id(self) -> str:
@@ -202,6 +216,22 @@ class Member:
 
     def evaluate(self, fed: Federation) -> EvalStats:
         return self.client.evaluate(fed.data.eval if fed.data is not None else [])
+
+    def evaluate_on(self, other: Member) -> EvalStats:
+        """Held-out loss of this client's model (its parts and trunk adapter) on ``other``'s own held-out set."""
+        return self.client.evaluate(other.held_out)
+
+    def held_out_loss(self, fed: Federation, state: dict[str, torch.Tensor] | None = None) -> float:
+        """Loss on this client's own held-out set of its client side, or of ``state`` loaded for this evaluation
+        only (the client keeps the state it trained)."""
+        if state is None:
+            return self.evaluate_on(self).loss
+        own = self.client.state()
+        self.client.load_state(fed.fitted(self, state))
+        try:
+            return self.evaluate_on(self).loss
+        finally:
+            self.client.load_state(own)
 
 
 def with_replay(rows: list[int], kept: list[int], fraction: float, rng: random.Random) -> list[int]:
@@ -599,7 +629,7 @@ def build_member(
 ) -> Member:
     """Client ``index`` with its private share of the training data (packed per client when ``data.pack``)."""
     client, pipeline = build_client(config, source, index, transport, truth)
-    examples = [data.train[i] for i in indices]
+    examples, held_out = hold_out(config, index, [data.train[i] for i in indices])
     if config.data.pack:
         examples = pack_examples(examples, config.train.seq_len)
     if config.train.logit_adjustment > 0:  # SCALA: the prior is this client's own label mix, nobody else's
@@ -607,7 +637,27 @@ def build_member(
         client.adjust = LogitAdjustment(label_prior(examples, vocab), config.train.logit_adjustment)
     order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
     log.info("client %s: %d examples, labels %s", index, len(examples), histogram)
-    return Member(index, client, examples, order, histogram, pipeline)
+    batches = eval_batches(held_out, config.train.batch_size, data.pad_id) if held_out else []
+    return Member(index, client, examples, order, histogram, pipeline, held_out=batches)
+
+
+def hold_out(config: Config, index: int, examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """Client ``index``'s ``examples`` split into (training, held-out): ``data.client_eval_size`` of them, drawn by
+    a seeded choice (the same on every machine for the same config), held out before packing so that no token of
+    them is trained on; they measure the model on this client's own distribution. Held-out ones are cut to
+    ``train.seq_len`` (with ``data.pack`` they come untruncated), like the global held-out set."""
+    size = config.data.client_eval_size
+    if size == 0:
+        return examples, []
+    if len(examples) < size + 1:
+        raise ConfigError(
+            f"data.client_eval_size={size}: client {index} has only {len(examples)} examples and keeps none to train "
+            f"on; lower data.client_eval_size below {len(examples)}"
+        )
+    chosen = set(random.Random(f"client_eval/{config.seed}/{index}").sample(range(len(examples)), size))
+    seq_len = config.train.seq_len
+    held = [Example(e.input_ids[:seq_len], e.labels[:seq_len], e.label) for i, e in enumerate(examples) if i in chosen]
+    return [e for i, e in enumerate(examples) if i not in chosen], held
 
 
 def build_federation(config: Config) -> Federation:

@@ -36,9 +36,17 @@ def decelerated(
 
 def train_in_sequence(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
     """SL order: each client starts from the client-side weights the previous one finished with (with
-    ``train.ema``, their moving average with the ones it started from)."""
+    ``train.ema``, their moving average with the ones it started from).
+
+    With ``data.client_eval_size`` in a sequential framework, each client's held-out loss of the client side it
+    passes on is noted right then (``Member.fresh``): the driver's ``forgetting`` is how much that loss grew by the
+    end of the round, once the later clients trained."""
     ema = fed.config.train.ema
-    for member in members:
+    watch = fed.framework.sequential and fed.config.data.client_eval_size > 0
+    for member in fed.members:  # forget what a rolled-back attempt at this round noted
+        if member.fresh is not None and member.fresh[0] == round_index:
+            member.fresh = None
+    for position, member in enumerate(members):
         member.stale = fed.carry is not None  # so local_training first loads the carried client side
         fed.local_training(member, round_index)
         previous = fed.carry
@@ -46,6 +54,9 @@ def train_in_sequence(fed: Federation, round_index: int, members: list[Member]) 
         if ema and previous is not None and fed.carry is not None:
             # the carry is now no client's own state: the next client (this one too) loads it
             fed.carry, fed.carry_from = decelerated(previous, fed.carry, ema), None
+        if watch and member.held_out:  # the carry, which with train.ema is no client's own state
+            carried = fed.carry if fed.carry_from != member.client_id else None
+            member.fresh = (round_index, position, member.held_out_loss(fed, carried))
     return list(members)
 
 
