@@ -9,6 +9,7 @@ the centralized run, client by client and step by step.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,13 @@ def test_a_networked_client_says_hello_with_its_own_cut(make_config) -> None:
     meta = agent.hello().meta
     assert (meta["mode"], meta["head_layers"], meta["tail_layers"]) == ("ushape", 1, 2)
     assert agent.member.client.stages["tail"].layer_indices == [4, 5]
+
+
+def test_generate_rebuilds_the_client_whose_side_adapters_hold(make_config, assembled_loss) -> None:
+    # Client 0 sits out the last round, so adapters/ holds client 1's side, which has another cut (head 2).
+    config = make_config("not-client-0", "framework.name=sflv1", "framework.num_clients=3", *ROUNDS,
+                         *CUTS["ushape"], "framework.leave_out={2: ['0']}")  # fmt: skip
+    summary = run_framework(config)
+    out = Path(config.output_dir)
+    assert json.loads((out / "adapters" / "client.json").read_text()) == {"client": 1}
+    assert assembled_loss(out) == pytest.approx(summary["eval_loss_after"], abs=1e-4)

@@ -713,17 +713,33 @@ class Config(Section):
         return overrides[index] if overrides and 0 <= index < len(overrides) else ClientOverrides()
 
     def for_client(self, index: int) -> Config:
-        """This config as client ``index`` sees it: its cut, LoRA rank and link from ``framework.clients``."""
-        own = self.client(index)
+        """This config as client ``index`` sees it: its cut, LoRA rank and link from ``framework.clients``.
+
+        The view keeps every client's entry, with what an entry leaves unset filled in from this config, so a
+        view of a view sees each client as this config does (e.g. the server's union of cuts, from any client's
+        view)."""
         if not self.framework.clients:
             return self
-        split = {k: v for k, v in own.split.model_dump().items() if v is not None}
-        update: dict[str, Any] = {"split": self.split.model_copy(update=split)}
-        if own.lora.rank is not None:
-            update["lora"] = self.lora.model_copy(update={"rank": own.lora.rank})
-        if own.link is not None:
-            update["transport"] = self.transport.model_copy(update={"link": own.link})
+        filled = [self._filled(entry) for entry in self.framework.clients]
+        own = filled[index] if 0 <= index < len(filled) else self._filled(ClientOverrides())
+        update: dict[str, Any] = {
+            "split": self.split.model_copy(update=own.split.model_dump()),
+            "lora": self.lora.model_copy(update={"rank": own.lora.rank}),
+            "transport": self.transport.model_copy(update={"link": own.link}),
+            "framework": self.framework.model_copy(update={"clients": filled}),
+        }
         return self.model_copy(update=update)
+
+    def _filled(self, entry: ClientOverrides) -> ClientOverrides:
+        """``entry`` with its unset cut, rank and link taken from this config."""
+        split = {k: v if v is not None else getattr(self.split, k) for k, v in entry.split.model_dump().items()}
+        return entry.model_copy(
+            update={
+                "split": ClientSplitConfig(**split),
+                "lora": ClientLoraConfig(rank=entry.lora.rank if entry.lora.rank is not None else self.lora.rank),
+                "link": entry.link if entry.link is not None else self.transport.link,
+            }
+        )
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -8,6 +8,7 @@ model: ``generate`` runs them inside the assembled model (hooks at the cuts), ``
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -50,10 +51,11 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
         )
         state: dict[str, torch.Tensor] = {}
         plain: dict[str, Stage] = {}
-        # adapters/ holds client 0's side and the trunk adapter it trained with (its own rank where each client
-        # has its own trunk adapter). The trunk covers every client's trunk blocks: it goes first, and client 0's
-        # head and tail then replace the blocks client 0 runs itself.
-        first = config.for_client(0)
+        # adapters/ holds one client's side (``client.json`` says whose; runs before it: client 0's) and the trunk
+        # adapter it trained with (its own rank where each client has its own trunk adapter). The trunk covers
+        # every client's trunk blocks: it goes first, and the client's head and tail then replace the blocks it
+        # runs itself.
+        first = config.for_client(_adapters_client(adapters))
         trunk_config = first if framework_of(config).trunk_adapters == "client" else config
         for role in ("trunk", *spec_of(first).client_roles()):
             part, _ = build_part(trunk_config if role == "trunk" else first, source, role)
@@ -67,6 +69,17 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
             fold_into(full, plain)
     full.eval()
     return full, source.tokenizer(), config
+
+
+def _adapters_client(adapters: Path) -> int:
+    """The client whose side ``adapters/`` holds (0 for runs written before ``client.json`` existed)."""
+    path = adapters / "client.json"
+    if not path.is_file():
+        return 0
+    try:
+        return int(json.loads(path.read_text())["client"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f'{path} is unreadable ({error}); it should hold {{"client": N}}') from None
 
 
 def _load_into(full: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -246,6 +246,7 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
     # The model `generate` / `export` rebuild: the global client side (psl: the first client's) and the trunk
     # adapter it was trained with.
     holders[0].client.save(adapters, with_optimizer=False)
+    write_json(adapters / "client.json", {"client": holders[0].index})  # whose cut and rank they have
     if fed.server is not None:
         fed.server.export_adapter(fed.server.adapter_of(holders[0].client_id), adapters / "trunk.safetensors")
     account()
