@@ -9,6 +9,7 @@ holds the unsplit model and no server. ``build_federation`` is the one place a r
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -345,7 +346,7 @@ class Federation:
     def fitted(self, member: Member, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state`` as ``member`` can load it: with clients of different cuts or LoRA ranks, the aggregate fitted
         to the member's own tensors (``aggregate.fit``; their shapes are asked once); otherwise as it is."""
-        if not mixed_clients(self.config):
+        if not self.mixed:
             return state
         like = self.templates.get(member.client_id)
         if like is None:
@@ -357,13 +358,25 @@ class Federation:
         """What ``member`` trained, for ``aggregate``: its client side, and from its trunk adapter the blocks its cut
         leaves to the server (a per-client adapter), or of those only the ones other clients run in their head or
         tail (one shared adapter: the blocks every client leaves to it need no averaging)."""
-        layout, server = block_layout(self.config), self.server
         own = self.framework.trunk_adapters == "client"
-        on_server = {m.index: set(layout.trunk_blocks(self.config, m.index)) for m in self.members}
-        on_clients = set(range(layout.total)) - set.intersection(*on_server.values())  # some client runs them itself
+        on_server, on_clients = self.trunk_blocks
         blocks = on_server[member.index] if own else on_server[member.index] & on_clients
-        trunk = server.adapter_state(server.adapter_of(member.client_id)) if blocks or own else {}
-        return contribution(member.client.state(), trunk, blocks, layout.block_of, blockless=own)
+        trunk = self.server.adapter_state(self.server.adapter_of(member.client_id)) if blocks or own else {}
+        return contribution(member.client.state(), trunk, blocks, block_layout(self.config).block_of, blockless=own)
+
+    # The config does not change once the federation is built: what follows from it is worked out once.
+
+    @functools.cached_property
+    def mixed(self) -> bool:
+        """Whether the clients differ in cut or LoRA rank (``framework.clients``)."""
+        return mixed_clients(self.config)
+
+    @functools.cached_property
+    def trunk_blocks(self) -> tuple[dict[int, set[int]], set[int]]:
+        """Each member's blocks on the server (by index), and the blocks some client runs itself."""
+        layout = block_layout(self.config)
+        on_server = {m.index: set(layout.trunk_blocks(self.config, m.index)) for m in self.members}
+        return on_server, set(range(layout.total)) - set.intersection(*on_server.values())
 
     def parallel(self, tasks: Sequence[Callable[[], None]]) -> None:
         """Run tasks on threads (clients working at once against the one server).

@@ -13,7 +13,6 @@ from splitlm.frameworks.aggregate import aggregate, fedavg, fit
 from splitlm.frameworks.asynchronous import async_round
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
-from splitlm.frameworks.setup import mixed_clients
 
 
 def average_client_sides(fed: Federation, finished: list[Member]) -> None:
@@ -40,7 +39,7 @@ def sflv1_round(fed: Federation, round_index: int, members: list[Member]) -> lis
     if fed.config.framework.aggregation != "sync":  # no round barrier: the clients' own loops (§4.4)
         return async_round(fed, round_index, members)
     finished = fed.train_clients(members, round_index, parallel=True)
-    if mixed_clients(fed.config):
+    if fed.mixed:
         average_across_cuts(fed, finished)
         return [finished[0]]
     average_client_sides(fed, finished)

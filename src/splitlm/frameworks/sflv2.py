@@ -8,7 +8,6 @@ import random
 
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
-from splitlm.frameworks.setup import mixed_clients
 from splitlm.frameworks.sflv1 import average_across_cuts, average_client_sides
 
 
@@ -17,7 +16,7 @@ def sflv2_round(fed: Federation, round_index: int, members: list[Member]) -> lis
     random.Random(fed.config.seed * 104729 + round_index).shuffle(order)
     # The server serves one client at a time, updating the shared adapter at once.
     finished = fed.train_clients(order, round_index, parallel=False)
-    if mixed_clients(fed.config):  # a block some run in their head and others on the trunk: averaged over both
+    if fed.mixed:  # a block some run in their head and others on the trunk: averaged over both
         average_across_cuts(fed, finished)
     else:
         average_client_sides(fed, finished)
