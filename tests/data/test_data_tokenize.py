@@ -111,3 +111,14 @@ def test_pack_examples_fills_blocks_and_keeps_label_masks() -> None:
     assert blocks[0].labels == [-100, 2, 3, 4]
     assert blocks[1].labels == [5, 6, 7, -100]
     assert all(b.label is None for b in blocks)
+
+
+def test_shorten_cuts_like_tokenize_rows() -> None:
+    from splitlm.data import IGNORE_INDEX, Example, shorten
+
+    pair = Example([1, 2, 3, 4, 5, 6], [IGNORE_INDEX] * 4 + [5, 6], "x")
+    assert shorten(pair, 4) == Example([3, 4, 5, 6], [IGNORE_INDEX, IGNORE_INDEX, 5, 6], "x")  # the response stays
+    assert shorten(pair, 2) == Example([4, 5], [IGNORE_INDEX, 5], "x")  # one prompt token kept, as tokenize_rows
+    assert shorten(pair, 6) is pair
+    plain = Example([1, 2, 3, 4], [1, 2, 3, 4])
+    assert shorten(plain, 3) == Example([1, 2, 3], [1, 2, 3])  # plain text loses its end

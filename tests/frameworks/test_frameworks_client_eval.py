@@ -85,7 +85,7 @@ def test_too_large_a_client_eval_size_is_a_one_line_error(make_config) -> None:
 @pytest.fixture(scope="module")
 def runs(fast_config, tmp_path_factory) -> dict[str, Any]:
     """sflv1 and psl with 2 clients, sl with 3 (plain and with train.ema), each evaluation on a client's own set
-    recorded as (evaluating client, set's client, loss), and each held_out_loss (client, loss) as sl notes it."""
+    recorded as (evaluating client, set's client, loss), and each held-out loss (client, loss) as sl notes it."""
     done: dict[str, Any] = {}
     for name, extra in (
         ("sflv1", ("framework.name=sflv1", "framework.num_clients=2")),
@@ -95,7 +95,7 @@ def runs(fast_config, tmp_path_factory) -> dict[str, Any]:
     ):
         evaluations: list[tuple[str, str, float]] = []
         noted: list[tuple[str, float]] = []
-        evaluate_on, held_out_loss = Member.evaluate_on, Member.held_out_loss
+        evaluate_on, held_out_scores = Member.evaluate_on, Member.held_out_scores
 
         def spy_evaluate(member: Member, other: Member, calls: list = evaluations, real: Any = evaluate_on) -> Any:
             stats = real(member, other)
@@ -103,16 +103,16 @@ def runs(fast_config, tmp_path_factory) -> dict[str, Any]:
             return stats
 
         def spy_noted(
-            member: Member, fed: Federation, state: Any = None, calls: list = noted, real: Any = held_out_loss
-        ) -> float:
-            loss = real(member, fed, state)
+            member: Member, fed: Federation, state: Any = None, calls: list = noted, real: Any = held_out_scores
+        ) -> tuple[float, float | None]:
+            loss, accuracy = real(member, fed, state)
             calls.append((member.client_id, loss))
-            return loss
+            return loss, accuracy
 
         out = tmp_path_factory.mktemp(name)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(Member, "evaluate_on", spy_evaluate)
-            patch.setattr(Member, "held_out_loss", spy_noted)
+            patch.setattr(Member, "held_out_scores", spy_noted)
             summary = run_framework(fast_config(out, *RUN, HELD, *extra))
         done[name] = {"out": out, "summary": summary, "evaluations": evaluations, "noted": noted}
     return done
@@ -186,3 +186,108 @@ def test_client_eval_size_zero_changes_nothing(make_config, run_files, name) -> 
     assert all(second[key] is None for key in CLIENT_EVAL_KEYS)
     assert all(r[key] is None for r in run_files.rounds(Path(off.output_dir)) for key in CLIENT_EVAL_KEYS)
     assert set(run_files.rounds(Path(plain.output_dir))[0]) >= set(CLIENT_EVAL_KEYS)  # the keys are always there
+
+
+# --- accuracy on each client's own held-out examples (classification-style instruction data) -------------------
+
+
+def test_choice_of_rebuilds_the_choice_tokenize_rows_makes(make_config) -> None:
+    from splitlm.frameworks.setup import choice_of, load_source, prepare_data
+
+    config = make_config("choice", "data.format=instruction", "train.seq_len=160")
+    data = prepare_data(config, load_source(config).tokenizer())
+    assert len(data.responses) == 2 and data.choices  # fresh / rotten
+    whole = 0
+    for candidates, truth in data.choices:
+        rebuilt = choice_of(candidates[truth], data.responses, config.train.seq_len)
+        assert rebuilt is not None and rebuilt[1] == truth
+        for option, again, response in zip(candidates, rebuilt[0], data.responses, strict=True):
+            assert len(again.input_ids) <= config.train.seq_len and again.input_ids[-len(response) :] == response
+            assert [t for t, label in zip(again.input_ids, again.labels, strict=True) if label != -100] == response
+            if len(candidates[truth].input_ids) < config.train.seq_len:  # nothing cut: the very same choice
+                assert (again.input_ids, again.labels) == (option.input_ids, option.labels)
+        whole += len(candidates[truth].input_ids) < config.train.seq_len
+    assert whole > 0
+    prompt_only = Example([5, 6, 7], [-100, -100, -100])
+    assert choice_of(prompt_only, data.responses, 24) is None  # no response: no choice
+
+
+@pytest.fixture(scope="module")
+def accuracy_runs(fast_config, tmp_path_factory) -> dict[str, Any]:
+    done = {}
+    for name, extra in (
+        ("sflv1", ("framework.name=sflv1", "framework.num_clients=2")),
+        ("psl", ("framework.name=psl", "framework.num_clients=2")),
+        ("sl", ("framework.name=sl", "framework.num_clients=3")),
+    ):
+        out = tmp_path_factory.mktemp(f"acc-{name}")
+        config = fast_config(out, *RUN, "data.client_eval_size=6", "data.format=instruction", *extra)
+        done[name] = {"out": out, "summary": run_framework(config), "config": config}
+    return done
+
+
+@pytest.mark.parametrize("name", ["sflv1", "psl", "sl"])
+def test_rounds_carry_each_clients_accuracy_on_its_own_examples(accuracy_runs, run_files, name) -> None:
+    run = accuracy_runs[name]
+    records = run_files.rounds(run["out"])
+    fed = build_federation(run["config"])
+    sizes = {m.client_id: len(m.choices) for m in fed.members}
+    assert all(0 < size <= 6 for size in sizes.values())
+    for record in records:
+        accuracy = record["client_accuracy"]
+        assert set(accuracy) == set(sizes)
+        # a fraction of each client's own choices
+        assert all(round(value * sizes[c]) == pytest.approx(value * sizes[c]) for c, value in accuracy.items())
+        assert record["mean_client_accuracy"] == pytest.approx(sum(accuracy.values()) / len(accuracy))
+        assert record["worst_client_accuracy"] == min(accuracy.values())
+        assert (record["own_accuracy"] is not None) == (name == "psl")
+        assert (record["accuracy_forgetting"] is not None) == (name == "sl")
+    if name == "sl":  # the last client's accuracy is measured on the model it passed on: nothing forgotten
+        assert all(-1 <= r["accuracy_forgetting"] <= 1 for r in records)
+
+
+def test_client_accuracy_scores_the_members_own_choices(accuracy_runs) -> None:
+    """The global model's accuracy on a client's own choices is Member.accuracy over exactly those choices."""
+    config = accuracy_runs["sflv1"]["config"]
+    fed = build_federation(config)
+    member = fed.members[0]
+    one_at_a_time = sum(
+        int(min(range(len(c)), key=member.client.sequence_losses(c, fed.pad_id).__getitem__) == truth)
+        for c, truth in member.choices
+    ) / len(member.choices)
+    assert member.accuracy(fed, member.choices) == pytest.approx(one_at_a_time)
+
+
+# --- SplitGP's personalized models (framework.personalize=multi_exit) -------------------------------------------
+
+
+def test_personal_scores_evaluate_the_clients_own_side_through_its_exit(make_config) -> None:
+    config = make_config(
+        "personal", "framework.name=sflv1", "framework.num_clients=2", "framework.personalize=multi_exit",
+        "data.client_eval_size=6", "data.format=instruction",
+    )  # fmt: skip
+    fed = build_federation(config)
+    member = fed.members[0]
+    assert member.personal is None and member.personal_scores(fed) is None  # nothing trained yet
+    own = {k: v.clone() for k, v in member.client.state().items()}
+    member.personal = {k: v + 0.05 * torch.randn_like(v) for k, v in own.items()}
+    loss, accuracy = member.personal_scores(fed)
+    assert all(torch.equal(v, own[k]) for k, v in member.client.state().items())  # its own state is back
+    member.client.load_state(member.personal)
+    with member.client.personal():
+        expected = member.client.evaluate(member.held_out).loss
+    member.client.load_state(own)
+    assert loss == pytest.approx(expected) and loss != pytest.approx(member.held_out_scores(fed)[0])
+    assert accuracy is not None and 0 <= accuracy <= 1
+
+
+def test_multi_exit_runs_report_personal_and_global_per_client(fast_config, tmp_path, run_files) -> None:
+    extra = ("framework.name=sflv2", "framework.num_clients=2", "framework.personalize=multi_exit")
+    summary = run_framework(fast_config(tmp_path, *RUN, "data.client_eval_size=6", "data.format=instruction", *extra))
+    for record in run_files.rounds(tmp_path):
+        assert set(record["personal_eval_loss"]) == set(record["client_eval_loss"]) == {"0", "1"}
+        assert set(record["personal_accuracy"]) == set(record["client_accuracy"])
+        assert record["mean_personal_accuracy"] == pytest.approx(sum(record["personal_accuracy"].values()) / 2)
+        assert record["worst_personal_accuracy"] == min(record["personal_accuracy"].values())
+    assert summary["personal_eval_loss"] == run_files.rounds(tmp_path)[-1]["personal_eval_loss"]
+    assert all("exit_loss" in r for r in run_files.metrics(tmp_path))

@@ -1,5 +1,6 @@
 """Client grouping (label_kmeans, balanced, first_label) and selection (random, pairing) on hand-made label
-histograms, the config errors for unknown names, and a tiny gsfl run with each grouping."""
+histograms, feature_hash on hand-made smashed-data summaries, the config errors for unknown names, and a tiny gsfl
+run with each grouping (feature_hash: clients of two kinds of text grouped by kind)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from splitlm.config import build_config
 from splitlm.errors import ConfigError
-from splitlm.frameworks import config_problems, run_framework
+from splitlm.frameworks import config_problems, framework_of, run_framework
 from splitlm.frameworks.grouping import GROUPINGS, SELECTIONS, total_kl
+from splitlm.frameworks.sketch import SKETCH_DIMS, sketch
 
 COMMON = ("framework.name=gsfl", "framework.num_clients=4", "framework.rounds=2", "train.steps=4")
 
@@ -117,3 +120,79 @@ def test_gsfl_runs_with_each_grouping(make_config, grouping: str, extra: tuple[s
         rounds = [json.loads(line) for line in (Path(config.output_dir) / "rounds.jsonl").read_text().splitlines()]
         assert [len(r["participants"]) for r in rounds] == [3, 3]
     assert math.isfinite(summary["eval_loss_after"])
+
+
+# --- feature_hash --------------------------------------------------------------------------------------------------
+
+
+def _two_kinds(width: int, offset: float = 50.0) -> list[torch.Tensor]:
+    """Smashed-data means of 6 clients: a large offset every client shares, plus one of two directions (clients
+    0, 2, 3 and 1, 4, 5) and a little noise of their own."""
+    generator = torch.Generator().manual_seed(0)
+    shared = offset * torch.randn(width, generator=generator, dtype=torch.float64)
+    kinds = torch.randn(2, width, generator=generator, dtype=torch.float64)
+    noise = 0.1 * torch.randn(6, width, generator=generator, dtype=torch.float64)
+    return [shared + kinds[kind] + noise[i] for i, kind in enumerate([0, 1, 0, 0, 1, 1])]
+
+
+def test_feature_hash_groups_clients_by_what_differs_past_the_shared_offset() -> None:
+    means = _two_kinds(8)
+    vectors = [m.tolist() for m in means]
+    raw = [torch.nn.functional.normalize(m, dim=0) for m in means]
+    assert min(float(a @ b) for a in raw for b in raw) > 0.99  # uncentered, every pair looks alike
+    for seed in range(3):
+        assert GROUPINGS["feature_hash"](vectors, 2, seed) == [[0, 2, 3], [1, 4, 5]]
+    kind = {0: 0, 1: 1, 2: 0, 3: 0, 4: 1, 5: 1}
+    three = GROUPINGS["feature_hash"](vectors, 3, 0)
+    assert len(three) == 3 and all(len({kind[i] for i in group}) == 1 for group in three)  # no group mixes kinds
+    assert GROUPINGS["feature_hash"].needs == "sketches" and GROUPINGS["label_kmeans"].needs == "histograms"
+
+
+def test_feature_hash_groups_the_same_through_the_hash() -> None:
+    """The clients' sketches (seeded projection of a 64-wide mean to SKETCH_DIMS int16 levels) group as the means do."""
+    sketches = [sketch(m, seed=3) for m in _two_kinds(64)]
+    assert all(len(s) == SKETCH_DIMS for s in sketches)
+    assert sketch(_two_kinds(64)[0], seed=3) == sketches[0]  # the same seed, the same hash on every client
+    assert GROUPINGS["feature_hash"](sketches, 2, 0) == [[0, 2, 3], [1, 4, 5]]
+
+
+def test_a_gsfl_run_with_feature_hash_groups_clients_of_the_same_text(make_config, tmp_path: Path) -> None:
+    """Clients 0 and 2 hold English words, clients 1 and 3 sums of numbers (one file each, by_source)."""
+    vocabulary = ["the", "a", "movie", "film", "story", "actor", "plot", "scene", "great", "bad", "fun", "boring"]
+    sources = []
+    for client in range(4):
+        rng = random.Random(client)
+        if client % 2 == 0:
+            lines = [" ".join(rng.choice(vocabulary) for _ in range(12)) for _ in range(40)]
+        else:
+            lines = [" ".join(f"{rng.randint(0, 999)}+{rng.randint(0, 999)}" for _ in range(5)) for _ in range(40)]
+        path = tmp_path / f"{client}-{'words' if client % 2 == 0 else 'sums'}.txt"
+        path.write_text("\n".join(lines) + "\n")
+        sources.append(str(path))
+    config = make_config(
+        "hashed", *COMMON, "framework.grouping=feature_hash", "data.partition=by_source",
+        f"data.sources=[{', '.join(sources)}]", "data.eval_size=8",
+    )  # fmt: skip
+    summary = run_framework(config)
+    assert summary["groups"] == [[0, 2], [1, 3]]
+    assert math.isfinite(summary["eval_loss_after"])
+
+
+def test_feature_hash_is_refused_where_the_sketches_are_not_computed_in_this_process(make_config) -> None:
+    config = make_config("ray", *COMMON, "framework.grouping=feature_hash", "transport.name=ray")
+    with pytest.raises(ConfigError) as caught:
+        framework_of(config).check(config)
+    assert "\n" not in str(caught.value)
+    assert "framework.grouping=feature_hash" in str(caught.value) and "framework.groups" in str(caught.value)
+    explicit = make_config("ray", *COMMON, "transport.name=ray", "framework.groups=[[0, 1], [2, 3]]")
+    framework_of(explicit).check(explicit)  # explicit groups: no sketches needed
+
+
+def test_splitlm_serve_refuses_feature_hash(make_config) -> None:
+    from splitlm.deploy.serve import check_networked
+
+    with pytest.raises(
+        ConfigError, match=r"framework\.grouping=feature_hash: .*for `splitlm serve` set framework\.groups"
+    ):
+        check_networked(make_config("served", *COMMON, "framework.grouping=feature_hash"))
+    check_networked(make_config("served", *COMMON, "framework.grouping=label_kmeans"))

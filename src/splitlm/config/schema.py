@@ -175,7 +175,15 @@ class TrainConfig(Section):
         le=1,
         allow_inf_nan=False,
         description="MultiSFL-style replay (survey §3.3): this fraction of each batch's rows is drawn from the "
-        "samples the client kept from its earlier rounds (0: off).",
+        "samples the client kept from its earlier rounds, so it needs framework.rounds > 1 (0: off).",
+    )
+    align_kl: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="FlexP-SFL (survey §3.1.1): add lambda x KL(client || server) to the client's loss, between "
+        "the per-feature Gaussian of its head's output (this batch's mean and variance at the cut) and the server's "
+        "running average of every client's; the value is lambda (0: off).",
     )
     align_every: int = Field(
         0,
@@ -289,10 +297,46 @@ class FrameworkConfig(Section):
         "A client's learning-rate schedule spans rounds x local_steps.",
     )
     clients_per_round: int = Field(0, ge=0, description="Clients sampled each round (0: all).")
-    server_lr_scale: Literal["none", "linear", "sqrt"] = Field(
+    server_lr_scale: Literal["none", "linear", "sqrt", "mu_splitfed"] = Field(
         "none",
-        description="Scale the server's learning rate with the number of clients sharing its adapter "
-        "(linear: x n, sqrt: x sqrt(n)), as in SGLR.",
+        description="Scale the server's learning rate with the number tau of clients sharing its adapter (the "
+        "server's unbalanced steps per client step; survey §3.2.2): linear: x tau, sqrt: x sqrt(tau) (SGLR); "
+        "mu_splitfed: / tau (MU-SplitFed; sflv2 and gsfl), with the client sides' aggregation learning rate raised "
+        "to framework.aggregation_lr to compensate.",
+    )
+    aggregation_lr: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Global learning rate of the client sides' FedAvg (sflv1, sflv2, gsfl): the new global client "
+        "side is old + aggregation_lr x (average - old), old being the one the round started from (the trunk "
+        "adapters are averaged as before). Unset: 1 (plain FedAvg), or sqrt(tau) with server_lr_scale=mu_splitfed.",
+    )
+    merge: int = Field(
+        1,
+        ge=1,
+        description="MiniBatch-SFL / SCALA (survey §3.1.2): the server concatenates the smashed data of K clients "
+        "into one trunk batch per step and splits the gradients back; sflv2 then trains its clients K at a time, "
+        "one shared trunk update per step of the K (1: off).",
+    )
+    merge_max_tokens: int = Field(
+        0,
+        ge=0,
+        description="framework.merge's memory cap: at most this many tokens (rows x sequence length) in one "
+        "merged trunk batch; larger merges run in several trunk passes whose gradients add up (0: no cap).",
+    )
+    personalize: Literal["none", "multi_exit"] = Field(
+        "none",
+        description="multi_exit: SplitGP (survey §3.1.1). The client also trains an early exit, its own tail "
+        "applied straight to its head's output (no trunk), weighted framework.exit_weight against the global "
+        "loss; evaluation reports each client's personalized (early-exit) model next to the global one (ushape).",
+    )
+    exit_weight: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="multi_exit: the early-exit loss's weight w; the client minimizes (1 - w) x global + w x exit.",
     )
     groups: list[list[int]] | None = Field(
         None, description="gsfl: explicit client groups, e.g. [[0, 1], [2, 3]]; default: by label similarity."
@@ -302,12 +346,15 @@ class FrameworkConfig(Section):
         "label_kmeans",
         description="gsfl: how clients are grouped when framework.groups is unset (survey §3.1.3): label_kmeans "
         "(CSFL: k-means on the label histograms, cosine distance), balanced (ParallelSFL: groups whose pooled label "
-        "mix is closest to the global one in KL divergence), or first_label (sorted by the share of the first label).",
+        "mix is closest to the global one in KL divergence), feature_hash (GSFL: k-means, cosine distance, on "
+        "hashed summaries of each client's smashed data, so no labels are needed), or first_label (sorted by the "
+        "share of the first label).",
     )
     selection: str = Field(
         "random",
         description="Which framework.clients_per_round clients take part in a round: random, or pairing (PairingFL: "
-        "the clients that add the most label diversity, each waiting at most a few rounds; survey §3.1.3).",
+        "the clients that add the most label diversity, each waiting at most a few rounds; survey §3.1.3; needs "
+        "framework.clients_per_round below framework.num_clients).",
     )
     min_clients: int = Field(1, ge=1, description="Aggregate a round once at least this many clients finished.")
     round_timeout_s: float = Field(
@@ -803,6 +850,7 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
         problems.append("data.response_field: must differ from data.prompt_field")
     problems += _round_trip_problems(tree)
     problems += _client_problems(tree)
+    problems += _remedy_problems(tree)
     defenses = value_at(tree, "privacy.defenses")
     if isinstance(defenses, list):
         if len(set(defenses)) != len(defenses):
@@ -849,6 +897,32 @@ def _round_trip_problems(tree: dict[str, Any]) -> list[str]:
             problems.append(
                 "data.prune: el2n scores rows with the client's head and the LM head of its tail; set split.mode=ushape"
             )
+    return problems
+
+
+def _remedy_problems(tree: dict[str, Any]) -> list[str]:
+    """Non-IID remedies (survey §3) that need more than one framework can give: the frameworks' own checks
+    (``Framework.check``) refuse the ones a framework cannot honour."""
+    problems: list[str] = []
+    clients, per_round = value_at(tree, "framework.num_clients"), value_at(tree, "framework.clients_per_round")
+    selection = value_at(tree, "framework.selection")
+    counts = isinstance(clients, int) and isinstance(per_round, int)
+    if isinstance(selection, str) and selection != "random" and counts and not 0 < per_round < clients:
+        problems.append(
+            f"framework.selection: {selection} picks framework.clients_per_round of the clients each round; set "
+            f"framework.clients_per_round between 1 and framework.num_clients - 1 (got {per_round} of {clients})"
+        )
+    replay, rounds = value_at(tree, "train.replay"), value_at(tree, "framework.rounds")
+    if isinstance(replay, int | float) and replay > 0 and rounds == 1:
+        problems.append(
+            "train.replay: draws from the samples a client kept from its earlier rounds, and framework.rounds=1 has "
+            "none; set framework.rounds > 1 or train.replay=0"
+        )
+    if value_at(tree, "framework.personalize") == "multi_exit" and value_at(tree, "split.mode") != "ushape":
+        problems.append(
+            "framework.personalize: multi_exit's early exit is the client's tail applied to its head's output, so it "
+            "needs split.mode=ushape"
+        )
     return problems
 
 

@@ -11,7 +11,7 @@ from splitlm.data.partition import (
     register_partitioner,
     skew,
 )
-from splitlm.data.tokenize import pack_examples, tokenize_rows
+from splitlm.data.tokenize import pack_examples, shorten, tokenize_rows
 
 __all__ = [
     "IGNORE_INDEX",
@@ -27,6 +27,7 @@ __all__ = [
     "make_partitioner",
     "pack_examples",
     "register_partitioner",
+    "shorten",
     "skew",
     "split_rows",
     "tokenize_rows",

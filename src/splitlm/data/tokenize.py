@@ -80,6 +80,18 @@ def _instruction(prompt: list[int], response: list[int], seq_len: int) -> tuple[
     return prompt + response, [IGNORE_INDEX] * len(prompt) + response
 
 
+def shorten(example: Example, seq_len: int) -> Example:
+    """``example`` within ``seq_len`` tokens as ``tokenize_rows`` would have cut it: a prompt + response pair (loss
+    on a suffix only) loses prompt tokens from its start, so its response stays; anything else loses its end."""
+    if len(example.input_ids) <= seq_len:
+        return example
+    start = next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+    if 0 < start < len(example.labels) and all(label != IGNORE_INDEX for label in example.labels[start:]):
+        ids, labels = _instruction(example.input_ids[:start], example.input_ids[start:], seq_len)
+        return Example(ids, labels, example.label)
+    return Example(example.input_ids[:seq_len], example.labels[:seq_len], example.label)
+
+
 def _label(row: dict[str, Any], cfg: DataConfig) -> str | None:
     if cfg.label_field is not None:
         return str(row[cfg.label_field])

@@ -20,6 +20,7 @@ from splitlm.frameworks.base import framework_of
 from splitlm.frameworks.checkpoint import prepare_output
 from splitlm.frameworks.driver import drive
 from splitlm.frameworks.federation import Federation, groups_of, make_server, route
+from splitlm.frameworks.grouping import GROUPINGS
 from splitlm.frameworks.pipeline import server_mods
 from splitlm.frameworks.setup import load_source, spec_of
 from splitlm.models import SplitSpec
@@ -43,6 +44,13 @@ def check_networked(config: Config) -> None:
         raise ConfigError(
             "privacy.tap and privacy.server_attack are simulations of in-process runs: drop them from the server's "
             "config"
+        )
+    grouping = GROUPINGS.get(config.framework.grouping)
+    if framework.trunk_adapters == "group" and not config.framework.groups and grouping.needs != "histograms":
+        raise ConfigError(
+            f"framework.grouping={config.framework.grouping}: the clients' smashed-data sketches are computed "
+            "in-process (`splitlm train`); for `splitlm serve` set framework.groups or a grouping by labels "
+            "(label_kmeans)"
         )
 
 

@@ -70,6 +70,26 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float
     return averaged
 
 
+def global_step(
+    old: Mapping[str, torch.Tensor], average: Mapping[str, torch.Tensor], lr: float
+) -> dict[str, torch.Tensor]:
+    """FedAvg with a global learning rate (``framework.aggregation_lr``, MU-SplitFed's eta_g): the new global model
+    ``old + lr * (average - old)`` tensor by tensor, ``old`` the global model the round started from and
+    ``average`` the clients' FedAvg; lr 1 is the average, lr 2 twice its step from ``old``.
+
+    Computed in float64 and returned in each average tensor's dtype. A tensor ``old`` lacks or shapes differently,
+    or that is not floating point, is the average as it is."""
+    stepped: dict[str, torch.Tensor] = {}
+    for key, now in average.items():
+        before = old.get(key)
+        if before is None or before.shape != now.shape or not now.is_floating_point():
+            stepped[key] = now.detach().clone()
+            continue
+        base = before.detach().to("cpu", torch.float64)
+        stepped[key] = (base + lr * (now.detach().to("cpu", torch.float64) - base)).to(now.dtype)
+    return stepped
+
+
 # The factor pairs of a LoRA module: A holds the rank in dim 0, B in dim 1 (Linear, Conv, Embedding alike).
 LORA_PAIRS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
 

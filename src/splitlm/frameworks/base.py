@@ -82,9 +82,19 @@ class Framework:
         )
 
     def server_lr_scale(self, config: Config, groups: list[list[int]]) -> float:
-        """``framework.server_lr_scale``: the trunk's learning rate scaled with the clients sharing it (SGLR)."""
+        """``framework.server_lr_scale``: the trunk's learning rate scaled with the number tau of clients sharing it:
+        x tau or x sqrt(tau) (SGLR), or / tau (MU-SplitFed: tau unbalanced server steps per client step)."""
         n = self.sharing(config, groups)
-        return {"none": 1.0, "linear": float(n), "sqrt": math.sqrt(n)}[config.framework.server_lr_scale]
+        scales = {"none": 1.0, "linear": float(n), "sqrt": math.sqrt(n), "mu_splitfed": 1.0 / n}
+        return scales[config.framework.server_lr_scale]
+
+    def aggregation_lr(self, config: Config, groups: list[list[int]]) -> float:
+        """``framework.aggregation_lr`` (eta_g), the global learning rate of the client sides' FedAvg; unset, 1 (plain
+        FedAvg), or sqrt(tau) under server_lr_scale=mu_splitfed, raised to make up for the trunk's smaller steps."""
+        fw = config.framework
+        if fw.aggregation_lr is not None:
+            return fw.aggregation_lr
+        return math.sqrt(self.sharing(config, groups)) if fw.server_lr_scale == "mu_splitfed" else 1.0
 
     # --- what it supports --------------------------------------------------------------------------------
 
@@ -108,6 +118,7 @@ class Framework:
                     f"train.logit_adjustment: adjusts a split client's loss; framework.name={self.name} has no "
                     "client side, so unset it"
                 )
+            problems += self._unsplit_problems(config)
         if self.trunk_adapters != "shared" and config.lora.part("trunk").method != "lora":
             problems.append(
                 f"framework.name={self.name} keeps one trunk adapter per {self.trunk_adapters}: "
@@ -125,6 +136,7 @@ class Framework:
                 f"train.ema averages the client side passed from one client to the next; framework.name={self.name} "
                 "passes none: set framework.name=sl or train.ema=0"
             )
+        problems += self._remedy_problems(config)
         if config.privacy.tap.enabled and config.transport.name != "inprocess":
             problems.append("privacy.tap records in-process runs only: set transport.name=inprocess")
         for check in self.checks:
@@ -135,8 +147,111 @@ class Framework:
         if problems:
             raise ConfigError("; ".join(problems))
 
+    def _unsplit_problems(self, config: Config) -> list[str]:
+        """The non-IID remedies and server settings that act on a split model, for the unsplit baseline."""
+        fw, name, problems = config.framework, self.name, []
+        if config.train.align_kl:
+            problems.append(
+                f"train.align_kl: aligns a split client's head output with the server's statistics at the cut; "
+                f"framework.name={name} has no cut, so set train.align_kl=0"
+            )
+        if fw.personalize != "none":
+            problems.append(
+                f"framework.personalize={fw.personalize}: a split client's early exit on its head's output; "
+                f"framework.name={name} has no client side, so set framework.personalize=none"
+            )
+        if config.server.policy == "dissimilar_first":
+            problems.append(
+                f"server.policy=dissimilar_first: orders the clients' smashed data waiting at the server; "
+                f"framework.name={name} has no server, so set server.policy=fifo"
+            )
+        if fw.server_lr_scale != "none":
+            problems.append(
+                f"framework.server_lr_scale={fw.server_lr_scale}: scales the trunk's learning rate on the server; "
+                f"framework.name={name} has no server, so set framework.server_lr_scale=none"
+            )
+        if fw.aggregation_lr is not None:
+            problems.append(
+                f"framework.aggregation_lr: steps the FedAvg of the clients' client sides; framework.name={name} "
+                "trains one unsplit model, so unset framework.aggregation_lr"
+            )
+        return problems
+
+    def _remedy_problems(self, config: Config) -> list[str]:
+        """Remedies (survey §3) that need what this framework's layout lacks: groups of clients (grouping), one
+        trunk adapter several clients reach at once (merge, dissimilar_first), FedAvg of client sides
+        (mu_splitfed, aggregation_lr). A framework's own ``checks`` add what its fields cannot say."""
+        fw, name, problems = config.framework, self.name, []
+        # a grouping other than the default, or explicit groups (a resolved config, e.g. a run's config.yaml, spells
+        # out the default grouping, and must load again)
+        for key in ("grouping", "groups"):
+            if getattr(fw, key) != type(fw).model_fields[key].default and self.trunk_adapters != "group":
+                problems.append(
+                    f"framework.{key}: groups the clients that share a trunk adapter; framework.name={name} keeps "
+                    f"none per group: set framework.name=gsfl or unset framework.{key}"
+                )
+        if fw.merge > 1 and (not self.split or self.sequential or self.trunk_adapters != "shared"):
+            why = (
+                "has no server" if not self.split
+                else "trains one client at a time" if self.sequential
+                else f"keeps one trunk adapter per {self.trunk_adapters}"
+            )  # fmt: skip
+            problems.append(
+                f"framework.merge={fw.merge}: concatenates several clients' smashed data into one batch of one shared "
+                f"trunk adapter; framework.name={name} {why}: use sflv2 or psl, or set framework.merge=1"
+            )
+        if self.split and self.sequential and config.server.policy == "dissimilar_first":
+            problems.append(
+                f"server.policy=dissimilar_first: reorders the smashed data of clients waiting at once; "
+                f"framework.name={name} trains one client at a time: use psl, sflv1 or gsfl, or set server.policy=fifo"
+            )
+        if self.split and fw.server_lr_scale == "mu_splitfed" and (self.sequential or self.trunk_adapters == "client"):
+            why = "gives each client its own trunk adapter"
+            if self.sequential:
+                why = "passes one client side on instead of averaging them"
+            problems.append(
+                f"framework.server_lr_scale=mu_splitfed: divides a shared trunk adapter's learning rate by its clients "
+                f"and raises the FedAvg of the client sides; framework.name={name} {why}: use sflv2 or gsfl"
+            )
+        if self.split and self.sequential and fw.aggregation_lr is not None:
+            problems.append(
+                f"framework.aggregation_lr: steps the FedAvg of the clients' client sides; framework.name={name} "
+                "passes one client side on instead: use sflv1, sflv2 or gsfl, or unset framework.aggregation_lr"
+            )
+        return problems
+
 
 FRAMEWORKS = Registry[Framework]("framework", "framework.name", builtins=("splitlm.frameworks",))
+
+
+def one_client_at_a_time(config: Config) -> None:
+    """A framework check (``Framework.checks``) for a server that serves one client at a time (sflv2 unless
+    ``framework.merge`` trains K at once): nothing waits at the server for dissimilar_first to reorder."""
+    if config.server.policy == "dissimilar_first" and config.framework.merge <= 1:
+        raise ConfigError(
+            f"server.policy=dissimilar_first: reorders the smashed data of clients waiting at once; "
+            f"framework.name={config.framework.name} serves one client at a time: set framework.merge>1, use psl, "
+            "sflv1 or gsfl, or set server.policy=fifo"
+        )
+
+
+def keeps_own_client_sides(config: Config) -> None:
+    """A framework check (``Framework.checks``) for clients that each keep their own client side (psl): no FedAvg of
+    client sides for framework.aggregation_lr to step, nor for mu_splitfed to raise."""
+    fw, problems = config.framework, []
+    if fw.server_lr_scale == "mu_splitfed":
+        problems.append(
+            f"framework.server_lr_scale=mu_splitfed: divides a shared trunk adapter's learning rate by its clients and "
+            f"raises the FedAvg of the client sides; framework.name={fw.name} averages no client sides: use sflv2 or "
+            "gsfl"
+        )
+    if fw.aggregation_lr is not None:
+        problems.append(
+            f"framework.aggregation_lr: steps the FedAvg of the clients' client sides; framework.name={fw.name} lets "
+            "each client keep its own: use sflv1, sflv2 or gsfl, or unset framework.aggregation_lr"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def register(framework: Framework) -> Framework:

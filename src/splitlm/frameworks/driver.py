@@ -43,6 +43,9 @@ SUMMARY_FORMAT = 2  # ``summary.json``'s schema; ``splitlm report`` reads this o
 # the last round's losses on the clients' own held-out sets (``data.client_eval_size``; ``client_evaluation``)
 CLIENT_EVAL_KEYS = (
     "client_eval_loss", "own_eval_loss", "mean_client_eval_loss", "worst_client_eval_loss", "forgetting",
+    "client_accuracy", "own_accuracy", "mean_client_accuracy", "worst_client_accuracy", "accuracy_forgetting",
+    "personal_eval_loss", "mean_personal_eval_loss", "personal_accuracy", "mean_personal_accuracy",
+    "worst_personal_accuracy",
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -263,7 +266,12 @@ def client_evaluation(fed: Federation, holders: list[Member], round_index: int) 
     client keeps its own client side (several holders, psl), that client's own model on its own set.
     ``forgetting`` (sequential frameworks, survey §3.3): ``mean_i (loss_i(end of round) - loss_i(right after i
     trained))`` over the round's clients but the last, where loss_i is client i's held-out loss of the carried
-    client side; positive: what the later clients' training made the model forget of the earlier clients' data."""
+    client side; positive: what the later clients' training made the model forget of the earlier clients' data.
+    On classification-style data the same for accuracy on each client's own held-out examples:
+    ``client_accuracy`` (mean, worst: lowest), ``own_accuracy`` and ``accuracy_forgetting`` (``mean_i (acc_i(right
+    after i trained) - acc_i(end of round))``, positive: forgotten). With ``framework.personalize`` (SplitGP),
+    ``personal_eval_loss`` / ``personal_accuracy``: each client's personalized model (its own client side through
+    its early exit) on its own held-out set, next to the global model's ``client_eval_loss`` / ``client_accuracy``."""
     values: dict[str, Any] = dict.fromkeys(CLIENT_EVAL_KEYS)
     owners = [m for m in fed.members if m.held_out]
     if fed.config.data.client_eval_size == 0 or not owners or not holders:
@@ -273,13 +281,42 @@ def client_evaluation(fed: Federation, holders: list[Member], round_index: int) 
         client_eval_loss=losses, mean_client_eval_loss=sum(losses.values()) / len(losses),
         worst_client_eval_loss=max(losses.values()),
     )  # fmt: skip
+    accuracies = {m.client_id: holders[0].accuracy(fed, m.choices) for m in owners if m.choices}
+    if accuracies:
+        values.update(
+            client_accuracy=accuracies, mean_client_accuracy=sum(accuracies.values()) / len(accuracies),
+            worst_client_accuracy=min(accuracies.values()),
+        )  # fmt: skip
     if len(holders) > 1:
         values["own_eval_loss"] = {m.client_id: m.evaluate_on(m).loss for m in holders if m.held_out}
+        if accuracies:
+            values["own_accuracy"] = {m.client_id: m.accuracy(fed, m.choices) for m in holders if m.choices}
+    personal = {m.client_id: scores for m in owners if (scores := m.personal_scores(fed)) is not None}
+    if personal:
+        personal_losses = {c: loss for c, (loss, _) in personal.items()}
+        personal_accuracy = {c: acc for c, (_, acc) in personal.items() if acc is not None}
+        values.update(
+            personal_eval_loss=personal_losses,
+            mean_personal_eval_loss=sum(personal_losses.values()) / len(personal_losses),
+        )
+        if personal_accuracy:
+            values.update(
+                personal_accuracy=personal_accuracy,
+                mean_personal_accuracy=sum(personal_accuracy.values()) / len(personal_accuracy),
+                worst_personal_accuracy=min(personal_accuracy.values()),
+            )
     if fed.framework.sequential:
-        trained = sorted((m.fresh[1], m.client_id, m.fresh[2]) for m in owners if m.fresh and m.fresh[0] == round_index)
+        trained = sorted(
+            (m.fresh[1], m.client_id, m.fresh[2], m.fresh[3]) for m in owners if m.fresh and m.fresh[0] == round_index
+        )
         earlier = trained[:-1]  # the last client's end-of-round model is the one it passed on
         if earlier:
-            values["forgetting"] = sum(losses[client] - loss for _, client, loss in earlier) / len(earlier)
+            values["forgetting"] = sum(losses[client] - loss for _, client, loss, _ in earlier) / len(earlier)
+            drops = [
+                acc - accuracies[client] for _, client, _, acc in earlier if acc is not None and client in accuracies
+            ]
+            if drops:
+                values["accuracy_forgetting"] = sum(drops) / len(drops)
     return values
 
 
@@ -369,6 +406,9 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         "trunk_layers": list(server.stage.layer_indices) if server is not None and hasattr(server, "stage") else [],
         "server_adapters": list(server.bank.names) if server is not None and server.bank else [],
         "groups": fed.groups or None,
+        # the trunk's learning-rate scale and the client sides' FedAvg learning rate in effect (survey §3.2.2)
+        "server_lr_scale": fed.framework.server_lr_scale(config, fed.groups) if fed.framework.split else None,
+        "aggregation_lr": fed.framework.aggregation_lr(config, fed.groups),
         "server": serving_summary(server),
         "aggregation": fed.aggregation.stats.summary() if fed.aggregation is not None else {"mode": fw.aggregation},
         "clients": [

@@ -36,32 +36,38 @@ from splitlm.data import (
     label_histograms,
     make_partitioner,
     pack_examples,
+    shorten,
     skew,
 )
 from splitlm.errors import ClientGone, ConfigError, Interrupted, ProtocolError
 from splitlm.files import write_json
-from splitlm.frameworks.aggregate import contribution, fit
+from splitlm.frameworks.aggregate import contribution, fedavg, fit
 from splitlm.frameworks.base import Framework, client_steps, framework_of
 from splitlm.frameworks.checkpoint import TMP_PREFIX
 from splitlm.frameworks.grouping import GROUPINGS, SELECTIONS
 from splitlm.frameworks.pipeline import ClientPipeline, client_link, client_pipeline, recorders, server_mods
 from splitlm.frameworks.setup import (
+    Choice,
     RunData,
     block_layout,
     build_part,
+    choice_of,
     count_parameters,
     load_source,
     mixed_clients,
     prepare_data,
     spec_of,
 )
+from splitlm.frameworks.sketch import client_sketches
 from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
 from splitlm.privacy.tap import ServerTap, TruthRecorder
+from splitlm.runtime.align import make_alignment
 from splitlm.runtime.client import EvalStats, SplitClient, StepStats
 from splitlm.runtime.loss import LogitAdjustment, label_prior
 from splitlm.runtime.optim import PartyOptimizer
+from splitlm.runtime.personalize import make_personalize
 from splitlm.runtime.schedule import pipelined, serial
 from splitlm.runtime.server import SplitServer
 from splitlm.runtime.updates import keep_fraction, make_update
@@ -114,9 +120,13 @@ class Member:
     stale: bool = False  # missed a broadcast (a networked client that dropped out): resync before it trains
     round_goal: int | None = None  # ``steps_done`` at which the round in progress ends (kept across a resume)
     held_out: list[Batch] = field(default_factory=list)  # data.client_eval_size: its own held-out examples
-    # sequential frameworks with data.client_eval_size: (round index, position in the round's sequence, loss on
-    # ``held_out`` of the client side it passed on) right after it trained, for the round's ``forgetting``
-    fresh: tuple[int, int, float] | None = None
+    choices: list[Choice] = field(default_factory=list)  # the same, as choices (classification-style data)
+    # sequential frameworks with data.client_eval_size: (round index, position in the round's sequence, loss and
+    # accuracy on ``held_out`` of the client side it passed on) right after it trained, for the round's forgetting
+    fresh: tuple[int, int, float, float | None] | None = None
+    # framework.personalize: its client side as its own local training left it (before aggregation), the
+    # personalized model whose early exit ``personal_scores`` evaluates
+    personal: dict[str, torch.Tensor] | None = None
 
     @property
     def client_id(self) -> str:
@@ -178,6 +188,7 @@ class Member:
                 "loss": stats.loss, "tokens": stats.tokens, "bytes_up": up1 - up0, "bytes_down": down1 - down0,
                 "comm_seconds": link_seconds(self.client) - comm0,
                 "seconds": seconds, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                **({"exit_loss": stats.exit_loss} if getattr(stats, "exit_loss", None) is not None else {}),
                 "epoch": self.order.epoch(self.steps_done * train.grad_accum),
             }  # fmt: skip
             fed.on_step(self, record)
@@ -205,15 +216,22 @@ class Member:
         self.steps_done, self.tokens, self.last_loss = snapshot["steps_done"], snapshot["tokens"], snapshot["last_loss"]
         self.round_goal = snapshot["round_goal"]
 
-    def accuracy(self, fed: Federation) -> float | None:
-        """For classification-style data: how often the true response scores best among the candidates."""
-        if fed.data is None or not fed.data.choices:
+    def accuracy(self, fed: Federation, choices: list[Choice] | None = None) -> float | None:
+        """For classification-style data: how often the true response scores best among the candidates, on the
+        global held-out set's ``choices`` (default) or on ``choices`` (e.g. a client's own ones)."""
+        if choices is None:
+            choices = fed.data.choices if fed.data is not None else []
+        if not choices:
             return None
         correct = 0
-        for candidates, truth in fed.data.choices:
-            losses = self.client.sequence_losses(candidates, fed.pad_id)
-            correct += int(min(range(len(losses)), key=losses.__getitem__) == truth)
-        return correct / len(fed.data.choices)
+        per_call = max(fed.config.train.batch_size // len(choices[0][0]), 1)  # choices scored together
+        for start in range(0, len(choices), per_call):
+            group = choices[start : start + per_call]
+            losses = self.client.sequence_losses([e for candidates, _ in group for e in candidates], fed.pad_id)
+            for candidates, truth in group:
+                mine, losses = losses[: len(candidates)], losses[len(candidates) :]
+                correct += int(min(range(len(mine)), key=mine.__getitem__) == truth)
+        return correct / len(choices)
 
     def evaluate(self, fed: Federation) -> EvalStats:
         return self.client.evaluate(fed.data.eval if fed.data is not None else [])
@@ -222,17 +240,33 @@ class Member:
         """Held-out loss of this client's model (its parts and trunk adapter) on ``other``'s own held-out set."""
         return self.client.evaluate(other.held_out)
 
-    def held_out_loss(self, fed: Federation, state: dict[str, torch.Tensor] | None = None) -> float:
-        """Loss on this client's own held-out set of its client side, or of ``state`` loaded for this evaluation
-        only (the client keeps the state it trained)."""
-        if state is None:
-            return self.evaluate_on(self).loss
+    def personal_scores(self, fed: Federation) -> tuple[float, float | None] | None:
+        """Loss and accuracy on its own held-out set of its personalized model (``framework.personalize``): its
+        own last-trained client side through the early exit, no server involved; None before it trained (or for
+        a client that cannot evaluate its early exit here)."""
+        if self.personal is None or not hasattr(self.client, "personal"):
+            return None
         own = self.client.state()
-        self.client.load_state(fed.fitted(self, state))
+        self.client.load_state(self.personal)
         try:
-            return self.evaluate_on(self).loss
+            with self.client.personal():
+                return self.evaluate_on(self).loss, self.accuracy(fed, self.choices) if self.choices else None
         finally:
             self.client.load_state(own)
+
+    def held_out_scores(
+        self, fed: Federation, state: dict[str, torch.Tensor] | None = None
+    ) -> tuple[float, float | None]:
+        """Loss and (classification-style data) accuracy on this client's own held-out set of its client side, or
+        of ``state`` loaded for this evaluation only (the client keeps the state it trained)."""
+        own = self.client.state() if state is not None else None
+        if state is not None:
+            self.client.load_state(fed.fitted(self, state))
+        try:
+            return self.evaluate_on(self).loss, self.accuracy(fed, self.choices) if self.choices else None
+        finally:
+            if own is not None:
+                self.client.load_state(own)
 
 
 def with_replay(rows: list[int], kept: list[int], fraction: float, rng: random.Random) -> list[int]:
@@ -309,10 +343,13 @@ class Federation:
             member.client.load_state(self.fitted(member, self.carry))
         member.stale = False
         member.train_round(self, round_index)
+        if self.config.framework.personalize != "none":  # SplitGP: its own client side, before any aggregation
+            member.personal = {k: v.detach().clone() for k, v in member.client.state().items()}
 
     def train_clients(self, members: Sequence[Member], round_index: int, parallel: bool) -> list[Member]:
         """Each member's local steps, at once or one after another. A client that is lost meanwhile stops the
         round (``ClientGone``): the driver rolls it back and does it again without that client."""
+        self.hold_global(members)
         if parallel:
             self.parallel([lambda m=m: self.local_training(m, round_index) for m in members])
         else:
@@ -332,6 +369,15 @@ class Federation:
     def pass_on(self, member: Member) -> None:
         """Make ``member``'s client side the one the next client starts from (sequential recipes)."""
         self.carry, self.carry_from = member.client.state(), member.client_id
+
+    def hold_global(self, members: Sequence[Member]) -> None:
+        """``framework.aggregation_lr`` other than 1 steps the global client side from the one the round started
+        from, the last broadcast (``carry``). Before the first broadcast, make the client side ``members`` start
+        from that global one (their FedAvg: every client starts from the same weights). Checkpoints keep it and a
+        rolled-back round restores it, as any carry; with the default learning rate nothing is held."""
+        if self.carry is not None or not members or self.framework.aggregation_lr(self.config, self.groups) == 1.0:
+            return
+        self.carry, self.carry_from = fedavg([m.client.state() for m in members], self.weights(members)), None
 
     def broadcast(self, state: dict[str, torch.Tensor]) -> None:
         """Give every client the global client side; one that cannot be reached gets it before it next trains."""
@@ -534,17 +580,33 @@ def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
 # --- building ----------------------------------------------------------------------------------------------
 
 
-def assign_groups(config: Config, histograms: list[dict[str, int]]) -> list[list[int]]:
+Sketches = Callable[[], list[list[float]]]  # computes every client's smashed-data sketch (``sketch.py``)
+
+
+def assign_groups(
+    config: Config, histograms: list[dict[str, int]], sketches: Sketches | None = None
+) -> list[list[int]]:
     """Client groups (a framework with one trunk adapter per group): explicit ``framework.groups``, else
-    ``framework.num_groups`` groups of the clients' label histograms as ``framework.grouping`` forms them
-    (``grouping.GROUPINGS``; by default CSFL's k-means, so clients of similar label mix share a trunk adapter)."""
+    ``framework.num_groups`` groups as ``framework.grouping`` forms them (``grouping.GROUPINGS``) from the clients'
+    label histograms (by default CSFL's k-means, so clients of similar label mix share a trunk adapter) or, for a
+    grouping that needs them (feature_hash), from the sketches ``sketches()`` computes."""
     if config.framework.groups:
         return [list(g) for g in config.framework.groups]
-    return GROUPINGS.get(config.framework.grouping)(histograms, config.framework.num_groups, config.seed)
+    grouping = GROUPINGS.get(config.framework.grouping)
+    if grouping.needs == "histograms":
+        return grouping(histograms, config.framework.num_groups, config.seed)
+    if sketches is None:
+        raise ConfigError(
+            f"framework.grouping={config.framework.grouping} groups by smashed-data sketches, computed in-process "
+            "only; set framework.groups or a grouping by labels (label_kmeans, balanced)"
+        )
+    return grouping(sketches(), config.framework.num_groups, config.seed)
 
 
-def groups_of(config: Config, framework: Framework, histograms: list[dict[str, int]]) -> list[list[int]]:
-    return assign_groups(config, histograms) if framework.trunk_adapters == "group" else []
+def groups_of(
+    config: Config, framework: Framework, histograms: list[dict[str, int]], sketches: Sketches | None = None
+) -> list[list[int]]:
+    return assign_groups(config, histograms, sketches) if framework.trunk_adapters == "group" else []
 
 
 def partition(config: Config, data: RunData) -> tuple[list[list[int]], list[dict[str, int]]]:
@@ -564,9 +626,17 @@ def partition(config: Config, data: RunData) -> tuple[list[list[int]], list[dict
 
 
 def make_server(config: Config, source: ModelSource, groups: list[list[int]]) -> SplitServer:
-    """The trunk and its adapter bank; each trunk adapter's schedule spans the steps the framework gives it."""
+    """The trunk and its adapter bank; each trunk adapter's schedule spans the steps the framework gives it.
+
+    ``framework.merge`` K: the server merges the forwards of the clients at a barrier, K at a time. A shared
+    adapter with no barrier of its own (sflv2) then trains its clients K at a time behind one: one trunk step per
+    step of K clients, so its schedule spans a K-th of the steps (rounded up)."""
     framework = framework_of(config)
-    server_train = config.train.model_copy(update={"steps": framework.server_steps(config, groups)})
+    fw = config.framework
+    steps = framework.server_steps(config, groups)
+    if fw.merge > 1 and not framework.barrier and framework.trunk_adapters == "shared":
+        steps = client_steps(config) * math.ceil(framework.sharing(config, groups) / fw.merge)
+    server_train = config.train.model_copy(update={"steps": steps})
     scale = framework.server_lr_scale(config, groups)
     trunk, trunk_stage = build_part(config, source, "trunk")
     serving = config.server
@@ -576,7 +646,7 @@ def make_server(config: Config, source: ModelSource, groups: list[list[int]]) ->
         lambda params: PartyOptimizer(params, server_train, lr_scale=scale), config.seed, serving.policy,
         max_resident_adapters=serving.max_resident_adapters,
         offload_dir=offload if serving.max_resident_adapters or serving.offload_dir else None,
-        max_pending=serving.max_pending,
+        max_pending=serving.max_pending, merge=fw.merge, merge_max_tokens=fw.merge_max_tokens,
     )  # fmt: skip
 
 
@@ -625,7 +695,7 @@ def build_client(
         str(index), parts, stages, channel, PartyOptimizer(params, optimizer_train), spec.mode, pipeline.plugins,
         schedule=pipelined if pipelining.micro_batches > 1 and pipelining.overlap else serial,
         seed=config.seed, update=make_update(config, stages), prune=keep_fraction(config.data.prune),
-        pace=config.client(index).speed,
+        pace=config.client(index).speed, personalize=make_personalize(config), align=make_alignment(config),
     )  # fmt: skip
     return client, pipeline
 
@@ -643,6 +713,10 @@ def build_member(
     """Client ``index`` with its private share of the training data (packed per client when ``data.pack``)."""
     client, pipeline = build_client(config, source, index, transport, truth)
     examples, held_out = hold_out(config, index, [data.train[i] for i in indices])
+    # classification-style data: its held-out examples as choices among the responses, for its own accuracy
+    seq_len = config.train.seq_len
+    choices = [c for e in held_out if (c := choice_of(e, data.responses, seq_len)) is not None]
+    held_out = [shorten(e, seq_len) for e in held_out]  # like the global held-out set (a response stays whole)
     if config.data.pack:
         examples = pack_examples(examples, config.train.seq_len)
     if config.train.logit_adjustment > 0:  # SCALA: the prior is this client's own label mix, nobody else's
@@ -651,14 +725,14 @@ def build_member(
     order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
     log.info("client %s: %d examples, labels %s", index, len(examples), histogram)
     batches = eval_batches(held_out, config.train.batch_size, data.pad_id) if held_out else []
-    return Member(index, client, examples, order, histogram, pipeline, held_out=batches)
+    return Member(index, client, examples, order, histogram, pipeline, held_out=batches, choices=choices)
 
 
 def hold_out(config: Config, index: int, examples: list[Example]) -> tuple[list[Example], list[Example]]:
     """Client ``index``'s ``examples`` split into (training, held-out): ``data.client_eval_size`` of them, drawn by
     a seeded choice (the same on every machine for the same config), held out before packing so that no token of
-    them is trained on; they measure the model on this client's own distribution. Held-out ones are cut to
-    ``train.seq_len`` (with ``data.pack`` they come untruncated), like the global held-out set."""
+    them is trained on; they measure the model on this client's own distribution. Held-out ones come as they
+    are (with ``data.pack``, untruncated): the caller cuts them to ``train.seq_len`` like the global held-out set."""
     size = config.data.client_eval_size
     if size == 0:
         return examples, []
@@ -668,8 +742,7 @@ def hold_out(config: Config, index: int, examples: list[Example]) -> tuple[list[
             f"on; lower data.client_eval_size below {len(examples)}"
         )
     chosen = set(random.Random(f"client_eval/{config.seed}/{index}").sample(range(len(examples)), size))
-    seq_len = config.train.seq_len
-    held = [Example(e.input_ids[:seq_len], e.labels[:seq_len], e.label) for i, e in enumerate(examples) if i in chosen]
+    held = [e for i, e in enumerate(examples) if i in chosen]
     return [e for i, e in enumerate(examples) if i not in chosen], held
 
 
@@ -680,7 +753,7 @@ def build_federation(config: Config) -> Federation:
     source = load_source(config)
     data = prepare_data(config, source.tokenizer(), pack=False)  # partition rows by label first, then pack
     parts, histograms = partition(config, data)
-    groups = groups_of(config, framework, histograms)
+    groups = groups_of(config, framework, histograms, lambda: client_sketches(config, source, data, parts))
     server: SplitServer | None = None
     tap, truth = recorders(config, len(parts))
     transport: Transport | None = None

@@ -1,10 +1,13 @@
-"""Client grouping and selection from the clients' label histograms (survey §3.1.3): which clients share a trunk
-adapter (``framework.grouping``, for gsfl) and which take part in a round (``framework.selection``).
+"""Client grouping and selection (survey §3.1.3): which clients share a trunk adapter (``framework.grouping``, for
+gsfl) and which take part in a round (``framework.selection``).
 
-Both are pure functions of the histograms (and the seed), so every machine of a networked run computes the same
-groups and the same participants, and a resumed run chooses as the uninterrupted one did.
+Both are pure functions of one summary per client (and the seed), so every machine of a networked run computes
+the same groups and the same participants, and a resumed run chooses as the uninterrupted one did. A grouping
+declares which summary it takes (``Grouping.needs``): the clients' label histograms (known from the partition), or
+``sketches``, hashed summaries of each client's smashed data (``frameworks/sketch.py`` computes them, before the
+server is built). Selections take the histograms.
 
-Groupings (``GROUPINGS``: ``(histograms, num_groups, seed) -> groups``; min(num_groups, clients) groups, none
+Groupings (``GROUPINGS``: ``(summaries, num_groups, seed) -> groups``; min(num_groups, clients) groups, none
 empty, each group's clients ascending):
 
 - ``label_kmeans`` (CSFL): k-means with cosine distance on the label histograms, k = min(num_groups, clients), so
@@ -16,6 +19,13 @@ empty, each group's clients ascending):
   nearly IID. Group sizes differ by at most 1. A greedy pass puts the clients, largest first, each into the
   open group whose pooled mix it leaves closest to the global mix (KL(group || global)); then the best swap of two
   clients between two groups is made while it lowers the total KL (``total_kl``). Ordered as label_kmeans'.
+- ``feature_hash`` (GSFL, needs sketches): no labels. Each client hashes the mean of its smashed data (the
+  initial head's output over the real tokens of a few of its own training micro-batches) with a seeded random
+  projection, the same for every client, to a short sketch (``sketch.py``); the server sees only the sketches.
+  Every client's mean shares a large common component (the same head on text), which would make every pair look
+  alike, so the sketches are centered first: the mean sketch of all clients is subtracted from each (the
+  projection is linear, so this is the sketch of the centered means). Then label_kmeans' k-means with cosine
+  distance on the centered sketches: clients whose data moves the head's output the same way train together.
 - ``first_label``: clients sorted by their share of the first label (alphabetically), cut into contiguous groups
   (exact for two-label data; the behaviour before the other two existed), the lowest share first.
 
@@ -38,15 +48,42 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from splitlm.registry import Registry
 
 Histogram = dict[str, int]
-Grouping = Callable[[list[Histogram], int, int], list[list[int]]]
+Sketch = list[float]  # a client's hashed smashed-data summary (``sketch.py``)
+Needs = Literal["histograms", "sketches"]
 Selection = Callable[[list[Histogram], int, int, int], list[int]]
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """A way to group clients: ``form(summaries, num_groups, seed) -> groups``, one summary per client of the kind
+    ``needs`` names (label histograms, or smashed-data sketches). Called like ``form`` itself."""
+
+    form: Callable[[list[Any], int, int], list[list[int]]]
+    needs: Needs = "histograms"
+
+    def __call__(self, summaries: list[Any], count: int, seed: int) -> list[list[int]]:
+        return self.form(summaries, count, seed)
+
 
 GROUPINGS = Registry[Grouping]("grouping", "framework.grouping")
 SELECTIONS = Registry[Selection]("selection", "framework.selection")
+
+
+def register_grouping(name: str, needs: Needs = "histograms") -> Callable[[Callable[..., list[list[int]]]], Grouping]:
+    """Decorator: register a grouping function under ``name`` (``framework.grouping``), taking ``needs``."""
+
+    def decorate(form: Callable[..., list[list[int]]]) -> Grouping:
+        grouping = Grouping(form, needs)
+        GROUPINGS.add(name, grouping)
+        return grouping
+
+    return decorate
+
 
 KMEANS_ITERATIONS = 100
 SWAP_PASSES = 1000  # a bound only: each swap lowers the total KL, so the swaps end long before
@@ -100,10 +137,27 @@ def total_kl(histograms: list[Histogram], groups: list[list[int]]) -> float:
     return sum(kl_to(p, reference) for p in pooled)
 
 
-@GROUPINGS.register("label_kmeans")
+@register_grouping("label_kmeans")
 def label_kmeans(histograms: list[Histogram], count: int, seed: int) -> list[list[int]]:
     labels = _labels(histograms)
-    points = [_unit(_counts(h, labels)) for h in histograms]
+    return cosine_kmeans([_unit(_counts(h, labels)) for h in histograms], count, seed)
+
+
+@register_grouping("feature_hash", needs="sketches")
+def feature_hash(sketches: list[Sketch], count: int, seed: int) -> list[list[int]]:
+    return cosine_kmeans([_unit(v) for v in centered(sketches)], count, seed)
+
+
+def centered(vectors: list[Sketch]) -> list[Sketch]:
+    """``vectors`` less their mean (what they all share), so that cosine similarity compares what differs."""
+    if not vectors:
+        return []
+    mean = [sum(column) / len(vectors) for column in zip(*vectors, strict=True)]
+    return [[x - m for x, m in zip(v, mean, strict=True)] for v in vectors]
+
+
+def cosine_kmeans(points: list[list[float]], count: int, seed: int) -> list[list[int]]:
+    """label_kmeans' clustering of unit vectors ``points`` (module docstring): k = min(count, points) groups."""
     n, k = len(points), min(count, len(points))
     if not k:
         return []
@@ -130,7 +184,7 @@ def label_kmeans(histograms: list[Histogram], count: int, seed: int) -> list[lis
     return _grouped(assignment, k)
 
 
-@GROUPINGS.register("balanced")
+@register_grouping("balanced")
 def balanced(histograms: list[Histogram], count: int, seed: int) -> list[list[int]]:
     labels = _labels(histograms)
     counts = [_counts(h, labels) for h in histograms]
@@ -171,7 +225,7 @@ def balanced(histograms: list[Histogram], count: int, seed: int) -> list[list[in
     return _grouped(assignment, k)
 
 
-@GROUPINGS.register("first_label")
+@register_grouping("first_label")
 def first_label(histograms: list[Histogram], count: int, seed: int) -> list[list[int]]:
     count = min(count, len(histograms))
     if not count:

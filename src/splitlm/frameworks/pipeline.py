@@ -4,12 +4,14 @@ Every transport (in-process, gRPC, Ray) gets its chains here, so a run behaves t
 travel. The order, from the client's training code to the server's handler::
 
     client:  defenses (smashed data, labels, gradients) -> SplitGuard -> codec -> meter -> [link] -> transport
-    server:  transport -> codec -> tap -> attacker (FSHA) -> SplitServer
+    server:  transport -> codec -> tap -> attacker (FSHA) -> alignment statistics -> SplitServer
 
 The meter is the client's last mod, so it counts what travels (encoded bytes); the tap sits after the
 server's codec, so attacks read what the server decoded; SplitGuard observes gradients after the codec and
 before the client's own gradient noise. Token and loss defenses, SplitGuard's probes and the audit truth
-recorder are client plugins (``runtime/plugins.py``).
+recorder are client plugins (``runtime/plugins.py``). With ``train.align_kl`` the server's alignment statistics
+(``runtime/align.py``) see the decoded smashed data and add two tensors to the replies of training forwards,
+which the server's codec and the client's mods pass through untouched.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from splitlm.config.schema import LINK_DIRECTIONS
 from splitlm.models import ModelSource, Stage
 from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
 from splitlm.privacy.tap import ServerTap, TruthRecorder
+from splitlm.runtime.align import align_mod
 from splitlm.runtime.plugins import ClientPlugin
 from splitlm.runtime.rng import derive
 from splitlm.transport import MeterMod, Mod, Transport
@@ -78,6 +81,9 @@ def server_mods(config: Config, source: ModelSource, trunk: Stage, tap: ServerTa
         from splitlm.privacy.hijack import Fsha
 
         mods.append(Fsha(config, source, trunk))
+    align = align_mod(config)
+    if align is not None:  # innermost: it sees what the server's handler sees, and answers with its replies
+        mods.append(align)
     return mods
 
 

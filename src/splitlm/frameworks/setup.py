@@ -12,7 +12,16 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from splitlm.config import Config
-from splitlm.data import Batch, Example, eval_batches, load_rows, pack_examples, split_rows, tokenize_rows
+from splitlm.data import (
+    IGNORE_INDEX,
+    Batch,
+    Example,
+    eval_batches,
+    load_rows,
+    pack_examples,
+    split_rows,
+    tokenize_rows,
+)
 from splitlm.errors import ConfigError
 from splitlm.models import (
     ModelSource,
@@ -41,6 +50,12 @@ class RunData:
     pad_id: int
     sources: list[str | None] | None = None  # per training example, for the by_source partitioner
     choices: list[tuple[list[Example], int]] = field(default_factory=list)  # (candidates, index of the truth)
+    # classification-style data: each candidate response's token ids (as ``choices`` scores them), so that any
+    # held-out example, e.g. a client's own (``Member.choices``), can be turned into a choice (``choice_of``)
+    responses: list[list[int]] = field(default_factory=list)
+
+
+Choice = tuple[list[Example], int]  # the candidate examples (one per response) and the index of the true one
 
 
 def spec_of(config: Config) -> SplitSpec:
@@ -146,9 +161,10 @@ def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase, pack: bool 
     pad_id = int(tokenizer.pad_token_id)
     batches = eval_batches(held_out, config.train.batch_size, pad_id, config.train.eval_batches)
     limit = config.train.eval_batches * config.train.batch_size or len(eval_rows)
-    choices = _choices(train_rows, eval_rows[:limit], tokenizer, config)
+    choices, responses = _choices(train_rows, eval_rows[:limit], tokenizer, config)
     log.info("data: %d training and %d held-out sequences", len(train), len(held_out))
-    return RunData(train, batches, pad_id, sources if config.data.partition == "by_source" else None, choices)
+    by_source = sources if config.data.partition == "by_source" else None
+    return RunData(train, batches, pad_id, by_source, choices, responses)
 
 
 def _choices(
@@ -156,15 +172,15 @@ def _choices(
     eval_rows: list[dict[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
     config: Config,
-) -> list[tuple[list[Example], int]]:
+) -> tuple[list[Choice], list[list[int]]]:
     """Classification-style instruction data (few distinct responses): each held-out prompt with every
-    candidate response, for accuracy by lowest response loss."""
+    candidate response, for accuracy by lowest response loss; and each candidate's response token ids."""
     if config.data.format != "instruction":
-        return []
+        return [], []
     field_name = config.data.response_field
     candidates = sorted({str(row[field_name]) for row in train_rows})
     if not 2 <= len(candidates) <= MAX_CHOICES:
-        return []
+        return [], []
     choices = []
     for row in eval_rows:
         truth = str(row[field_name])
@@ -174,7 +190,28 @@ def _choices(
         examples = tokenize_rows(options, tokenizer, config.data, config.train.seq_len)
         if len(examples) == len(candidates):
             choices.append((examples, candidates.index(truth)))
-    return choices
+    # a response's ids as tokenize_rows appends them (tokenized alone, then the EOS token where data.add_eos)
+    probe = tokenize_rows(
+        [{config.data.prompt_field: "", field_name: c} for c in candidates], tokenizer, config.data, 1 << 30
+    )
+    responses = [[t for t, label in zip(e.input_ids, e.labels, strict=True) if label != IGNORE_INDEX] for e in probe]
+    return choices, responses if len(responses) == len(candidates) else []
+
+
+def choice_of(example: Example, responses: list[list[int]], seq_len: int) -> Choice | None:
+    """``example`` (a prompt and one of ``responses``) as a choice among all of them: its prompt with each
+    response, cut to ``seq_len`` from the prompt's start like ``tokenize_rows``; None if its response is none of
+    them (or was cut)."""
+    prompt_len = next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+    prompt, response = example.input_ids[:prompt_len], example.input_ids[prompt_len:]
+    if response not in responses or not prompt:
+        return None
+    candidates = []
+    for option in responses:
+        kept = prompt[max(len(prompt) - max(seq_len - len(option), 1), 0) :]
+        reply = option[: seq_len - len(kept)]
+        candidates.append(Example(kept + reply, [IGNORE_INDEX] * len(kept) + reply, example.label))
+    return candidates, responses.index(response)
 
 
 def load_source(config: Config) -> ModelSource:

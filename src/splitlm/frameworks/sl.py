@@ -39,8 +39,9 @@ def train_in_sequence(fed: Federation, round_index: int, members: list[Member]) 
     ``train.ema``, their moving average with the ones it started from).
 
     With ``data.client_eval_size`` in a sequential framework, each client's held-out loss of the client side it
-    passes on is noted right then (``Member.fresh``): the driver's ``forgetting`` is how much that loss grew by the
-    end of the round, once the later clients trained."""
+    passes on is noted right then (``Member.fresh``), and its accuracy on classification-style data: the driver's
+    ``forgetting`` is how much that loss grew by the end of the round, once the later clients trained, and
+    ``accuracy_forgetting`` how much the accuracy fell."""
     ema = fed.config.train.ema
     watch = fed.framework.sequential and fed.config.data.client_eval_size > 0
     for member in fed.members:  # forget what a rolled-back attempt at this round noted
@@ -56,7 +57,7 @@ def train_in_sequence(fed: Federation, round_index: int, members: list[Member]) 
             fed.carry, fed.carry_from = decelerated(previous, fed.carry, ema), None
         if watch and member.held_out:  # the carry, which with train.ema is no client's own state
             carried = fed.carry if fed.carry_from != member.client_id else None
-            member.fresh = (round_index, position, member.held_out_loss(fed, carried))
+            member.fresh = (round_index, position, *member.held_out_scores(fed, carried))
     return list(members)
 
 

@@ -5,12 +5,18 @@ through a ``Channel`` (its mods around a transport). One optimizer step is a sch
 (``runtime/schedule.py``) that ``train_step`` executes; requests are submitted and awaited as separate
 operations, so a schedule decides what overlaps. Plugins (``runtime/plugins.py``) hook into the client's own
 computation: its input tokens, labels, loss and optimizer step.
+
+Two client-side remedies for non-IID data join the step where they act: ``framework.personalize=multi_exit``
+(``runtime/personalize.py``) adds an early exit (the client's tail on its head's output) to the loss, and
+``personal()`` evaluates that exit; ``train.align_kl`` (``runtime/align.py``) adds a KL term between the
+head's output and the server's running statistics to the head's backward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +25,13 @@ import torch
 from torch import nn
 
 from splitlm.data import Batch, Example, collate
+from splitlm.errors import ConfigError
 from splitlm.models.split import SplitMode, Stage
 from splitlm.peft import load_trainable, load_trainable_state, save_trainable, trainable_parameters, trainable_state
+from splitlm.runtime.align import Alignment, Moments
 from splitlm.runtime.loss import LogitAdjustment, causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
+from splitlm.runtime.personalize import MultiExit
 from splitlm.runtime.plugins import ClientPlugin, Plugins
 from splitlm.runtime.rng import seeded
 from splitlm.runtime.schedule import Op, OpKind, serial
@@ -42,6 +51,7 @@ class StepStats:
     tokens: int  # non-padding input tokens processed
     grad_norm: float
     lr: float
+    exit_loss: float | None = None  # multi_exit: mean over micro-batches of the early exit's per-token loss
 
 
 @dataclass
@@ -67,6 +77,7 @@ class _Micro:
     trunk_out: torch.Tensor | None = None  # U-shape: a leaf on this side of the cut
     grad_up: torch.Tensor | None = None  # U-shape: gradient of the trunk output (B, T, d)
     grad: torch.Tensor | None = None  # gradient of the head output, from the server (B, T, d)
+    reference: Moments | None = None  # align_kl: the server's running (mean, variance) of the smashed data (d,)
     loss: float = 0.0
 
 
@@ -78,6 +89,7 @@ class _Step:
     waits: bool = True  # asks for the server's gradient at the cut (step 9) and waits for it
     trains: bool = True  # the head learns this step (from the server's gradient or a local loss)
     losses: dict[int, float] = field(default_factory=dict)
+    exit_losses: dict[int, float] = field(default_factory=dict)  # multi_exit: the early exit's, per micro-batch
 
 
 class SplitClient:
@@ -96,7 +108,11 @@ class SplitClient:
         prune: float | None = None,
         pace: float = 1.0,
         adjust: LogitAdjustment | None = None,
+        personalize: MultiExit | None = None,
+        align: Alignment | None = None,
     ) -> None:
+        if personalize is not None and "tail" not in parts:
+            raise ValueError(f"client {client_id}: an early exit ({personalize.name}) needs a tail (a U-shaped split)")
         self.client_id = client_id
         self.seed = seed  # with (client, step, micro-batch, part), fixes every random draw of a forward pass
         self.parts = parts  # "head" and, in U-shape, "tail"; possibly peft-wrapped stages
@@ -114,6 +130,9 @@ class SplitClient:
         # train.logit_adjustment (SCALA): shifts the tail's logits of the training loss only; evaluation and
         # sequence scoring measure the plain model, which is what the adjustment trains and what is deployed
         self.adjust = adjust
+        self.personalize = personalize  # framework.personalize=multi_exit (SplitGP): the early exit's objective
+        self.align = align  # train.align_kl (FlexP-SFL): the KL to the server's running smashed-data statistics
+        self._personal = False  # inside ``personal()``: evaluation takes the early exit
 
     @property
     def meter(self) -> ByteMeter:
@@ -187,6 +206,8 @@ class SplitClient:
         reply = exchange.reply
         m.sent = exchange.sent.get("hidden")
         m.pending = None
+        if self.align is not None:
+            m.reference = self.align.reference(reply)
         if self.mode == "vanilla":
             state.losses[micro] = float(reply.meta["loss_sum"]) / max(int(reply.meta["tokens"]), 1)
             m.grad = reply.tensors.get("grad")
@@ -205,8 +226,9 @@ class SplitClient:
             logits = self.adjust(logits)
         total, count = causal_lm_loss(logits, m.labels)
         state.losses[micro] = total.item() / max(count, 1)
-        if count and total.requires_grad:
-            (total / count * state.scale).backward()
+        if count and total.requires_grad:  # multi_exit: the global loss weighs 1 - w, and so does step 7
+            scale = state.scale if self.personalize is None else self.personalize.global_scale(state.scale)
+            (total / count * scale).backward()
         if m.trunk_out.requires_grad:
             m.grad_up = m.trunk_out.grad if m.trunk_out.grad is not None else torch.zeros_like(m.trunk_out)
 
@@ -221,9 +243,14 @@ class SplitClient:
             m.pending = None
 
     def _head_backward(self, state: _Step, m: _Micro, micro: int) -> None:
-        """Step 10: the head's backward from the gradient the server returned (+ any plugin's own loss)."""
+        """Step 10: the head's backward from the gradient the server returned (+ any plugin's own loss, the early
+        exit's loss and the alignment term): one backward of them all."""
         assert m.hidden is not None and m.labels is not None
         if not m.hidden.requires_grad:
+            if self.personalize is not None:  # the head does not learn this step; the tail still learns its exit
+                exit_loss = self._exit_loss(state, m, micro)
+                if exit_loss is not None:
+                    exit_loss.backward()
             return
         outputs: list[torch.Tensor] = []
         grads: list[torch.Tensor | None] = []
@@ -243,8 +270,30 @@ class SplitClient:
             if extra is not None and extra.requires_grad:
                 outputs.append(extra * state.scale)
                 grads.append(None)
+        if self.personalize is not None:
+            exit_loss = self._exit_loss(state, m, micro)
+            if exit_loss is not None:
+                outputs.append(exit_loss)
+                grads.append(None)
+        if self.align is not None and m.reference is not None:
+            kl = self.align.loss(m.hidden, m.batch.attention_mask, m.reference, state.scale)
+            if kl is not None:
+                outputs.append(kl)
+                grads.append(None)
         if outputs:
             torch.autograd.backward(outputs, grads)
+
+    def _exit_loss(self, state: _Step, m: _Micro, micro: int) -> torch.Tensor | None:
+        """multi_exit: the early exit's loss (w x scale x per-token loss of tail(head output), on the training
+        logits: logit-adjusted with ``adjust``), recorded per micro-batch; None when there is nothing to train."""
+        assert self.personalize is not None and m.hidden is not None and m.labels is not None
+        stage = self.stages["tail"]
+        with seeded(self.seed, self.client_id, state.step, micro, "exit", devices=(stage.device,)):
+            logits = self._tail(m.hidden, m.batch)
+        if self.adjust is not None:
+            logits = self.adjust(logits)
+        loss, state.exit_losses[micro] = self.personalize.exit_loss(logits, m.labels, state.scale)
+        return loss
 
     def _step(self, state: _Step) -> StepStats:
         """Clip by the global gradient norm (the server adds its own share) and step together with the server."""
@@ -262,11 +311,13 @@ class SplitClient:
         self.optimizer.step(float(meta["clip"]))
         self.plugins.after_step(state.step)
         losses = [state.losses[m] for m in sorted(state.losses)]
+        exits = [state.exit_losses[m] for m in sorted(state.exit_losses)]
         return StepStats(
             loss=sum(losses) / len(losses),
             tokens=sum(int(m.batch.attention_mask.sum()) for m in state.micros),
             grad_norm=float(meta["grad_norm"]),
             lr=float(meta["lr"]) if self.optimizer.optimizer is None else self.optimizer.lr(),
+            exit_loss=sum(exits) / len(exits) if exits else None,
         )
 
     # --- the parts ---------------------------------------------------------------------------------------
@@ -305,6 +356,27 @@ class SplitClient:
 
     # --- evaluation --------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def personal(self) -> Iterator[SplitClient]:
+        """Evaluate the personalized model: inside, ``evaluate`` and ``sequence_losses`` take the early exit (this
+        client's head, then its own tail; no request to the server, no byte sent) instead of the split path.
+        Any U-shaped client has one (it is what ``framework.personalize=multi_exit`` trains); a vanilla split,
+        without a tail, has none. Training is unaffected. Nests; yields the client.
+
+            with client.personal():
+                personal_loss = client.evaluate(batches).loss
+        """
+        if "tail" not in self.parts:
+            raise ConfigError(
+                f"client {self.client_id} has no early exit to evaluate: a {self.mode} split leaves it no tail; "
+                "use split.mode=ushape"
+            )
+        previous, self._personal = self._personal, True
+        try:
+            yield self
+        finally:
+            self._personal = previous
+
     @torch.no_grad()
     def evaluate(self, batches: list[Batch], step: int = -1) -> EvalStats:
         for part in self.parts.values():
@@ -313,6 +385,11 @@ class SplitClient:
         for micro, batch in enumerate(batches):
             batch = batch.to(self.stages["head"].device)
             hidden = self._head(batch, (self.client_id, step, micro))
+            if self._personal:  # the early exit: the client's own tail on its head's output
+                total, tokens = causal_lm_loss(self._tail(hidden, batch), batch.labels)
+                loss_sum += float(total)
+                count += tokens
+                continue
             message = self._head_message("eval", step, micro, hidden, batch, batch.labels)
             reply = self.channel.request(message).reply
             if self.mode == "vanilla":
@@ -333,12 +410,15 @@ class SplitClient:
             part.eval()
         batch = collate(examples, pad_id).to(self.stages["head"].device)
         hidden = self._head(batch, (self.client_id, -1, 0))
-        message = self._head_message("eval", -1, 0, hidden, batch, batch.labels, per_row=True)
-        reply = self.channel.request(message).reply
-        if self.mode == "vanilla":
-            losses = reply.tensors["row_loss"]
+        if self._personal:  # the early exit (``personal()``): nothing is sent
+            losses = row_losses(self._tail(hidden, batch), batch.labels)
         else:
-            losses = row_losses(self._tail(reply.tensors["hidden"], batch), batch.labels)
+            message = self._head_message("eval", -1, 0, hidden, batch, batch.labels, per_row=True)
+            reply = self.channel.request(message).reply
+            if self.mode == "vanilla":
+                losses = reply.tensors["row_loss"]
+            else:
+                losses = row_losses(self._tail(reply.tensors["hidden"], batch), batch.labels)
         for part in self.parts.values():
             part.train()
         return [float(x) for x in losses]

@@ -20,6 +20,20 @@ client awaits a backward or holds gradients is pinned (``_pinned``). With ``max_
 trunk graphs wait for their backward (U-shape): the worker leaves further training forwards in the queue until
 a backward frees a slot, and serves every other request meanwhile (back-pressure, never a refusal).
 ``serving_stats`` reports the worker's idle fraction and each client's time queued.
+
+Merging (MiniBatch-SFL / SCALA, survey §3.1.2; ``merge`` K > 1): on an adapter shared at a barrier, the training
+forwards of one micro-batch from the barrier's clients are held (``_held``; the worker serves everything else
+meanwhile) until K of them, or every barrier client that may still send one this step, have arrived. Their
+``hidden`` (B_i, T_i, d) are concatenated in client order, right-padded to the longest T (attention mask zero and
+positions continued on the padding), the trunk runs once on the (sum B_i, T_max, d) batch, and each client gets
+its own rows back, trimmed to its T_i. In a U-shaped split the pass's graph (``_Pass``) waits for every one of its
+clients' backwards, which run as one backward of the zero-padded gradients; in a vanilla split the clients'
+losses (each its mean, times its scale) are summed and run backward at once. Either way the trunk's gradient is
+the sum of the per-client gradients and goes to one client's own gradients (the pass's first client, the others
+get none), so the barrier's step, which sums them and divides by the barrier's count, takes the same update as
+without merging. ``merge_max_tokens`` caps a pass at that many tokens (rows x T_max): a larger set runs as
+several passes of whole requests (clients of different cuts never share a pass either). A held forward of a
+client that leaves (``forget``) or of a stopped round (``abandon``, ``restore``) fails, as a waiting step does.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,6 +93,36 @@ def _resolve(future: Future[Message], outcome: Message | BaseException) -> None:
         pass
 
 
+@dataclass(eq=False)
+class _Held:
+    """A training forward held for a merged pass, with its inputs validated and on the trunk's device."""
+
+    request: Request
+    hidden: torch.Tensor  # (B, T, d)
+    mask: torch.Tensor | None  # (B, T) or (1, T)
+    positions: torch.Tensor | None  # (B, T) or (1, T)
+    labels: torch.Tensor | None  # (B, T), vanilla only
+
+    @property
+    def client_id(self) -> str:
+        return self.request.message.client_id
+
+
+@dataclass(eq=False)
+class _Pass:
+    """One merged trunk pass of a U-shaped split, waiting for all its clients' backwards."""
+
+    keys: list[tuple[str, int, int]]  # (client, step, micro) of each client, in row order
+    leaves: list[torch.Tensor]  # each client's hidden, a leaf (B_i, T_i, d)
+    out: torch.Tensor  # the trunk's output (sum B_i, T_max, d)
+    owner: str  # the client whose own gradients (at the barrier) take the pass's trunk gradient
+    grads: dict[tuple[str, int, int], tuple[Request, torch.Tensor]] = field(default_factory=dict)  # arrived ones
+
+    def rows(self, index: int) -> slice:
+        start = sum(leaf.shape[0] for leaf in self.leaves[:index])
+        return slice(start, start + self.leaves[index].shape[0])
+
+
 class SplitServer:
     def __init__(
         self,
@@ -91,9 +135,16 @@ class SplitServer:
         max_resident_adapters: int = 0,
         offload_dir: Path | None = None,
         max_pending: int = 0,
+        merge: int = 1,
+        merge_max_tokens: int = 0,
     ) -> None:
         if max_pending < 0:
             raise ValueError(f"max_pending is {max_pending}; expected 0 (no bound) or a positive count")
+        if merge < 1 or merge_max_tokens < 0:
+            raise ValueError(
+                f"merge={merge}, merge_max_tokens={merge_max_tokens}; expected merge >= 1 (1: off) and "
+                "merge_max_tokens >= 0 (0: no cap)"
+            )
         self.trunk = trunk  # the stage, possibly wrapped by peft
         self.stage = stage
         self.mode = mode
@@ -101,6 +152,8 @@ class SplitServer:
         self.trainable = bool(trainable_parameters(trunk))
         self.seed = seed
         self.max_pending = max_pending  # trunk graphs waiting for their backward at most (0: no bound)
+        self.merge = merge  # K: training forwards of a barrier's clients merged into one trunk pass (1: off)
+        self.merge_max_tokens = merge_max_tokens  # tokens (rows x T) of one merged pass at most (0: no cap)
         self.bank: AdapterBank[PartyOptimizer] | None = None
         if isinstance(trunk, PeftModel):
             self.bank = AdapterBank(
@@ -116,6 +169,12 @@ class SplitServer:
         self._arrivals: dict[str, list[tuple[Request, float]]] = {}
         self._abandoned = False  # a stopped round: steps fail until it is rolled back
         self._gradients: dict[str, list[torch.Tensor | None]] = {}  # client -> its gradients at a barrier
+        # merging: (adapter, micro-batch) -> training forwards held for a merged pass, and the clients whose
+        # forward of that micro-batch ran since the adapter's last step; (client, step, micro) -> a merged pass
+        # (U-shape) waiting for its clients' backwards
+        self._held: dict[tuple[str, int], list[_Held]] = {}
+        self._fed: dict[tuple[str, int], set[str]] = {}
+        self._merged: dict[tuple[str, int, int], _Pass] = {}
         self._policy = make_policy(policy, cost=self._backward_cost)
         self._wakeup = threading.Condition()
         self._worker: threading.Thread | None = None
@@ -226,7 +285,7 @@ class SplitServer:
     def _pinned(self) -> set[str]:
         """Adapters that must stay where they are: a client's trunk graph awaits its backward, or the client
         holds gradients at a barrier (the bank also pins adapters with a ``.grad`` of their own)."""
-        clients = {key[0] for key in list(self._pending)} | set(list(self._gradients))
+        clients = {key[0] for key in [*self._pending, *self._merged]} | set(list(self._gradients))
         return {self.routes[c].adapter for c in clients if c in self.routes}
 
     def _run_trunk(self, route: Route, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None):
@@ -295,9 +354,9 @@ class SplitServer:
         return self._slot_free(message)
 
     def _slot_free(self, message: Message) -> bool:
-        if not self.max_pending or self.mode != "ushape" or message.key in self._pending:
+        if not self.max_pending or self.mode != "ushape" or message.key in self._pending or message.key in self._merged:
             return True
-        return len(self._pending) < self.max_pending
+        return len(self._pending) + len({id(p) for p in self._merged.values()}) < self.max_pending
 
     def _backward_cost(self, request: Request) -> float:
         """Expected time of a backward (longest_backward_first): trunk blocks of the client's route x tokens."""
@@ -348,6 +407,12 @@ class SplitServer:
         try:
             if message.kind == "step":
                 self._step(request)
+                return
+            if message.kind == "forward" and self._merges(message):
+                self._hold(request)
+                return
+            if message.kind == "backward" and message.key in self._merged:
+                self._merged_backward(request)
                 return
             handler = handlers.get(message.kind)
             if handler is None:
@@ -410,6 +475,9 @@ class SplitServer:
                 f"forward from {message.client_id}: {len(self._pending)} trunk graphs already wait for their "
                 f"backward (max_pending={self.max_pending}); send those backwards first"
             )
+        return self._trunk_forward(message)
+
+    def _trunk_forward(self, message: Message) -> Message:
         hidden, mask, positions = self._inputs(message)
         labels = self._labels(message, hidden) if self.mode == "vanilla" else None
         want_grad = bool(message.meta.get("want_grad", True))
@@ -471,8 +539,12 @@ class SplitServer:
         arrived.append((request, float(message.meta.get("grad_sq_norm", 0.0))))
         expected = self.barriers.get(adapter, 1)
         if len(arrived) < expected:
+            if self._held:  # this client sends no more forwards this step: merges waiting for it may go now
+                self._release(adapter)
             return  # the reply waits for the other clients of this step
         del self._arrivals[adapter]
+        for key in [k for k in self._fed if k[0] == adapter]:  # the next step's forwards merge afresh
+            del self._fed[key]
         optimizer = self.optimizer(adapter)
         if expected > 1:  # the trunk's gradient is the mean over the clients that fed it, summed in client order
             clients = sorted(waiting.message.client_id for waiting, _ in arrived)
@@ -491,6 +563,216 @@ class SplitServer:
         for waiting, _ in arrived:
             m = waiting.message
             _resolve(waiting.future, Message("stepped", m.client_id, m.step, 0, {}, dict(meta)))
+
+    # --- merging the barrier's clients into one trunk pass (framework.merge) --------------------------------
+
+    def _merges(self, message: Message) -> bool:
+        """Whether a forward waits to be merged: merging is on, the client's adapter has a barrier, the round
+        goes on, and the pass keeps a graph (the client wants its gradient or the trunk trains)."""
+        if self.merge <= 1 or self._abandoned:
+            return False
+        route = self.routes.get(message.client_id)
+        if route is None or self.barriers.get(route.adapter, 1) <= 1:
+            return False
+        return bool(message.meta.get("want_grad", True)) or self.trainable
+
+    def _hold(self, request: Request) -> None:
+        """Validate a training forward and hold it for a merged pass; run the pass once enough have arrived."""
+        message = request.message
+        hidden, mask, positions = self._inputs(message)
+        labels = self._labels(message, hidden) if self.mode == "vanilla" else None
+        adapter = self.adapter_of(message.client_id)
+        group = self._held.setdefault((adapter, message.micro), [])
+        if any(held.client_id == message.client_id for held in group) or message.key in self._merged:
+            raise ProtocolError(
+                f"forward from {message.client_id} for step {message.step} micro-batch {message.micro}: its previous "
+                "forward of this micro-batch still waits for the other clients; wait for its reply first"
+            )
+        group.append(_Held(request, hidden, mask, positions, labels))
+        self._release(adapter)
+
+    def _wanted(self, adapter: str, micro: int, group: list[_Held]) -> int:
+        """How many held forwards of (adapter, micro) make a merge: K, or every barrier client that may still
+        send one this step (not yet served for this micro-batch, and not already at its step without it)."""
+        served = self._fed.get((adapter, micro), set())
+        held = {h.client_id for h in group}
+        stepped = {waiting.message.client_id for waiting, _ in self._arrivals.get(adapter, [])}
+        remaining = self.barriers.get(adapter, 1) - len(served) - len(stepped - served - held)
+        return max(1, min(self.merge, remaining))
+
+    def _release(self, adapter: str) -> None:
+        """Run every merge of ``adapter`` whose forwards have all arrived."""
+        for micro in [micro for held_by, micro in self._held if held_by == adapter]:
+            group = self._held[adapter, micro]
+            if len(group) < self._wanted(adapter, micro, group):
+                continue
+            del self._held[adapter, micro]
+            self._fed.setdefault((adapter, micro), set()).update(h.client_id for h in group)
+            for part in self._passes(sorted(group, key=lambda h: h.client_id)):  # rows in client order
+                if len(part) == 1:  # alone: exactly the unmerged forward
+                    self._answer([part[0].request], lambda m=part[0].request.message: [self._trunk_forward(m)])
+                else:
+                    self._answer([h.request for h in part], lambda part=part: self._merged_forward(part))
+
+    def _passes(self, group: list[_Held]) -> list[list[_Held]]:
+        """A merge's trunk passes: one per cut (clients whose routes run other blocks cannot share a pass), each
+        cut into runs of whole requests of at most ``merge_max_tokens`` tokens (rows x the longest T) each."""
+        by_blocks: dict[tuple[int, ...], list[_Held]] = {}
+        for held in group:
+            by_blocks.setdefault(self.route_of(held.client_id).blocks, []).append(held)
+        passes: list[list[_Held]] = []
+        for members in by_blocks.values():
+            current: list[_Held] = []
+            rows = longest = 0
+            for held in members:
+                b, t = held.hidden.shape[:2]
+                if current and self.merge_max_tokens and (rows + b) * max(longest, t) > self.merge_max_tokens:
+                    passes.append(current)
+                    current, rows, longest = [], 0, 0
+                current.append(held)
+                rows, longest = rows + b, max(longest, t)
+            passes.append(current)
+        return passes
+
+    def _answer(self, requests: list[Request], work: Callable[[], list[Message]]) -> None:
+        """Resolve ``requests`` with ``work``'s replies (in order), or all of them with its error."""
+        try:
+            replies: list[Message | BaseException] = list(work())
+        except SplitLMError as error:
+            replies = [error] * len(requests)
+        except Exception as error:  # a bug must reach the clients, not hang them
+            log.exception("merged %s of %s failed", requests[0].message.kind, [r.message.client_id for r in requests])
+            replies = [error] * len(requests)
+        for request, reply in zip(requests, replies, strict=True):
+            _resolve(request.future, reply)
+
+    def _merged_inputs(
+        self, part: list[_Held]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Each client's hidden as a leaf (B_i, T_i, d), and the merged batch: hidden (sum B_i, T_max, d) right-padded
+        with zeros, its attention mask (zero on the padding; None when no client sent one and none is padded) and
+        position ids (continued on the padding; None when no client sent any: the trunk's default 0..T_max-1)."""
+        longest = max(h.hidden.shape[1] for h in part)
+        leaves = [h.hidden.detach().requires_grad_(bool(h.request.message.meta.get("want_grad", True))) for h in part]
+        hidden = torch.cat([nn.functional.pad(leaf, (0, 0, 0, longest - leaf.shape[1])) for leaf in leaves])
+        device = hidden.device
+        mask = None
+        if any(h.mask is not None for h in part) or any(h.hidden.shape[1] != longest for h in part):
+            dtype = next((h.mask.dtype for h in part if h.mask is not None), torch.long)
+            masks = []
+            for h in part:
+                b, t = h.hidden.shape[:2]
+                own = h.mask.expand(b, t) if h.mask is not None else torch.ones(b, t, device=device)
+                masks.append(nn.functional.pad(own.to(dtype), (0, longest - t)))  # (B_i, T_max)
+            mask = torch.cat(masks)
+        positions = None
+        if any(h.positions is not None for h in part):
+            rows = []
+            for h in part:
+                b, t = h.hidden.shape[:2]
+                own = h.positions if h.positions is not None else torch.arange(t, device=device).unsqueeze(0)
+                padding = torch.arange(t, longest, device=device).unsqueeze(0)
+                rows.append(torch.cat([own.expand(b, t), padding.to(own.dtype).expand(b, -1)], dim=1))
+            positions = torch.cat(rows)
+        return leaves, hidden, mask, positions
+
+    def _merged_forward(self, part: list[_Held]) -> list[Message]:
+        """One trunk pass over ``part``'s forwards (client order); each client's reply holds its own rows and
+        tokens. U-shape: the pass waits for its backwards; vanilla: the summed losses run backward at once."""
+        messages = [h.request.message for h in part]
+        first = messages[0]
+        leaves, hidden, mask, positions = self._merged_inputs(part)
+        with self._serving(first.client_id) as route:
+            self.trunk.train()
+            # the pass's random draws (dropout) are fixed by its first client's (client, step, micro-batch)
+            with seeded(self.seed, *first.key, "trunk", devices=(self.stage.device,)):
+                out = self._run_trunk(route, hidden, mask, positions)  # (sum B_i, T_max, d|V)
+            merged = _Pass([m.key for m in messages], leaves, out, first.client_id)
+            pieces = [out[merged.rows(i), : leaf.shape[1]] for i, leaf in enumerate(leaves)]  # (B_i, T_i, d|V)
+            if self.mode == "ushape":
+                if out.requires_grad:  # else the clients send no backward: nothing to keep
+                    self._merged.update(dict.fromkeys(merged.keys, merged))
+                meta = {"needs_grad": out.requires_grad}
+                tensors = [{"hidden": piece.contiguous()} for piece in pieces]
+                return [
+                    Message("activations", m.client_id, m.step, m.micro, own, dict(meta))
+                    for m, own in zip(messages, tensors, strict=True)
+                ]
+            losses = [causal_lm_loss(piece, h.labels) for piece, h in zip(pieces, part, strict=True)]
+            scaled = [
+                total / count * float(m.meta.get("scale", 1.0))
+                for (total, count), m in zip(losses, messages, strict=True)
+                if out.requires_grad and count
+            ]
+            if scaled:  # the trunk's gradient is the sum of the clients' ones, all on the first client's account
+                with self._own_gradients(first.client_id):
+                    torch.stack(scaled).sum().backward()
+        replies = []
+        for m, leaf, (total, count) in zip(messages, leaves, losses, strict=True):
+            tensors = {"grad": leaf.grad} if leaf.requires_grad and leaf.grad is not None else {}
+            replies.append(
+                Message("loss", m.client_id, m.step, m.micro, tensors, {"loss_sum": total.item(), "tokens": count})
+            )
+        return replies
+
+    def _merged_backward(self, request: Request) -> None:
+        """Hold a backward of a merged pass until all its clients' have arrived, then run one backward of their
+        gradients (zero on the padding) and give each client the gradient of its own hidden."""
+        message = request.message
+        merged = self._merged[message.key]
+        index = merged.keys.index(message.key)
+        leaf = merged.leaves[index]
+        grad = self._tensor(message, "grad")
+        expected = (leaf.shape[0], leaf.shape[1], merged.out.shape[-1])
+        if tuple(grad.shape) != expected:
+            raise ProtocolError(f"backward: grad has shape {tuple(grad.shape)}, expected {expected}")
+        if not torch.isfinite(grad).all():
+            raise ProtocolError(f"backward from {message.client_id}: grad contains NaN or Inf")
+        if message.key in merged.grads:
+            raise ProtocolError(
+                f"backward from {message.client_id} for step {message.step} micro-batch {message.micro}: its "
+                "previous backward still waits for the other clients of its merged trunk pass"
+            )
+        merged.grads[message.key] = (request, grad)
+        if len(merged.grads) < len(merged.keys):
+            return
+        for key in merged.keys:  # only valid gradients reach this point: the pass is consumed
+            del self._merged[key]
+        requests = [merged.grads[key][0] for key in merged.keys]
+        self._answer(requests, lambda: self._run_merged_backward(merged))
+
+    def _run_merged_backward(self, merged: _Pass) -> list[Message]:
+        out = merged.out
+        full = torch.zeros_like(out)  # (sum B_i, T_max, d)
+        for index, key in enumerate(merged.keys):
+            grad = merged.grads[key][1]
+            full[merged.rows(index), : grad.shape[1]] = grad.to(device=out.device, dtype=out.dtype)
+        with self._serving(merged.owner), self._own_gradients(merged.owner):
+            out.backward(full)
+        replies = []
+        for (client, step, micro), leaf in zip(merged.keys, merged.leaves, strict=True):
+            tensors = {"grad": leaf.grad} if leaf.grad is not None else {}
+            replies.append(Message("gradients", client, step, micro, tensors))
+        return replies
+
+    def _drop_merges(self, adapter: str | None, reason: str, client_id: str | None = None) -> None:
+        """Fail the forwards held for a merge (of ``adapter``, or every one) and the backwards waiting in merged
+        passes (of ``client_id``'s passes, or every one), and drop those passes: the clients they wait for may
+        never come."""
+        for key in [k for k in self._held if adapter is None or k[0] == adapter]:
+            for held in self._held.pop(key):
+                m = held.request.message
+                _resolve(held.request.future, ProtocolError(f"forward {m.step}/{m.micro} of {m.client_id} {reason}"))
+        for key in [k for k in self._fed if adapter is None or k[0] == adapter]:
+            del self._fed[key]
+        for merged in {id(p): p for p in self._merged.values()}.values():
+            if client_id is not None and all(key[0] != client_id for key in merged.keys):
+                continue
+            for key in merged.keys:
+                self._merged.pop(key, None)
+            for waiting, _ in merged.grads.values():
+                m = waiting.message
+                _resolve(waiting.future, ProtocolError(f"backward {m.step}/{m.micro} of {m.client_id} {reason}"))
 
     def _between_requests(self, work: Callable[[], T], wait: bool = True) -> T | None:
         """Run ``work`` on the worker, in the queue's order (at once without a worker); ``wait=False`` only
@@ -526,6 +808,7 @@ class SplitServer:
     def _abandon(self) -> None:
         self._abandoned = True
         self._gradients.clear()
+        self._drop_merges(None, "abandoned: the round stopped")
         for adapter in list(self._arrivals):
             for waiting, _ in self._arrivals.pop(adapter):
                 step = waiting.message.step
@@ -536,6 +819,7 @@ class SplitServer:
         for key in [k for k in self._pending if k[0] == client_id]:
             del self._pending[key]
         adapter = self.adapter_of(client_id)
+        self._drop_merges(adapter, f"abandoned: client {client_id} left", client_id)
         for waiting, _ in self._arrivals.pop(adapter, []):
             step = waiting.message.step
             _resolve(waiting.future, ProtocolError(f"client {client_id} left; step {step} abandoned"))

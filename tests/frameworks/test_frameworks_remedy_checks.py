@@ -1,0 +1,216 @@
+"""Every non-IID remedy (survey §3) refuses the frameworks it does not apply to, in one line that says what was wrong
+and what to do, before anything is built: the checks ``splitlm train`` makes (the schema's, the registries' names,
+then ``Framework.check``). Each (remedy, framework) pair is walked; the pairs a remedy applies to pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitlm.config import build_config
+from splitlm.errors import ConfigError
+from splitlm.frameworks import config_problems, framework_of
+
+FRAMEWORKS = ("centralized", "sl", "psl", "sflv1", "sflv2", "gsfl")
+BASE = ("framework.num_clients=4", "framework.rounds=2", "train.steps=4")
+
+
+def problems(framework: str, *overrides: str) -> str:
+    """The error ``splitlm train`` gives for the defaults with ``overrides``, checked as it checks a run before
+    building anything ("" when it has none)."""
+    try:
+        config = build_config({}, [f"framework.name={framework}", *BASE, *overrides], checks=[config_problems])
+        framework_of(config).check(config)
+    except ConfigError as error:
+        return str(error)
+    return ""
+
+
+GROUPINGS = ("balanced", "feature_hash", "first_label")  # and the default, label_kmeans: see below
+GROUP_KEYS = [f"framework.grouping={name}" for name in GROUPINGS] + ["framework.groups=[[0, 1], [2, 3]]"]
+
+# (the remedy's overrides, the frameworks it applies to, what the refusal says)
+REMEDIES: list[tuple[tuple[str, ...], set[str], str]] = [
+    *(
+        (
+            (key,),
+            {"gsfl"},
+            f"{key.partition('=')[0]}: groups the clients that share a trunk adapter; framework.name="
+            f"{{name}} keeps none per group: set framework.name=gsfl or unset {key.partition('=')[0]}",
+        )
+        for key in GROUP_KEYS
+    ),
+    (
+        ("server.policy=dissimilar_first",),
+        {"psl", "sflv1", "gsfl"},
+        "server.policy=dissimilar_first: ",
+    ),
+    (
+        ("framework.merge=2",),
+        {"sflv2", "psl"},
+        "framework.merge=2: concatenates several clients' smashed data into one batch of one shared trunk adapter; "
+        "framework.name={name} ",
+    ),
+    (
+        ("train.logit_adjustment=1.0",),
+        {"sl", "psl", "sflv1", "sflv2", "gsfl"},
+        "train.logit_adjustment: adjusts a split client's loss; framework.name={name} has no client side, so unset it",
+    ),
+    (
+        ("framework.personalize=multi_exit",),
+        {"sl", "psl", "sflv1", "sflv2", "gsfl"},
+        "framework.personalize=multi_exit: a split client's early exit on its head's output; framework.name={name} "
+        "has no client side, so set framework.personalize=none",
+    ),
+    (
+        ("train.align_kl=0.1",),
+        {"sl", "psl", "sflv1", "sflv2", "gsfl"},
+        "train.align_kl: aligns a split client's head output with the server's statistics at the cut; "
+        "framework.name={name} has no cut, so set train.align_kl=0",
+    ),
+    (
+        ("framework.server_lr_scale=mu_splitfed",),
+        {"sflv2", "gsfl"},
+        "framework.server_lr_scale=mu_splitfed: ",
+    ),
+    (
+        ("framework.aggregation_lr=2",),
+        {"sflv1", "sflv2", "gsfl"},
+        "framework.aggregation_lr: steps the FedAvg of the clients' client sides; framework.name={name} ",
+    ),
+    (
+        ("train.ema=0.5",),
+        {"sl"},
+        "train.ema averages the client side passed from one client to the next; framework.name={name} passes none: "
+        "set framework.name=sl or train.ema=0",
+    ),
+]
+PAIRS = [(overrides, name, name in applies, said) for overrides, applies, said in REMEDIES for name in FRAMEWORKS]
+# What the shorter refusals above go on to say, framework by framework (what to do instead).
+ADVICE = {
+    ("server.policy=dissimilar_first", "centralized"): "has no server, so set server.policy=fifo",
+    ("server.policy=dissimilar_first", "sl"): "trains one client at a time: use psl, sflv1 or gsfl, or set "
+    "server.policy=fifo",
+    (
+        "server.policy=dissimilar_first",
+        "sflv2",
+    ): "serves one client at a time: set framework.merge>1, use psl, sflv1 or gsfl, or set server.policy=fifo",
+    ("framework.merge=2", "centralized"): "has no server: use sflv2 or psl, or set framework.merge=1",
+    ("framework.merge=2", "sl"): "trains one client at a time: use sflv2 or psl, or set framework.merge=1",
+    ("framework.merge=2", "sflv1"): "keeps one trunk adapter per client: use sflv2 or psl, or set framework.merge=1",
+    ("framework.merge=2", "gsfl"): "keeps one trunk adapter per group: use sflv2 or psl, or set framework.merge=1",
+    ("framework.server_lr_scale=mu_splitfed", "centralized"): "has no server, so set framework.server_lr_scale=none",
+    ("framework.server_lr_scale=mu_splitfed", "sl"): "passes one client side on instead of averaging them: use sflv2 "
+    "or gsfl",
+    ("framework.server_lr_scale=mu_splitfed", "psl"): "averages no client sides: use sflv2 or gsfl",
+    ("framework.server_lr_scale=mu_splitfed", "sflv1"): "gives each client its own trunk adapter: use sflv2 or gsfl",
+    ("framework.aggregation_lr=2", "centralized"): "trains one unsplit model, so unset framework.aggregation_lr",
+    ("framework.aggregation_lr=2", "sl"): "passes one client side on instead: use sflv1, sflv2 or gsfl, or unset "
+    "framework.aggregation_lr",
+    ("framework.aggregation_lr=2", "psl"): "lets each client keep its own: use sflv1, sflv2 or gsfl, or unset "
+    "framework.aggregation_lr",
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name", "applies", "said"),
+    PAIRS,
+    ids=[f"{overrides[0]}-{name}" for overrides, name, _, _ in PAIRS],
+)
+def test_a_remedy_is_refused_where_it_does_not_apply(
+    overrides: tuple[str, ...], name: str, applies: bool, said: str
+) -> None:
+    found = problems(name, *overrides)
+    if applies:
+        assert found == ""
+        return
+    assert found and "\n" not in found
+    assert said.format(name=name) in found, found
+    advice = ADVICE.get((overrides[0], name))
+    if advice is not None:
+        assert advice in found, found
+
+
+@pytest.mark.parametrize("name", FRAMEWORKS)
+def test_the_default_grouping_and_selection_are_refused_nowhere(name: str) -> None:
+    """A resolved config (a run's config.yaml, `splitlm config`) spells the defaults out: it loads again."""
+    assert problems(name) == ""
+    assert problems(name, "framework.clients_per_round=2") == ""
+    assert problems(name, "framework.grouping=label_kmeans", "framework.selection=random", "server.policy=fifo") == ""
+
+
+@pytest.mark.parametrize("per_round", [0, 4])
+@pytest.mark.parametrize("name", FRAMEWORKS)
+def test_pairing_needs_fewer_clients_per_round_than_clients(name: str, per_round: int) -> None:
+    found = problems(name, "framework.selection=pairing", f"framework.clients_per_round={per_round}")
+    assert "\n" not in found
+    assert (
+        "framework.selection: pairing picks framework.clients_per_round of the clients each round; set "
+        f"framework.clients_per_round between 1 and framework.num_clients - 1 (got {per_round} of 4)"
+    ) in found
+    assert problems(name, "framework.selection=pairing", "framework.clients_per_round=2") == ""
+
+
+@pytest.mark.parametrize("name", FRAMEWORKS)
+def test_replay_needs_earlier_rounds(name: str) -> None:
+    found = problems(name, "train.replay=0.5", "framework.rounds=1")
+    assert "\n" not in found
+    assert (
+        "train.replay: draws from the samples a client kept from its earlier rounds, and framework.rounds=1 has "
+        "none; set framework.rounds > 1 or train.replay=0"
+    ) in found
+    assert problems(name, "train.replay=0.5") == ""
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        (("train.logit_adjustment=1.0",), "train.logit_adjustment: the client's loss is adjusted, so it needs "
+         "split.mode=ushape"),
+        (("framework.personalize=multi_exit",), "framework.personalize: multi_exit's early exit is the client's "
+         "tail applied to its head's output, so it needs split.mode=ushape"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("name", ["sl", "sflv2"])
+def test_ushape_remedies_refuse_a_vanilla_split(name: str, overrides: tuple[str, ...], said: str) -> None:
+    found = problems(name, "split.mode=vanilla", *overrides)
+    assert "\n" not in found and said in found, found
+
+
+def test_sflv2_takes_dissimilar_first_with_merged_clients() -> None:
+    assert problems("sflv2", "server.policy=dissimilar_first", "framework.merge=2") == ""
+
+
+@pytest.mark.parametrize("name", ["sl", "psl", "sflv1", "sflv2", "gsfl"])
+def test_feature_hash_under_ray_is_refused_by_gsfl_only_once(name: str) -> None:
+    found = problems(name, "framework.grouping=feature_hash", "transport.name=ray")
+    assert "\n" not in found and "framework.grouping" in found
+    if name == "gsfl":
+        assert "the clients' smashed-data sketches are computed in-process; with transport.name=ray set " in found
+
+
+def test_aggregation_lr_refuses_the_asynchronous_modes_and_mixed_clients() -> None:
+    found = problems("sflv1", "framework.aggregation=async", "framework.aggregation_lr=2")
+    assert (
+        "\n" not in found
+        and (
+            "framework.aggregation_lr: framework.aggregation=async mixes each update in with framework.async_mix and "
+            "staleness weights; unset framework.aggregation_lr or set framework.aggregation=sync"
+        )
+        in found
+    )
+    ranks = "framework.clients=[{lora: {rank: 4}}, {lora: {rank: 8}}, {}, {}]"
+    for name, extra in (
+        ("sflv1", ("framework.aggregation_lr=2",)),
+        ("sflv2", ("framework.server_lr_scale=mu_splitfed",)),
+    ):
+        found = problems(name, ranks, *extra)
+        assert "\n" not in found and "framework.clients gives the clients different cuts or LoRA ranks; set " in found
+        assert problems(name, ranks, *extra, "framework.aggregation_lr=1") == ""  # plain FedAvg: module by module
+
+
+@pytest.mark.parametrize("name", FRAMEWORKS)
+def test_a_resolved_config_passes_its_checks_again(name: str) -> None:
+    """``config.yaml`` of a run (every default spelled out) is a valid config for the same framework."""
+    config = build_config({}, [f"framework.name={name}", *BASE])
+    again = build_config(config.model_dump(mode="json"), checks=[config_problems])
+    framework_of(again).check(again)
