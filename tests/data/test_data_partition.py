@@ -23,6 +23,8 @@ BUILT_INS = [
     ("iid", {}, 4),
     ("dirichlet", {"alpha": 0.5}, 4),
     ("dirichlet", {"alpha": 0.05}, 7),
+    ("label_mix", {"alpha": 0.1}, 8),
+    ("label_mix", {"alpha": 2.0}, 3),
     ("quantity", {"alpha": 0.1}, 5),
     ("by_source", {}, 3),
 ]
@@ -130,7 +132,7 @@ def test_num_clients_must_be_positive() -> None:
         make_partitioner("iid")(["a"], 0, seed=0)
 
 
-@pytest.mark.parametrize("name", ["dirichlet", "quantity"])
+@pytest.mark.parametrize("name", ["dirichlet", "label_mix", "quantity"])
 @pytest.mark.parametrize("alpha", [0, -1.0, float("nan"), float("inf"), "0.5"])
 def test_alpha_must_be_positive_and_finite(name: str, alpha: object) -> None:
     with pytest.raises(ConfigError, match=rf"partitioner '{name}': alpha must be a finite number > 0"):
@@ -180,3 +182,25 @@ def test_label_histograms_and_skew() -> None:
     assert skew([[0, 1], [2, 3, 4, 5]], labels) == pytest.approx(0.5)
     assert skew([[0, 2, 4], [1, 3, 5]], labels) == 0.0
     assert skew([[0, 1], [2, 3]], ["a", "a", "b", "b"]) == pytest.approx(0.5)  # disjoint classes
+
+
+def test_label_mix_skews_labels_not_sizes() -> None:
+    labels = LABELS[:1003]
+    for alpha in (0.05, 1.0, 100.0):
+        parts = make_partitioner("label_mix", alpha=alpha)(labels, 4, seed=0)
+        assert sorted(len(p) for p in parts) == [250, 251, 251, 251]  # the same size, whatever the skew
+
+    def mean_skew(alpha: float) -> float:
+        partition = make_partitioner("label_mix", alpha=alpha)
+        return statistics.mean(skew(partition(LABELS, 8, seed), LABELS) for seed in range(5))
+
+    near_iid, moderate, extreme = mean_skew(100.0), mean_skew(1.0), mean_skew(0.1)
+    assert near_iid < 0.08 < moderate < extreme
+    assert extreme > 0.3
+    shares = [sum(LABELS[i] == "a" for i in p) / len(p) for p in make_partitioner("label_mix", alpha=0.1)(LABELS, 8, 0)]
+    assert sum(share > 0.9 or share < 0.1 for share in shares) >= 4  # most clients hold nearly one label
+
+
+def test_label_mix_rejects_unlabelled_data() -> None:
+    with pytest.raises(DataError, match=r"label_mix partitioner needs a class label on every example, but 2 of 4"):
+        make_partitioner("label_mix", alpha=1.0)(["a", None, "b", None], 2, seed=0)

@@ -222,9 +222,12 @@ class DataConfig(Section):
     )
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token to each sequence.")
     partition: str = Field(
-        "iid", description="How training data is split across clients: iid, dirichlet, quantity, by_source."
+        "iid",
+        description="How training data is split across clients: iid, dirichlet (each label split across clients "
+        "by Dirichlet(alpha) shares: label and size skew), label_mix (each client's label mix ~ Dirichlet(alpha x "
+        "the global mix), all clients the same size: label skew only), quantity, by_source.",
     )
-    alpha: float = Field(0.5, gt=0, description="Concentration of the dirichlet / quantity partitioners.")
+    alpha: float = Field(0.5, gt=0, description="Concentration of the dirichlet / label_mix / quantity partitioners.")
     sources: list[str] | None = Field(
         None, description="by_source: one data name (file or dataset id) per client, read like data.name."
     )

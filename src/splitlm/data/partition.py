@@ -191,6 +191,68 @@ class DirichletPartitioner:
         return [sorted(part) for part in parts]
 
 
+@register_partitioner("label_mix")
+@dataclass(frozen=True)
+class LabelMixPartitioner:
+    """Label skew at equal size (Hsu et al., 2019): client k's label mix is q_k ~ Dirichlet(``alpha`` x p), p the
+    classes' shares of the whole set, and every client gets the same number of examples (n // num_clients, the
+    first n % num_clients one more).
+
+    ``dirichlet`` splits each class across clients, so with few classes and small ``alpha`` most clients end up
+    with almost nothing (quantity skew on top of label skew); here only the mix differs. Clients are served in
+    order: client k takes its share of each class (largest remainder) from that class's seeded shuffle, largest
+    share first; what a class no longer has is taken from the classes that still have examples, in the order of
+    k's shares. Small ``alpha`` (0.1) gives each client nearly one class; large ``alpha`` is close to IID.
+    Every example must have a label.
+    """
+
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", _check_alpha(self.alpha))
+
+    def __call__(
+        self,
+        labels: Sequence[str | None],
+        num_clients: int,
+        seed: int,
+        sources: Sequence[str | None] | None = None,
+    ) -> list[list[int]]:
+        _check_counts(len(labels), num_clients)
+        unlabelled = sum(label is None for label in labels)
+        if unlabelled:
+            raise DataError(
+                f"the label_mix partitioner needs a class label on every example, but {unlabelled} of "
+                f"{len(labels)} have none; set data.label_field to the column holding the label, use a "
+                "labelled dataset, or choose the 'iid' or 'quantity' partitioner"
+            )
+        by_class: dict[str, list[int]] = {}
+        for i, label in enumerate(labels):
+            by_class.setdefault(str(label), []).append(i)
+        classes = sorted(by_class)
+        rng = np.random.default_rng(seed)
+        pools = [rng.permutation(np.asarray(by_class[c])).tolist() for c in classes]
+        prior = np.asarray([len(pool) for pool in pools], dtype=np.float64) / len(labels)
+        base, extra = divmod(len(labels), num_clients)
+        parts: list[list[int]] = []
+        for client in range(num_clients):
+            size = base + (client < extra)
+            mix = rng.dirichlet(self.alpha * prior)
+            wanted = _apportion(size, mix) if np.isfinite(mix).all() and mix.sum() > 0 else _apportion(size, prior)
+            order = np.argsort(-mix, kind="stable")
+            part: list[int] = []
+            for c in order:  # its own share of each class, as far as the class still has examples
+                take = min(int(wanted[c]), len(pools[c]))
+                part += pools[c][:take]
+                del pools[c][:take]
+            for c in order:  # the rest from whatever classes are left
+                take = min(size - len(part), len(pools[c]))
+                part += pools[c][:take]
+                del pools[c][:take]
+            parts.append(sorted(part))
+        return parts
+
+
 @register_partitioner("quantity")
 @dataclass(frozen=True)
 class QuantityPartitioner:
