@@ -102,6 +102,21 @@ def _check_alpha(alpha: Any) -> float:
     return float(alpha)
 
 
+def _by_class(labels: Sequence[str | None], partitioner: str) -> dict[str, list[int]]:
+    """The indices of each class label, in order; every example must have one."""
+    unlabelled = sum(label is None for label in labels)
+    if unlabelled:
+        raise DataError(
+            f"the {partitioner} partitioner needs a class label on every example, but {unlabelled} of "
+            f"{len(labels)} have none; set data.label_field to the column holding the label, use a "
+            "labelled dataset, or choose the 'iid' or 'quantity' partitioner"
+        )
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(str(label), []).append(i)
+    return by_class
+
+
 def _apportion(total: int, proportions: np.ndarray) -> np.ndarray:
     """Integer shares of ``total`` by ``proportions`` (largest remainder), summing to ``total`` exactly."""
     exact = proportions / proportions.sum() * total
@@ -164,16 +179,7 @@ class DirichletPartitioner:
         sources: Sequence[str | None] | None = None,
     ) -> list[list[int]]:
         _check_counts(len(labels), num_clients)
-        unlabelled = sum(label is None for label in labels)
-        if unlabelled:
-            raise DataError(
-                f"the dirichlet partitioner needs a class label on every example, but {unlabelled} of "
-                f"{len(labels)} have none; set data.label_field to the column holding the label, use a "
-                "labelled dataset, or choose the 'iid' or 'quantity' partitioner"
-            )
-        by_class: dict[str, list[int]] = {}
-        for i, label in enumerate(labels):
-            by_class.setdefault(str(label), []).append(i)
+        by_class = _by_class(labels, "dirichlet")
         rng = np.random.default_rng(seed)
         for _ in range(DIRICHLET_TRIES):
             parts: list[list[int]] = [[] for _ in range(num_clients)]
@@ -219,16 +225,7 @@ class LabelMixPartitioner:
         sources: Sequence[str | None] | None = None,
     ) -> list[list[int]]:
         _check_counts(len(labels), num_clients)
-        unlabelled = sum(label is None for label in labels)
-        if unlabelled:
-            raise DataError(
-                f"the label_mix partitioner needs a class label on every example, but {unlabelled} of "
-                f"{len(labels)} have none; set data.label_field to the column holding the label, use a "
-                "labelled dataset, or choose the 'iid' or 'quantity' partitioner"
-            )
-        by_class: dict[str, list[int]] = {}
-        for i, label in enumerate(labels):
-            by_class.setdefault(str(label), []).append(i)
+        by_class = _by_class(labels, "label_mix")
         classes = sorted(by_class)
         rng = np.random.default_rng(seed)
         pools = [rng.permutation(np.asarray(by_class[c])).tolist() for c in classes]
