@@ -26,7 +26,7 @@ tau=1), merge (MiniBatch-SFL, K=4), multi_exit (SplitGP, w=0.3), align_kl (FlexP
 gsfl the groupings label_kmeans (CSFL), balanced (ParallelSFL) and feature_hash (GSFL) against today's naive
 first_label sort (gsfl's ``none``), plus pairing selection (PairingFL); sl: ema (SLwF, 0.5) and replay. Label
 remedies (logit_adjustment, label groupings) do not apply to the domain task and are not run there, nor are
-sflv2's sglr and replay (to keep the run within about an hour on 2 cores).
+sflv2's sglr and replay (the 32 rows take about 3 hours on 2 cores as it is).
 
 Each row is one ``splitlm train`` process with one torch thread; ``--jobs`` of them run at once. Columns:
 ``global_acc`` (the global model's held-out accuracy), ``mean_client_acc`` / ``worst_client_acc`` (its accuracy on
