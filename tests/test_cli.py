@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 from pathlib import Path
 
@@ -263,3 +264,14 @@ def test_a_client_refused_for_its_token_writes_nothing(config_file, capsys, tmp_
     line = _one_error_line(capsys)
     assert "server refused client 0" in line and "token" in line
     assert not out.exists()  # the token was checked before anything was built or written
+
+
+def test_eval_before_false_skips_the_untrained_evaluation(config_file, capsys, tmp_path: Path) -> None:
+    config = config_file()
+    assert main(["train", str(config), f"output_dir={tmp_path / 'run'}", "train.eval_before=false"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_loss_before"] is None and summary["eval_ppl_before"] is None
+    assert summary["eval_loss_after"] > 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "held-out perplexity" in line)
+    assert "->" not in line and "after 5 steps" in line

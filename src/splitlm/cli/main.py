@@ -48,12 +48,19 @@ def _print_summary(summary: dict, output_dir: str) -> None:
         span = f"{summary['rounds']} rounds ({summary['num_clients']} clients, {summary['steps']} client steps)"
     else:
         span = f"{summary['steps']} steps"
-    print(
-        f"{where}: held-out perplexity {summary['eval_ppl_before']:.2f} -> {summary['eval_ppl_after']:.2f} "
-        f"(loss {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}) after {span}"
-    )
+    if summary["eval_loss_before"] is None:  # train.eval_before=false
+        print(
+            f"{where}: held-out perplexity {summary['eval_ppl_after']:.2f} (loss {summary['eval_loss_after']:.4f}) "
+            f"after {span}"
+        )
+    else:
+        print(
+            f"{where}: held-out perplexity {summary['eval_ppl_before']:.2f} -> {summary['eval_ppl_after']:.2f} "
+            f"(loss {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}) after {span}"
+        )
     if summary.get("accuracy_after") is not None:
-        print(f"held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}")
+        before = summary.get("accuracy_before")
+        print(f"held-out accuracy {'' if before is None else f'{before:.3f} -> '}{summary['accuracy_after']:.3f}")
     print(
         f"traffic up {_fmt_bytes(summary['bytes_up'])}, down {_fmt_bytes(summary['bytes_down'])}; "
         f"{summary['train_seconds']:.1f} s training, {summary['wall_seconds']:.1f} s in all; results in {output_dir}/"

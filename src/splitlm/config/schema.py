@@ -135,6 +135,11 @@ class TrainConfig(Section):
     )
     eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps (0: only before/after).")
     eval_batches: int = Field(0, ge=0, description="Held-out batches per evaluation (0: the whole held-out set).")
+    eval_before: bool = Field(
+        True,
+        description="Evaluate the untrained model before the first step (its loss, perplexity and accuracy are "
+        "the summary's *_before figures; false: they are null and the run starts training at once).",
+    )
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
     progress: bool = Field(True, description="Show a progress bar.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Micro-batch pipelining.")

@@ -51,7 +51,9 @@ CLIENT_EVAL_KEYS = (
 log = logging.getLogger(__name__)
 
 
-def perplexity(loss: float) -> float:
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:  # not evaluated (train.eval_before=false)
+        return None
     return math.exp(loss) if loss < 700 else math.inf
 
 
@@ -199,8 +201,11 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
             base = dict(progress)
         else:
             torch.manual_seed(config.seed)
-            before, _ = fed.evaluate(fed.members[:1])
-            progress.update(eval_loss_before=before.loss, accuracy_before=fed.members[0].accuracy(fed))
+            if config.train.eval_before:
+                before, _ = fed.evaluate(fed.members[:1])
+                progress.update(eval_loss_before=before.loss, accuracy_before=fed.members[0].accuracy(fed))
+            else:
+                progress.update(eval_loss_before=None, accuracy_before=None)
             checkpoint()  # so that --resume works from the start on
         loop_started = time.perf_counter()
         with rounds_path.open("a") as rounds_file, interruptible(fed.stop):
