@@ -12,19 +12,22 @@ A cut's measured step time is the median of its metrics.jsonl ``seconds`` after 
 Prediction and measurement run in this one process with one torch thread (``torch.set_num_threads(1)``), so
 both see the same machine; the client and the server threads may still run at once on two cores. The
 prediction is the schedule the run uses (serial unless ``train.pipeline.micro_batches > 1``). Prints one JSON
-line: ``{"cuts": [{"head", "tail", "predicted_step_s", "measured_step_s", "error_pct", "steps_s"}], "profile_s",
-...}`` (``steps_s``: every step's seconds, the first included).
+line: ``{"cuts": [{"head", "tail", "predicted_step_s", "measured_step_s", "error_pct", "steps_s",
+"step_spread_pct", "measured_mean_ci", "prediction_within_step_noise"}], "profile_s", ...}`` (``steps_s``: every
+step's seconds, the first included; the noise figures are over the steps after the first, see ``step_noise``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     "measured_step_s": round(measured, 4),
                     "error_pct": round(abs(predicted - measured) / measured * 100, 2),
                     "steps_s": [round(x, 3) for x in steps],
+                    **step_noise(steps[1:] or steps, predicted),
                 }
             )
     result = {
@@ -111,6 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result))
     return 0
+
+
+def step_noise(steps: list[float], predicted: float) -> dict[str, Any]:
+    """How much the measured steps differ among themselves, next to the prediction's error: their spread (standard
+    deviation over mean, %), the 95 % Student-t interval of their mean, and whether the prediction lies within
+    the range of single steps that interval's spread allows (mean +- t x sd)."""
+    from scipy.stats import t as student_t
+
+    mean, sd = statistics.fmean(steps), statistics.stdev(steps) if len(steps) > 1 else 0.0
+    t = float(student_t.ppf(0.975, len(steps) - 1)) if len(steps) > 1 else math.inf
+    half = t * sd / math.sqrt(len(steps))
+    return {
+        "step_spread_pct": round(100 * sd / mean, 2),
+        "measured_mean_ci": [round(mean - half, 4), round(mean + half, 4)],
+        "prediction_within_step_noise": bool(abs(predicted - mean) <= t * sd),
+    }
 
 
 if __name__ == "__main__":
