@@ -167,7 +167,8 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
     metrics_path, rounds_path = out / "metrics.jsonl", out / "rounds.jsonl"
     progress: dict[str, Any] = {
         "round": 0, "train_seconds": 0.0, "wall_seconds": 0.0,
-        "bytes_up": 0, "bytes_down": 0, "eval_bytes_up": 0, "eval_bytes_down": 0, "comm_seconds": 0.0,
+        "bytes_up": 0, "bytes_down": 0, "eval_bytes_up": 0, "eval_bytes_down": 0, "control_bytes_up": 0,
+        "control_bytes_down": 0, "comm_seconds": 0.0,
     }  # fmt: skip
     if fed.server is not None and len(fed.members) > 1:
         fed.server.start()  # clients work at once: the server serves them from its queue
@@ -179,9 +180,12 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
     def account() -> None:
         now = time.perf_counter()
         (up, down), (eval_up, eval_down) = fed.traffic(), fed.eval_traffic()
+        control_up, control_down = fed.control_traffic()
         progress.update(
             bytes_up=base["bytes_up"] + up, bytes_down=base["bytes_down"] + down,
             eval_bytes_up=base["eval_bytes_up"] + eval_up, eval_bytes_down=base["eval_bytes_down"] + eval_down,
+            control_bytes_up=base.get("control_bytes_up", 0) + control_up,
+            control_bytes_down=base.get("control_bytes_down", 0) + control_down,
             train_seconds=base["train_seconds"] + now - loop_started, wall_seconds=base["wall_seconds"] + now - started,
             comm_seconds=base.get("comm_seconds", 0.0) + (bar.comm_seconds if bar is not None else 0.0),
         )  # fmt: skip
@@ -395,6 +399,8 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         "bytes_down": progress["bytes_down"],
         "eval_bytes_up": progress["eval_bytes_up"],
         "eval_bytes_down": progress["eval_bytes_down"],
+        "control_bytes_up": progress.get("control_bytes_up", 0),
+        "control_bytes_down": progress.get("control_bytes_down", 0),
         "codecs": {"activations": config.transport.codec.activations, "gradients": config.transport.codec.gradients},
         "link": link_summary(config, progress),
         "train_seconds": progress["train_seconds"],
