@@ -117,6 +117,15 @@ def trim_rounds(path: Path, rounds_done: int) -> None:
     write_text(path, "".join(line + "\n" for line in kept))
 
 
+def stopped_at_once(out: Path) -> str:
+    """What to do after a run into ``out`` stopped at once (Ctrl-C while it loads, or a second Ctrl-C): continue
+    from its newest checkpoint, or, before the first one, start it again."""
+    found = checkpoints(out)
+    if not found:
+        return "interrupted before the first checkpoint; nothing to resume: run the same command again without --resume"
+    return f"interrupted at once; --resume continues from {out}/{CHECKPOINTS}/{found[-1].name}"
+
+
 def prepare_output(config: Config, resume: bool) -> Path:
     """The run directory: refuse to mix a new run into an old one; write the resolved config."""
     out = Path(config.output_dir)
