@@ -198,6 +198,8 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
         if resume:
             progress = load_checkpoint(out, fed)
             fed.last_checkpoint = progress.get("name")
+            if reopen(fed):  # its length grew: the one round goes on (its line in rounds.jsonl goes)
+                progress["round"] = 0
             trim_metrics(metrics_path, {m.client_id: m.steps_done for m in fed.members})
             trim_rounds(rounds_path, int(progress["round"]))
             base = dict(progress)
@@ -322,6 +324,17 @@ def client_evaluation(fed: Federation, holders: list[Member], round_index: int) 
             if drops:
                 values["accuracy_forgetting"] = sum(drops) / len(drops)
     return values
+
+
+def reopen(fed: Federation) -> bool:
+    """After a resume: a run of one client and one round whose length grew (``checkpoint.length_changes``) goes on
+    in that round, up to the new length. Whether the round is open again."""
+    config, member = fed.config, fed.members[0]
+    one = len(fed.members) == 1 and (config.framework.num_clients == 1 or not fed.framework.split)
+    if config.framework.rounds != 1 or not one or member.steps_done >= fed.local_steps:
+        return False
+    member.round_goal = fed.local_steps
+    return True
 
 
 def settled(fed: Federation) -> bool:
