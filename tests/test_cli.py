@@ -275,3 +275,41 @@ def test_eval_before_false_skips_the_untrained_evaluation(config_file, capsys, t
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "held-out perplexity" in line)
     assert "->" not in line and "after 5 steps" in line
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(
+    config_file, capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Ctrl-C while the model loads: no checkpoint exists, so the line says to start again (which works), not to
+    --resume (which would fail); a stop at once after a checkpoint names the one --resume continues from."""
+    import splitlm.frameworks.driver as driver
+    from splitlm.runtime.client import SplitClient
+
+    config, run = config_file(train={"steps": 4}), tmp_path / "run"
+
+    def loading(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread while the model loads
+
+    with monkeypatch.context() as patch:
+        patch.setattr(driver, "build_federation", loading)
+        assert main(["train", str(config)]) == 130
+    line = capsys.readouterr().err.strip()
+    assert line == (
+        "splitlm: interrupted before the first checkpoint; nothing to resume: run the same command again without "
+        "--resume"
+    )
+    assert main(["train", str(config), "--resume"]) == 5  # indeed nothing to resume
+    assert "no checkpoints/step-* folder" in _one_error_line(capsys)
+
+    real_step = SplitClient.train_step
+
+    def second_ctrl_c(self, step, micro_batches):
+        if step == 2:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once, after the checkpoint of step 0
+        return real_step(self, step, micro_batches)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SplitClient, "train_step", second_ctrl_c)
+        assert main(["train", str(config)]) == 130  # as the line said: the same command, without --resume
+    expected = f"splitlm: interrupted at once; --resume continues from {run}/checkpoints/step-000000"
+    assert capsys.readouterr().err.strip() == expected
+    assert main(["train", str(config), "--resume"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4

@@ -252,3 +252,21 @@ def test_each_client_wrote_its_adapters(runs, client) -> None:
 def _listing(net: NetworkRun, client: str) -> list[str]:
     folder = net.client_dir(client)
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+@pytest.mark.timeout(180)
+def test_evaluation_traffic_is_counted_apart_as_in_process(runs) -> None:
+    # The server's figures for its remote clients: training traffic (activations, gradients and their replies)
+    # and evaluation traffic (the held-out set's activations up, the trunk's outputs down) apart, each equal to the
+    # in-process run's, per client and in all; the commands that drive the clients are neither.
+    inproc, net = runs
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (net.server_dir(), inproc))
+    keys = ("bytes_up", "bytes_down", "eval_bytes_up", "eval_bytes_down")
+    assert theirs["eval_bytes_up"] > 0 and theirs["eval_bytes_down"] > 0
+    assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+    assert [(c["bytes_up"], c["bytes_down"]) for c in ours["clients"]] == [
+        (c["bytes_up"], c["bytes_down"]) for c in theirs["clients"]
+    ]
+    # the client sides FedAvg gathers and sends back travel as commands: counted, as control traffic
+    assert ours["control_bytes_up"] > 0 and ours["control_bytes_down"] > 0
+    assert theirs["control_bytes_up"] == theirs["control_bytes_down"] == 0

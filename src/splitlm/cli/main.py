@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from splitlm.errors import ConfigError, SplitLMError
@@ -67,11 +68,24 @@ def _print_summary(summary: dict, output_dir: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def _resumable(output_dir: str) -> Iterator[None]:
+    """A stop at once (Ctrl-C while the model loads, or a second Ctrl-C) says whether ``--resume`` can continue."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from splitlm.frameworks.checkpoint import stopped_at_once
+
+        raise KeyboardInterrupt(stopped_at_once(Path(output_dir))) from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from splitlm.deploy import launch
 
     config = _load(args)
-    _print_summary(launch(config, resume=args.resume, started=STARTED), config.output_dir)
+    with _resumable(config.output_dir):
+        summary = launch(config, resume=args.resume, started=STARTED)
+    _print_summary(summary, config.output_dir)
     return 0
 
 
@@ -162,10 +176,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tokens_file = Path(args.tokens) if args.tokens else tokens
     if tokens_file is None:
         raise ConfigError("--insecure still needs --tokens FILE: every client authenticates with a bearer token")
-    summary = serve(
-        config, args.address, certs, tokens_file, mutual_tls=args.mtls, connect_timeout=args.client_timeout,
-        resume=args.resume, started=STARTED,
-    )  # fmt: skip
+    with _resumable(config.output_dir):
+        summary = serve(
+            config, args.address, certs, tokens_file, mutual_tls=args.mtls, connect_timeout=args.client_timeout,
+            resume=args.resume, started=STARTED,
+        )  # fmt: skip
     _print_summary(summary, config.output_dir)
     return 0
 
@@ -357,8 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"splitlm: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print("splitlm: interrupted at once; --resume continues from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # train and serve say whether --resume can continue (``_resumable``)
+        print(f"splitlm: {stop.args[0] if stop.args else 'interrupted at once'}", file=sys.stderr)
         return 130
 
 

@@ -142,6 +142,8 @@ class ClientAgent:
                         f"{member.steps_done}; restart the run with --resume"
                     )
                 self.attempt = int(command.meta.get("attempt", 0))
+                if "goal" in command.meta:  # a round a resume made longer (driver.reopen)
+                    member.round_goal = int(command.meta["goal"])
                 self.records = []
                 self._rewound()  # lines a previous process left beyond this step go
                 member.train_round(self.local, int(command.meta["round"]))

@@ -144,14 +144,17 @@ class RemoteMember(Member):
             self.attempt += 1
             self.logged = set()
             attempt = self.attempt
+        # a round reopened by a resume that made the run longer (driver.reopen) ends at its new length
+        goal = {"goal": self.round_goal} if self.round_goal is not None else {}
         reply = self.proxy.command(
-            "train", round=round_index, steps=fed.local_steps, start_step=self.steps_done, attempt=attempt
+            "train", round=round_index, steps=fed.local_steps, start_step=self.steps_done, attempt=attempt, **goal
         )
         for record in json.loads(str(reply.meta["records"])):
             self.steps_done = int(record["step"])
             self.tokens += int(record["tokens"])
             self.last_loss = float(record["loss"])
             self.progress(fed, record, attempt)
+        self.round_goal = None
 
     def progress(self, fed: Federation, record: dict[str, Any], attempt: int | None = None) -> None:
         """A step record, streamed as the client takes the step or with the round's reply: logged once."""

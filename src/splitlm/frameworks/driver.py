@@ -169,7 +169,8 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
     metrics_path, rounds_path = out / "metrics.jsonl", out / "rounds.jsonl"
     progress: dict[str, Any] = {
         "round": 0, "train_seconds": 0.0, "wall_seconds": 0.0,
-        "bytes_up": 0, "bytes_down": 0, "eval_bytes_up": 0, "eval_bytes_down": 0, "comm_seconds": 0.0,
+        "bytes_up": 0, "bytes_down": 0, "eval_bytes_up": 0, "eval_bytes_down": 0, "control_bytes_up": 0,
+        "control_bytes_down": 0, "comm_seconds": 0.0,
     }  # fmt: skip
     if fed.server is not None and len(fed.members) > 1:
         fed.server.start()  # clients work at once: the server serves them from its queue
@@ -181,9 +182,12 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
     def account() -> None:
         now = time.perf_counter()
         (up, down), (eval_up, eval_down) = fed.traffic(), fed.eval_traffic()
+        control_up, control_down = fed.control_traffic()
         progress.update(
             bytes_up=base["bytes_up"] + up, bytes_down=base["bytes_down"] + down,
             eval_bytes_up=base["eval_bytes_up"] + eval_up, eval_bytes_down=base["eval_bytes_down"] + eval_down,
+            control_bytes_up=base.get("control_bytes_up", 0) + control_up,
+            control_bytes_down=base.get("control_bytes_down", 0) + control_down,
             train_seconds=base["train_seconds"] + now - loop_started, wall_seconds=base["wall_seconds"] + now - started,
             comm_seconds=base.get("comm_seconds", 0.0) + (bar.comm_seconds if bar is not None else 0.0),
         )  # fmt: skip
@@ -196,6 +200,8 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
         if resume:
             progress = load_checkpoint(out, fed)
             fed.last_checkpoint = progress.get("name")
+            if reopen(fed):  # its length grew: the one round goes on (its line in rounds.jsonl goes)
+                progress["round"] = 0
             trim_metrics(metrics_path, {m.client_id: m.steps_done for m in fed.members})
             trim_rounds(rounds_path, int(progress["round"]))
             base = dict(progress)
@@ -325,6 +331,17 @@ def client_evaluation(fed: Federation, holders: list[Member], round_index: int) 
     return values
 
 
+def reopen(fed: Federation) -> bool:
+    """After a resume: a run of one client and one round whose length grew (``checkpoint.length_changes``) goes on
+    in that round, up to the new length. Whether the round is open again."""
+    config, member = fed.config, fed.members[0]
+    one = len(fed.members) == 1 and (config.framework.num_clients == 1 or not fed.framework.split)
+    if config.framework.rounds != 1 or not one or member.steps_done >= fed.local_steps:
+        return False
+    member.round_goal = fed.local_steps
+    return True
+
+
 def settled(fed: Federation) -> bool:
     """Whether no client is in the middle of its training now (asynchronous aggregation lets them train across
     the driver's rounds): only then is the state a checkpoint that ``--resume`` can continue exactly."""
@@ -400,6 +417,8 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         "bytes_down": progress["bytes_down"],
         "eval_bytes_up": progress["eval_bytes_up"],
         "eval_bytes_down": progress["eval_bytes_down"],
+        "control_bytes_up": progress.get("control_bytes_up", 0),
+        "control_bytes_down": progress.get("control_bytes_down", 0),
         "codecs": {"activations": config.transport.codec.activations, "gradients": config.transport.codec.gradients},
         "link": link_summary(config, progress),
         "train_seconds": progress["train_seconds"],

@@ -519,6 +519,10 @@ class Federation:
     def eval_traffic(self) -> tuple[int, int]:
         return _sum_pairs(m.meter.eval_snapshot() for m in self.members)
 
+    def control_traffic(self) -> tuple[int, int]:
+        """Bytes (up, down) of the commands that drive remote clients and their answers (0 in this process)."""
+        return _sum_pairs(m.meter.control_snapshot() for m in self.members)
+
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
         for member in self.members:
             try:

@@ -129,5 +129,6 @@ class PartyOptimizer:
         if len(meta["param_groups"]) != len(self.optimizer.param_groups):
             raise CheckpointError(f"{folder}: optimizer has a different number of parameter groups")
         self.optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
-        self.scheduler.last_epoch = int(meta["scheduler_last_epoch"])
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
+        # The schedule's position is restored, its shape is this run's: a resume that changed the run's length
+        # goes on with the new schedule at the same step (the same learning rate where the length is the same).
+        self.fast_forward(int(meta["scheduler_last_epoch"]))

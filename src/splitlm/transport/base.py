@@ -18,6 +18,13 @@ Answer = Message | Future[Message]
 Handler = Callable[[Message], Answer]
 
 EVAL_KINDS = ("eval",)  # requests (and their replies) that evaluate rather than train
+# Messages that drive a remote client rather than train through the cut: a server's commands (``cmd:*``, e.g. the
+# client-side state for FedAvg) and a client's answers to them, its hello and its progress reports.
+CONTROL_KINDS = ("hello", "welcome", "progress", "done")
+
+
+def is_control(kind: str) -> bool:
+    return kind.startswith("cmd:") or kind in CONTROL_KINDS
 
 
 @dataclass
@@ -26,26 +33,36 @@ class ByteMeter:
 
     Training traffic (``up``, ``down``) and evaluation traffic (``eval_up``, ``eval_down``) are kept apart, so a
     client that evaluates for everyone does not look chattier than the others. A reply is counted with the
-    request it answers. ``by_kind`` holds the bytes of each message kind, both directions.
+    request it answers. What drives a remote client (``CONTROL_KINDS``: commands, their answers) is neither:
+    ``control_up``, ``control_down`` (a meter in the client's pipeline never sees any). ``by_kind`` holds the bytes
+    of each message kind, both directions.
     """
 
     up: int = 0
     down: int = 0
     eval_up: int = 0
     eval_down: int = 0
+    control_up: int = 0
+    control_down: int = 0
     by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def record(self, message: Message, direction: str, about: str | None = None) -> None:
         """Count ``message`` going ``up`` (client -> server) or ``down``; ``about``: the request kind it answers."""
         size = message.payload_bytes()
-        evaluating = (about or message.kind) in EVAL_KINDS
-        if direction == "up":
-            if evaluating:
+        kind = about or message.kind
+        up = direction == "up"
+        if is_control(kind):
+            if up:
+                self.control_up += size
+            else:
+                self.control_down += size
+        elif kind in EVAL_KINDS:
+            if up:
                 self.eval_up += size
             else:
-                self.up += size
-        elif evaluating:
-            self.eval_down += size
+                self.eval_down += size
+        elif up:
+            self.up += size
         else:
             self.down += size
         self.by_kind[message.kind] += size
@@ -56,6 +73,9 @@ class ByteMeter:
 
     def eval_snapshot(self) -> tuple[int, int]:
         return self.eval_up, self.eval_down
+
+    def control_snapshot(self) -> tuple[int, int]:
+        return self.control_up, self.control_down
 
 
 class Transport(Protocol):

@@ -125,7 +125,7 @@ class GrpcConnection:
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
         self.hello = hello or Message("hello", client_id, -1)
-        self.meter = ByteMeter()  # every frame's tensors, commands included
+        self.meter = ByteMeter()  # every frame's tensors (commands and their answers as control traffic)
         self.commands: queue.Queue[Message | object] = queue.Queue()
         self._ids = itertools.count(1)
         self._inflight: dict[int, tuple[Message, Future[Message], int]] = {}  # rid -> (request, future, sends)

@@ -371,7 +371,7 @@ class GrpcServer:
         rid = message.meta.get(RID)
         cached = connection.replies.get(key) if message.kind != "eval" else None
         if cached is not None:  # a retry of work already done: answer again, apply nothing
-            self._send(connection, _answering(cached, rid))
+            self._send(connection, _answering(cached, rid), about=message.kind)
             return
         if self.handler is None:
             raise ProtocolError("the server is still waiting for every client to connect; send no work yet")
@@ -397,7 +397,7 @@ class GrpcServer:
             reply = _answering(await asyncio.shield(asyncio.wrap_future(future)), rid)
         except SplitLMError as error:
             reply = error_message(connection.client_id, message, error)
-        self._send(connection, reply)
+        self._send(connection, reply, about=message.kind)
 
     def _remember(self, connection: Connection, key: tuple[str, int, int], reply: Message | None) -> None:
         connection.inflight.pop(key, None)
@@ -407,10 +407,11 @@ class GrpcServer:
         while len(connection.replies) > REPLAY_CACHE:
             connection.replies.popitem(last=False)
 
-    def _send(self, connection: Connection, message: Message) -> None:
-        """Queue ``message`` on the client's current stream (from the event loop's thread)."""
+    def _send(self, connection: Connection, message: Message, about: str | None = None) -> None:
+        """Queue ``message`` on the client's current stream (from the event loop's thread); ``about``: the kind of
+        the request it answers (its bytes count as that request's: training or evaluation)."""
         if connection.outgoing is not None:
-            connection.meter.record(message, "down")
+            connection.meter.record(message, "down", about=about)
             connection.outgoing.put_nowait(encode(message))
 
 
