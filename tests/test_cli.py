@@ -275,6 +275,8 @@ def test_eval_before_false_skips_the_untrained_evaluation(config_file, capsys, t
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "held-out perplexity" in line)
     assert "->" not in line and "after 5 steps" in line
+
+
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(
     config_file, capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
