@@ -168,10 +168,10 @@ class GrpcConnection:
                 return
             except (grpc.RpcError, grpc.FutureTimeoutError, ProtocolError) as error:
                 if isinstance(error, grpc.RpcError) and error.code() in _AUTH_CODES:
-                    raise ProtocolError(
-                        f"server refused client {self.client_id}: {error.details()} (check the token: --token, "
-                        "$SPLITLM_TOKEN or tokens.json)"
-                    ) from None
+                    details = str(error.details())
+                    hint = " (check the token: --token, $SPLITLM_TOKEN or tokens.json)"
+                    hint = "" if "certificate" in details else hint  # a certificate refusal names its own fix
+                    raise ProtocolError(f"server refused client {self.client_id}: {details}{hint}") from None
                 out_of_time = time.monotonic() + delay >= deadline or (attempts is not None and attempt >= attempts)
                 if out_of_time:
                     reason = diagnose(self.address, self.ca, self.client_cert) or (

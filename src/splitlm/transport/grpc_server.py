@@ -33,6 +33,7 @@ import grpc
 from splitlm.errors import ClientGone, ProtocolError, SplitLMError
 from splitlm.transport.base import ByteMeter, Handler, resolved
 from splitlm.transport.messages import REQUEST_KINDS, RID, Message
+from splitlm.transport.security import certificate_client, client_subject
 from splitlm.transport.wire import MAX_CHUNK, Decoder, Limits, encode
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,27 @@ class GrpcServer:
                 grpc.StatusCode.PERMISSION_DENIED, f"this token belongs to another client than {claimed!r}"
             )
         assert client_id is not None
+        if self.mutual_tls:
+            await self._check_certificate(context, client_id)
         return client_id
+
+    async def _check_certificate(self, context: grpc.aio.ServicerContext, client_id: str) -> None:
+        """Under mutual TLS the client certificate must name the client the token belongs to (its common name
+        ``client-ID``, as ``splitlm certs`` issues it): another client's certificate and key are refused."""
+        auth = context.auth_context() or {}
+        names = [
+            value.decode("utf-8", "replace")
+            for key in ("x509_common_name", "x509_subject_alternative_name")
+            for value in auth.get(key, ())
+        ]
+        owner = certificate_client(names)
+        if owner != client_id:
+            whose = f"client {owner}'s" if owner is not None else f"not a client's ({', '.join(names) or 'no name'})"
+            reason = f"the client certificate is {whose}, not client {client_id}'s"
+            log.warning("refused a stream with client %s's token: %s", client_id, reason)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{reason}: present {client_subject(client_id)}.pem/.key"
+            )
 
     async def _session(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         client_id = await self._authenticate(context)
