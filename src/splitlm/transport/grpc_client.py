@@ -114,6 +114,7 @@ class GrpcConnection:
         hello: Message | None = None,
         connect_timeout: float = 30.0,
         reconnect_timeout: float = 120.0,
+        limits: Limits | None = None,
     ) -> None:
         self.address = address
         self.client_id = client_id
@@ -125,6 +126,8 @@ class GrpcConnection:
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
         self.hello = hello or Message("hello", client_id, -1)
+        # what frames from the server may declare; a client raises it once it knows its state (``allow_states``)
+        self.limits = limits or Limits(max_header_bytes=HEADER_LIMIT)
         self.meter = ByteMeter()  # every frame's tensors, commands included
         self.commands: queue.Queue[Message | object] = queue.Queue()
         self._ids = itertools.count(1)
@@ -210,9 +213,10 @@ class GrpcConnection:
                 raise ProtocolError(f"the server at {self.address} closed the stream at hello")
 
     def _read(self, call: grpc.Call, generation: int) -> None:
-        decoder = Decoder(Limits(max_header_bytes=HEADER_LIMIT))
+        decoder = Decoder(self.limits)
         try:
             for frame in call:
+                decoder.limits = self.limits  # (raised by allow_states while the stream runs)
                 message = decoder.feed(frame)
                 if message is None:
                     continue
@@ -287,6 +291,10 @@ class GrpcConnection:
             self.meter.record(message, "up")
             for frame in encode(message):
                 self._outgoing.put(frame)
+
+    def allow_states(self, count: int) -> None:
+        """Accept states (``cmd:set_state``) of ``count`` tensors from the server: this client's own state's size."""
+        self.limits = self.limits.with_states(count)
 
     def update_hello(self, hello: Message) -> None:
         """Say more about this client (its data and parts, once built); repeated on every reconnect."""

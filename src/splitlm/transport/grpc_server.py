@@ -45,6 +45,7 @@ REPLAY_CACHE = 16
 STRAGGLER_NOTE_S = 60.0  # a command waiting this long is logged, and again every as long
 WORK_COMMANDS = ("cmd:train", "cmd:evaluate", "cmd:accuracy")  # during these a client may send work requests
 HEADER_LIMIT = 1 << 20  # a train command's reply carries its step records in the header
+MAX_STATE_TENSORS = 1 << 16  # the most tensors a client's hello may say its state (its client side) holds
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
     ("grpc.max_send_message_length", MAX_FRAME_BYTES),
@@ -333,6 +334,7 @@ class GrpcServer:
                     # A first hello with ready=False only checks the token; the client says it is ready (with
                     # its data and parts) once it has built them, and only then takes over its client id.
                     if message.meta.get("ready", True):
+                        decoder.limits = self._limits_of(message)  # its state may now cross this stream
                         session = str(message.meta.get("session", ""))
                         if connection.session and session != connection.session:
                             self._restarted(connection)
@@ -361,6 +363,17 @@ class GrpcServer:
                     raise ProtocolError(f"unexpected message kind {message.kind!r} from a client")
             except Exception as error:  # a bug must not end the stream silently either
                 self._refuse(connection, message, error)
+
+    def _limits_of(self, hello: Message) -> Limits:
+        """The limits of a ready client's stream: the server's, with room for the state (client side) its hello
+        says it holds, as its ``get_state`` reply carries it."""
+        count = hello.meta.get("state_tensors", 0)
+        if type(count) is not int or not 0 <= count <= MAX_STATE_TENSORS:
+            raise ProtocolError(
+                f"hello: state_tensors must be an int in 0..{MAX_STATE_TENSORS}, got {str(count)[:40]!r}; client "
+                "and server must run the same splitlm version"
+            )
+        return self.limits.with_states(count)
 
     def _refuse(self, connection: Connection, message: Message | None, error: Exception) -> None:
         """Answer a message that failed with an ``error`` message on its stream (called inside ``except``)."""
