@@ -41,6 +41,10 @@ _CLOSED = object()
 _AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
+class _HelloRefused(ProtocolError):
+    """The server answered the hello with an error: trying again would get the same answer."""
+
+
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     try:
@@ -140,6 +144,7 @@ class GrpcConnection:
         self._closing = False
         self._welcome = threading.Event()
         self._auth_error: grpc.RpcError | None = None
+        self._hello_refused = ""  # why the server answered our hello with an error (then the stream is given up)
         host = split_address(address)[0]
         if ca is None and host not in LOOPBACK:
             raise ProtocolError(f"plain-text transport is only allowed on loopback, not {host}: pass --ca")
@@ -170,6 +175,8 @@ class GrpcConnection:
                 self._open(max(0.5, min(ATTEMPT_TIMEOUT, deadline - time.monotonic())))
                 return
             except (grpc.RpcError, grpc.FutureTimeoutError, ProtocolError) as error:
+                if isinstance(error, _HelloRefused):
+                    raise ProtocolError(f"server refused client {self.client_id}: {error}") from None
                 if isinstance(error, grpc.RpcError) and error.code() in _AUTH_CODES:
                     details = str(error.details())
                     hint = " (check the token: --token, $SPLITLM_TOKEN or tokens.json)"
@@ -193,6 +200,7 @@ class GrpcConnection:
             generation = self._generation
             self._broken.clear()
             self._auth_error = None
+            self._hello_refused = ""
             self._channel = self._credentials_channel()
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
         outgoing: queue.Queue[bytes | object] = queue.Queue()
@@ -210,6 +218,8 @@ class GrpcConnection:
             if self._broken.is_set():
                 if self._auth_error is not None:
                     raise self._auth_error
+                if self._hello_refused:
+                    raise _HelloRefused(self._hello_refused)
                 raise ProtocolError(f"the server at {self.address} closed the stream at hello")
 
     def _read(self, call: grpc.Call, generation: int) -> None:
@@ -223,6 +233,9 @@ class GrpcConnection:
                 self.meter.record(message, "down")
                 if message.kind == "welcome":
                     self._welcome.set()
+                elif message.kind == "error" and message.meta.get("about") == "hello" and not self._welcome.is_set():
+                    self._hello_refused = str(message.meta.get("error", "no reason given"))
+                    return  # the server will not take this stream; connect() says why
                 elif message.kind.startswith("cmd:"):
                     self.commands.put(message)
                 else:
