@@ -1,5 +1,5 @@
 """``transport.name=ray``: the server and every client as Ray actors compute the in-process run bit for bit (LoRA
-dropout on), through the same mods (here also the fp16 codec) as in-process."""
+dropout on), through the same mods (here also the fp16 codec) as in-process; every split framework runs to the end."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import ray
 
 from splitlm.deploy import launch
 from splitlm.frameworks import run_framework
+from splitlm.frameworks.base import FRAMEWORKS
 
 COMMON = (
     "framework.num_clients=3", "framework.rounds=2", "train.steps=4", "data.partition=dirichlet", "lora.dropout=0.05",
 )  # fmt: skip
 FP16 = ("transport.codec.activations=fp16", "transport.codec.gradients=fp16")
 CASES = {"sflv2": ("sflv2", ()), "psl": ("psl", ()), "sflv2-fp16": ("sflv2", FP16)}
+SPLIT_FRAMEWORKS = [name for name in FRAMEWORKS.names() if FRAMEWORKS.get(name).split]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,22 @@ def test_ray_actors_compute_the_in_process_run(ray_cluster, case, fast_config, r
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
     # the client actors' meters count what their mods sent: the same bytes as in-process (fp16: half the floats)
     assert (summary["bytes_up"], summary["bytes_down"]) == (local_summary["bytes_up"], local_summary["bytes_down"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("framework", SPLIT_FRAMEWORKS)
+def test_every_split_framework_runs_under_ray_to_the_end(
+    ray_cluster, framework, fast_config, run_files, tmp_path
+) -> None:
+    # The tiny model's trunk adapter (4 layers x 3 LoRA modules x A, B: 24 tensors) and client sides cross the
+    # actors as state messages: sflv1 and gsfl average trunk adapters, every framework but psl the client sides.
+    overrides = (f"framework.name={framework}", "framework.num_clients=2", "framework.rounds=2", "train.steps=2")
+    local_summary = run_framework(fast_config(tmp_path / "local", *overrides))
+    summary = launch(fast_config(tmp_path / "ray", *overrides, "transport.name=ray"))
+    assert summary["steps"] == local_summary["steps"] > 0
+    assert summary["rounds"] == 2 and summary["eval_loss_after"] is not None
+    assert _losses(run_files, tmp_path / "ray") == _losses(run_files, tmp_path / "local")
 
 
 def test_run_framework_refuses_a_ray_config(fast_config, tmp_path) -> None:

@@ -18,7 +18,7 @@ from splitlm.transport.security import load_tokens, make_dev_certs
 def mtls_server(fast_config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GrpcServer, Path]]:
     root = tmp_path_factory.mktemp("mtls")
     certs = root / "certs"
-    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["0"])
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["0", "1"])
     split_server = build_federation(fast_config(root / "run")).server
     server = GrpcServer(split_server.submit, load_tokens(certs / "tokens.json"), "127.0.0.1:0", certs, mutual_tls=True)
     split_server.start()
@@ -30,15 +30,19 @@ def mtls_server(fast_config, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         split_server.stop()
 
 
-def _token(certs: Path) -> str:
-    return next(iter(load_tokens(certs / "tokens.json")))
+def _token(certs: Path, client: str = "0") -> str:
+    return next(token for token, owner in load_tokens(certs / "tokens.json").items() if owner == client)
 
 
-def _served_with_certificate(server: GrpcServer, certs: Path, client: str, token: str) -> bool:
-    """Whether ``client``, connecting with its certificate from ``certs``, is taken in by ``server``."""
+def _served_with_certificate(
+    server: GrpcServer, certs: Path, client: str, token: str, certificate_of: str | None = None
+) -> bool:
+    """Whether ``client``, connecting with the certificate of ``certificate_of`` (its own by default) from
+    ``certs``, is taken in by ``server``."""
+    owner = client if certificate_of is None else certificate_of
     connection = GrpcConnection(
         f"localhost:{server.port}", client, token, certs / "ca.pem",
-        client_cert=(certs / f"client-{client}.pem", certs / f"client-{client}.key"), max_retries=1,
+        client_cert=(certs / f"client-{owner}.pem", certs / f"client-{owner}.key"), max_retries=1,
     )  # fmt: skip
     try:
         return server.wait_for(client, timeout=10)
@@ -49,6 +53,28 @@ def _served_with_certificate(server: GrpcServer, certs: Path, client: str, token
 def test_client_with_its_certificate_is_served(mtls_server) -> None:
     server, certs = mtls_server
     assert _served_with_certificate(server, certs, "0", _token(certs))
+
+
+def test_certificate_of_another_client_is_refused_in_one_line(mtls_server) -> None:
+    # client 1's certificate and key, presented with client 0's (valid) token as client 0
+    server, certs = mtls_server
+    with pytest.raises(ProtocolError) as refused:
+        _served_with_certificate(server, certs, "0", _token(certs, "0"), certificate_of="1")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "server refused client 0" in message
+    assert "certificate is client 1's" in message
+    assert "check the token" not in message  # the token was right: the hint names the certificate
+
+
+def test_a_ca_signed_certificate_that_names_no_client_is_refused(mtls_server) -> None:
+    # the server's own certificate (signed by the same CA, common name localhost) presented by client 0
+    server, certs = mtls_server
+    with pytest.raises(ProtocolError, match="certificate is not a client's \\(localhost"):
+        GrpcConnection(
+            f"localhost:{server.port}", "0", _token(certs, "0"), certs / "ca.pem",
+            client_cert=(certs / "server.pem", certs / "server.key"), max_retries=1,
+        )  # fmt: skip
 
 
 def test_client_without_a_certificate_is_refused(mtls_server) -> None:

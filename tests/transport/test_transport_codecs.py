@@ -23,8 +23,10 @@ from splitlm.transport.codecs import (
     CodecMod,
     learned_rank,
     parse_codec,
+    wire_limits,
+    wire_tensors,
 )
-from splitlm.transport.wire import decode, encode
+from splitlm.transport.wire import Limits, WireError, decode, encode
 
 SHAPES = [(2, 5, 64), (3, 4, 576), (2, 3, 7), (1, 2, 300)]  # d = 7: odd for int4; d = 300: 2-byte indices
 
@@ -574,3 +576,27 @@ def test_server_error_feedback_applies_to_its_gradients_replies() -> None:
     channel = Channel(InProcessTransport(server), [CodecMod("none", "topk:0.25")])
     channel.request(_backward(step=1))
     assert server.mod._residuals.get(("c", "gradients", "grad", 0)) is not None
+
+
+# ---------------------------------------------------------------- what the wire must let through
+
+
+@pytest.mark.parametrize(
+    "spec", ["none", "fp16", "int8", "int4:sr:o2", "topk:0.5", "unpadded+topk:0.5+int4:o2", "randtopk:0.5+fp16"]
+)
+def test_wire_tensors_counts_the_parts_a_codec_sends(spec: str) -> None:
+    encoded = CodecMod(spec, spec).encode(_forward())
+    assert wire_tensors(spec) == len(encoded.tensors) - 1  # all but the attention mask are the hidden's parts
+
+
+def test_wire_limits_let_a_long_chain_through_and_stay_a_limit() -> None:
+    # each topk adds two parts (idx, dim), int4 with outliers four (scale, dim, ovals, oidx): 17 wire tensors
+    spec = "+".join(["topk:0.9"] * 6 + ["int4:o2"])
+    message = CodecMod(spec).encode(_forward())
+    assert len(message.tensors) == 18  # and the attention mask
+    with pytest.raises(WireError, match=r"Limits\.max_tensors"):
+        decode(encode(message))  # a fixed 16 refused what the run legitimately sends
+    limits = wire_limits(spec, "none", state_tensors=40)
+    assert limits.max_tensors == 8 + 17 and limits.max_state_tensors == 40
+    assert sorted(decode(encode(message), limits).tensors) == sorted(message.tensors)
+    assert wire_limits("none", "none", base=Limits(max_header_bytes=123)) == Limits(max_header_bytes=123)

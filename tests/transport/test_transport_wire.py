@@ -581,3 +581,31 @@ def test_fuzz_encoded_payloads_raise_only_protocol_errors(
         assert all(PART not in name for name in message.tensors) and not message.codecs
         assert all(message.tensors[name].dtype.is_floating_point for name in encoded)
     assert decoded or not intact
+
+
+# ---------------------------------------------------------------- how many tensors a message may declare
+
+
+def _state(count: int) -> dict[str, torch.Tensor]:
+    """A trainable state of ``count`` tensors, as a client side or a trunk adapter carries it (LoRA A and B)."""
+    return {f"model.layers.{i // 2}.self_attn.q_proj.lora_{'AB'[i % 2]}.weight": torch.ones(2, 3) for i in range(count)}
+
+
+@pytest.mark.parametrize("kind", ["cmd:set_state", "done", "state"])
+def test_a_state_message_is_limited_by_the_largest_state_of_the_run(kind: str) -> None:
+    # a client side of 2 layers x 4 LoRA modules x (A, B) in head and tail: more than a training message carries
+    message = Message(kind, "0", -1, 0, _state(32))
+    with pytest.raises(WireError, match=r"declares 32 tensors, limit 16 \(Limits\.max_state_tensors\)"):
+        decode(encode(message))
+    limits = Limits().with_states(32)
+    got = decode(encode(message), limits)
+    assert sorted(got.tensors) == sorted(message.tensors)
+    with pytest.raises(WireError, match=r"declares 33 tensors, limit 32 \(Limits\.max_state_tensors\)"):
+        decode(encode(Message(kind, "0", -1, 0, _state(33))), limits)  # still a limit: one more is refused
+
+
+def test_room_for_states_leaves_training_messages_at_their_own_limit() -> None:
+    limits = Limits().with_states(1000)
+    assert limits.with_states(8) == limits  # never lowered
+    with pytest.raises(WireError, match=r"'forward' message declares 17 tensors, limit 16 \(Limits\.max_tensors\)"):
+        decode(encode(Message("forward", "0", 1, 0, _state(17))), limits)

@@ -30,7 +30,10 @@ from splitlm.frameworks.driver import evaluate_now
 from splitlm.frameworks.federation import Federation, Member, build_member, link_seconds, partition
 from splitlm.frameworks.setup import load_source, prepare_data
 from splitlm.transport import Message, Transport
+from splitlm.transport.codecs import wire_limits
 from splitlm.transport.grpc_client import GrpcConnection
+from splitlm.transport.grpc_server import HEADER_LIMIT
+from splitlm.transport.wire import Limits
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class ClientAgent:
         self.histogram = histograms[self.index]
         self.out = Path(config.output_dir)
         self.member = build_member(config, source, self.data, self.index, parts[self.index], self.histogram, transport)
+        self.state_tensors = len(self.member.client.state())  # what its state (client side) carries on the wire
         steps = config.framework.steps_per_round(config.train.steps)
         self.local = Federation(config, framework_of(config), None, [self.member], self.data, steps)
         self.records: list[dict[str, Any]] = []
@@ -114,6 +118,7 @@ class ClientAgent:
             "examples": member.num_examples, "histogram": json.dumps(self.histogram),
             "param_count": member.info()["client_param_count"], "steps": self.steps, "session": self.session,
             "head_layers": split.head_layers, "tail_layers": split.tail_layers, "mode": split.mode, "ready": True,
+            "state_tensors": self.state_tensors,
         }  # fmt: skip
         return Message("hello", self.client_id, -1, 0, {}, meta)
 
@@ -246,8 +251,10 @@ def run_client(
     check_client_id(config, client_id)
     session = secrets.token_hex(8)
     hello = Message("hello", client_id, -1, 0, {}, {"session": session, "ready": False})
+    codec = config.transport.codec
+    limits = wire_limits(codec.activations, codec.gradients, base=Limits(max_header_bytes=HEADER_LIMIT))
     connection = GrpcConnection(
-        address, client_id, token, ca, client_cert, hello=hello, connect_timeout=connect_timeout
+        address, client_id, token, ca, client_cert, hello=hello, connect_timeout=connect_timeout, limits=limits
     )
     try:
         print(f"client {client_id}: connected to {address}; loading the model and data", flush=True)
@@ -256,6 +263,7 @@ def run_client(
             connection.send(Message("progress", client_id, -1, 0, {}, {"record": json.dumps(record)}))
 
         agent = ClientAgent(config, client_id, connection, session, progress=True, report=report)
+        connection.allow_states(agent.state_tensors)  # the server sends it client sides of its own size
         connection.update_hello(agent.hello())
         print(f"client {client_id}: ready with {agent.member.num_examples} examples", flush=True)
         while True:

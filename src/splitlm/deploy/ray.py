@@ -29,16 +29,24 @@ from splitlm.frameworks.pipeline import server_mods
 from splitlm.frameworks.setup import count_parameters, load_source
 from splitlm.transport import ByteMeter, Message, server_chain
 from splitlm.transport.base import resolved, then
+from splitlm.transport.codecs import wire_limits
 from splitlm.transport.grpc_server import error_message
-from splitlm.transport.wire import decode, encode
+from splitlm.transport.wire import Limits, decode, encode
 
 
 def _frames(tensors: dict[str, torch.Tensor]) -> list[bytes]:
     return encode(Message("state", "-", -1, 0, tensors))
 
 
-def _tensors(frames: list[bytes]) -> dict[str, torch.Tensor]:
-    return dict(decode(frames).tensors)
+def _tensors(frames: list[bytes], limits: Limits) -> dict[str, torch.Tensor]:
+    return dict(decode(frames, limits).tensors)
+
+
+def _limits(config: Config, *state_tensors: int) -> Limits:
+    """What an actor's (or the driver's) decoder accepts: the run's training messages and states of up to
+    ``state_tensors`` tensors (what that end receives: a client side, a trunk adapter)."""
+    codec = config.transport.codec
+    return wire_limits(codec.activations, codec.gradients, max(state_tensors, default=0))
 
 
 class ServerActorImpl:
@@ -50,17 +58,22 @@ class ServerActorImpl:
         self.source = load_source(self.config)
         self.server: Any = None
         self.handler: Any = None
+        self.limits = _limits(self.config)
 
-    def setup(self, groups: list[list[int]]) -> tuple[int, int]:
+    def setup(self, groups: list[list[int]]) -> tuple[int, int, int]:
+        """Build the trunk; its parameter counts and the tensors of its largest adapter state."""
         self.server = make_server(self.config, self.source, groups)
         for index in range(self.config.framework.num_clients):
             route(self.config, self.server, index, groups)
         self.handler = server_chain(server_mods(self.config, self.source, self.server.stage), self.server.submit)
+        names = self.server.bank.names if self.server.bank else []
+        trunk_tensors = max((len(self.server.adapter_state(name)) for name in names), default=0)
+        self.limits = _limits(self.config, trunk_tensors)
         self.server.start()
-        return count_parameters(self.server.trunk), self.server.trainable_param_count
+        return count_parameters(self.server.trunk), self.server.trainable_param_count, trunk_tensors
 
     def submit(self, frames: list[bytes]) -> list[bytes]:
-        message = decode(frames)
+        message = decode(frames, self.limits)
         try:
             reply = resolved(self.handler(message)).result()
         except SplitLMError as error:
@@ -73,7 +86,9 @@ class ServerActorImpl:
         calls = {
             "adapter_of": lambda client_id: server.adapter_of(client_id),
             "adapter_state": lambda adapter: _frames(server.adapter_state(adapter)),
-            "load_adapter_state": lambda adapter, frames: server.load_adapter_state(adapter, _tensors(frames)),
+            "load_adapter_state": lambda adapter, frames: server.load_adapter_state(
+                adapter, _tensors(frames, self.limits)
+            ),
             "set_barrier": lambda adapter, count: server.barriers.__setitem__(adapter, count),
             "adapter_names": lambda: server.bank.names if server.bank else [],
             "forget": lambda client_id, wait: server.forget(client_id, wait),
@@ -91,12 +106,13 @@ class ServerActorImpl:
 class _RayTransport:
     """A client actor's way to the server actor: wire frames through Ray, a future per request."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Any, limits: Limits) -> None:
         self.server = server
+        self.limits = limits
 
     def submit(self, message: Message) -> Future[Message]:
         ref = self.server.submit.remote(encode(message.detached()))
-        return resolved(then(ref.future(), lambda frames: _reply(message, frames)))  # type: ignore[arg-type]
+        return resolved(then(ref.future(), lambda frames: _reply(message, frames, self.limits)))  # type: ignore[arg-type]
 
     def request(self, message: Message) -> Message:
         return self.submit(message).result()
@@ -105,8 +121,8 @@ class _RayTransport:
         pass
 
 
-def _reply(request: Message, frames: Any) -> Message:
-    reply = decode(frames)
+def _reply(request: Message, frames: Any, limits: Limits) -> Message:
+    reply = decode(frames, limits)
     if reply.kind == "error":
         raise ProtocolError(f"server rejected {request.kind}: {reply.meta.get('error')}")
     return reply
@@ -117,13 +133,16 @@ class ClientActorImpl:
         torch.set_num_threads(1)
         # its own metrics, summary, checkpoints and adapters, apart from the driver's files
         own = {**tree, "output_dir": str(Path(tree["output_dir"]) / "clients" / client_id)}
-        self.agent = ClientAgent(build_config(own), client_id, _RayTransport(server), shares_files=True)
+        config = build_config(own)
+        transport = _RayTransport(server, _limits(config))
+        self.agent = ClientAgent(config, client_id, transport, shares_files=True)
+        self.limits = _limits(config, self.agent.state_tensors)  # the driver sends it client sides of its size
 
     def hello(self) -> list[bytes]:
         return encode(self.agent.hello())
 
     def answer(self, frames: list[bytes]) -> list[bytes]:
-        return encode(self.agent.answer(decode(frames)))
+        return encode(self.agent.answer(decode(frames, self.limits)))
 
     def traffic(self) -> tuple[int, int, int, int]:
         meter = self.agent.member.meter
@@ -156,8 +175,9 @@ class _Bank:
 class RayServerProxy:
     """The server surface the recipes and the driver use, as calls on the server actor."""
 
-    def __init__(self, actor: Any, param_count: int, trainable_param_count: int) -> None:
+    def __init__(self, actor: Any, limits: Limits, param_count: int, trainable_param_count: int) -> None:
         self.actor = actor
+        self.limits = limits  # what the driver accepts from the actor: adapter states of the trunk's size
         self.barriers = _Barriers(actor)
         self.param_count = param_count
         self.trainable_param_count = trainable_param_count
@@ -171,7 +191,7 @@ class RayServerProxy:
         return self._call("adapter_of", client_id)
 
     def adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
-        return _tensors(self._call("adapter_state", adapter))
+        return _tensors(self._call("adapter_state", adapter), self.limits)
 
     def load_adapter_state(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
         self._call("load_adapter_state", adapter, _frames(state))
@@ -224,11 +244,13 @@ def run_ray(config: Config, resume: bool = False, started: float | None = None) 
         server_actor = ray.remote(ServerActorImpl).options(max_concurrency=max(16, 4 * fw.num_clients)).remote(tree)
         actors = [ray.remote(ClientActorImpl).remote(tree, str(i), server_actor) for i in range(fw.num_clients)]
         hellos = [decode(frames) for frames in ray.get([a.hello.remote() for a in actors])]
+        client_tensors = [int(hello.meta["state_tensors"]) for hello in hellos]
         members = []
         for index, (actor, hello) in enumerate(zip(actors, hellos, strict=True)):
+            limits = _limits(config, client_tensors[index])  # its get_state reply: its own client side
 
-            def send(message: Message, session: str | None, actor: Any = actor) -> Message:
-                reply = decode(ray.get(actor.answer.remote(encode(message))))
+            def send(message: Message, session: str | None, actor: Any = actor, limits: Limits = limits) -> Message:
+                reply = decode(ray.get(actor.answer.remote(encode(message))), limits)
                 if reply.kind == "error":
                     raise ProtocolError(f"client {message.client_id}: {reply.meta.get('error')}")
                 return reply
@@ -236,7 +258,8 @@ def run_ray(config: Config, resume: bool = False, started: float | None = None) 
             proxy = RemoteClientProxy(str(index), send, lambda actor=actor: _actor_meter(actor), shares_files=True)
             members.append(remote_member(index, proxy, hello))
         groups = groups_of(config, framework, [m.histogram for m in members])
-        server = RayServerProxy(server_actor, *ray.get(server_actor.setup.remote(groups)))
+        param_count, trainable_param_count, trunk_tensors = ray.get(server_actor.setup.remote(groups))
+        server = RayServerProxy(server_actor, _limits(config, trunk_tensors), param_count, trainable_param_count)
         fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
         summary = drive(fed, out, resume, started)
         for kind in ("save_adapters", "finish"):  # each client actor's own adapters and summary

@@ -25,8 +25,10 @@ from splitlm.frameworks.pipeline import server_mods
 from splitlm.frameworks.setup import load_source, spec_of
 from splitlm.models import SplitSpec
 from splitlm.transport import Message, server_chain
-from splitlm.transport.grpc_server import GrpcServer
+from splitlm.transport.codecs import wire_limits
+from splitlm.transport.grpc_server import HEADER_LIMIT, GrpcServer
 from splitlm.transport.security import load_tokens
+from splitlm.transport.wire import Limits
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +82,11 @@ def serve(
     # Groups by label mix need the clients' histograms: the trunk is built once they said hello.
     for name in ("splitlm.transport.grpc_server", "splitlm.deploy"):  # connections, rejoins: worth seeing
         logging.getLogger(name).setLevel(logging.INFO)
+    codec = config.transport.codec
     grpc_server = GrpcServer(
-        None, tokens, address, certs, mutual_tls, work_needs_command=True, client_grace_s=fw.client_grace_s
-    )
+        None, tokens, address, certs, mutual_tls, work_needs_command=True, client_grace_s=fw.client_grace_s,
+        limits=wire_limits(codec.activations, codec.gradients, base=Limits(max_header_bytes=HEADER_LIMIT)),
+    )  # fmt: skip
     grpc_server.start()
     print(f"splitlm server listening on {address.rsplit(':', 1)[0]}:{grpc_server.port}", flush=True)
     try:

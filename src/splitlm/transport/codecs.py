@@ -56,7 +56,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import ClassVar, Protocol
 
@@ -68,6 +68,7 @@ from splitlm.transport.base import Answer, Handler, then
 from splitlm.transport.messages import Message
 from splitlm.transport.mods import Mod
 from splitlm.transport.wire import PART as PART_SEPARATOR
+from splitlm.transport.wire import Limits
 
 NONE = "none"
 MAX_DECODED_BYTES = 1 << 32  # a decoder refuses to rebuild a bigger tensor from a peer's parts (4 GiB)
@@ -665,6 +666,31 @@ def parse_codec(spec: str, channel: str | None = None) -> Codec | None:
             "can only come last"
         )
     return codecs[0] if len(codecs) == 1 else Chain(canonical, tuple(codecs))
+
+
+# Raw tensors a training message may carry beside its one coded tensor (attention mask, labels, a reply's row
+# losses or feature moments, ...): with the coded tensor's parts, what ``wire_limits`` lets a message declare.
+DATA_TENSORS = 8
+
+
+def wire_tensors(spec: str) -> int:
+    """How many wire tensors one tensor becomes under codec ``spec`` (its main part and every other part)."""
+    codec = parse_codec(spec)
+    if codec is None:
+        return 1
+    first = codec.codecs[0] if isinstance(codec, Chain) else codec
+    d = first.rank if isinstance(first, LowRank) else 64
+    sample = torch.linspace(-1.0, 1.0, 2 * d).reshape(1, 2, d)  # (B, T, d): two tokens, both real
+    return len(_encode(codec, sample, torch.ones(1, 2, dtype=torch.long)))
+
+
+def wire_limits(activations: str, gradients: str, state_tensors: int = 0, base: Limits | None = None) -> Limits:
+    """What a run's decoders accept: ``base``, with room for a training message's tensors under the run's codecs
+    (``transport.codec.activations`` / ``.gradients``) and for states of ``state_tensors`` tensors (the largest
+    trainable state that crosses this decoder: a client side, a trunk adapter)."""
+    base = base or Limits()
+    data = DATA_TENSORS + max(wire_tensors(activations), wire_tensors(gradients))
+    return replace(base, max_tensors=max(base.max_tensors, data)).with_states(state_tensors)
 
 
 # Which tensors of which messages each setting covers: activations at steps 3 and 5, gradients at 7 and 9.

@@ -41,6 +41,10 @@ _CLOSED = object()
 _AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
+class _HelloRefused(ProtocolError):
+    """The server answered the hello with an error: trying again would get the same answer."""
+
+
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     try:
@@ -114,6 +118,7 @@ class GrpcConnection:
         hello: Message | None = None,
         connect_timeout: float = 30.0,
         reconnect_timeout: float = 120.0,
+        limits: Limits | None = None,
     ) -> None:
         self.address = address
         self.client_id = client_id
@@ -125,6 +130,8 @@ class GrpcConnection:
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
         self.hello = hello or Message("hello", client_id, -1)
+        # what frames from the server may declare; a client raises it once it knows its state (``allow_states``)
+        self.limits = limits or Limits(max_header_bytes=HEADER_LIMIT)
         self.meter = ByteMeter()  # every frame's tensors (commands and their answers as control traffic)
         self.commands: queue.Queue[Message | object] = queue.Queue()
         self._ids = itertools.count(1)
@@ -137,6 +144,7 @@ class GrpcConnection:
         self._closing = False
         self._welcome = threading.Event()
         self._auth_error: grpc.RpcError | None = None
+        self._hello_refused = ""  # why the server answered our hello with an error (then the stream is given up)
         host = split_address(address)[0]
         if ca is None and host not in LOOPBACK:
             raise ProtocolError(f"plain-text transport is only allowed on loopback, not {host}: pass --ca")
@@ -167,11 +175,13 @@ class GrpcConnection:
                 self._open(max(0.5, min(ATTEMPT_TIMEOUT, deadline - time.monotonic())))
                 return
             except (grpc.RpcError, grpc.FutureTimeoutError, ProtocolError) as error:
+                if isinstance(error, _HelloRefused):
+                    raise ProtocolError(f"server refused client {self.client_id}: {error}") from None
                 if isinstance(error, grpc.RpcError) and error.code() in _AUTH_CODES:
-                    raise ProtocolError(
-                        f"server refused client {self.client_id}: {error.details()} (check the token: --token, "
-                        "$SPLITLM_TOKEN or tokens.json)"
-                    ) from None
+                    details = str(error.details())
+                    hint = " (check the token: --token, $SPLITLM_TOKEN or tokens.json)"
+                    hint = "" if "certificate" in details else hint  # a certificate refusal names its own fix
+                    raise ProtocolError(f"server refused client {self.client_id}: {details}{hint}") from None
                 out_of_time = time.monotonic() + delay >= deadline or (attempts is not None and attempt >= attempts)
                 if out_of_time:
                     reason = diagnose(self.address, self.ca, self.client_cert) or (
@@ -190,6 +200,7 @@ class GrpcConnection:
             generation = self._generation
             self._broken.clear()
             self._auth_error = None
+            self._hello_refused = ""
             self._channel = self._credentials_channel()
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
         outgoing: queue.Queue[bytes | object] = queue.Queue()
@@ -207,18 +218,24 @@ class GrpcConnection:
             if self._broken.is_set():
                 if self._auth_error is not None:
                     raise self._auth_error
+                if self._hello_refused:
+                    raise _HelloRefused(self._hello_refused)
                 raise ProtocolError(f"the server at {self.address} closed the stream at hello")
 
     def _read(self, call: grpc.Call, generation: int) -> None:
-        decoder = Decoder(Limits(max_header_bytes=HEADER_LIMIT))
+        decoder = Decoder(self.limits)
         try:
             for frame in call:
+                decoder.limits = self.limits  # (raised by allow_states while the stream runs)
                 message = decoder.feed(frame)
                 if message is None:
                     continue
                 self.meter.record(message, "down")
                 if message.kind == "welcome":
                     self._welcome.set()
+                elif message.kind == "error" and message.meta.get("about") == "hello" and not self._welcome.is_set():
+                    self._hello_refused = str(message.meta.get("error", "no reason given"))
+                    return  # the server will not take this stream; connect() says why
                 elif message.kind.startswith("cmd:"):
                     self.commands.put(message)
                 else:
@@ -287,6 +304,10 @@ class GrpcConnection:
             self.meter.record(message, "up")
             for frame in encode(message):
                 self._outgoing.put(frame)
+
+    def allow_states(self, count: int) -> None:
+        """Accept states (``cmd:set_state``) of ``count`` tensors from the server: this client's own state's size."""
+        self.limits = self.limits.with_states(count)
 
     def update_hello(self, hello: Message) -> None:
         """Say more about this client (its data and parts, once built); repeated on every reconnect."""

@@ -33,6 +33,7 @@ import grpc
 from splitlm.errors import ClientGone, ProtocolError, SplitLMError
 from splitlm.transport.base import ByteMeter, Handler, resolved
 from splitlm.transport.messages import REQUEST_KINDS, RID, Message
+from splitlm.transport.security import certificate_client, client_subject
 from splitlm.transport.wire import MAX_CHUNK, Decoder, Limits, encode
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ REPLAY_CACHE = 16
 STRAGGLER_NOTE_S = 60.0  # a command waiting this long is logged, and again every as long
 WORK_COMMANDS = ("cmd:train", "cmd:evaluate", "cmd:accuracy")  # during these a client may send work requests
 HEADER_LIMIT = 1 << 20  # a train command's reply carries its step records in the header
+MAX_STATE_TENSORS = 1 << 16  # the most tensors a client's hello may say its state (its client side) holds
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
     ("grpc.max_send_message_length", MAX_FRAME_BYTES),
@@ -265,7 +267,27 @@ class GrpcServer:
                 grpc.StatusCode.PERMISSION_DENIED, f"this token belongs to another client than {claimed!r}"
             )
         assert client_id is not None
+        if self.mutual_tls:
+            await self._check_certificate(context, client_id)
         return client_id
+
+    async def _check_certificate(self, context: grpc.aio.ServicerContext, client_id: str) -> None:
+        """Under mutual TLS the client certificate must name the client the token belongs to (its common name
+        ``client-ID``, as ``splitlm certs`` issues it): another client's certificate and key are refused."""
+        auth = context.auth_context() or {}
+        names = [
+            value.decode("utf-8", "replace")
+            for key in ("x509_common_name", "x509_subject_alternative_name")
+            for value in auth.get(key, ())
+        ]
+        owner = certificate_client(names)
+        if owner != client_id:
+            whose = f"client {owner}'s" if owner is not None else f"not a client's ({', '.join(names) or 'no name'})"
+            reason = f"the client certificate is {whose}, not client {client_id}'s"
+            log.warning("refused a stream with client %s's token: %s", client_id, reason)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{reason}: present {client_subject(client_id)}.pem/.key"
+            )
 
     async def _session(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         client_id = await self._authenticate(context)
@@ -312,6 +334,7 @@ class GrpcServer:
                     # A first hello with ready=False only checks the token; the client says it is ready (with
                     # its data and parts) once it has built them, and only then takes over its client id.
                     if message.meta.get("ready", True):
+                        decoder.limits = self._limits_of(message)  # its state may now cross this stream
                         session = str(message.meta.get("session", ""))
                         if connection.session and session != connection.session:
                             self._restarted(connection)
@@ -340,6 +363,17 @@ class GrpcServer:
                     raise ProtocolError(f"unexpected message kind {message.kind!r} from a client")
             except Exception as error:  # a bug must not end the stream silently either
                 self._refuse(connection, message, error)
+
+    def _limits_of(self, hello: Message) -> Limits:
+        """The limits of a ready client's stream: the server's, with room for the state (client side) its hello
+        says it holds, as its ``get_state`` reply carries it."""
+        count = hello.meta.get("state_tensors", 0)
+        if type(count) is not int or not 0 <= count <= MAX_STATE_TENSORS:
+            raise ProtocolError(
+                f"hello: state_tensors must be an int in 0..{MAX_STATE_TENSORS}, got {str(count)[:40]!r}; client "
+                "and server must run the same splitlm version"
+            )
+        return self.limits.with_states(count)
 
     def _refuse(self, connection: Connection, message: Message | None, error: Exception) -> None:
         """Answer a message that failed with an ``error`` message on its stream (called inside ``except``)."""

@@ -28,6 +28,10 @@ ANSWERS = {
     "step": ("stepped",),
 }
 RID = "rid"  # meta key of a request's id, echoed by its reply
+# Kinds that may carry a trainable state (an adapter's or a client side's tensors, one tensor per LoRA matrix or
+# trained weight): the server's ``cmd:set_state``, a client's ``done`` (its reply to ``cmd:get_state``) and the
+# Ray driver's ``state``. Their tensor count follows from the model and the run (``wire.Limits.max_state_tensors``).
+STATE_KINDS = frozenset({"cmd:set_state", "done", "state"})
 
 
 @dataclass

@@ -3,7 +3,9 @@
 ``make_dev_certs`` writes a development CA (its key kept in ``ca.key``, mode 0600), a server certificate (for the
 given host names / IPs) and one client certificate per client id, plus ``tokens.json`` mapping a fresh random
 bearer token to each client id; ``add_client`` issues one more client certificate and token later. A token maps
-to exactly one client id; the server lets a stream act only as that id.
+to exactly one client id; the server lets a stream act only as that id. A client certificate names its client
+in its subject's common name, ``client-ID`` (``client_subject``); under mutual TLS the server takes a stream
+only if its certificate names the client its token belongs to (``certificate_client``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,19 @@ from cryptography.x509.oid import NameOID
 from splitlm.errors import ConfigError
 
 VALID_DAYS = 30
+CLIENT_PREFIX = "client-"  # a client certificate's common name: client-ID
+
+
+def client_subject(client_id: str) -> str:
+    """The common name (and file stem) of client ``client_id``'s certificate."""
+    return f"{CLIENT_PREFIX}{client_id}"
+
+
+def certificate_client(names: list[str]) -> str | None:
+    """The client id a peer certificate names (``names``: its subject common name and alternative names, as the
+    TLS layer reports them), or ``None`` if it names no client or several."""
+    ids = {name.removeprefix(CLIENT_PREFIX) for name in names if name.startswith(CLIENT_PREFIX)}
+    return ids.pop() if len(ids) == 1 else None
 
 
 def _name(common: str) -> x509.Name:
@@ -99,9 +114,9 @@ def make_dev_certs(folder: Path, hosts: list[str], clients: list[str]) -> dict[s
 def _issue_client(folder: Path, client: str, ca_name: x509.Name, ca_key: ec.EllipticCurvePrivateKey) -> str:
     """Write client-ID.pem/.key signed by the CA; return a fresh bearer token for the client."""
     key = _key()
-    cert = _sign(_name(f"client-{client}"), key.public_key(), ca_name, ca_key, ca=False)
-    (folder / f"client-{client}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(folder / f"client-{client}.key", _pem_key(key))
+    cert = _sign(_name(client_subject(client)), key.public_key(), ca_name, ca_key, ca=False)
+    (folder / f"{client_subject(client)}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(folder / f"{client_subject(client)}.key", _pem_key(key))
     return secrets.token_urlsafe(24)
 
 

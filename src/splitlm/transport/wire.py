@@ -25,13 +25,13 @@ import math
 import struct
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from splitlm.errors import ProtocolError
-from splitlm.transport.messages import Message, Scalar
+from splitlm.transport.messages import STATE_KINDS, Message, Scalar
 
 MAX_CHUNK = 4 * 1024 * 1024  # bytes of tensor data per frame: gRPC's default message limit is 4 MiB
 HEADER_MAGIC = b"SLM1"
@@ -70,13 +70,28 @@ class WireError(ProtocolError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What a ``Decoder`` accepts from a peer; checked on the header before any tensor memory is allocated."""
+    """What a ``Decoder`` accepts from a peer; checked on the header before any tensor memory is allocated.
+
+    A message's tensor count is limited by its kind: a state message (``STATE_KINDS``) carries one tensor per
+    trained matrix of a model part, so its limit follows from the run's model (``with_states``; a run sets it
+    with ``codecs.wire_limits``); any other message carries a few tensors and their codec parts."""
 
     max_header_bytes: int = 64 * 1024
     max_tensor_bytes: int = 1 << 30
-    max_tensors: int = 16
+    max_tensors: int = 16  # a message that is not a state: activations, gradients, masks, labels, codec parts
     max_dims: int = 8
     max_message_bytes: int = 1 << 31  # all tensors together
+    max_state_tensors: int = 16  # a state message (STATE_KINDS): the largest trainable state the run moves
+
+    def with_states(self, *counts: int) -> Limits:
+        """These limits, also taking states of ``counts`` tensors each (never fewer than now)."""
+        return replace(self, max_state_tensors=max(self.max_state_tensors, *counts))
+
+    def tensors_of(self, kind: str) -> tuple[int, str]:
+        """How many tensors a message of ``kind`` may declare, and the field that says so."""
+        if kind in STATE_KINDS:
+            return self.max_state_tensors, "max_state_tensors"
+        return self.max_tensors, "max_tensors"
 
 
 # Encoding checks the same fixed rules (string lengths, types, dtypes) but leaves sizes to the receiver.
@@ -86,6 +101,7 @@ _NO_LIMITS = Limits(
     max_tensors=1 << 31,
     max_dims=64,
     max_message_bytes=1 << 62,
+    max_state_tensors=1 << 31,
 )
 
 
@@ -304,9 +320,10 @@ def _validate_header(obj: Any, limits: Limits) -> _Header:
     entries = obj["tensors"]
     if not isinstance(entries, list):
         raise WireError(f"wire: header tensors must be a list, got {type(entries).__name__}")
-    if len(entries) > limits.max_tensors:
+    limit, field = limits.tensors_of(kind)
+    if len(entries) > limit:
         raise WireError(
-            f"wire: header declares {len(entries)} tensors, limit {limits.max_tensors} (Limits.max_tensors)"
+            f"wire: header of a {kind!r} message declares {len(entries)} tensors, limit {limit} (Limits.{field})"
         )
     specs = tuple(_validate_tensor(i, entry, limits) for i, entry in enumerate(entries))
     names = [spec.name for spec in specs]
