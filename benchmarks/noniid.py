@@ -22,19 +22,23 @@ them. Two tasks:
   ChatterBot's dialogues (2), ``--rows-per-source`` rows each; ``by_source`` gives each client one shard,
   ``iid`` deals all of them out evenly.
 
-By default (to fit about 90 minutes on 2 cores) only sflv2 on rotten_tomatoes runs, with the remedies that the
-first measurement singled out and their combination: ``none`` (on both partitions), ``logit_adjustment`` (SCALA,
-tau=1), ``merge`` (MiniBatch-SFL, K=4), ``logit_adjustment+merge`` (both) and ``logit_adjustment:2`` (tau=2).
+By default (to fit about 90 minutes on 2 cores) only sflv2 on rotten_tomatoes runs, with the two remedies that
+the first measurement singled out: ``none`` (on both partitions), ``logit_adjustment`` (SCALA, tau=1) and
+``merge`` (MiniBatch-SFL, K=4). ``--remedies`` adds ``logit_adjustment+merge`` (both) and ``logit_adjustment:2``
+(tau=2); probed once at seed 0 on 96 held-out choices, they gave 79.2 % and 76.0 % against tau=1's 82.3 %, tau=2
+with a held-out perplexity of 175.
 ``--all`` runs every framework's every remedy on both tasks (about 25 rows x seeds: hours): for sflv2 also
 multi_exit (SplitGP, w=0.3), align_kl (FlexP-SFL, lambda=0.1), mu_splitfed, sglr (server lr x sqrt(clients)) and
 replay (25%); gsfl (2 groups) with its groupings label_kmeans, balanced, feature_hash against the naive
 first_label sort and pairing selection; sequential sl with ema (SLwF, 0.5) and replay. ``--remedies`` picks by
 name. Label remedies do not apply to the domain task and are not run there.
 
-Each run is one ``splitlm train`` process with one torch thread; ``--jobs`` of them run at once. The untrained
-model is evaluated once per seed (in the iid row; every other run sets ``train.eval_before=false``), and each
-client's own held-out set only with ``--client-eval N`` (default 0: the global held-out set alone; the
-``mean/worst_client_acc`` columns then stay empty).
+Each run is one ``splitlm train`` process with one torch thread; ``--jobs`` of them run at once. Evaluation, not
+training, is most of a run's time, so each run evaluates the global model once, after its last round
+(``train.eval_each_round=false``), on all ``--eval-rows`` held-out rows (perplexity and accuracy); the untrained
+model once per seed (in the iid row; every other run sets ``train.eval_before=false``), and each client's own
+held-out set only with ``--client-eval N`` (default 0: the global held-out set alone; the ``mean/worst_client_acc``
+columns then stay empty).
 
 Statistics: every figure is the mean over seeds with a 95 % Student-t interval (``*_ci``, [low, high]).
 ``gap = iid - skewed`` (accuracy points; for perplexity ``skewed - iid``) and each remedy's ``gain = remedy -
@@ -97,7 +101,7 @@ REMEDIES: dict[str, dict[str, list[str]]] = {
     },
     "sl": {"none": [], "ema": ["train.ema=0.5"], "replay": ["train.replay=0.25"]},
 }  # fmt: skip
-DEFAULT_REMEDIES = {"sflv2": ["none", "logit_adjustment", "logit_adjustment:2", "merge", "logit_adjustment+merge"]}
+DEFAULT_REMEDIES = {"sflv2": ["none", "logit_adjustment", "merge"]}
 # what each run reports, aggregated over seeds (higher accuracy is better; lower perplexity and forgetting are)
 METRICS = ("global_acc", "untrained_acc", "mean_client_acc", "worst_client_acc", "eval_ppl", "forgetting",
            "mean_client_ppl", "worst_client_ppl", "train_s")  # fmt: skip
@@ -108,7 +112,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
         f"model.name={args.model}", "split.mode=ushape", "split.head_layers=2", "split.tail_layers=2",
         "lora.rank=8", "lora.alpha=16", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj]",
         f"train.batch_size={args.batch}", f"train.seq_len={args.seq_len}", f"train.lr={args.lr}",
-        "train.warmup_steps=0", "train.progress=false", f"train.eval_batches={max(args.ppl_rows // args.batch, 1)}",
+        "train.warmup_steps=0", "train.progress=false", "train.eval_batches=0", "train.eval_each_round=false",
         f"data.eval_size={args.eval_rows}", f"data.client_eval_size={args.client_eval}", "data.pack=true",
         f"framework.num_clients={CLIENTS}", "framework.num_groups=2",
     ]  # fmt: skip
@@ -366,7 +370,6 @@ def main() -> None:
     parser.add_argument("--rt-rows", type=int, default=0, help="Rotten Tomatoes rows used (0: all)")
     parser.add_argument("--rows-per-source", type=int, default=300)
     parser.add_argument("--eval-rows", type=int, default=384, help="global held-out rows (and accuracy choices)")
-    parser.add_argument("--ppl-rows", type=int, default=96, help="held-out rows the perplexity is taken on")
     parser.add_argument("--client-eval", type=int, default=0, help="each client's own held-out examples (0: none)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     parser.add_argument("--only", nargs="*", help="run only runs whose name contains one of these")
@@ -408,7 +411,7 @@ def main() -> None:
         "rounds": args.rounds, "local_steps": args.local_steps, "batch": args.batch, "seq_len": args.seq_len,
         "tokens_per_client": args.rounds * args.local_steps * args.batch * args.seq_len, "lr": args.lr,
         "alpha": args.alpha, "skewed_partition": {"rotten_tomatoes": "label_mix", "by_source": "by_source"},
-        "seeds": args.seeds, "eval_rows": args.eval_rows, "ppl_rows": args.ppl_rows, "client_eval": args.client_eval,
+        "seeds": args.seeds, "eval_rows": args.eval_rows, "client_eval": args.client_eval,
         "rt_rows": args.rt_rows, "rows_per_source": args.rows_per_source, "interval": "95% Student-t over seeds; "
         "gap_recovered: Fieller's interval for the ratio of paired means",
         "processes": f"one splitlm train per run, 1 torch thread, {args.jobs} at once",

@@ -196,3 +196,12 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(make_config, 
         assert set(ours[n]) == set(theirs[n])
         for key in theirs[n]:
             assert torch.equal(ours[n][key], theirs[n][key]), (n, key)
+
+
+def test_eval_each_round_false_evaluates_only_after_the_last_round(fast_config, tmp_path: Path) -> None:
+    config = fast_config(tmp_path, *_overrides("sflv2"), "train.eval_each_round=false", "train.eval_before=false")
+    summary = run_framework(config)
+    first, last = rounds_of(tmp_path)
+    assert first["eval_loss"] is None and first["accuracy"] is None and first["round"] == 1
+    assert last["eval_loss"] == summary["eval_loss_after"] and summary["eval_loss_after"] > 0
+    assert summary["eval_loss_before"] is None

@@ -135,6 +135,11 @@ class TrainConfig(Section):
     )
     eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps (0: only before/after).")
     eval_batches: int = Field(0, ge=0, description="Held-out batches per evaluation (0: the whole held-out set).")
+    eval_each_round: bool = Field(
+        True,
+        description="Evaluate the global model after every round (false: after the last round only; the other "
+        "rounds' lines in rounds.jsonl then carry no evaluation).",
+    )
     eval_before: bool = Field(
         True,
         description="Evaluate the untrained model before the first step (its loss, perplexity and accuracy are "

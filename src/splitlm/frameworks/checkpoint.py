@@ -49,10 +49,10 @@ TMP_PREFIX = ".tmp-"
 CONFIG_FILE = "config.yaml"
 # Keys a resume may change (with their sub-keys): where and how the run goes on, not what it computes.
 OPERATIONAL = (
-    "output_dir", "train.progress", "train.save_every", "train.eval_every", "train.eval_before", "model.client_device",
-    "model.server_device", "framework.min_clients", "framework.round_timeout_s", "framework.client_grace_s",
-    "framework.wait_for_clients_s", "transport.address", "server.offload_dir", "server.max_resident_adapters",
-    "server.max_pending", "plan",
+    "output_dir", "train.progress", "train.save_every", "train.eval_every", "train.eval_before",
+    "train.eval_each_round", "model.client_device", "model.server_device", "framework.min_clients",
+    "framework.round_timeout_s", "framework.client_grace_s", "framework.wait_for_clients_s", "transport.address",
+    "server.offload_dir", "server.max_resident_adapters", "server.max_pending", "plan",
 )  # fmt: skip
 LENGTH = ("train.steps", "framework.rounds", "framework.local_steps")  # a resume may extend the run (see above)
 

@@ -223,18 +223,23 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
                     bar.round(round_index)
                     holders, chosen = run_round(fed, round_index, participants(config, fed.members, round_index), bar)
                     holders = fed.reachable(holders, chosen)
-                    result, per_client = fed.evaluate(holders)
-                    progress.update(
-                        round=round_index + 1, eval_loss_after=result.loss, per_client_eval_loss=per_client,
-                        accuracy_after=holders[0].accuracy(fed) if len(holders) == 1 else None,
-                    )  # fmt: skip
-                    own_sets = client_evaluation(fed, holders, round_index)
-                    progress.update(own_sets)
+                    last = round_index + 1 == config.framework.rounds
+                    if config.train.eval_each_round or last:
+                        result, per_client = fed.evaluate(holders)
+                        progress.update(
+                            eval_loss_after=result.loss, per_client_eval_loss=per_client,
+                            accuracy_after=holders[0].accuracy(fed) if len(holders) == 1 else None,
+                        )  # fmt: skip
+                        own_sets = client_evaluation(fed, holders, round_index)
+                        progress.update(own_sets)
+                        loss, accuracy = result.loss, progress["accuracy_after"]
+                    else:  # train.eval_each_round=false: only the last round is evaluated
+                        per_client, own_sets, loss, accuracy = None, dict.fromkeys(CLIENT_EVAL_KEYS), None, None
+                    progress.update(round=round_index + 1)
                     account()
                     record = {
                         "round": round_index + 1, "participants": [m.client_id for m in chosen],
-                        "eval_loss": result.loss, "eval_ppl": perplexity(result.loss),
-                        "accuracy": progress["accuracy_after"],
+                        "eval_loss": loss, "eval_ppl": perplexity(loss), "accuracy": accuracy,
                         "per_client_eval_loss": per_client if len(holders) > 1 else None, **own_sets,
                         "bytes_up": progress["bytes_up"], "bytes_down": progress["bytes_down"],
                         "train_seconds": progress["train_seconds"],
