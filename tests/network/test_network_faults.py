@@ -1,7 +1,8 @@
 """Faults across processes (benchmarks/faults.py): `splitlm serve` and three `splitlm client` processes over gRPC
-with TLS, one process killed at a chosen moment, must end bit for bit as the in-process run that leaves the lost
-client out of that round, and log every client step exactly once. One case per framework, together covering
-every fault; `python benchmarks/faults.py` runs all 34."""
+with TLS, one process killed (or client 1 cut off by a silent link or stopped, without being killed) at a chosen
+moment, must end bit for bit as the in-process run that leaves the lost client out of that round (a cut within the
+grace period: as the clean run), and log every client step exactly once. One case per framework for each group of
+faults, together covering every fault; `python benchmarks/faults.py` runs all 34."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 from network_support import NetServer, RawStream, bearer
 
 from splitlm.deploy.remote import RemoteClientProxy, remote_member
@@ -67,6 +68,30 @@ def test_a_client_left_out_of_a_round_rejoins_from_its_checkpoint_even_without_r
     assert [kind for kind, _ in sent] == ["cmd:restore", "cmd:snapshot"]
     assert member.ready(fed, time.monotonic()) is True  # type: ignore[arg-type]
     assert len(sent) == 2  # rejoined once
+
+
+def test_a_client_left_out_of_the_last_round_and_back_ends_with_the_global_client_side() -> None:
+    from splitlm.deploy.serve import _catch_up
+
+    sent: list[str] = []
+
+    def send(message: Message, session: str | None) -> Message:
+        sent.append(message.kind)
+        meta = {"steps_done": 6, "tokens": 60, "restored": "step-000018"} if message.kind == "cmd:restore" else {}
+        return Message("done", "1", -1, 0, {}, meta)
+
+    meter = ByteMeter()
+    proxy = RemoteClientProxy("1", send, lambda: meter, session=lambda: "s", wait_connected=lambda timeout: True)
+    member = remote_member(
+        1, proxy, Message("hello", "1", -1, 0, {}, {"histogram": "{}", "examples": 4, "param_count": 1})
+    )
+    fed = SimpleNamespace(last_checkpoint="step-000027", carry={"w": torch.ones(2)}, fitted=lambda m, state: state)
+    _catch_up(fed, member)  # type: ignore[arg-type]
+    assert sent == []  # a client that worked to the end needs nothing
+    member.restore(member.snapshot(), gone=True)  # left out of the last round
+    sent.clear()
+    _catch_up(fed, member)  # type: ignore[arg-type]
+    assert sent == ["cmd:restore", "cmd:set_state"]  # back from its checkpoint, then the global client side
 
 
 def test_the_straggler_note_says_how_long_the_server_has_waited(

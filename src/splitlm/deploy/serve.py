@@ -91,6 +91,8 @@ def serve(
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the first round
             raise Interrupted(_stopped_early(out)) from None
         summary = drive(fed, out, resume, started)
+        for member in members:
+            _catch_up(fed, member)
         for kind in ("save_adapters", "finish"):  # each client writes its own adapters, on its own machine
             for member in members:
                 try:
@@ -100,6 +102,19 @@ def serve(
         return summary
     finally:
         grpc_server.stop()
+
+
+def _catch_up(fed: Federation, member: RemoteMember) -> None:
+    """A client left out of the last round and back by now rejoins, and takes the global client side, so that it
+    ends with the others (one still away cannot)."""
+    proxy = member.proxy
+    if not proxy.left_out and proxy.session() == proxy.expected_session:
+        return
+    try:
+        if member.ready(fed, time.monotonic()) and fed.carry is not None:
+            proxy.load_state(fed.fitted(member, fed.carry))
+    except ProtocolError as error:
+        log.warning("client %s could not rejoin at the end: %s", member.client_id, error)
 
 
 def _stopped_early(out: Path) -> str:
