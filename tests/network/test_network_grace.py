@@ -145,7 +145,8 @@ def test_a_client_silent_for_the_grace_period_is_gone_though_its_stream_looks_op
         assert silent.reply().kind == "cmd:snapshot"
         worker.join(timeout=15)
         assert len(outcome) == 1 and isinstance(outcome[0], ClientGone), outcome
-        assert "nothing received from it for 2 s" in str(outcome[0])
+        silence = re.search(r"nothing received from it for (\d+) s", str(outcome[0]))
+        assert silence is not None and int(silence.group(1)) >= 2, outcome  # (at least the grace, as it says)
         with pytest.raises(AssertionError, match="ended the stream"):
             silent.reply(timeout=10)  # its stream was dropped
         back = stream()  # the same process, back: welcome, and the failed command is not sent again
