@@ -16,6 +16,19 @@ out of round 2 (none for the server's faults). Faults:
 - ``server_killed_in_checkpoint``: the server is killed while it writes its checkpoint of round 1 (its
   temporary checkpoint folder exists) and started with ``--resume``.
 
+Three more faults leave every process running and cut client 1 off instead (client 1 reaches the server through
+a TCP proxy in this process, ``Blackhole``, that can stop forwarding both ways while keeping the sockets open: a
+silent partition). By default they run for ``LINK_FAULT_FRAMEWORKS`` (each waits out a partition of about a
+minute):
+
+- ``client_cut_off_past_grace``: client 1's link goes silent in the middle of its round-2 steps for
+  ``CUT_PAST_GRACE_S``, longer than ``framework.client_grace_s``; the server leaves it out of round 2 and it
+  rejoins at round 3 in the same process (reference: left out of round 2).
+- ``client_cut_off_within_grace``: the same for ``CUT_WITHIN_GRACE_S``, with a ``framework.client_grace_s``
+  longer than the cut: nothing is lost (reference: the clean run).
+- ``client_frozen_past_grace``: client 1 is stopped (SIGSTOP) in the middle of its round-2 steps for
+  ``CUT_PAST_GRACE_S`` and continued (SIGCONT) (reference: left out of round 2).
+
 Prints one JSON line ``{"cases": [{"framework", "fault", "completed", "equal_to_reference", "lost_steps",
 "duplicated_steps", ...}]}``: ``completed`` (every process exited 0), ``equal_to_reference`` (every round's
 held-out loss, every client step's loss and the trunk adapter are bit for bit those of the reference),
@@ -34,6 +47,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,6 +69,15 @@ OVERRIDES = [
     "data.max_rows=300", "data.eval_size=16", "lora.dropout=0.05", "framework.client_grace_s=3",
     "framework.wait_for_clients_s=120",
 ]  # fmt: skip
+LINK_FAULTS = ["client_cut_off_past_grace", "client_cut_off_within_grace", "client_frozen_past_grace"]
+LINK_FAULT_FRAMEWORKS = ["sflv2", "psl", "sflv1"]
+# The server counts the grace from a client's last message (clients say they are alive every few seconds): past
+# the grace means past framework.client_grace_s=3 (OVERRIDES) ...
+CUT_PAST_GRACE_S = 20.0
+# ... and within it: long enough that the server notes the silence (at half the grace), shorter than the grace of
+# this case's runs (WITHIN_GRACE_S).
+CUT_WITHIN_GRACE_S = 25.0
+WITHIN_GRACE_S = 40.0
 TIMEOUT = 300.0
 
 
@@ -92,6 +115,60 @@ def _wait(condition: Any, what: str, timeout: float = TIMEOUT, poll: float = 0.0
         time.sleep(poll)
 
 
+class Blackhole:
+    """A TCP proxy in front of the server for one client that can go silent: ``cut()`` stops forwarding bytes both
+    ways (the sockets stay open, nothing is closed or reset, new connections are accepted and go nowhere), as a
+    network partition does; ``heal()`` forwards again, what was held first, and lets closes through."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name="blackhole").start()
+
+    def cut(self) -> None:
+        self.flowing.clear()
+
+    def heal(self) -> None:
+        self.flowing.set()
+
+    def close(self) -> None:
+        self.flowing.set()
+        for sock in [self.listener, *self.sockets]:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:  # the server is not listening (yet): neither are we, to this client
+                downstream.close()
+                continue
+            self.sockets += [downstream, upstream]
+            for source, target in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(1 << 16)
+                self.flowing.wait()  # a cut link holds what was sent, as TCP's retransmissions would
+                if not data:
+                    target.shutdown(socket.SHUT_WR)
+                    return
+                target.sendall(data)
+        except OSError:  # one side is gone: so is the other
+            source.close()
+            target.close()
+
+
 class Case:
     """One networked run with one fault, in its own folder."""
 
@@ -101,6 +178,8 @@ class Case:
         self.port = _free_port()
         self.certs = root / "certs"
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.overrides = [*OVERRIDES, *case_overrides(fault)]
+        self.proxy = Blackhole(self.port) if fault.startswith("client_cut_off") else None
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.root / f"{name}.log").open("ab")
@@ -110,15 +189,16 @@ class Case:
 
     def server(self, *extra: str) -> subprocess.Popen[bytes]:
         return self._spawn(
-            "server", "serve", str(self.config), *OVERRIDES, f"output_dir={self.root / 'server'}", "--certs",
+            "server", "serve", str(self.config), *self.overrides, f"output_dir={self.root / 'server'}", "--certs",
             str(self.certs), "--address", f"127.0.0.1:{self.port}", *extra,
         )  # fmt: skip
 
     def client(self, index: int) -> subprocess.Popen[bytes]:
+        port = self.proxy.port if self.proxy is not None and index == 1 else self.port  # client 1 may be cut off
         return self._spawn(
-            f"client{index}", "client", str(self.config), *OVERRIDES, f"output_dir={self.root / f'client{index}'}",
-            "--server", f"127.0.0.1:{self.port}", "--client-id", str(index), "--certs", str(self.certs),
-            "--connect-timeout", "120",
+            f"client{index}", "client", str(self.config), *self.overrides,
+            f"output_dir={self.root / f'client{index}'}", "--server", f"127.0.0.1:{port}", "--client-id", str(index),
+            "--certs", str(self.certs), "--connect-timeout", "120",
         )  # fmt: skip
 
     def server_steps(self, round_number: int, client: str | None = None) -> bool:
@@ -127,6 +207,10 @@ class Case:
 
     def rounds_done(self) -> int:
         return len(_lines(self.root / "server" / "rounds.jsonl"))
+
+    def server_log(self) -> str:
+        path = self.root / "server.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
 
     def run(self) -> dict[str, Any]:
         from splitlm.transport.security import make_dev_certs
@@ -141,6 +225,8 @@ class Case:
 
     def inject(self, server: subprocess.Popen[bytes], clients: list[subprocess.Popen[bytes]]) -> bool:
         fault = self.fault
+        if fault in LINK_FAULTS:
+            return self.cut_off(clients[1])
         if fault.startswith("client_killed"):
             _wait(lambda: self.server_steps(2, "1"), "client 1's steps in round 2")
             clients[1].send_signal(signal.SIGKILL)
@@ -170,14 +256,47 @@ class Case:
         self.server("--resume")
         return hit
 
+    def cut_off(self, client: subprocess.Popen[bytes]) -> bool:
+        """Cut client 1 off (its link silent, or its process stopped) in the middle of its round-2 steps, for a
+        while, then let it go on. Hit: the server noticed the break and, past the grace, left client 1 out of
+        round 2 (within the grace: noted its silence, and did not)."""
+        _wait(lambda: self.server_steps(2, "1"), "client 1's steps in round 2", poll=0.005)
+        frozen = self.fault == "client_frozen_past_grace"
+        if frozen:
+            client.send_signal(signal.SIGSTOP)
+        else:
+            assert self.proxy is not None
+            self.proxy.cut()
+        time.sleep(CUT_WITHIN_GRACE_S if self.fault == "client_cut_off_within_grace" else CUT_PAST_GRACE_S)
+        log = self.server_log()
+        if frozen:
+            client.send_signal(signal.SIGCONT)
+        else:
+            assert self.proxy is not None
+            self.proxy.heal()
+        noticed = "client 1: nothing received for" in log
+        left_out = "round 2: client 1 gone" in log
+        return noticed and left_out == self.fault.endswith("past_grace")
+
+
+def case_overrides(fault: str) -> list[str]:
+    """A case's settings beyond ``OVERRIDES`` (none that change what is computed)."""
+    return [f"framework.client_grace_s={WITHIN_GRACE_S:g}"] if fault == "client_cut_off_within_grace" else []
+
+
+def leaves_out_client(fault: str) -> bool:
+    """Whether the fault takes client 1 out of round 2 (else the run must equal the clean one)."""
+    return fault.startswith("client") and fault != "client_cut_off_within_grace"
+
 
 def reference(framework: str, fault: str, out: Path) -> Path:
-    """The in-process run the faulty one must equal: client 1 left out of round 2 for the clients' faults."""
-    left = ["framework.leave_out={2: ['1']}"] if fault.startswith("client") else []
+    """The in-process run the faulty one must equal: client 1 left out of round 2 for the clients' faults (but
+    a cut within the grace, which loses nothing)."""
+    left = ["framework.leave_out={2: ['1']}"] if leaves_out_client(fault) else []
     config = ROOT / "configs" / "frameworks" / f"{framework}.yaml"
     subprocess.run(
-        _cli("train", str(config), *OVERRIDES, *left, f"output_dir={out}"), env=_env(), check=True,
-        capture_output=True, timeout=TIMEOUT,
+        _cli("train", str(config), *OVERRIDES, *case_overrides(fault), *left, f"output_dir={out}"), env=_env(),
+        check=True, capture_output=True, timeout=TIMEOUT,
     )  # fmt: skip
     return out
 
@@ -223,8 +342,11 @@ def run_case(framework: str, fault: str, root: Path) -> dict[str, Any]:
     finally:
         for process in case.processes:
             if process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # a stopped process cannot die
                 process.kill()
                 process.wait()
+        if case.proxy is not None:
+            case.proxy.close()
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
@@ -232,16 +354,24 @@ def run_case(framework: str, fault: str, root: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frameworks", nargs="+", default=FRAMEWORKS, choices=FRAMEWORKS)
-    parser.add_argument("--faults", nargs="+", default=FAULTS, choices=FAULTS)
+    parser.add_argument(
+        "--faults",
+        nargs="+",
+        choices=FAULTS + LINK_FAULTS,
+        help=f"default: all (the link faults for {', '.join(LINK_FAULT_FRAMEWORKS)})",
+    )
     parser.add_argument("--keep", help="keep every case's folder (logs, metrics) under this folder")
     args = parser.parse_args()
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="splitlm-faults-"))
+    chosen = [
+        (framework, fault) for framework in args.frameworks for fault in (args.faults or FAULTS + LINK_FAULTS)
+        if args.faults or fault in FAULTS or framework in LINK_FAULT_FRAMEWORKS
+    ]  # fmt: skip
     cases = []
     try:
-        for framework in args.frameworks:
-            for fault in args.faults:
-                cases.append(run_case(framework, fault, base / f"{framework}-{fault}"))
-                print(json.dumps(cases[-1]), file=sys.stderr, flush=True)
+        for framework, fault in chosen:
+            cases.append(run_case(framework, fault, base / f"{framework}-{fault}"))
+            print(json.dumps(cases[-1]), file=sys.stderr, flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

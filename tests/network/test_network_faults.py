@@ -1,7 +1,8 @@
 """Faults across processes (benchmarks/faults.py): `splitlm serve` and three `splitlm client` processes over gRPC
-with TLS, one process killed at a chosen moment, must end bit for bit as the in-process run that leaves the lost
-client out of that round, and log every client step exactly once. One case per framework, together covering
-every fault; `python benchmarks/faults.py` runs all 25."""
+with TLS, one process killed (or client 1 cut off by a silent link or stopped, without being killed) at a chosen
+moment, must end bit for bit as the in-process run that leaves the lost client out of that round (a cut within the
+grace period: as the clean run), and log every client step exactly once. One case per framework for each group of
+faults, together covering every fault; `python benchmarks/faults.py` runs all 34."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def _harness() -> ModuleType:
 
 FAULTS = _harness()
 CASES = list(zip(FAULTS.FRAMEWORKS, FAULTS.FAULTS, strict=True))  # sl x killed in round, psl x after round, ...
+# a client cut off or stopped without being killed: past the grace, rolled back and rejoining in the same process
+CASES += list(zip(FAULTS.LINK_FAULT_FRAMEWORKS, FAULTS.LINK_FAULTS, strict=True))
 
 
 @pytest.mark.timeout(600)

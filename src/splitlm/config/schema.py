@@ -376,8 +376,9 @@ class FrameworkConfig(Section):
     client_grace_s: float = Field(
         30.0,
         gt=0,
-        description="Networked runs: a client whose stream broke may take this long to reconnect before its work "
-        "in the round counts as lost (the round is then done again without it).",
+        description="Networked runs: a client the server has heard nothing from for this long (its stream broken, "
+        "its link silent or its process stopped; a connected client says it is alive every few seconds) is lost: "
+        "its work in the round is undone, the round done again without it, and it rejoins at the next round.",
     )
     wait_for_clients_s: float = Field(
         60.0,

@@ -5,10 +5,12 @@ an in-process run; each of their federation members is a ``RemoteMember`` whose 
 carries out what the recipes ask (train a round, get or set the client-side state, evaluate, checkpoint,
 snapshot and roll back) by sending commands to the client's agent (``deploy/agent.py``).
 
-A networked client can be lost (its process dies or restarts). Then its commands raise ``ClientGone``, the
-driver rolls the round back and does it again without it, and when the client is back it *rejoins*: it
-restores its own newest checkpoint (up to the server's newest) and, before it next trains, takes the current
-client side, as a client left out of those rounds would have.
+A networked client can be lost (its process dies, restarts, or is cut off or stalled past the grace period).
+Then its commands raise ``ClientGone``, the driver rolls the round back and does it again without it, and when
+the client is back it *rejoins*: it restores its own newest checkpoint (up to the server's newest) and, before it
+next trains, takes the current client side, as a client left out of those rounds would have. A process that was
+only cut off rejoins the same way: until it has, no command reaches it, so nothing it still does from the round
+it was left out of reaches the others.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from splitlm.data import Batch, Example
-from splitlm.errors import ProtocolError
+from splitlm.errors import ClientGone, ProtocolError
 from splitlm.frameworks.checkpoint import TMP_PREFIX
 from splitlm.frameworks.federation import Federation, Member
 from splitlm.runtime.client import EvalStats, StepStats
@@ -43,7 +45,7 @@ class RemoteClientProxy:
 
     ``session()`` names the client process now connected and ``wait_connected(timeout)`` waits for one (both
     given for networked clients, which ``can_fail``); a command to a process other than the one this member
-    last worked with raises ``ClientGone`` until it rejoins."""
+    last worked with, or to a client left out of a round (``left_out``), raises ``ClientGone`` until it rejoins."""
 
     def __init__(
         self,
@@ -62,6 +64,7 @@ class RemoteClientProxy:
         self.can_fail = session is not None
         self.shares_files = shares_files  # the client sees the driver's files (Ray actors on one cluster)
         self.expected_session = self.session()
+        self.left_out = False  # lost in a round and rolled back: it must rejoin before it gets any other command
 
     @property
     def meter(self) -> ByteMeter:
@@ -76,6 +79,8 @@ class RemoteClientProxy:
     def command(
         self, kind: str, tensors: dict[str, torch.Tensor] | None = None, rejoining: bool = False, **meta: Any
     ) -> Message:
+        if self.left_out and not rejoining:
+            raise ClientGone([self.client_id], "left out of a round; it rejoins at the next round")
         message = Message(f"cmd:{kind}", self.client_id, -1, 0, dict(tensors or {}), dict(meta))
         return self._send(message, None if rejoining or not self.can_fail else self.expected_session)
 
@@ -114,7 +119,7 @@ class RemoteClientProxy:
     def load(self, folder: Path) -> None:
         """Resume: the client goes back to its own checkpoint of the same name."""
         self.command("restore", name=folder.parent.name, rejoining=True)
-        self.expected_session = self.session()
+        self.expected_session, self.left_out = self.session(), False
 
 
 @dataclass
@@ -184,6 +189,10 @@ class RemoteMember(Member):
             return
         self.restore_progress(snapshot)
         self.stale = True  # it rejoins, then takes the client side
+        if self.proxy.can_fail:
+            # Restarted or not (a process only cut off or stalled is still mid-round), it goes back to its
+            # checkpoint before it works again, and until then gets no command.
+            self.proxy.left_out = True
 
     def ready(self, fed: Federation, deadline: float, rejoin: bool = True) -> bool:
         proxy = self.proxy
@@ -191,21 +200,27 @@ class RemoteMember(Member):
             return True
         if not proxy.connected(max(0.0, deadline - time.monotonic())):
             return False
-        if proxy.session() == proxy.expected_session:
+        if proxy.session() == proxy.expected_session and not proxy.left_out:
             return True
         if not rejoin:
             return False
-        self.rejoin(fed)
+        try:
+            self.rejoin(fed)
+        except ClientGone as gone:  # lost again on the way back: it stays out for now
+            log.warning("client %s could not rejoin: %s", self.client_id, gone.reason)
+            return False
         return True
 
     def rejoin(self, fed: Federation) -> None:
-        """A restarted client process goes back to its own newest checkpoint (up to the server's newest) and
-        takes the current client side before it next trains."""
+        """A client left out of a round (its process restarted, or the same one, cut off or stalled past the
+        grace period) goes back to its own newest checkpoint (up to the server's newest) and takes the current
+        client side before it next trains."""
         proxy = self.proxy
         proxy.expected_session = proxy.session()
         reply = proxy.command("restore", name=fed.last_checkpoint or "", rejoining=True)
         self.steps_done, self.tokens = int(reply.meta["steps_done"]), int(reply.meta["tokens"])
         self.round_goal, self.stale = None, True
+        proxy.left_out = False
         log.warning("client %s rejoined from its checkpoint %s", self.client_id, reply.meta.get("restored"))
 
     def evaluate(self, fed: Federation) -> EvalStats:

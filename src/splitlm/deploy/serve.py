@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from splitlm.config import Config
-from splitlm.deploy.remote import RemoteClientProxy, remote_member
-from splitlm.errors import ConfigError, ProtocolError
+from splitlm.deploy.remote import RemoteClientProxy, RemoteMember, remote_member
+from splitlm.errors import ConfigError, Interrupted, ProtocolError
 from splitlm.frameworks.base import framework_of
-from splitlm.frameworks.checkpoint import prepare_output
+from splitlm.frameworks.checkpoint import checkpoints, prepare_output
 from splitlm.frameworks.driver import drive
 from splitlm.frameworks.federation import Federation, groups_of, make_server, route
 from splitlm.frameworks.grouping import GROUPINGS
 from splitlm.frameworks.pipeline import server_mods
 from splitlm.frameworks.setup import load_source, spec_of
-from splitlm.models import SplitSpec
+from splitlm.models import ModelSource, SplitSpec
 from splitlm.transport import Message, server_chain
 from splitlm.transport.codecs import wire_limits
 from splitlm.transport.grpc_server import HEADER_LIMIT, GrpcServer
@@ -90,60 +90,94 @@ def serve(
     grpc_server.start()
     print(f"splitlm server listening on {address.rsplit(':', 1)[0]}:{grpc_server.port}", flush=True)
     try:
-        _say(f"waiting for clients {', '.join(expected)} (up to {connect_timeout:.0f} s)")
-        for client_id in expected:
-            if not grpc_server.wait_for(client_id, connect_timeout):
-                raise ProtocolError(f"client {client_id} did not connect within {connect_timeout:.0f} s")
-            hello = grpc_server.connections[client_id].hello
-            assert hello is not None
-            _say(f"client {client_id} ready ({hello.meta.get('examples')} examples)")
-        hellos = {cid: grpc_server.connections[cid].hello for cid in expected}
-        members = []
-        for index, client_id in enumerate(expected):
-            connection = grpc_server.connections[client_id]
-
-            def send(message: Message, session: str | None, client_id: str = client_id) -> Message:
-                return grpc_server.command(client_id, message, fw.round_timeout_s, session)
-
-            proxy = RemoteClientProxy(
-                client_id, send, lambda c=connection: c.meter, session=lambda c=connection: c.session,
-                wait_connected=lambda timeout, c=connection: c.connected.wait(timeout),
-            )  # fmt: skip
-            members.append(remote_member(index, proxy, hellos[client_id]))  # type: ignore[arg-type]
-        framework = framework_of(config)
-        groups = groups_of(config, framework, [m.histogram for m in members])
-        server = make_server(config, source, groups)
-        grpc_server.on_restart = lambda client_id: server.forget(client_id, wait=False)
-        for index, client_id in enumerate(expected):
-            hello = hellos[client_id]
-            assert hello is not None
-            split = config.for_client(index).split  # its own cut (framework.clients)
-            mode = str(hello.meta.get("mode", split.mode))
-            spec = SplitSpec(
-                mode,  # type: ignore[arg-type]
-                int(hello.meta.get("head_layers", split.head_layers)),
-                int(hello.meta.get("tail_layers", split.tail_layers)) if mode == "ushape" else 0,
-            )
-            if spec != spec_of(config.for_client(index)):
-                raise ConfigError(
-                    f"client {client_id} cuts the model at (head {spec.head_layers}, tail {spec.tail_layers}, "
-                    f"{spec.mode}); the server's config says (head {split.head_layers}, tail "
-                    f"{split.tail_layers}, {split.mode}): use the same split settings on every side"
-                )
-            route(config, server, index, groups)  # its adapter, cut and (own trunk adapter) LoRA rank
-        grpc_server.handler = server_chain(server_mods(config, source, server.stage), server.submit)
-        fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
-        fed.rollback_hooks.append(grpc_server.clear_replies)  # a rolled-back round's requests come again
-        by_id = {m.client_id: m for m in members}
-        grpc_server.on_progress = lambda client_id, record: by_id[client_id].progress(fed, dict(record))
-        _say(f"{framework.name}: {fw.rounds} rounds of {fed.local_steps} steps per client")
+        try:
+            fed, members = _prepare(config, source, grpc_server, expected, connect_timeout)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the first round
+            raise Interrupted(_stopped_early(out)) from None
         summary = drive(fed, out, resume, started)
+        for member in members:
+            _catch_up(fed, member)
         for kind in ("save_adapters", "finish"):  # each client writes its own adapters, on its own machine
             for member in members:
                 try:
-                    member.client.command(kind)  # type: ignore[attr-defined]
+                    member.proxy.command(kind)
                 except ProtocolError as error:  # the run is complete either way
                     log.warning("%s on client %s: %s", kind, member.client_id, error)
         return summary
     finally:
         grpc_server.stop()
+
+
+def _catch_up(fed: Federation, member: RemoteMember) -> None:
+    """A client left out of the last round and back by now rejoins, and takes the global client side, so that it
+    ends with the others (one still away cannot)."""
+    proxy = member.proxy
+    if not proxy.left_out and proxy.session() == proxy.expected_session:
+        return
+    try:
+        if member.ready(fed, time.monotonic()) and fed.carry is not None:
+            proxy.load_state(fed.fitted(member, fed.carry))
+    except ProtocolError as error:
+        log.warning("client %s could not rejoin at the end: %s", member.client_id, error)
+
+
+def _stopped_early(out: Path) -> str:
+    found = checkpoints(out)
+    if found:
+        return f"interrupted before training started; --resume continues from {found[-1]}"
+    return "interrupted before training started; no checkpoint was written: run the same command again to start"
+
+
+def _prepare(
+    config: Config, source: ModelSource, grpc_server: GrpcServer, expected: list[str], connect_timeout: float
+) -> tuple[Federation, list[RemoteMember]]:
+    """Wait for every client, build the trunk for them, and the federation of their remote members."""
+    fw = config.framework
+    _say(f"waiting for clients {', '.join(expected)} (up to {connect_timeout:.0f} s)")
+    for client_id in expected:
+        if not grpc_server.wait_for(client_id, connect_timeout):
+            raise ProtocolError(f"client {client_id} did not connect within {connect_timeout:.0f} s")
+        hello = grpc_server.connections[client_id].hello
+        assert hello is not None
+        _say(f"client {client_id} ready ({hello.meta.get('examples')} examples)")
+    hellos = {cid: grpc_server.connections[cid].hello for cid in expected}
+    members = []
+    for index, client_id in enumerate(expected):
+        connection = grpc_server.connections[client_id]
+
+        def send(message: Message, session: str | None, client_id: str = client_id) -> Message:
+            return grpc_server.command(client_id, message, fw.round_timeout_s, session)
+
+        proxy = RemoteClientProxy(
+            client_id, send, lambda c=connection: c.meter, session=lambda c=connection: c.session,
+            wait_connected=lambda timeout, c=connection: c.connected.wait(timeout),
+        )  # fmt: skip
+        members.append(remote_member(index, proxy, hellos[client_id]))  # type: ignore[arg-type]
+    framework = framework_of(config)
+    groups = groups_of(config, framework, [m.histogram for m in members])
+    server = make_server(config, source, groups)
+    grpc_server.on_restart = lambda client_id: server.forget(client_id, wait=False)
+    for index, client_id in enumerate(expected):
+        hello = hellos[client_id]
+        assert hello is not None
+        split = config.for_client(index).split  # its own cut (framework.clients)
+        mode = str(hello.meta.get("mode", split.mode))
+        spec = SplitSpec(
+            mode,  # type: ignore[arg-type]
+            int(hello.meta.get("head_layers", split.head_layers)),
+            int(hello.meta.get("tail_layers", split.tail_layers)) if mode == "ushape" else 0,
+        )
+        if spec != spec_of(config.for_client(index)):
+            raise ConfigError(
+                f"client {client_id} cuts the model at (head {spec.head_layers}, tail {spec.tail_layers}, "
+                f"{spec.mode}); the server's config says (head {split.head_layers}, tail "
+                f"{split.tail_layers}, {split.mode}): use the same split settings on every side"
+            )
+        route(config, server, index, groups)  # its adapter, cut and (own trunk adapter) LoRA rank
+    grpc_server.handler = server_chain(server_mods(config, source, server.stage), server.submit)
+    fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
+    fed.rollback_hooks.append(grpc_server.clear_replies)  # a rolled-back round's requests come again
+    by_id = {m.client_id: m for m in members}
+    grpc_server.on_progress = lambda client_id, record: by_id[client_id].progress(fed, dict(record))
+    _say(f"{framework.name}: {fw.rounds} rounds of {fed.local_steps} steps per client")
+    return fed, members

@@ -4,7 +4,8 @@
 same id completes, so several requests may be in flight; ``request`` waits for one. Commands the server pushes
 (``cmd:*``) are queued for the client's agent loop. If the stream breaks, the connection reconnects with
 backoff and sends every request still in flight again; the server answers a retried request from its replay
-cache, so nothing is applied twice.
+cache, so nothing is applied twice. While connected it says it is alive as often as the server's ``welcome``
+asks, so the server can tell how long it has been silent.
 
 A connection that cannot be made is diagnosed (``diagnose``): nothing listening, an unreachable host, a
 server certificate for another name, an unknown CA, a client certificate the server requires, or a refused
@@ -145,6 +146,8 @@ class GrpcConnection:
         self._welcome = threading.Event()
         self._auth_error: grpc.RpcError | None = None
         self._hello_refused = ""  # why the server answered our hello with an error (then the stream is given up)
+        self._heartbeat_s = 0.0  # from the server's welcome (0: it wants none)
+        self._heartbeat: threading.Thread | None = None
         host = split_address(address)[0]
         if ca is None and host not in LOOPBACK:
             raise ProtocolError(f"plain-text transport is only allowed on loopback, not {host}: pass --ca")
@@ -232,7 +235,11 @@ class GrpcConnection:
                     continue
                 self.meter.record(message, "down")
                 if message.kind == "welcome":
+                    self._heartbeat_s = float(message.meta.get("heartbeat_s", 0.0) or 0.0)
                     self._welcome.set()
+                    if self._heartbeat is None and self._heartbeat_s > 0:
+                        self._heartbeat = threading.Thread(target=self._beat, daemon=True, name="splitlm-alive")
+                        self._heartbeat.start()
                 elif message.kind == "error" and message.meta.get("about") == "hello" and not self._welcome.is_set():
                     self._hello_refused = str(message.meta.get("error", "no reason given"))
                     return  # the server will not take this stream; connect() says why
@@ -254,6 +261,14 @@ class GrpcConnection:
                     self.commands.put(_CLOSED)
                 elif self._welcome.is_set():  # a working stream broke: get it back
                     threading.Thread(target=self._recover, args=(generation,), daemon=True).start()
+
+    def _beat(self) -> None:
+        """Say ``alive`` every ``heartbeat_s`` while the stream is up (until closed)."""
+        while not self._closing:
+            time.sleep(self._heartbeat_s)
+            with self._lock:
+                if not self._closing and not self._broken.is_set() and self._outgoing is not None:
+                    self._put(Message("alive", self.client_id, -1))
 
     def _answer(self, reply: Message) -> None:
         """Complete the future of the request ``reply`` answers (by id); drop a duplicate of an old answer."""

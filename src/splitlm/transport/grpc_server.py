@@ -11,6 +11,12 @@ one client id; a frame claiming another id is refused. A malformed or out-of-ord
 message on the stream and changes nothing; the stream and the other clients carry on. The last replies of
 each client are cached by (kind, step, micro-batch), so a request retried after a reconnect is answered
 again without being applied twice.
+
+A client says it is alive every few seconds (``alive``; the interval is in the server's ``welcome``), so the
+server measures the grace period (``client_grace_s``) from the last message it received: a client silent that
+long (its link cut off without a word, its process stopped, or its stream broken and not back) is gone, its
+stream dropped and its commands failed, whether or not gRPC noticed a break (its keepalive may take minutes to
+notice a silent link).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ METHOD = f"/{SERVICE}/Session"
 MAX_FRAME_BYTES = MAX_CHUNK + 256 * 1024
 REPLAY_CACHE = 16
 STRAGGLER_NOTE_S = 60.0  # a command waiting this long is logged, and again every as long
+HEARTBEAT_S = 5.0  # a connected client says it is alive this often (at most a quarter of the grace period)
 WORK_COMMANDS = ("cmd:train", "cmd:evaluate", "cmd:accuracy")  # during these a client may send work requests
 HEADER_LIMIT = 1 << 20  # a train command's reply carries its step records in the header
 MAX_STATE_TENSORS = 1 << 16  # the most tensors a client's hello may say its state (its client side) holds
@@ -86,6 +93,8 @@ class Connection:
     meter: ByteMeter = field(default_factory=ByteMeter)
     hello: Message | None = None
     session: str = ""  # a client process's random id: a new one means the process restarted
+    last_seen: float = 0.0  # time.monotonic() when the last frame from this client arrived
+    noted: bool = False  # its present silence was logged
     working: int = 0  # commands in flight that ask this client for work (train, evaluate, accuracy)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # requests being served
 
@@ -110,7 +119,8 @@ class GrpcServer:
         self.handler = handler
         self.on_restart = on_restart
         self.on_progress: Callable[[str, dict[str, object]], None] | None = None  # a client's step records
-        self.client_grace_s = client_grace_s  # a broken stream may take this long to come back
+        self.client_grace_s = client_grace_s  # a client may be silent this long (its stream broken) before it is gone
+        self.heartbeat_s = min(HEARTBEAT_S, client_grace_s / 4)  # how often a client says it is alive
         self.session = secrets.token_hex(8)  # commands carry it: a restarted server's are new commands
         self.tokens = tokens
         self.address = address
@@ -125,6 +135,7 @@ class GrpcServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self.port = 0
@@ -170,6 +181,30 @@ class GrpcServer:
             raise SplitLMError(f"cannot listen on {self.address}: is the port in use?")
         await server.start()
         self._server = server
+        self._watchdog = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Drop the stream of a client silent for ``client_grace_s`` (noted at half of it): it is gone."""
+        while True:
+            await asyncio.sleep(min(1.0, self.heartbeat_s))
+            for connection in self.connections.values():
+                if not connection.connected.is_set():
+                    continue
+                silent = time.monotonic() - connection.last_seen
+                if silent >= self.client_grace_s:
+                    log.warning("client %s: %s; its stream is dropped", connection.client_id, self._silence(connection))
+                    self._drop(connection)
+                elif silent >= self.client_grace_s / 2 and not connection.noted:
+                    connection.noted = True
+                    log.info("client %s: nothing received for %.0f s", connection.client_id, silent)
+
+    def _drop(self, connection: Connection) -> None:
+        """Give up on a client's stream now (its commands fail); a stream that cannot end yet ends later."""
+        if connection.outgoing is not None:
+            connection.outgoing.put_nowait(None)
+        connection.outgoing = None
+        connection.connected.clear()
+        self._expire(connection, connection.generation)
 
     def stop(self) -> None:
         if self._loop is None:
@@ -179,6 +214,8 @@ class GrpcServer:
                 connection.loop.call_soon_threadsafe(connection.outgoing.put_nowait, None)
         if self._server is not None:
             asyncio.run_coroutine_threadsafe(self._server.stop(grace=1.0), self._loop).result(timeout=10)
+        if self._watchdog is not None:
+            self._loop.call_soon_threadsafe(self._watchdog.cancel)
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -195,10 +232,10 @@ class GrpcServer:
         ``client_grace_s``), restarted, or silent for ``timeout`` s raises ``ClientGone``; its ``error`` reply a
         ``ProtocolError``. A command in flight when the stream breaks is sent again on the next one (the client
         answers a repeated command from its cache). ``session``: only the client process of that session may
-        get the command."""
+        get the command. The grace period runs from the last message received from the client."""
         connection = self.connections[client_id]
-        if not connection.connected.wait(self.client_grace_s) or connection.loop is None:
-            raise ClientGone([client_id], f"not connected (waited {self.client_grace_s:.0f} s)")
+        if not connection.connected.wait(self._grace_left(connection)) or connection.loop is None:
+            raise ClientGone([client_id], f"not connected ({self._silence(connection)})")
         if session is not None and connection.session != session:  # a new process, not the one that worked
             raise ClientGone([client_id], "restarted since it last worked; it rejoins at the next round")
         seq = next(self._seq)
@@ -223,7 +260,8 @@ class GrpcServer:
                 except concurrent.futures.TimeoutError:
                     if left is not None and left <= STRAGGLER_NOTE_S:
                         raise ClientGone([client_id], f"did not answer {message.kind} within {timeout:.0f} s") from None
-                    log.warning("still waiting for client %s (%s, %.0f s)", client_id, message.kind, waited + 1)
+                    waited = time.monotonic() - started
+                    log.warning("still waiting for client %s (%s, %.0f s)", client_id, message.kind, waited)
         finally:
             connection.pending.pop(seq, None)
             connection.pending_frames.pop(seq, None)
@@ -237,12 +275,20 @@ class GrpcServer:
         if connection.outgoing is not None:
             connection.outgoing.put_nowait(frames)
 
+    def _grace_left(self, connection: Connection) -> float:
+        """Seconds until ``client_grace_s`` have passed since the client's last message."""
+        return max(0.0, connection.last_seen + self.client_grace_s - time.monotonic())
+
+    def _silence(self, connection: Connection) -> str:
+        silent = time.monotonic() - connection.last_seen
+        return f"nothing received from it for {silent:.0f} s, framework.client_grace_s={self.client_grace_s:g}"
+
     def _expire(self, connection: Connection, generation: int) -> None:
         """The grace period of a broken stream ended: the commands waiting for that client fail."""
         if connection.generation != generation or connection.connected.is_set():
             return
-        gone = ClientGone([connection.client_id], f"disconnected for {self.client_grace_s:.0f} s")
-        for future in connection.pending.values():
+        gone = ClientGone([connection.client_id], f"disconnected ({self._silence(connection)})")
+        for future in list(connection.pending.values()):
             if not future.done():
                 future.set_exception(gone)
 
@@ -313,12 +359,13 @@ class GrpcServer:
                 connection.connected.clear()
                 connection.outgoing = None
                 if connection.pending:
-                    connection.loop.call_later(self.client_grace_s, self._expire, connection, generation)
+                    connection.loop.call_later(self._grace_left(connection), self._expire, connection, generation)
             log.info("client %s disconnected", client_id)
 
     async def _read(self, connection: Connection, requests: AsyncIterator[bytes]) -> None:
         decoder = Decoder(self.limits)
         async for frame in requests:
+            connection.last_seen, connection.noted = time.monotonic(), False
             message: Message | None = None
             try:
                 message = decoder.feed(frame)
@@ -345,7 +392,12 @@ class GrpcServer:
                         connection.hello = message
                         connection.connected.set()
                         log.info("client %s ready", connection.client_id)
-                    self._send(connection, Message("welcome", connection.client_id, -1))
+                    self._send(
+                        connection,
+                        Message("welcome", connection.client_id, -1, 0, {}, {"heartbeat_s": self.heartbeat_s}),
+                    )
+                elif message.kind == "alive":  # a client with nothing else to say (its frame counted as seen)
+                    pass
                 elif message.kind == "progress":
                     if self.on_progress is not None:
                         self.on_progress(connection.client_id, _record(message))
