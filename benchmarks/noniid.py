@@ -340,6 +340,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for x, r in enumerate(mine):
             seeds = r.get(f"{metric}_per_seed") or []
             axis.scatter([x] * len(seeds), seeds, color="black", s=8, zorder=3)
+        untrained = [r["untrained_acc_mean"] for r in mine if r.get("untrained_acc_mean") is not None]
+        if metric == "global_acc" and untrained:
+            axis.axhline(untrained[0], color="black", linestyle="--", linewidth=1, label="untrained model (mean)")
+            axis.legend(fontsize=7, loc="lower right")
         axis.set_xticks(range(len(mine)), labels, fontsize=6)
         axis.set_ylabel("held-out accuracy (global model)" if metric == "global_acc" else "held-out perplexity")
         if mine:
