@@ -223,18 +223,7 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
                     bar.round(round_index)
                     holders, chosen = run_round(fed, round_index, participants(config, fed.members, round_index), bar)
                     holders = fed.reachable(holders, chosen)
-                    last = round_index + 1 == config.framework.rounds
-                    if config.train.eval_each_round or last:
-                        result, per_client = fed.evaluate(holders)
-                        progress.update(
-                            eval_loss_after=result.loss, per_client_eval_loss=per_client,
-                            accuracy_after=holders[0].accuracy(fed) if len(holders) == 1 else None,
-                        )  # fmt: skip
-                        own_sets = client_evaluation(fed, holders, round_index)
-                        progress.update(own_sets)
-                        loss, accuracy = result.loss, progress["accuracy_after"]
-                    else:  # train.eval_each_round=false: only the last round is evaluated
-                        per_client, own_sets, loss, accuracy = None, dict.fromkeys(CLIENT_EVAL_KEYS), None, None
+                    loss, accuracy, per_client, own_sets = evaluate_round(fed, holders, round_index, progress)
                     progress.update(round=round_index + 1)
                     account()
                     record = {
@@ -334,6 +323,20 @@ def client_evaluation(fed: Federation, holders: list[Member], round_index: int) 
             if drops:
                 values["accuracy_forgetting"] = sum(drops) / len(drops)
     return values
+
+
+def evaluate_round(
+    fed: Federation, holders: list[Member], round_index: int, progress: dict[str, Any]
+) -> tuple[float | None, float | None, dict[str, float] | None, dict[str, Any]]:
+    """The global model after round ``round_index`` (into ``progress``): (loss, accuracy, per-client loss, the
+    clients' own sets). With ``train.eval_each_round=false`` only the last round is evaluated (all None before)."""
+    if not fed.config.train.eval_each_round and round_index + 1 < fed.config.framework.rounds:
+        return None, None, None, dict.fromkeys(CLIENT_EVAL_KEYS)
+    result, per_client = fed.evaluate(holders)
+    accuracy = holders[0].accuracy(fed) if len(holders) == 1 else None
+    own_sets = client_evaluation(fed, holders, round_index)
+    progress.update(eval_loss_after=result.loss, per_client_eval_loss=per_client, accuracy_after=accuracy, **own_sets)
+    return result.loss, accuracy, per_client, own_sets
 
 
 def reopen(fed: Federation) -> bool:
