@@ -12,7 +12,9 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from splitlm.errors import ConfigError, SplitLMError
 
@@ -105,3 +107,102 @@ class Registry(Generic[T]):
 
     def __getitem__(self, name: str) -> T:
         return self.get(name)
+
+
+class ComponentSettings(BaseModel):
+    """A component's own settings: no unknown keys, values checked on assignment (like a config section)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class Component:
+    """A registered variation of the pipeline (a remedy, defense, detector, aggregation strategy, server attack).
+
+    It declares, in its own module and nowhere else: its ``name``; its ``Settings`` (a pydantic model; the
+    config holds them under the component's name, so the schema never lists component names); ``problems``, its
+    own compatibility rules, collected with every other config problem in one pass; and the hooks of its kind
+    (the subclass of ``Component`` that a registry holds says which hooks exist). An instance carries its
+    validated ``settings``."""
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type[ComponentSettings]] = ComponentSettings
+
+    def __init__(self, settings: ComponentSettings | None = None) -> None:
+        self.settings = settings if settings is not None else self.Settings()
+
+    @classmethod
+    def problems(cls, settings: Any, config: Any, framework: Any) -> list[str]:
+        """What this component cannot work with in ``config`` under ``framework`` (None: not known yet), one line
+        each, naming the key to change; empty when it can work."""
+        return []
+
+
+C = TypeVar("C", bound=Component)
+
+
+class ComponentRegistry(Registry[type[C]]):
+    """Components of one kind, configured as ``{name: settings}`` under one config key (``self.key``).
+
+    A spec is that mapping as the validated config holds it (``config.schema.Components``); on a raw config
+    tree, normalize it with ``config.schema.as_mapping`` first."""
+
+    def component(self, cls: type[C]) -> type[C]:
+        """Class decorator: register ``cls`` under its ``name``."""
+        if not cls.name:
+            raise ValueError(f"{cls.__name__}: a {self.what} needs a name")
+        self.add(cls.name, cls)
+        return cls
+
+    def settings_problems(self, spec: object, key: str | None = None) -> list[str]:
+        """Unknown names (with the closest registered name) and invalid settings in ``spec``, one line each."""
+        key = key or self.key
+        mapping = spec
+        if not isinstance(mapping, dict):
+            return [f"{key}: expected a mapping of {self.what} names to their settings, got {spec!r}"]
+        problems = []
+        for name, values in mapping.items():
+            problem = self.problem(name)
+            if problem is not None:
+                problems.append(
+                    problem if problem.startswith(key) else f"{key}: {problem.removeprefix(f'{self.key}: ')}"
+                )
+                continue
+            if not isinstance(values, dict):
+                problems.append(f"{key}.{name}: expected a mapping of settings, got {values!r}")
+                continue
+            try:
+                self._items[name].Settings.model_validate(values)
+            except ValidationError as error:
+                for item in error.errors():
+                    where = ".".join(str(p) for p in item["loc"])
+                    what = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+                    close = ""
+                    if item["type"] == "extra_forbidden":
+                        close = suggestion(where, list(self._items[name].Settings.model_fields))
+                    got = "" if item["type"] == "extra_forbidden" else f" (got {item.get('input')!r})"
+                    problems.append(f"{key}.{name}.{where}: {what}{got}{close}")
+        return problems
+
+    def parse(self, spec: object) -> dict[str, ComponentSettings]:
+        """``spec``'s components, each with its validated settings, in the order given (raises the registry's
+        error naming every problem)."""
+        problems = self.settings_problems(spec)
+        if problems:
+            raise self.error("; ".join(problems))
+        assert isinstance(spec, dict)
+        return {name: self._items[name].Settings.model_validate(values) for name, values in spec.items()}
+
+    def build(self, spec: object) -> list[C]:
+        """One instance of each component ``spec`` names, with its settings, in order."""
+        return [self._items[name](settings) for name, settings in self.parse(spec).items()]  # type: ignore[misc]
+
+    def problems(self, spec: object, config: Any, framework: Any) -> list[str]:
+        """Every problem of ``spec``: unknown names and bad settings, then each component's own rules."""
+        problems = self.settings_problems(spec)
+        if problems:
+            return problems
+        return [
+            p
+            for name, settings in self.parse(spec).items()
+            for p in self._items[name].problems(settings, config, framework)
+        ]

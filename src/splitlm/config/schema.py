@@ -6,9 +6,44 @@ several fields live in ``Config._check``, so that all problems are reported toge
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+def as_mapping(spec: object) -> object:
+    """A component spec as ``{name: settings}``: a bare name or a list of names means their default settings;
+    anything else is returned as it is (for the caller's type check to refuse)."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        return {spec: {}}
+    if isinstance(spec, list) and all(isinstance(item, str) for item in spec):
+        return {item: {} for item in spec}
+    if isinstance(spec, dict):
+        return {name: {} if value is None else value for name, value in spec.items()}
+    return spec
+
+
+def _one(spec: object) -> object:
+    mapping = as_mapping(spec)
+    if isinstance(mapping, dict) and len(mapping) != 1:
+        raise ValueError(f"name exactly one component, e.g. a bare name or {{name: {{settings}}}} (got {spec!r})")
+    return mapping
+
+
+# Keys that select registered components (remedies, defenses, detectors, aggregation strategies, ...) hold
+# ``{name: settings}``; the names and the settings are the components' own, checked by their registries in
+# ``frameworks.base.config_problems``, so the schema lists none of them. A list of names means their defaults.
+Components = Annotated[dict[str, dict[str, Any]], BeforeValidator(as_mapping)]
+# One component: a bare name (its default settings) or ``{name: settings}`` with exactly one entry.
+OneComponent = Annotated[dict[str, dict[str, Any]], BeforeValidator(_one)]
+
+
+def component_name(spec: dict[str, dict[str, Any]]) -> str:
+    """The name of the one component a ``OneComponent`` key selects."""
+    return next(iter(spec))
+
 
 PartMethod = Literal["lora", "full", "frozen"]
 PART_NAMES = ("head", "trunk", "tail")

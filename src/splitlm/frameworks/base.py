@@ -13,15 +13,16 @@ Adding a framework means one module with its recipe and one ``FRAMEWORKS.registe
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from splitlm.config import Config
-from splitlm.config.schema import value_at
+from splitlm.config.schema import as_mapping, value_at
 from splitlm.errors import ConfigError
-from splitlm.registry import Registry
+from splitlm.registry import ComponentRegistry, Registry
 
 if TYPE_CHECKING:
     from splitlm.config.schema import TrainConfig
@@ -137,6 +138,7 @@ class Framework:
                 "passes none: set framework.name=sl or train.ema=0"
             )
         problems += self._remedy_problems(config)
+        problems += component_problems(config, self)
         if config.privacy.tap.enabled and config.transport.name != "inprocess":
             problems.append("privacy.tap records in-process runs only: set transport.name=inprocess")
         for check in self.checks:
@@ -264,6 +266,27 @@ def framework_of(config: Config) -> Framework:
     return FRAMEWORKS.get(config.framework.name)
 
 
+# The config keys that select components (``registry.Component``: remedies, defenses, detectors, aggregation
+# strategies, server attacks) and the registry that knows each, as "module:attribute", imported when first needed.
+# One line per key; the components themselves declare their settings and problems.
+COMPONENT_KEYS: dict[str, str] = {}
+
+
+def component_registry(key: str) -> ComponentRegistry[Any]:
+    module, _, attribute = COMPONENT_KEYS[key].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def component_problems(config: Config, framework: Framework | None) -> list[str]:
+    """Every configured component's own compatibility rules (``Component.problems``) with ``config`` under
+    ``framework``: what ``Framework.check`` and ``config_problems`` add to the other problems of a config."""
+    problems: list[str] = []
+    for key in COMPONENT_KEYS:
+        spec = value_at(config.model_dump(), key)
+        problems += component_registry(key).problems(as_mapping(spec), config, framework)
+    return problems
+
+
 def config_problems(tree: dict[str, Any]) -> list[str]:
     """Names a config gives that no registry knows (frameworks, groupings, selections, policies, partitioners,
     defenses, codecs), for ``load_config(..., checks=[config_problems])`` to report with the schema's own problems."""
@@ -295,6 +318,14 @@ def config_problems(tree: dict[str, Any]) -> list[str]:
             parse_codec(spec if isinstance(spec, str) else "")
         except ConfigError as error:
             problems.append(f"{key}: {str(error).removeprefix('transport.codec: ')}")
+    for key in COMPONENT_KEYS:
+        problems += component_registry(key).settings_problems(as_mapping(value_at(tree, key)), key)
+    if not problems:  # every name is known: the components' own rules, on the validated config
+        try:
+            config = Config.model_validate(tree)
+        except ValueError:
+            return problems  # the schema reports its own problems
+        problems += component_problems(config, FRAMEWORKS.get(config.framework.name))
     return problems
 
 
