@@ -45,3 +45,17 @@ def test_a_components_own_rules_run_after_its_settings_are_valid() -> None:
     assert REGISTRY.problems(as_mapping(["tilt"]), "vanilla", None) == ["remedies.tilt: needs ushape"]
     assert REGISTRY.problems(as_mapping(["tilt"]), "ushape", None) == []
     assert REGISTRY.problems(as_mapping({"tilt": {"tau": 0}}), "ushape", None)[0].startswith("remedies.tilt.tau")
+
+
+def test_plugins_are_imported_before_the_config_is_checked(tmp_path, monkeypatch) -> None:
+    from splitlm.config import build_config
+
+    (tmp_path / "my_plugin_module.py").write_text("import sys\nsys.modules[__name__].loaded = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = build_config({"plugins": ["my_plugin_module"]})
+    assert config.plugins == ["my_plugin_module"]
+    import my_plugin_module  # type: ignore[import-not-found]
+
+    assert my_plugin_module.loaded
+    with pytest.raises(ConfigError, match="plugins: cannot import 'no_such_plugin'"):
+        build_config({"plugins": ["no_such_plugin"]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,21 @@ def _format(error: ValidationError) -> list[str]:
     return parts
 
 
+def import_plugins(modules: object) -> None:
+    """Import the config's ``plugins`` (modules that register components of their own) before it is checked."""
+    if modules is None:
+        return
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(f"plugins: expected a list of module names, e.g. [my_remedies] (got {modules!r})")
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(
+                f"plugins: cannot import {module!r} ({error}); install it or put its folder on PYTHONPATH"
+            ) from None
+
+
 Check = Callable[[dict[str, Any]], list[str]]  # more problems of a raw config tree (e.g. unknown plugin names)
 
 
@@ -64,6 +80,7 @@ def build_config(
     for text in overrides:
         path, value = parse_override(text)
         _set(tree, path, value)
+    import_plugins(tree.get("plugins"))
     try:
         config = Config.model_validate(tree)
     except ValidationError as error:

@@ -800,6 +800,12 @@ class Config(Section):
     server: ServerConfig = Field(default_factory=ServerConfig, description="Server-side serving settings.")
     plan: PlanConfig = Field(default_factory=PlanConfig, description="The cut planner (`splitlm plan`).")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Defenses, recording, detection.")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Python modules to import before the rest of the config is checked, e.g. [my_remedies]: they "
+        "register components of their own (remedies, defenses, aggregation strategies, frameworks, ...). Every "
+        "process of a run imports them, so they must be importable there (installed, or on PYTHONPATH).",
+    )
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
     output_dir: str = Field("runs/default", description="Where metrics, adapters and checkpoints go.")
 
