@@ -318,7 +318,7 @@ def test_label_dp_in_a_ushape_split_is_a_config_error(make_config: Callable[...,
         "the client, so drop label_dp or set split.mode=vanilla"
     ]
     assert config_problems({"split": {"mode": "vanilla"}, "privacy": {"defenses": ["label_dp"]}}) == []
-    with pytest.raises(ConfigError, match="privacy.defenses.label_dp: protects the labels"):
+    with pytest.raises(ConfigError, match=r"privacy\.defenses\.label_dp: protects the labels"):
         run_framework(make_config("bad", "privacy.defenses=[label_dp]"))
 
 

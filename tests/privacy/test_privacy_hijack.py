@@ -102,7 +102,9 @@ def test_fsha_forges_the_gradient_of_the_smashed_data(record_run: Callable[..., 
 
 
 def test_fsha_reconstructs_ids_and_serves_a_queued_server(make_config: Callable[..., Config]) -> None:
-    config = make_config("run", "privacy.server_attack.fsha.aux_rows=16", "privacy.server_attack.fsha.gradient_scale=2.0")
+    config = make_config(
+        "run", "privacy.server_attack.fsha.aux_rows=16", "privacy.server_attack.fsha.gradient_scale=2.0"
+    )
     fed = build_federation(config)
     fsha = next(mod for mod in fed.server_mods if isinstance(mod, Fsha))
     # a server with a request queue answers with futures: the forgery waits for them
@@ -126,9 +128,7 @@ def test_fsha_reconstructs_ids_and_serves_a_queued_server(make_config: Callable[
 
 
 def test_a_probe_step_leaves_the_client_parts_alone(make_config: Callable[..., Config]) -> None:
-    config = make_config(
-        "run", "privacy.detectors.splitguard.probe_every=2", "train.warmup_steps=0"
-    )
+    config = make_config("run", "privacy.detectors.splitguard.probe_every=2", "train.warmup_steps=0")
     client = build_federation(config).members[0].client
     guard = next(plugin for plugin in client.plugins if isinstance(plugin, SplitGuard))
     assert [guard.is_probe(s) for s in range(4)] == [False, True, False, True]

@@ -9,11 +9,13 @@ travel. The order, from the client's training code to the server's handler::
 The meter is the client's last mod, so it counts what travels (encoded bytes); the tap sits after the
 server's codec, so attacks read what the server decoded; a detector (SplitGuard) observes gradients after the
 codec and before the client's own gradient noise. Token and loss defenses, the detectors' probes and the audit
-truth recorder are client plugins (``runtime/plugins.py``). Defenses (``privacy.defenses``), detectors
-(``privacy.detectors``) and the server attack (``privacy.server_attack``) are components built by name from their
-registries; this module never imports the attacks (``privacy.server_attack`` names their modules). With ``train.align_kl`` the server's alignment statistics
-(``runtime/align.py``) see the decoded smashed data and add two tensors to the replies of training forwards,
-which the server's codec and the client's mods pass through untouched.
+truth recorder are client plugins (``runtime/plugins.py``). With ``train.align_kl`` the server's alignment
+statistics (``runtime/align.py``) see the decoded smashed data and add two tensors to the replies of training
+forwards, which the server's codec and the client's mods pass through untouched.
+
+Defenses (``privacy.defenses``), detectors (``privacy.detectors``) and the server attack
+(``privacy.server_attack``) are components built by name from their registries; this module never imports the
+attacks (``privacy.server_attack``'s registry names their modules).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A simulated malicious server, installed by name: the ``ServerAttack`` interface and its registry.
 
-``privacy.server_attack`` names the attack with its settings (``{fsha: {lr: 1e-3}}``, or a bare ``fsha``; several
-are stacked from the wire inwards); empty, the server is honest. An attack is a server mod (``transport/mods.py``) around the honest server, built
-from the run's config, the model's public source and the trunk. The attacks themselves live in
+``privacy.server_attack`` names the attack with its settings (``{fsha: {lr: 1e-3}}``, or a bare ``fsha``;
+several are stacked from the wire inwards); empty, the server is honest. An attack is a server mod
+(``transport/mods.py``) around the honest server, built from the run's config, the model's public source and the
+trunk. The attacks themselves live in
 ``privacy.attacks`` (FSHA in ``privacy/attacks/fsha.py``), which the training code (frameworks, runtime,
 transport) never imports: this registry names their modules as strings (``builtins``), so the pipeline asks it
 for an attack by name and the import-linter contracts hold by construction.

@@ -99,4 +99,3 @@ class LabelDp(MessageDefense):
     def dp_events(self) -> list[dp_event.DpEvent] | None:
         one = dp_event.RandomizedResponseDpEvent(noise_parameter=self.noise_parameter, num_buckets=self.buckets)
         return [dp_event.SelfComposedDpEvent(one, self.seq_len)]
-

@@ -190,4 +190,3 @@ class GradNoise(MessageDefense):
         # Only "up" releases something computed from the client's data (its labels, its tail) to the server;
         # "down" noises what the client receives: nothing leaves the client through it, so it has no epsilon.
         return self.noise.events(self.seq_len) if self.up else None
-

@@ -75,4 +75,3 @@ class NoPeek(InputDefense):
             keep = keep.to(hidden.device)
             x, z = x[keep], z[keep]
         return self.beta * distance_correlation(x, z)
-

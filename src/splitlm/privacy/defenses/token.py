@@ -43,7 +43,9 @@ class TokenDefense(InputDefense):
 
     def __init__(self, context: DefenseContext, epsilon: float) -> None:
         if not epsilon > 0:
-            raise PrivacyError(f"{self.name}: epsilon must be > 0, got {epsilon}; set privacy.defenses.{self.name}.epsilon")
+            raise PrivacyError(
+                f"{self.name}: epsilon must be > 0, got {epsilon}; set privacy.defenses.{self.name}.epsilon"
+            )
         self.epsilon = float(epsilon)
         self.table = context.token_embeddings.detach()  # (V, d)
         vocab = int(self.table.shape[0])
@@ -208,4 +210,3 @@ class CusText(TokenDefense):
         weights = torch.softmax(self.epsilon * self.similarity[ids] / 2.0, dim=1)  # (N, k)
         pick = torch.multinomial(weights, 1, generator=self.generator)  # (N, 1)
         return self.candidates[ids].gather(1, pick).squeeze(1)
-
