@@ -86,6 +86,12 @@ def test_a_defense_of_ones_own_is_validated_with_the_config(shift: type[Shift]) 
     ]
 
 
+def test_a_defense_is_named_once() -> None:
+    assert config_problems({"privacy": {"defenses": ["dxp", "nopeek", "dxp"]}}) == [
+        "privacy.defenses: 'dxp' is listed twice; name each once"
+    ]
+
+
 def test_unknown_component_names_get_the_closest_one(config_file: Callable[..., Path], capsys: Any) -> None:
     argv = ["config", str(config_file()), "privacy.defenses=[smashed_nosie]", "privacy.detectors=[splitgaurd]",
             "privacy.server_attack=fhsa"]  # fmt: skip

@@ -308,7 +308,12 @@ def config_problems(tree: dict[str, Any]) -> list[str]:
         except ConfigError as error:
             problems.append(f"{key}: {str(error).removeprefix('transport.codec: ')}")
     for key in COMPONENT_KEYS:
-        problems += component_registry(key).settings_problems(as_mapping(value_at(tree, key)), key)
+        spec = value_at(tree, key)
+        if isinstance(spec, list):  # a list of names: each once (as_mapping would keep one silently)
+            problems += [
+                f"{key}: {name!r} is listed twice; name each once" for i, name in enumerate(spec) if name in spec[:i]
+            ]
+        problems += component_registry(key).settings_problems(as_mapping(spec), key)
     if not problems:  # every name is known: the components' own rules, on the validated config
         try:
             config = Config.model_validate(tree)
