@@ -30,19 +30,19 @@ ATTACKS = ["sip", "bisr_b", "bisr_f", "tag", "nn_inversion"]
 
 # Each defense: (config key of its strength, three values from weakest to strongest, extra settings).
 DEFENSES: dict[str, tuple[str, list[float], list[str]]] = {
-    "dxp": ("privacy.dxp.epsilon", [50.0, 40.0, 30.0], []),
+    "dxp": ("privacy.defenses.dxp.epsilon", [50.0, 40.0, 30.0], []),
     "smashed_noise": (
-        "privacy.smashed_noise.noise_multiplier",
+        "privacy.defenses.smashed_noise.noise_multiplier",
         [0.01, 0.03, 0.06],
-        ["privacy.smashed_noise.clip=100", "privacy.smashed_noise.mechanism=gaussian"],
+        ["privacy.defenses.smashed_noise.clip=100", "privacy.defenses.smashed_noise.mechanism=gaussian"],
     ),
     # NoPeek works by reshaping the head's output, which LoRA on q/v barely can in a short run (measured: no
     # change in any score at beta 1-32 over 10 steps): its rows train the head fully.
-    "nopeek": ("privacy.nopeek.beta", [4.0, 16.0, 64.0], ["lora.head.method=full"]),
+    "nopeek": ("privacy.defenses.nopeek.beta", [4.0, 16.0, 64.0], ["lora.head.method=full"]),
     "grad_noise": (
-        "privacy.grad_noise.noise_multiplier",
+        "privacy.defenses.grad_noise.noise_multiplier",
         [0.05, 0.25, 1.0],
-        ["privacy.grad_noise.clip=0.001", "privacy.grad_noise.mechanism=gaussian"],
+        ["privacy.defenses.grad_noise.clip=0.001", "privacy.defenses.grad_noise.mechanism=gaussian"],
     ),
 }
 

@@ -243,8 +243,8 @@ def test_unknown_plugin_names_are_reported_with_the_choices(config_file, capsys)
 
 
 def test_santext_has_no_top_k(config_file, capsys) -> None:
-    assert main(["config", str(config_file()), "privacy.santext.top_k=3"]) == 2
-    assert "privacy.santext.top_k: unknown key" in _one_error_line(capsys)
+    assert main(["config", str(config_file()), "privacy.defenses.santext.top_k=3"]) == 2
+    assert "privacy.defenses.santext.top_k: unknown key" in _one_error_line(capsys)
 
 
 def test_a_client_refused_for_its_token_writes_nothing(config_file, capsys, tmp_path: Path) -> None:

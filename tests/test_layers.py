@@ -51,3 +51,37 @@ def test_lint_imports_breaks_on_a_forbidden_import(tmp_path: Path) -> None:
     result = _lint(tmp_path)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout and "splitlm.runtime.client -> splitlm.privacy.attacks" in result.stdout
+
+
+def _attack_contract() -> dict:
+    """The contract that keeps every attack, FSHA included, out of the training code."""
+    training = {"splitlm.frameworks", "splitlm.runtime", "splitlm.transport"}
+    (contract,) = [
+        c
+        for c in _contracts()
+        if c["type"] == "forbidden"
+        and c["forbidden_modules"] == ["splitlm.privacy.attacks"]
+        and training <= set(c["source_modules"])
+    ]
+    return contract
+
+
+def test_fsha_is_an_attack_that_training_installs_by_name_only() -> None:
+    assert (ROOT / "src" / "splitlm" / "privacy" / "attacks" / "fsha.py").is_file()
+    assert not (ROOT / "src" / "splitlm" / "privacy" / "hijack.py").exists()
+    assert _attack_contract()["name"]
+
+
+def test_lint_imports_breaks_when_training_imports_fsha(tmp_path: Path) -> None:
+    shutil.copytree(
+        ROOT / "src" / "splitlm", tmp_path / "src" / "splitlm", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    mods = tmp_path / "src" / "splitlm" / "transport" / "mods.py"
+    mods.write_text(mods.read_text() + "\nfrom splitlm.privacy.attacks.fsha import Fsha  # noqa: E402,F401\n")
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    name = " ".join(_attack_contract()["name"].split())
+    report = " ".join(result.stdout.split())  # import-linter wraps long contract names
+    assert f"{name} BROKEN" in report
+    assert "splitlm.transport.mods -> splitlm.privacy.attacks.fsha" in result.stdout

@@ -171,18 +171,28 @@ def test_contexts_without_a_run_directory_keep_nothing_on_disk(run: Path) -> Non
 # --- layering --------------------------------------------------------------------------------------------
 
 
-def test_public_knowledge_and_fsha_do_not_import_the_attacks() -> None:
-    """The runtime and the frameworks build FSHA; neither it nor the knowledge it reads may pull in the
-    offline attacks (or anything above the privacy layer)."""
+def test_training_imports_no_attack_and_installs_fsha_by_name(tmp_path: Path) -> None:
+    """The public knowledge pulls in nothing above the privacy layer; a run with defenses and a detector against an
+    honest server, validated and built, imports no attack; FSHA comes by name from the server-attack registry."""
+    tree = {"model": {"name": "tiny-llama"}, "split": {"head_layers": 1, "tail_layers": 1}, "output_dir": str(tmp_path)}
     code = (
         "import json, sys\n"
         "import splitlm.privacy.knowledge\n"
         f"above = {ABOVE_PRIVACY!r}\n"
         "knowledge = sorted(m for m in sys.modules if m.startswith(above))\n"
-        "import splitlm.privacy.hijack\n"
-        "hijack = sorted(m for m in sys.modules if m.startswith('splitlm.privacy.attacks'))\n"
-        "print(json.dumps([knowledge, hijack]))\n"
+        "from splitlm.config import build_config\n"
+        "from splitlm.frameworks.base import config_problems\n"
+        "from splitlm.frameworks.federation import build_federation\n"
+        "overrides = ['privacy.defenses=[smashed_noise, nopeek]', 'privacy.detectors=[splitguard]']\n"
+        f"config = build_config({tree!r}, overrides, checks=[config_problems])\n"
+        "fed = build_federation(config)\n"
+        "honest = sorted(m for m in sys.modules if m.startswith('splitlm.privacy.attacks'))\n"
+        "mods = [type(m).__name__ for m in fed.members[0].pipeline.mods]\n"
+        "from splitlm.privacy.server_attack import SERVER_ATTACKS\n"
+        "print(json.dumps([knowledge, honest, mods, SERVER_ATTACKS.get('fsha').__module__]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    knowledge, hijack = json.loads(done.stdout.strip().splitlines()[-1])
-    assert knowledge == [] and hijack == []
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    knowledge, honest, mods, fsha = json.loads(done.stdout.strip().splitlines()[-1])
+    assert knowledge == [] and honest == []
+    assert mods[:2] == ["SmashedNoise", "SplitGuard"]  # the defenses' and the detector's mods, in that order
+    assert fsha == "splitlm.privacy.attacks.fsha"

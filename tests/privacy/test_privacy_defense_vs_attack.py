@@ -21,23 +21,22 @@ FAST = {
 
 # (defense overrides, the attacks it targets)
 CASES = {
-    "dxp": (["privacy.defenses=[dxp]", "privacy.dxp.epsilon=5"], ["sip", "bisr_f", "nn_inversion"]),
+    "dxp": (["privacy.defenses.dxp.epsilon=5"], ["sip", "bisr_f", "nn_inversion"]),
     "smashed_noise": (
         [
-            "privacy.defenses=[smashed_noise]",
-            "privacy.smashed_noise.clip=2",
-            "privacy.smashed_noise.noise_multiplier=1",
+            "privacy.defenses.smashed_noise.clip=2",
+            "privacy.defenses.smashed_noise.noise_multiplier=1",
         ],
         ["sip", "bisr_f", "nn_inversion"],
     ),
     # Gradient noise guards the gradient channel only: BiSR(b) starting from a good SIP guess keeps what SIP
     # read from the smashed data, so its gradient part is tested from a one-step SIP (as good as no init).
     "grad_noise": (
-        ["privacy.defenses=[grad_noise]", "privacy.grad_noise.clip=0.001", "privacy.grad_noise.noise_multiplier=2"],
+        ["privacy.defenses.grad_noise.clip=0.001", "privacy.defenses.grad_noise.noise_multiplier=2"],
         ["bisr_b_from_gradients", "tag"],
     ),
     "nopeek": (
-        ["privacy.defenses=[nopeek]", "privacy.nopeek.beta=100", "lora.head.method=full"],
+        ["privacy.defenses.nopeek.beta=100", "lora.head.method=full"],
         ["sip", "nn_inversion", "bisr_f"],
     ),
 }

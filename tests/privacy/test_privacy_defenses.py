@@ -13,9 +13,9 @@ import torch
 from dp_accounting import dp_event
 
 from splitlm.config import Config
-from splitlm.config.schema import PrivacyConfig
 from splitlm.errors import ConfigError, PrivacyError
 from splitlm.frameworks import run_framework
+from splitlm.frameworks.base import config_problems
 from splitlm.privacy.accounting import epsilon
 from splitlm.privacy.defenses import DEFENSES, DefenseContext, build_defenses, token
 from splitlm.privacy.defenses.label_dp import LabelDp
@@ -305,25 +305,32 @@ def test_token_and_loss_defenses_have_no_epsilon() -> None:
 def test_every_defense_is_registered_and_built_from_its_section() -> None:
     names = ["dxp", "santext", "custext", "smashed_noise", "grad_noise", "nopeek"]
     assert set(names) | {"label_dp"} <= set(DEFENSES)
-    chain = build_defenses(PrivacyConfig(defenses=names), context())
+    chain = build_defenses(names, context())
     assert chain.names == names
-    assert build_defenses(PrivacyConfig(defenses=["label_dp"]), context(mode="vanilla")).names == ["label_dp"]
+    assert build_defenses(["label_dp"], context(mode="vanilla")).names == ["label_dp"]
 
 
 def test_label_dp_in_a_ushape_split_is_a_config_error(make_config: Callable[..., Config]) -> None:
-    with pytest.raises(ConfigError, match="label_dp"):
-        make_config("bad", "privacy.defenses=[label_dp]")
+    # its own rule (LabelDp.problems), reported by the config's one pass and refused by the run
+    problems = config_problems({"privacy": {"defenses": ["label_dp"]}})
+    assert problems == [
+        "privacy.defenses.label_dp: protects the labels a vanilla split sends; in a ushape split labels never leave "
+        "the client, so drop label_dp or set split.mode=vanilla"
+    ]
+    assert config_problems({"split": {"mode": "vanilla"}, "privacy": {"defenses": ["label_dp"]}}) == []
+    with pytest.raises(ConfigError, match=r"privacy\.defenses\.label_dp: protects the labels"):
+        run_framework(make_config("bad", "privacy.defenses=[label_dp]"))
 
 
 # ---------------------------------------------------------------------------------------------- tiny runs
 
 USHAPE = {
-    "dxp": ("privacy.dxp.epsilon=200",),
+    "dxp": ("privacy.defenses.dxp.epsilon=200",),
     "santext": (),
     "custext": (),
-    "smashed_noise": ("privacy.smashed_noise.clip=0.1", "privacy.smashed_noise.noise_multiplier=0.5"),
-    "grad_noise": ("privacy.grad_noise.clip=0.001", "privacy.grad_noise.directions=[up,down]"),
-    "nopeek": ("privacy.nopeek.beta=4",),
+    "smashed_noise": ("privacy.defenses.smashed_noise.clip=0.1", "privacy.defenses.smashed_noise.noise_multiplier=0.5"),
+    "grad_noise": ("privacy.defenses.grad_noise.clip=0.001", "privacy.defenses.grad_noise.directions=[up,down]"),
+    "nopeek": ("privacy.defenses.nopeek.beta=4",),
 }
 WITH_EPSILON = {"smashed_noise", "grad_noise", "label_dp"}
 FROZEN_HEAD = "lora.head.method=frozen"  # the head output is then the pretrained one at every step
@@ -382,7 +389,7 @@ def test_vanilla_label_dp_randomizes_the_labels_the_server_receives(
     for _, tap, truth in read_records(record_run("split.mode=vanilla", "privacy.tap.max_batches=5")):
         assert truth is not None and torch.equal(tap["labels"], expected(truth))
     run = record_run("split.mode=vanilla", "privacy.tap.max_batches=5", "privacy.defenses=[label_dp]",
-                     "privacy.label_dp.epsilon=6")  # fmt: skip
+                     "privacy.defenses.label_dp.epsilon=6")  # fmt: skip
     check_trained(run, "label_dp", run_files)
     flipped, total = 0, 0
     for _, tap, truth in read_records(run):
@@ -398,7 +405,7 @@ def test_vanilla_label_dp_randomizes_the_labels_the_server_receives(
 
 def test_nopeek_changes_how_the_head_trains(make_config: Callable[..., Config], run_files: Any) -> None:
     plain = make_config("plain")
-    with_nopeek = make_config("nopeek", "privacy.defenses=[nopeek]", "privacy.nopeek.beta=4")
+    with_nopeek = make_config("nopeek", "privacy.defenses.nopeek.beta=4")
     run_framework(plain)
     run_framework(with_nopeek)
     heads = [run_files.adapters(Path(c.output_dir), "head") for c in (plain, with_nopeek)]

@@ -13,20 +13,19 @@ import torch
 
 from splitlm.cli.main import main
 from splitlm.config import Config
-from splitlm.config.schema import SplitGuardConfig
 from splitlm.data import Batch, DataOrder, collate
 from splitlm.errors import HijackAlarm
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.federation import build_federation
 from splitlm.frameworks.setup import load_source, prepare_data
-from splitlm.privacy.detect import SplitGuard
-from splitlm.privacy.hijack import Fsha
+from splitlm.privacy.attacks.fsha import Fsha
+from splitlm.privacy.detectors.splitguard import SplitGuard, SplitGuardSettings
 from splitlm.privacy.tap import read_records
 
 # Probes every 3rd step (0-based steps 2, 5, 8, 11); the first one is scored once 3 regular batches were seen,
 # so with patience 3 an alarm comes at step 12 at the earliest. An honest server runs the same STEPS unalarmed.
 STEPS = 15
-DETECT = ("privacy.splitguard.enabled=true", "privacy.splitguard.probe_every=3", f"train.steps={STEPS}")
+DETECT = ("privacy.detectors.splitguard.probe_every=3", f"train.steps={STEPS}")
 FSHA = "privacy.server_attack=fsha"
 IGNORE = -100
 
@@ -64,7 +63,7 @@ def test_detector_stops_fsha_and_spares_an_honest_server(
 
 
 def test_detector_only_records_when_told_not_to_stop(make_config: Callable[..., Config], run_files: Any) -> None:
-    config = make_config("run", *DETECT, FSHA, "privacy.splitguard.stop=false")
+    config = make_config("run", *DETECT, FSHA, "privacy.detectors.splitguard.stop=false")
     run_framework(config)
     out = Path(config.output_dir)
     alarm = run_files.summary(out)["privacy"]["alarm_step"]
@@ -75,7 +74,7 @@ def test_detector_only_records_when_told_not_to_stop(make_config: Callable[..., 
 def test_cli_exits_8_with_one_line(config_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
     path = config_file(
         train={"steps": STEPS},
-        privacy={"server_attack": "fsha", "splitguard": {"enabled": True, "probe_every": 3}},
+        privacy={"server_attack": "fsha", "detectors": {"splitguard": {"probe_every": 3}}},
     )
     assert main(["train", str(path)]) == 8
     lines = capsys.readouterr().err.strip().splitlines()
@@ -103,7 +102,9 @@ def test_fsha_forges_the_gradient_of_the_smashed_data(record_run: Callable[..., 
 
 
 def test_fsha_reconstructs_ids_and_serves_a_queued_server(make_config: Callable[..., Config]) -> None:
-    config = make_config("run", FSHA, "privacy.fsha.aux_rows=16", "privacy.fsha.gradient_scale=2.0")
+    config = make_config(
+        "run", "privacy.server_attack.fsha.aux_rows=16", "privacy.server_attack.fsha.gradient_scale=2.0"
+    )
     fed = build_federation(config)
     fsha = next(mod for mod in fed.server_mods if isinstance(mod, Fsha))
     # a server with a request queue answers with futures: the forgery waits for them
@@ -127,9 +128,7 @@ def test_fsha_reconstructs_ids_and_serves_a_queued_server(make_config: Callable[
 
 
 def test_a_probe_step_leaves_the_client_parts_alone(make_config: Callable[..., Config]) -> None:
-    config = make_config(
-        "run", "privacy.splitguard.enabled=true", "privacy.splitguard.probe_every=2", "train.warmup_steps=0"
-    )
+    config = make_config("run", "privacy.detectors.splitguard.probe_every=2", "train.warmup_steps=0")
     client = build_federation(config).members[0].client
     guard = next(plugin for plugin in client.plugins if isinstance(plugin, SplitGuard))
     assert [guard.is_probe(s) for s in range(4)] == [False, True, False, True]
@@ -152,7 +151,7 @@ def test_a_probe_step_leaves_the_client_parts_alone(make_config: Callable[..., C
 def test_fake_labels_keep_ignored_positions_and_follow_the_seed() -> None:
     labels = torch.randint(0, 50, (4, 64))
     labels[:, :5] = IGNORE
-    settings = SplitGuardConfig(enabled=True)
+    settings = SplitGuardSettings()
     fake = SplitGuard(settings, vocab_size=50, seed=3).fake_labels(labels)
     assert torch.equal(fake[:, :5], labels[:, :5])
     assert int(fake.ne(labels).sum()) > 0.8 * int(labels.ne(IGNORE).sum())
@@ -174,7 +173,7 @@ def test_score_is_low_when_probe_gradients_follow_the_labels_and_high_when_not()
     frequent = torch.arange(4)  # real text repeats a few frequent labels; fake labels are spread uniformly
 
     def run(probe_follows_labels: bool) -> SplitGuard:
-        settings = SplitGuardConfig(enabled=True, probe_every=4, patience=2, stop=False)
+        settings = SplitGuardSettings(probe_every=4, patience=2, stop=False)
         guard = SplitGuard(settings, vocab_size=200, seed=0)
         for step in range(16):
             probe = guard.is_probe(step)
@@ -189,7 +188,7 @@ def test_score_is_low_when_probe_gradients_follow_the_labels_and_high_when_not()
     assert hijacked.scores and all(score > 0.8 for _, score in hijacked.scores)
     assert honest.alarm_step is None
     assert hijacked.alarm_step == 8  # the 2nd scored probe (0-based steps 3, 7) with patience 2
-    stopping = SplitGuard(SplitGuardConfig(enabled=True), vocab_size=200)
+    stopping = SplitGuard(SplitGuardSettings(), vocab_size=200)
     stopping.alarm_step = 4
     stopping.smoothed = 0.9
     with pytest.raises(HijackAlarm, match="step 4"):

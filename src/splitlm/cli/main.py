@@ -135,11 +135,17 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     from splitlm.config.schema import Config, key_reference
     from splitlm.frameworks import framework_of
+    from splitlm.frameworks.base import COMPONENT_KEYS, component_registry
     from splitlm.frameworks.pipeline import codec_mod
 
     if args.keys:
         for key, default, help_text in key_reference(Config):
             print(f"{key} = {default!r}\n    {help_text}")
+            if key in COMPONENT_KEYS:  # each registered component's own settings, under its name
+                registry = component_registry(key)
+                for name in registry.names():
+                    for setting, value, text in key_reference(registry.get(name).Settings, f"{key}.{name}."):
+                        print(f"{setting} = {value!r}\n    {text}")
         return 0
     config = _load(args)
     framework_of(config).check(config)  # the checks a run makes before it builds anything

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from splitlm.config.schema import Config, cross_field_problems
+from splitlm.config.schema import Config, as_mapping, cross_field_problems
 from splitlm.errors import ConfigError
 
 
@@ -32,6 +32,8 @@ def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node = tree
     for part in path[:-1]:
         child = node.setdefault(part, {})
+        if isinstance(child, list) and all(isinstance(item, str) for item in child):
+            child = node[part] = as_mapping(child)  # components by name (their defaults): now one gets settings
         if not isinstance(child, dict):
             raise ConfigError(f"override {'.'.join(path)}: {part} is a value, not a section")
         node = child

@@ -614,96 +614,6 @@ class TransportConfig(Section):
     address: str | None = Field(None, description="ray: the address of an existing Ray cluster (default: start one).")
 
 
-DEFENSE_NAMES = ("dxp", "santext", "custext", "smashed_noise", "grad_noise", "nopeek", "label_dp")
-Mechanism = Literal["gaussian", "laplace"]
-
-
-class DxpConfig(Section):
-    epsilon: float = Field(
-        50.0,
-        gt=0,
-        description="d_x-privacy parameter per unit of embedding distance: each input embedding gets noise r*u "
-        "(u uniform on the unit sphere, r ~ Gamma(d, 1/epsilon), so about d/epsilon long) and is snapped to the "
-        "nearest token; smaller is stronger (the noise is about d/epsilon long: on SmolLM2-135M, d=576, epsilon 50 / "
-        "40 / 30 change about 18 / 35 / 55% of the tokens, 100 almost none). Padding and special ids stay; metric DP, "
-        "so no epsilon is reported.",
-    )
-
-
-class SanTextConfig(Section):
-    epsilon: float = Field(
-        10.0,
-        gt=0,
-        description="Exponential-mechanism parameter: a token is replaced by w with probability proportional "
-        "to exp(-epsilon * distance(E[x], E[w]) / 2) over the whole vocabulary (Euclidean distance of the token "
-        "vectors); smaller is stronger. Padding and special ids stay; no epsilon is reported.",
-    )
-
-
-class CusTextConfig(Section):
-    epsilon: float = Field(
-        10.0,
-        gt=0,
-        description="Exponential-mechanism parameter: a token is replaced by one of its top_k nearest tokens w "
-        "with probability proportional to exp(epsilon * s / 2), s the cosine similarity rescaled to [0, 1] within "
-        "those candidates; smaller is stronger. Padding and special ids stay; no epsilon is reported.",
-    )
-    top_k: int = Field(20, ge=1, description="Candidates per token (its nearest tokens by cosine similarity).")
-
-
-class NoiseConfig(Section):
-    mechanism: Mechanism = Field(
-        "gaussian", description="gaussian (L2 clipping, Gaussian noise) or laplace (L1 clipping, Laplace noise)."
-    )
-    clip: float = Field(
-        0.0,
-        ge=0,
-        description="Clip each token's vector to this norm (L2 for gaussian, L1 for laplace) before adding noise; "
-        "0: no clipping (then no epsilon can be given).",
-    )
-    noise_multiplier: float = Field(
-        1.0,
-        ge=0,
-        description="Noise scale per coordinate as a multiple of clip (std for gaussian, scale b for laplace); "
-        "with clip=0 it is the absolute scale. The epsilon of one sequence of train.seq_len tokens is that of "
-        "a Gaussian mechanism with noise multiplier noise_multiplier / sqrt(seq_len) (Laplace: / seq_len).",
-    )
-
-
-class GradNoiseConfig(NoiseConfig):
-    clip: float = Field(
-        0.0,
-        ge=0,
-        description="Clip each token's gradient to this norm (L2 for gaussian, L1 for laplace) before adding "
-        "noise; an absolute norm: cut-layer gradients are small (about 1e-4 to 1e-2 per coordinate), so pick it "
-        "from their scale (e.g. 1e-3), not the smashed data's. 0: no clipping (then no epsilon can be given).",
-    )
-    directions: list[Literal["up", "down"]] = Field(
-        default_factory=lambda: ["up"],
-        description="up: the gradient the client sends at the tail cut (step 7, U-shape); down: the gradient the "
-        "client receives at the head cut (step 9) before it reaches the head.",
-    )
-
-
-class NoPeekConfig(Section):
-    beta: float = Field(
-        1.0,
-        ge=0,
-        description="Weight of the distance correlation between input embeddings and smashed data (over at most "
-        "256 real tokens drawn per micro-batch).",
-    )
-
-
-class LabelDpConfig(Section):
-    epsilon: float = Field(
-        2.0,
-        gt=0,
-        description="Randomized response for each label token sent (vanilla split): kept with probability "
-        "e^eps / (e^eps + K - 1), else a uniformly random other token, over the K non-special tokens; exactly "
-        "eps-DP per label, composed over train.seq_len labels per sequence.",
-    )
-
-
 class TapConfig(Section):
     enabled: bool = Field(
         False,
@@ -714,79 +624,26 @@ class TapConfig(Section):
     max_batches: int = Field(4, ge=1, description="Keep the last N training micro-batches.")
 
 
-class SplitGuardConfig(Section):
-    enabled: bool = Field(
-        False, description="Client-side hijacking detector: probe batches with fake labels, compare gradients."
-    )
-    probe_every: int = Field(
-        4, ge=2, description="Every N-th step is a probe with fake labels (it does not train the client's parts)."
-    )
-    warmup_steps: int = Field(0, ge=0, description="No probes before this step.")
-    window: int = Field(
-        8, ge=3, description="Latest regular micro-batches whose gradients a probe's gradients are compared with."
-    )
-    projection: int = Field(
-        128, ge=8, description="Gradients wider than this are randomly projected to this many dimensions first."
-    )
-    threshold: float = Field(
-        0.5,
-        gt=0,
-        lt=1,
-        description="Alarm when the smoothed SplitGuard score exceeds this (per probe score in (0, 1]: near 0 when "
-        "the server's gradients react to the fake labels, 1 when they ignore them).",
-    )
-    smoothing: float = Field(
-        0.5, gt=0, le=1, description="Weight of the newest probe in the smoothed score (1: no smoothing)."
-    )
-    patience: int = Field(
-        3,
-        ge=1,
-        description="Consecutive probes whose smoothed score exceeds the threshold that raise the alarm (the first "
-        "probes of a randomly initialised model can look label-blind).",
-    )
-    stop: bool = Field(True, description="Stop training on alarm (else only log and record it).")
-
-
-class FshaConfig(Section):
-    lr: float = Field(1e-3, gt=0, description="Learning rate of the attacker's pilot, decoder and discriminator.")
-    aux_rows: int = Field(512, ge=8, description="Public auxiliary rows the attacker trains its pilot/decoder on.")
-    gradient_scale: float = Field(
-        1.0,
-        gt=0,
-        description="Norm of the forged gradient sent to the client, as a multiple of the running mean of the "
-        "honest gradients' norms.",
-    )
-    width: int = Field(256, ge=8, description="Hidden width of the attacker's pilot, decoder and discriminator.")
-    disc_steps: int = Field(
-        1, ge=1, description="Discriminator updates per training forward (pilot features vs smashed data)."
-    )
-
-
 class PrivacyConfig(Section):
-    defenses: list[Literal[DEFENSE_NAMES]] = Field(  # type: ignore[valid-type]
-        default_factory=list,
-        description="Client-side defenses, applied in this order at their pipeline steps: "
-        + ", ".join(DEFENSE_NAMES)
-        + ".",
+    defenses: Components = Field(
+        default_factory=dict,
+        description="Client-side defenses, applied in this order at their pipeline steps, each with its settings: "
+        "{name: {setting: value}} (a list of names means their defaults), e.g. {smashed_noise: {clip: 1.0}}. "
+        "Built in: dxp, santext, custext (step 2), smashed_noise (3), grad_noise (7, 9), nopeek (10), label_dp "
+        "(vanilla labels); `splitlm config --keys` lists their settings.",
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) the accountant reports.")
-    dxp: DxpConfig = Field(default_factory=DxpConfig, description="DxP token noise (step 2).")
-    santext: SanTextConfig = Field(default_factory=SanTextConfig, description="SanText token substitution (step 2).")
-    custext: CusTextConfig = Field(default_factory=CusTextConfig, description="CusText token substitution (step 2).")
-    smashed_noise: NoiseConfig = Field(
-        default_factory=NoiseConfig, description="Clipping + noise on the smashed data (step 3)."
-    )
-    grad_noise: GradNoiseConfig = Field(
-        default_factory=GradNoiseConfig, description="Clipping + noise on cut-layer gradients (steps 7, 9)."
-    )
-    nopeek: NoPeekConfig = Field(default_factory=NoPeekConfig, description="NoPeek loss (steps 2-3, 10).")
-    label_dp: LabelDpConfig = Field(default_factory=LabelDpConfig, description="Label DP for vanilla splits.")
     tap: TapConfig = Field(default_factory=TapConfig, description="Server-side recording for attacks.")
-    splitguard: SplitGuardConfig = Field(default_factory=SplitGuardConfig, description="Hijacking detector.")
-    server_attack: Literal["none", "fsha"] = Field(
-        "none", description="Make the (simulated) server malicious: fsha hijacks the client's feature space."
+    detectors: Components = Field(
+        default_factory=dict,
+        description="Client-side detectors of a malicious server, each with its settings, e.g. "
+        "{splitguard: {probe_every: 4}} (SplitGuard's hijacking detector).",
     )
-    fsha: FshaConfig = Field(default_factory=FshaConfig, description="The FSHA attacker's settings.")
+    server_attack: Components = Field(
+        default_factory=dict,
+        description="Make the (simulated) server malicious, e.g. {fsha: {lr: 1e-3}} or fsha (FSHA hijacks the "
+        "client's feature space); empty: an honest server.",
+    )
 
 
 class Config(Section):
@@ -906,15 +763,6 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
     problems += _round_trip_problems(tree)
     problems += _client_problems(tree)
     problems += _remedy_problems(tree)
-    defenses = value_at(tree, "privacy.defenses")
-    if isinstance(defenses, list):
-        if len(set(defenses)) != len(defenses):
-            problems.append("privacy.defenses: a defense is listed twice")
-        if "label_dp" in defenses and value_at(tree, "split.mode") != "vanilla":
-            problems.append(
-                "privacy.defenses: label_dp protects the labels a vanilla split sends; in a ushape split "
-                "labels never leave the client, so drop label_dp or set split.mode=vanilla"
-            )
     return problems
 
 

@@ -42,7 +42,7 @@ def check_networked(config: Config) -> None:
     framework.check(config)
     if not framework.split:
         raise ConfigError(f"framework.name={framework.name} runs in one process; use `splitlm train`")
-    if config.privacy.tap.enabled or config.privacy.server_attack != "none":
+    if config.privacy.tap.enabled or config.privacy.server_attack:
         raise ConfigError(
             "privacy.tap and privacy.server_attack are simulations of in-process runs: drop them from the server's "
             "config"

@@ -103,8 +103,6 @@ class Framework:
         """Refuse options this framework cannot honour, with what to change."""
         problems = []
         if not self.split:
-            if config.privacy.defenses:
-                problems.append(f"privacy.defenses: defenses act at the cut; framework.name={self.name} has none")
             if config.transport.name != "inprocess":
                 problems.append(f"transport.name: framework.name={self.name} runs in one process; set inprocess")
             if config.transport.codec.activations.strip().startswith("lowrank"):
@@ -124,13 +122,6 @@ class Framework:
             problems.append(
                 f"framework.name={self.name} keeps one trunk adapter per {self.trunk_adapters}: "
                 "set lora.trunk.method=lora"
-            )
-        if config.privacy.server_attack != "none" and (
-            config.framework.num_clients != 1 or config.transport.name != "inprocess" or not self.split
-        ):
-            problems.append(
-                f"privacy.server_attack={config.privacy.server_attack} is simulated for one in-process client: set "
-                "framework.num_clients=1 and transport.name=inprocess"
             )
         if config.train.ema and not self.sequential:
             problems.append(
@@ -269,7 +260,11 @@ def framework_of(config: Config) -> Framework:
 # The config keys that select components (``registry.Component``: remedies, defenses, detectors, aggregation
 # strategies, server attacks) and the registry that knows each, as "module:attribute", imported when first needed.
 # One line per key; the components themselves declare their settings and problems.
-COMPONENT_KEYS: dict[str, str] = {}
+COMPONENT_KEYS: dict[str, str] = {
+    "privacy.defenses": "splitlm.privacy.defenses:DEFENSES",
+    "privacy.detectors": "splitlm.privacy.detectors:DETECTORS",
+    "privacy.server_attack": "splitlm.privacy.server_attack:SERVER_ATTACKS",
+}
 
 
 def component_registry(key: str) -> ComponentRegistry[Any]:
@@ -292,7 +287,6 @@ def config_problems(tree: dict[str, Any]) -> list[str]:
     defenses, codecs), for ``load_config(..., checks=[config_problems])`` to report with the schema's own problems."""
     from splitlm.data.partition import PARTITIONERS
     from splitlm.frameworks.grouping import GROUPINGS, SELECTIONS
-    from splitlm.privacy.defenses import DEFENSES
     from splitlm.runtime.scheduling import POLICIES
     from splitlm.transport.codecs import parse_codec
 
@@ -307,11 +301,6 @@ def config_problems(tree: dict[str, Any]) -> list[str]:
         problem = registry.problem(value_at(tree, key))
         if problem is not None:
             problems.append(problem if problem.startswith(key) else f"{key}: {problem}")
-    defenses = value_at(tree, "privacy.defenses")
-    for name in defenses if isinstance(defenses, list) else []:
-        problem = DEFENSES.problem(name)
-        if problem is not None:
-            problems.append(problem)
     for key in ("transport.codec.activations", "transport.codec.gradients"):
         spec = value_at(tree, key)
         try:
@@ -319,7 +308,12 @@ def config_problems(tree: dict[str, Any]) -> list[str]:
         except ConfigError as error:
             problems.append(f"{key}: {str(error).removeprefix('transport.codec: ')}")
     for key in COMPONENT_KEYS:
-        problems += component_registry(key).settings_problems(as_mapping(value_at(tree, key)), key)
+        spec = value_at(tree, key)
+        if isinstance(spec, list):  # a list of names: each once (as_mapping would keep one silently)
+            problems += [
+                f"{key}: {name!r} is listed twice; name each once" for i, name in enumerate(spec) if name in spec[:i]
+            ]
+        problems += component_registry(key).settings_problems(as_mapping(spec), key)
     if not problems:  # every name is known: the components' own rules, on the validated config
         try:
             config = Config.model_validate(tree)

@@ -3,15 +3,19 @@
 Every transport (in-process, gRPC, Ray) gets its chains here, so a run behaves the same however its bytes
 travel. The order, from the client's training code to the server's handler::
 
-    client:  defenses (smashed data, labels, gradients) -> SplitGuard -> codec -> meter -> [link] -> transport
-    server:  transport -> codec -> tap -> attacker (FSHA) -> alignment statistics -> SplitServer
+    client:  defenses (smashed data, labels, gradients) -> detectors -> codec -> meter -> [link] -> transport
+    server:  transport -> codec -> tap -> server attack (FSHA) -> alignment statistics -> SplitServer
 
 The meter is the client's last mod, so it counts what travels (encoded bytes); the tap sits after the
-server's codec, so attacks read what the server decoded; SplitGuard observes gradients after the codec and
-before the client's own gradient noise. Token and loss defenses, SplitGuard's probes and the audit truth
-recorder are client plugins (``runtime/plugins.py``). With ``train.align_kl`` the server's alignment statistics
-(``runtime/align.py``) see the decoded smashed data and add two tensors to the replies of training forwards,
-which the server's codec and the client's mods pass through untouched.
+server's codec, so attacks read what the server decoded; a detector (SplitGuard) observes gradients after the
+codec and before the client's own gradient noise. Token and loss defenses, the detectors' probes and the audit
+truth recorder are client plugins (``runtime/plugins.py``). With ``train.align_kl`` the server's alignment
+statistics (``runtime/align.py``) see the decoded smashed data and add two tensors to the replies of training
+forwards, which the server's codec and the client's mods pass through untouched.
+
+Defenses (``privacy.defenses``), detectors (``privacy.detectors``) and the server attack
+(``privacy.server_attack``) are components built by name from their registries; this module never imports the
+attacks (``privacy.server_attack``'s registry names their modules).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from splitlm.config import Config
 from splitlm.config.schema import LINK_DIRECTIONS
 from splitlm.models import ModelSource, Stage
 from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
+from splitlm.privacy.detectors import DetectorContext, build_detectors
+from splitlm.privacy.server_attack import build_server_attacks
 from splitlm.privacy.tap import ServerTap, TruthRecorder
 from splitlm.runtime.align import align_mod
 from splitlm.runtime.plugins import ClientPlugin
@@ -60,12 +66,10 @@ def client_pipeline(
     defenses = _defenses(config, source, head)
     mods: list[Mod] = list(defenses.mods)
     plugins: list[ClientPlugin] = list(defenses.plugins)
-    if config.privacy.splitguard.enabled:
-        from splitlm.privacy.detect import SplitGuard
-
-        guard = SplitGuard(config.privacy.splitguard, vocab_size=int(head.config.vocab_size), seed=config.seed)
-        mods.append(guard)  # after the defenses on a request, so before them on the reply
-        plugins.append(guard)
+    context = DetectorContext(vocab_size=int(head.config.vocab_size), seed=config.seed)
+    for detector in build_detectors(config.privacy.detectors, context):
+        mods.append(detector)  # after the defenses on a request, so before them on the reply
+        plugins.append(detector)
     if truth is not None:
         plugins.append(truth)
     mods += [codec_mod(config), MeterMod()]
@@ -77,10 +81,7 @@ def server_mods(config: Config, source: ModelSource, trunk: Stage, tap: ServerTa
     mods: list[Mod] = [codec_mod(config)]
     if tap is not None:
         mods.append(tap)
-    if config.privacy.server_attack == "fsha":
-        from splitlm.privacy.hijack import Fsha
-
-        mods.append(Fsha(config, source, trunk))
+    mods += build_server_attacks(config.privacy.server_attack, config, source, trunk)
     align = align_mod(config)
     if align is not None:  # innermost: it sees what the server's handler sees, and answers with its replies
         mods.append(align)
@@ -120,6 +121,6 @@ def _defenses(config: Config, source: ModelSource, head: Stage) -> DefenseChain:
         seq_len=config.train.seq_len,
         seed=config.seed,
     )
-    chain = build_defenses(config.privacy, context)
+    chain = build_defenses(config.privacy.defenses, context)
     log.info("defenses: %s", ", ".join(chain.names))
     return chain

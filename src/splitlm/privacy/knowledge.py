@@ -1,14 +1,14 @@
 """What an attacker at the server knows without the client's help: its public knowledge.
 
 Both kinds of attacker read it. The honest-but-curious server of ``splitlm attack`` (``privacy.attacks``)
-attacks a recorded run offline; the malicious server of FSHA (``privacy.hijack``) is built by a framework
-and attacks while the run trains. Each knows the public pretrained weights of the whole model (not the
-client's fine-tuned adapters), where the run cuts it, and public auxiliary text of the same kind as the
-client's. ``PublicKnowledge`` holds that, loads each pretrained part once and keeps a cache of what is
-derived from it.
+attacks a recorded run offline; the malicious server of FSHA (``privacy.attacks.fsha``) is installed by
+name (``privacy.server_attack``) and attacks while the run trains. Each knows the public pretrained weights
+of the whole model (not the client's fine-tuned adapters), where the run cuts it, and public auxiliary text
+of the same kind as the client's. ``PublicKnowledge`` holds that, loads each pretrained part once and keeps a
+cache of what is derived from it.
 
 This module imports only the config, data, models, errors and files layers (never the attacks, frameworks,
-runtime, deploy or CLI), so that the runtime and the frameworks can build FSHA without importing attacks.
+runtime, deploy or CLI).
 """
 
 from __future__ import annotations

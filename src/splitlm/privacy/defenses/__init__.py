@@ -10,7 +10,6 @@ from splitlm.privacy.defenses.base import (
     InputDefense,
     MessageDefense,
     build_defenses,
-    register_defense,
 )
 
 __all__ = [
@@ -21,5 +20,4 @@ __all__ = [
     "InputDefense",
     "MessageDefense",
     "build_defenses",
-    "register_defense",
 ]

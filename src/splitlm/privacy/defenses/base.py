@@ -16,19 +16,24 @@ defense overrides only the steps it works at:
 
 Defenses with a DP mechanism describe one release of one sequence as a ``dp_accounting`` event; the
 accountant (``splitlm.privacy.accounting``) composes them over the run.
+
+A defense is a ``registry.Component``: one class in its own module declares its ``name``, its ``Settings`` (what a
+config gives under ``privacy.defenses.<name>``), its ``problems`` (what it cannot work with) and the hooks above,
+and registers itself with ``@DEFENSES.component``. A config names defenses in order, with their settings
+(``privacy.defenses: {smashed_noise: {clip: 1.0}, nopeek: {beta: 4}}``; a list of names means their defaults).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Self
 
 import torch
 from dp_accounting import dp_event
 
+from splitlm.config.schema import as_mapping
 from splitlm.errors import PrivacyError
-from splitlm.registry import Registry
+from splitlm.registry import Component, ComponentRegistry
 from splitlm.runtime.plugins import ClientPlugin
 from splitlm.runtime.rng import derive
 from splitlm.transport import Message, Mod
@@ -55,16 +60,28 @@ class DefenseContext:
         return gen
 
 
-class Defense:
-    """Base of every defense. Subclasses set ``name`` and derive from ``MessageDefense`` or ``InputDefense``.
+class Defense(Component):
+    """Base of every defense. Subclasses set ``name`` and ``Settings`` and derive from ``MessageDefense`` or
+    ``InputDefense``; one whose constructor needs more than its settings (the client's token vectors, its split)
+    overrides ``create``.
 
     A defense that draws noise keeps its stream in ``generator``; before each piece of work the pipeline
     ``reseed``s it from (its seed, the work's key), so the noise does not depend on which process draws it
     or on what it drew before (``runtime/rng.py``)."""
 
-    name: ClassVar[str] = ""
     generator: torch.Generator | None = None
     _base_seed: int | None = None
+
+    @classmethod
+    def create(cls, settings: Any, context: DefenseContext) -> Self:
+        """The defense with ``settings`` (its validated ``Settings``) on the client's ``context``."""
+        return cls(settings)
+
+    @classmethod
+    def problems(cls, settings: Any, config: Any, framework: Any) -> list[str]:
+        if framework is not None and not framework.split:
+            return [f"privacy.defenses.{cls.name}: defenses act at the cut; framework.name={framework.name} has none"]
+        return []
 
     def reseed(self, *key: object) -> None:
         if self.generator is None:
@@ -123,11 +140,9 @@ class InputDefense(Defense, ClientPlugin):
         self.reseed(*key)
 
 
-DefenseFactory = Callable[[Any, DefenseContext], Defense]
-DEFENSES = Registry[DefenseFactory](
+DEFENSES = ComponentRegistry[Defense](
     "defense", "privacy.defenses", error=PrivacyError, builtins=("splitlm.privacy.defenses",)
 )
-register_defense = DEFENSES.register  # ``(settings section, context) -> Defense`` under a ``privacy.defenses`` name
 
 
 class DefenseChain:
@@ -165,6 +180,11 @@ class DefenseChain:
         return events or None
 
 
-def build_defenses(privacy: Any, context: DefenseContext) -> DefenseChain:
-    """The chain ``privacy.defenses`` names, each built from its own settings section (``privacy.<name>``)."""
-    return DefenseChain([DEFENSES.get(name)(getattr(privacy, name), context) for name in privacy.defenses])
+def build_defenses(spec: Any, context: DefenseContext) -> DefenseChain:
+    """The chain ``spec`` (``privacy.defenses``: ``{name: settings}`` in order) names, each with its own settings."""
+    defenses = []
+    for name, settings in DEFENSES.parse(as_mapping(spec)).items():
+        defense = DEFENSES.get(name).create(settings, context)
+        defense.settings = settings
+        defenses.append(defense)
+    return DefenseChain(defenses)

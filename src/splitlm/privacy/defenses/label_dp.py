@@ -14,26 +14,49 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import TYPE_CHECKING
+from typing import Any, Self
 
 import torch
 from dp_accounting import dp_event
+from pydantic import Field
 
 from splitlm.errors import PrivacyError
-from splitlm.privacy.defenses.base import DefenseContext, MessageDefense, register_defense
-
-if TYPE_CHECKING:
-    from splitlm.config.schema import LabelDpConfig
+from splitlm.privacy.defenses.base import DEFENSES, DefenseContext, MessageDefense
+from splitlm.registry import ComponentSettings
 
 IGNORE = -100
 
 
+@DEFENSES.component
 class LabelDp(MessageDefense):
     name = "label_dp"
 
+    class Settings(ComponentSettings):
+        epsilon: float = Field(
+            2.0,
+            gt=0,
+            description="Randomized response for each label token sent (vanilla split): kept with probability "
+            "e^eps / (e^eps + K - 1), else a uniformly random other token, over the K non-special tokens; exactly "
+            "eps-DP per label, composed over train.seq_len labels per sequence.",
+        )
+
+    @classmethod
+    def create(cls, settings: Settings, context: DefenseContext) -> Self:
+        return cls(context, settings.epsilon)
+
+    @classmethod
+    def problems(cls, settings: Settings, config: Any, framework: Any) -> list[str]:
+        problems = super().problems(settings, config, framework)
+        if config.split.mode != "vanilla":
+            problems.append(
+                "privacy.defenses.label_dp: protects the labels a vanilla split sends; in a ushape split labels "
+                "never leave the client, so drop label_dp or set split.mode=vanilla"
+            )
+        return problems
+
     def __init__(self, context: DefenseContext, epsilon: float) -> None:
         if not epsilon > 0:
-            raise PrivacyError(f"label_dp: epsilon must be > 0, got {epsilon}; set privacy.label_dp.epsilon")
+            raise PrivacyError(f"label_dp: epsilon must be > 0, got {epsilon}; set privacy.defenses.label_dp.epsilon")
         if context.mode != "vanilla":
             raise PrivacyError("label_dp: only a vanilla split sends labels; drop label_dp or set split.mode=vanilla")
         vocab, device = context.vocab_size, context.token_embeddings.device
@@ -76,8 +99,3 @@ class LabelDp(MessageDefense):
     def dp_events(self) -> list[dp_event.DpEvent] | None:
         one = dp_event.RandomizedResponseDpEvent(noise_parameter=self.noise_parameter, num_buckets=self.buckets)
         return [dp_event.SelfComposedDpEvent(one, self.seq_len)]
-
-
-@register_defense("label_dp")
-def build_label_dp(settings: LabelDpConfig, context: DefenseContext) -> LabelDp:
-    return LabelDp(context, settings.epsilon)

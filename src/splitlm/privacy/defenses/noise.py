@@ -22,18 +22,57 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import TYPE_CHECKING
+from typing import Any, Literal, Self
 
 import torch
 from dp_accounting import dp_event
+from pydantic import Field
 
 from splitlm.errors import PrivacyError
-from splitlm.privacy.defenses.base import DefenseContext, MessageDefense, register_defense
-
-if TYPE_CHECKING:
-    from splitlm.config.schema import GradNoiseConfig, NoiseConfig
+from splitlm.privacy.defenses.base import DEFENSES, DefenseContext, MessageDefense
+from splitlm.registry import ComponentSettings
 
 MECHANISMS = ("gaussian", "laplace")
+VANILLA_UP = (
+    "privacy.defenses.grad_noise: direction up acts on the gradient a ushape client sends, and a vanilla split "
+    "sends none; set privacy.defenses.grad_noise.directions=[down] or split.mode=ushape"
+)
+Mechanism = Literal["gaussian", "laplace"]
+
+
+class NoiseSettings(ComponentSettings):
+    mechanism: Mechanism = Field(
+        "gaussian", description="gaussian (L2 clipping, Gaussian noise) or laplace (L1 clipping, Laplace noise)."
+    )
+    clip: float = Field(
+        0.0,
+        ge=0,
+        description="Clip each token's vector to this norm (L2 for gaussian, L1 for laplace) before adding noise; "
+        "0: no clipping (then no epsilon can be given).",
+    )
+    noise_multiplier: float = Field(
+        1.0,
+        ge=0,
+        description="Noise scale per coordinate as a multiple of clip (std for gaussian, scale b for laplace); "
+        "with clip=0 it is the absolute scale. The epsilon of one sequence of train.seq_len tokens is that of "
+        "a Gaussian mechanism with noise multiplier noise_multiplier / sqrt(seq_len) (Laplace: / seq_len).",
+    )
+
+
+class GradNoiseSettings(NoiseSettings):
+    clip: float = Field(
+        0.0,
+        ge=0,
+        description="Clip each token's gradient to this norm (L2 for gaussian, L1 for laplace) before adding "
+        "noise; an absolute norm: cut-layer gradients are small (about 1e-4 to 1e-2 per coordinate), so pick it "
+        "from their scale (e.g. 1e-3), not the smashed data's. 0: no clipping (then no epsilon can be given).",
+    )
+    directions: list[Literal["up", "down"]] = Field(
+        default_factory=lambda: ["up"],
+        min_length=1,
+        description="up: the gradient the client sends at the tail cut (step 7, U-shape); down: the gradient the "
+        "client receives at the head cut (step 9) before it reaches the head.",
+    )
 
 
 class ClipNoise:
@@ -46,7 +85,8 @@ class ClipNoise:
             raise PrivacyError(f"{name}: mechanism must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
         if clip < 0 or noise_multiplier < 0:
             raise PrivacyError(
-                f"{name}: clip and noise_multiplier must be >= 0, got {clip} and {noise_multiplier}; fix privacy.{name}"
+                f"{name}: clip and noise_multiplier must be >= 0, got {clip} and {noise_multiplier}; fix "
+                f"privacy.defenses.{name}"
             )
         self.mechanism = mechanism
         self.clip = float(clip)
@@ -84,8 +124,14 @@ class ClipNoise:
         return [dp_event.LaplaceDpEvent(self.noise_multiplier / seq_len)]
 
 
+@DEFENSES.component
 class SmashedNoise(MessageDefense):
     name = "smashed_noise"
+    Settings = NoiseSettings
+
+    @classmethod
+    def create(cls, settings: NoiseSettings, context: DefenseContext) -> Self:
+        return cls(context, settings.mechanism, settings.clip, settings.noise_multiplier)
 
     def __init__(self, context: DefenseContext, mechanism: str, clip: float, noise_multiplier: float) -> None:
         self.generator = generator = context.generator(zlib.crc32(self.name.encode()))
@@ -99,8 +145,21 @@ class SmashedNoise(MessageDefense):
         return self.noise.events(self.seq_len)
 
 
+@DEFENSES.component
 class GradNoise(MessageDefense):
     name = "grad_noise"
+    Settings = GradNoiseSettings
+
+    @classmethod
+    def create(cls, settings: GradNoiseSettings, context: DefenseContext) -> Self:
+        return cls(context, settings.mechanism, settings.clip, settings.noise_multiplier, list(settings.directions))
+
+    @classmethod
+    def problems(cls, settings: GradNoiseSettings, config: Any, framework: Any) -> list[str]:
+        problems = super().problems(settings, config, framework)
+        if config.split.mode != "ushape" and "down" not in settings.directions:
+            problems.append(VANILLA_UP)
+        return problems
 
     def __init__(
         self,
@@ -114,10 +173,7 @@ class GradNoise(MessageDefense):
         if unknown or not directions:
             raise PrivacyError(f"grad_noise: directions must be a non-empty subset of [up, down], got {directions}")
         if context.mode != "ushape" and "down" not in directions:
-            raise PrivacyError(
-                "grad_noise: direction up acts on the gradient a ushape client sends, and a vanilla split sends "
-                "none; set privacy.grad_noise.directions=[down] or split.mode=ushape"
-            )
+            raise PrivacyError(VANILLA_UP)
         self.generator = generator = context.generator(zlib.crc32(self.name.encode()))
         self.noise = ClipNoise(self.name, mechanism, clip, noise_multiplier, generator)
         self.up = "up" in directions and context.mode == "ushape"
@@ -134,13 +190,3 @@ class GradNoise(MessageDefense):
         # Only "up" releases something computed from the client's data (its labels, its tail) to the server;
         # "down" noises what the client receives: nothing leaves the client through it, so it has no epsilon.
         return self.noise.events(self.seq_len) if self.up else None
-
-
-@register_defense("smashed_noise")
-def build_smashed_noise(settings: NoiseConfig, context: DefenseContext) -> SmashedNoise:
-    return SmashedNoise(context, settings.mechanism, settings.clip, settings.noise_multiplier)
-
-
-@register_defense("grad_noise")
-def build_grad_noise(settings: GradNoiseConfig, context: DefenseContext) -> GradNoise:
-    return GradNoise(context, settings.mechanism, settings.clip, settings.noise_multiplier, list(settings.directions))

@@ -9,15 +9,14 @@ sample. The cost is quadratic in the number of tokens, so at most ``MAX_TOKENS``
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING
+from typing import Self
 
 import torch
+from pydantic import Field
 
 from splitlm.errors import PrivacyError
-from splitlm.privacy.defenses.base import DefenseContext, InputDefense, register_defense
-
-if TYPE_CHECKING:
-    from splitlm.config.schema import NoPeekConfig
+from splitlm.privacy.defenses.base import DEFENSES, DefenseContext, InputDefense
+from splitlm.registry import ComponentSettings
 
 MAX_TOKENS = 256
 
@@ -37,12 +36,25 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(1e-12).sqrt()
 
 
+@DEFENSES.component
 class NoPeek(InputDefense):
     name = "nopeek"
 
+    class Settings(ComponentSettings):
+        beta: float = Field(
+            1.0,
+            ge=0,
+            description="Weight of the distance correlation between input embeddings and smashed data (over at most "
+            "256 real tokens drawn per micro-batch).",
+        )
+
+    @classmethod
+    def create(cls, settings: Settings, context: DefenseContext) -> Self:
+        return cls(context, settings.beta)
+
     def __init__(self, context: DefenseContext, beta: float, max_tokens: int = MAX_TOKENS) -> None:
         if beta < 0:
-            raise PrivacyError(f"nopeek: beta must be >= 0, got {beta}; set privacy.nopeek.beta")
+            raise PrivacyError(f"nopeek: beta must be >= 0, got {beta}; set privacy.defenses.nopeek.beta")
         self.beta = float(beta)
         self.max_tokens = max_tokens
         self.generator = context.generator(zlib.crc32(self.name.encode()))
@@ -63,8 +75,3 @@ class NoPeek(InputDefense):
             keep = keep.to(hidden.device)
             x, z = x[keep], z[keep]
         return self.beta * distance_correlation(x, z)
-
-
-@register_defense("nopeek")
-def build_nopeek(settings: NoPeekConfig, context: DefenseContext) -> NoPeek:
-    return NoPeek(context, settings.beta)

@@ -2,8 +2,8 @@
 
 Now and then the client sends a *probe*: a batch whose labels are replaced by random tokens. An honest server
 returns, for the smashed data, the gradient of the training loss, which depends on the labels: the gradients
-of a probe differ from those of regular batches. A hijacking server (FSHA, ``splitlm.privacy.hijack``) returns
-the gradient of a loss that never sees the labels, so a probe's gradients look like any other batch's. The
+of a probe differ from those of regular batches. A hijacking server (FSHA, ``splitlm.privacy.attacks.fsha``)
+returns the gradient of a loss that never sees the labels, so a probe's gradients look like any other batch's. The
 probe's fake labels never train the client's own parts (``SplitClient.train_step`` drops their gradients).
 
 What is compared. Each micro-batch's (B, T, d) gradient becomes the directions u_t = g_t / |g_t| of its real
@@ -50,13 +50,14 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 
-from splitlm.config.schema import SplitGuardConfig
 from splitlm.data.batch import IGNORE_INDEX
 from splitlm.errors import HijackAlarm
-from splitlm.runtime.plugins import ClientPlugin
+from splitlm.privacy.detectors.base import DETECTORS, Detector, DetectorContext
+from splitlm.registry import ComponentSettings
 from splitlm.runtime.rng import derive
-from splitlm.transport import Message, Mod
+from splitlm.transport import Message
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,48 @@ def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.acos(max(-1.0, min(1.0, cos)))
 
 
-class SplitGuard(ClientPlugin, Mod):
+class SplitGuardSettings(ComponentSettings):
+    probe_every: int = Field(
+        4, ge=2, description="Every N-th step is a probe with fake labels (it does not train the client's parts)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="No probes before this step.")
+    window: int = Field(
+        8, ge=3, description="Latest regular micro-batches whose gradients a probe's gradients are compared with."
+    )
+    projection: int = Field(
+        128, ge=8, description="Gradients wider than this are randomly projected to this many dimensions first."
+    )
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Alarm when the smoothed SplitGuard score exceeds this (per probe score in (0, 1]: near 0 when "
+        "the server's gradients react to the fake labels, 1 when they ignore them).",
+    )
+    smoothing: float = Field(
+        0.5, gt=0, le=1, description="Weight of the newest probe in the smoothed score (1: no smoothing)."
+    )
+    patience: int = Field(
+        3,
+        ge=1,
+        description="Consecutive probes whose smoothed score exceeds the threshold that raise the alarm (the first "
+        "probes of a randomly initialised model can look label-blind).",
+    )
+    stop: bool = Field(True, description="Stop training on alarm (else only log and record it).")
+
+
+@DETECTORS.component
+class SplitGuard(Detector):
     """Probes with fake labels; raises ``HijackAlarm`` when the returned gradients ignore the labels."""
 
     name = "splitguard"
+    Settings = SplitGuardSettings
 
-    def __init__(self, settings: SplitGuardConfig, vocab_size: int, seed: int = 0) -> None:
+    @classmethod
+    def create(cls, settings: SplitGuardSettings, context: DetectorContext) -> SplitGuard:
+        return cls(settings, vocab_size=context.vocab_size, seed=context.seed)
+
+    def __init__(self, settings: SplitGuardSettings, vocab_size: int, seed: int = 0) -> None:
         self.settings = settings
         self.vocab_size = vocab_size
         self.seed = seed
@@ -155,7 +192,8 @@ class SplitGuard(ClientPlugin, Mod):
             raise HijackAlarm(
                 f"the server appears to hijack training (SplitGuard alarm at step {self.alarm_step}: its gradients "
                 f"ignore the probe labels, smoothed score {self.smoothed:.2f} > {self.settings.threshold}); "
-                "training stopped: do not train with this server (privacy.splitguard.stop=false only records it)"
+                "training stopped: do not train with this server (privacy.detectors.splitguard.stop=false only "
+                "records it)"
             )
 
     # --- statistics ------------------------------------------------------------------------------------------

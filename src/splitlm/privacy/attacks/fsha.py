@@ -7,13 +7,15 @@ to make its smashed data look like pilot features. The attacker trains f~ togeth
 an autoencoder on public text, so once f maps into f~'s feature space, f~^-1 reads the client's tokens back
 from what it sends (``Fsha.reconstruct``).
 
-``Fsha`` is a server-side mod (``transport/mods.py``) around the honest server: the honest server keeps
+``Fsha`` is a server attack (``privacy.server_attack: fsha``, registered in ``privacy.server_attack``'s
+``SERVER_ATTACKS`` by this module's name, so the training code asks for it by name and never imports it): a
+server-side mod (``transport/mods.py``) around the honest server: the honest server keeps
 running underneath, so the client sees ordinary replies (real trunk outputs in U-shape, a real loss in
 a vanilla split), but the ``grad`` of a U-shape ``gradients`` reply, or of a vanilla ``loss`` reply, is
 replaced by the forged one, of the same shape and dtype, zero on padding. Its norm is a running mean of the
 norms of the honest gradients computed so far (times ``gradient_scale``), so it is plausible in size and, like
 its direction, does not depend on the labels of the batch at hand: that is what a label-probing detector
-(``splitlm.privacy.detect``) notices.
+(``splitlm.privacy.detectors.splitguard``) notices.
 
 The attacker's networks (all per token, float32, on the trunk's device):
 
@@ -34,14 +36,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from splitlm.config import Config
 from splitlm.data import Batch
 from splitlm.models import ModelSource, Stage
-from splitlm.privacy.knowledge import PublicKnowledge as AttackContext
+from splitlm.privacy.knowledge import PublicKnowledge
+from splitlm.privacy.server_attack import SERVER_ATTACKS, ServerAttack
 from splitlm.privacy.tap import Key
-from splitlm.transport import Answer, Handler, Message, Mod
+from splitlm.registry import ComponentSettings
+from splitlm.transport import Answer, Handler, Message
 from splitlm.transport.base import then
 
 log = logging.getLogger(__name__)
@@ -72,15 +77,50 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-class Fsha(Mod):
+class FshaSettings(ComponentSettings):
+    lr: float = Field(1e-3, gt=0, description="Learning rate of the attacker's pilot, decoder and discriminator.")
+    aux_rows: int = Field(512, ge=8, description="Public auxiliary rows the attacker trains its pilot/decoder on.")
+    gradient_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Norm of the forged gradient sent to the client, as a multiple of the running mean of the "
+        "honest gradients' norms.",
+    )
+    width: int = Field(256, ge=8, description="Hidden width of the attacker's pilot, decoder and discriminator.")
+    disc_steps: int = Field(
+        1, ge=1, description="Discriminator updates per training forward (pilot features vs smashed data)."
+    )
+
+
+@SERVER_ATTACKS.component
+class Fsha(ServerAttack):
     """A malicious server: the honest server underneath, forged gradients for the smashed data on top."""
 
     name = "fsha"
+    Settings = FshaSettings
 
-    def __init__(self, config: Config, source: ModelSource, trunk_stage: Stage) -> None:
-        self.settings = config.privacy.fsha
+    @classmethod
+    def create(cls, settings: FshaSettings, config: Config, source: ModelSource, trunk: Stage) -> Fsha:
+        return cls(settings, config, source, trunk)
+
+    @classmethod
+    def problems(cls, settings: FshaSettings, config: Config, framework: Any) -> list[str]:
+        if framework is not None and not framework.split:
+            return [
+                f"privacy.server_attack.fsha: forges a split server's gradients; framework.name={framework.name} "
+                "has no server"
+            ]
+        if config.framework.num_clients != 1 or config.transport.name != "inprocess":
+            return [
+                "privacy.server_attack.fsha: the attack is simulated for one in-process client: set "
+                "framework.num_clients=1 and transport.name=inprocess"
+            ]
+        return []
+
+    def __init__(self, settings: FshaSettings, config: Config, source: ModelSource, trunk_stage: Stage) -> None:
+        self.settings = settings
         self.device = trunk_stage.device
-        ctx = AttackContext(config, source, device=str(self.device))
+        ctx = PublicKnowledge(config, source, device=str(self.device))
         aux = ctx.aux_batches(self.settings.aux_rows, config.train.batch_size)
         self.aux: list[Batch] = [b.to(self.device) for b in aux]  # public text: the pilot's training data
         embeddings = ctx.token_embeddings().float()  # (V, d)
