@@ -727,9 +727,9 @@ class Config(Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Defenses, recording, detection.")
     remedies: Components = Field(
         default_factory=dict,
-        description="Non-IID and round-trip remedies (splitlm/remedies/), each by name with its own settings, e.g. "
-        "{logit_adjustment: {tau: 1.0}, replay: {fraction: 0.25}} or a list of names for their defaults: "
-        "logit_adjustment, align_kl, multi_exit, replay, ema, prune, local_loss, intermittent, frozen_head.",
+        description="Non-IID and round-trip remedies, each a registered component (splitlm/remedies/, or a module "
+        "of your own) named with its own settings, {name: {setting: value}}; a list of names takes their defaults. "
+        "README's 'Non-IID clients' and 'Slow links' list the built-in ones.",
     )
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
     output_dir: str = Field("runs/default", description="Where metrics, adapters and checkpoints go.")

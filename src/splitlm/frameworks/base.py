@@ -50,7 +50,7 @@ class Framework:
     trunk_adapters: TrunkAdapters = "shared"  # one trunk adapter for all, one per client, or one per group
     barrier: bool = False  # one trunk update per synchronised step of all participants (psl)
     split: bool = True  # False: the unsplit baseline (one member, no server, no transport)
-    sequential: bool = False  # passes the client side from one client to the next (sl): remedies.ema applies
+    sequential: bool = False  # passes the client side from one client to the next (sl): ``Remedy.passed_on`` applies
     checks: tuple[Check, ...] = field(default=())  # the framework's own option checks
     make_client: MakeClient | None = None  # its own kind of client (config, model source, train settings); None:
     # the split client (head [+ tail] behind its mods)

@@ -63,7 +63,7 @@ from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
 from splitlm.privacy.tap import ServerTap, TruthRecorder
-from splitlm.remedies import ClientSetup, Remedy, StepRows, build_remedies
+from splitlm.remedies import ClientSetup, Remedy, RoundRows, build_remedies
 from splitlm.runtime.client import EvalStats, SplitClient, StepStats
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.schedule import pipelined, serial
@@ -121,7 +121,7 @@ class Member:
     # sequential frameworks with data.client_eval_size: (round index, position in the round's sequence, loss and
     # accuracy on ``held_out`` of the client side it passed on) right after it trained, for the round's forgetting
     fresh: tuple[int, int, float, float | None] | None = None
-    # what each remedy keeps for this member (``Remedy.member_state``, e.g. multi_exit's personalized client side),
+    # what each remedy keeps for this member (``Remedy.member_state``, e.g. a personalized client side),
     # by remedy name; snapshotted, checkpointed and restored with the member
     remedy_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -155,14 +155,14 @@ class Member:
         if self.round_goal is None:
             self.round_goal = self.steps_done + fed.local_steps
         train = fed.config.train
-        start = self.round_goal - fed.local_steps  # the steps before this round (what e.g. replay draws on)
+        start = self.round_goal - fed.local_steps  # the steps before this round
+        rows = RoundRows(self.client_id, fed.config.seed, self.order, start, train.grad_accum)
         while self.steps_done < self.round_goal:
             fed.check_stop()
             step = self.steps_done
             batches = [self.order.indices(step * train.grad_accum + m) for m in range(train.grad_accum)]
-            rows = StepRows(self.client_id, fed.config.seed, step, self.order, start, train.grad_accum)
-            for remedy in fed.remedies:  # e.g. replay: some rows from the examples of earlier rounds
-                batches = remedy.batches(rows, batches)
+            for remedy in fed.remedies:  # e.g. some rows from the examples of earlier rounds
+                batches = remedy.batches(rows, step, batches)
             micro = [
                 collate([self.examples[i] for i in rows], fed.pad_id)
                 for batch in batches
@@ -241,7 +241,7 @@ class Member:
 
     def personal_scores(self, fed: Federation) -> tuple[float, float | None] | None:
         """Loss and accuracy on its own held-out set of its personalized model, where a remedy gives it one
-        (``Remedy.personal``, e.g. multi_exit's early exit); None otherwise, or before it trained."""
+        (``Remedy.personal``, e.g. an early exit); None otherwise, or before it trained."""
         for remedy in fed.remedies:
             personal = remedy.personal(self.client, self.remedy_state.get(remedy.name))
             if personal is not None:
@@ -300,7 +300,7 @@ class Federation:
     truth: TruthRecorder | None = None  # ... and the clients' true tokens of those batches (audit)
     server_mods: list[Mod] = field(default_factory=list)  # around the server's handler, from the wire inwards
     templates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # client -> its state's shapes (meta)
-    rollback_hooks: list[Callable[[], None]] = field(default_factory=list)  # e.g. forget the replay caches
+    rollback_hooks: list[Callable[[], None]] = field(default_factory=list)  # e.g. forget the answered requests' cache
     last_checkpoint: str | None = None  # the newest checkpoint's name (a client that rejoins restores it)
     on_step: StepHook = _no_hook  # called after every client step with its metrics record (the driver's)
     aggregation: Any = None  # framework.aggregation async / semi_async: the clients' threads and the global model
@@ -317,7 +317,7 @@ class Federation:
             member.client.load_state(self.fitted(member, self.carry))
         member.stale = False
         member.train_round(self, round_index)
-        for remedy in self.remedies:  # e.g. multi_exit: its own client side, before any aggregation
+        for remedy in self.remedies:  # e.g. its own client side, before any aggregation
             state = remedy.member_state(member.client, member.remedy_state.get(remedy.name))
             if state is not None:
                 member.remedy_state[remedy.name] = state

@@ -10,7 +10,7 @@ The meter is the client's last mod, so it counts what travels (encoded bytes); t
 server's codec, so attacks read what the server decoded; SplitGuard observes gradients after the codec and
 before the client's own gradient noise. Token and loss defenses, SplitGuard's probes and the audit truth
 recorder are client plugins (``runtime/plugins.py``), and so is what each of the config's ``remedies``
-(``splitlm/remedies/``) adds to a client. A remedy's server mod (e.g. ``align_kl``'s running statistics) is the
+(``splitlm/remedies/``) adds to a client. A remedy's server mod (e.g. an alignment's running statistics) is the
 innermost: it sees the decoded smashed data, and what it adds to the replies the server's codec and the client's
 mods pass through untouched.
 """

@@ -14,7 +14,7 @@ from splitlm.frameworks.setup import same_cut_and_rank
 
 def train_in_sequence(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
     """SL order: each client starts from the client-side weights the previous one finished with (or what a remedy
-    makes of them and the ones it started from: ``Remedy.passed_on``, e.g. ema's moving average).
+    makes of them and the ones it started from: ``Remedy.passed_on``, e.g. a moving average).
 
     With ``data.client_eval_size`` in a sequential framework, each client's held-out loss of the client side it
     passes on is noted right then (``Member.fresh``), and its accuracy on classification-style data: the driver's

@@ -59,12 +59,11 @@ class ClientSetup:
 
 
 @dataclass
-class StepRows:
-    """The rows a member's data order deals for one step of a round, and what a remedy may draw on."""
+class RoundRows:
+    """What a remedy may draw a member's rows from in one round: its data order and what it dealt before."""
 
     client_id: str
     seed: int
-    step: int
     order: DataOrder
     round_start: int  # the member's steps done before this round
     grad_accum: int
@@ -75,9 +74,9 @@ class StepRows:
         steps = self.round_start * self.grad_accum
         return sorted({i for step in range(steps) for i in self.order.indices(step)})
 
-    def rng(self, stream: str) -> random.Random:
-        """A random stream of this client's step, the same on every machine and on a resume."""
-        return random.Random(f"{stream}/{self.seed}/{self.client_id}/{self.step}")
+    def rng(self, stream: str, step: int) -> random.Random:
+        """A random stream of this client's ``step``, the same on every machine and on a resume."""
+        return random.Random(f"{stream}/{self.seed}/{self.client_id}/{step}")
 
 
 class Remedy(Component):
@@ -91,8 +90,8 @@ class Remedy(Component):
         """This remedy's mod around the server's handler, innermost (None: none)."""
         return None
 
-    def batches(self, rows: StepRows, batches: list[list[int]]) -> list[list[int]]:
-        """The example rows of a step's micro-batches (the data order's, by default)."""
+    def batches(self, rows: RoundRows, step: int, batches: list[list[int]]) -> list[list[int]]:
+        """The example rows of the micro-batches of ``step`` (the data order's, by default)."""
         return batches
 
     def member_state(self, client: Any, previous: State | None) -> State | None:

@@ -12,9 +12,9 @@ where the global loss is the split path's (tail after the server's trunk). Scali
 sent at step 7, hence the trunk's gradient and the head gradient the server returns at step 9. The exit
 loss's gradient (w-scaled) reaches the tail and the head directly, and the head's backward (step 10) is one
 backward of both terms together: the server's gradient at the cut and the exit loss. On a step where the
-head does not train (a frozen head, an intermittent update), the exit loss still trains the tail. The exit loss
-is on the training logits (logit-adjusted with ``logit_adjustment``). The step's reported loss stays the global
-one; the exit loss is reported next to it (``exit_loss`` in the step's metrics).
+head does not train (a frozen head, a step without step 9), the exit loss still trains the tail. The exit loss
+is on the training logits (those every plugin's ``train_logits`` gives, e.g. logit-adjusted). The step's reported
+loss stays the global one; the exit loss is reported next to it (``exit_loss`` in the step's metrics).
 
 After its local training (before any aggregation) each member keeps its client side as the personalized model
 (its per-member state, checkpointed with it); the evaluation of each round reports that model through its early

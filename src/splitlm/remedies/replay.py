@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import Field
 
 from splitlm.registry import ComponentSettings
-from splitlm.remedies.base import REMEDIES, Remedy, StepRows
+from splitlm.remedies.base import REMEDIES, Remedy, RoundRows
 
 
 def with_replay(rows: list[int], kept: list[int], fraction: float, rng: random.Random) -> list[int]:
@@ -56,8 +56,8 @@ class Replay(Remedy):
             ]
         return []
 
-    def batches(self, rows: StepRows, batches: list[list[int]]) -> list[list[int]]:
+    def batches(self, rows: RoundRows, step: int, batches: list[list[int]]) -> list[list[int]]:
         if not self.settings.fraction:
             return batches
-        rng = rows.rng("replay")
+        rng = rows.rng("replay", step)
         return [with_replay(batch, rows.earlier, self.settings.fraction, rng) for batch in batches]

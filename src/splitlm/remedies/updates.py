@@ -57,7 +57,7 @@ class ClientUpdate(ClientPlugin):
         """Whether the head backpropagates the server's gradient (else it is only observed)."""
         return True
 
-    def local_loss(self, hidden: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor | None:
+    def own_loss(self, hidden: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor | None:
         """A loss of the head's own, backpropagated into the head (None: none)."""
         return None
 
@@ -113,7 +113,7 @@ class LocalLoss(ClientUpdate):
     def follows_server(self, step: int) -> bool:
         return False
 
-    def local_loss(
+    def own_loss(
         self, hidden: torch.Tensor, labels: torch.Tensor, scale: float, trains_aux: bool = False
     ) -> torch.Tensor | None:
         """The head's loss; the auxiliary map only learns by alignment (``trains_aux`` there)."""
@@ -123,7 +123,7 @@ class LocalLoss(ClientUpdate):
     def observe(self, hidden: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
         """One step of the auxiliary map on || d(local loss)/dh - server gradient ||^2 / ||server gradient||^2."""
         point = hidden.detach().requires_grad_(True)
-        loss = self.local_loss(point, labels, scale, trains_aux=True)
+        loss = self.own_loss(point, labels, scale, trains_aux=True)
         assert loss is not None
         (local,) = torch.autograd.grad(loss, point, create_graph=True)
         target = grad.to(device=local.device, dtype=local.dtype)

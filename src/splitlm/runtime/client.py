@@ -194,7 +194,7 @@ class SplitClient:
         outputs: list[torch.Tensor] = []
         grads: list[torch.Tensor | None] = []
         if m.hidden.requires_grad:
-            local = self.plugins.local_loss(m.hidden, m.labels, m.scale)
+            local = self.plugins.own_loss(m.hidden, m.labels, m.scale)
             if local is not None:
                 outputs.append(local)
                 grads.append(None)

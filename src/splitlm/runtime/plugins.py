@@ -20,7 +20,7 @@ nothing, and the client never learns a plugin's name.
 | ``train_logits``  | step 6 (and any training exit), before the loss | the logits the client trains on          |
 | ``global_scale``  | step 6, the split path's loss                   | its factor (the micro-batch's scale)     |
 | ``follows_server``| step 10, with a step-9 gradient                 | False: only ``observe`` it               |
-| ``local_loss``    | step 10, before the server's gradient           | the head's own loss (None: none)         |
+| ``own_loss``      | step 10, before the server's gradient           | the head's own loss (None: none)         |
 | ``extra_loss``    | step 10, with the head's backward               | a scalar added to the client's loss      |
 | ``head_loss``     | step 10, with the micro-batch's whole context   | a term added to the backward (None)      |
 | ``local_logits``  | evaluation, after the head                      | logits without the server (None: split)  |
@@ -107,7 +107,7 @@ class ClientPlugin:
     def follows_server(self, step: int) -> bool:
         return True  # the head backpropagates the server's gradient (False: ``observe`` only)
 
-    def local_loss(self, hidden: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor | None:
+    def own_loss(self, hidden: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor | None:
         return None  # a loss of the head's own, backpropagated into the head
 
     def observe(self, hidden: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
@@ -195,8 +195,8 @@ class Plugins:
     def follows_server(self, step: int) -> bool:
         return all(p.follows_server(step) for p in self.plugins)
 
-    def local_loss(self, hidden: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor | None:
-        terms = [t for p in self.plugins if (t := p.local_loss(hidden, labels, scale)) is not None]
+    def own_loss(self, hidden: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor | None:
+        terms = [t for p in self.plugins if (t := p.own_loss(hidden, labels, scale)) is not None]
         return None if not terms else terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def observe(self, hidden: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
