@@ -14,7 +14,7 @@ data in every row. Modes:
 - ``best_codec``: the codecs of ``--activations`` / ``--gradients`` (the best chain of benchmarks/comm.py:
   ``unpadded+int4:o32`` / ``unpadded+int4``);
 - ``best_codec+pipelined``: both;
-- ``local_loss``: ``train.client_update=local_loss`` (the client never waits for step 9).
+- ``local_loss``: ``remedies=[local_loss]`` (the client never waits for step 9).
 
 ``step_s`` is the median of the client's step times (its metrics.jsonl ``seconds``) after the first step.
 Prints one JSON line ``{"rows": [{"bandwidth_mbps", "mode", "step_s", "comm_s", "bytes_per_step"}],
@@ -56,7 +56,7 @@ def modes(activations: str, gradients: str) -> dict[str, list[str]]:
         "pipelined": pipeline,
         "best_codec": codec,
         "best_codec+pipelined": [*codec, *pipeline],
-        "local_loss": ["train.client_update=local_loss"],
+        "local_loss": ["remedies=[local_loss]"],
     }
 
 

@@ -79,15 +79,15 @@ SKIP_BY_SOURCE = {"sflv2": {"sglr", "replay"}}  # the learning-rate and forgetti
 REMEDIES: dict[str, dict[str, list[str]]] = {
     "sflv2": {
         "none": [],
-        "logit_adjustment": ["train.logit_adjustment=1.0"],
-        "logit_adjustment:2": ["train.logit_adjustment=2.0"],
+        "logit_adjustment": ["remedies.logit_adjustment.tau=1.0"],
+        "logit_adjustment:2": ["remedies.logit_adjustment.tau=2.0"],
         "merge": ["framework.merge=4"],
-        "logit_adjustment+merge": ["train.logit_adjustment=1.0", "framework.merge=4"],
-        "multi_exit": ["framework.personalize=multi_exit", "framework.exit_weight=0.3"],
-        "align_kl": ["train.align_kl=0.1"],
+        "logit_adjustment+merge": ["remedies.logit_adjustment.tau=1.0", "framework.merge=4"],
+        "multi_exit": ["remedies.multi_exit.exit_weight=0.3"],
+        "align_kl": ["remedies.align_kl.weight=0.1"],
         "mu_splitfed": ["framework.server_lr_scale=mu_splitfed"],
         "sglr": ["framework.server_lr_scale=sqrt"],
-        "replay": ["train.replay=0.25"],
+        "replay": ["remedies.replay.fraction=0.25"],
     },
     "gsfl": {
         "none": ["framework.grouping=first_label"],
@@ -99,7 +99,7 @@ REMEDIES: dict[str, dict[str, list[str]]] = {
             f"framework.clients_per_round={CLIENTS // 2}",
         ],
     },
-    "sl": {"none": [], "ema": ["train.ema=0.5"], "replay": ["train.replay=0.25"]},
+    "sl": {"none": [], "ema": ["remedies.ema.decay=0.5"], "replay": ["remedies.replay.fraction=0.25"]},
 }  # fmt: skip
 DEFAULT_REMEDIES = {"sflv2": ["none", "logit_adjustment", "merge"]}
 # what each run reports, aggregated over seeds (higher accuracy is better; lower perplexity and forgetting are)

@@ -17,6 +17,7 @@ from splitlm.errors import ConfigError
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.driver import CLIENT_EVAL_KEYS
 from splitlm.frameworks.federation import Federation, Member, build_federation, hold_out, partition
+from splitlm.remedies.multi_exit import early_exit
 
 RUN = ("framework.rounds=2", "train.steps=4")  # 2 local steps per round
 HELD = "data.client_eval_size=4"
@@ -84,14 +85,14 @@ def test_too_large_a_client_eval_size_is_a_one_line_error(make_config) -> None:
 
 @pytest.fixture(scope="module")
 def runs(fast_config, tmp_path_factory) -> dict[str, Any]:
-    """sflv1 and psl with 2 clients, sl with 3 (plain and with train.ema), each evaluation on a client's own set
+    """sflv1 and psl with 2 clients, sl with 3 (plain and with remedies.ema), each evaluation on a client's own set
     recorded as (evaluating client, set's client, loss), and each held-out loss (client, loss) as sl notes it."""
     done: dict[str, Any] = {}
     for name, extra in (
         ("sflv1", ("framework.name=sflv1", "framework.num_clients=2")),
         ("psl", ("framework.name=psl", "framework.num_clients=2")),
         ("sl", ("framework.name=sl", "framework.num_clients=3")),
-        ("sl_ema", ("framework.name=sl", "framework.num_clients=3", "train.ema=0.5")),
+        ("sl_ema", ("framework.name=sl", "framework.num_clients=3", "remedies.ema.decay=0.5")),
     ):
         evaluations: list[tuple[str, str, float]] = []
         noted: list[tuple[str, float]] = []
@@ -258,23 +259,25 @@ def test_client_accuracy_scores_the_members_own_choices(accuracy_runs) -> None:
     assert member.accuracy(fed, member.choices) == pytest.approx(one_at_a_time)
 
 
-# --- SplitGP's personalized models (framework.personalize=multi_exit) -------------------------------------------
+# --- SplitGP's personalized models (remedies.multi_exit) ----------------------------------------------------------
 
 
 def test_personal_scores_evaluate_the_clients_own_side_through_its_exit(make_config) -> None:
     config = make_config(
-        "personal", "framework.name=sflv1", "framework.num_clients=2", "framework.personalize=multi_exit",
+        "personal", "framework.name=sflv1", "framework.num_clients=2", "remedies=[multi_exit]",
         "data.client_eval_size=6", "data.format=instruction",
     )  # fmt: skip
     fed = build_federation(config)
     member = fed.members[0]
-    assert member.personal is None and member.personal_scores(fed) is None  # nothing trained yet
+    assert not member.remedy_state and member.personal_scores(fed) is None  # nothing trained yet
     own = {k: v.clone() for k, v in member.client.state().items()}
-    member.personal = {k: v + 0.05 * torch.randn_like(v) for k, v in own.items()}
+    personal = member.remedy_state["multi_exit"] = {k: v + 0.05 * torch.randn_like(v) for k, v in own.items()}
     loss, accuracy = member.personal_scores(fed)
     assert all(torch.equal(v, own[k]) for k, v in member.client.state().items())  # its own state is back
-    member.client.load_state(member.personal)
-    with member.client.personal():
+    member.client.load_state(personal)
+    exit_plugin = early_exit(member.client)
+    assert exit_plugin is not None
+    with exit_plugin.personal():
         expected = member.client.evaluate(member.held_out).loss
     member.client.load_state(own)
     assert loss == pytest.approx(expected) and loss != pytest.approx(member.held_out_scores(fed)[0])
@@ -282,7 +285,7 @@ def test_personal_scores_evaluate_the_clients_own_side_through_its_exit(make_con
 
 
 def test_multi_exit_runs_report_personal_and_global_per_client(fast_config, tmp_path, run_files) -> None:
-    extra = ("framework.name=sflv2", "framework.num_clients=2", "framework.personalize=multi_exit")
+    extra = ("framework.name=sflv2", "framework.num_clients=2", "remedies=[multi_exit]")
     summary = run_framework(fast_config(tmp_path, *RUN, "data.client_eval_size=6", "data.format=instruction", *extra))
     for record in run_files.rounds(tmp_path):
         assert set(record["personal_eval_loss"]) == set(record["client_eval_loss"]) == {"0", "1"}

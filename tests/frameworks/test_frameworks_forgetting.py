@@ -1,5 +1,5 @@
-"""Forgetting remedies (survey §3.3): SLwF's decelerated update of the carried client side (``train.ema``, sequential
-sl) and MultiSFL-style replay of earlier rounds' samples (``train.replay``).
+"""Forgetting remedies (survey §3.3): SLwF's decelerated update of the carried client side (``remedies.ema``,
+sequential sl) and MultiSFL-style replay of earlier rounds' samples (``remedies.replay``).
 
 Each run is tiny (2-3 clients, 2-3 rounds of 2 steps); the runs a module's tests share are made once.
 """
@@ -16,9 +16,11 @@ from safetensors.torch import load_file
 
 from splitlm.errors import ConfigError
 from splitlm.frameworks import federation as federation_module
-from splitlm.frameworks import run_framework, sl
-from splitlm.frameworks.federation import Federation, Member, with_replay
-from splitlm.frameworks.sl import decelerated
+from splitlm.frameworks import run_framework
+from splitlm.frameworks.federation import Federation, Member
+from splitlm.remedies import ema as ema_module
+from splitlm.remedies.ema import decelerated
+from splitlm.remedies.replay import with_replay
 
 EMA_RUN = ("framework.num_clients=3", "framework.rounds=2", "train.steps=4")
 REPLAY_RUN = ("framework.num_clients=2", "framework.rounds=3", "train.steps=6")  # 2 local steps per round
@@ -45,7 +47,7 @@ def assert_same_adapters(a: Path, b: Path) -> None:
             assert torch.equal(tensor, second[name][key]), f"{name}: {key}"
 
 
-# --- train.ema ------------------------------------------------------------------------------------------------
+# --- remedies.ema ---------------------------------------------------------------------------------------------
 
 
 def test_decelerated_is_the_moving_average_in_each_tensors_dtype() -> None:
@@ -64,13 +66,13 @@ def test_decelerated_is_the_moving_average_in_each_tensors_dtype() -> None:
 def ema_runs(fast_config, tmp_path_factory) -> dict[str, Any]:
     """sl with 3 clients: without the key, with ema 0, and with ema 0.5 (its carries recorded)."""
     done: dict[str, Any] = {}
-    for name, extra in (("plain", ()), ("ema0", ("train.ema=0",))):
+    for name, extra in (("plain", ()), ("ema0", ("remedies.ema.decay=0",))):
         out = tmp_path_factory.mktemp(name)
         run_framework(fast_config(out, *EMA_RUN, *extra))
         done[name] = out
     passed: list[tuple[str, dict[str, torch.Tensor]]] = []  # (client, its trained state) at each pass_on
     calls: list[tuple[Any, ...]] = []  # decelerated's (previous, trained, ema, result)
-    pass_on, average = Federation.pass_on, sl.decelerated
+    pass_on, average = Federation.pass_on, ema_module.decelerated
 
     def spy_pass_on(fed: Federation, member: Member) -> None:
         pass_on(fed, member)
@@ -84,8 +86,8 @@ def ema_runs(fast_config, tmp_path_factory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("ema")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Federation, "pass_on", spy_pass_on)
-        patch.setattr(sl, "decelerated", spy_average)
-        run_framework(fast_config(out, *EMA_RUN, "train.ema=0.5"))
+        patch.setattr(ema_module, "decelerated", spy_average)
+        run_framework(fast_config(out, *EMA_RUN, "remedies.ema.decay=0.5"))
     done.update(ema=out, passed=passed, calls=calls)
     return done
 
@@ -122,12 +124,12 @@ def test_ema_zero_is_bit_identical_to_no_ema(ema_runs, run_files) -> None:
 
 
 def test_ema_is_refused_where_no_client_side_is_passed_on(make_config) -> None:
-    with pytest.raises(ConfigError, match=r"train\.ema") as error:
-        run_framework(make_config("sflv1", "framework.name=sflv1", "framework.num_clients=2", "train.ema=0.5"))
+    with pytest.raises(ConfigError, match=r"remedies\.ema") as error:
+        run_framework(make_config("sflv1", "framework.name=sflv1", "framework.num_clients=2", "remedies.ema.decay=0.5"))
     assert "\n" not in str(error.value) and "framework.name=sflv1" in str(error.value)
 
 
-# --- train.replay ---------------------------------------------------------------------------------------------
+# --- remedies.replay ------------------------------------------------------------------------------------------
 
 
 def test_with_replay_replaces_that_fraction_of_the_rows_from_the_kept_ones() -> None:
@@ -145,7 +147,7 @@ def test_with_replay_replaces_that_fraction_of_the_rows_from_the_kept_ones() -> 
 def replay_runs(fast_config, tmp_path_factory) -> dict[str, Any]:
     """sl with 2 clients, 3 rounds: without the key, with replay 0, and with replay 0.5 (its batches recorded)."""
     done: dict[str, Any] = {}
-    for name, extra in (("plain", ()), ("replay0", ("train.replay=0",))):
+    for name, extra in (("plain", ()), ("replay0", ("remedies.replay.fraction=0",))):
         out = tmp_path_factory.mktemp(name)
         run_framework(fast_config(out, *REPLAY_RUN, *extra))
         done[name] = out
@@ -172,7 +174,7 @@ def replay_runs(fast_config, tmp_path_factory) -> dict[str, Any]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Member, "train_round", spy_round)
         patch.setattr(federation_module, "collate", spy_collate)
-        run_framework(fast_config(out, *REPLAY_RUN, "train.replay=0.5"))
+        run_framework(fast_config(out, *REPLAY_RUN, "remedies.replay.fraction=0.5"))
     done.update(replay=out, batches=batches)
     return done
 

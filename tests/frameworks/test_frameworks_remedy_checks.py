@@ -51,21 +51,22 @@ REMEDIES: list[tuple[tuple[str, ...], set[str], str]] = [
         "framework.name={name} ",
     ),
     (
-        ("train.logit_adjustment=1.0",),
+        ("remedies.logit_adjustment.tau=1.0",),
         {"sl", "psl", "sflv1", "sflv2", "gsfl"},
-        "train.logit_adjustment: adjusts a split client's loss; framework.name={name} has no client side, so unset it",
+        "remedies.logit_adjustment: adjusts a split client's loss; framework.name={name} has no client side, so "
+        "remove it from remedies",
     ),
     (
-        ("framework.personalize=multi_exit",),
+        ("remedies=[multi_exit]",),
         {"sl", "psl", "sflv1", "sflv2", "gsfl"},
-        "framework.personalize=multi_exit: a split client's early exit on its head's output; framework.name={name} "
-        "has no client side, so set framework.personalize=none",
+        "remedies.multi_exit: a split client's early exit on its head's output; framework.name={name} "
+        "has no client side, so remove it from remedies",
     ),
     (
-        ("train.align_kl=0.1",),
+        ("remedies.align_kl.weight=0.1",),
         {"sl", "psl", "sflv1", "sflv2", "gsfl"},
-        "train.align_kl: aligns a split client's head output with the server's statistics at the cut; "
-        "framework.name={name} has no cut, so set train.align_kl=0",
+        "remedies.align_kl: aligns a split client's head output with the server's statistics at the cut; "
+        "framework.name={name} has no cut, so remove it from remedies",
     ),
     (
         ("framework.server_lr_scale=mu_splitfed",),
@@ -78,10 +79,10 @@ REMEDIES: list[tuple[tuple[str, ...], set[str], str]] = [
         "framework.aggregation_lr: steps the FedAvg of the clients' client sides; framework.name={name} ",
     ),
     (
-        ("train.ema=0.5",),
+        ("remedies.ema.decay=0.5",),
         {"sl"},
-        "train.ema averages the client side passed from one client to the next; framework.name={name} passes none: "
-        "set framework.name=sl or train.ema=0",
+        "remedies.ema averages the client side passed from one client to the next; framework.name={name} passes "
+        "none: set framework.name=sl or remove it from remedies",
     ),
 ]
 PAIRS = [(overrides, name, name in applies, said) for overrides, applies, said in REMEDIES for name in FRAMEWORKS]
@@ -152,22 +153,22 @@ def test_pairing_needs_fewer_clients_per_round_than_clients(name: str, per_round
 
 @pytest.mark.parametrize("name", FRAMEWORKS)
 def test_replay_needs_earlier_rounds(name: str) -> None:
-    found = problems(name, "train.replay=0.5", "framework.rounds=1")
+    found = problems(name, "remedies.replay.fraction=0.5", "framework.rounds=1")
     assert "\n" not in found
     assert (
-        "train.replay: draws from the samples a client kept from its earlier rounds, and framework.rounds=1 has "
-        "none; set framework.rounds > 1 or train.replay=0"
+        "remedies.replay: draws from the samples a client kept from its earlier rounds, and framework.rounds=1 has "
+        "none; set framework.rounds > 1 or remove it from remedies"
     ) in found
-    assert problems(name, "train.replay=0.5") == ""
+    assert problems(name, "remedies.replay.fraction=0.5") == ""
 
 
 @pytest.mark.parametrize(
     ("overrides", "said"),
     [
-        (("train.logit_adjustment=1.0",), "train.logit_adjustment: the client's loss is adjusted, so it needs "
-         "split.mode=ushape"),
-        (("framework.personalize=multi_exit",), "framework.personalize: multi_exit's early exit is the client's "
-         "tail applied to its head's output, so it needs split.mode=ushape"),
+        (("remedies.logit_adjustment.tau=1.0",), "remedies.logit_adjustment: the client's loss is adjusted, so it "
+         "needs split.mode=ushape"),
+        (("remedies=[multi_exit]",), "remedies.multi_exit: the early exit is the client's tail applied to its "
+         "head's output, so it needs split.mode=ushape"),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("name", ["sl", "sflv2"])

@@ -1,4 +1,5 @@
-"""``train.align_kl=lambda`` (FlexP-SFL): lambda x KL(client's smashed-data Gaussian || server's running one).
+"""``remedies: {align_kl: {weight: lambda}}`` (FlexP-SFL): lambda x KL(client's smashed-data Gaussian || server's
+running one).
 
 - the statistics and the KL follow their formulas (checked against torch.distributions) on hand-made tensors;
 - the server mod's running average is the hand-computed EMA over a scripted sequence of requests, ignores
@@ -21,7 +22,7 @@ from splitlm.data import DataOrder, collate
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.federation import build_federation
 from splitlm.peft import trainable_parameters
-from splitlm.runtime.align import DECAY, EPS, MEAN, VAR, Alignment, AlignStats, feature_moments, gaussian_kl
+from splitlm.remedies.align_kl import DECAY, EPS, MEAN, VAR, Alignment, AlignStats, feature_moments, gaussian_kl
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.transport import Channel, InProcessTransport, Message, MeterMod, server_chain
 from splitlm.transport.codecs import CodecMod
@@ -156,7 +157,7 @@ def _first_step(config):
     fed = build_federation(config)
     client = fed.members[0].client
     mods = [m for m in fed.server_mods if isinstance(m, AlignStats)]
-    assert len(mods) == (1 if config.train.align_kl > 0 else 0)
+    assert len(mods) == (1 if "align_kl" in config.remedies else 0)
     width = fed.server.hidden_size
     for mod in mods:
         mod.update((torch.full((width,), SEED_MEAN), torch.full((width,), SEED_VAR)))
@@ -189,7 +190,9 @@ def test_the_head_gets_lambda_times_the_kl_gradient_more(make_config, mode: str)
     common = (f"split.mode={mode}", "train.warmup_steps=0")
     plain_config = make_config("plain", *common)
     batch, plain_client, plain_trunk = _first_step(plain_config)
-    _, aligned_client, aligned_trunk = _first_step(make_config("aligned", *common, f"train.align_kl={LAMBDA}"))
+    _, aligned_client, aligned_trunk = _first_step(
+        make_config("aligned", *common, f"remedies.align_kl.weight={LAMBDA}")
+    )
     kl_grads = _kl_gradient(plain_config, batch)
     heads = len(kl_grads)
     assert any(bool(g.abs().sum() > 0) for g in kl_grads)
@@ -201,11 +204,11 @@ def test_the_head_gets_lambda_times_the_kl_gradient_more(make_config, mode: str)
         assert (got is None and plain is None) or torch.equal(got, plain)  # the tail and the trunk: bit for bit
 
 
-@pytest.mark.parametrize("extra", [(), ("framework.personalize=multi_exit",)], ids=["align", "align+multi_exit"])
+@pytest.mark.parametrize("extra", [(), ("remedies.multi_exit={}",)], ids=["align", "align+multi_exit"])
 def test_an_sflv1_run_with_two_clients_trains_with_it(make_config, run_files, tmp_path, caplog, extra) -> None:
     config = make_config(
         "sflv1", "framework.name=sflv1", "framework.num_clients=2", "framework.rounds=2", "train.steps=4",
-        "train.align_kl=0.5", *extra,
+        "remedies.align_kl.weight=0.5", *extra,
     )  # fmt: skip
     run_framework(config)
     assert "running statistics" not in caplog.text  # every training reply carried them

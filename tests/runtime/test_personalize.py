@@ -1,11 +1,11 @@
-"""``framework.personalize=multi_exit`` (SplitGP): the client minimizes (1 - w) x global loss + w x exit loss.
+"""``remedies: {multi_exit: {exit_weight: w}}`` (SplitGP): the client minimizes (1 - w) x global loss + w x exit loss.
 
 - the head's and tail's gradients are (1 - w) x the plain run's plus w x the early exit's, computed by hand
   with autograd on a fresh copy of the same model (one micro-batch, two serial, two pipelined);
 - the trunk's gradient is (1 - w) x the plain one; the reported loss stays the global one;
 - a frozen head: the tail still learns its exit;
-- ``personal()`` evaluates tail(head(x)) without any request to the server; a vanilla client has none;
-- ``personalize=none`` leaves the client without any of it.
+- ``personal()`` evaluates tail(head(x)) without any request to the server; an exit without a tail has none;
+- without the remedy the client has none of it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from splitlm.data import Batch, DataOrder, collate
 from splitlm.errors import ConfigError
 from splitlm.frameworks.federation import Federation, build_federation
 from splitlm.peft import trainable_parameters
+from splitlm.remedies.multi_exit import MultiExit, early_exit
 from splitlm.runtime.client import SplitClient
 from splitlm.runtime.loss import causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
@@ -87,7 +88,7 @@ def _zeros_for_none(grads: list[torch.Tensor | None], like: list[torch.Tensor]) 
 @pytest.mark.parametrize(("micro", "pipeline"), [(1, False), (2, False), (2, True)])
 def test_gradients_are_the_weighted_sum_of_global_and_exit_paths(make_config, micro: int, pipeline: bool) -> None:
     plain_config = make_config("plain", *BASE)
-    multi_config = make_config("multi", *BASE, "framework.personalize=multi_exit", f"framework.exit_weight={W}")
+    multi_config = make_config("multi", *BASE, f"remedies.multi_exit.exit_weight={W}")
     plain, plain_client, plain_trunk = _first_step(plain_config, micro, pipeline)
     multi, multi_client, multi_trunk = _first_step(multi_config, micro, pipeline)
     exit_grads, exit_loss = _exit_reference(plain_config, micro)
@@ -105,12 +106,12 @@ def test_gradients_are_the_weighted_sum_of_global_and_exit_paths(make_config, mi
             torch.testing.assert_close(got, (1 - W) * reference, rtol=1e-5, atol=1e-8)
     assert any(g is not None for g in plain_trunk)
     assert multi.loss == plain.loss  # the reported loss stays the global one
-    assert plain.exit_loss is None
-    assert multi.exit_loss == pytest.approx(exit_loss, rel=1e-6)
+    assert "exit_loss" not in plain.metrics
+    assert multi.metrics["exit_loss"] == pytest.approx(exit_loss, rel=1e-6)
 
 
 def test_a_frozen_head_still_trains_its_tail_on_the_exit(make_config) -> None:
-    frozen = ("train.client_update=frozen", "framework.personalize=multi_exit", f"framework.exit_weight={W}")
+    frozen = ("remedies.frozen_head={}", f"remedies.multi_exit.exit_weight={W}")
     plain_config = make_config("plain", *BASE)
     _, plain_client, _ = _first_step(plain_config)
     stats, multi_client, _ = _first_step(make_config("multi", *BASE, *frozen))
@@ -121,7 +122,7 @@ def test_a_frozen_head_still_trains_its_tail_on_the_exit(make_config) -> None:
     for got, global_path, exit_path in zip(multi_client[heads:], plain_client[heads:], exit_grads[heads:], strict=True):
         assert got is not None and global_path is not None
         torch.testing.assert_close(got, (1 - W) * global_path + W * exit_path, rtol=1e-5, atol=1e-7)
-    assert stats.exit_loss is not None
+    assert stats.metrics["exit_loss"] is not None
 
 
 def _no_requests(client: SplitClient) -> None:
@@ -132,8 +133,10 @@ def _no_requests(client: SplitClient) -> None:
 
 
 def test_personal_evaluates_the_early_exit_without_the_server(make_config) -> None:
-    fed = build_federation(make_config("multi", *BASE, "framework.personalize=multi_exit"))
+    fed = build_federation(make_config("multi", *BASE, "remedies=[multi_exit]"))
     client = fed.members[0].client
+    plugin = early_exit(client)
+    assert plugin is not None
     batches = fed.data.eval[:2]
     examples = fed.members[0].examples[:3]
     split = client.evaluate(batches)  # the global model, through the server
@@ -142,8 +145,8 @@ def test_personal_evaluates_the_early_exit_without_the_server(make_config) -> No
 
     submit = client.channel.submit
     _no_requests(client)
-    with client.personal() as same:
-        assert same is client
+    with plugin.personal() as same:
+        assert same is plugin
         personal = client.evaluate(batches)
         rows = client.sequence_losses(examples, fed.pad_id)
     client.channel.submit = submit  # type: ignore[method-assign]
@@ -166,15 +169,14 @@ def test_personal_evaluates_the_early_exit_without_the_server(make_config) -> No
     assert client.meter.eval_snapshot()[0] > sent[0]
 
 
-def test_a_vanilla_client_has_no_early_exit(make_config) -> None:
-    client = build_federation(make_config("vanilla", "split.mode=vanilla")).members[0].client
-    with pytest.raises(ConfigError, match="no early exit"), client.personal():
+def test_an_exit_without_a_tail_has_nothing_to_evaluate() -> None:
+    with pytest.raises(ConfigError, match="no early exit"), MultiExit(W).personal():
         pass
 
 
 def test_none_leaves_the_client_as_it_was(make_config) -> None:
-    fed = build_federation(make_config("plain", *BASE, "framework.personalize=none"))
+    fed = build_federation(make_config("plain", *BASE))
     client = fed.members[0].client
-    assert client.personalize is None and client.align is None
+    assert early_exit(client) is None and not fed.remedies
     stats = client.train_step(0, _micro_batches(fed, 1))
-    assert stats.exit_loss is None
+    assert "exit_loss" not in stats.metrics

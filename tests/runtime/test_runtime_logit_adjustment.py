@@ -1,6 +1,6 @@
-"""``train.logit_adjustment=tau`` (SCALA): the adjustment follows its formula, the prior counts only the label
-tokens the loss is taken on (smoothed), a ushape run trains with it, tau 0 changes nothing, and a vanilla split
-is refused (its loss is the server's)."""
+"""``remedies: {logit_adjustment: {tau: tau}}`` (SCALA): the adjustment follows its formula, the prior counts only
+the label tokens the loss is taken on (smoothed), a ushape run trains with it, tau 0 changes nothing, and a vanilla
+split is refused (its loss is the server's)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 
 from splitlm.data import Example
 from splitlm.errors import ConfigError
-from splitlm.frameworks import run_framework
-from splitlm.runtime.loss import IGNORE, LogitAdjustment, label_prior
+from splitlm.frameworks import config_problems, framework_of, run_framework
+from splitlm.remedies.logit_adjustment import LogitAdjustment, label_prior
+from splitlm.runtime.loss import IGNORE
 
 
 def test_the_adjustment_adds_tau_times_log_prior() -> None:
@@ -50,8 +51,8 @@ def _losses(run_files, out) -> list[float]:
 
 def test_a_ushape_run_trains_with_it_and_tau_zero_changes_nothing(tmp_path, make_config, run_files) -> None:
     run_framework(make_config("plain", "train.steps=3"))
-    run_framework(make_config("zero", "train.steps=3", "train.logit_adjustment=0"))
-    run_framework(make_config("adjusted", "train.steps=3", "train.logit_adjustment=1.0"))
+    run_framework(make_config("zero", "train.steps=3", "remedies.logit_adjustment.tau=0"))
+    run_framework(make_config("adjusted", "train.steps=3", "remedies.logit_adjustment.tau=1.0"))
     plain, zero, adjusted = (_losses(run_files, tmp_path / name) for name in ("plain", "zero", "adjusted"))
     assert len(plain) == 3 and zero == plain  # bit-identical
     assert len(adjusted) == 3 and all(math.isfinite(x) for x in adjusted)
@@ -59,7 +60,9 @@ def test_a_ushape_run_trains_with_it_and_tau_zero_changes_nothing(tmp_path, make
 
 
 def test_a_vanilla_split_is_refused_in_one_line(make_config) -> None:
+    config = make_config("run", "split.mode=vanilla", "remedies.logit_adjustment.tau=1.0")
     with pytest.raises(ConfigError) as caught:
-        make_config("run", "split.mode=vanilla", "train.logit_adjustment=1.0")
+        framework_of(config).check(config)
+    assert config_problems(config.model_dump(mode="json")) == [str(caught.value)]
     lines = [line for line in str(caught.value).splitlines() if "logit_adjustment" in line]
     assert len(lines) == 1 and "split.mode=ushape" in lines[0]

@@ -1,10 +1,10 @@
 """Fewer round trips: each client update mode does what it claims, on a tiny U-shaped (or vanilla) run.
 
-- ``frozen``: the head never changes, no step-9 gradient crosses the wire, the client never awaits one;
+- ``frozen_head``: the head never changes, no step-9 gradient crosses the wire, the client never awaits one;
 - ``local_loss``: the head trains without any step-9 gradient; with ``align_every`` the gradient comes only on
   alignment steps and trains the auxiliary map, never the head directly;
-- ``client_update_every=H``: step-9 gradients only every H-th step, and the head changes only then;
-- ``data.prune=el2n:F``: only ceil(F * rows) rows of each micro-batch cross the wire, the highest EL2N ones.
+- ``intermittent: {every: H}``: step-9 gradients only every H-th step, and the head changes only then;
+- ``prune: {keep: F}``: only ceil(F * rows) rows of each micro-batch cross the wire, the highest EL2N ones.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import torch
 
 from splitlm.data import DataOrder, collate
 from splitlm.errors import ConfigError
+from splitlm.frameworks import config_problems, framework_of
 from splitlm.frameworks.federation import build_federation
+from splitlm.remedies.prune import el2n_scores, most_informative
+from splitlm.remedies.updates import LocalLoss
+from splitlm.runtime.loss import logit_lens
 from splitlm.runtime.schedule import OpKind
-from splitlm.runtime.updates import el2n_scores, logit_lens, most_informative
 
 
 class Spy:
@@ -58,6 +61,10 @@ def _head_state(client) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainable_state(client.parts["head"]).items()}
 
 
+def _local_loss(client) -> LocalLoss:
+    return next(p for p in client.plugins if isinstance(p, LocalLoss))
+
+
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
@@ -71,7 +78,7 @@ def test_split_is_the_reference(make_config) -> None:
 
 @pytest.mark.parametrize("mode", ["ushape", "vanilla"])
 def test_frozen_sends_no_step_9_gradient_and_never_waits(mode: str, make_config) -> None:
-    config = make_config("frozen", f"split.mode={mode}", "train.client_update=frozen", "train.warmup_steps=0")
+    config = make_config("frozen", f"split.mode={mode}", "remedies=[frozen_head]", "train.warmup_steps=0")
     client, spy, heads, grad_bytes = _steps(config)
     assert all(OpKind.AWAIT_BACKWARD not in ops for ops in spy.ops)
     assert grad_bytes == [0, 0, 0, 0]  # replies to step 7 (U-shape) / the loss (vanilla) carry no gradient
@@ -81,29 +88,31 @@ def test_frozen_sends_no_step_9_gradient_and_never_waits(mode: str, make_config)
 
 
 def test_local_loss_trains_the_head_without_step_9(make_config) -> None:
-    config = make_config("local", "train.client_update=local_loss", "train.warmup_steps=0")
+    config = make_config("local", "remedies=[local_loss]", "train.warmup_steps=0")
     client, spy, heads, grad_bytes = _steps(config)
     assert grad_bytes == [0, 0, 0, 0]
     assert all(OpKind.AWAIT_BACKWARD not in ops for ops in spy.ops)
     assert all(not _same(heads[i], heads[i + 1]) for i in range(4))
-    assert client.update.alignment is None  # never aligned
-    assert torch.count_nonzero(client.update.aux.up) == 0
+    update = _local_loss(client)
+    assert update.alignment is None  # never aligned
+    assert torch.count_nonzero(update.aux.up) == 0
 
 
 def test_local_loss_aligns_its_auxiliary_map_on_alignment_steps(make_config) -> None:
-    config = make_config("aligned", "train.client_update=local_loss", "train.align_every=2", "train.warmup_steps=0")
+    config = make_config("aligned", "remedies.local_loss.align_every=2", "train.warmup_steps=0")
     client, spy, _, grad_bytes = _steps(config)
     assert [b > 0 for b in grad_bytes] == [True, False, True, False]
     assert [OpKind.AWAIT_BACKWARD in ops for ops in spy.ops] == [True, False, True, False]
-    assert client.update.alignment is not None and math.isfinite(client.update.alignment)
-    assert torch.count_nonzero(client.update.aux.up) > 0
+    update = _local_loss(client)
+    assert update.alignment is not None and math.isfinite(update.alignment)
+    assert torch.count_nonzero(update.aux.up) > 0
 
 
 def test_local_loss_with_alignment_equals_local_loss_for_the_head_on_the_first_step(make_config) -> None:
     # the server's gradient only trains the auxiliary map: the head's first step is the same with or without it
-    plain = _steps(make_config("plain", "train.client_update=local_loss", "train.warmup_steps=0"), steps=1)[2]
+    plain = _steps(make_config("plain", "remedies=[local_loss]", "train.warmup_steps=0"), steps=1)[2]
     aligned = _steps(
-        make_config("aligned", "train.client_update=local_loss", "train.align_every=1", "train.warmup_steps=0"),
+        make_config("aligned", "remedies.local_loss.align_every=1", "train.warmup_steps=0"),
         steps=1,
     )[2]
     for key, value in plain[1].items():
@@ -111,7 +120,7 @@ def test_local_loss_with_alignment_equals_local_loss_for_the_head_on_the_first_s
 
 
 def test_intermittent_client_updates(make_config) -> None:
-    config = make_config("every", "train.client_update_every=2", "train.warmup_steps=0")
+    config = make_config("every", "remedies.intermittent.every=2", "train.warmup_steps=0")
     _, spy, heads, grad_bytes = _steps(config)
     assert [b > 0 for b in grad_bytes] == [True, False, True, False]
     assert [OpKind.AWAIT_BACKWARD in ops for ops in spy.ops] == [True, False, True, False]
@@ -121,7 +130,7 @@ def test_intermittent_client_updates(make_config) -> None:
 
 def test_el2n_prune_sends_only_the_most_informative_rows(make_config) -> None:
     full = _steps(make_config("full", "train.warmup_steps=0"), steps=1)[0]
-    pruned = _steps(make_config("pruned", "data.prune=el2n:0.5", "train.warmup_steps=0"), steps=1)[0]
+    pruned = _steps(make_config("pruned", "remedies.prune.keep=0.5", "train.warmup_steps=0"), steps=1)[0]
     assert 0 < pruned.meter.by_kind["forward"] < full.meter.by_kind["forward"]
     assert pruned.meter.by_kind["forward"] <= full.meter.by_kind["forward"] * 0.6
 
@@ -155,13 +164,17 @@ def test_most_informative_keeps_the_top_fraction_in_row_order() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["split.mode=vanilla", "train.client_update=local_loss"], "local_loss needs split.mode=ushape"),
-        (["train.align_every=2"], "align_every"),
-        (["data.prune=el2n:0"], "data.prune"),
-        (["data.prune=top:0.5"], "data.prune"),
-        (["split.mode=vanilla", "data.prune=el2n:0.5"], "split.mode=ushape"),
+        (["split.mode=vanilla", "remedies=[local_loss]"], "remedies.local_loss: needs split.mode=ushape"),
+        (["remedies.local_loss.align_every=-1"], r"remedies\.local_loss\.align_every"),
+        (["remedies=[local_loss, frozen_head]"], "local_loss and frozen_head each decide how the client's head"),
+        (["remedies.prune.keep=0"], r"remedies\.prune\.keep"),
+        (["remedies.prnue.keep=0.5"], "unknown remedy 'prnue'.*did you mean 'prune'"),
+        (["split.mode=vanilla", "remedies.prune.keep=0.5"], "split.mode=ushape"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_error(overrides, message, make_config) -> None:
-    with pytest.raises(ConfigError, match=message):
-        make_config("bad", *overrides)
+    config = make_config("bad", *overrides)  # the schema leaves the remedies' names and settings to them
+    with pytest.raises(ConfigError, match=message) as error:
+        framework_of(config).check(config)  # as every run checks its config before it builds anything
+    assert "\n" not in str(error.value)
+    assert config_problems(config.model_dump(mode="json"))  # and so does the CLI, before it builds anything

@@ -151,9 +151,6 @@ class PipelineConfig(Section):
     )
 
 
-ClientUpdate = Literal["split", "local_loss", "frozen"]
-
-
 class TrainConfig(Section):
     steps: int = Field(40, ge=1, description="Optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Sequences per micro-batch.")
@@ -183,59 +180,6 @@ class TrainConfig(Section):
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
     progress: bool = Field(True, description="Show a progress bar.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Micro-batch pipelining.")
-    client_update: ClientUpdate = Field(
-        "split",
-        description="How the client's head learns. split: from the server's gradient (step 9); local_loss: from a "
-        "local auxiliary loss (the tail's final norm and LM head applied to the head's output, a logit lens; "
-        "LocSplitFed / FSL-SAGE), so the client never waits for step 9 (ushape only); frozen: not at all "
-        "(StreamSL), the client streams activations and never waits for step 9.",
-    )
-    client_update_every: int = Field(
-        1,
-        ge=1,
-        description="Update the head from the server's gradient only every H-th step (CSE-FSL); on the other "
-        "steps no step-9 gradient is sent and the head does not change (its tail still trains).",
-    )
-    logit_adjustment: float = Field(
-        0.0,
-        ge=0,
-        allow_inf_nan=False,
-        description="SCALA's logit-adjusted loss (survey §3.1.2): the client's loss adds tau * log(prior) to the "
-        "logits of each token, the prior being the token frequencies of its own training labels, so a client "
-        "with a skewed label mix does not learn its skew; the value is tau (0: off). Ushape only (the client "
-        "computes the loss).",
-    )
-    ema: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        allow_inf_nan=False,
-        description="SLwF's decelerated update (survey §3.3, sequential sl): the client side passed to the next "
-        "client is an exponential moving average, ema * previous + (1 - ema) * trained, so one client's data "
-        "cannot overwrite what earlier clients taught (0: off).",
-    )
-    replay: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        allow_inf_nan=False,
-        description="MultiSFL-style replay (survey §3.3): this fraction of each batch's rows is drawn from the "
-        "samples the client kept from its earlier rounds, so it needs framework.rounds > 1 (0: off).",
-    )
-    align_kl: float = Field(
-        0.0,
-        ge=0,
-        allow_inf_nan=False,
-        description="FlexP-SFL (survey §3.1.1): add lambda x KL(client || server) to the client's loss, between "
-        "the per-feature Gaussian of its head's output (this batch's mean and variance at the cut) and the server's "
-        "running average of every client's; the value is lambda (0: off).",
-    )
-    align_every: int = Field(
-        0,
-        ge=0,
-        description="local_loss: every N-th step also fetch the server's gradient at the cut and train the "
-        "auxiliary part (a low-rank map in front of the logit lens) to match it (FSL-SAGE); 0: never.",
-    )
 
 
 class DataConfig(Section):
@@ -275,12 +219,6 @@ class DataConfig(Section):
     alpha: float = Field(0.5, gt=0, description="Concentration of the dirichlet / label_mix / quantity partitioners.")
     sources: list[str] | None = Field(
         None, description="by_source: one data name (file or dataset id) per client, read like data.name."
-    )
-    prune: str = Field(
-        "none",
-        description="el2n:F keeps, of each micro-batch, the fraction F of its rows with the highest EL2N score "
-        "(SFPrompt), computed by the client with its own parts (head + logit lens, ushape only) before anything "
-        "crosses the wire; none keeps every row.",
     )
     pack: bool = Field(
         False,
@@ -372,19 +310,6 @@ class FrameworkConfig(Section):
         ge=0,
         description="framework.merge's memory cap: at most this many tokens (rows x sequence length) in one "
         "merged trunk batch; larger merges run in several trunk passes whose gradients add up (0: no cap).",
-    )
-    personalize: Literal["none", "multi_exit"] = Field(
-        "none",
-        description="multi_exit: SplitGP (survey §3.1.1). The client also trains an early exit, its own tail "
-        "applied straight to its head's output (no trunk), weighted framework.exit_weight against the global "
-        "loss; evaluation reports each client's personalized (early-exit) model next to the global one (ushape).",
-    )
-    exit_weight: float = Field(
-        0.5,
-        gt=0,
-        lt=1,
-        allow_inf_nan=False,
-        description="multi_exit: the early-exit loss's weight w; the client minimizes (1 - w) x global + w x exit.",
     )
     groups: list[list[int]] | None = Field(
         None, description="gsfl: explicit client groups, e.g. [[0, 1], [2, 3]]; default: by label similarity."
@@ -657,6 +582,12 @@ class Config(Section):
     server: ServerConfig = Field(default_factory=ServerConfig, description="Server-side serving settings.")
     plan: PlanConfig = Field(default_factory=PlanConfig, description="The cut planner (`splitlm plan`).")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Defenses, recording, detection.")
+    remedies: Components = Field(
+        default_factory=dict,
+        description="Non-IID and round-trip remedies, each a registered component (splitlm/remedies/, or a module "
+        "of your own) named with its own settings, {name: {setting: value}}; a list of names takes their defaults. "
+        "README's 'Non-IID clients' and 'Slow links' list the built-in ones.",
+    )
     plugins: list[str] = Field(
         default_factory=list,
         description="Python modules to import before the rest of the config is checked, e.g. [my_remedies]: they "
@@ -767,39 +698,14 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
 
 
 def _round_trip_problems(tree: dict[str, Any]) -> list[str]:
-    """Micro-batches, client update modes and pruning (the communication settings of ``train`` and ``data``)."""
+    """Micro-batches (the communication settings of ``train``); the remedies that change round trips check
+    themselves."""
     problems: list[str] = []
     micro, batch = value_at(tree, "train.pipeline.micro_batches"), value_at(tree, "train.batch_size")
     if isinstance(micro, int) and isinstance(batch, int) and micro > batch:
         problems.append(
             f"train.pipeline.micro_batches: {micro} micro-batches need train.batch_size >= {micro} (got {batch})"
         )
-    ushape = value_at(tree, "split.mode") == "ushape"
-    update = value_at(tree, "train.client_update")
-    if update == "local_loss" and not ushape:
-        problems.append(
-            "train.client_update: local_loss needs split.mode=ushape (its auxiliary loss uses the final norm and "
-            "LM head of the client's tail)"
-        )
-    tau = value_at(tree, "train.logit_adjustment")
-    if isinstance(tau, int | float) and tau > 0 and not ushape:
-        problems.append("train.logit_adjustment: the client's loss is adjusted, so it needs split.mode=ushape")
-    align = value_at(tree, "train.align_every")
-    if isinstance(align, int) and align and update != "local_loss":
-        problems.append("train.align_every: aligns the auxiliary part of train.client_update=local_loss; set both")
-    prune = value_at(tree, "data.prune")
-    if isinstance(prune, str) and prune != "none":
-        name, _, fraction = prune.partition(":")
-        try:
-            valid = name == "el2n" and 0 < float(fraction) <= 1
-        except ValueError:
-            valid = False
-        if not valid:
-            problems.append(f"data.prune: {prune!r} is not none or el2n:F with F in (0, 1], e.g. el2n:0.5")
-        elif not ushape:
-            problems.append(
-                "data.prune: el2n scores rows with the client's head and the LM head of its tail; set split.mode=ushape"
-            )
     return problems
 
 
@@ -814,17 +720,6 @@ def _remedy_problems(tree: dict[str, Any]) -> list[str]:
         problems.append(
             f"framework.selection: {selection} picks framework.clients_per_round of the clients each round; set "
             f"framework.clients_per_round between 1 and framework.num_clients - 1 (got {per_round} of {clients})"
-        )
-    replay, rounds = value_at(tree, "train.replay"), value_at(tree, "framework.rounds")
-    if isinstance(replay, int | float) and replay > 0 and rounds == 1:
-        problems.append(
-            "train.replay: draws from the samples a client kept from its earlier rounds, and framework.rounds=1 has "
-            "none; set framework.rounds > 1 or train.replay=0"
-        )
-    if value_at(tree, "framework.personalize") == "multi_exit" and value_at(tree, "split.mode") != "ushape":
-        problems.append(
-            "framework.personalize: multi_exit's early exit is the client's tail applied to its head's output, so it "
-            "needs split.mode=ushape"
         )
     return problems
 

@@ -50,7 +50,7 @@ class Framework:
     trunk_adapters: TrunkAdapters = "shared"  # one trunk adapter for all, one per client, or one per group
     barrier: bool = False  # one trunk update per synchronised step of all participants (psl)
     split: bool = True  # False: the unsplit baseline (one member, no server, no transport)
-    sequential: bool = False  # passes the client side from one client to the next (sl): train.ema applies
+    sequential: bool = False  # passes the client side from one client to the next (sl): ``Remedy.passed_on`` applies
     checks: tuple[Check, ...] = field(default=())  # the framework's own option checks
     make_client: MakeClient | None = None  # its own kind of client (config, model source, train settings); None:
     # the split client (head [+ tail] behind its mods)
@@ -112,21 +112,11 @@ class Framework:
                 )
             if config.transport.link.enabled:
                 problems.append(f"transport.link: framework.name={self.name} sends nothing over a link; unset it")
-            if config.train.logit_adjustment:
-                problems.append(
-                    f"train.logit_adjustment: adjusts a split client's loss; framework.name={self.name} has no "
-                    "client side, so unset it"
-                )
             problems += self._unsplit_problems(config)
         if self.trunk_adapters != "shared" and config.lora.part("trunk").method != "lora":
             problems.append(
                 f"framework.name={self.name} keeps one trunk adapter per {self.trunk_adapters}: "
                 "set lora.trunk.method=lora"
-            )
-        if config.train.ema and not self.sequential:
-            problems.append(
-                f"train.ema averages the client side passed from one client to the next; framework.name={self.name} "
-                "passes none: set framework.name=sl or train.ema=0"
             )
         problems += self._remedy_problems(config)
         problems += component_problems(config, self)
@@ -141,18 +131,8 @@ class Framework:
             raise ConfigError("; ".join(problems))
 
     def _unsplit_problems(self, config: Config) -> list[str]:
-        """The non-IID remedies and server settings that act on a split model, for the unsplit baseline."""
+        """The server settings that act on a split model, for the unsplit baseline (the remedies check themselves)."""
         fw, name, problems = config.framework, self.name, []
-        if config.train.align_kl:
-            problems.append(
-                f"train.align_kl: aligns a split client's head output with the server's statistics at the cut; "
-                f"framework.name={name} has no cut, so set train.align_kl=0"
-            )
-        if fw.personalize != "none":
-            problems.append(
-                f"framework.personalize={fw.personalize}: a split client's early exit on its head's output; "
-                f"framework.name={name} has no client side, so set framework.personalize=none"
-            )
         if config.server.policy == "dissimilar_first":
             problems.append(
                 f"server.policy=dissimilar_first: orders the clients' smashed data waiting at the server; "
@@ -264,6 +244,7 @@ COMPONENT_KEYS: dict[str, str] = {
     "privacy.defenses": "splitlm.privacy.defenses:DEFENSES",
     "privacy.detectors": "splitlm.privacy.detectors:DETECTORS",
     "privacy.server_attack": "splitlm.privacy.server_attack:SERVER_ATTACKS",
+    "remedies": "splitlm.remedies.base:REMEDIES",
 }
 
 

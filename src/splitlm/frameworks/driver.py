@@ -274,9 +274,10 @@ def client_evaluation(fed: Federation, holders: list[Member], round_index: int) 
     client side; positive: what the later clients' training made the model forget of the earlier clients' data.
     On classification-style data the same for accuracy on each client's own held-out examples:
     ``client_accuracy`` (mean, worst: lowest), ``own_accuracy`` and ``accuracy_forgetting`` (``mean_i (acc_i(right
-    after i trained) - acc_i(end of round))``, positive: forgotten). With ``framework.personalize`` (SplitGP),
-    ``personal_eval_loss`` / ``personal_accuracy``: each client's personalized model (its own client side through
-    its early exit) on its own held-out set, next to the global model's ``client_eval_loss`` / ``client_accuracy``."""
+    after i trained) - acc_i(end of round))``, positive: forgotten). With a remedy that gives each client a personal
+    model (SplitGP), ``personal_eval_loss`` / ``personal_accuracy``: each client's personalized model (its own client
+    side through its early exit) on its own held-out set, next to the global model's ``client_eval_loss`` /
+    ``client_accuracy``."""
     values: dict[str, Any] = dict.fromkeys(CLIENT_EVAL_KEYS)
     owners = [m for m in fed.members if m.held_out]
     if fed.config.data.client_eval_size == 0 or not owners or not holders:

@@ -63,14 +63,11 @@ from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
 from splitlm.privacy.tap import ServerTap, TruthRecorder
-from splitlm.runtime.align import make_alignment
+from splitlm.remedies import ClientSetup, Remedy, RoundRows, build_remedies
 from splitlm.runtime.client import EvalStats, SplitClient, StepStats
-from splitlm.runtime.loss import LogitAdjustment, label_prior
 from splitlm.runtime.optim import PartyOptimizer
-from splitlm.runtime.personalize import make_personalize
 from splitlm.runtime.schedule import pipelined, serial
 from splitlm.runtime.server import SplitServer
-from splitlm.runtime.updates import keep_fraction, make_update
 from splitlm.transport import ByteMeter, Channel, InProcessTransport, Mod, Transport, server_chain
 from splitlm.transport.link import EmulatedLink
 
@@ -124,9 +121,9 @@ class Member:
     # sequential frameworks with data.client_eval_size: (round index, position in the round's sequence, loss and
     # accuracy on ``held_out`` of the client side it passed on) right after it trained, for the round's forgetting
     fresh: tuple[int, int, float, float | None] | None = None
-    # framework.personalize: its client side as its own local training left it (before aggregation), the
-    # personalized model whose early exit ``personal_scores`` evaluates
-    personal: dict[str, torch.Tensor] | None = None
+    # what each remedy keeps for this member (``Remedy.member_state``, e.g. a personalized client side),
+    # by remedy name; snapshotted, checkpointed and restored with the member
+    remedy_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def client_id(self) -> str:
@@ -158,17 +155,14 @@ class Member:
         if self.round_goal is None:
             self.round_goal = self.steps_done + fed.local_steps
         train = fed.config.train
-        # train.replay: the examples the data order dealt this client in its earlier rounds (recomputed from the
-        # order, so a resumed run or a restarted remote client keeps exactly the same ones); none in its first round
-        start = self.round_goal - fed.local_steps
-        kept = earlier_rows(self.order, start, train.grad_accum) if train.replay else []
+        start = self.round_goal - fed.local_steps  # the steps before this round
+        rows = RoundRows(self.client_id, fed.config.seed, self.order, start, train.grad_accum)
         while self.steps_done < self.round_goal:
             fed.check_stop()
             step = self.steps_done
             batches = [self.order.indices(step * train.grad_accum + m) for m in range(train.grad_accum)]
-            if train.replay:
-                rng = random.Random(f"replay/{fed.config.seed}/{self.client_id}/{step}")
-                batches = [with_replay(rows, kept, train.replay, rng) for rows in batches]
+            for remedy in fed.remedies:  # e.g. some rows from the examples of earlier rounds
+                batches = remedy.batches(rows, step, batches)
             micro = [
                 collate([self.examples[i] for i in rows], fed.pad_id)
                 for batch in batches
@@ -188,7 +182,7 @@ class Member:
                 "loss": stats.loss, "tokens": stats.tokens, "bytes_up": up1 - up0, "bytes_down": down1 - down0,
                 "comm_seconds": link_seconds(self.client) - comm0,
                 "seconds": seconds, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                **({"exit_loss": stats.exit_loss} if getattr(stats, "exit_loss", None) is not None else {}),
+                **getattr(stats, "metrics", {}),
                 "epoch": self.order.epoch(self.steps_done * train.grad_accum),
             }  # fmt: skip
             fed.on_step(self, record)
@@ -202,13 +196,18 @@ class Member:
 
     def snapshot(self) -> dict[str, Any]:
         fields = {"steps_done": self.steps_done, "tokens": self.tokens, "last_loss": self.last_loss}
-        return {"client": self.client.snapshot(), "round_goal": self.round_goal, "stale": self.stale, **fields}
+        remedies = dict(self.remedy_state)  # each remedy's state is replaced, never changed in place
+        return {
+            "client": self.client.snapshot(), "round_goal": self.round_goal, "stale": self.stale,
+            "remedies": remedies, **fields,
+        }  # fmt: skip
 
     def restore(self, snapshot: dict[str, Any], gone: bool = False) -> None:
         """Back to ``snapshot`` (``gone``: the client was lost; a client in this process is restored all the
         same, a remote one rejoins later from its own checkpoint)."""
         self.client.restore(snapshot["client"])
         self.stale = snapshot["stale"]
+        self.remedy_state = dict(snapshot.get("remedies", {}))
         self.restore_progress(snapshot)
 
     def restore_progress(self, snapshot: dict[str, Any]) -> None:
@@ -241,18 +240,14 @@ class Member:
         return self.client.evaluate(other.held_out)
 
     def personal_scores(self, fed: Federation) -> tuple[float, float | None] | None:
-        """Loss and accuracy on its own held-out set of its personalized model (``framework.personalize``): its
-        own last-trained client side through the early exit, no server involved; None before it trained (or for
-        a client that cannot evaluate its early exit here)."""
-        if self.personal is None or not hasattr(self.client, "personal"):
-            return None
-        own = self.client.state()
-        self.client.load_state(self.personal)
-        try:
-            with self.client.personal():
-                return self.evaluate_on(self).loss, self.accuracy(fed, self.choices) if self.choices else None
-        finally:
-            self.client.load_state(own)
+        """Loss and accuracy on its own held-out set of its personalized model, where a remedy gives it one
+        (``Remedy.personal``, e.g. an early exit); None otherwise, or before it trained."""
+        for remedy in fed.remedies:
+            personal = remedy.personal(self.client, self.remedy_state.get(remedy.name))
+            if personal is not None:
+                with personal:
+                    return self.evaluate_on(self).loss, self.accuracy(fed, self.choices) if self.choices else None
+        return None
 
     def held_out_scores(
         self, fed: Federation, state: dict[str, torch.Tensor] | None = None
@@ -267,27 +262,6 @@ class Member:
         finally:
             if own is not None:
                 self.client.load_state(own)
-
-
-def with_replay(rows: list[int], kept: list[int], fraction: float, rng: random.Random) -> list[int]:
-    """``rows`` with ``round(fraction * len(rows))`` of them, at positions ``rng`` picks, replaced by examples drawn
-    from ``kept`` (MultiSFL-style replay, ``train.replay``): a client revisits earlier rounds' data while it learns
-    new, so the new cannot simply overwrite the old. Drawn without repeats where ``kept`` has enough; ``rows`` as
-    they are while nothing is kept yet."""
-    count = min(round(fraction * len(rows)), len(rows))
-    if not kept or count == 0:
-        return list(rows)
-    positions = rng.sample(range(len(rows)), count)
-    drawn = rng.sample(kept, count) if len(kept) >= count else rng.choices(kept, k=count)
-    out = list(rows)
-    for position, index in zip(positions, drawn, strict=True):
-        out[position] = index
-    return out
-
-
-def earlier_rows(order: DataOrder, steps: int, grad_accum: int) -> list[int]:
-    """The examples ``order`` deals in a client's first ``steps`` steps (what ``train.replay`` draws from)."""
-    return sorted({i for step in range(steps * grad_accum) for i in order.indices(step)})
 
 
 def link_seconds(client: Client) -> float:
@@ -326,7 +300,7 @@ class Federation:
     truth: TruthRecorder | None = None  # ... and the clients' true tokens of those batches (audit)
     server_mods: list[Mod] = field(default_factory=list)  # around the server's handler, from the wire inwards
     templates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # client -> its state's shapes (meta)
-    rollback_hooks: list[Callable[[], None]] = field(default_factory=list)  # e.g. forget the replay caches
+    rollback_hooks: list[Callable[[], None]] = field(default_factory=list)  # e.g. forget the answered requests' cache
     last_checkpoint: str | None = None  # the newest checkpoint's name (a client that rejoins restores it)
     on_step: StepHook = _no_hook  # called after every client step with its metrics record (the driver's)
     aggregation: Any = None  # framework.aggregation async / semi_async: the clients' threads and the global model
@@ -343,8 +317,10 @@ class Federation:
             member.client.load_state(self.fitted(member, self.carry))
         member.stale = False
         member.train_round(self, round_index)
-        if self.config.framework.personalize != "none":  # SplitGP: its own client side, before any aggregation
-            member.personal = {k: v.detach().clone() for k, v in member.client.state().items()}
+        for remedy in self.remedies:  # e.g. its own client side, before any aggregation
+            state = remedy.member_state(member.client, member.remedy_state.get(remedy.name))
+            if state is not None:
+                member.remedy_state[remedy.name] = state
 
     def train_clients(self, members: Sequence[Member], round_index: int, parallel: bool) -> list[Member]:
         """Each member's local steps, at once or one after another. A client that is lost meanwhile stops the
@@ -411,6 +387,11 @@ class Federation:
         return contribution(member.client.state(), trunk, blocks, block_layout(self.config).block_of, blockless=own)
 
     # The config does not change once the federation is built: what follows from it is worked out once.
+
+    @functools.cached_property
+    def remedies(self) -> list[Remedy]:
+        """The config's remedies (``remedies``), whose hooks the step loop and the recipes call."""
+        return build_remedies(self.config)
 
     @functools.cached_property
     def mixed(self) -> bool:
@@ -541,6 +522,11 @@ class Federation:
         )
         if self.carry is not None:
             save_file(self.carry, str(folder / "carry.safetensors"))
+        for member in self.members:
+            if member.remedy_state:
+                tensors = {f"{name}/{k}": v for name, state in member.remedy_state.items() for k, v in state.items()}
+                (folder / "remedies").mkdir(exist_ok=True)
+                save_file(tensors, str(folder / "remedies" / f"client-{member.client_id}.safetensors"))
 
     def load(self, folder: Path) -> None:
         for member in self.members:
@@ -555,6 +541,12 @@ class Federation:
         self.carry_from = state.get("carry_from")
         if state["carry"]:
             self.carry = load_file(str(folder / "carry.safetensors"))
+        for member in self.members:
+            path = folder / "remedies" / f"client-{member.client_id}.safetensors"
+            member.remedy_state = {}
+            for key, tensor in (load_file(str(path)) if path.is_file() else {}).items():
+                name, _, rest = key.partition("/")
+                member.remedy_state.setdefault(name, {})[rest] = tensor
 
     # --- evaluation ---------------------------------------------------------------------------------------
 
@@ -674,10 +666,16 @@ def split_rows(rows: list[int], parts: int) -> list[list[int]]:
 
 
 def build_client(
-    config: Config, source: ModelSource, index: int, transport: Transport | None, truth: TruthRecorder | None = None
+    config: Config,
+    source: ModelSource,
+    index: int,
+    transport: Transport | None,
+    truth: TruthRecorder | None = None,
+    examples: list[Example] | None = None,
 ) -> tuple[Client, ClientPipeline | None]:
     """Client ``index``: its head [+ tail] and optimizer behind its pipeline of mods and plugins (or, for the
-    unsplit baseline, the whole model), as ``config.for_client(index)`` says (its cut, LoRA rank and link)."""
+    unsplit baseline, the whole model), as ``config.for_client(index)`` says (its cut, LoRA rank and link);
+    ``examples``: its training examples, for the remedies' plugins that learn from them."""
     framework = framework_of(config)
     config = config.for_client(index)
     optimizer_train = config.train.model_copy(update={"steps": client_steps(config)})
@@ -692,15 +690,21 @@ def build_client(
     params = [p for part in parts.values() for p in trainable_parameters(part)]
     if transport is None:
         raise ProtocolError(f"client {index} has no transport to the server")
-    pipeline = client_pipeline(config, source, stages["head"], truth)
+    setup = ClientSetup(str(index), config, parts, stages, examples or [])
+    pipeline = client_pipeline(config, source, stages["head"], truth, setup)
     channel = Channel(client_link(config, transport, str(index)), pipeline.mods)  # each client its own link
     pipelining = config.train.pipeline
     client = SplitClient(
-        str(index), parts, stages, channel, PartyOptimizer(params, optimizer_train), spec.mode, pipeline.plugins,
+        str(index),
+        parts,
+        stages,
+        channel,
+        PartyOptimizer(params, optimizer_train),
+        spec.mode,
+        pipeline.plugins,
         schedule=pipelined if pipelining.micro_batches > 1 and pipelining.overlap else serial,
-        seed=config.seed, update=make_update(config, stages), prune=keep_fraction(config.data.prune),
-        pace=config.client(index).speed, personalize=make_personalize(config), align=make_alignment(config),
-    )  # fmt: skip
+        seed=config.seed,
+    )
     return client, pipeline
 
 
@@ -715,7 +719,6 @@ def build_member(
     truth: TruthRecorder | None = None,
 ) -> Member:
     """Client ``index`` with its private share of the training data (packed per client when ``data.pack``)."""
-    client, pipeline = build_client(config, source, index, transport, truth)
     examples, held_out = hold_out(config, index, [data.train[i] for i in indices])
     # classification-style data: its held-out examples as choices among the responses, for its own accuracy
     seq_len = config.train.seq_len
@@ -723,9 +726,7 @@ def build_member(
     held_out = [shorten(e, seq_len) for e in held_out]  # like the global held-out set (a response stays whole)
     if config.data.pack:
         examples = pack_examples(examples, config.train.seq_len)
-    if config.train.logit_adjustment > 0:  # SCALA: the prior is this client's own label mix, nobody else's
-        vocab = int(client.stages["tail"].config.vocab_size)
-        client.adjust = LogitAdjustment(label_prior(examples, vocab), config.train.logit_adjustment)
+    client, pipeline = build_client(config, source, index, transport, truth, examples)
     order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
     log.info("client %s: %d examples, labels %s", index, len(examples), histogram)
     batches = eval_batches(held_out, config.train.batch_size, data.pad_id) if held_out else []

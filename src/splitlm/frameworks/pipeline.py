@@ -4,17 +4,18 @@ Every transport (in-process, gRPC, Ray) gets its chains here, so a run behaves t
 travel. The order, from the client's training code to the server's handler::
 
     client:  defenses (smashed data, labels, gradients) -> detectors -> codec -> meter -> [link] -> transport
-    server:  transport -> codec -> tap -> server attack (FSHA) -> alignment statistics -> SplitServer
+    server:  transport -> codec -> tap -> server attack (FSHA) -> the remedies' mods -> SplitServer
 
 The meter is the client's last mod, so it counts what travels (encoded bytes); the tap sits after the
 server's codec, so attacks read what the server decoded; a detector (SplitGuard) observes gradients after the
 codec and before the client's own gradient noise. Token and loss defenses, the detectors' probes and the audit
-truth recorder are client plugins (``runtime/plugins.py``). With ``train.align_kl`` the server's alignment
-statistics (``runtime/align.py``) see the decoded smashed data and add two tensors to the replies of training
-forwards, which the server's codec and the client's mods pass through untouched.
+truth recorder are client plugins (``runtime/plugins.py``), and so is what each of the config's ``remedies``
+(``splitlm/remedies/``) adds to a client. A remedy's server mod (e.g. an alignment's running statistics) is the
+innermost: it sees the decoded smashed data, and what it adds to the replies the server's codec and the client's
+mods pass through untouched.
 
-Defenses (``privacy.defenses``), detectors (``privacy.detectors``) and the server attack
-(``privacy.server_attack``) are components built by name from their registries; this module never imports the
+Defenses (``privacy.defenses``), detectors (``privacy.detectors``), the server attack (``privacy.server_attack``)
+and remedies (``remedies``) are components built by name from their registries; this module never imports the
 attacks (``privacy.server_attack``'s registry names their modules).
 """
 
@@ -30,8 +31,8 @@ from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defense
 from splitlm.privacy.detectors import DetectorContext, build_detectors
 from splitlm.privacy.server_attack import build_server_attacks
 from splitlm.privacy.tap import ServerTap, TruthRecorder
-from splitlm.runtime.align import align_mod
-from splitlm.runtime.plugins import ClientPlugin
+from splitlm.remedies import ClientSetup, build_remedies
+from splitlm.runtime.plugins import ClientPlugin, Pace
 from splitlm.runtime.rng import derive
 from splitlm.transport import MeterMod, Mod, Transport
 from splitlm.transport.codecs import CodecMod
@@ -60,9 +61,14 @@ def codec_mod(config: Config) -> CodecMod:
 
 
 def client_pipeline(
-    config: Config, source: ModelSource, head: Stage, truth: TruthRecorder | None = None
+    config: Config,
+    source: ModelSource,
+    head: Stage,
+    truth: TruthRecorder | None = None,
+    setup: ClientSetup | None = None,
 ) -> ClientPipeline:
-    """One client's mods and plugins; ``truth`` is the recorder shared with a server tap (in-process runs)."""
+    """One client's mods and plugins; ``truth`` is the recorder shared with a server tap (in-process runs);
+    ``setup``: the client's parts and data, for its simulated speed and the plugins of the config's remedies."""
     defenses = _defenses(config, source, head)
     mods: list[Mod] = list(defenses.mods)
     plugins: list[ClientPlugin] = list(defenses.plugins)
@@ -72,6 +78,9 @@ def client_pipeline(
         plugins.append(detector)
     if truth is not None:
         plugins.append(truth)
+    if setup is not None:
+        plugins.append(Pace(config.client(int(setup.client_id)).speed))
+        plugins += [p for remedy in build_remedies(config) if (p := remedy.client_plugin(setup)) is not None]
     mods += [codec_mod(config), MeterMod()]
     return ClientPipeline(mods, plugins, defenses)
 
@@ -82,9 +91,8 @@ def server_mods(config: Config, source: ModelSource, trunk: Stage, tap: ServerTa
     if tap is not None:
         mods.append(tap)
     mods += build_server_attacks(config.privacy.server_attack, config, source, trunk)
-    align = align_mod(config)
-    if align is not None:  # innermost: it sees what the server's handler sees, and answers with its replies
-        mods.append(align)
+    # innermost: they see what the server's handler sees, and answer with its replies
+    mods += [mod for remedy in build_remedies(config) if (mod := remedy.server_mod(config)) is not None]
     return mods
 
 

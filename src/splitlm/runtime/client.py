@@ -4,19 +4,14 @@ The client owns its data, its head (and in U-shape its tail, labels and loss) an
 through a ``Channel`` (its mods around a transport). One optimizer step is a schedule of operations
 (``runtime/schedule.py``) that ``train_step`` executes; requests are submitted and awaited as separate
 operations, so a schedule decides what overlaps. Plugins (``runtime/plugins.py``) hook into the client's own
-computation: its input tokens, labels, loss and optimizer step.
-
-Two client-side remedies for non-IID data join the step where they act: ``framework.personalize=multi_exit``
-(``runtime/personalize.py``) adds an early exit (the client's tail on its head's output) to the loss, and
-``personal()`` evaluates that exit; ``train.align_kl`` (``runtime/align.py``) adds a KL term between the
-head's output and the server's running statistics to the head's backward.
+computation: its input tokens, rows, labels, logits, loss terms, how its head learns, its evaluation and its
+optimizer step. The non-IID remedies (``splitlm/remedies/``) act only through them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,23 +20,19 @@ import torch
 from torch import nn
 
 from splitlm.data import Batch, Example, collate
-from splitlm.errors import ConfigError
 from splitlm.models.split import SplitMode, Stage
 from splitlm.peft import load_trainable, load_trainable_state, save_trainable, trainable_parameters, trainable_state
-from splitlm.runtime.align import Alignment, Moments
-from splitlm.runtime.loss import LogitAdjustment, causal_lm_loss, row_losses
+from splitlm.runtime.loss import causal_lm_loss, row_losses
 from splitlm.runtime.optim import PartyOptimizer
-from splitlm.runtime.personalize import MultiExit
-from splitlm.runtime.plugins import ClientPlugin, Plugins
+from splitlm.runtime.plugins import ClientPlugin, Micro, Plugins
 from splitlm.runtime.rng import seeded
 from splitlm.runtime.schedule import Op, OpKind, serial
-from splitlm.runtime.updates import ClientUpdate, el2n_scores, most_informative
-from splitlm.transport import ByteMeter, Channel, Message, Pending
+from splitlm.transport import ByteMeter, Channel, Message
 
 Schedule = Callable[[int, bool, bool], list[Op]]  # (micro-batches, ushape, waits for step 9) -> ops
-# The client's own computation, which a simulated slower device (``pace``) stretches; sending and awaiting
-# are the link's and the server's time. STEP is left out: it waits for the server's reply (at a barrier, for
-# other clients too), and the client's own optimizer step on its adapters is small.
+# The client's own computation (what a plugin's ``on_compute`` sees, e.g. a simulated slower device); sending
+# and awaiting are the link's and the server's time. STEP is left out: it waits for the server's reply (at a
+# barrier, for other clients too), and the client's own optimizer step on its adapters is small.
 COMPUTE_OPS = frozenset({OpKind.HEAD_FORWARD, OpKind.TAIL, OpKind.HEAD_BACKWARD})
 
 
@@ -51,7 +42,7 @@ class StepStats:
     tokens: int  # non-padding input tokens processed
     grad_norm: float
     lr: float
-    exit_loss: float | None = None  # multi_exit: mean over micro-batches of the early exit's per-token loss
+    metrics: dict[str, float] = field(default_factory=dict)  # the plugins' own figures (``step_metrics``)
 
 
 @dataclass
@@ -65,31 +56,12 @@ class EvalStats:
 
 
 @dataclass
-class _Micro:
-    """What one micro-batch's operations pass each other within a step."""
-
-    batch: Batch
-    labels: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None  # the head's output (B, T, d)
-    message: Message | None = None
-    pending: Pending | None = None
-    sent: torch.Tensor | None = None  # the differentiable version of what was sent (B, T, d)
-    trunk_out: torch.Tensor | None = None  # U-shape: a leaf on this side of the cut
-    grad_up: torch.Tensor | None = None  # U-shape: gradient of the trunk output (B, T, d)
-    grad: torch.Tensor | None = None  # gradient of the head output, from the server (B, T, d)
-    reference: Moments | None = None  # align_kl: the server's running (mean, variance) of the smashed data (d,)
-    loss: float = 0.0
-
-
-@dataclass
 class _Step:
     step: int
-    micros: list[_Micro]
-    scale: float
+    micros: list[Micro]
     waits: bool = True  # asks for the server's gradient at the cut (step 9) and waits for it
     trains: bool = True  # the head learns this step (from the server's gradient or a local loss)
     losses: dict[int, float] = field(default_factory=dict)
-    exit_losses: dict[int, float] = field(default_factory=dict)  # multi_exit: the early exit's, per micro-batch
 
 
 class SplitClient:
@@ -104,15 +76,7 @@ class SplitClient:
         plugins: Sequence[ClientPlugin] = (),
         schedule: Schedule = serial,
         seed: int = 0,
-        update: ClientUpdate | None = None,
-        prune: float | None = None,
-        pace: float = 1.0,
-        adjust: LogitAdjustment | None = None,
-        personalize: MultiExit | None = None,
-        align: Alignment | None = None,
     ) -> None:
-        if personalize is not None and "tail" not in parts:
-            raise ValueError(f"client {client_id}: an early exit ({personalize.name}) needs a tail (a U-shaped split)")
         self.client_id = client_id
         self.seed = seed  # with (client, step, micro-batch, part), fixes every random draw of a forward pass
         self.parts = parts  # "head" and, in U-shape, "tail"; possibly peft-wrapped stages
@@ -122,17 +86,7 @@ class SplitClient:
         self.mode = mode
         self.plugins = Plugins(plugins)
         self.schedule = schedule
-        self.update = update or ClientUpdate()  # how the head learns: which steps wait for step 9
-        self.prune = prune  # data.prune=el2n:F: the fraction of each micro-batch's rows that is sent
         self.head_trainable = bool(trainable_parameters(parts["head"]))
-        self.pace = pace  # simulated slowdown (framework.clients[i].speed): own computation takes pace x as long
-        self.paced_seconds = 0.0  # the extra time slept for it so far
-        # train.logit_adjustment (SCALA): shifts the tail's logits of the training loss only; evaluation and
-        # sequence scoring measure the plain model, which is what the adjustment trains and what is deployed
-        self.adjust = adjust
-        self.personalize = personalize  # framework.personalize=multi_exit (SplitGP): the early exit's objective
-        self.align = align  # train.align_kl (FlexP-SFL): the KL to the server's running smashed-data statistics
-        self._personal = False  # inside ``personal()``: evaluation takes the early exit
 
     @property
     def meter(self) -> ByteMeter:
@@ -145,12 +99,16 @@ class SplitClient:
             part.train()
         for p in self.optimizer.params:  # a step interrupted earlier (a lost server) may have left gradients
             p.grad = None
+        device, scale = self.stages["head"].device, 1.0 / len(micro_batches)
+        micros = [
+            Micro((self.client_id, step, i), b.to(device), scale, train_logits=self.plugins.train_logits)
+            for i, b in enumerate(micro_batches)
+        ]
         state = _Step(
             step,
-            [_Micro(b.to(self.stages["head"].device)) for b in micro_batches],
-            1.0 / len(micro_batches),
-            waits=self.head_trainable and self.update.waits(step),
-            trains=self.head_trainable and self.update.trains_head(step),
+            micros,
+            waits=self.head_trainable and self.plugins.waits(step),
+            trains=self.head_trainable and self.plugins.trains_head(step),
         )
         handlers = {
             OpKind.HEAD_FORWARD: self._head_forward,
@@ -169,45 +127,35 @@ class SplitClient:
             else:
                 handlers[op.kind](state, state.micros[op.micro], op.micro)
             if op.kind in COMPUTE_OPS:
-                self._keep_pace(time.perf_counter() - started)
+                self.plugins.on_compute(time.perf_counter() - started)
         assert stats is not None, "a schedule ends with STEP"
         return stats
 
-    def _keep_pace(self, seconds: float) -> None:
-        """A slower device, simulated on this one: sleep (pace - 1) x the time the computation took, so the
-        figures of a run with mixed speeds are reproducible on one machine."""
-        if self.pace > 1.0 and seconds > 0:
-            extra = (self.pace - 1.0) * seconds
-            time.sleep(extra)
-            self.paced_seconds += extra
-
-    def _head_forward(self, state: _Step, m: _Micro, micro: int) -> None:
+    def _head_forward(self, state: _Step, m: Micro, micro: int) -> None:
         """Step 2: the head's output for micro-batch ``micro`` and the message that carries it (step 3)."""
         with torch.set_grad_enabled(state.trains):  # a head that does not learn this step keeps no graph
-            m.hidden = self._head(m.batch, (self.client_id, state.step, micro), training=True)
+            m.hidden = self._head(m.batch, m.key, training=True)
         m.labels = self.plugins.labels(state.step, m.batch.labels)  # after on_forward has reseeded the plugins
-        if self.prune is not None:  # only the most informative rows cross the wire (SFPrompt)
-            keep = most_informative(el2n_scores(self.stages["tail"], m.hidden, m.labels), self.prune)
+        keep = self.plugins.rows(m)  # e.g. only the most informative rows cross the wire
+        if keep is not None:
             keep = keep.to(m.hidden.device)
             m.batch = Batch(m.batch.input_ids[keep], m.batch.attention_mask[keep], m.batch.labels[keep])
             m.hidden, m.labels = m.hidden[keep], m.labels[keep]
-        self.plugins.on_batch((self.client_id, state.step, micro), m.batch)
+        self.plugins.on_batch(m.key, m.batch)
         m.message = self._head_message(
-            "forward", state.step, micro, m.hidden, m.batch, m.labels, scale=state.scale, want_grad=state.waits
+            "forward", state.step, micro, m.hidden, m.batch, m.labels, scale=m.scale, want_grad=state.waits
         )
 
-    def _send_forward(self, state: _Step, m: _Micro, micro: int) -> None:
+    def _send_forward(self, state: _Step, m: Micro, micro: int) -> None:
         assert m.message is not None
         m.pending = self.channel.submit(m.message)
 
-    def _await_forward(self, state: _Step, m: _Micro, micro: int) -> None:
+    def _await_forward(self, state: _Step, m: Micro, micro: int) -> None:
         assert m.pending is not None
         exchange = m.pending.result()
-        reply = exchange.reply
+        reply = m.reply = exchange.reply
         m.sent = exchange.sent.get("hidden")
         m.pending = None
-        if self.align is not None:
-            m.reference = self.align.reference(reply)
         if self.mode == "vanilla":
             state.losses[micro] = float(reply.meta["loss_sum"]) / max(int(reply.meta["tokens"]), 1)
             m.grad = reply.tensors.get("grad")
@@ -215,85 +163,58 @@ class SplitClient:
             m.trunk_out = reply.tensors["hidden"].to(self.stages["tail"].dtype)
             m.trunk_out.requires_grad_(bool(reply.meta.get("needs_grad", True)))  # a fresh leaf on this side
 
-    def _tail_step(self, state: _Step, m: _Micro, micro: int) -> None:
-        """Step 6: tail forward, loss (on logit-adjusted logits with ``adjust``) and backward down to the trunk
-        output; the step's reported loss is then the adjusted one, the loss the client trains on."""
+    def _tail_step(self, state: _Step, m: Micro, micro: int) -> None:
+        """Step 6: tail forward, loss (on the plugins' training logits) and backward down to the trunk output; the
+        step's reported loss is the one the client trains on."""
         assert m.trunk_out is not None and m.labels is not None
         stage = self.stages["tail"]
         with seeded(self.seed, self.client_id, state.step, micro, "tail", devices=(stage.device,)):
-            logits = self._tail(m.trunk_out, m.batch)
-        if self.adjust is not None:
-            logits = self.adjust(logits)
+            logits = self.plugins.train_logits(self._tail(m.trunk_out, m.batch))
         total, count = causal_lm_loss(logits, m.labels)
         state.losses[micro] = total.item() / max(count, 1)
-        if count and total.requires_grad:  # multi_exit: the global loss weighs 1 - w, and so does step 7
-            scale = state.scale if self.personalize is None else self.personalize.global_scale(state.scale)
-            (total / count * scale).backward()
+        if count and total.requires_grad:  # a plugin may weigh the split path's loss, and so step 7
+            (total / count * self.plugins.global_scale(m.scale)).backward()
         if m.trunk_out.requires_grad:
             m.grad_up = m.trunk_out.grad if m.trunk_out.grad is not None else torch.zeros_like(m.trunk_out)
 
-    def _send_backward(self, state: _Step, m: _Micro, micro: int) -> None:
+    def _send_backward(self, state: _Step, m: Micro, micro: int) -> None:
         """Step 7: the gradient of the trunk output goes back (unless the server said it needs none)."""
         if m.grad_up is not None:
             m.pending = self.channel.submit(Message("backward", self.client_id, state.step, micro, {"grad": m.grad_up}))
 
-    def _await_backward(self, state: _Step, m: _Micro, micro: int) -> None:
+    def _await_backward(self, state: _Step, m: Micro, micro: int) -> None:
         if m.pending is not None:
             m.grad = m.pending.result().reply.tensors.get("grad")
             m.pending = None
 
-    def _head_backward(self, state: _Step, m: _Micro, micro: int) -> None:
-        """Step 10: the head's backward from the gradient the server returned (+ any plugin's own loss, the early
-        exit's loss and the alignment term): one backward of them all."""
+    def _head_backward(self, state: _Step, m: Micro, micro: int) -> None:
+        """Step 10: one backward of the head's own loss, the gradient the server returned, any plugin's extra
+        loss and the plugins' terms of this micro-batch (which may train the tail even when the head does not)."""
         assert m.hidden is not None and m.labels is not None
-        if not m.hidden.requires_grad:
-            if self.personalize is not None:  # the head does not learn this step; the tail still learns its exit
-                exit_loss = self._exit_loss(state, m, micro)
-                if exit_loss is not None:
-                    exit_loss.backward()
-            return
         outputs: list[torch.Tensor] = []
         grads: list[torch.Tensor | None] = []
-        local = self.update.local_loss(m.hidden, m.labels, state.scale)  # before any alignment changes it
-        if local is not None:
-            outputs.append(local)
+        if m.hidden.requires_grad:
+            local = self.plugins.own_loss(m.hidden, m.labels, m.scale)
+            if local is not None:
+                outputs.append(local)
+                grads.append(None)
+            if m.grad is not None and m.sent is not None:
+                if self.plugins.follows_server(state.step):
+                    outputs.append(m.sent)
+                    grads.append(m.grad.to(device=m.sent.device, dtype=m.sent.dtype))
+                else:  # e.g. align a local loss's auxiliary part to the server's gradient
+                    self.plugins.observe(m.hidden, m.labels, m.grad, m.scale)
+            if self.plugins.wants_embeddings:
+                embeddings = self.stages["head"].embed_tokens(m.batch.input_ids).detach()  # (B, T, d)
+                extra = self.plugins.extra_loss(embeddings, m.hidden, m.batch.attention_mask)
+                if extra is not None and extra.requires_grad:
+                    outputs.append(extra * m.scale)
+                    grads.append(None)
+        for term in self.plugins.head_losses(m):
+            outputs.append(term)
             grads.append(None)
-        if m.grad is not None and m.sent is not None:
-            if self.update.follows_server(state.step):
-                outputs.append(m.sent)
-                grads.append(m.grad.to(device=m.sent.device, dtype=m.sent.dtype))
-            else:  # e.g. align a local loss's auxiliary part to the server's gradient
-                self.update.observe(m.hidden, m.labels, m.grad, state.scale)
-        if self.plugins.wants_embeddings:
-            embeddings = self.stages["head"].embed_tokens(m.batch.input_ids).detach()  # (B, T, d)
-            extra = self.plugins.extra_loss(embeddings, m.hidden, m.batch.attention_mask)
-            if extra is not None and extra.requires_grad:
-                outputs.append(extra * state.scale)
-                grads.append(None)
-        if self.personalize is not None:
-            exit_loss = self._exit_loss(state, m, micro)
-            if exit_loss is not None:
-                outputs.append(exit_loss)
-                grads.append(None)
-        if self.align is not None and m.reference is not None:
-            kl = self.align.loss(m.hidden, m.batch.attention_mask, m.reference, state.scale)
-            if kl is not None:
-                outputs.append(kl)
-                grads.append(None)
         if outputs:
             torch.autograd.backward(outputs, grads)
-
-    def _exit_loss(self, state: _Step, m: _Micro, micro: int) -> torch.Tensor | None:
-        """multi_exit: the early exit's loss (w x scale x per-token loss of tail(head output), on the training
-        logits: logit-adjusted with ``adjust``), recorded per micro-batch; None when there is nothing to train."""
-        assert self.personalize is not None and m.hidden is not None and m.labels is not None
-        stage = self.stages["tail"]
-        with seeded(self.seed, self.client_id, state.step, micro, "exit", devices=(stage.device,)):
-            logits = self._tail(m.hidden, m.batch)
-        if self.adjust is not None:
-            logits = self.adjust(logits)
-        loss, state.exit_losses[micro] = self.personalize.exit_loss(logits, m.labels, state.scale)
-        return loss
 
     def _step(self, state: _Step) -> StepStats:
         """Clip by the global gradient norm (the server adds its own share) and step together with the server."""
@@ -311,13 +232,12 @@ class SplitClient:
         self.optimizer.step(float(meta["clip"]))
         self.plugins.after_step(state.step)
         losses = [state.losses[m] for m in sorted(state.losses)]
-        exits = [state.exit_losses[m] for m in sorted(state.exit_losses)]
         return StepStats(
             loss=sum(losses) / len(losses),
             tokens=sum(int(m.batch.attention_mask.sum()) for m in state.micros),
             grad_norm=float(meta["grad_norm"]),
             lr=float(meta["lr"]) if self.optimizer.optimizer is None else self.optimizer.lr(),
-            exit_loss=sum(exits) / len(exits) if exits else None,
+            metrics=self.plugins.step_metrics(state.step),
         )
 
     # --- the parts ---------------------------------------------------------------------------------------
@@ -356,27 +276,6 @@ class SplitClient:
 
     # --- evaluation --------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def personal(self) -> Iterator[SplitClient]:
-        """Evaluate the personalized model: inside, ``evaluate`` and ``sequence_losses`` take the early exit (this
-        client's head, then its own tail; no request to the server, no byte sent) instead of the split path.
-        Any U-shaped client has one (it is what ``framework.personalize=multi_exit`` trains); a vanilla split,
-        without a tail, has none. Training is unaffected. Nests; yields the client.
-
-            with client.personal():
-                personal_loss = client.evaluate(batches).loss
-        """
-        if "tail" not in self.parts:
-            raise ConfigError(
-                f"client {self.client_id} has no early exit to evaluate: a {self.mode} split leaves it no tail; "
-                "use split.mode=ushape"
-            )
-        previous, self._personal = self._personal, True
-        try:
-            yield self
-        finally:
-            self._personal = previous
-
     @torch.no_grad()
     def evaluate(self, batches: list[Batch], step: int = -1) -> EvalStats:
         for part in self.parts.values():
@@ -385,20 +284,18 @@ class SplitClient:
         for micro, batch in enumerate(batches):
             batch = batch.to(self.stages["head"].device)
             hidden = self._head(batch, (self.client_id, step, micro))
-            if self._personal:  # the early exit: the client's own tail on its head's output
-                total, tokens = causal_lm_loss(self._tail(hidden, batch), batch.labels)
-                loss_sum += float(total)
-                count += tokens
-                continue
-            message = self._head_message("eval", step, micro, hidden, batch, batch.labels)
-            reply = self.channel.request(message).reply
-            if self.mode == "vanilla":
-                loss_sum += float(reply.meta["loss_sum"])
-                count += int(reply.meta["tokens"])
-            else:
-                total, tokens = causal_lm_loss(self._tail(reply.tensors["hidden"], batch), batch.labels)
-                loss_sum += float(total)
-                count += tokens
+            logits = self.plugins.local_logits(hidden, batch)  # e.g. a personal model's early exit: nothing is sent
+            if logits is None:
+                message = self._head_message("eval", step, micro, hidden, batch, batch.labels)
+                reply = self.channel.request(message).reply
+                if self.mode == "vanilla":
+                    loss_sum += float(reply.meta["loss_sum"])
+                    count += int(reply.meta["tokens"])
+                    continue
+                logits = self._tail(reply.tensors["hidden"], batch)
+            total, tokens = causal_lm_loss(logits, batch.labels)
+            loss_sum += float(total)
+            count += tokens
         for part in self.parts.values():
             part.train()
         return EvalStats(loss_sum, count)
@@ -410,8 +307,9 @@ class SplitClient:
             part.eval()
         batch = collate(examples, pad_id).to(self.stages["head"].device)
         hidden = self._head(batch, (self.client_id, -1, 0))
-        if self._personal:  # the early exit (``personal()``): nothing is sent
-            losses = row_losses(self._tail(hidden, batch), batch.labels)
+        logits = self.plugins.local_logits(hidden, batch)
+        if logits is not None:
+            losses = row_losses(logits, batch.labels)
         else:
             message = self._head_message("eval", -1, 0, hidden, batch, batch.labels, per_row=True)
             reply = self.channel.request(message).reply

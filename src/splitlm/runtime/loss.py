@@ -1,19 +1,12 @@
-"""The causal language-modelling loss, computed the same way by every party and by the baseline.
-
-``LogitAdjustment`` is SCALA's logit-adjusted loss (survey §3.1.2, ``train.logit_adjustment``): a client trains
-on ``logits + tau * log(prior)``, the prior being the token frequencies of its own training labels. Frequent
-tokens then need less of the model's own logit to win, so the model learns the data's signal rather than the
-client's label skew; evaluation uses the plain logits.
-"""
+"""The causal language-modelling loss, computed the same way by every party and by the baseline, and the logit
+lens (a head's output read through the tail's final norm and LM head)."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
-from splitlm.data import Example
+from splitlm.models.split import Stage
 
 IGNORE = -100
 
@@ -45,32 +38,7 @@ def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return per_token.sum(dim=1)
 
 
-class LogitAdjustment:
-    """``logits + tau * log(prior)``: the training-time logit adjustment of one client (prior (V,), > 0)."""
-
-    def __init__(self, prior: torch.Tensor, tau: float) -> None:
-        if prior.dim() != 1 or not bool((prior > 0).all()):
-            raise ValueError(f"a logit adjustment needs a positive prior of shape (V,), got {tuple(prior.shape)}")
-        self.tau = tau
-        self.offset = tau * prior.double().log().float()  # (V,), computed once
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """The adjusted logits (B, T, V), differentiable in ``logits`` (the offset is a constant)."""
-        if logits.shape[-1] != self.offset.shape[0]:
-            raise ValueError(f"logits of width {logits.shape[-1]} for a prior over {self.offset.shape[0]} tokens")
-        return logits + self.offset.to(device=logits.device, dtype=logits.dtype)
-
-
-def label_prior(examples: Iterable[Example], vocab_size: int) -> torch.Tensor:
-    """Token frequencies (V,) of the labels the loss is taken on: positions 1.. (position 0 is never predicted
-    after the causal shift) other than ``-100``, add-one smoothed so no token has probability 0 (log(0) would
-    make a token the client never saw impossible to predict)."""
-    counts = torch.ones(vocab_size, dtype=torch.float64)
-    for example in examples:
-        labels = torch.tensor(example.labels[1:], dtype=torch.long)
-        labels = labels[labels != IGNORE]
-        if labels.numel():
-            if int(labels.min()) < 0 or int(labels.max()) >= vocab_size:
-                raise ValueError(f"label token outside the vocabulary of {vocab_size} tokens")
-            counts += torch.bincount(labels, minlength=vocab_size).double()
-    return (counts / counts.sum()).float()
+def logit_lens(tail: Stage, hidden: torch.Tensor) -> torch.Tensor:
+    """The tail's final norm and LM head applied to ``hidden`` (B, T, d) -> logits (B, T, V)."""
+    hidden = hidden.to(device=tail.device, dtype=tail.dtype)
+    return tail.family.finish(tail, tail.config, hidden)

@@ -1,20 +1,19 @@
 """How the client's head learns, and what that saves on the wire (survey §4.3.2 and §4.5.1).
 
 Every split step normally ends with step 9: the server sends the gradient at the head's output, and the
-client waits for it before its head can step. A ``ClientUpdate`` decides, per step, whether the client asks
-for that gradient and waits for it (``waits``), whether the head trains at all (``trains_head``), and what
-local loss, if any, drives the head instead (``local_loss``). ``train.client_update`` and
-``train.client_update_every`` pick one:
+client waits for it before its head can step. A client update (a client plugin) decides, per step, whether the
+client asks for that gradient and waits for it (``waits``), whether the head trains at all (``trains_head``), and
+what local loss, if any, drives the head instead (``local_loss``). At most one of these remedies picks it:
 
-| update            | step 9                  | the head learns from                         | method              |
-|-------------------|-------------------------|----------------------------------------------|---------------------|
-| ``split``         | every step              | the server's gradient                        | SL                  |
-| ``split`` + ``H`` | every H-th step         | the server's gradient, on those steps only   | CSE-FSL             |
-| ``local_loss``    | never (or align steps)  | a logit-lens loss on its own output          | LocSplitFed, FSL-SAGE |
-| ``frozen``        | never                   | nothing: the client only streams activations | StreamSL            |
+| remedy                           | step 9                 | the head learns from                       | method     |
+|----------------------------------|------------------------|--------------------------------------------|------------|
+| (none)                           | every step             | the server's gradient                      | SL         |
+| ``intermittent: {every: H}``     | every H-th step        | the server's gradient, on those steps only | CSE-FSL    |
+| ``local_loss: {align_every: N}`` | never (or align steps) | a logit-lens loss on its own output        | FSL-SAGE   |
+| ``frozen_head``                  | never                  | nothing: the client streams activations    | StreamSL   |
 
 The logit lens applies the tail's final norm and LM head (frozen, pretrained) to the head's output, so the
-head gets a next-token loss of its own. With ``train.align_every=N`` the client also fetches the server's
+head gets a next-token loss of its own. With ``align_every=N`` the client also fetches the server's
 gradient every N-th step and trains a small low-rank map in front of the lens so that the local loss's
 gradient at the cut matches the server's (FSL-SAGE's alignment); the head itself still learns from the local
 loss only.
@@ -23,29 +22,26 @@ loss only.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from splitlm.config import Config
-from splitlm.errors import ConfigError
 from splitlm.models.split import Stage
-from splitlm.runtime.loss import causal_lm_loss
+from splitlm.registry import ComponentSettings
+from splitlm.remedies.base import REMEDIES, ClientSetup, Remedy
+from splitlm.runtime.loss import causal_lm_loss, logit_lens
+from splitlm.runtime.plugins import ClientPlugin
 
 ALIGN_RANK = 16  # rank of the auxiliary map trained by alignment
 
 
-def logit_lens(tail: Stage, hidden: torch.Tensor) -> torch.Tensor:
-    """The tail's final norm and LM head applied to ``hidden`` (B, T, d) -> logits (B, T, V)."""
-    hidden = hidden.to(device=tail.device, dtype=tail.dtype)
-    return tail.family.finish(tail, tail.config, hidden)
-
-
-class ClientUpdate:
-    """``split``: the head learns from the server's gradient on steps where ``every`` divides the step number
+class ClientUpdate(ClientPlugin):
+    """``intermittent``: the head learns from the server's gradient on steps where ``every`` divides the step number
     (every step by default); on the others the client neither asks for nor waits for step 9."""
 
-    name = "split"
+    name = "intermittent"
 
     def __init__(self, every: int = 1) -> None:
         self.every = every
@@ -61,7 +57,7 @@ class ClientUpdate:
         """Whether the head backpropagates the server's gradient (else it is only observed)."""
         return True
 
-    def local_loss(self, hidden: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor | None:
+    def own_loss(self, hidden: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor | None:
         """A loss of the head's own, backpropagated into the head (None: none)."""
         return None
 
@@ -70,9 +66,9 @@ class ClientUpdate:
 
 
 class Frozen(ClientUpdate):
-    """``frozen`` (StreamSL): the head never trains, so the client never asks for step 9."""
+    """``frozen_head`` (StreamSL): the head never trains, so the client never asks for step 9."""
 
-    name = "frozen"
+    name = "frozen_head"
 
     def waits(self, step: int) -> bool:
         return False
@@ -117,7 +113,7 @@ class LocalLoss(ClientUpdate):
     def follows_server(self, step: int) -> bool:
         return False
 
-    def local_loss(
+    def own_loss(
         self, hidden: torch.Tensor, labels: torch.Tensor, scale: float, trains_aux: bool = False
     ) -> torch.Tensor | None:
         """The head's loss; the auxiliary map only learns by alignment (``trains_aux`` there)."""
@@ -127,7 +123,7 @@ class LocalLoss(ClientUpdate):
     def observe(self, hidden: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
         """One step of the auxiliary map on || d(local loss)/dh - server gradient ||^2 / ||server gradient||^2."""
         point = hidden.detach().requires_grad_(True)
-        loss = self.local_loss(point, labels, scale, trains_aux=True)
+        loss = self.own_loss(point, labels, scale, trains_aux=True)
         assert loss is not None
         (local,) = torch.autograd.grad(loss, point, create_graph=True)
         target = grad.to(device=local.device, dtype=local.dtype)
@@ -138,42 +134,66 @@ class LocalLoss(ClientUpdate):
         self.alignment = float(mismatch.detach())
 
 
-def make_update(config: Config, stages: dict[str, Stage]) -> ClientUpdate:
-    """The client's update from ``train.client_update`` / ``client_update_every`` / ``align_every``."""
-    train = config.train
-    if train.client_update == "frozen":
+UPDATES = ("intermittent", "local_loss", "frozen_head")  # the remedies that decide how the head learns
+
+
+class _Update(Remedy):
+    @classmethod
+    def problems(cls, settings: Any, config: Any, framework: Any) -> list[str]:
+        chosen = [name for name in config.remedies if name in UPDATES]
+        if len(chosen) > 1 and chosen[0] == cls.name:  # said once, by the first of them
+            return [f"remedies: {' and '.join(chosen)} each decide how the client's head learns; keep one of them"]
+        return []
+
+
+@REMEDIES.component
+class Intermittent(_Update):
+    name = "intermittent"
+
+    class Settings(ComponentSettings):
+        every: int = Field(
+            2,
+            ge=1,
+            description="Update the head from the server's gradient only every H-th step (CSE-FSL); on the other "
+            "steps no step-9 gradient is sent and the head does not change (its tail still trains).",
+        )
+
+    def client_plugin(self, setup: ClientSetup) -> ClientPlugin | None:
+        return ClientUpdate(self.settings.every)
+
+
+@REMEDIES.component
+class FrozenHead(_Update):
+    name = "frozen_head"
+
+    def client_plugin(self, setup: ClientSetup) -> ClientPlugin | None:
         return Frozen()
-    if train.client_update == "local_loss":
-        if "tail" not in stages:
-            raise ConfigError("train.client_update=local_loss needs split.mode=ushape (the tail's LM head)")
-        return LocalLoss(stages["tail"], train.align_every, train.lr, config.seed)
-    return ClientUpdate(train.client_update_every)
 
 
-def el2n_scores(tail: Stage, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """EL2N of each row (SFPrompt): the mean over its loss tokens of || softmax(lens logits) - one-hot(label) ||_2,
-    from the client's own head output through the logit lens; rows without a loss token score 0. (B,)"""
-    with torch.no_grad():
-        logits = logit_lens(tail, hidden.detach())[:, :-1].float()  # position t predicts token t + 1
-        targets = labels[:, 1:].to(logits.device)
-        real = targets != -100
-        probs = torch.softmax(logits, dim=-1)
-        picked = probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        # || p - e_y ||^2 = sum p^2 - 2 p_y + 1
-        error = (probs.pow(2).sum(-1) - 2 * picked + 1).clamp_min(0).sqrt()
-        counts = real.sum(-1)
-        return (error * real).sum(-1) / counts.clamp_min(1)
+@REMEDIES.component
+class LocalLossRemedy(_Update):
+    name = "local_loss"
 
+    class Settings(ComponentSettings):
+        align_every: int = Field(
+            0,
+            ge=0,
+            description="Every N-th step also fetch the server's gradient at the cut and train the auxiliary part "
+            "(a low-rank map in front of the logit lens) to match it (FSL-SAGE); 0: never.",
+        )
 
-def keep_fraction(prune: str) -> float | None:
-    """The fraction ``data.prune=el2n:F`` keeps (None for ``none``)."""
-    if prune == "none":
-        return None
-    return float(prune.partition(":")[2])
+    @classmethod
+    def problems(cls, settings: Any, config: Any, framework: Any) -> list[str]:
+        problems = super().problems(settings, config, framework)
+        if config.split.mode != "ushape":
+            problems.append(
+                "remedies.local_loss: needs split.mode=ushape (its auxiliary loss uses the final norm and LM head of "
+                "the client's tail)"
+            )
+        return problems
 
-
-def most_informative(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Indices (ascending) of the ceil(fraction * B) rows with the highest scores; ties keep the earlier row."""
-    keep = max(1, math.ceil(fraction * scores.numel() - 1e-9))
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
-    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
+    def client_plugin(self, setup: ClientSetup) -> ClientPlugin | None:
+        if "tail" not in setup.stages:
+            raise ValueError(f"client {setup.client_id}: local_loss needs a tail (a U-shaped split)")
+        train = setup.config.train
+        return LocalLoss(setup.stages["tail"], self.settings.align_every, train.lr, setup.seed)

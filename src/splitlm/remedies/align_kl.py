@@ -1,7 +1,8 @@
-"""Aligning the clients' smashed data: FlexP-SFL's KL regularization (survey §3.1.1, ``train.align_kl``).
+"""Aligning the clients' smashed data: FlexP-SFL's KL regularization (survey §3.1.1), ``remedies: {align_kl:
+{weight: lambda}}``.
 
 Non-IID clients push their heads' outputs (the smashed data) apart, and the trunk has to serve them all. With
-``train.align_kl=lambda`` each client adds
+weight lambda each client adds
 
     lambda x KL( N(mu_c, var_c) || N(mu_s, var_s) )
 
@@ -17,10 +18,10 @@ hidden width:
 The term is scaled like every other loss of a micro-batch (1 / micro-batches of the step) and joins the
 head's backward (step 10): the head gets the server's gradient plus lambda x dKL/dh.
 
-The server half is a server mod, ``AlignStats`` (``frameworks/pipeline.py`` puts it after the server's codec,
-so it sees decoded smashed data). On each *training* ``forward`` request (never ``eval``) it computes the
-per-feature mean and variance of the arriving ``hidden`` over its real tokens and, once the trunk has served
-the request, folds them into an exponential moving average
+The server half is a server mod, ``AlignStats`` (the remedy's ``server_mod``: the server's pipeline puts it
+innermost, after the server's codec, so it sees decoded smashed data). On each *training* ``forward`` request
+(never ``eval``) it computes the per-feature mean and variance of the arriving ``hidden`` over its real tokens
+and, once the trunk has served the request, folds them into an exponential moving average
 
     running = DECAY x running + (1 - DECAY) x this micro-batch's,     DECAY = 0.9
 
@@ -39,10 +40,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import torch
+from pydantic import Field
 
 from splitlm.config import Config
+from splitlm.registry import ComponentSettings
+from splitlm.remedies.base import REMEDIES, ClientSetup, Remedy
+from splitlm.runtime.plugins import ClientPlugin, Micro
 from splitlm.transport import Mod
 from splitlm.transport.base import Answer, Handler, then
 from splitlm.transport.messages import Message
@@ -87,14 +93,14 @@ def gaussian_kl(client: Moments, server: Moments, eps: float = EPS) -> torch.Ten
     return per_feature.mean()
 
 
-class Alignment:
+class Alignment(ClientPlugin):
     """The client half: lambda x KL between its head's output and the server's running statistics."""
 
     name = "align_kl"
 
     def __init__(self, weight: float) -> None:
         if weight <= 0:
-            raise ValueError(f"the alignment's weight is {weight}; expected lambda > 0 (train.align_kl)")
+            raise ValueError(f"the alignment's weight is {weight}; expected lambda > 0 (remedies.align_kl.weight)")
         self.weight = weight
         self._warned = False
 
@@ -106,8 +112,8 @@ class Alignment:
         if not self._warned:
             self._warned = True
             log.warning(
-                "train.align_kl: client %s got a reply without the server's running statistics; that micro-batch "
-                "has no alignment term (run the server with the same train.align_kl)",
+                "remedies.align_kl: client %s got a reply without the server's running statistics; that micro-batch "
+                "has no alignment term (run the server with the same remedies.align_kl)",
                 reply.client_id,
             )
         return None
@@ -123,6 +129,14 @@ class Alignment:
         if moments is None:
             return None
         return gaussian_kl(moments, reference) * (self.weight * scale)
+
+    def head_loss(self, micro: Micro) -> torch.Tensor | None:
+        if micro.reply is None or micro.hidden is None:
+            return None
+        reference = self.reference(micro.reply)
+        if reference is None:
+            return None
+        return self.loss(micro.hidden, micro.batch.attention_mask, reference, micro.scale)
 
 
 class AlignStats(Mod):
@@ -167,11 +181,30 @@ class AlignStats(Mod):
         return reply.replace({**reply.tensors, MEAN: mean.clone(), VAR: var.clone()})
 
 
-def make_alignment(config: Config) -> Alignment | None:
-    """The client half from ``train.align_kl`` (None: 0, off)."""
-    return Alignment(config.train.align_kl) if config.train.align_kl > 0 else None
+@REMEDIES.component
+class AlignKL(Remedy):
+    name = "align_kl"
 
+    class Settings(ComponentSettings):
+        weight: float = Field(
+            0.1,
+            ge=0,
+            allow_inf_nan=False,
+            description="lambda: the weight of KL(client || server) between the per-feature Gaussian of the head's "
+            "output at the cut and the server's running average of every client's (0: off).",
+        )
 
-def align_mod(config: Config) -> AlignStats | None:
-    """The server half from ``train.align_kl`` (None: 0, off)."""
-    return AlignStats() if config.train.align_kl > 0 else None
+    @classmethod
+    def problems(cls, settings: Any, config: Any, framework: Any) -> list[str]:
+        if settings.weight and framework is not None and not framework.split:
+            return [
+                "remedies.align_kl: aligns a split client's head output with the server's statistics at the cut; "
+                f"framework.name={framework.name} has no cut, so remove it from remedies"
+            ]
+        return []
+
+    def client_plugin(self, setup: ClientSetup) -> ClientPlugin | None:
+        return Alignment(self.settings.weight) if self.settings.weight > 0 else None
+
+    def server_mod(self, config: Config) -> Mod | None:
+        return AlignStats() if self.settings.weight > 0 else None
