@@ -107,7 +107,7 @@ def main() -> None:
         {
             "key": key,
             "modules": [m for m, names in reads.items() if key in names],
-            "mentioned_in": len([m for m, text in texts.items() if re.search(rf"\\b{key}\\b", text)]),
+            "mentioned_in": len([m for m, text in texts.items() if re.search(rf"\b{key}\b", text)]),
         }
         for key in keys
     ]
