@@ -24,10 +24,10 @@ def train_in_chunks(fed: Federation, order: list[Member], round_index: int, size
     try:
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            fed.server.barriers[adapter] = len(chunk)
+            fed.server.set_barrier(adapter, len(chunk))
             fed.train_clients(chunk, round_index, parallel=True)
     finally:
-        fed.server.barriers[adapter] = 1  # back to one client at a time
+        fed.server.set_barrier(adapter, 1)  # back to one client at a time
     return sorted(order, key=lambda m: m.index)
 
 
