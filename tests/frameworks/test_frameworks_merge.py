@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from splitlm.frameworks import run_framework
-from splitlm.runtime.server import SplitServer
+from splitlm.runtime.server.handlers import Handlers
+from splitlm.runtime.server.merge import MergedPasses
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
 PSL = ("framework.name=psl", "framework.num_clients=3", "train.steps=2")
@@ -31,18 +32,18 @@ PIPELINED = ("train.pipeline.micro_batches=2", "train.pipeline.overlap=true", "s
 def trunk_passes(monkeypatch) -> list[list[tuple[int, int]]]:
     """(rows, tokens) of each client's forward in every training trunk pass the run's server makes."""
     passes: list[list[tuple[int, int]]] = []
-    merged, plain = SplitServer._merged_inputs, SplitServer._trunk_forward
+    merged, plain = MergedPasses._merged_inputs, Handlers.trunk_forward
 
-    def spy_merged(self: SplitServer, part: list[Any]) -> Any:
+    def spy_merged(self: MergedPasses, part: list[Any]) -> Any:
         passes.append([tuple(h.hidden.shape[:2]) for h in part])
         return merged(self, part)
 
-    def spy_plain(self: SplitServer, message: Any) -> Any:
+    def spy_plain(self: Handlers, message: Any) -> Any:
         passes.append([tuple(message.tensors["hidden"].shape[:2])])
         return plain(self, message)
 
-    monkeypatch.setattr(SplitServer, "_merged_inputs", spy_merged)
-    monkeypatch.setattr(SplitServer, "_trunk_forward", spy_plain)
+    monkeypatch.setattr(MergedPasses, "_merged_inputs", spy_merged)
+    monkeypatch.setattr(Handlers, "trunk_forward", spy_plain)
     return passes
 
 

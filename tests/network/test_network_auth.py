@@ -59,7 +59,7 @@ def test_frames_claiming_another_client_get_an_error_and_change_nothing(net_serv
         message = Message("step", "1", step, 0, {}, {"grad_sq_norm": 0.0})
     stream = open_stream(bearer(net_server.tokens["0"], client_header="0"))
     trunk = net_server.trunk_snapshot()
-    pending = set(net_server.split_server._pending)
+    pending = set(net_server.split_server.handlers.pending)
     schedule = net_server.split_server.optimizer(HEALTHY_ADAPTER).scheduler.last_epoch
 
     # Execute
@@ -74,7 +74,7 @@ def test_frames_claiming_another_client_get_an_error_and_change_nothing(net_serv
     after = net_server.trunk_snapshot()
     assert all(torch.equal(trunk[name], after[name]) for name in trunk)
     assert net_server.trunk_grads() == []
-    assert set(net_server.split_server._pending) == pending
+    assert set(net_server.split_server.handlers.pending) == pending
     assert net_server.split_server.optimizer(HEALTHY_ADAPTER).scheduler.last_epoch == schedule
 
 

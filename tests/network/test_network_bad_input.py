@@ -98,7 +98,7 @@ def test_bad_input_gets_an_error_frame_and_changes_nothing(net_server, open_stre
     stream = open_stream(bearer(net_server.tokens["0"], client_header="0"))
     healthy_step(net_server, healthy)
     trunk = net_server.trunk_snapshot()
-    pending = set(net_server.split_server._pending)
+    pending = set(net_server.split_server.handlers.pending)
     schedule = net_server.split_server.optimizer(ADAPTER).scheduler.last_epoch
 
     # Execute
@@ -113,7 +113,7 @@ def test_bad_input_gets_an_error_frame_and_changes_nothing(net_server, open_stre
     changed = [name for name in trunk if not torch.equal(trunk[name], after[name])]
     assert changed == []
     assert net_server.trunk_grads() == []
-    assert set(net_server.split_server._pending) == pending
+    assert set(net_server.split_server.handlers.pending) == pending
     assert net_server.split_server.optimizer(ADAPTER).scheduler.last_epoch == schedule
     assert stream.replies.empty(), "one bad input, one error frame"
 
@@ -156,7 +156,7 @@ def test_retried_requests_are_answered_from_the_replay_cache(net_server, open_st
     assert first.kind == "activations"
     assert _equal(first, second)
     assert submitted == [("forward", "0", step)]
-    assert ("0", step, 0) in split._pending
+    assert ("0", step, 0) in split.handlers.pending
 
     # A backward sent twice: the same gradients, one trunk backward.
     grad = Message("backward", "0", step, 0, {"grad": torch.ones_like(first.tensors["hidden"])})

@@ -21,7 +21,7 @@ from splitlm.errors import ProtocolError
 from splitlm.frameworks.setup import build_part, load_source
 from splitlm.peft.lora import ADAPTER
 from splitlm.runtime.optim import PartyOptimizer
-from splitlm.runtime.server import SplitServer
+from splitlm.runtime.server import MergedPasses, SplitServer
 from splitlm.transport import Message
 
 CLIENTS = ("0", "1", "2")
@@ -33,13 +33,18 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
 def _server(config: Config, merge: int = 1, cap: int = 0, barrier: int = len(CLIENTS)) -> SplitServer:
     trunk, stage = build_part(config, load_source(config), "trunk")
     mode = config.split.mode
-    server = SplitServer(
-        trunk, stage, mode, lambda p: PartyOptimizer(p, config.train), config.seed, merge=merge, merge_max_tokens=cap
-    )
+    mods = [MergedPasses(merge, cap)]
+    server = SplitServer(trunk, stage, mode, lambda p: PartyOptimizer(p, config.train), config.seed, mods=mods)
     for client in CLIENTS:
         server.assign(client)
-    server.barriers[ADAPTER] = barrier
+    server.set_barrier(ADAPTER, barrier)
     return server
+
+
+def _merging(server: SplitServer) -> Any:
+    """The server's merged passes (what they hold)."""
+    (mod,) = server.handlers.mods
+    return mod
 
 
 def _random(key: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -230,7 +235,7 @@ def test_a_held_backward_does_not_stop_other_requests(make_config) -> None:
         rest = server.submit(Message("backward", "1", 0, 0, {"grad": torch.ones_like(out1) * 1e-3}))
         assert tuple(_wait(held).tensors["grad"].shape) == (2, 6, server.hidden_size)
         assert tuple(_wait(rest).tensors["grad"].shape) == (1, 4, server.hidden_size)
-        assert not server._merged and not server._held
+        assert not _merging(server)._merged and not _merging(server)._held
     finally:
         server.stop()
 
@@ -255,7 +260,8 @@ def test_held_requests_fail_when_the_round_stops(make_config, how: str) -> None:
         for future in (backward, forward):
             with pytest.raises(ProtocolError, match="abandoned"):
                 _wait(future)
-        assert not server._held and not server._merged and not server._fed
+        merging = _merging(server)
+        assert not merging._held and not merging._merged and not merging._fed
         late = server.submit(Message("backward", "1", 0, 0, {"grad": torch.ones(1, 4, server.hidden_size)}))
         with pytest.raises(ProtocolError, match="no matching forward"):
             _wait(late)

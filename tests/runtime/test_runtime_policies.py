@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
-from splitlm.runtime.scheduling import POLICIES, Policy, Request, make_policy, request_tokens
+from splitlm.errors import ConfigError
+from splitlm.frameworks import framework_of
+from splitlm.runtime.scheduling import POLICIES, Fifo, Policy, Request, make_policy, register_policy, request_tokens
 from splitlm.transport import Message
 
 
@@ -138,3 +142,22 @@ def test_round_robin_skips_a_held_back_client_and_keeps_the_turns() -> None:
     backwards_only = _drain(policy, lambda r: r.message.kind != "forward" or r.message.client_id != "b")
     assert backwards_only == ["fa0", "bb1", "fc0", "fa1"]
     assert _drain(policy) == ["fb0"]
+
+
+def test_a_policy_declares_its_own_problems_and_the_framework_check_collects_them(make_config) -> None:
+    @register_policy("test_picky")
+    class Picky(Fifo):
+        @classmethod
+        def problems(cls, config: Any, framework: Any) -> list[str]:
+            if not framework.barrier:
+                return []
+            return [f"server.policy=test_picky: not behind a barrier; framework.name={framework.name}: use sl"]
+
+    try:
+        psl = make_config("psl", "framework.name=psl", "framework.num_clients=2", "server.policy=test_picky")
+        with pytest.raises(ConfigError, match=r"server\.policy=test_picky: not behind a barrier; framework\.name=psl"):
+            framework_of(psl).check(psl)
+        sl = make_config("sl", "server.policy=test_picky")
+        framework_of(sl).check(sl)  # no barrier: no problem
+    finally:
+        POLICIES.remove("test_picky")

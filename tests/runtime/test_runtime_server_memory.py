@@ -54,7 +54,7 @@ class Script:
         self.replies.append(reply.tensors["hidden"])
 
     def backward(self, client: str, step: int, micro: int = 0) -> None:
-        shape = self.server._pending[client, step, micro][1].shape
+        shape = self.server.handlers.pending[client, step, micro][1].shape
         grad = self._tensor(client, step, micro, 1, tuple(shape)) * 1e-2
         reply = self.server.handle(Message("backward", client, step, micro, {"grad": grad}))
         self.replies.append(reply.tensors["grad"])
@@ -172,7 +172,7 @@ def test_an_adapter_holding_gradients_at_a_barrier_is_never_offloaded(make_confi
     server.assign("0", "shared")
     server.assign("1", "shared")
     server.assign("2", "other")
-    server.barriers["shared"] = 2
+    server.set_barrier("shared", 2)
     script = Script(server)
     script.forward("0", 0)
     script.backward("0", 0)  # client 0's gradients wait for client 1's at the step
@@ -242,7 +242,7 @@ def test_a_bound_without_an_offload_dir_is_refused(make_config) -> None:
 
 
 class CountingDict(dict):
-    """``_pending`` that remembers its largest size."""
+    """The handlers' ``pending`` graphs that remembers its largest size."""
 
     most = 0
 
@@ -253,12 +253,12 @@ class CountingDict(dict):
 
 def _drained(server: SplitServer) -> None:
     """Return once the worker served everything it may serve now (an internal action runs after those)."""
-    server._between_requests(lambda: None)
+    server.worker.between_requests(lambda: None)
 
 
 def test_back_pressure_holds_forwards_until_backwards_free_their_slots(make_config) -> None:
     server = _server(make_config("run"), max_pending=2)
-    server._pending = pending = CountingDict()
+    server.handlers.pending = pending = CountingDict()
     for index in range(5):
         server.assign(str(index), f"client-{index}")
     hidden = torch.randn(B, T, server.hidden_size, generator=torch.Generator().manual_seed(0))

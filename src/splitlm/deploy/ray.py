@@ -27,11 +27,14 @@ from splitlm.frameworks.driver import drive
 from splitlm.frameworks.federation import Federation, groups_of, make_server, route
 from splitlm.frameworks.pipeline import server_mods
 from splitlm.frameworks.setup import count_parameters, load_source
+from splitlm.runtime.server.surface import surface_members
 from splitlm.transport import ByteMeter, Message, server_chain
 from splitlm.transport.base import resolved, then
 from splitlm.transport.codecs import wire_limits
 from splitlm.transport.grpc_server import error_message
 from splitlm.transport.wire import Limits, decode, encode
+
+SURFACE = surface_members()  # what the driver's proxy may call on the server actor
 
 
 def _frames(tensors: dict[str, torch.Tensor]) -> list[bytes]:
@@ -59,18 +62,20 @@ class ServerActorImpl:
         self.server: Any = None
         self.handler: Any = None
         self.limits = _limits(self.config)
+        self.snapshot: tuple[int, Any] | None = None  # the round's snapshot (its number, the server's snapshot)
 
-    def setup(self, groups: list[list[int]]) -> tuple[int, int, int]:
-        """Build the trunk; its parameter counts and the tensors of its largest adapter state."""
+    def setup(self, groups: list[list[int]]) -> tuple[int, int, list[int], int]:
+        """Build the trunk; its parameter counts, its blocks and the tensors of its largest adapter state."""
         self.server = make_server(self.config, self.source, groups)
         for index in range(self.config.framework.num_clients):
             route(self.config, self.server, index, groups)
         self.handler = server_chain(server_mods(self.config, self.source, self.server.stage), self.server.submit)
-        names = self.server.bank.names if self.server.bank else []
+        names = self.server.adapter_names()
         trunk_tensors = max((len(self.server.adapter_state(name)) for name in names), default=0)
         self.limits = _limits(self.config, trunk_tensors)
         self.server.start()
-        return count_parameters(self.server.trunk), self.server.trainable_param_count, trunk_tensors
+        server = self.server
+        return count_parameters(server.trunk), server.trainable_param_count, server.trunk_layers(), trunk_tensors
 
     def submit(self, frames: list[bytes]) -> list[bytes]:
         message = decode(frames, self.limits)
@@ -81,26 +86,24 @@ class ServerActorImpl:
         return encode(reply)
 
     def call(self, method: str, *args: Any) -> Any:
-        """The server methods the recipes and the driver use (adapter states travel as wire frames)."""
-        server = self.server
-        calls = {
-            "adapter_of": lambda client_id: server.adapter_of(client_id),
-            "adapter_state": lambda adapter: _frames(server.adapter_state(adapter)),
-            "load_adapter_state": lambda adapter, frames: server.load_adapter_state(
-                adapter, _tensors(frames, self.limits)
-            ),
-            "set_barrier": lambda adapter, count: server.barriers.__setitem__(adapter, count),
-            "adapter_names": lambda: server.bank.names if server.bank else [],
-            "forget": lambda client_id, wait: server.forget(client_id, wait),
-            "abandon": lambda: server.abandon(),
-            "save": lambda folder, with_optimizer: server.save(Path(folder), with_optimizer),
-            "load": lambda folder: server.load(Path(folder)),
-            "export_adapter": lambda adapter, path: server.export_adapter(adapter, Path(path)),
-            "stop": lambda: server.stop(),
-        }
-        if method not in calls:
-            raise ProtocolError(f"unknown server call {method!r}")
-        return calls[method](*args)
+        """A ``ServerSurface`` call of the driver's ``RayServerProxy`` on the server. Adapter states travel as
+        wire frames; a round's snapshot stays in this actor (the driver holds its number)."""
+        if method not in SURFACE:
+            raise ProtocolError(f"unknown server call {method!r}; expected one of {SURFACE}")
+        if method == "adapter_state":
+            return _frames(self.server.adapter_state(*args))
+        if method == "load_adapter_state":
+            adapter, frames = args
+            return self.server.load_adapter_state(adapter, _tensors(frames, self.limits))
+        if method == "snapshot":
+            number = self.snapshot[0] + 1 if self.snapshot is not None else 0
+            self.snapshot = (number, self.server.snapshot())
+            return number
+        if method == "restore":
+            if self.snapshot is None or self.snapshot[0] != args[0]:
+                raise ProtocolError(f"no server snapshot {args[0]!r} to restore; only the newest one is kept")
+            return self.server.restore(self.snapshot[1])
+        return getattr(self.server, method)(*args)
 
 
 class _RayTransport:
@@ -157,35 +160,36 @@ def _actor_meter(actor: Any) -> ByteMeter:
     return ByteMeter(up, down, eval_up, eval_down)
 
 
-class _Barriers:
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
-
-    def __setitem__(self, adapter: str, count: int) -> None:
-        import ray
-
-        ray.get(self.actor.call.remote("set_barrier", adapter, count))
-
-
-class _Bank:
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-
-
 class RayServerProxy:
-    """The server surface the recipes and the driver use, as calls on the server actor."""
+    """``ServerSurface`` as calls on the server actor (``ServerActorImpl.call``)."""
 
-    def __init__(self, actor: Any, limits: Limits, param_count: int, trainable_param_count: int) -> None:
+    def __init__(
+        self, actor: Any, limits: Limits, param_count: int, trainable_param_count: int, trunk_layers: list[int]
+    ) -> None:
         self.actor = actor
         self.limits = limits  # what the driver accepts from the actor: adapter states of the trunk's size
-        self.barriers = _Barriers(actor)
-        self.param_count = param_count
-        self.trainable_param_count = trainable_param_count
+        self._param_count = param_count
+        self._trainable_param_count = trainable_param_count
+        self._trunk_layers = list(trunk_layers)
 
     def _call(self, method: str, *args: Any) -> Any:
         import ray
 
         return ray.get(self.actor.call.remote(method, *args))
+
+    @property
+    def param_count(self) -> int:
+        return self._param_count
+
+    @property
+    def trainable_param_count(self) -> int:
+        return self._trainable_param_count
+
+    def trunk_layers(self) -> list[int]:
+        return list(self._trunk_layers)
+
+    def adapter_names(self) -> list[str]:
+        return self._call("adapter_names")
 
     def adapter_of(self, client_id: str) -> str:
         return self._call("adapter_of", client_id)
@@ -196,15 +200,8 @@ class RayServerProxy:
     def load_adapter_state(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
         self._call("load_adapter_state", adapter, _frames(state))
 
-    def abandon(self) -> None:
-        self._call("abandon")
-
-    def forget(self, client_id: str, wait: bool = True) -> None:
-        self._call("forget", client_id, wait)
-
-    @property
-    def bank(self) -> _Bank:
-        return _Bank(self._call("adapter_names"))
+    def set_barrier(self, adapter: str, count: int) -> None:
+        self._call("set_barrier", adapter, count)
 
     def start(self) -> None:
         pass  # the actor's worker runs from setup on
@@ -212,14 +209,29 @@ class RayServerProxy:
     def stop(self) -> None:
         pass  # stopped with the actor
 
+    def forget(self, client_id: str, wait: bool = True) -> None:
+        self._call("forget", client_id, wait)
+
+    def abandon(self) -> None:
+        self._call("abandon")
+
+    def snapshot(self) -> int:
+        return self._call("snapshot")  # the actor keeps it; its number comes back
+
+    def restore(self, snapshot: int) -> None:
+        self._call("restore", snapshot)
+
     def save(self, folder: Path, with_optimizer: bool = True) -> None:
-        self._call("save", str(folder), with_optimizer)
+        self._call("save", Path(folder), with_optimizer)
 
     def load(self, folder: Path) -> None:
-        self._call("load", str(folder))
+        self._call("load", Path(folder))
 
     def export_adapter(self, adapter: str, path: Path) -> None:
-        self._call("export_adapter", adapter, str(path))
+        self._call("export_adapter", adapter, Path(path))
+
+    def serving_stats(self) -> dict[str, Any] | None:
+        return self._call("serving_stats")
 
 
 def run_ray(config: Config, resume: bool = False, started: float | None = None) -> dict[str, Any]:
@@ -258,8 +270,9 @@ def run_ray(config: Config, resume: bool = False, started: float | None = None) 
             proxy = RemoteClientProxy(str(index), send, lambda actor=actor: _actor_meter(actor), shares_files=True)
             members.append(remote_member(index, proxy, hello))
         groups = groups_of(config, framework, [m.histogram for m in members])
-        param_count, trainable_param_count, trunk_tensors = ray.get(server_actor.setup.remote(groups))
-        server = RayServerProxy(server_actor, _limits(config, trunk_tensors), param_count, trainable_param_count)
+        param_count, trainable_param_count, layers, trunk_tensors = ray.get(server_actor.setup.remote(groups))
+        limits = _limits(config, trunk_tensors)
+        server = RayServerProxy(server_actor, limits, param_count, trainable_param_count, layers)
         fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
         summary = drive(fed, out, resume, started)
         for kind in ("save_adapters", "finish"):  # each client actor's own adapters and summary

@@ -23,6 +23,7 @@ from splitlm.config import Config
 from splitlm.config.schema import as_mapping, value_at
 from splitlm.errors import ConfigError
 from splitlm.registry import ComponentRegistry, Registry
+from splitlm.runtime.scheduling import policy_problems
 
 if TYPE_CHECKING:
     from splitlm.config.schema import TrainConfig
@@ -52,6 +53,9 @@ class Framework:
     split: bool = True  # False: the unsplit baseline (one member, no server, no transport)
     sequential: bool = False  # passes the client side from one client to the next (sl): ``Remedy.passed_on`` applies
     checks: tuple[Check, ...] = field(default=())  # the framework's own option checks
+    # a server that serves one client at a time under some settings (sflv2 unless framework.merge): how it does,
+    # and what would change that (``one_client_at_a_time``)
+    serial: Callable[[Config], tuple[str, str] | None] | None = None
     make_client: MakeClient | None = None  # its own kind of client (config, model source, train settings); None:
     # the split client (head [+ tail] behind its mods)
 
@@ -97,6 +101,14 @@ class Framework:
             return fw.aggregation_lr
         return math.sqrt(self.sharing(config, groups)) if fw.server_lr_scale == "mu_splitfed" else 1.0
 
+    def one_client_at_a_time(self, config: Config) -> tuple[str, str] | None:
+        """Whether the server never has several clients' requests waiting at once under ``config`` (nothing for a
+        scheduling policy to reorder): how this framework serves them, and what within it would change that ("":
+        nothing); None when several can wait at once."""
+        if self.sequential:
+            return ("trains one client at a time", "")
+        return self.serial(config) if self.serial is not None else None
+
     # --- what it supports --------------------------------------------------------------------------------
 
     def check(self, config: Config) -> None:
@@ -119,6 +131,7 @@ class Framework:
                 "set lora.trunk.method=lora"
             )
         problems += self._remedy_problems(config)
+        problems += policy_problems(config, self)
         problems += component_problems(config, self)
         if config.privacy.tap.enabled and config.transport.name != "inprocess":
             problems.append("privacy.tap records in-process runs only: set transport.name=inprocess")
@@ -133,11 +146,6 @@ class Framework:
     def _unsplit_problems(self, config: Config) -> list[str]:
         """The server settings that act on a split model, for the unsplit baseline (the remedies check themselves)."""
         fw, name, problems = config.framework, self.name, []
-        if config.server.policy == "dissimilar_first":
-            problems.append(
-                f"server.policy=dissimilar_first: orders the clients' smashed data waiting at the server; "
-                f"framework.name={name} has no server, so set server.policy=fifo"
-            )
         if fw.server_lr_scale != "none":
             problems.append(
                 f"framework.server_lr_scale={fw.server_lr_scale}: scales the trunk's learning rate on the server; "
@@ -152,7 +160,7 @@ class Framework:
 
     def _remedy_problems(self, config: Config) -> list[str]:
         """Remedies (survey §3) that need what this framework's layout lacks: groups of clients (grouping), one
-        trunk adapter several clients reach at once (merge, dissimilar_first), FedAvg of client sides
+        trunk adapter several clients reach at once (merge), FedAvg of client sides
         (mu_splitfed, aggregation_lr). A framework's own ``checks`` add what its fields cannot say."""
         fw, name, problems = config.framework, self.name, []
         # a grouping other than the default, or explicit groups (a resolved config, e.g. a run's config.yaml, spells
@@ -173,11 +181,6 @@ class Framework:
                 f"framework.merge={fw.merge}: concatenates several clients' smashed data into one batch of one shared "
                 f"trunk adapter; framework.name={name} {why}: use sflv2 or psl, or set framework.merge=1"
             )
-        if self.split and self.sequential and config.server.policy == "dissimilar_first":
-            problems.append(
-                f"server.policy=dissimilar_first: reorders the smashed data of clients waiting at once; "
-                f"framework.name={name} trains one client at a time: use psl, sflv1 or gsfl, or set server.policy=fifo"
-            )
         if self.split and fw.server_lr_scale == "mu_splitfed" and (self.sequential or self.trunk_adapters == "client"):
             why = "gives each client its own trunk adapter"
             if self.sequential:
@@ -195,17 +198,6 @@ class Framework:
 
 
 FRAMEWORKS = Registry[Framework]("framework", "framework.name", builtins=("splitlm.frameworks",))
-
-
-def one_client_at_a_time(config: Config) -> None:
-    """A framework check (``Framework.checks``) for a server that serves one client at a time (sflv2 unless
-    ``framework.merge`` trains K at once): nothing waits at the server for dissimilar_first to reorder."""
-    if config.server.policy == "dissimilar_first" and config.framework.merge <= 1:
-        raise ConfigError(
-            f"server.policy=dissimilar_first: reorders the smashed data of clients waiting at once; "
-            f"framework.name={config.framework.name} serves one client at a time: set framework.merge>1, use psl, "
-            "sflv1 or gsfl, or set server.policy=fifo"
-        )
 
 
 def keeps_own_client_sides(config: Config) -> None:

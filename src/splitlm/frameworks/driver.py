@@ -38,6 +38,7 @@ from splitlm.frameworks.checkpoint import (
 )
 from splitlm.frameworks.federation import Federation, Member, build_federation, participants
 from splitlm.privacy.accounting import epsilon, releases
+from splitlm.runtime.server import ServerSurface
 
 SUMMARY_FORMAT = 2  # ``summary.json``'s schema; ``splitlm report`` reads this one
 # the last round's losses on the clients' own held-out sets (``data.client_eval_size``; ``client_evaluation``)
@@ -435,9 +436,9 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         "train_tokens_per_s": tokens / progress["train_seconds"] if progress["train_seconds"] else 0.0,
         **first.info(),
         "server_param_count": server.param_count if server is not None else 0,
-        "server_trainable_param_count": getattr(server, "trainable_param_count", 0) if server is not None else 0,
-        "trunk_layers": list(server.stage.layer_indices) if server is not None and hasattr(server, "stage") else [],
-        "server_adapters": list(server.bank.names) if server is not None and server.bank else [],
+        "server_trainable_param_count": server.trainable_param_count if server is not None else 0,
+        "trunk_layers": server.trunk_layers() if server is not None else [],
+        "server_adapters": server.adapter_names() if server is not None else [],
         "groups": fed.groups or None,
         # the trunk's learning-rate scale and the client sides' FedAvg learning rate in effect (survey §3.2.2)
         "server_lr_scale": fed.framework.server_lr_scale(config, fed.groups) if fed.framework.split else None,
@@ -475,10 +476,9 @@ def client_setup(config: Config, member: Member) -> dict[str, Any]:
     }
 
 
-def serving_summary(server: Any) -> dict[str, Any] | None:
-    """The server's idle fraction and each client's time queued (in this process's server; None elsewhere)."""
-    stats = getattr(server, "serving_stats", None)
-    return stats() if callable(stats) else None
+def serving_summary(server: ServerSurface | None) -> dict[str, Any] | None:
+    """The server's idle fraction and each client's time queued (None without a server)."""
+    return server.serving_stats() if server is not None else None
 
 
 def link_summary(config: Config, progress: dict[str, Any]) -> dict[str, Any]:

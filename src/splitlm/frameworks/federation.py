@@ -67,7 +67,7 @@ from splitlm.remedies import ClientSetup, Remedy, RoundRows, build_remedies
 from splitlm.runtime.client import EvalStats, SplitClient, StepStats
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.schedule import pipelined, serial
-from splitlm.runtime.server import SplitServer
+from splitlm.runtime.server import MergedPasses, ServerSurface, SplitServer
 from splitlm.transport import ByteMeter, Channel, InProcessTransport, Mod, Transport, server_chain
 from splitlm.transport.link import EmulatedLink
 
@@ -289,7 +289,7 @@ def _no_hook(member: Member, record: dict[str, Any]) -> None:
 class Federation:
     config: Config
     framework: Framework
-    server: Any  # SplitServer, a proxy of a remote one, or None (the unsplit baseline)
+    server: ServerSurface | None  # a SplitServer, a proxy of a remote one, or None (the unsplit baseline)
     members: list[Member]
     data: RunData | None  # None on a networked server: the clients hold the data
     local_steps: int
@@ -430,9 +430,8 @@ class Federation:
 
     def stop_barriers(self) -> None:
         """Release clients waiting at a step barrier, now or later in this round (their step fails)."""
-        abandon = getattr(self.server, "abandon", None)
-        if abandon is not None:
-            abandon()
+        if self.server is not None:
+            self.server.abandon()
 
     def weights(self, members: Sequence[Member]) -> list[float]:
         return [float(m.num_examples) for m in members]
@@ -642,7 +641,7 @@ def make_server(config: Config, source: ModelSource, groups: list[list[int]]) ->
         lambda params: PartyOptimizer(params, server_train, lr_scale=scale), config.seed, serving.policy,
         max_resident_adapters=serving.max_resident_adapters,
         offload_dir=offload if serving.max_resident_adapters or serving.offload_dir else None,
-        max_pending=serving.max_pending, merge=fw.merge, merge_max_tokens=fw.merge_max_tokens,
+        max_pending=serving.max_pending, mods=[MergedPasses(fw.merge, fw.merge_max_tokens)] if fw.merge > 1 else [],
     )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from splitlm.frameworks.federation import Federation, Member
 
 def psl_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
     # One trunk update per step from all clients' gradients (no drop-out tolerance: the step waits for all).
-    fed.server.barriers["default"] = len(members)
+    fed.server.set_barrier("default", len(members))
     fed.parallel([lambda m=m: fed.local_training(m, round_index) for m in members])
     return members
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import random
 
-from splitlm.frameworks.base import Framework, one_client_at_a_time, register
+from splitlm.config import Config
+from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
 from splitlm.frameworks.sflv1 import average_across_cuts, average_client_sides, check_aggregation_lr
 
@@ -24,11 +25,16 @@ def train_in_chunks(fed: Federation, order: list[Member], round_index: int, size
     try:
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            fed.server.barriers[adapter] = len(chunk)
+            fed.server.set_barrier(adapter, len(chunk))
             fed.train_clients(chunk, round_index, parallel=True)
     finally:
-        fed.server.barriers[adapter] = 1  # back to one client at a time
+        fed.server.set_barrier(adapter, 1)  # back to one client at a time
     return sorted(order, key=lambda m: m.index)
+
+
+def one_client_at_a_time(config: Config) -> tuple[str, str] | None:
+    """The server serves one client at a time, unless ``framework.merge`` trains K at once."""
+    return ("serves one client at a time", "set framework.merge>1") if config.framework.merge <= 1 else None
 
 
 def sflv2_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
@@ -52,6 +58,7 @@ SFLV2 = register(
         sflv2_round,
         "split-federated learning V2: one client at a time in random order, one shared trunk adapter updated "
         "at once; client sides FedAvg'd every round (framework.merge K: K clients at a time, merged)",
-        checks=(one_client_at_a_time, check_aggregation_lr),
+        checks=(check_aggregation_lr,),
+        serial=one_client_at_a_time,
     )
 )

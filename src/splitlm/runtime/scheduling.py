@@ -1,7 +1,8 @@
 """The server's request queue: which waiting request runs next on the shared trunk.
 
 A policy is a small container with ``push`` / ``pop`` / ``len``; policies register by name in ``POLICIES``
-and ``server.policy`` in a config picks one:
+and ``server.policy`` in a config picks one. A policy class may declare ``problems(config, framework)``: the
+frameworks and settings it cannot work with, one line each (``policy_problems``, collected by ``Framework.check``).
 
 - ``fifo``: arrival order.
 - ``round_robin``: one request per client in turn, so a chatty client cannot starve the others.
@@ -40,7 +41,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -83,6 +84,16 @@ def make_policy(name: str, cost: Cost | None = None) -> Policy:
     return POLICIES.get(name)(cost)
 
 
+def policy_problems(config: Any, framework: Any) -> list[str]:
+    """What ``config.server.policy`` cannot work with in ``config`` under ``framework`` (a ``Framework``): its own
+    ``problems``, if it declares any; an unknown name is the registry's problem, reported elsewhere."""
+    name = config.server.policy
+    if name not in POLICIES:
+        return []
+    problems = getattr(POLICIES.get(name), "problems", None)
+    return list(problems(config, framework)) if problems is not None else []
+
+
 class _Queue:
     """What every policy shares: arrival order, admissibility and internal actions keeping their place. A
     policy only says which of the requests that may run now goes first (``_choose``)."""
@@ -90,6 +101,11 @@ class _Queue:
     def __init__(self, cost: Cost | None = None) -> None:
         self.cost = cost or request_tokens
         self._waiting: list[Request] = []  # arrival order
+
+    @classmethod
+    def problems(cls, config: Any, framework: Any) -> list[str]:
+        """What this policy cannot work with in ``config`` under ``framework``, one line each (none here)."""
+        return []
 
     def push(self, request: Request) -> None:
         self._waiting.append(request)
@@ -190,6 +206,26 @@ def summarise_hidden(message: Message) -> torch.Tensor | None:
 
 @register_policy("dissimilar_first")
 class DissimilarFirst(_Queue):
+    @classmethod
+    def problems(cls, config: Any, framework: Any) -> list[str]:
+        """Reordering needs several clients' smashed data waiting at the server at once: none without a server,
+        nor where the framework has it serve one client at a time (``Framework.one_client_at_a_time``)."""
+        name = framework.name
+        if not framework.split:
+            return [
+                f"server.policy=dissimilar_first: orders the clients' smashed data waiting at the server; "
+                f"framework.name={name} has no server, so set server.policy=fifo"
+            ]
+        serial = framework.one_client_at_a_time(config)
+        if serial is None:
+            return []
+        how, instead = serial
+        return [
+            f"server.policy=dissimilar_first: reorders the smashed data of clients waiting at once; "
+            f"framework.name={name} {how}: {f'{instead}, ' if instead else ''}use psl, sflv1 or gsfl, or set "
+            "server.policy=fifo"
+        ]
+
     def __init__(self, cost: Cost | None = None) -> None:
         super().__init__(cost)
         self._planes: dict[int, torch.Tensor] = {}  # width d -> (SIMHASH_BITS, d) hyperplanes, made on first use
