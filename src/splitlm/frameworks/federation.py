@@ -329,7 +329,6 @@ class Federation:
     rollback_hooks: list[Callable[[], None]] = field(default_factory=list)  # e.g. forget the replay caches
     last_checkpoint: str | None = None  # the newest checkpoint's name (a client that rejoins restores it)
     on_step: StepHook = _no_hook  # called after every client step with its metrics record (the driver's)
-    aggregation: Any = None  # framework.aggregation async / semi_async: the clients' threads and the global model
     stop: threading.Event = field(default_factory=threading.Event)
 
     def check_stop(self) -> None:
@@ -411,6 +410,13 @@ class Federation:
         return contribution(member.client.state(), trunk, blocks, block_layout(self.config).block_of, blockless=own)
 
     # The config does not change once the federation is built: what follows from it is worked out once.
+
+    @functools.cached_property
+    def strategy(self) -> Any:
+        """The aggregation strategy (``framework.aggregation``; ``aggregation/``), with what it holds across rounds."""
+        from splitlm.frameworks.aggregation import strategy_of
+
+        return strategy_of(self.config)
 
     @functools.cached_property
     def mixed(self) -> bool:
@@ -541,6 +547,7 @@ class Federation:
         )
         if self.carry is not None:
             save_file(self.carry, str(folder / "carry.safetensors"))
+        self.strategy.save(self, folder)
 
     def load(self, folder: Path) -> None:
         for member in self.members:
@@ -555,6 +562,7 @@ class Federation:
         self.carry_from = state.get("carry_from")
         if state["carry"]:
             self.carry = load_file(str(folder / "carry.safetensors"))
+        self.strategy.load(self, folder)
 
     # --- evaluation ---------------------------------------------------------------------------------------
 
