@@ -17,7 +17,7 @@ Importing this package registers nothing: the built-ins are imported the first t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from splitlm.config import Config
 from splitlm.config.schema import component_name
@@ -43,6 +43,10 @@ class Strategy(Component):
         """One of the driver's rounds over ``members``; returns the members that hold the global model (the
         framework's recipe, which aggregates through this strategy)."""
         return fed.framework.round(fed, round_index, members)
+
+    def networked_problems(self) -> list[str]:
+        """What keeps this strategy from a run whose clients are other processes (``splitlm serve``), one line each."""
+        return []
 
     def settled(self) -> bool:
         """Whether no client is in the middle of its training (only then is a checkpoint exact)."""
@@ -81,9 +85,3 @@ def strategy_of(config: Config) -> Strategy:
 
 def strategy_name(config: Config) -> str:
     return component_name(config.framework.aggregation)
-
-
-def settings_of(config: Any, cls: type[Strategy]) -> Any:
-    """``cls``'s settings as ``config`` gives them (its defaults where ``config`` names another strategy)."""
-    spec = config.framework.aggregation
-    return cls.Settings.model_validate(spec[cls.name]) if cls.name in spec else cls.Settings()

@@ -74,6 +74,14 @@ class Asynchronous(Strategy):
 
         return clock_round(fed, self, round_index)
 
+    def networked_problems(self) -> list[str]:
+        if self.clock != "wall":
+            return []
+        return [
+            f"framework.aggregation.{self.name}.clock=wall runs every client on a thread of one process; for clients "
+            f"in other processes set framework.aggregation.{self.name}.clock=steps"
+        ]
+
     def settled(self) -> bool:
         return self.clock == "steps" or self.runner is None or self.runner.over
 
