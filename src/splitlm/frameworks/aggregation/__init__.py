@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from splitlm.config import Config
-from splitlm.config.schema import component_name
 from splitlm.registry import Component, ComponentRegistry
 
 if TYPE_CHECKING:
@@ -81,7 +80,3 @@ def strategy_of(config: Config) -> Strategy:
     """The strategy ``framework.aggregation`` names, with its settings (a new instance: it holds a run's state)."""
     (strategy,) = STRATEGIES.build(config.framework.aggregation)
     return strategy
-
-
-def strategy_name(config: Config) -> str:
-    return component_name(config.framework.aggregation)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -207,7 +207,28 @@ class Clocked:
     # --- the driver's rounds -------------------------------------------------------------------------------
 
     def run_round(self, round_index: int) -> list[Member]:
-        """Until the round's evaluation point; the member that holds the global model for it."""
+        """Until the round's evaluation point; the member that holds the global model for it. A round that fails
+        (a networked client lost: the driver rolls the round back) leaves the clock where the round started."""
+        saved = self._snapshot()
+        try:
+            return self._run_round(round_index)
+        except BaseException:
+            self._restore(saved)
+            raise
+
+    def _snapshot(self) -> dict[str, Any]:
+        stats = replace(self.stats, staleness=list(self.stats.staleness))
+        return {
+            "global_state": self.global_state, "held": dict(self.held), "done": dict(self.done),
+            "queue": list(self.queue), "pending": [replace(u) for u in self.pending], "window": self.window,
+            "last_window": dict(self.last_window), "stats": stats,
+        }  # fmt: skip
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        for name, value in saved.items():
+            setattr(self, name, value)
+
+    def _run_round(self, round_index: int) -> list[Member]:
         goal = (round_index + 1) * len(self.units)
         last = round_index + 1 >= self.fed.config.framework.rounds
         while True:
