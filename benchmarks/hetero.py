@@ -80,7 +80,7 @@ def base_overrides(model: str, rounds: int, local_steps: int, base_speed: float 
         "data.name=rotten_tomatoes", "data.max_rows=2400", "data.eval_size=64",
         "framework.name=sflv1", f"framework.num_clients={len(SPEEDS)}", f"framework.rounds={rounds}",
         f"framework.local_steps={local_steps}", f"framework.clients={json.dumps(clients)}",
-        "framework.max_staleness=64", "seed=0",
+        "seed=0",
     ]  # fmt: skip
 
 
@@ -132,9 +132,13 @@ def one_repeat(root: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any
     results: dict[str, dict[str, Any]] = {}
     window = None
     for policy, aggregation in ROWS:
-        extra = [f"server.policy={policy}", f"framework.aggregation={aggregation}"]
-        if aggregation == "semi_async":
-            extra.append(f"framework.round_window_s={window}")
+        extra = [f"server.policy={policy}"]
+        if aggregation == "async":
+            extra.append("framework.aggregation.async.max_staleness=64")
+        elif aggregation == "semi_async":
+            extra.append(f"framework.aggregation.semi_async.round_window_s={window}")
+        else:
+            extra.append(f"framework.aggregation={aggregation}")
         results[f"{policy}+{aggregation}"] = run_row(root, f"{policy}-{aggregation}", [*base, *extra])
         if (policy, aggregation) == ("fifo", "sync"):
             reference = results["fifo+sync"]

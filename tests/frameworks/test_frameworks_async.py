@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from splitlm.config.schema import FrameworkConfig
 from splitlm.errors import ConfigError
 from splitlm.frameworks import run_framework
-from splitlm.frameworks.asynchronous import apply_updates, staleness_weight, window_weights
+from splitlm.frameworks.aggregation.asynchronous import Async
+from splitlm.frameworks.aggregation.updates import apply_updates, staleness_weight, window_weights
 from splitlm.frameworks.federation import Member
 
 
 def test_staleness_weight_is_a_soft_penalty_with_a_hard_cutoff() -> None:
-    fw = FrameworkConfig(async_mix=0.5, staleness_exponent=0.5, max_staleness=4)
+    fw = Async.Settings(mix=0.5, staleness_exponent=0.5, max_staleness=4)
     assert staleness_weight(fw, share=1.0, staleness=0) == pytest.approx(0.5)
     assert staleness_weight(fw, share=1.0, staleness=3) == pytest.approx(0.5 / 2)  # (1 + 3) ** -0.5
     assert staleness_weight(fw, share=0.5, staleness=3) == pytest.approx(0.125)  # half the mean client's samples
@@ -93,7 +93,11 @@ def test_no_client_waits_for_a_straggler(make_config, monkeypatch, mode: str) ->
             others_done.set()
 
     monkeypatch.setattr(Member, "train_round", train_round)
-    config = make_config(mode, *ASYNC, f"framework.aggregation={mode}", "framework.round_window_s=0.2")
+    chosen = {
+        "async": "framework.aggregation=async",
+        "semi_async": "framework.aggregation.semi_async.round_window_s=0.2",
+    }
+    config = make_config(mode, *ASYNC, chosen[mode])
     summary = run_framework(config)
 
     assert seen_stuck.is_set()
@@ -124,7 +128,7 @@ def test_async_drops_updates_past_max_staleness(make_config, monkeypatch) -> Non
 
     monkeypatch.setattr(Member, "train_round", train_round)
     config = make_config(
-        "stale", *ASYNC, "framework.aggregation=async", "framework.max_staleness=1", "framework.async_mix=0.5"
+        "stale", *ASYNC, "framework.aggregation.async.max_staleness=1", "framework.aggregation.async.mix=0.5"
     )
     summary = run_framework(config)
     aggregation = summary["aggregation"]
@@ -140,7 +144,9 @@ def test_async_drops_updates_past_max_staleness(make_config, monkeypatch) -> Non
 
 
 def test_async_is_refused_where_it_cannot_work(make_config) -> None:
-    with pytest.raises(ConfigError, match=r"framework\.name=sflv1"):
-        make_config("refused", "framework.aggregation=async", "framework.name=psl", "framework.num_clients=2")
+    with pytest.raises(ConfigError, match=r"framework\.name=sflv1, sflv2 or gsfl"):
+        run_framework(
+            make_config("refused", "framework.aggregation=async", "framework.name=psl", "framework.num_clients=2")
+        )
     with pytest.raises(ConfigError, match="clients_per_round"):
         run_framework(make_config("refused2", *ASYNC, "framework.aggregation=async", "framework.clients_per_round=2"))

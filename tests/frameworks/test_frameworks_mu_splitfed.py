@@ -1,5 +1,5 @@
 """MU-SplitFed (survey §3.2.2): ``framework.server_lr_scale=mu_splitfed`` divides the trunk's learning rate by the
-number tau of clients sharing its adapter, and ``framework.aggregation_lr`` (eta_g; sqrt(tau) by default under
+number tau of clients sharing its adapter, and the sync aggregation's ``lr`` (eta_g; sqrt(tau) by default under
 mu_splitfed) steps the client sides' FedAvg from the global client side the round started from. The step on
 hand-made states, the scales a config gives, and tiny sflv2 / gsfl runs (straight, rolled back, resumed)."""
 
@@ -77,7 +77,7 @@ def test_sflv2_with_four_clients_divides_the_trunk_lr_by_four_and_raises_the_agg
     framework = framework_of(config)
     assert framework.server_lr_scale(config, []) == 0.25
     assert framework.aggregation_lr(config, []) == 2.0  # sqrt(4)
-    explicit = make_config("run", *SFLV2, "framework.server_lr_scale=mu_splitfed", "framework.aggregation_lr=1.5")
+    explicit = make_config("run", *SFLV2, "framework.server_lr_scale=mu_splitfed", "framework.aggregation.sync.lr=1.5")
     assert framework.aggregation_lr(explicit, []) == 1.5
     partial = make_config("run", *SFLV2, "framework.server_lr_scale=mu_splitfed", "framework.clients_per_round=3")
     assert framework.server_lr_scale(partial, []) == pytest.approx(1 / 3)
@@ -122,7 +122,7 @@ def test_an_sflv2_run_with_mu_splitfed_steps_from_the_round_start(make_config, r
         averages.append(real_fedavg(states, weights))
         return averages[-1]
 
-    monkeypatch.setattr("splitlm.frameworks.sflv1.fedavg", recording_fedavg)
+    monkeypatch.setattr("splitlm.frameworks.aggregation.fedavg.fedavg", recording_fedavg)
     summary = run_framework(config)
     assert (summary["server_lr_scale"], summary["aggregation_lr"]) == (0.25, 2.0)
     assert math.isfinite(summary["eval_loss_after"]) and summary["eval_loss_after"] < summary["eval_loss_before"]
@@ -137,7 +137,7 @@ def test_an_sflv2_run_with_mu_splitfed_steps_from_the_round_start(make_config, r
 
 def test_aggregation_lr_one_is_the_run_without_it(make_config, run_files) -> None:
     runs = {}
-    for name, extra in (("plain", ()), ("one", ("framework.aggregation_lr=1",))):
+    for name, extra in (("plain", ()), ("one", ("framework.aggregation.sync.lr=1",))):
         config = make_config(name, *SFLV2, *extra)
         run_framework(config)
         runs[name] = Path(config.output_dir)
@@ -155,7 +155,7 @@ def test_a_client_lost_in_the_first_round_equals_leaving_it_out(framework: str, 
 
     common = (
         f"framework.name={framework}", "framework.num_clients=3", "framework.rounds=2", "framework.local_steps=2",
-        "train.steps=4", "framework.server_lr_scale=mu_splitfed", "framework.aggregation_lr=3",
+        "train.steps=4", "framework.server_lr_scale=mu_splitfed", "framework.aggregation.sync.lr=3",
     )  # fmt: skip
 
     def run(name: str, *extra: str, vanish: tuple[str, int, int] | None = None) -> Path:

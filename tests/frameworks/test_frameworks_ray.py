@@ -74,6 +74,33 @@ def test_every_split_framework_runs_under_ray_to_the_end(
     assert _losses(run_files, tmp_path / "ray") == _losses(run_files, tmp_path / "local")
 
 
+# The asynchronous strategies on the virtual clock: the order updates are applied in follows from the config.
+CLOCKED = {
+    "sflv2-async": (
+        "framework.name=sflv2", "framework.clients=[{speed: 1}, {speed: 1}, {speed: 2}]",
+        "framework.aggregation.async.clock=steps",
+    ),
+    "gsfl-semi_async": (
+        "framework.name=gsfl", "framework.groups=[[0, 1], [2]]", "framework.aggregation.semi_async.clock=steps",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("case", list(CLOCKED))
+def test_the_clocked_strategies_under_ray_compute_the_in_process_run(
+    ray_cluster, case, fast_config, run_files, tmp_path
+) -> None:
+    overrides = ("framework.num_clients=3", "framework.rounds=2", "train.steps=4", *CLOCKED[case])
+    local_summary = run_framework(fast_config(tmp_path / "local", *overrides))
+    summary = launch(fast_config(tmp_path / "ray", *overrides, "transport.name=ray"))
+    assert _losses(run_files, tmp_path / "ray") == _losses(run_files, tmp_path / "local")
+    ours, theirs = run_files.rounds(tmp_path / "ray"), run_files.rounds(tmp_path / "local")
+    assert [r["eval_loss"] for r in ours] == [r["eval_loss"] for r in theirs]
+    assert summary["aggregation"] == local_summary["aggregation"] and summary["aggregation"]["clock"] == "steps"
+
+
 def test_run_framework_refuses_a_ray_config(fast_config, tmp_path) -> None:
     from splitlm.errors import ConfigError
 

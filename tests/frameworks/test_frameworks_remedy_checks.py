@@ -74,9 +74,9 @@ REMEDIES: list[tuple[tuple[str, ...], set[str], str]] = [
         "framework.server_lr_scale=mu_splitfed: ",
     ),
     (
-        ("framework.aggregation_lr=2",),
+        ("framework.aggregation.sync.lr=2",),
         {"sflv1", "sflv2", "gsfl"},
-        "framework.aggregation_lr: steps the FedAvg of the clients' client sides; framework.name={name} ",
+        "framework.aggregation.sync.lr: steps the FedAvg of the clients' client sides; framework.name={name} ",
     ),
     (
         ("remedies.ema.decay=0.5",),
@@ -104,11 +104,12 @@ ADVICE = {
     "or gsfl",
     ("framework.server_lr_scale=mu_splitfed", "psl"): "averages no client sides: use sflv2 or gsfl",
     ("framework.server_lr_scale=mu_splitfed", "sflv1"): "gives each client its own trunk adapter: use sflv2 or gsfl",
-    ("framework.aggregation_lr=2", "centralized"): "trains one unsplit model, so unset framework.aggregation_lr",
-    ("framework.aggregation_lr=2", "sl"): "passes one client side on instead: use sflv1, sflv2 or gsfl, or unset "
-    "framework.aggregation_lr",
-    ("framework.aggregation_lr=2", "psl"): "lets each client keep its own: use sflv1, sflv2 or gsfl, or unset "
-    "framework.aggregation_lr",
+    ("framework.aggregation.sync.lr=2", "centralized"): "trains one unsplit model, so unset "
+    "framework.aggregation.sync.lr",
+    ("framework.aggregation.sync.lr=2", "sl"): "passes one client side on instead: use sflv1, sflv2 or gsfl, or unset "
+    "framework.aggregation.sync.lr",
+    ("framework.aggregation.sync.lr=2", "psl"): "lets each client keep its own: use sflv1, sflv2 or gsfl, or unset "
+    "framework.aggregation.sync.lr",
 }
 
 
@@ -190,23 +191,17 @@ def test_feature_hash_under_ray_is_refused_by_gsfl_only_once(name: str) -> None:
 
 
 def test_aggregation_lr_refuses_the_asynchronous_modes_and_mixed_clients() -> None:
-    found = problems("sflv1", "framework.aggregation=async", "framework.aggregation_lr=2")
-    assert (
-        "\n" not in found
-        and (
-            "framework.aggregation_lr: framework.aggregation=async mixes each update in with framework.async_mix and "
-            "staleness weights; unset framework.aggregation_lr or set framework.aggregation=sync"
-        )
-        in found
-    )
+    found = problems("sflv1", "framework.aggregation.async.lr=2")
+    assert found == "invalid config: framework.aggregation.async.lr: unknown key", found  # a setting of sync only
     ranks = "framework.clients=[{lora: {rank: 4}}, {lora: {rank: 8}}, {}, {}]"
     for name, extra in (
-        ("sflv1", ("framework.aggregation_lr=2",)),
+        ("sflv1", ("framework.aggregation.sync.lr=2",)),
         ("sflv2", ("framework.server_lr_scale=mu_splitfed",)),
     ):
         found = problems(name, ranks, *extra)
         assert "\n" not in found and "framework.clients gives the clients different cuts or LoRA ranks; set " in found
-        assert problems(name, ranks, *extra, "framework.aggregation_lr=1") == ""  # plain FedAvg: module by module
+        plain = [e for e in extra if not e.startswith("framework.aggregation")]
+        assert problems(name, ranks, *plain, "framework.aggregation.sync.lr=1") == ""  # plain FedAvg: module by module
 
 
 @pytest.mark.parametrize("name", FRAMEWORKS)

@@ -264,9 +264,6 @@ class ClientOverrides(Section):
     )
 
 
-Aggregation = Literal["sync", "async", "semi_async"]
-
-
 class FrameworkConfig(Section):
     name: str = Field(
         "sl",
@@ -283,20 +280,13 @@ class FrameworkConfig(Section):
         "A client's learning-rate schedule spans rounds x local_steps.",
     )
     clients_per_round: int = Field(0, ge=0, description="Clients sampled each round (0: all).")
-    server_lr_scale: Literal["none", "linear", "sqrt", "mu_splitfed"] = Field(
+    server_lr_scale: OneComponent = Field(
         "none",
-        description="Scale the server's learning rate with the number tau of clients sharing its adapter (the "
-        "server's unbalanced steps per client step; survey §3.2.2): linear: x tau, sqrt: x sqrt(tau) (SGLR); "
-        "mu_splitfed: / tau (MU-SplitFed; sflv2 and gsfl), with the client sides' aggregation learning rate raised "
-        "to framework.aggregation_lr to compensate.",
-    )
-    aggregation_lr: float | None = Field(
-        None,
-        gt=0,
-        allow_inf_nan=False,
-        description="Global learning rate of the client sides' FedAvg (sflv1, sflv2, gsfl): the new global client "
-        "side is old + aggregation_lr x (average - old), old being the one the round started from (the trunk "
-        "adapters are averaged as before). Unset: 1 (plain FedAvg), or sqrt(tau) with server_lr_scale=mu_splitfed.",
+        validate_default=True,
+        description="A registered scale of the server's learning rate in the number tau of clients sharing its "
+        "adapter (the server's unbalanced steps per client step; survey §3.2.2): none, linear (x tau), sqrt "
+        "(x sqrt(tau), SGLR), mu_splitfed (/ tau, with the client sides' FedAvg stepped sqrt(tau) times as far; "
+        "sflv2 and gsfl), or one a plugin registers (frameworks/aggregation/scales.py).",
     )
     merge: int = Field(
         1,
@@ -358,33 +348,14 @@ class FrameworkConfig(Section):
         "split.tail_layers, lora.rank, speed, link, client_memory_mb. The server holds the union of the trunk "
         "blocks the clients need, once; each client loads only its own blocks.",
     )
-    aggregation: Aggregation = Field(
+    aggregation: OneComponent = Field(
         "sync",
-        description="sflv1: sync (every round waits for its clients, then FedAvg); async (each client's update is "
-        "mixed into the global model when it arrives, weighted by a staleness penalty, dropped past max_staleness; "
-        "DT-ASFL, SFL-LEO); semi_async (what arrived within round_window_s is aggregated, stragglers go on "
-        "training into the next window, weighted by participation interval; SAFSL). No client waits for a round "
-        "barrier in the async modes.",
-    )
-    async_mix: float = Field(
-        0.5,
-        gt=0,
-        le=1,
-        description="async: weight of a fresh update (staleness 0, average size) mixed into the global model.",
-    )
-    staleness_exponent: float = Field(
-        0.5,
-        ge=0,
-        description="async: an update s versions stale is weighted (1 + s) ** -staleness_exponent (soft penalty).",
-    )
-    max_staleness: int = Field(
-        4, ge=0, description="async: updates more than this many versions stale are dropped (hard cutoff)."
-    )
-    round_window_s: float = Field(
-        10.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="semi_async: wall seconds of one aggregation window.",
+        validate_default=True,
+        description="The aggregation strategy of the client sides (sflv1, sflv2, gsfl), a name or {name: settings}: "
+        "sync (FedAvg at the end of every round; lr: its global learning rate), async (each update mixed into the "
+        "global model when it arrives, staleness-weighted; mix, staleness_exponent, max_staleness, clock), "
+        "semi_async (what arrived within a window is aggregated; round_window_s, window_steps, clock), or one a "
+        "plugin registers (frameworks/aggregation/).",
     )
 
     def steps_per_round(self, total_steps: int) -> int:
@@ -725,7 +696,7 @@ def _remedy_problems(tree: dict[str, Any]) -> list[str]:
 
 
 def _client_problems(tree: dict[str, Any]) -> list[str]:
-    """``framework.clients`` (one entry per client) and the aggregation modes."""
+    """``framework.clients`` (one entry per client)."""
     problems: list[str] = []
     clients, overrides = value_at(tree, "framework.num_clients"), value_at(tree, "framework.clients")
     if isinstance(overrides, list) and isinstance(clients, int) and len(overrides) != clients:
@@ -737,15 +708,6 @@ def _client_problems(tree: dict[str, Any]) -> list[str]:
         tails = [i for i, split in enumerate(splits) if split.get("tail_layers")]
         if tails:
             problems.append(f"framework.clients: clients {tails} set split.tail_layers; a vanilla split has no tail")
-    aggregation = value_at(tree, "framework.aggregation")
-    if aggregation in ("async", "semi_async"):
-        if value_at(tree, "framework.name") != "sflv1":
-            problems.append(
-                f"framework.aggregation: {aggregation} aggregates client sides and trunk adapters as sflv1 does; set "
-                "framework.name=sflv1"
-            )
-        if value_at(tree, "transport.name") != "inprocess":
-            problems.append(f"framework.aggregation: {aggregation} runs in-process; set transport.name=inprocess")
     return problems
 
 

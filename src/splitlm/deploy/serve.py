@@ -16,6 +16,7 @@ from typing import Any
 from splitlm.config import Config
 from splitlm.deploy.remote import RemoteClientProxy, RemoteMember, remote_member
 from splitlm.errors import ConfigError, Interrupted, ProtocolError
+from splitlm.frameworks.aggregation import strategy_of
 from splitlm.frameworks.base import framework_of
 from splitlm.frameworks.checkpoint import checkpoints, prepare_output
 from splitlm.frameworks.driver import drive
@@ -47,6 +48,9 @@ def check_networked(config: Config) -> None:
             "privacy.tap and privacy.server_attack are simulations of in-process runs: drop them from the server's "
             "config"
         )
+    problems = strategy_of(config).networked_problems()
+    if problems:
+        raise ConfigError("; ".join(problems))
     grouping = GROUPINGS.get(config.framework.grouping)
     if framework.trunk_adapters == "group" and not config.framework.groups and grouping.needs != "histograms":
         raise ConfigError(

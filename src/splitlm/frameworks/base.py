@@ -14,7 +14,6 @@ Adding a framework means one module with its recipe and one ``FRAMEWORKS.registe
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,6 +51,7 @@ class Framework:
     barrier: bool = False  # one trunk update per synchronised step of all participants (psl)
     split: bool = True  # False: the unsplit baseline (one member, no server, no transport)
     sequential: bool = False  # passes the client side from one client to the next (sl): ``Remedy.passed_on`` applies
+    aggregates: bool = False  # averages the clients' client sides (sflv1, sflv2, gsfl): takes any aggregation strategy
     checks: tuple[Check, ...] = field(default=())  # the framework's own option checks
     # a server that serves one client at a time under some settings (sflv2 unless framework.merge): how it does,
     # and what would change that (``one_client_at_a_time``)
@@ -87,19 +87,18 @@ class Framework:
         )
 
     def server_lr_scale(self, config: Config, groups: list[list[int]]) -> float:
-        """``framework.server_lr_scale``: the trunk's learning rate scaled with the number tau of clients sharing it:
-        x tau or x sqrt(tau) (SGLR), or / tau (MU-SplitFed: tau unbalanced server steps per client step)."""
-        n = self.sharing(config, groups)
-        scales = {"none": 1.0, "linear": float(n), "sqrt": math.sqrt(n), "mu_splitfed": 1.0 / n}
-        return scales[config.framework.server_lr_scale]
+        """``framework.server_lr_scale``: the trunk's learning rate scaled with the number tau of clients sharing it
+        (``aggregation/scales.py``: x tau, x sqrt(tau) (SGLR), or / tau (MU-SplitFed))."""
+        from splitlm.frameworks.aggregation.scales import scale_of
+
+        return scale_of(config).trunk(self.sharing(config, groups))
 
     def aggregation_lr(self, config: Config, groups: list[list[int]]) -> float:
-        """``framework.aggregation_lr`` (eta_g), the global learning rate of the client sides' FedAvg; unset, 1 (plain
-        FedAvg), or sqrt(tau) under server_lr_scale=mu_splitfed, raised to make up for the trunk's smaller steps."""
-        fw = config.framework
-        if fw.aggregation_lr is not None:
-            return fw.aggregation_lr
-        return math.sqrt(self.sharing(config, groups)) if fw.server_lr_scale == "mu_splitfed" else 1.0
+        """The global learning rate (eta_g) of the client sides' FedAvg, as the aggregation strategy and the
+        server's scale give it (1: plain FedAvg; ``aggregation/fedavg.py``)."""
+        from splitlm.frameworks.aggregation import strategy_of
+
+        return strategy_of(config).global_lr(config, self.sharing(config, groups))
 
     def one_client_at_a_time(self, config: Config) -> tuple[str, str] | None:
         """Whether the server never has several clients' requests waiting at once under ``config`` (nothing for a
@@ -124,7 +123,6 @@ class Framework:
                 )
             if config.transport.link.enabled:
                 problems.append(f"transport.link: framework.name={self.name} sends nothing over a link; unset it")
-            problems += self._unsplit_problems(config)
         if self.trunk_adapters != "shared" and config.lora.part("trunk").method != "lora":
             problems.append(
                 f"framework.name={self.name} keeps one trunk adapter per {self.trunk_adapters}: "
@@ -143,25 +141,10 @@ class Framework:
         if problems:
             raise ConfigError("; ".join(problems))
 
-    def _unsplit_problems(self, config: Config) -> list[str]:
-        """The server settings that act on a split model, for the unsplit baseline (the remedies check themselves)."""
-        fw, name, problems = config.framework, self.name, []
-        if fw.server_lr_scale != "none":
-            problems.append(
-                f"framework.server_lr_scale={fw.server_lr_scale}: scales the trunk's learning rate on the server; "
-                f"framework.name={name} has no server, so set framework.server_lr_scale=none"
-            )
-        if fw.aggregation_lr is not None:
-            problems.append(
-                f"framework.aggregation_lr: steps the FedAvg of the clients' client sides; framework.name={name} "
-                "trains one unsplit model, so unset framework.aggregation_lr"
-            )
-        return problems
-
     def _remedy_problems(self, config: Config) -> list[str]:
         """Remedies (survey §3) that need what this framework's layout lacks: groups of clients (grouping), one
-        trunk adapter several clients reach at once (merge), FedAvg of client sides
-        (mu_splitfed, aggregation_lr). A framework's own ``checks`` add what its fields cannot say."""
+        trunk adapter several clients reach at once (merge). A framework's own ``checks`` add what its fields cannot
+        say; the aggregation strategies and learning-rate scales say their own (``aggregation/``)."""
         fw, name, problems = config.framework, self.name, []
         # a grouping other than the default, or explicit groups (a resolved config, e.g. a run's config.yaml, spells
         # out the default grouping, and must load again)
@@ -181,42 +164,10 @@ class Framework:
                 f"framework.merge={fw.merge}: concatenates several clients' smashed data into one batch of one shared "
                 f"trunk adapter; framework.name={name} {why}: use sflv2 or psl, or set framework.merge=1"
             )
-        if self.split and fw.server_lr_scale == "mu_splitfed" and (self.sequential or self.trunk_adapters == "client"):
-            why = "gives each client its own trunk adapter"
-            if self.sequential:
-                why = "passes one client side on instead of averaging them"
-            problems.append(
-                f"framework.server_lr_scale=mu_splitfed: divides a shared trunk adapter's learning rate by its clients "
-                f"and raises the FedAvg of the client sides; framework.name={name} {why}: use sflv2 or gsfl"
-            )
-        if self.split and self.sequential and fw.aggregation_lr is not None:
-            problems.append(
-                f"framework.aggregation_lr: steps the FedAvg of the clients' client sides; framework.name={name} "
-                "passes one client side on instead: use sflv1, sflv2 or gsfl, or unset framework.aggregation_lr"
-            )
         return problems
 
 
 FRAMEWORKS = Registry[Framework]("framework", "framework.name", builtins=("splitlm.frameworks",))
-
-
-def keeps_own_client_sides(config: Config) -> None:
-    """A framework check (``Framework.checks``) for clients that each keep their own client side (psl): no FedAvg of
-    client sides for framework.aggregation_lr to step, nor for mu_splitfed to raise."""
-    fw, problems = config.framework, []
-    if fw.server_lr_scale == "mu_splitfed":
-        problems.append(
-            f"framework.server_lr_scale=mu_splitfed: divides a shared trunk adapter's learning rate by its clients and "
-            f"raises the FedAvg of the client sides; framework.name={fw.name} averages no client sides: use sflv2 or "
-            "gsfl"
-        )
-    if fw.aggregation_lr is not None:
-        problems.append(
-            f"framework.aggregation_lr: steps the FedAvg of the clients' client sides; framework.name={fw.name} lets "
-            "each client keep its own: use sflv1, sflv2 or gsfl, or unset framework.aggregation_lr"
-        )
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 def register(framework: Framework) -> Framework:
@@ -237,6 +188,8 @@ COMPONENT_KEYS: dict[str, str] = {
     "privacy.detectors": "splitlm.privacy.detectors:DETECTORS",
     "privacy.server_attack": "splitlm.privacy.server_attack:SERVER_ATTACKS",
     "remedies": "splitlm.remedies.base:REMEDIES",
+    "framework.aggregation": "splitlm.frameworks.aggregation:STRATEGIES",
+    "framework.server_lr_scale": "splitlm.frameworks.aggregation.scales:SCALES",
 }
 
 

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from splitlm.config import Config, build_config
 from splitlm.errors import CheckpointError, SplitLMError
 from splitlm.files import write_json, write_text
+from splitlm.frameworks.aggregation import strategy_of
 from splitlm.frameworks.base import framework_of
 
 log = logging.getLogger(__name__)
@@ -248,9 +249,10 @@ def _check_length(out: Path, saved: Config, config: Config, asked: str) -> None:
     steps_done = max((int(m["steps_done"]) for m in members.values()), default=0)
     was, now = saved.framework, config.framework
     local_was, local_now = was.steps_per_round(saved.train.steps), now.steps_per_round(config.train.steps)
-    if now.aggregation != "sync":
+    strategy = strategy_of(config)
+    if strategy.keeps_length:
         raise CheckpointError(
-            f"--resume with {asked}: framework.aggregation={now.aggregation} runs keep their length; drop the "
+            f"--resume with {asked}: framework.aggregation={strategy.name} runs keep their length; drop the "
             "override, or start a new run in another output_dir"
         )
     if local_now != local_was:

@@ -152,7 +152,7 @@ def run_round(fed: Federation, round_index: int, chosen: list[Member], progress:
             chosen = [m for m in chosen if m.client_id not in gone.client_ids]
             continue
         try:
-            return fed.framework.round(fed, round_index, chosen), chosen
+            return fed.strategy.round(fed, round_index, chosen), chosen
         except ClientGone as gone:
             if snapshot is None:
                 raise
@@ -355,7 +355,7 @@ def reopen(fed: Federation) -> bool:
 def settled(fed: Federation) -> bool:
     """Whether no client is in the middle of its training now (asynchronous aggregation lets them train across
     the driver's rounds): only then is the state a checkpoint that ``--resume`` can continue exactly."""
-    return fed.aggregation is None or fed.aggregation.over
+    return bool(fed.strategy.settled())
 
 
 def _step_hook(fed: Federation, bar: _Progress, checkpoint: Any) -> Any:
@@ -444,7 +444,7 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         "server_lr_scale": fed.framework.server_lr_scale(config, fed.groups) if fed.framework.split else None,
         "aggregation_lr": fed.framework.aggregation_lr(config, fed.groups),
         "server": serving_summary(server),
-        "aggregation": fed.aggregation.stats.summary() if fed.aggregation is not None else {"mode": fw.aggregation},
+        "aggregation": fed.strategy.summary(),
         "clients": [
             {
                 "client": m.client_id,

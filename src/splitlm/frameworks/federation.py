@@ -303,7 +303,6 @@ class Federation:
     rollback_hooks: list[Callable[[], None]] = field(default_factory=list)  # e.g. forget the answered requests' cache
     last_checkpoint: str | None = None  # the newest checkpoint's name (a client that rejoins restores it)
     on_step: StepHook = _no_hook  # called after every client step with its metrics record (the driver's)
-    aggregation: Any = None  # framework.aggregation async / semi_async: the clients' threads and the global model
     stop: threading.Event = field(default_factory=threading.Event)
 
     def check_stop(self) -> None:
@@ -392,6 +391,13 @@ class Federation:
     def remedies(self) -> list[Remedy]:
         """The config's remedies (``remedies``), whose hooks the step loop and the recipes call."""
         return build_remedies(self.config)
+
+    @functools.cached_property
+    def strategy(self) -> Any:
+        """The aggregation strategy (``framework.aggregation``; ``aggregation/``), with what it holds across rounds."""
+        from splitlm.frameworks.aggregation import strategy_of
+
+        return strategy_of(self.config)
 
     @functools.cached_property
     def mixed(self) -> bool:
@@ -526,6 +532,7 @@ class Federation:
                 tensors = {f"{name}/{k}": v for name, state in member.remedy_state.items() for k, v in state.items()}
                 (folder / "remedies").mkdir(exist_ok=True)
                 save_file(tensors, str(folder / "remedies" / f"client-{member.client_id}.safetensors"))
+        self.strategy.save(self, folder)
 
     def load(self, folder: Path) -> None:
         for member in self.members:
@@ -546,6 +553,7 @@ class Federation:
             for key, tensor in (load_file(str(path)) if path.is_file() else {}).items():
                 name, _, rest = key.partition("/")
                 member.remedy_state.setdefault(name, {})[rest] = tensor
+        self.strategy.load(self, folder)
 
     # --- evaluation ---------------------------------------------------------------------------------------
 

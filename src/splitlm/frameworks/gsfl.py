@@ -2,7 +2,7 @@
 one trunk adapter per group; at the end of a round the groups' client sides and trunk adapters are FedAvg'd
 (weighted by each group's samples). Groups: ``framework.groups``, else ``framework.grouping`` (default
 label_kmeans: clients of similar label mix; feature_hash: clients whose smashed data look alike, GSFL as published;
-``frameworks/grouping.py``). ``framework.aggregation_lr`` steps the client sides' FedAvg as in sflv1.
+``frameworks/grouping.py``). The aggregation strategy's global learning rate steps the client sides' FedAvg as in sflv1.
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ import torch
 from splitlm.config import Config
 from splitlm.errors import ConfigError
 from splitlm.frameworks.aggregate import fedavg
+from splitlm.frameworks.aggregation.fedavg import stepped
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
 from splitlm.frameworks.grouping import GROUPINGS
 from splitlm.frameworks.setup import same_cut_and_rank
-from splitlm.frameworks.sflv1 import stepped
 
 
 def gsfl_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
     chosen = {m.index for m in members}
     groups = [[fed.members[i] for i in group if i in chosen] for group in fed.groups]
     groups = [g for g in groups if g]
-    fed.hold_global(members)  # framework.aggregation_lr: the global client side the round steps from
+    fed.hold_global(members)  # a global learning rate: the global client side the round steps from
     start = fed.carry
     finished: list[dict[str, torch.Tensor]] = [{} for _ in groups]
 
@@ -66,6 +66,7 @@ GSFL = register(
         "grouped split-federated learning: groups at once, sequential SL inside a group, one trunk adapter per "
         "group; FedAvg'd over groups every round",
         trunk_adapters="group",
+        aggregates=True,
         checks=(same_cut_and_rank("passes one client side from client to client inside a group"), check_grouping),
     )
 )

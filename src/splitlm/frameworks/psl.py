@@ -10,7 +10,7 @@ clients' ones, divided by their number).
 
 from __future__ import annotations
 
-from splitlm.frameworks.base import Framework, keeps_own_client_sides, register
+from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
 
 
@@ -28,6 +28,5 @@ PSL = register(
         "parallel split learning: clients at once, each keeping its own client side; one shared trunk adapter "
         "updated once per step from all clients' gradients",
         barrier=True,
-        checks=(keeps_own_client_sides,),
     )
 )

@@ -13,9 +13,9 @@ from __future__ import annotations
 import random
 
 from splitlm.config import Config
+from splitlm.frameworks.aggregation.fedavg import average_across_cuts, average_client_sides
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
-from splitlm.frameworks.sflv1 import average_across_cuts, average_client_sides, check_aggregation_lr
 
 
 def train_in_chunks(fed: Federation, order: list[Member], round_index: int, size: int) -> list[Member]:
@@ -58,7 +58,7 @@ SFLV2 = register(
         sflv2_round,
         "split-federated learning V2: one client at a time in random order, one shared trunk adapter updated "
         "at once; client sides FedAvg'd every round (framework.merge K: K clients at a time, merged)",
-        checks=(check_aggregation_lr,),
+        aggregates=True,
         serial=one_client_at_a_time,
     )
 )

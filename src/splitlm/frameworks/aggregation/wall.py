@@ -1,39 +1,16 @@
-"""Asynchronous aggregation for split-federated learning (``framework.aggregation``; survey §4.4).
+"""``clock: wall``: the asynchronous strategies with every client on its own thread, in real time (sflv1, in-process).
 
-A synchronous SFL round waits for its slowest client. In the asynchronous modes every client runs its own
-loop on its own thread and never waits for the others: take the global model if a newer one exists, train
-``local_steps`` steps, hand its update in, go on. Each client does the same work as in a synchronous run
-(``rounds x local_steps`` steps); fast clients just do theirs sooner.
+A synchronous SFL round waits for its slowest client. Here every client runs its own loop on its own thread and
+never waits for the others: take the global model if a newer one exists, train ``local_steps`` steps, hand its
+update in, go on. Each client does the same work as in a synchronous run (``rounds x local_steps`` steps); fast
+clients just do theirs sooner. The order updates arrive in is the order the threads happen to finish in, so two
+runs differ; ``clock: steps`` (``clock.py``) is the reproducible one.
 
-An update is what the client's training changed since it last took the global model or handed an update in,
-``delta = L - base`` (per tensor, in the client's own shapes), and the global model moves by weighted deltas,
-``G <- G + sum w_i delta_i``. Deltas, not models, are applied: an update trained from an older global model
-still carries only its own progress, instead of dragging the global model back toward the old one, and with
-one client and no staleness the result is that client's own training.
-
-- ``async`` (DT-ASFL, SFL-LEO): an update is applied the moment it arrives, with
-  ``w = async_mix * (n_i / mean n) * (1 + s) ** -staleness_exponent``, ``s`` the global versions made since the
-  client took its model (a soft penalty); updates more than ``max_staleness`` versions stale are dropped (the
-  hard cutoff).
-- ``semi_async`` (SAFSL): updates wait for the end of the current window of ``round_window_s`` seconds, then
-  are applied together with ``w_i`` proportional to ``n_i * k_i``, ``k_i`` the windows since client i last took
-  part (participation-interval weighting: a slow client's rarer update counts for the windows it missed, so fast
-  clients do not dominate), normalised to sum to 1 (the mean delta, as FedBuff applies it). A client that is not
-  done when the window closes keeps training into the next one; one that hands in twice in a window sends the
-  sum of its deltas.
-
-The global model is one flat state under unsplit-model names, each LoRA module once: a client's update covers
-its client side and the blocks its trunk adapter runs for it on the server (``Federation.contribution``), so
-clients with different cuts mix module by module; each tensor's weights are renormalised over the updates that
-hold it. The global model keeps the largest client rank; a client of another rank is mixed in by its LoRA
-product instead (``G <- fit(G, aggregate([G, L], [1 - w, w]))``, ``aggregate.py``), since factor deltas of
-different ranks do not add.
-
-For the driver, a round is an evaluation point: it ends once as many updates were handed in as there are
-clients (a synchronous round's work), applied at once (``async``) or when their window closes (``semi_async``).
-Between rounds the held-out loss is that of the global model, computed on an unsplit copy of the model (a
-``CentralizedClient``) while the clients go on training; after the last round every client side and trunk
-adapter takes the global model, so ``adapters/`` holds it.
+For the driver, a round is an evaluation point: it ends once as many updates were handed in as there are clients
+(a synchronous round's work), applied at once (``async``) or when their window closes (``semi_async``). Between
+rounds the held-out loss is that of the global model, computed on an unsplit copy of the model (a
+``CentralizedClient``) while the clients go on training; after the last round every client side and trunk adapter
+takes the global model, so ``adapters/`` holds it.
 """
 
 from __future__ import annotations
@@ -41,24 +18,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from splitlm.config import Config
-from splitlm.config.schema import FrameworkConfig
-from splitlm.errors import ConfigError
-from splitlm.frameworks.aggregate import aggregate, fit, lora_pair
+from splitlm.frameworks.aggregate import aggregate, fit
+from splitlm.frameworks.aggregation.updates import AsyncStats, State, apply_updates, window_weights
 from splitlm.frameworks.centralized import CentralizedClient
 from splitlm.frameworks.federation import Federation, Member
 from splitlm.frameworks.setup import build_centralized, load_source
 from splitlm.peft import load_trainable_state, trainable_state
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from splitlm.frameworks.aggregation.asynchronous import Asynchronous
 
-State = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,99 +43,14 @@ class _Arrival:
     base: int  # the global version the client trained from
 
 
-@dataclass
-class AsyncStats:
-    """What ``summary.json`` reports under ``aggregation``."""
-
-    mode: str
-    versions: int = 0
-    handed_in: int = 0
-    applied: int = 0
-    dropped: int = 0
-    superseded: int = 0  # semi_async: replaced by a later update of the same client in the same window
-    staleness: list[int] = field(default_factory=list)
-
-    def summary(self) -> dict[str, object]:
-        stale = self.staleness
-        return {
-            "mode": self.mode, "versions": self.versions, "handed_in": self.handed_in, "applied": self.applied,
-            "dropped": self.dropped, "superseded": self.superseded,
-            "mean_staleness": sum(stale) / len(stale) if stale else 0.0, "max_staleness": max(stale, default=0),
-        }  # fmt: skip
-
-
-def staleness_weight(fw: FrameworkConfig, share: float, staleness: int) -> float | None:
-    """async: the weight an update gets in ``G <- (1 - a) G + a L``, or None past ``max_staleness`` (dropped).
-    ``share`` is the client's samples over the mean client's."""
-    if staleness > fw.max_staleness:
-        return None
-    return min(1.0, fw.async_mix * share * (1.0 + staleness) ** -fw.staleness_exponent)
-
-
-def window_weights(shares: list[float], missed: list[int]) -> list[float]:
-    """semi_async: each arrival's weight, its share of the samples times the windows since it last took part,
-    normalised to sum to 1."""
-    weights = [share * max(count, 1) for share, count in zip(shares, missed, strict=True)]
-    total = sum(weights)
-    return [w / total for w in weights]
-
-
-def apply_updates(
-    global_state: State, updates: Sequence[tuple[State, State]], weights: Sequence[float]
-) -> dict[str, torch.Tensor]:
-    """``G + sum_i w_i delta_i`` per tensor. ``updates`` are (delta, state) pairs; a tensor's weights are
-    rescaled over the updates that hold it to the sum of all the weights. A LoRA pair whose shape differs from
-    the global model's (another rank) is mixed in by its product instead: ``fit(G, aggregate([G, L], [1 - w, w]))``.
-    Sums in float64; every tensor keeps the global model's dtype."""
-    total = float(sum(weights))
-    result = dict(global_state)
-    for key, current in global_state.items():
-        holders = [(delta, state, w) for (delta, state), w in zip(updates, weights, strict=True) if key in delta]
-        held = sum(w for _, _, w in holders)
-        if not holders or held <= 0:
-            continue
-        scale = total / held
-        acc = current.detach().to("cpu", torch.float64)
-        for delta, _, w in holders:
-            if delta[key].shape == current.shape:
-                acc = acc + delta[key].detach().to("cpu", torch.float64) * (w * scale)
-        result[key] = acc.to(current.dtype)
-    for (delta, state), w in zip(updates, weights, strict=True):  # other ranks: by their product
-        mismatched = {k for k in delta if k in global_state and delta[k].shape != global_state[k].shape}
-        for a_key in sorted(k for k in mismatched if (pair := lora_pair(k)) is not None and pair[0] == k):
-            b_key = lora_pair(a_key)[1]  # type: ignore[index]
-            mine = {a_key: result[a_key], b_key: result[b_key]}
-            mixed = aggregate([mine, {a_key: state[a_key], b_key: state[b_key]}], [1.0 - min(w, 1.0), min(w, 1.0)])
-            result.update(fit(mine, mixed))
-    return result
-
-
-def check(config: Config) -> None:
-    """What the asynchronous modes need (sflv1's ``checks``)."""
-    if config.framework.aggregation == "sync":
-        return
-    fw = config.framework
-    problems = []
-    if fw.clients_per_round and fw.clients_per_round < fw.num_clients:
-        problems.append(f"framework.clients_per_round: {fw.aggregation} trains every client; set it to 0")
-    if fw.leave_out:
-        problems.append(f"framework.leave_out: {fw.aggregation} has no rounds to leave a client out of; unset it")
-    methods = {part: config.lora.part(part).method for part in ("head", "trunk", "tail")}
-    if any(method != "lora" for method in methods.values()):
-        problems.append(f"lora: {fw.aggregation} aggregates LoRA adapters; set lora.<part>.method=lora (got {methods})")
-    if config.transport.codec.activations.strip().startswith("lowrank"):
-        problems.append(f"transport.codec.activations: {fw.aggregation} does not aggregate lowrank bottlenecks")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
 class Continuous:
     """The clients' threads, the global model and its versions, across the driver's rounds."""
 
-    def __init__(self, fed: Federation) -> None:
+    def __init__(self, fed: Federation, strategy: Asynchronous) -> None:
         self.fed = fed
         self.config = fed.config
-        self.mode = fed.config.framework.aggregation
+        self.strategy = strategy
+        self.mode = strategy.name
         self.lock = threading.Condition()
         self.stats = AsyncStats(self.mode)
         self.arrivals: list[_Arrival] = []  # semi_async: updates of the current window
@@ -218,7 +107,7 @@ class Continuous:
     # --- each client's loop --------------------------------------------------------------------------
 
     def _client_loop(self, member: Member) -> None:
-        fed, local = self.fed, fed_local_steps(self.fed)
+        fed, local = self.fed, max(self.fed.local_steps, 1)
         try:
             for local_round in range(member.steps_done // local, self.config.framework.rounds):
                 self._take(member)
@@ -239,10 +128,9 @@ class Continuous:
                 self.lock.notify_all()
 
     def _hand_in(self, arrival: _Arrival) -> None:
-        fw = self.config.framework
         with self.lock:
             self.stats.handed_in += 1
-            if self.mode == "semi_async":  # a client's second update in a window adds to its first
+            if self.strategy.windowed:  # a client's second update in a window adds to its first
                 earlier = next((a for a in self.arrivals if a.member is arrival.member), None)
                 if earlier is not None:
                     earlier.delta = {k: v + arrival.delta[k] for k, v in earlier.delta.items()}
@@ -255,7 +143,7 @@ class Continuous:
             staleness = self.stats.versions - arrival.base
             self.stats.staleness.append(staleness)
             mean = sum(self.weights.values()) / len(self.weights)
-            weight = staleness_weight(fw, self.weights[arrival.member.client_id] / mean, staleness)
+            weight = self.strategy.weigh(self.weights[arrival.member.client_id] / mean, staleness)
             if weight is None:
                 self.stats.dropped += 1
                 log.info("client %s: update %d versions stale dropped", arrival.member.client_id, staleness)
@@ -290,10 +178,10 @@ class Continuous:
         of a synchronous round), applied at once (async) or at the end of the window they arrived in
         (semi_async)."""
         goal = (round_index + 1) * len(self.fed.members)
-        window = self.config.framework.round_window_s
+        window = self.strategy.window_seconds
         with self.lock:
             reached = lambda: self.stats.handed_in >= goal or self.finished or self.error is not None  # noqa: E731
-            if self.mode == "async":
+            if not self.strategy.windowed:
                 self.lock.wait_for(reached)
                 return
             while True:
@@ -325,16 +213,12 @@ class Continuous:
         self.pool.shutdown(wait=True)
 
 
-def fed_local_steps(fed: Federation) -> int:
-    return max(fed.local_steps, 1)
-
-
-def async_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
-    """One evaluation point of an asynchronous run: the clients train on regardless (sflv1's recipe for
-    ``framework.aggregation`` async and semi_async)."""
-    runner = fed.aggregation
+def wall_round(fed: Federation, strategy: Asynchronous, round_index: int) -> list[Member]:
+    """One evaluation point of a ``clock: wall`` run: the clients train on regardless."""
+    runner = strategy.runner
     if runner is None:
-        runner = fed.aggregation = Continuous(fed)
+        runner = strategy.runner = Continuous(fed, strategy)
+    assert isinstance(runner, Continuous)
     if runner.over:  # every client finished early: the rounds left only evaluate the final model
         return [fed.members[0]]
     try:
