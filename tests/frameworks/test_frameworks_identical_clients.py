@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from partitioners import EVERYONE, EveryoneGetsAll
 from splitlm.data import partition
 from splitlm.data.partition import PARTITIONERS, register_partitioner
-from splitlm.frameworks import run_framework, sflv1
+from splitlm.frameworks import aggregate, run_framework
 
 
 def _equal_states(states: list[dict[str, torch.Tensor]]) -> None:
@@ -33,7 +33,7 @@ def _equal_states(states: list[dict[str, torch.Tensor]]) -> None:
 def test_identical_clients_stay_identical(everyone, make_config, run_files, monkeypatch) -> None:
     # Prepare: record what each FedAvg call averages (client states, then trunk adapters, per round).
     calls: list[tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = []
-    real = sflv1.fedavg
+    real = aggregate.fedavg
 
     def spy(states, weights):
         inputs = [{k: v.clone() for k, v in s.items()} for s in states]
@@ -41,7 +41,7 @@ def test_identical_clients_stay_identical(everyone, make_config, run_files, monk
         calls.append((inputs, result))
         return result
 
-    monkeypatch.setattr(sflv1, "fedavg", spy)
+    monkeypatch.setattr(aggregate, "fedavg", spy)  # what the sync strategy averages with
     overrides = ("framework.name=sflv1", "framework.rounds=2", "train.steps=4", f"data.partition={everyone}")
     config = make_config("three", "framework.num_clients=3", *overrides)
     # Execute
@@ -68,7 +68,7 @@ def test_identical_clients_stay_identical(everyone, make_config, run_files, monk
     assert any(v.abs().sum() > 0 for k, v in server[0].items() if "lora_B" in k)  # it did train
 
     # ...and three copies are one: a single client on the same data gives the same losses and adapters.
-    monkeypatch.setattr(sflv1, "fedavg", real)
+    monkeypatch.setattr(aggregate, "fedavg", real)
     single = make_config("one", "framework.num_clients=1", *overrides)
     run_framework(single)
     one = run_files.metrics(Path(single.output_dir))

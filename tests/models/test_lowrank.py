@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import splitlm.frameworks.sflv1 as sflv1_module
+import splitlm.frameworks.aggregate as aggregate_module
 import splitlm.models.lowrank as lowrank_module
 from message_recorder import Recorder as BaseRecorder
 from message_recorder import recorded_run
@@ -298,7 +298,7 @@ def test_fedavg_averages_the_client_halves_and_the_server_keeps_a_decoder_per_tr
         averaged.append(([dict(s) for s in states], result))
         return result
 
-    monkeypatch.setattr(sflv1_module, "fedavg", recording_fedavg)
+    monkeypatch.setattr(aggregate_module, "fedavg", recording_fedavg)  # every FedAvg of the run
     config = make_config(
         "run", *MODES["ushape"], LOWRANK, f"framework.name={name}", "framework.num_clients=2",
         "framework.rounds=1", "train.steps=2",

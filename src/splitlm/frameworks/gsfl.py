@@ -11,7 +11,6 @@ import torch
 
 from splitlm.config import Config
 from splitlm.errors import ConfigError
-from splitlm.frameworks.aggregate import fedavg
 from splitlm.frameworks.aggregation.fedavg import stepped
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
@@ -38,9 +37,9 @@ def gsfl_round(fed: Federation, round_index: int, members: list[Member]) -> list
 
     fed.parallel([lambda p=p: run_group(p) for p in range(len(groups))])
     weights = [sum(fed.weights(g)) for g in groups]
-    fed.broadcast(stepped(fed, fedavg(finished, weights)))
+    fed.broadcast(stepped(fed, fed.strategy.average(finished, weights)))
     adapters = [fed.server.adapter_of(g[0].client_id) for g in groups]
-    trunk = fedavg([fed.server.adapter_state(a) for a in adapters], weights)
+    trunk = fed.strategy.average([fed.server.adapter_state(a) for a in adapters], weights)
     for adapter in {fed.server.adapter_of(m.client_id) for m in fed.members}:
         fed.server.load_adapter_state(adapter, trunk)
     return [members[0]]

@@ -9,7 +9,6 @@ aggregation strategy (``framework.aggregation``) may replace the round altogethe
 
 from __future__ import annotations
 
-from splitlm.frameworks.aggregate import fedavg
 from splitlm.frameworks.aggregation.fedavg import average_across_cuts, average_client_sides
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
@@ -22,7 +21,7 @@ def sflv1_round(fed: Federation, round_index: int, members: list[Member]) -> lis
         return [finished[0]]
     average_client_sides(fed, finished)
     adapters = [fed.server.adapter_of(m.client_id) for m in finished]
-    trunk = fedavg([fed.server.adapter_state(a) for a in adapters], fed.weights(finished))
+    trunk = fed.strategy.average([fed.server.adapter_state(a) for a in adapters], fed.weights(finished))
     for member in fed.members:
         fed.server.load_adapter_state(fed.server.adapter_of(member.client_id), trunk)
     return [finished[0]]

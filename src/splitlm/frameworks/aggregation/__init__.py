@@ -19,7 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
+
 from splitlm.config import Config
+from splitlm.frameworks import aggregate
 from splitlm.registry import Component, ComponentRegistry
 
 if TYPE_CHECKING:
@@ -37,6 +40,12 @@ class Strategy(Component):
         from splitlm.frameworks.aggregation.scales import scale_of
 
         return scale_of(config).aggregation_lr(sharing)
+
+    def average(self, states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+        """One state from the clients' ``states`` (client sides, or trunk adapters) and their ``weights`` (their
+        samples): FedAvg's weighted mean by default; a robust strategy (median, trimmed mean, ...) overrides it.
+        Clients of different cuts or ranks are averaged module by module instead (``fedavg.average_across_cuts``)."""
+        return aggregate.fedavg(states, weights)
 
     def round(self, fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
         """One of the driver's rounds over ``members``; returns the members that hold the global model (the

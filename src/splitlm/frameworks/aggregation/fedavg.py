@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from splitlm.config import Config
-from splitlm.frameworks.aggregate import aggregate, fedavg, fit, global_step
+from splitlm.frameworks.aggregate import aggregate, fit, global_step
 from splitlm.frameworks.aggregation import STRATEGIES, Strategy
 from splitlm.frameworks.aggregation.scales import scale_of
 from splitlm.registry import ComponentSettings
@@ -80,7 +80,7 @@ def stepped(fed: Federation, average: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def average_client_sides(fed: Federation, finished: list[Member]) -> None:
-    fed.broadcast(stepped(fed, fedavg([m.client.state() for m in finished], fed.weights(finished))))
+    fed.broadcast(stepped(fed, fed.strategy.average([m.client.state() for m in finished], fed.weights(finished))))
 
 
 def average_across_cuts(fed: Federation, finished: list[Member]) -> None:
