@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import os
 import queue
+import re
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -16,6 +22,7 @@ from splitlm.runtime.server import SplitServer
 from splitlm.transport.grpc_client import GrpcConnection
 from splitlm.transport.grpc_server import HEADER_LIMIT, METHOD, GrpcServer
 from splitlm.transport.messages import Message
+from splitlm.transport.security import make_dev_certs
 from splitlm.transport.wire import Decoder, Limits, encode
 
 CLIENTS = ["0", "1"]
@@ -120,3 +127,68 @@ def healthy_step(net: NetServer, connection: GrpcConnection) -> None:
     assert stepped.kind == "stepped"
     after = net.split_server.adapter_state(HEALTHY_ADAPTER)
     assert any(not torch.equal(before[k], after[k]) for k in before), "client 1's step did not train its adapter"
+
+
+LISTENING = re.compile(r"splitlm server listening on 127\.0\.0\.1:(\d+)")
+NETWORK_TIMEOUT = 200.0
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "splitlm.cli.main", *args]
+
+
+def pump_lines(stream: Any, lines: queue.Queue[str | None], sink: list[str]) -> None:
+    for line in stream:
+        sink.append(line)
+        lines.put(line)
+    lines.put(None)
+
+
+def serve_over_network(
+    root: Path, config: Path, overrides: list[str], clients: int, env: dict[str, str] | None = None
+) -> None:
+    """`splitlm serve` ``config`` to ``clients`` `splitlm client` processes (TLS, dev certificates) into
+    ``root/server`` and ``root/client<i>``; raise with their logs if any fails. ``env`` adds to the environment."""
+    certs = root / "certs"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], [str(i) for i in range(clients)])
+    assert os.environ.get("SPLITLM_CACHE"), "the session fixture should have set SPLITLM_CACHE"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    out: list[str] = []
+    server = subprocess.Popen(
+        cli("serve", str(config), *overrides, f"output_dir={root / 'server'}", "--certs", str(certs),
+             "--address", "127.0.0.1:0"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root,
+    )  # fmt: skip
+    clients: list[subprocess.Popen] = []
+    logs = [(root / f"client{i}.log").open("w") for i in range(clients)]
+    try:
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=pump_lines, args=(server.stdout, lines, out), daemon=True).start()
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            found = LISTENING.search(line)
+            port = int(found.group(1)) if found else None
+        assert port is not None, "".join(out)
+        for i in range(clients):
+            command = cli(
+                "client", str(config), *overrides, f"output_dir={root / f'client{i}'}", "--server", f"127.0.0.1:{port}",
+                "--client-id", str(i), "--certs", str(certs),
+            )  # fmt: skip
+            clients.append(subprocess.Popen(command, stdout=logs[i], stderr=subprocess.STDOUT, text=True, env=env))
+        rcs = [proc.wait(timeout=NETWORK_TIMEOUT) for proc in (server, *clients)]
+    finally:
+        for proc in (server, *clients):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for handle in logs:
+            handle.close()
+    said = "".join(out) + "".join((root / f"client{i}.log").read_text()[-2000:] for i in range(clients))
+    assert rcs == [0] * (clients + 1), said

@@ -6,21 +6,14 @@ answered first."""
 from __future__ import annotations
 
 import json
-import os
-import queue
-import re
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from network_support import serve_over_network
 
 from splitlm.config import load_config
 from splitlm.frameworks import run_framework
-from splitlm.transport.security import make_dev_certs
 
 CLIENTS = 3
 COMMON = [
@@ -36,66 +29,6 @@ CASES = {
         "framework.name=gsfl", "framework.groups=[[0, 1], [2]]", "framework.aggregation.semi_async.clock=steps",
     ],
 }  # fmt: skip
-LISTENING = re.compile(r"splitlm server listening on 127\.0\.0\.1:(\d+)")
-TIMEOUT = 200.0
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "splitlm.cli.main", *args]
-
-
-def _pump(stream: Any, lines: queue.Queue[str | None], sink: list[str]) -> None:
-    for line in stream:
-        sink.append(line)
-        lines.put(line)
-    lines.put(None)
-
-
-def _over_network(root: Path, config: Path, overrides: list[str]) -> None:
-    """Serve ``config`` to three client processes into ``root/server``; raise with their logs if any fails."""
-    certs = root / "certs"
-    make_dev_certs(certs, ["localhost", "127.0.0.1"], [str(i) for i in range(CLIENTS)])
-    assert os.environ.get("SPLITLM_CACHE"), "the session fixture should have set SPLITLM_CACHE"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    out: list[str] = []
-    server = subprocess.Popen(
-        _cli("serve", str(config), *overrides, f"output_dir={root / 'server'}", "--certs", str(certs),
-             "--address", "127.0.0.1:0"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root,
-    )  # fmt: skip
-    clients: list[subprocess.Popen] = []
-    logs = [(root / f"client{i}.log").open("w") for i in range(CLIENTS)]
-    try:
-        lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=_pump, args=(server.stdout, lines, out), daemon=True).start()
-        port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            found = LISTENING.search(line)
-            port = int(found.group(1)) if found else None
-        assert port is not None, "".join(out)
-        for i in range(CLIENTS):
-            command = _cli(
-                "client", str(config), *overrides, f"output_dir={root / f'client{i}'}", "--server", f"127.0.0.1:{port}",
-                "--client-id", str(i), "--certs", str(certs),
-            )  # fmt: skip
-            clients.append(subprocess.Popen(command, stdout=logs[i], stderr=subprocess.STDOUT, text=True, env=env))
-        rcs = [proc.wait(timeout=TIMEOUT) for proc in (server, *clients)]
-    finally:
-        for proc in (server, *clients):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        for handle in logs:
-            handle.close()
-    said = "".join(out) + "".join((root / f"client{i}.log").read_text()[-2000:] for i in range(CLIENTS))
-    assert rcs == [0] * (CLIENTS + 1), said
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -110,7 +43,7 @@ def test_the_clocked_strategies_over_grpc_compute_the_in_process_run(case: str, 
     config = write_config(tmp_path / "config.yaml", tmp_path / "unused")
     local = tmp_path / "local"
     run_framework(load_config(config, [*overrides, f"output_dir={local}"]))
-    _over_network(tmp_path, config, overrides)
+    serve_over_network(tmp_path, config, overrides, CLIENTS)
     served = tmp_path / "server"
     steps = [
         sorted((r["round"], r["client"], r["step"], r["loss"]) for r in _lines(d / "metrics.jsonl"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,18 +56,43 @@ def _format(error: ValidationError) -> list[str]:
 
 
 def import_plugins(modules: object) -> None:
-    """Import the config's ``plugins`` (modules that register components of their own) before it is checked."""
+    """Import the config's ``plugins`` (modules that register components of their own) before it is checked: module
+    names, or paths of ``.py`` files (imported as a module named after the file)."""
     if modules is None:
         return
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        raise ConfigError(f"plugins: expected a list of module names, e.g. [my_remedies] (got {modules!r})")
+        raise ConfigError(
+            f"plugins: expected a list of module names or .py files, e.g. [my_remedies] (got {modules!r})"
+        )
     for module in modules:
         try:
-            importlib.import_module(module)
+            if module.endswith(".py"):
+                _import_file(Path(module))
+            else:
+                importlib.import_module(module)
         except ImportError as error:
             raise ConfigError(
                 f"plugins: cannot import {module!r} ({error}); install it or put its folder on PYTHONPATH"
             ) from None
+
+
+def _import_file(path: Path) -> None:
+    if not path.is_file():
+        raise ImportError(f"no file {path}")
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
+        return  # imported already (a process checks its config more than once)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
 
 
 Check = Callable[[dict[str, Any]], list[str]]  # more problems of a raw config tree (e.g. unknown plugin names)

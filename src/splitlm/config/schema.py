@@ -561,9 +561,10 @@ class Config(Section):
     )
     plugins: list[str] = Field(
         default_factory=list,
-        description="Python modules to import before the rest of the config is checked, e.g. [my_remedies]: they "
-        "register components of their own (remedies, defenses, aggregation strategies, frameworks, ...). Every "
-        "process of a run imports them, so they must be importable there (installed, or on PYTHONPATH).",
+        description="Python modules to import before the rest of the config is checked, by name (installed, or on "
+        "PYTHONPATH) or as a .py file, e.g. [my_remedies] or [examples/my_extensions.py]: they register components "
+        "of their own (remedies, defenses, aggregation strategies, frameworks, ...). Every process of a run imports "
+        "them, so they must be importable there too (a file path is relative to where the process starts).",
     )
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
     output_dir: str = Field("runs/default", description="Where metrics, adapters and checkpoints go.")
