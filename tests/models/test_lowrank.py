@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import splitlm.frameworks.sflv1 as sflv1_module
 import splitlm.models.lowrank as lowrank_module
+from helpers import interrupt_run
 from message_recorder import Recorder as BaseRecorder
 from message_recorder import recorded_run
 from splitlm.errors import CheckpointError, ConfigError, ProtocolError
@@ -29,7 +30,6 @@ from splitlm.frameworks.setup import build_part, load_source
 from splitlm.models.lowrank import basis
 from splitlm.peft import load_trainable, trainable_parameters
 from splitlm.peft.lora import ADAPTER
-from splitlm.runtime.client import SplitClient
 from splitlm.transport import Message
 
 D, K = 64, 8  # tiny-llama's hidden size; the bottleneck's rank
@@ -210,22 +210,12 @@ def test_the_server_takes_k_wide_activations_only(make_config) -> None:
 
 
 def test_the_halves_are_saved_with_the_adapters_and_a_resume_reloads_them_bit_for_bit(
-    tmp_path: Path, fast_config, run_files, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fast_config, run_files
 ) -> None:
     extra = (*MODES["ushape"], LOWRANK, "train.steps=6", "train.save_every=3")
     a, b = tmp_path / "a", tmp_path / "b"
     run_framework(fast_config(a, *extra))
-    real_step = SplitClient.train_step
-
-    def interrupted(self, step, micro_batches):
-        if step == 4:  # a hard stop in step 5: the resume goes back to the checkpoint of step 3
-            raise KeyboardInterrupt
-        return real_step(self, step, micro_batches)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(SplitClient, "train_step", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            run_framework(fast_config(b, *extra))
+    interrupt_run(fast_config(b, *extra), 4, hard=True)  # a hard stop in step 5: the resume goes back to step 3
     checkpoint = b / "checkpoints" / "step-000003"
     for folder, role in (("client-0", "head"), ("server", "trunk"), ("client-0", "tail")):
         assert CUT_TENSORS[role] <= set(load_file(str(checkpoint / folder / f"{role}.safetensors"))), role
