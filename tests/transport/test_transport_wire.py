@@ -509,23 +509,21 @@ CODEC_SPECS = (
     "unpadded+int4",
     "unpadded+topk:0.5+fp16",
     "topk:0.3+int4",
-    "lowrank:5",
 )
 _CODEC_TENSORS = (("forward", "hidden"), ("activations", "hidden"), ("backward", "grad"), ("gradients", "grad"))
 
 
 def _codec_mod(spec: str) -> CodecMod:
-    return CodecMod(spec, "none" if spec.startswith("lowrank") else spec)
+    return CodecMod(spec, spec)
 
 
 @st.composite
 def codec_encodings(draw: st.DrawFn) -> tuple[str, list[bytes]]:
     """A message whose tensor one codec encoded (a mask with padding where it has tokens), as frames."""
     spec = draw(st.sampled_from(CODEC_SPECS))
-    kinds = _CODEC_TENSORS[:2] if spec.startswith("lowrank") else _CODEC_TENSORS
-    kind, name = draw(st.sampled_from(kinds))
+    kind, name = draw(st.sampled_from(_CODEC_TENSORS))
     batch, tokens = draw(st.integers(0, 3)), draw(st.integers(0, 4))
-    d = 5 if spec.startswith("lowrank") else draw(st.integers(1, 9))
+    d = draw(st.integers(1, 9))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     tensor = torch.randn(batch, tokens, d, generator=gen) * draw(st.sampled_from([1e-8, 1.0, 1e4]))
     mask = torch.randint(0, 2, (batch, tokens), generator=gen)

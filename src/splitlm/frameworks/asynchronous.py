@@ -54,6 +54,7 @@ from splitlm.frameworks.aggregate import aggregate, fit, lora_pair
 from splitlm.frameworks.centralized import CentralizedClient
 from splitlm.frameworks.federation import Federation, Member
 from splitlm.frameworks.setup import build_centralized, load_source
+from splitlm.models.lowrank import learned_rank
 from splitlm.peft import load_trainable_state, trainable_state
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,8 @@ def check(config: Config) -> None:
     methods = {part: config.lora.part(part).method for part in ("head", "trunk", "tail")}
     if any(method != "lora" for method in methods.values()):
         problems.append(f"lora: {fw.aggregation} aggregates LoRA adapters; set lora.<part>.method=lora (got {methods})")
-    if config.transport.codec.activations.strip().startswith("lowrank"):
-        problems.append(f"transport.codec.activations: {fw.aggregation} does not aggregate lowrank bottlenecks")
+    if learned_rank(config) is not None:
+        problems.append(f"split.bottleneck: {fw.aggregation} does not aggregate learned bottlenecks; set it to 0")
     if problems:
         raise ConfigError("; ".join(problems))
 

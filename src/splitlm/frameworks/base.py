@@ -100,17 +100,14 @@ class Framework:
 
     def check(self, config: Config) -> None:
         """Refuse options this framework cannot honour, with what to change."""
+        from splitlm.models.lowrank import problems as bottleneck_problems
+
         problems = []
         if not self.split:
             if config.privacy.defenses:
                 problems.append(f"privacy.defenses: defenses act at the cut; framework.name={self.name} has none")
             if config.transport.name != "inprocess":
                 problems.append(f"transport.name: framework.name={self.name} runs in one process; set inprocess")
-            if config.transport.codec.activations.strip().startswith("lowrank"):
-                problems.append(
-                    f"transport.codec.activations: lowrank is a learned bottleneck at the cut; "
-                    f"framework.name={self.name} does not cut the model, so drop it"
-                )
             if config.transport.link.enabled:
                 problems.append(f"transport.link: framework.name={self.name} sends nothing over a link; unset it")
             if config.train.logit_adjustment:
@@ -119,6 +116,7 @@ class Framework:
                     "client side, so unset it"
                 )
             problems += self._unsplit_problems(config)
+        problems += bottleneck_problems(config, cuts=self.split)
         if self.trunk_adapters != "shared" and config.lora.part("trunk").method != "lora":
             problems.append(
                 f"framework.name={self.name} keeps one trunk adapter per {self.trunk_adapters}: "

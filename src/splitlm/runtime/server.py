@@ -148,7 +148,7 @@ class SplitServer:
         self.trunk = trunk  # the stage, possibly wrapped by peft
         self.stage = stage
         self.mode = mode
-        self.hidden_size = stage.in_width  # d, or K behind a learned bottleneck (lowrank:K)
+        self.hidden_size = stage.in_width  # d, or K behind a learned bottleneck (split.bottleneck)
         self.trainable = bool(trainable_parameters(trunk))
         self.seed = seed
         self.max_pending = max_pending  # trunk graphs waiting for their backward at most (0: no bound)
