@@ -40,7 +40,8 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
     if not adapters.is_dir():
         raise CheckpointError(f"{run_dir} has no adapters/ folder: the run did not finish; resume it with --resume")
     source = load_source(config)
-    if not framework_of(config).split:
+    framework = framework_of(config)  # a finished run: no federation is built
+    if not framework.split:
         model = build_centralized(config, source)
         load_trainable(model, adapters / "model.safetensors")
         full = merged(model)
@@ -55,7 +56,7 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
         # every client's trunk blocks: it goes first, and the client's head and tail then replace the blocks it
         # runs itself.
         first = config.for_client(_adapters_client(adapters))
-        trunk_config = first if framework_of(config).trunk_adapters == "client" else config
+        trunk_config = first if framework.trunk_adapters == "client" else config
         for role in ("trunk", *spec_of(first).client_roles()):
             part, _ = build_part(trunk_config if role == "trunk" else first, source, role)
             if trainable_parameters(part):
