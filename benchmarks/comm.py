@@ -5,8 +5,9 @@
 Every row fine-tunes the default model (SmolLM2-135M-Instruct), U-shape 2/2, LoRA r=8 on q/v, batch 4 x 128
 tokens of Rotten Tomatoes, with the same seed, steps and data, in-process (the codecs run in the same message
 pipeline as over gRPC), with the server tap on. A row's codec encodes the activations (steps 3 and 5) and the
-cut gradients (steps 7 and 9) alike, except ``lowrank:K`` (activations only: its gradients are K wide
-already) and the rows that name both settings (``activations | gradients``). Per row:
+cut gradients (steps 7 and 9) alike, except the rows that name both settings (``activations | gradients``);
+``bottleneck:K`` rows learn a rank-K bottleneck at each cut (``split.bottleneck=K``, a model option: K features
+a token cross the wire, under the row's codec). Per row:
 
 - ``bytes_per_step``: mean training bytes per step, up plus down, as encoded on the wire;
 - ``reduction``: the identity row's bytes over this row's;
@@ -14,7 +15,7 @@ already) and the rows that name both settings (``activations | gradients``). Per
   and its increase over the identity row's, in percent;
 - ``max_loss_diff``: the largest per-step training-loss difference from the identity row;
 - ``sip_rouge_l``: ROUGE-L F1 of the SIP attack on the smashed data the server tap recorded under this codec
-  (what the server decoded: an honest-but-curious server has the decoder; for ``lowrank`` it applies its own
+  (what the server decoded: an honest-but-curious server has the decoder; behind a bottleneck it applies its own
   trained decoder half to the codes, since that is the input it feeds its trunk).
 
 Prints one JSON line ``{"codecs": [{"codec", "bytes_per_step", "reduction", "eval_ppl", "ppl_increase_pct",
@@ -44,7 +45,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "unpadded": ("unpadded", "unpadded", []),
     "unpadded+int8": ("unpadded+int8", "unpadded+int8", []),
     "unpadded+int4": ("unpadded+int4", "unpadded+int4", []),
-    "lowrank:64": ("lowrank:64", "none", []),
+    "bottleneck:64": ("none", "none", ["split.bottleneck=64"]),
     # chains that treat the two channels differently: activations | gradients
     "unpadded+int8 | unpadded+int4": ("unpadded+int8", "unpadded+int4", []),
     "unpadded+int8 | unpadded+int4 +ef": ("unpadded+int8", "unpadded+int4", ["transport.codec.error_feedback=true"]),
@@ -54,7 +55,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
         "unpadded+topk:0.1+int8",
         ["transport.codec.error_feedback=true"],
     ),
-    "lowrank:64+int8 | int8": ("lowrank:64+int8", "int8", []),
+    "int8 +bottleneck:64": ("int8", "int8", ["split.bottleneck=64"]),
     # int4 with each token's 8 largest entries sent exactly (LLM hidden states have a few huge ones)
     "unpadded+int4:o8": ("unpadded+int4:o8", "unpadded+int4:o8", []),
     "unpadded+int4:o8 | unpadded+int4": ("unpadded+int4:o8", "unpadded+int4", []),
@@ -66,7 +67,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
 BEST = "unpadded+int4:o32 | unpadded+int4"  # the best chain found: >= 8x fewer bytes within 2% perplexity
 DEFAULT_ROWS = [
     "identity", "fp16", "int8", "int4", "topk:0.1", "randtopk:0.1", "unpadded", "unpadded+int8", "unpadded+int4",
-    "lowrank:64", BEST,
+    "bottleneck:64", BEST,
 ]  # fmt: skip
 
 
@@ -138,7 +139,7 @@ def main() -> None:
             row["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses, reference["losses"], strict=True))
             ctx = ctx or AttackContext(config)  # the same public model and text for every row
             obs = observations(run_dir, args.batches)
-            if activations.startswith("lowrank"):
+            if config.split.bottleneck:
                 obs = decoded(run_dir, obs)
             row["sip_rouge_l"] = score(ctx, "sip", sip, obs, progress=False)["rouge_l"]
             rows.append(row)
@@ -160,7 +161,7 @@ def main() -> None:
 
 
 def decoded(run_dir: Path, obs: list[Any]) -> list[Any]:
-    """The lowrank codes the tap recorded (B, T, K), through the server's own trained decoder of the head's cut
+    """The bottleneck's codes the tap recorded (B, T, K), through the server's own trained decoder of the head's cut
     (``lowrank.<head_layers>.decoder`` in its trunk adapter): the (B, T, d) input its trunk runs on."""
     import dataclasses
 

@@ -34,10 +34,8 @@ def main() -> None:
     torch.set_num_threads(1)
     from splitlm.config import build_config
     from splitlm.frameworks.base import framework_of
-    from splitlm.frameworks.federation import Federation, build_member, make_server, partition, route
-    from splitlm.frameworks.pipeline import server_mods
-    from splitlm.frameworks.setup import load_source, prepare_data
-    from splitlm.transport import server_chain
+    from splitlm.frameworks.federation import build_parties, host
+    from splitlm.frameworks.setup import load_source
     from splitlm.transport.grpc_client import GrpcConnection
     from splitlm.transport.grpc_server import GrpcServer
     from splitlm.transport.security import load_tokens, make_dev_certs, token_for
@@ -51,21 +49,17 @@ def main() -> None:
         ],
     )  # fmt: skip
     source = load_source(config)
-    data = prepare_data(config, source.tokenizer(), pack=False)
-    parts, histograms = partition(config, data)
-    server = make_server(config, source, [])
-    for index in range(args.clients):
-        route(config, server, index, [])
+    hosted = host(config, framework_of(config), source, [], range(args.clients))  # the server's half of a run
+    server = hosted.server
     server.start()
     errors: list[str] = []
     with tempfile.TemporaryDirectory(prefix="splitlm-load-") as tmp:
         certs = Path(tmp) / "certs"
         ids = [str(i) for i in range(args.clients)]
         make_dev_certs(certs, ["localhost", "127.0.0.1"], ids)
-        handler = server_chain(server_mods(config, source, server.stage), server.submit)
-        grpc_server = GrpcServer(handler, load_tokens(certs / "tokens.json"), "127.0.0.1:0", certs)
+        grpc_server = GrpcServer(hosted.handler, load_tokens(certs / "tokens.json"), "127.0.0.1:0", certs)
         grpc_server.start()
-        members, connections = [], []
+        feds, connections = [], []  # each client as a `splitlm client` process holds it: a federation of one
         for index, client_id in enumerate(ids):
             connection = GrpcConnection(
                 f"localhost:{grpc_server.port}",
@@ -74,16 +68,17 @@ def main() -> None:
                 certs / "ca.pem",
             )
             connections.append(connection)
-            members.append(build_member(config, source, data, index, parts[index], histograms[index], connection))
-        fed = Federation(config, framework_of(config), server, members, data, args.steps)
+            feds.append(build_parties(config, "agent", client=index, transport=connection, source=source))
+        members = [fed.members[0] for fed in feds]
 
-        def work(member) -> None:
+        def work(fed) -> None:
+            member = fed.members[0]
             try:
                 member.train_round(fed, 0)
             except Exception as error:  # counted, not raised: the benchmark reports every failure
                 errors.append(f"client {member.client_id}: {type(error).__name__}: {error}")
 
-        threads = [threading.Thread(target=work, args=(m,)) for m in members]
+        threads = [threading.Thread(target=work, args=(fed,)) for fed in feds]
         start = time.perf_counter()
         for thread in threads:
             thread.start()

@@ -37,7 +37,7 @@ def main() -> None:
 
     from splitlm.config import build_config
     from splitlm.data import DataOrder, collate
-    from splitlm.frameworks.federation import build_federation
+    from splitlm.frameworks.federation import build_parties
 
     overrides = [
         f"model.name={args.model}",
@@ -57,8 +57,8 @@ def main() -> None:
     ]
     config = build_config({}, overrides)
     torch.manual_seed(config.seed)
-    central_fed = build_federation(build_config({}, [*overrides, "framework.name=centralized"]))
-    split_fed = build_federation(config)
+    central_fed = build_parties(build_config({}, [*overrides, "framework.name=centralized"]))
+    split_fed = build_parties(config)
     central, split = central_fed.members[0].client, split_fed.members[0].client
     member = split_fed.members[0]  # the same packed examples as the centralized member's
     order = DataOrder(len(member.examples), config.train.batch_size, config.seed)

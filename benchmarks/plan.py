@@ -110,11 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         "profile_s": round(profile.seconds, 2),
         "plan_s": round(planned, 2),
         "torch_threads": torch.get_num_threads(),
-        "config": str(args.config),
+        "config": recorded_path(args.config),
         "steps": args.steps,
     }
     print(json.dumps(result))
     return 0
+
+
+def recorded_path(path: str | Path) -> str:
+    """``path`` as the result records it: relative to the repository when it lies inside it, else its file name; never
+    the absolute path of the machine that ran it (the result is committed under docs/)."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else resolved.name
 
 
 def step_noise(steps: list[float], predicted: float) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     from splitlm.config import build_config
     from splitlm.data import DataOrder, collate
-    from splitlm.frameworks.federation import build_federation
+    from splitlm.frameworks.federation import build_parties
     from splitlm.transport import server_chain
     from splitlm.transport.grpc_client import GrpcConnection
     from splitlm.transport.grpc_server import GrpcServer
@@ -49,7 +49,7 @@ def main() -> None:
             "data.eval_size=8", f"train.steps={args.steps + args.warmup}", *args.overrides,
         ],
     )  # fmt: skip
-    local_fed, remote_fed = build_federation(config), build_federation(config)
+    local_fed, remote_fed = build_parties(config), build_parties(config)
     member = local_fed.members[0]
     order = DataOrder(len(member.examples), config.train.batch_size, config.seed)
     local, remote = member.client, remote_fed.members[0].client

@@ -291,7 +291,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(
         raise KeyboardInterrupt  # what Ctrl-C raises in the main thread while the model loads
 
     with monkeypatch.context() as patch:
-        patch.setattr(driver, "build_federation", loading)
+        patch.setattr(driver, "build_parties", loading)
         assert main(["train", str(config)]) == 130
     line = capsys.readouterr().err.strip()
     assert line == (

@@ -7,15 +7,14 @@ hard stop in the middle of a step (an exception), after which ``--resume`` goes 
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from splitlm.errors import CheckpointError, Interrupted
+from helpers import interrupt_run
+from splitlm.errors import CheckpointError
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.centralized import CentralizedClient
 from splitlm.runtime.client import SplitClient
@@ -42,27 +41,15 @@ STOPS = {
 
 @pytest.mark.parametrize("stop", list(STOPS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_resumed_run_equals_uninterrupted_run(
-    tmp_path: Path, fast_config, run_files, monkeypatch: pytest.MonkeyPatch, case: str, stop: str
-) -> None:
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, fast_config, run_files, case: str, stop: str) -> None:
     client_class, extra, parts = CASES[case]
     how, lines, kept = STOPS[stop]
     a, b = tmp_path / "a", tmp_path / "b"
     run_framework(_config(fast_config, a, *extra))
 
-    real_step = client_class.train_step
-
-    def interrupted(self, step, micro_batches):
-        if step == INTERRUPT_AT:  # 0-based: steps 1-4 are done and logged, step 3 is checkpointed
-            if how == "raise":
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step 5 runs: it finishes, then the run stops
-        return real_step(self, step, micro_batches)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(client_class, "train_step", interrupted)
-        with pytest.raises(KeyboardInterrupt if how == "raise" else Interrupted):
-            run_framework(_config(fast_config, b, *extra))
+    # 0-based: steps 1-4 are done and logged, step 3 is checkpointed; Ctrl-C while step 5 runs: it finishes, then
+    # the run stops (a hard stop: it stops mid-step)
+    interrupt_run(_config(fast_config, b, *extra), INTERRUPT_AT, hard=how == "raise", client_class=client_class)
     assert [r["step"] for r in run_files.metrics(b)] == lines
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == kept
     assert not (b / "summary.json").exists()
@@ -93,21 +80,11 @@ def test_resume_without_checkpoint_is_a_checkpoint_error(tmp_path: Path, fast_co
         run_framework(_config(fast_config, tmp_path / "fresh"), resume=True)
 
 
-def test_ctrl_c_without_save_every_resumes(tmp_path: Path, fast_config, run_files, monkeypatch) -> None:
+def test_ctrl_c_without_save_every_resumes(tmp_path: Path, fast_config, run_files) -> None:
     """No train.save_every: Ctrl-C still leaves a checkpoint of the last finished step, and --resume works."""
     a, b = tmp_path / "a", tmp_path / "b"
     run_framework(fast_config(a, f"train.steps={STEPS}"))
-    real_step = SplitClient.train_step
-
-    def interrupted(self, step, micro_batches):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(self, step, micro_batches)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(SplitClient, "train_step", interrupted)
-        with pytest.raises(Interrupted, match="interrupted after step 2; checkpoint written"):
-            run_framework(fast_config(b, f"train.steps={STEPS}"))
+    interrupt_run(fast_config(b, f"train.steps={STEPS}"), 1, match="interrupted after step 2; checkpoint written")
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step-000000", "step-000002"]
     run_framework(fast_config(b, f"train.steps={STEPS}"), resume=True)
     assert [r["loss"] for r in run_files.metrics(b)] == [r["loss"] for r in run_files.metrics(a)]
@@ -116,24 +93,14 @@ def test_ctrl_c_without_save_every_resumes(tmp_path: Path, fast_config, run_file
 
 @pytest.mark.parametrize("framework", ["psl", "sflv2"])
 def test_ctrl_c_in_a_multi_client_round_stops_cleanly_and_resumes(
-    tmp_path: Path, fast_config, run_files, monkeypatch, framework: str
+    tmp_path: Path, fast_config, run_files, framework: str
 ) -> None:
     """Clients on threads (psl: waiting at a step barrier) stop without hanging; the run resumes from its last
     round and ends as an uninterrupted run does (psl sums the clients' trunk gradients in arrival order)."""
     common = (f"framework.name={framework}", "framework.num_clients=2", "framework.rounds=2", "train.steps=4")
     a, b = tmp_path / "a", tmp_path / "b"
     run_framework(fast_config(a, *common))
-    real_step = SplitClient.train_step
-
-    def interrupted(self, step, micro_batches):
-        if step == 2 and self.client_id == "1":  # client 1's first step of round 2
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(self, step, micro_batches)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(SplitClient, "train_step", interrupted)
-        with pytest.raises(Interrupted, match="continues from the checkpoint of round 1"):
-            run_framework(fast_config(b, *common))
+    interrupt_run(fast_config(b, *common), 2, "1", match="continues from the checkpoint of round 1")
     assert [r["round"] for r in run_files.rounds(b)] == [1]
     run_framework(fast_config(b, *common), resume=True)
     ours, theirs = run_files.rounds(b), run_files.rounds(a)

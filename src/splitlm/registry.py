@@ -136,6 +136,11 @@ class Component:
         each, naming the key to change; empty when it can work."""
         return []
 
+    @classmethod
+    def networked_problems(cls, settings: Any) -> list[str]:
+        """What this component cannot do when the clients are other processes (``splitlm serve``), one line each."""
+        return []
+
 
 C = TypeVar("C", bound=Component)
 
@@ -205,4 +210,10 @@ class ComponentRegistry(Registry[type[C]]):
             p
             for name, settings in self.parse(spec).items()
             for p in self._items[name].problems(settings, config, framework)
+        ]
+
+    def networked_problems(self, spec: object) -> list[str]:
+        """What ``spec``'s components cannot do when the clients are other processes (``splitlm serve``)."""
+        return [
+            p for name, settings in self.parse(spec).items() for p in self._items[name].networked_problems(settings)
         ]

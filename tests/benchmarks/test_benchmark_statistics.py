@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -83,3 +84,25 @@ def test_plan_step_noise() -> None:
     assert plan.step_noise(steps, predicted=5.0)["prediction_within_step_noise"] is False
     low, high = noise["measured_mean_ci"]
     assert low < statistics.fmean(steps) < high and not math.isnan(low)
+
+
+def test_plan_records_the_config_relative_to_the_repository(tmp_path: Path) -> None:
+    plan = load("plan")
+    repo = BENCHMARKS.parent
+    assert plan.recorded_path(repo / "configs" / "demo.yaml") == "configs/demo.yaml"
+    assert plan.recorded_path(repo / "configs" / ".." / "configs" / "demo.yaml") == "configs/demo.yaml"
+    assert plan.recorded_path(tmp_path / "mine.yaml") == "mine.yaml"  # outside the repository: its name only
+
+
+ABSOLUTE = re.compile(r"""["'(\s=](/(?:home|work|tmp|root|Users|mnt|srv|var|opt)/[^"'\s)]*)""")
+
+
+def test_nothing_committed_under_docs_records_an_absolute_path() -> None:
+    docs = BENCHMARKS.parent / "docs"
+    found = [
+        f"{path.name}: {match.group(1)}"
+        for path in sorted(docs.rglob("*"))
+        if path.suffix in (".json", ".jsonl", ".md", ".txt", ".csv", ".yaml")
+        for match in ABSOLUTE.finditer(path.read_text())
+    ]
+    assert found == []

@@ -57,6 +57,7 @@ def test_a_missing_corpus_package_says_how_to_install(monkeypatch: pytest.Monkey
 
 
 def test_by_source_over_the_built_in_corpora_gives_each_client_one_domain(make_config) -> None:
+    from splitlm.frameworks import framework_of
     from splitlm.frameworks.federation import partition
     from splitlm.frameworks.setup import load_source, prepare_data
 
@@ -65,7 +66,7 @@ def test_by_source_over_the_built_in_corpora_gives_each_client_one_domain(make_c
         "data.sources=[rotten_tomatoes, news_articles, chatterbot]", "data.max_rows=40", "data.eval_size=8",
     )  # fmt: skip
     data = prepare_data(config, load_source(config).tokenizer(), pack=False)
-    parts, _ = partition(config, data)
+    parts, _ = partition(config, framework_of(config), data)
     assert [sorted({data.sources[i] for i in part}) for part in parts] == [
         ["chatterbot"],
         ["news_articles"],

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from splitlm.config import build_config
-from splitlm.deploy.serve import check_networked
 from splitlm.errors import ConfigError, Interrupted
 from splitlm.frameworks import config_problems, framework_of, run_framework
+from splitlm.frameworks.federation import check_placement
 from splitlm.runtime.client import SplitClient
 
 COMMON = ("framework.num_clients=3", "framework.rounds=3", "train.steps=6", "data.partition=iid")  # 2 steps a round
@@ -155,8 +155,9 @@ def test_the_combinations_that_work_pass(overrides: tuple[str, ...]) -> None:
 
 def test_splitlm_serve_takes_the_clock_and_refuses_the_threads(make_config) -> None:
     common = ("framework.name=sflv2", "framework.num_clients=2")
-    check_networked(make_config("steps", *common, "framework.aggregation.semi_async.clock=steps"))
+    check_placement(make_config("steps", *common, "framework.aggregation.semi_async.clock=steps"), "serve")
     with pytest.raises(ConfigError, match=r"clock=wall runs every client on a thread of one process; for clients in"):
-        check_networked(
-            make_config("wall", "framework.name=sflv1", "framework.num_clients=2", "framework.aggregation=async")
+        check_placement(
+            make_config("wall", "framework.name=sflv1", "framework.num_clients=2", "framework.aggregation=async"),
+            "serve",
         )

@@ -58,7 +58,7 @@ def test_members_train_on_all_but_their_held_out_rows(make_config) -> None:
     config = make_config("f", "framework.name=sflv1", "framework.num_clients=2", HELD, *RUN)
     fed = build_federation(config)
     assert fed.data is not None
-    parts, _ = partition(config, fed.data)
+    parts, _ = partition(config, fed.framework, fed.data)
     for member, rows in zip(fed.members, parts, strict=True):
         share = [fed.data.train[i] for i in rows]
         train, held = hold_out(config, member.index, share)

@@ -189,10 +189,10 @@ def test_feature_hash_is_refused_where_the_sketches_are_not_computed_in_this_pro
 
 
 def test_splitlm_serve_refuses_feature_hash(make_config) -> None:
-    from splitlm.deploy.serve import check_networked
+    from splitlm.frameworks.federation import check_placement
 
     with pytest.raises(
         ConfigError, match=r"framework\.grouping=feature_hash: .*for `splitlm serve` set framework\.groups"
     ):
-        check_networked(make_config("served", *COMMON, "framework.grouping=feature_hash"))
-    check_networked(make_config("served", *COMMON, "framework.grouping=label_kmeans"))
+        check_placement(make_config("served", *COMMON, "framework.grouping=feature_hash"), "serve")
+    check_placement(make_config("served", *COMMON, "framework.grouping=label_kmeans"), "serve")

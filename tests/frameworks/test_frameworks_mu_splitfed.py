@@ -6,21 +6,18 @@ hand-made states, the scales a config gives, and tiny sflv2 / gsfl runs (straigh
 from __future__ import annotations
 
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from splitlm.errors import Interrupted
+from helpers import interrupt_run
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.aggregate import fedavg, global_step
 from splitlm.frameworks.base import framework_of
 from splitlm.frameworks.checkpoint import prepare_output
 from splitlm.frameworks.driver import drive
 from splitlm.frameworks.federation import Federation, build_federation
-from splitlm.runtime.client import SplitClient
 
 SFLV2 = ("framework.name=sflv2", "framework.num_clients=4", "framework.rounds=2", "train.steps=4")
 PARTS = ("head", "tail", "trunk")
@@ -174,22 +171,13 @@ def test_a_client_lost_in_the_first_round_equals_leaving_it_out(framework: str, 
     assert all(torch.equal(ours[k], v) for k, v in theirs.items())
 
 
-def test_a_resumed_mu_splitfed_run_ends_as_an_uninterrupted_one(tmp_path, fast_config, run_files, monkeypatch) -> None:
+def test_a_resumed_mu_splitfed_run_ends_as_an_uninterrupted_one(tmp_path, fast_config, run_files) -> None:
     """The round-start global client side travels in the round's checkpoint (the carry)."""
     common = (*SFLV2, "framework.server_lr_scale=mu_splitfed")
     a, b = tmp_path / "a", tmp_path / "b"
     run_framework(fast_config(a, *common))
-    real_step = SplitClient.train_step
-
-    def interrupted(self, step, micro_batches):
-        if step == 2 and self.client_id == "1":  # client 1's first step of round 2
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(self, step, micro_batches)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(SplitClient, "train_step", interrupted)
-        with pytest.raises(Interrupted, match="continues from the checkpoint of round 1"):
-            run_framework(fast_config(b, *common))
+    # client 1's first step of round 2
+    interrupt_run(fast_config(b, *common), 2, "1", match="continues from the checkpoint of round 1")
     run_framework(fast_config(b, *common), resume=True)
     assert run_files.rounds(b)[-1]["eval_loss"] == run_files.rounds(a)[-1]["eval_loss"]
     ours, theirs = run_files.adapters(b, *PARTS), run_files.adapters(a, *PARTS)

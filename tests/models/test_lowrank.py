@@ -1,4 +1,4 @@
-"""``lowrank:K``: a learned bottleneck at the cut (an encoder d -> K before it, a decoder K -> d after it).
+"""``split.bottleneck=K``: a learned bottleneck at the cut (an encoder d -> K before it, a decoder K -> d after it).
 
 Runs on tiny-llama (d = 64, 6 blocks; head 1 block, U-shaped tail 1 block): the cuts are in front of blocks 1
 and 5, so the head holds ``lowrank.1.encoder``, the trunk ``lowrank.1.decoder`` (and in U-shape
@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 import splitlm.frameworks.aggregate as aggregate_module
 import splitlm.models.lowrank as lowrank_module
+from helpers import interrupt_run
 from message_recorder import Recorder as BaseRecorder
 from message_recorder import recorded_run
 from splitlm.errors import CheckpointError, ConfigError, ProtocolError
-from splitlm.frameworks import run_framework
+from splitlm.frameworks import framework_of, run_framework
 from splitlm.frameworks.aggregate import fedavg
 from splitlm.frameworks.assemble import assemble, export
 from splitlm.frameworks.checkpoint import prepare_output
@@ -29,11 +30,10 @@ from splitlm.frameworks.setup import build_part, load_source
 from splitlm.models.lowrank import basis
 from splitlm.peft import load_trainable, trainable_parameters
 from splitlm.peft.lora import ADAPTER
-from splitlm.runtime.client import SplitClient
 from splitlm.transport import Message
 
 D, K = 64, 8  # tiny-llama's hidden size; the bottleneck's rank
-LOWRANK = f"transport.codec.activations=lowrank:{K}"
+LOWRANK = f"split.bottleneck={K}"
 MODES = {
     "ushape": ("split.mode=ushape", "split.tail_layers=1"),
     "vanilla": ("split.mode=vanilla", "split.tail_layers=0"),
@@ -100,8 +100,18 @@ def test_a_lowrank_run_trains_and_its_cut_traffic_is_k_over_d(
     assert identity["bytes_up"] + identity["bytes_down"] - saved == summary["bytes_up"] + summary["bytes_down"]
 
 
+def test_the_bottleneck_is_a_model_option_the_transport_knows_nothing_of(
+    make_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, recorder = _recorded_run(monkeypatch, make_config("run", *MODES["ushape"], LOWRANK, "train.steps=1"))
+    assert recorder.widths() == {K}
+    assert all(not m.codecs for pair in recorder.pairs for m in pair)  # K-wide tensors, sent as they are
+    with pytest.raises(ConfigError, match=r"split\.bottleneck"):
+        make_config("bad", "split.bottleneck=-1")
+
+
 def test_a_lowrank_run_chains_with_a_wire_codec(make_config) -> None:
-    summary = run_framework(make_config("run", *MODES["ushape"], f"{LOWRANK}+int8"))
+    summary = run_framework(make_config("run", *MODES["ushape"], LOWRANK, "transport.codec.activations=int8"))
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
 
 
@@ -143,7 +153,7 @@ def test_at_init_decode_encode_is_the_orthogonal_projection_on_one_shared_basis(
 
 def test_full_rank_bottleneck_leaves_the_model_unchanged_at_init(make_config) -> None:
     identity = _parts(make_config("a", *MODES["ushape"]))
-    full_rank = _parts(make_config("b", *MODES["ushape"], f"transport.codec.activations=lowrank:{D}"))
+    full_rank = _parts(make_config("b", *MODES["ushape"], f"split.bottleneck={D}"))
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     logits = []
     for parts in (identity, full_rank):
@@ -155,8 +165,8 @@ def test_full_rank_bottleneck_leaves_the_model_unchanged_at_init(make_config) ->
 
 
 def test_rank_above_the_hidden_size_is_a_config_error(make_config) -> None:
-    config = make_config("run", *MODES["ushape"], f"transport.codec.activations=lowrank:{D + 1}")
-    with pytest.raises(ConfigError, match=rf"lowrank:{D + 1} needs 1 <= K <= the hidden size {D}"):
+    config = make_config("run", *MODES["ushape"], f"split.bottleneck={D + 1}")
+    with pytest.raises(ConfigError, match=rf"split\.bottleneck={D + 1} needs 1 <= K <= the hidden size {D}"):
         build_part(config, load_source(config), "head")
 
 
@@ -210,22 +220,12 @@ def test_the_server_takes_k_wide_activations_only(make_config) -> None:
 
 
 def test_the_halves_are_saved_with_the_adapters_and_a_resume_reloads_them_bit_for_bit(
-    tmp_path: Path, fast_config, run_files, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fast_config, run_files
 ) -> None:
     extra = (*MODES["ushape"], LOWRANK, "train.steps=6", "train.save_every=3")
     a, b = tmp_path / "a", tmp_path / "b"
     run_framework(fast_config(a, *extra))
-    real_step = SplitClient.train_step
-
-    def interrupted(self, step, micro_batches):
-        if step == 4:  # a hard stop in step 5: the resume goes back to the checkpoint of step 3
-            raise KeyboardInterrupt
-        return real_step(self, step, micro_batches)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(SplitClient, "train_step", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            run_framework(fast_config(b, *extra))
+    interrupt_run(fast_config(b, *extra), 4, hard=True)  # a hard stop in step 5: the resume goes back to step 3
     checkpoint = b / "checkpoints" / "step-000003"
     for folder, role in (("client-0", "head"), ("server", "trunk"), ("client-0", "tail")):
         assert CUT_TENSORS[role] <= set(load_file(str(checkpoint / folder / f"{role}.safetensors"))), role
@@ -275,13 +275,38 @@ def test_generate_runs_the_bottleneck_and_export_refuses_it(make_config) -> None
     with torch.no_grad():  # generation with a KV cache goes through the bottlenecks too
         generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 16)
-    with pytest.raises(CheckpointError, match=rf"lowrank:{K} bottleneck .* cannot be exported"):
+    with pytest.raises(CheckpointError, match=rf"rank-{K} bottleneck .* cannot be exported"):
         export(out, out.parent / "exported")
 
 
 def test_the_unsplit_baseline_refuses_lowrank(make_config) -> None:
-    with pytest.raises(ConfigError, match=r"lowrank is a learned bottleneck at the cut; framework\.name=centralized"):
+    with pytest.raises(
+        ConfigError, match=r"split\.bottleneck: a learned bottleneck at the cut; framework\.name=centrali"
+    ):
         run_framework(make_config("run", "framework.name=centralized", LOWRANK))
+
+
+def test_clients_of_different_cuts_or_async_aggregation_refuse_a_bottleneck_before_anything_is_built(
+    make_config,
+) -> None:
+    cuts = make_config(
+        "cuts", *MODES["ushape"], LOWRANK, "framework.name=sflv1", "framework.num_clients=2",
+        "framework.clients=[{}, {split: {head_layers: 2}}]",
+    )  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"split\.bottleneck: a bottleneck is learned at one cut, but framework\.clie"
+    ):
+        framework_of(cuts).check(cuts)
+    same = make_config(  # an entry that repeats the run's cut is no other cut
+        "same", *MODES["ushape"], LOWRANK, "framework.name=sflv1", "framework.num_clients=2",
+        "framework.clients=[{}, {split: {head_layers: 1}}]",
+    )  # fmt: skip
+    framework_of(same).check(same)
+    asynchronous = make_config(
+        "async", *MODES["ushape"], LOWRANK, "framework.name=sflv1", "framework.aggregation=async"
+    )
+    with pytest.raises(ConfigError, match=r"split\.bottleneck: async does not aggregate learned bottlenecks"):
+        framework_of(asynchronous).check(asynchronous)
 
 
 # --- FedAvg ------------------------------------------------------------------------------------------------
@@ -350,10 +375,3 @@ def test_a_new_trunk_adapter_starts_from_the_initial_bottleneck(make_config) -> 
     assert len(params) == len(server.bank.parameters("client-9"))
     assert all(p.requires_grad for p in server.bank.parameters("client-9") + params)
     assert trainable_parameters(server.trunk)
-
-
-def test_peft_and_models_name_the_bottleneck_attribute_alike() -> None:
-    from splitlm.models.split import LOWRANK as MODELS_NAME
-    from splitlm.peft.lora import LOWRANK as PEFT_NAME
-
-    assert MODELS_NAME == PEFT_NAME

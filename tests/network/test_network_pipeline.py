@@ -42,7 +42,7 @@ def served(request, fast_config, tmp_path: Path) -> Iterator[tuple]:
     try:
         for client, schedule in (("0", serial), ("1", pipelined)):
             connection = GrpcConnection(f"127.0.0.1:{grpc_server.port}", client, tokens[client], ca=certs / "ca.pem")
-            built, _ = build_client(config, source, int(client), connection)
+            built, _ = build_client(config, fed.framework, source, int(client), connection)
             built.schedule = schedule
             clients.append(built)
         yield config, fed, server, clients

@@ -165,9 +165,9 @@ def served(make_config, tmp_path: Path) -> Iterator[tuple]:
     grpc_server.start()
     tokens = {client: token for token, client in by_token.items()}
     source, examples = load_source(config), fed.members[0].examples
-    local, _ = build_client(config, source, 0, InProcessTransport(handler), examples=examples)
+    local, _ = build_client(config, fed.framework, source, 0, InProcessTransport(handler), examples=examples)
     connection = GrpcConnection(f"127.0.0.1:{grpc_server.port}", "1", tokens["1"], ca=certs / "ca.pem")
-    remote, _ = build_client(config, source, 1, connection, examples=examples)
+    remote, _ = build_client(config, fed.framework, source, 1, connection, examples=examples)
     try:
         yield fed, local, remote
     finally:

@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
+from helpers import capture_grads
 from splitlm.data import DataOrder, collate
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.federation import build_federation
 from splitlm.peft import trainable_parameters
 from splitlm.remedies.align_kl import DECAY, EPS, MEAN, VAR, Alignment, AlignStats, feature_moments, gaussian_kl
-from splitlm.runtime.optim import PartyOptimizer
 from splitlm.transport import Channel, InProcessTransport, Message, MeterMod, server_chain
 from splitlm.transport.codecs import CodecMod
 
@@ -138,16 +138,6 @@ def test_the_statistics_survive_both_sides_codecs_and_meter(codec: str) -> None:
     assert Alignment(LAMBDA).reference(reply) is not None
 
 
-def _capture(optimizer: PartyOptimizer, into: list[torch.Tensor | None]) -> None:
-    original = optimizer.step
-
-    def step(coefficient: float) -> None:
-        into.extend(None if p.grad is None else p.grad.clone() for p in optimizer.params)
-        original(coefficient)
-
-    optimizer.step = step  # type: ignore[method-assign]
-
-
 SEED_MEAN, SEED_VAR = 0.3, 2.0  # the server's average before the step (as if other clients had come first)
 
 
@@ -166,8 +156,8 @@ def _first_step(config):
     batch = collate([member.examples[i] for i in rows], fed.pad_id)
     client_grads: list[torch.Tensor | None] = []
     trunk_grads: list[torch.Tensor | None] = []
-    _capture(client.optimizer, client_grads)
-    _capture(fed.server.optimizer(fed.server.adapter_of(client.client_id)), trunk_grads)
+    capture_grads(client.optimizer, client_grads)
+    capture_grads(fed.server.optimizer(fed.server.adapter_of(client.client_id)), trunk_grads)
     client.train_step(0, [batch])
     return batch, client_grads, trunk_grads
 

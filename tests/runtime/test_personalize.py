@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import capture_grads
 from splitlm.data import Batch, DataOrder, collate
 from splitlm.errors import ConfigError
 from splitlm.frameworks.federation import Federation, build_federation
@@ -20,7 +21,6 @@ from splitlm.peft import trainable_parameters
 from splitlm.remedies.multi_exit import MultiExit, early_exit
 from splitlm.runtime.client import SplitClient
 from splitlm.runtime.loss import causal_lm_loss, row_losses
-from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.schedule import pipelined
 
 W = 0.3
@@ -35,17 +35,6 @@ def _micro_batches(fed: Federation, micro: int) -> list[Batch]:
     return [collate([member.examples[i] for i in rows[k * size : (k + 1) * size]], fed.pad_id) for k in range(micro)]
 
 
-def _capture(optimizer: PartyOptimizer, into: list[torch.Tensor | None]) -> None:
-    """Record the gradients an optimizer steps on (before clipping)."""
-    original = optimizer.step
-
-    def step(coefficient: float) -> None:
-        into.extend(None if p.grad is None else p.grad.clone() for p in optimizer.params)
-        original(coefficient)
-
-    optimizer.step = step  # type: ignore[method-assign]
-
-
 def _first_step(config, micro: int = 1, pipeline: bool = False):
     """Client 0's first step: its stats, and the client's and the trunk's gradients it stepped on."""
     fed = build_federation(config)
@@ -54,8 +43,8 @@ def _first_step(config, micro: int = 1, pipeline: bool = False):
         client.schedule = pipelined
     client_grads: list[torch.Tensor | None] = []
     trunk_grads: list[torch.Tensor | None] = []
-    _capture(client.optimizer, client_grads)
-    _capture(fed.server.optimizer(fed.server.adapter_of(client.client_id)), trunk_grads)
+    capture_grads(client.optimizer, client_grads)
+    capture_grads(fed.server.optimizer(fed.server.adapter_of(client.client_id)), trunk_grads)
     stats = client.train_step(0, _micro_batches(fed, micro))
     return stats, client_grads, trunk_grads
 

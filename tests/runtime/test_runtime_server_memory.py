@@ -24,7 +24,7 @@ from splitlm.runtime.server import SplitServer
 from splitlm.transport import Message
 
 B, T = 2, 5
-LOWRANK = "transport.codec.activations=lowrank:8"
+LOWRANK = "split.bottleneck=8"
 
 
 def _server(config: Config, **options: Any) -> SplitServer:

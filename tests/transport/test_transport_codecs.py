@@ -21,7 +21,6 @@ from splitlm.transport.codecs import (
     MAX_REMEMBERED,
     Codec,
     CodecMod,
-    learned_rank,
     parse_codec,
     wire_limits,
     wire_tensors,
@@ -176,13 +175,9 @@ def test_unpadded_is_lossless_on_real_tokens_and_zero_at_padding() -> None:
     assert torch.equal(_round_trip("unpadded", x), x)  # no mask: every token real, the dtype kept
 
 
-def test_bf16_on_bf16_data_and_lowrank_are_lossless() -> None:
+def test_bf16_on_bf16_data_is_lossless() -> None:
     x = _tensor((2, 3, 64)).bfloat16()
     assert torch.equal(_round_trip("bf16", x).bfloat16(), x)
-    y = _tensor((2, 3, 16))
-    assert torch.equal(_round_trip("lowrank:16", y), y)
-    with pytest.raises(ValueError, match="last dim 8"):
-        _codec("lowrank:8").encode(y)
 
 
 # ---------------------------------------------------------------- chains
@@ -200,8 +195,8 @@ def test_unpadded_chain_equals_its_inner_codec_on_the_real_rows(inner: str) -> N
 
 def test_chain_parts_are_numbered_and_topk_values_can_be_quantized() -> None:
     x = _tensor((2, 4, 64), seed=8)
-    parts = _codec("lowrank:64+unpadded+topk:0.5+int8").encode(x, _mask(2, 4))
-    assert sorted(parts) == ["", "1-keep", "1-shape", "2-dim", "2-idx", "3-scale"]
+    parts = _codec("unpadded+topk:0.5+int8").encode(x, _mask(2, 4))
+    assert sorted(parts) == ["", "0-keep", "0-shape", "1-dim", "1-idx", "2-scale"]
     back = _round_trip("topk:0.5+int8", x)
     topk = _round_trip("topk:0.5", x)  # int8 quantizes the kept values, token by token
     assert bool(((back != 0) <= (topk != 0)).all())
@@ -292,10 +287,7 @@ CODECS_AT_576 = [
         ("int4:o8:o4", "outliers per token"),
         ("int8:sr:sr", "outliers per token"),
         ("unpadded:1", "takes no argument"),
-        ("lowrank", "integer >= 1"),
-        ("lowrank:0", "integer >= 1"),
-        ("lowrank:2.5", "integer >= 1"),
-        ("int8+lowrank:4", "can only come first"),
+        ("lowrank:8", "unknown codec"),  # a learned bottleneck is a model option (split.bottleneck), not a codec
         ("int8+unpadded", "unpadded needs the"),
         ("topk:0.1+unpadded", "unpadded needs the"),
         ("unpadded+unpadded", "unpadded needs the"),
@@ -308,13 +300,10 @@ def test_bad_specs_are_config_errors(spec: str, pattern: str) -> None:
         parse_codec(spec)
 
 
-def test_lowrank_is_for_the_activations_only() -> None:
-    assert learned_rank("lowrank:32") == 32 and learned_rank("lowrank:32+unpadded+int8") == 32
-    assert learned_rank("int8") is None and learned_rank("none") is None
-    with pytest.raises(ConfigError, match="lowrank's gradients are already rank 32; set it only on"):
-        CodecMod("none", "lowrank:32")
-    with pytest.raises(ConfigError, match=r"transport\.codec\.gradients: lowrank's gradients are already rank 8"):
-        build_config({}, ["transport.codec.gradients=lowrank:8"], checks=[config_problems])
+def test_lowrank_is_no_codec_of_either_channel() -> None:
+    for key in ("activations", "gradients"):
+        with pytest.raises(ConfigError, match=rf"transport\.codec\.{key}: .*lowrank"):
+            build_config({}, [f"transport.codec.{key}=lowrank:8"], checks=[config_problems])
 
 
 def test_error_feedback_is_off_by_default_and_set_from_the_config() -> None:
@@ -410,8 +399,6 @@ MALFORMED: dict[str, tuple[str, Mutation, str]] = {
         "MAX_DECODED_BYTES",
     ),
     "unpadded main int": ("unpadded", lambda p: _with(p, _=p[""].long()), "dtype int64"),
-    "lowrank wrong rank": ("lowrank:10", lambda p: _with(p, _=torch.ones(2, 3, 9)), "rank 10"),
-    "lowrank extra part": ("lowrank:10", lambda p: _with(p, x=torch.ones(1)), "expected"),
     "chain part of no codec": ("unpadded+int8", lambda p: _with(p, **{"5-x": torch.ones(1)}), "unexpected parts"),
     "chain empty part name": ("unpadded+int8", lambda p: _with(p, **{"1-": torch.ones(1)}), "names no part"),
     "chain inner part dropped": ("unpadded+int8", lambda p: _with(p, **{"1-scale": None}), "codec int8"),

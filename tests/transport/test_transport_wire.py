@@ -28,7 +28,6 @@ from splitlm.transport.wire import (
     WireError,
     decode,
     encode,
-    message_nbytes,
 )
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -157,7 +156,7 @@ def test_tensor_bigger_than_chunk_is_split_into_data_frames() -> None:
     for index, frame in enumerate(frames[1:], start=1):
         assert frame[:4] == DATA_MAGIC and struct.unpack("<I", frame[4:8])[0] == index
         assert 1 <= len(frame) - 8 <= 1000
-    assert sum(len(f) - 8 for f in frames[1:]) == total == message_nbytes(message) == message.payload_bytes()
+    assert sum(len(f) - 8 for f in frames[1:]) == total == message.payload_bytes()
     decoder = Decoder()
     assert all(decoder.feed(f) is None for f in frames[:-1])
     assert decoder.pending
@@ -361,7 +360,7 @@ def messages(draw: st.DrawFn) -> Message:
 @given(message=messages(), chunk_size=st.integers(1, 64))
 def test_property_decode_inverts_encode(message: Message, chunk_size: int) -> None:
     frames = encode(message, chunk_size=chunk_size)
-    assert len(frames) == 1 + math.ceil(message_nbytes(message) / chunk_size)
+    assert len(frames) == 1 + math.ceil(message.payload_bytes() / chunk_size)
     _assert_same_message(decode(frames), message)
 
 
@@ -510,23 +509,21 @@ CODEC_SPECS = (
     "unpadded+int4",
     "unpadded+topk:0.5+fp16",
     "topk:0.3+int4",
-    "lowrank:5",
 )
 _CODEC_TENSORS = (("forward", "hidden"), ("activations", "hidden"), ("backward", "grad"), ("gradients", "grad"))
 
 
 def _codec_mod(spec: str) -> CodecMod:
-    return CodecMod(spec, "none" if spec.startswith("lowrank") else spec)
+    return CodecMod(spec, spec)
 
 
 @st.composite
 def codec_encodings(draw: st.DrawFn) -> tuple[str, list[bytes]]:
     """A message whose tensor one codec encoded (a mask with padding where it has tokens), as frames."""
     spec = draw(st.sampled_from(CODEC_SPECS))
-    kinds = _CODEC_TENSORS[:2] if spec.startswith("lowrank") else _CODEC_TENSORS
-    kind, name = draw(st.sampled_from(kinds))
+    kind, name = draw(st.sampled_from(_CODEC_TENSORS))
     batch, tokens = draw(st.integers(0, 3)), draw(st.integers(0, 4))
-    d = 5 if spec.startswith("lowrank") else draw(st.integers(1, 9))
+    d = draw(st.integers(1, 9))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     tensor = torch.randn(batch, tokens, d, generator=gen) * draw(st.sampled_from([1e-8, 1.0, 1e4]))
     mask = torch.randint(0, 2, (batch, tokens), generator=gen)

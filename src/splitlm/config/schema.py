@@ -91,6 +91,13 @@ class SplitConfig(Section):
         ge=0,
         description="Transformer blocks in the client's tail (before final norm + LM head); ushape only.",
     )
+    bottleneck: int = Field(
+        0,
+        ge=0,
+        description="K of a learned rank-K bottleneck at each cut (models/lowrank.py): the part before a cut ends "
+        "with an encoder d -> K, the part after it starts with a decoder K -> d, both trained with the model and "
+        "saved with each party's adapters, so K features a token cross the wire (and K-wide gradients). 0: none.",
+    )
 
 
 class PartLora(Section):
@@ -401,37 +408,25 @@ class PlanConfig(Section):
 
 class CodecConfig(Section):
     """Wire codecs (``transport/codecs.py``): a name, ``name:argument``, or a +-joined chain applied left to right:
-    ``lowrank:K`` first, then ``unpadded``, and the dtype setters (fp16, bf16, int8, int4) last."""
+    ``unpadded`` first, and the dtype setters (fp16, bf16, int8, int4) last."""
 
     activations: str = Field(
         "none",
         description="Codec of the activations at steps 3 and 5 (the smashed data and the trunk output): none, fp16, "
         "bf16, int8, int4 (per-token absmax; int8:sr / int4:sr round stochastically), topk:R (keep ceil(R*d) "
         "entries a token), randtopk:R[:A] (A of them, default 0.1, drawn outside the top-k), unpadded (real tokens "
-        "only), lowrank:K (the model parts' learned rank-K bottleneck; first only), or a +-joined chain, e.g. "
-        "unpadded+int8.",
+        "only), or a +-joined chain, e.g. unpadded+int8.",
     )
     gradients: str = Field(
         "none",
         description="Codec of the cut gradients at steps 7 and 9: none, fp16, bf16, int8, int4, int8:sr, int4:sr, "
-        "topk:R, randtopk:R[:A], unpadded, or a +-joined chain (not lowrank).",
+        "topk:R, randtopk:R[:A], unpadded, or a +-joined chain.",
     )
     error_feedback: bool = Field(
         False,
         description="Keep what a lossy gradients codec drops (per client, message and micro-batch) and add it to the "
         "next gradient sent under the same key, so the decoded gradients sum to the true ones over steps.",
     )
-
-    @model_validator(mode="after")
-    def _no_lowrank_gradients(self) -> CodecConfig:
-        for item in self.gradients.split("+"):
-            name, _, rank = item.strip().partition(":")
-            if name == "lowrank":
-                raise ValueError(
-                    f"transport.codec.gradients: lowrank's gradients are already rank {rank or 'K'}; set it only on "
-                    "transport.codec.activations"
-                )
-        return self
 
 
 LINK_DIRECTIONS = ("up", "down")  # client -> server, server -> client

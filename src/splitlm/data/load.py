@@ -21,7 +21,7 @@ import logging
 import lzma
 import urllib.parse
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +30,7 @@ import yaml
 
 from splitlm.config.schema import DataConfig
 from splitlm.errors import DataError
+from splitlm.files import JsonLineError, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -216,21 +217,15 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"data file {path} could not be read ({e}); check the file and its extension") from e
 
 
-def _json_lines(lines: Any, path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"data file {path}, line {number}: not valid JSON ({e.msg}); write one JSON object per line"
-            ) from e
-        if not isinstance(row, dict):
-            raise DataError(f"data file {path}, line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+def _json_lines(lines: Iterable[str], path: Path) -> list[dict[str, Any]]:
+    try:
+        return read_jsonl(lines)
+    except JsonLineError as e:
+        if e.problem is None:
+            raise DataError(f"data file {path}, line {e.number}: expected a JSON object, got {e.found}") from None
+        raise DataError(
+            f"data file {path}, line {e.number}: not valid JSON ({e.problem}); write one JSON object per line"
+        ) from e.__cause__
 
 
 def _json(text: str, path: Path) -> list[dict[str, Any]]:

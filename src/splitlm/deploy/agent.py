@@ -24,11 +24,10 @@ from tqdm.auto import tqdm
 from splitlm.config import Config
 from splitlm.errors import CheckpointError, ConfigError, ProtocolError
 from splitlm.files import write_json
-from splitlm.frameworks.base import client_steps, framework_of
+from splitlm.frameworks.base import client_steps
 from splitlm.frameworks.checkpoint import checkpoints, load_checkpoint, save_checkpoint, trim_metrics
 from splitlm.frameworks.driver import evaluate_now
-from splitlm.frameworks.federation import Federation, Member, build_member, link_seconds, partition
-from splitlm.frameworks.setup import load_source, prepare_data
+from splitlm.frameworks.federation import Member, build_parties, link_seconds
 from splitlm.transport import Message, Transport
 from splitlm.transport.codecs import wire_limits
 from splitlm.transport.grpc_client import GrpcConnection
@@ -66,15 +65,13 @@ class ClientAgent:
         self.config = config
         self.client_id = client_id
         self.index = int(client_id)
-        source = load_source(config)
-        self.data = prepare_data(config, source.tokenizer(), pack=False)
-        parts, histograms = partition(config, self.data)
-        self.histogram = histograms[self.index]
+        # a federation of this one client (no server here): what the one step loop runs in
+        self.local = build_parties(config, "agent", client=self.index, transport=transport)
+        self.data = self.local.data
+        self.member = self.local.members[0]
+        self.histogram = self.member.histogram
         self.out = Path(config.output_dir)
-        self.member = build_member(config, source, self.data, self.index, parts[self.index], self.histogram, transport)
         self.state_tensors = len(self.member.client.state())  # what its state (client side) carries on the wire
-        steps = config.framework.steps_per_round(config.train.steps)
-        self.local = Federation(config, framework_of(config), None, [self.member], self.data, steps)
         self.records: list[dict[str, Any]] = []
         self.local.on_step = self._on_step
         self.session = session or secrets.token_hex(8)

@@ -24,11 +24,10 @@ from splitlm.errors import ConfigError, ProtocolError, SplitLMError
 from splitlm.frameworks.base import framework_of
 from splitlm.frameworks.checkpoint import prepare_output
 from splitlm.frameworks.driver import drive
-from splitlm.frameworks.federation import Federation, groups_of, make_server, route
-from splitlm.frameworks.pipeline import server_mods
+from splitlm.frameworks.federation import build_parties, check_placement, host
 from splitlm.frameworks.setup import count_parameters, load_source
 from splitlm.runtime.server.surface import surface_members
-from splitlm.transport import ByteMeter, Message, server_chain
+from splitlm.transport import ByteMeter, Message
 from splitlm.transport.base import resolved, then
 from splitlm.transport.codecs import wire_limits
 from splitlm.transport.grpc_server import error_message
@@ -65,11 +64,11 @@ class ServerActorImpl:
         self.snapshot: tuple[int, Any] | None = None  # the round's snapshot (its number, the server's snapshot)
 
     def setup(self, groups: list[list[int]]) -> tuple[int, int, list[int], int]:
-        """Build the trunk; its parameter counts, its blocks and the tensors of its largest adapter state."""
-        self.server = make_server(self.config, self.source, groups)
-        for index in range(self.config.framework.num_clients):
-            route(self.config, self.server, index, groups)
-        self.handler = server_chain(server_mods(self.config, self.source, self.server.stage), self.server.submit)
+        """Build the trunk (``federation.host``: the server's half of ``build_parties``, in this actor); its
+        parameter counts, its blocks and the tensors of its largest adapter state."""
+        clients = range(self.config.framework.num_clients)
+        hosted = host(self.config, framework_of(self.config), self.source, groups, clients)
+        self.server, self.handler = hosted.server, hosted.handler
         names = self.server.adapter_names()
         trunk_tensors = max((len(self.server.adapter_state(name)) for name in names), default=0)
         self.limits = _limits(self.config, trunk_tensors)
@@ -241,10 +240,7 @@ def run_ray(config: Config, resume: bool = False, started: float | None = None) 
     except ImportError:
         raise ConfigError("transport.name=ray needs Ray: pip install 'splitlm[ray]'") from None
     started = time.perf_counter() if started is None else started
-    framework = framework_of(config)
-    framework.check(config)
-    if not framework.split:
-        raise ConfigError(f"framework.name={framework.name} runs in one process; set transport.name=inprocess")
+    check_placement(config, "ray")
     fw = config.framework
     out = prepare_output(config, resume)
     tree = {**config.model_dump(mode="json"), "output_dir": str(out.resolve())}  # the actors' working folder may differ
@@ -269,11 +265,13 @@ def run_ray(config: Config, resume: bool = False, started: float | None = None) 
 
             proxy = RemoteClientProxy(str(index), send, lambda actor=actor: _actor_meter(actor), shares_files=True)
             members.append(remote_member(index, proxy, hello))
-        groups = groups_of(config, framework, [m.histogram for m in members])
-        param_count, trainable_param_count, layers, trunk_tensors = ray.get(server_actor.setup.remote(groups))
-        limits = _limits(config, trunk_tensors)
-        server = RayServerProxy(server_actor, limits, param_count, trainable_param_count, layers)
-        fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
+
+        def remote_server(groups: list[list[int]]) -> RayServerProxy:  # the trunk in its actor
+            param_count, trainable_param_count, layers, trunk_tensors = ray.get(server_actor.setup.remote(groups))
+            limits = _limits(config, trunk_tensors)
+            return RayServerProxy(server_actor, limits, param_count, trainable_param_count, layers)
+
+        fed = build_parties(config, "ray", members=members, remote_server=remote_server)
         summary = drive(fed, out, resume, started)
         for kind in ("save_adapters", "finish"):  # each client actor's own adapters and summary
             for member in members:

@@ -16,16 +16,12 @@ from typing import Any
 from splitlm.config import Config
 from splitlm.deploy.remote import RemoteClientProxy, RemoteMember, remote_member
 from splitlm.errors import ConfigError, Interrupted, ProtocolError
-from splitlm.frameworks.aggregation import strategy_of
-from splitlm.frameworks.base import framework_of
 from splitlm.frameworks.checkpoint import checkpoints, prepare_output
 from splitlm.frameworks.driver import drive
-from splitlm.frameworks.federation import Federation, groups_of, make_server, route
-from splitlm.frameworks.grouping import GROUPINGS
-from splitlm.frameworks.pipeline import server_mods
+from splitlm.frameworks.federation import Federation, build_parties, check_placement
 from splitlm.frameworks.setup import load_source, spec_of
 from splitlm.models import ModelSource, SplitSpec
-from splitlm.transport import Message, server_chain
+from splitlm.transport import Message
 from splitlm.transport.codecs import wire_limits
 from splitlm.transport.grpc_server import HEADER_LIMIT, GrpcServer
 from splitlm.transport.security import load_tokens
@@ -36,28 +32,6 @@ log = logging.getLogger(__name__)
 
 def _say(text: str) -> None:
     print(f"splitlm server: {text}", flush=True)
-
-
-def check_networked(config: Config) -> None:
-    framework = framework_of(config)
-    framework.check(config)
-    if not framework.split:
-        raise ConfigError(f"framework.name={framework.name} runs in one process; use `splitlm train`")
-    if config.privacy.tap.enabled or config.privacy.server_attack:
-        raise ConfigError(
-            "privacy.tap and privacy.server_attack are simulations of in-process runs: drop them from the server's "
-            "config"
-        )
-    problems = strategy_of(config).networked_problems()
-    if problems:
-        raise ConfigError("; ".join(problems))
-    grouping = GROUPINGS.get(config.framework.grouping)
-    if framework.trunk_adapters == "group" and not config.framework.groups and grouping.needs != "histograms":
-        raise ConfigError(
-            f"framework.grouping={config.framework.grouping}: the clients' smashed-data sketches are computed "
-            "in-process (`splitlm train`); for `splitlm serve` set framework.groups or a grouping by labels "
-            "(label_kmeans)"
-        )
 
 
 def serve(
@@ -72,7 +46,7 @@ def serve(
 ) -> dict[str, Any]:
     """Host the trunk and the aggregator; wait for every client; run the configured framework."""
     started = time.perf_counter() if started is None else started
-    check_networked(config)
+    check_placement(config, "serve")
     fw = config.framework
     tokens = load_tokens(tokens_file)
     expected = [str(i) for i in range(fw.num_clients)]
@@ -135,7 +109,7 @@ def _stopped_early(out: Path) -> str:
 def _prepare(
     config: Config, source: ModelSource, grpc_server: GrpcServer, expected: list[str], connect_timeout: float
 ) -> tuple[Federation, list[RemoteMember]]:
-    """Wait for every client, build the trunk for them, and the federation of their remote members."""
+    """Wait for every client; the federation of their remote members and the trunk built for them."""
     fw = config.framework
     _say(f"waiting for clients {', '.join(expected)} (up to {connect_timeout:.0f} s)")
     for client_id in expected:
@@ -157,31 +131,32 @@ def _prepare(
             wait_connected=lambda timeout, c=connection: c.connected.wait(timeout),
         )  # fmt: skip
         members.append(remote_member(index, proxy, hellos[client_id]))  # type: ignore[arg-type]
-    framework = framework_of(config)
-    groups = groups_of(config, framework, [m.histogram for m in members])
-    server = make_server(config, source, groups)
-    grpc_server.on_restart = lambda client_id: server.forget(client_id, wait=False)
     for index, client_id in enumerate(expected):
-        hello = hellos[client_id]
-        assert hello is not None
-        split = config.for_client(index).split  # its own cut (framework.clients)
-        mode = str(hello.meta.get("mode", split.mode))
-        spec = SplitSpec(
-            mode,  # type: ignore[arg-type]
-            int(hello.meta.get("head_layers", split.head_layers)),
-            int(hello.meta.get("tail_layers", split.tail_layers)) if mode == "ushape" else 0,
-        )
-        if spec != spec_of(config.for_client(index)):
-            raise ConfigError(
-                f"client {client_id} cuts the model at (head {spec.head_layers}, tail {spec.tail_layers}, "
-                f"{spec.mode}); the server's config says (head {split.head_layers}, tail "
-                f"{split.tail_layers}, {split.mode}): use the same split settings on every side"
-            )
-        route(config, server, index, groups)  # its adapter, cut and (own trunk adapter) LoRA rank
-    grpc_server.handler = server_chain(server_mods(config, source, server.stage), server.submit)
-    fed = Federation(config, framework, server, members, None, fw.steps_per_round(config.train.steps), groups)
+        _check_cut(config, index, client_id, hellos[client_id])
+    fed = build_parties(config, "serve", members=members, source=source)
+    server = fed.server
+    grpc_server.on_restart = lambda client_id: server.forget(client_id, wait=False)
+    grpc_server.handler = fed.handler
     fed.rollback_hooks.append(grpc_server.clear_replies)  # a rolled-back round's requests come again
     by_id = {m.client_id: m for m in members}
     grpc_server.on_progress = lambda client_id, record: by_id[client_id].progress(fed, dict(record))
-    _say(f"{framework.name}: {fw.rounds} rounds of {fed.local_steps} steps per client")
+    _say(f"{fed.framework.name}: {fw.rounds} rounds of {fed.local_steps} steps per client")
     return fed, members
+
+
+def _check_cut(config: Config, index: int, client_id: str, hello: Message | None) -> None:
+    """Client ``index`` cuts the model where the server's config says it does (its own cut: framework.clients)."""
+    assert hello is not None
+    split = config.for_client(index).split
+    mode = str(hello.meta.get("mode", split.mode))
+    spec = SplitSpec(
+        mode,  # type: ignore[arg-type]
+        int(hello.meta.get("head_layers", split.head_layers)),
+        int(hello.meta.get("tail_layers", split.tail_layers)) if mode == "ushape" else 0,
+    )
+    if spec != spec_of(config.for_client(index)):
+        raise ConfigError(
+            f"client {client_id} cuts the model at (head {spec.head_layers}, tail {spec.tail_layers}, "
+            f"{spec.mode}); the server's config says (head {split.head_layers}, tail "
+            f"{split.tail_layers}, {split.mode}): use the same split settings on every side"
+        )

@@ -2,7 +2,7 @@
 
 ``splitlm generate`` and ``splitlm export`` use this. Each part is rebuilt exactly as in training, its
 adapter loaded and merged into its weights; the merged parts' tensors (named as in the unsplit model) then
-fill one ordinary Hugging Face model. A ``lowrank:K`` run's learned bottlenecks at the cuts are part of its
+fill one ordinary Hugging Face model. A ``split.bottleneck`` run's learned bottlenecks at the cuts are part of its
 model: ``generate`` runs them inside the assembled model (hooks at the cuts), ``export`` refuses such a run.
 """
 
@@ -22,10 +22,9 @@ from splitlm.errors import CheckpointError
 from splitlm.frameworks.base import framework_of
 from splitlm.frameworks.setup import build_centralized, build_part, load_source, spec_of
 from splitlm.models import load_full_model
-from splitlm.models.lowrank import fold_into
+from splitlm.models.lowrank import fold_into, learned_rank
 from splitlm.models.split import LOWRANK, Stage
 from splitlm.peft import load_trainable, merged, trainable_parameters
-from splitlm.transport.codecs import learned_rank
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -41,7 +40,8 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
     if not adapters.is_dir():
         raise CheckpointError(f"{run_dir} has no adapters/ folder: the run did not finish; resume it with --resume")
     source = load_source(config)
-    if not framework_of(config).split:
+    framework = framework_of(config)  # a finished run: no federation is built
+    if not framework.split:
         model = build_centralized(config, source)
         load_trainable(model, adapters / "model.safetensors")
         full = merged(model)
@@ -56,7 +56,7 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
         # every client's trunk blocks: it goes first, and the client's head and tail then replace the blocks it
         # runs itself.
         first = config.for_client(_adapters_client(adapters))
-        trunk_config = first if framework_of(config).trunk_adapters == "client" else config
+        trunk_config = first if framework.trunk_adapters == "client" else config
         for role in ("trunk", *spec_of(first).client_roles()):
             part, _ = build_part(trunk_config if role == "trunk" else first, source, role)
             if trainable_parameters(part):
@@ -65,7 +65,7 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
             own = plain[role].state_dict().items()
             state.update({k: v.to(full.device) for k, v in own if k.split(".", 1)[0] != LOWRANK})
         _load_into(full, state)
-        if learned_rank(config.transport.codec.activations) is not None:
+        if learned_rank(config) is not None:
             fold_into(full, plain)
     full.eval()
     return full, source.tokenizer(), config
@@ -99,10 +99,10 @@ def export(run_dir: Path, out: Path, force: bool = False) -> Path:
     """Write a merged model that ``AutoModelForCausalLM.from_pretrained(out)`` loads."""
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out} exists and is not empty: choose a new folder or pass --force")
-    rank = learned_rank(load_run_config(run_dir).transport.codec.activations)
+    rank = learned_rank(load_run_config(run_dir))
     if rank is not None:
         raise CheckpointError(
-            f"{run_dir} trained a learned lowrank:{rank} bottleneck at the cut, which is part of its model and has no "
+            f"{run_dir} trained a learned rank-{rank} bottleneck at the cut, which is part of its model and has no "
             "place in a plain Hugging Face model: it cannot be exported (splitlm generate runs it)"
         )
     model, tokenizer, _ = assemble(run_dir)

@@ -112,17 +112,15 @@ class Framework:
 
     def check(self, config: Config) -> None:
         """Refuse options this framework cannot honour, with what to change."""
+        from splitlm.models.lowrank import problems as bottleneck_problems
+
         problems = []
         if not self.split:
             if config.transport.name != "inprocess":
                 problems.append(f"transport.name: framework.name={self.name} runs in one process; set inprocess")
-            if config.transport.codec.activations.strip().startswith("lowrank"):
-                problems.append(
-                    f"transport.codec.activations: lowrank is a learned bottleneck at the cut; "
-                    f"framework.name={self.name} does not cut the model, so drop it"
-                )
             if config.transport.link.enabled:
                 problems.append(f"transport.link: framework.name={self.name} sends nothing over a link; unset it")
+        problems += bottleneck_problems(config, cuts=self.split)
         if self.trunk_adapters != "shared" and config.lora.part("trunk").method != "lora":
             problems.append(
                 f"framework.name={self.name} keeps one trunk adapter per {self.trunk_adapters}: "
@@ -206,6 +204,14 @@ def component_problems(config: Config, framework: Framework | None) -> list[str]
         spec = value_at(config.model_dump(), key)
         problems += component_registry(key).problems(as_mapping(spec), config, framework)
     return problems
+
+
+def networked_problems(config: Config) -> list[str]:
+    """What the configured components cannot do when the clients are other processes (``splitlm serve``)."""
+    tree = config.model_dump()
+    return [
+        p for key in COMPONENT_KEYS for p in component_registry(key).networked_problems(as_mapping(value_at(tree, key)))
+    ]
 
 
 def config_problems(tree: dict[str, Any]) -> list[str]:

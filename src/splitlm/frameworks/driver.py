@@ -36,7 +36,7 @@ from splitlm.frameworks.checkpoint import (
     trim_metrics,
     trim_rounds,
 )
-from splitlm.frameworks.federation import Federation, Member, build_federation, participants
+from splitlm.frameworks.federation import Federation, Member, build_parties, participants
 from splitlm.privacy.accounting import epsilon, releases
 from splitlm.runtime.server import ServerSurface
 
@@ -67,7 +67,7 @@ def run_framework(config: Config, resume: bool = False, started: float | None = 
             "run_framework trains in this process"
         )
     out = prepare_output(config, resume)
-    return drive(build_federation(config), out, resume, started)
+    return drive(build_parties(config, "inprocess"), out, resume, started)
 
 
 @contextlib.contextmanager

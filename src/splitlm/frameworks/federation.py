@@ -3,7 +3,8 @@
 A ``Federation`` holds one server (one frozen base trunk, adapters in an ``AdapterBank``) and N members, each
 a client with its own head [+ tail], optimizer, private slice of the data and channel to the server. A
 single-client run is a federation of one; the centralized baseline is a federation of one whose client
-holds the unsplit model and no server. ``build_federation`` is the one place a run's parties are built;
+holds the unsplit model and no server. ``build_parties`` is the one place a run's parties are built, wherever
+they are placed (in this process, served over gRPC, as Ray actors, or one client of a run served elsewhere);
 ``Member.train_round`` is the one step loop (in-process, and inside each networked or Ray client too).
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,7 +43,7 @@ from splitlm.data import (
 from splitlm.errors import ClientGone, ConfigError, Interrupted, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.aggregate import contribution, fedavg, fit
-from splitlm.frameworks.base import Framework, client_steps, framework_of
+from splitlm.frameworks.base import Framework, client_steps, framework_of, networked_problems
 from splitlm.frameworks.checkpoint import TMP_PREFIX
 from splitlm.frameworks.grouping import GROUPINGS, SELECTIONS
 from splitlm.frameworks.pipeline import ClientPipeline, client_link, client_pipeline, recorders, server_mods
@@ -68,7 +69,7 @@ from splitlm.runtime.client import EvalStats, SplitClient, StepStats
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.runtime.schedule import pipelined, serial
 from splitlm.runtime.server import MergedPasses, ServerSurface, SplitServer
-from splitlm.transport import ByteMeter, Channel, InProcessTransport, Mod, Transport, server_chain
+from splitlm.transport import ByteMeter, Channel, Handler, InProcessTransport, Mod, Transport, server_chain
 from splitlm.transport.link import EmulatedLink
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,7 @@ class Federation:
     tap: ServerTap | None = None  # in-process runs with privacy.tap.enabled: what the server received
     truth: TruthRecorder | None = None  # ... and the clients' true tokens of those batches (audit)
     server_mods: list[Mod] = field(default_factory=list)  # around the server's handler, from the wire inwards
+    handler: Handler | None = None  # the server's queue inside its mods: what a transport to this server delivers to
     templates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # client -> its state's shapes (meta)
     rollback_hooks: list[Callable[[], None]] = field(default_factory=list)  # e.g. forget the answered requests' cache
     last_checkpoint: str | None = None  # the newest checkpoint's name (a client that rejoins restores it)
@@ -612,12 +614,12 @@ def groups_of(
     return assign_groups(config, histograms, sketches) if framework.trunk_adapters == "group" else []
 
 
-def partition(config: Config, data: RunData) -> tuple[list[list[int]], list[dict[str, int]]]:
+def partition(config: Config, framework: Framework, data: RunData) -> tuple[list[list[int]], list[dict[str, int]]]:
     """Each client's example indices and label histogram (the same on every machine for the same config).
 
     The unsplit baseline trains one model on everyone's data: one share holding every example."""
     labels = [e.label for e in data.train]
-    if not framework_of(config).split:
+    if not framework.split:
         everything = [list(range(len(labels)))]
         return everything, label_histograms(everything, labels)
     options = {"alpha": config.data.alpha} if config.data.partition in ("dirichlet", "quantity") else {}
@@ -628,13 +630,12 @@ def partition(config: Config, data: RunData) -> tuple[list[list[int]], list[dict
     return parts, label_histograms(parts, labels)
 
 
-def make_server(config: Config, source: ModelSource, groups: list[list[int]]) -> SplitServer:
+def make_server(config: Config, framework: Framework, source: ModelSource, groups: list[list[int]]) -> SplitServer:
     """The trunk and its adapter bank; each trunk adapter's schedule spans the steps the framework gives it.
 
     ``framework.merge`` K: the server merges the forwards of the clients at a barrier, K at a time. A shared
     adapter with no barrier of its own (sflv2) then trains its clients K at a time behind one: one trunk step per
     step of K clients, so its schedule spans a K-th of the steps (rounded up)."""
-    framework = framework_of(config)
     fw = config.framework
     steps = framework.server_steps(config, groups)
     if fw.merge > 1 and not framework.barrier and framework.trunk_adapters == "shared":
@@ -653,10 +654,10 @@ def make_server(config: Config, source: ModelSource, groups: list[list[int]]) ->
     )  # fmt: skip
 
 
-def route(config: Config, server: SplitServer, index: int, groups: list[list[int]]) -> None:
+def route(config: Config, framework: Framework, server: SplitServer, index: int, groups: list[list[int]]) -> None:
     """Give client ``index`` its trunk adapter (as the framework lays them out; one of its own has its LoRA rank)
     and its cut."""
-    framework, own = framework_of(config), config.for_client(index)
+    own = config.for_client(index)
     rank = own.lora.part("trunk").rank if framework.trunk_adapters == "client" else None
     server.assign(str(index), framework.adapter_of(index, groups), spec_of(own), rank)
 
@@ -674,6 +675,7 @@ def split_rows(rows: list[int], parts: int) -> list[list[int]]:
 
 def build_client(
     config: Config,
+    framework: Framework,
     source: ModelSource,
     index: int,
     transport: Transport | None,
@@ -683,7 +685,6 @@ def build_client(
     """Client ``index``: its head [+ tail] and optimizer behind its pipeline of mods and plugins (or, for the
     unsplit baseline, the whole model), as ``config.for_client(index)`` says (its cut, LoRA rank and link);
     ``examples``: its training examples, for the remedies' plugins that learn from them."""
-    framework = framework_of(config)
     config = config.for_client(index)
     optimizer_train = config.train.model_copy(update={"steps": client_steps(config)})
     if framework.make_client is not None:  # a framework with its own kind of client (the unsplit baseline)
@@ -717,6 +718,7 @@ def build_client(
 
 def build_member(
     config: Config,
+    framework: Framework,
     source: ModelSource,
     data: RunData,
     index: int,
@@ -733,7 +735,7 @@ def build_member(
     held_out = [shorten(e, seq_len) for e in held_out]  # like the global held-out set (a response stays whole)
     if config.data.pack:
         examples = pack_examples(examples, config.train.seq_len)
-    client, pipeline = build_client(config, source, index, transport, truth, examples)
+    client, pipeline = build_client(config, framework, source, index, transport, truth, examples)
     order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
     log.info("client %s: %d examples, labels %s", index, len(examples), histogram)
     batches = eval_batches(held_out, config.train.batch_size, data.pad_id) if held_out else []
@@ -758,31 +760,136 @@ def hold_out(config: Config, index: int, examples: list[Example]) -> tuple[list[
     return [e for i, e in enumerate(examples) if i not in chosen], held
 
 
-def build_federation(config: Config) -> Federation:
-    """Every party of an in-process run: the server (with its mods) and each client (with its own)."""
+Placement = Literal["inprocess", "serve", "ray", "agent"]
+"""Where a run's parties are: all in this process (``splitlm train``); the server here and each client in a process
+of its own (``splitlm serve``); the server and each client in Ray actors, driven from here (``transport.name=ray``);
+one client here and the server elsewhere (``splitlm client``, a Ray client actor)."""
+
+
+def placement_problems(config: Config, framework: Framework, placement: Placement) -> list[str]:
+    """What ``config`` cannot do with its parties placed so (besides the framework's own checks)."""
+    problems = []
+    if placement in ("serve", "ray") and not framework.split:
+        instead = "use `splitlm train`" if placement == "serve" else "set transport.name=inprocess"
+        problems.append(f"framework.name={framework.name} runs in one process; {instead}")
+    if placement == "serve" and config.privacy.tap.enabled:
+        problems.append("privacy.tap records in-process runs: drop it from the server's config")
+    if placement == "serve":
+        problems += networked_problems(config)
+    grouping = GROUPINGS.get(config.framework.grouping)
+    by_sketches = framework.trunk_adapters == "group" and not config.framework.groups and grouping.needs != "histograms"
+    if placement == "serve" and by_sketches:
+        problems.append(
+            f"framework.grouping={config.framework.grouping}: the clients' smashed-data sketches are computed "
+            "in-process (`splitlm train`); for `splitlm serve` set framework.groups or a grouping by labels "
+            "(label_kmeans)"
+        )
+    return problems
+
+
+def check_placement(config: Config, placement: Placement) -> Framework:
+    """The run's framework, once ``config`` passed its checks and ``placement``'s (``ConfigError`` with every
+    problem found). A client of a run served elsewhere (``agent``) checks nothing: the server checked the run."""
     framework = framework_of(config)
-    framework.check(config)
-    source = load_source(config)
-    data = prepare_data(config, source.tokenizer(), pack=False)  # partition rows by label first, then pack
-    parts, histograms = partition(config, data)
-    groups = groups_of(config, framework, histograms, lambda: client_sketches(config, source, data, parts))
-    server: SplitServer | None = None
-    tap, truth = recorders(config, len(parts))
-    transport: Transport | None = None
-    mods: list[Mod] = []
-    if framework.split:
-        server = make_server(config, source, groups)
-        mods = server_mods(config, source, server.stage, tap)
-        transport = InProcessTransport(server_chain(mods, server.submit))
-    members = []
-    for index, indices in enumerate(parts):
-        members.append(build_member(config, source, data, index, indices, histograms[index], transport, truth))
-        if server is not None:
-            route(config, server, index, groups)
+    if placement != "agent":
+        framework.check(config)
+        problems = placement_problems(config, framework, placement)
+        if problems:
+            raise ConfigError("; ".join(problems))
+    return framework
+
+
+@dataclass
+class Hosted:
+    """The trunk's server, its mods and the handler they make around its queue (what a transport delivers to)."""
+
+    server: SplitServer
+    mods: list[Mod]
+    handler: Handler
+
+
+def host(
+    config: Config,
+    framework: Framework,
+    source: ModelSource,
+    groups: list[list[int]],
+    clients: Sequence[int] = (),
+    tap: ServerTap | None = None,
+) -> Hosted:
+    """The server side of a run (here, or in Ray's server actor): the trunk and its adapter bank, each of ``clients``
+    routed to its trunk adapter and cut, and the server's mods around its queue (``tap`` records what it receives)."""
+    server = make_server(config, framework, source, groups)
+    for index in clients:
+        route(config, framework, server, index, groups)
+    mods = server_mods(config, source, server.stage, tap)
+    return Hosted(server, mods, server_chain(mods, server.submit))
+
+
+def build_parties(
+    config: Config,
+    placement: Placement = "inprocess",
+    *,
+    members: Sequence[Member] = (),
+    remote_server: Callable[[list[list[int]]], Any] | None = None,
+    source: ModelSource | None = None,
+    client: int = 0,
+    transport: Transport | None = None,
+) -> Federation:
+    """Every party of a run, placed as ``placement`` says, and the federation of them: the one place a run's parties
+    are built (``check_placement``, groups, the server with its mods, each client routed to its trunk adapter).
+
+    - ``inprocess``: the server and every client (each with its mods) in this process, an in-process transport
+      between them, the server tap's recorders where ``privacy.tap`` asks;
+    - ``serve``: the server here (``Federation.handler``: what the gRPC server delivers to); ``members``: the
+      connected clients' remote members;
+    - ``ray``: ``members`` are the client actors' remote members; ``remote_server(groups)`` hosts the server in its
+      actor (``host``) and returns its proxy;
+    - ``agent``: client ``client`` alone with its data and parts, ``transport`` its way to the server elsewhere.
+    """
+    framework = check_placement(config, placement)
+    server: Any = None  # SplitServer, a proxy of Ray's server actor, or None (the unsplit baseline, a client alone)
+    hosted: Hosted | None = None
+    data: RunData | None = None  # None where the clients are elsewhere: they hold the data
+    groups: list[list[int]] = []
+    tap, truth = None, None
+    if placement in ("inprocess", "agent"):
+        source = source or load_source(config)
+        data = prepare_data(config, source.tokenizer(), pack=False)  # partition rows by label first, then pack
+        parts, histograms = partition(config, framework, data)
+    if placement == "agent":
+        members = [build_member(config, framework, source, data, client, parts[client], histograms[client], transport)]
+    elif placement == "inprocess":
+        groups = groups_of(config, framework, histograms, lambda: client_sketches(config, source, data, parts))
+        tap, truth = recorders(config, len(parts))
+        hosted = host(config, framework, source, groups, tap=tap) if framework.split else None
+        transport = InProcessTransport(hosted.handler) if hosted is not None else None
+        members = []
+        for index, indices in enumerate(parts):
+            members.append(
+                build_member(config, framework, source, data, index, indices, histograms[index], transport, truth)
+            )
+            if hosted is not None:
+                route(config, framework, hosted.server, index, groups)
+        if hosted is not None and not hosted.server.trainable and not any(m.client.optimizer.params for m in members):
+            raise ConfigError("nothing to train: lora.head, lora.trunk and lora.tail are all frozen")
+    else:  # the clients are elsewhere: ``members`` were built from their hellos
+        groups = groups_of(config, framework, [m.histogram for m in members])
+        if remote_server is not None:
+            server = remote_server(groups)
+        else:
+            hosted = host(config, framework, source or load_source(config), groups, range(len(members)))
+    if hosted is not None:
+        server = hosted.server
     steps = config.framework.steps_per_round(config.train.steps)
-    if server is not None and not server.trainable and not any(m.client.optimizer.params for m in members):
-        raise ConfigError("nothing to train: lora.head, lora.trunk and lora.tail are all frozen")
-    return Federation(config, framework, server, members, data, steps, groups, tap=tap, truth=truth, server_mods=mods)
+    return Federation(
+        config, framework, server, list(members), data, steps, groups, tap=tap, truth=truth,
+        server_mods=hosted.mods if hosted is not None else [], handler=hosted.handler if hosted is not None else None,
+    )  # fmt: skip
+
+
+def build_federation(config: Config) -> Federation:
+    """Every party of an in-process run (``build_parties(config, "inprocess")``)."""
+    return build_parties(config, "inprocess")
 
 
 def participants(config: Config, members: list[Member], round_index: int) -> list[Member]:

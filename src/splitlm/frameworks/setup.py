@@ -30,12 +30,11 @@ from splitlm.models import (
     family_for,
     load_full_model,
     load_stage,
+    lowrank,
     resolve_model,
 )
-from splitlm.models.lowrank import add_bottleneck
 from splitlm.models.split import Role
 from splitlm.peft import make_trainable, trainable_parameters
-from splitlm.transport.codecs import learned_rank
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +70,9 @@ def client_specs(config: Config) -> list[SplitSpec]:
 def server_spec(config: Config) -> SplitSpec:
     """The trunk the server holds: every block some client leaves to it (the shallowest head and tail), once."""
     specs = client_specs(config) or [spec_of(config)]
-    if len(set(specs)) > 1 and learned_rank(config.transport.codec.activations) is not None:
-        raise ConfigError(
-            "transport.codec.activations: a lowrank bottleneck is learned at one cut, but framework.clients gives "
-            "the clients different cuts; drop lowrank or split.head_layers/tail_layers from framework.clients"
-        )
+    problems = lowrank.problems(config, cuts=True)
+    if problems:
+        raise ConfigError(problems[0])
     heads, tails = [s.head_layers for s in specs], [s.tail_layers for s in specs]
     return SplitSpec(config.split.mode, min(heads), min(tails))
 
@@ -221,8 +218,8 @@ def load_source(config: Config) -> ModelSource:
 
 
 def build_part(config: Config, source: ModelSource, role: Role) -> tuple[nn.Module, Stage]:
-    """One trainable part: the stage with its own weights only (and its halves of a ``lowrank:K`` bottleneck at
-    its cuts), made trainable as ``lora.<role>`` says. A client's part follows ``config``'s cut (pass
+    """One trainable part: the stage with its own weights only (and its halves of a ``split.bottleneck`` at its
+    cuts), made trainable as ``lora.<role>`` says. A client's part follows ``config``'s cut (pass
     ``config.for_client(i)``); the trunk covers every client's trunk blocks (``server_spec``)."""
     on_client = role != "trunk"
     stage = load_stage(
@@ -233,10 +230,11 @@ def build_part(config: Config, source: ModelSource, role: Role) -> tuple[nn.Modu
         device=config.model.client_device if on_client else config.model.server_device,
         attn_implementation=config.model.attn_implementation,
     )
-    rank = learned_rank(config.transport.codec.activations)
+    rank = lowrank.learned_rank(config)
     if rank is not None:
-        add_bottleneck(stage, source, rank)
-    part = make_trainable(stage, config.lora.part(role), stage.family.lora_targets, config.seed, role)
+        lowrank.add_bottleneck(stage, source, rank)
+    always = stage.bottleneck_modules()
+    part = make_trainable(stage, config.lora.part(role), stage.family.lora_targets, config.seed, role, always)
     return part, stage
 
 

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from splitlm.errors import CheckpointError
+from splitlm.files import JsonLineError, read_jsonl
 
 __all__ = [
     "SUMMARY_FORMAT",
@@ -96,22 +97,16 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not readable ({error}); {_FINISHED}") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
+    try:
+        return read_jsonl(text.splitlines())
+    except JsonLineError as error:
+        if error.problem is None:
             raise CheckpointError(
-                f"{path} line {number} is not valid JSON ({error.msg}); the file is corrupt: {_FINISHED}"
+                f"{path} line {error.number} should be a JSON object, found {error.found}; {_FINISHED}"
             ) from None
-        if not isinstance(record, dict):
-            raise CheckpointError(
-                f"{path} line {number} should be a JSON object, found {type(record).__name__}; {_FINISHED}"
-            )
-        records.append(record)
-    return records
+        raise CheckpointError(
+            f"{path} line {error.number} is not valid JSON ({error.problem}); the file is corrupt: {_FINISHED}"
+        ) from None
 
 
 def _check_format(path: Path, summary: dict[str, Any]) -> None:

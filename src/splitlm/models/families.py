@@ -157,10 +157,6 @@ def family_for(config: PretrainedConfig) -> Family:
     )
 
 
-def num_layers(config: PretrainedConfig) -> int:
-    return int(config.num_hidden_layers)
-
-
 def get_module(root: nn.Module, path: str) -> nn.Module:
     module = root
     for part in path.split("."):

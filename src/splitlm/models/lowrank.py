@@ -1,4 +1,4 @@
-"""A learned bottleneck at the cut: ``transport.codec.activations: lowrank:K``.
+"""A learned bottleneck at the cut: ``split.bottleneck: K``, a layer of the model parts (no wire codec).
 
 The part before a cut ends with a linear encoder E: d -> K (``Stage.wire_out``) and the part after it starts
 with a linear decoder D: K -> d (``Stage.wire_in``), so (B, T, K) cross the wire at step 3 (head -> trunk)
@@ -22,7 +22,9 @@ Tomatoes reviews), perplexity at step 0 relative to the unsplit model, both cuts
 these axes x57 / x31 / x11; random orthonormal Q x1.1e5 / x1.1e4 / x7.9e3; the top principal directions of the
 embedding rows x5.8e5 / x5.8e5 / x4.7e4; the principal directions of the real hidden states (data the server
 never sees, so not an option) x3.2 / x1.4 / x0.95. No data-free choice keeps the pretrained model intact at
-K << d: a lowrank run starts with a perplexity penalty that training has to remove.
+K << d: a bottleneck run starts with a perplexity penalty that training has to remove.
+
+This module is where the setting is read (``learned_rank``) and what it cannot go with is said (``problems``).
 """
 
 from __future__ import annotations
@@ -33,10 +35,35 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from splitlm.config import Config
 from splitlm.errors import ConfigError
 from splitlm.models.families import family_for, get_module
 from splitlm.models.sources import ModelSource
 from splitlm.models.split import LOWRANK, Stage, _tensor_key
+
+
+def learned_rank(config: Config) -> int | None:
+    """K of the learned bottleneck at the cuts (``split.bottleneck``), None without one."""
+    return config.split.bottleneck or None
+
+
+def problems(config: Config, cuts: bool) -> list[str]:
+    """What ``split.bottleneck`` cannot go with: a framework that does not cut the model (``cuts`` false), or
+    clients cut at different blocks (``framework.clients``: the bottleneck is learned at one cut)."""
+    if not config.split.bottleneck:
+        return []
+    if not cuts:
+        return [
+            f"split.bottleneck: a learned bottleneck at the cut; framework.name={config.framework.name} does not cut "
+            "the model, so set split.bottleneck=0"
+        ]
+    clients = [config.for_client(i).split for i in range(config.framework.num_clients)]
+    if len({(split.head_layers, split.tail_layers if split.mode == "ushape" else 0) for split in clients}) > 1:
+        return [
+            "split.bottleneck: a bottleneck is learned at one cut, but framework.clients gives the clients different "
+            "cuts; set split.bottleneck=0 or drop split.head_layers/tail_layers from framework.clients"
+        ]
+    return []
 
 
 def add_bottleneck(stage: Stage, source: ModelSource, rank: int) -> None:
@@ -45,9 +72,7 @@ def add_bottleneck(stage: Stage, source: ModelSource, rank: int) -> None:
     decoder; each under ``lowrank.<i>``, ``i`` the first block after the cut."""
     d = int(stage.config.hidden_size)
     if not 1 <= rank <= d:
-        raise ConfigError(
-            f"transport.codec.activations: lowrank:{rank} needs 1 <= K <= the hidden size {d} of {source.name}"
-        )
+        raise ConfigError(f"split.bottleneck={rank} needs 1 <= K <= the hidden size {d} of {source.name}; lower it")
     q = basis(source, stage, rank)  # (d, K) float64
     total = int(stage.config.num_hidden_layers)
     halves: dict[str, dict[str, nn.Module]] = {}
@@ -103,7 +128,7 @@ def fold_into(model: nn.Module, parts: dict[str, Stage]) -> None:
     """Put the trained bottlenecks of the merged ``parts`` (role -> stage) into the unsplit ``model``, for
     generation: the hidden states entering the first block after each cut go through that cut's encoder and
     decoder (forward pre-hooks, so generation with a KV cache works; the final norm for a U-shaped tail without
-    blocks). The result is no plain Hugging Face model any more: ``splitlm export`` refuses a lowrank run."""
+    blocks). The result is no plain Hugging Face model any more: ``splitlm export`` refuses a bottleneck run."""
     halves: dict[str, dict[str, nn.Module]] = {}
     for stage in parts.values():
         for index, cut in (stage.lowrank or {}).items():

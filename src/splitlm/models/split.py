@@ -24,7 +24,7 @@ from splitlm.models.sources import ModelSource
 Role = Literal["head", "trunk", "tail"]
 SplitMode = Literal["vanilla", "ushape"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LOWRANK = "lowrank"  # a Stage's learned bottleneck halves (lowrank:K): lowrank.<i>.encoder / lowrank.<i>.decoder
+LOWRANK = "lowrank"  # a Stage's learned bottleneck halves (split.bottleneck): lowrank.<i>.encoder / .decoder
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Stage(nn.Module):
     logits for the part that ends with the LM head. ``blocks`` runs only that contiguous sub-range of the
     part's blocks (a server serving a client whose cut leaves it fewer blocks).
 
-    With a learned bottleneck at the cuts (``transport.codec.activations: lowrank:K``, ``models/lowrank.py``),
+    With a learned bottleneck at the cuts (``split.bottleneck: K``, ``models/lowrank.py``),
     the part holds its halves in ``lowrank``: ``lowrank.<i>.decoder`` (K -> d; trunk and tail) runs on the
     hidden states it takes and ``lowrank.<i>.encoder`` (d -> K; head and U-shaped trunk) on those it returns,
     ``i`` being the first block after that cut: ``(B, T, K)`` cross the cut.
@@ -95,7 +95,7 @@ class Stage(nn.Module):
         self.starts = role == "head"
         self.ends = ends
         self.block_devices: dict[int, torch.device] = {}  # set when the blocks are spread over devices
-        self.lowrank: nn.ModuleDict | None = None  # lowrank:K: {"<i>": {"encoder" | "decoder": Linear}}
+        self.lowrank: nn.ModuleDict | None = None  # split.bottleneck: {"<i>": {"encoder" | "decoder": Linear}}
         self.wire_rank: int | None = None  # K when the part has a bottleneck
 
     @property
@@ -107,6 +107,11 @@ class Stage(nn.Module):
     def wire_out(self) -> nn.Module | None:
         """The bottleneck's encoder (B, T, d) -> (B, T, K) this part ends with, if any."""
         return self._wire("encoder")
+
+    def bottleneck_modules(self) -> list[str]:
+        """The names of this part's learned-bottleneck halves (``lowrank.<i>.encoder``, ...), empty without any:
+        they train whatever ``lora.<part>.method`` says (``peft.make_trainable``'s ``always``)."""
+        return [f"{LOWRANK}.{index}.{half}" for index, cut in (self.lowrank or {}).items() for half in cut]
 
     def _wire(self, half: str) -> nn.Module | None:
         cuts = self.lowrank.values() if self.lowrank is not None else ()

@@ -10,7 +10,7 @@ gets no gradient, so the bank keeps every adapter's parameters trainable and onl
 layers apply. Gradients then reach exactly the adapter a forward used.
 
 An adapter also holds its copy of peft's ``modules_to_save`` (the trunk's learned bottleneck at the cut,
-``lowrank:K``): created with the adapter from the same initial weights, switched, trained, saved and loaded
+``split.bottleneck``): created with the adapter from the same initial weights, switched, trained, saved and loaded
 with its LoRA tensors.
 
 Adapters of clients not being served leave the compute device (Menos). With ``max_resident`` > 0, when more

@@ -4,16 +4,17 @@ LoRA weights are initialised from a generator seeded by (run seed, module name i
 module starts from the same adapter whether it sits in a head, a trunk, a tail or the whole model. That is
 what lets a split run reproduce the centralized run step by step.
 
-A part's learned bottleneck at the cut (``Stage.lowrank``, ``models/lowrank.py``) always trains: with LoRA
-it is one of peft's ``modules_to_save`` (a trained copy per adapter, saved with the adapter's tensors), with
-``full`` it is one more trainable weight, and a ``frozen`` part still trains it (it is new and only
-initialised, so the part's pretrained weights stay frozen and the bottleneck alone learns).
+The modules a caller names in ``always`` (a part's learned bottleneck at the cut, ``models/lowrank.py``) always
+train: with LoRA they are peft's ``modules_to_save`` (a trained copy per adapter, saved with the adapter's
+tensors), with ``full`` more trainable weights, and a ``frozen`` part still trains them (they are new and only
+initialised, so the part's pretrained weights stay frozen and they alone learn).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,10 +25,6 @@ from torch import nn
 
 from splitlm.config import ResolvedLora
 from splitlm.errors import CheckpointError, ConfigError
-
-# The attribute a part keeps its learned-bottleneck halves under (``models.split.LOWRANK``; the layers keep peft
-# from importing models, so the name is repeated here and a test checks the two agree).
-LOWRANK = "lowrank"
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER = "default"
@@ -76,19 +73,18 @@ def peft_config(
     )
 
 
-def bottleneck_modules(module: nn.Module) -> list[str]:
-    """The names of a part's learned-bottleneck halves (``lowrank.<i>.encoder``, ...), empty without any."""
-    cuts = getattr(module, LOWRANK, None)
-    return [f"{LOWRANK}.{index}.{half}" for index, cut in (cuts or {}).items() for half in cut]
-
-
 def make_trainable(
-    module: nn.Module, settings: ResolvedLora, default_targets: tuple[str, ...], seed: int, part: str
+    module: nn.Module,
+    settings: ResolvedLora,
+    default_targets: tuple[str, ...],
+    seed: int,
+    part: str,
+    always: Sequence[str] = (),
 ) -> nn.Module:
-    """Return the part ready to train: a ``PeftModel`` (lora), the module itself (full, frozen). A bottleneck
-    at the cut trains whatever the method (see the module's docstring)."""
+    """Return the part ready to train: a ``PeftModel`` (lora), the module itself (full, frozen). The submodules
+    named in ``always`` train whatever the method (see the module's docstring)."""
     module.requires_grad_(False)
-    wires = bottleneck_modules(module)
+    wires = list(always)
     if settings.method == "frozen":
         for name in wires:
             module.get_submodule(name).requires_grad_(True)
@@ -97,7 +93,8 @@ def make_trainable(
         module.requires_grad_(True)
         return module
     targets = list(settings.target_modules or default_targets)
-    own = [(name, m) for name, m in module.named_modules() if name and name.split(".", 1)[0] != LOWRANK]
+    apart = {name.split(".", 1)[0] for name in wires}  # not the part's own modules: no LoRA target among them
+    own = [(name, m) for name, m in module.named_modules() if name and name.split(".", 1)[0] not in apart]
     leaves = {name.rsplit(".", 1)[-1]: type(m).__name__ for name, m in own}
     if not any(target in leaves for target in targets):
         linear = sorted(n for n, kind in leaves.items() if kind in ("Linear", "Conv1D"))

@@ -41,12 +41,12 @@ from splitlm.frameworks.pipeline import codec_mod
 from splitlm.frameworks.setup import load_source
 from splitlm.models import ModelSource, family_for, load_full_model
 from splitlm.models.families import Family, get_module
+from splitlm.models.lowrank import learned_rank
 from splitlm.models.split import DTYPES, Role, parse_devices
 from splitlm.peft import make_trainable, trainable_parameters
 from splitlm.runtime.loss import causal_lm_loss
 from splitlm.runtime.optim import PartyOptimizer
 from splitlm.transport import Message
-from splitlm.transport.codecs import learned_rank
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def wire(config: Config, hidden_size: int, repeats: int = 3) -> tuple[dict[str, 
     """Encoded payload bytes and encode + decode seconds of each message of one batch, with the run's codecs."""
     train = config.train
     rows, tokens = train.batch_size, train.seq_len
-    width = learned_rank(config.transport.codec.activations) or hidden_size  # lowrank:K sends K per token
+    width = learned_rank(config) or hidden_size  # a learned bottleneck at the cut sends K per token
     dtype = DTYPES[config.model.client_dtype]
     mod = codec_mod(config)
     mask = torch.ones(rows, tokens, dtype=torch.long)

@@ -31,6 +31,13 @@ class ServerAttack(Component, Mod):
         """The attack with ``settings`` for the run ``config`` (the trunk it wraps, the model's public source)."""
         raise NotImplementedError
 
+    @classmethod
+    def networked_problems(cls, settings: Any) -> list[str]:
+        return [
+            f"privacy.server_attack.{cls.name}: simulates a malicious server in an in-process run; drop it from the "
+            "server's config"
+        ]
+
 
 SERVER_ATTACKS = ComponentRegistry[ServerAttack](
     "server attack", "privacy.server_attack", error=PrivacyError, builtins=("splitlm.privacy.attacks.fsha",)

@@ -95,9 +95,6 @@ def pipelined(micro_batches: int, ushape: bool, waits: bool = True) -> list[Op]:
     return [*ops, Op(OpKind.STEP)]
 
 
-SCHEDULES = {"serial": serial, "pipelined": pipelined}
-
-
 def check(ops: list[Op], micro_batches: int, ushape: bool, waits: bool = True) -> None:
     """Raise ``SplitLMError`` unless ``ops`` runs every op of every micro-batch once, each after what it needs
     (in a U-shaped split the head's backward also waits for its gradient), and ends with one STEP."""

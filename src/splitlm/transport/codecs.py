@@ -23,7 +23,6 @@ the parts they send and what decoding gives back (float32 unless said otherwise)
   drawn uniformly from outside the top-k set (RandTop-k, Zheng et al., IJCAI 2023); same bound.
 - ``unpadded``: only the real tokens (attention mask 1): main ``(N, ...)``, ``keep`` (the mask as bits,
   uint8) and ``shape`` (int64); lossless on real tokens (in the input's dtype), 0 at padding.
-- ``lowrank:K``: the tensor as it is; decoding checks that its last dim is K.
 
 Encoded bytes of a ``(4, 128, 576)`` float32 tensor with 60% real tokens (raw: 1,179,648): fp16 589,824;
 int8 296,960; int4 149,512; topk:0.1 178,184; topk:0.1+fp16 118,792; topk:0.1+int8 91,144; unpadded 707,416;
@@ -32,12 +31,11 @@ unpadded+int8 178,148; unpadded+int4 89,740; unpadded+topk:0.1+fp16 71,320.
 Values of ``topk`` travel in the input's dtype, so ``topk:0.1+fp16`` or ``topk:0.1+int8`` compress them further;
 int8 scales are float32 because gradients are often below float16's range. Stochastic choices (``:sr``,
 ``randtopk``) use a ``torch.Generator`` seeded from the tensor's bytes: reproducible, and the global RNG (seeded per
-step elsewhere) is never touched. ``lowrank:K`` is the wire side of a *learned* bottleneck that lives in the
-parties' model parts (``learned_rank`` reads K from the activations setting); it may only be the first codec of
-``transport.codec.activations``.
+step elsewhere) is never touched. (A learned bottleneck at the cut, ``split.bottleneck``, is part of the model
+parts, not a codec: what crosses the cut is then K wide, and any codec applies to it.)
 
-Order in a chain: ``lowrank`` first; ``unpadded`` next (it needs the ``(B, T, ...)`` tensor and the attention mask,
-and only it is given the mask); the codecs that set the wire dtype (``fp16``, ``bf16``, ``int8``, ``int4``) last.
+Order in a chain: ``unpadded`` first (it needs the ``(B, T, ...)`` tensor and the attention mask, and only it is
+given the mask); the codecs that set the wire dtype (``fp16``, ``bf16``, ``int8``, ``int4``) last.
 
 ``CodecMod`` applies the configured codecs in the message pipeline: the client encodes its requests and
 decodes the replies, the server decodes requests and encodes its replies, whatever transport moves them.
@@ -541,51 +539,6 @@ def _unpadded(argument: str | None) -> Codec:
     return Unpadded()
 
 
-# ---------------------------------------------------------------- lowrank (a learned bottleneck)
-
-
-@dataclass(frozen=True)
-class LowRank:
-    """The wire side of ``lowrank:K``, a bottleneck the parties' model parts learn (a linear encoder before the
-    cut, a decoder after it): the activations already have K features, so they travel as they are; decoding
-    checks the last dimension is K."""
-
-    spec: str
-    rank: int
-    lossless: ClassVar[bool] = True
-
-    def encode(self, tensor: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if tensor.dim() == 0 or tensor.shape[-1] != self.rank:
-            raise ValueError(
-                f"codec {self.spec}: the activations have shape {list(tensor.shape)}, expected last dim {self.rank}; "
-                "the model parts' lowrank bottleneck is not in place"
-            )
-        return {"": tensor.detach()}
-
-    def decode(self, parts: dict[str, torch.Tensor], where: str) -> torch.Tensor:
-        _expect(parts, where, self.spec, {""})
-        main = _part(parts, self.spec, where, "", FLOATS, min_dims=1)
-        if main.shape[-1] != self.rank:
-            raise _bad(self.spec, where, f"has last dim {main.shape[-1]}, expected the bottleneck's rank {self.rank}")
-        return main
-
-
-@CODECS.register("lowrank")
-def _lowrank(argument: str | None) -> Codec:
-    rank = int(argument) if argument is not None and argument.isdigit() else 0
-    if rank < 1:
-        raise ConfigError(f"transport.codec: lowrank needs its rank K, an integer >= 1 (lowrank:K), got {argument!r}")
-    return LowRank(f"lowrank:{rank}", rank)
-
-
-def learned_rank(spec: str) -> int | None:
-    """K when the activations setting ``spec`` starts with ``lowrank:K`` (the model parts then learn a rank-K
-    bottleneck at the cut), else None."""
-    codec = parse_codec(spec, "activations")
-    first = codec.codecs[0] if isinstance(codec, Chain) else codec
-    return first.rank if isinstance(first, LowRank) else None
-
-
 # ---------------------------------------------------------------- chains
 
 
@@ -634,9 +587,9 @@ def _chain_part(index: int, name: str) -> str:
     return f"{index}-{name}"
 
 
-def parse_codec(spec: str, channel: str | None = None) -> Codec | None:
+def parse_codec(spec: str) -> Codec | None:
     """The codec a config names (``none`` -> None); ``ConfigError`` for an unknown name, a bad argument or an
-    order a chain cannot have. ``channel`` (``activations`` / ``gradients``), where known, is checked too."""
+    order a chain cannot have."""
     spec = spec.strip()
     if spec in ("", NONE):
         return None
@@ -645,21 +598,8 @@ def parse_codec(spec: str, channel: str | None = None) -> Codec | None:
         name, _, argument = item.strip().partition(":")
         codecs.append(CODECS.get(name)(argument or None))
     canonical = "+".join(codec.spec for codec in codecs)
-    for index, codec in enumerate(codecs):
-        if isinstance(codec, LowRank) and channel == "gradients":
-            raise ConfigError(
-                f"transport.codec.gradients: lowrank's gradients are already rank {codec.rank}; set it only on "
-                "transport.codec.activations"
-            )
-        if isinstance(codec, LowRank) and index > 0:
-            raise ConfigError(
-                f"transport.codec {canonical!r}: lowrank is the model's learned bottleneck and can only come first"
-            )
-        if isinstance(codec, Unpadded) and not all(isinstance(before, LowRank) for before in codecs[:index]):
-            raise ConfigError(
-                f"transport.codec {canonical!r}: unpadded needs the (B, T, d) tensor and can only come first "
-                "(after lowrank)"
-            )
+    if any(isinstance(codec, Unpadded) for codec in codecs[1:]):
+        raise ConfigError(f"transport.codec {canonical!r}: unpadded needs the (B, T, d) tensor and can only come first")
     if any(getattr(codec, "sets_dtype", False) for codec in codecs[:-1]):
         raise ConfigError(
             f"transport.codec {canonical!r}: a cast (fp16, bf16) or quantizer (int8, int4) sets the wire dtype and "
@@ -678,8 +618,7 @@ def wire_tensors(spec: str) -> int:
     codec = parse_codec(spec)
     if codec is None:
         return 1
-    first = codec.codecs[0] if isinstance(codec, Chain) else codec
-    d = first.rank if isinstance(first, LowRank) else 64
+    d = 64
     sample = torch.linspace(-1.0, 1.0, 2 * d).reshape(1, 2, d)  # (B, T, d): two tokens, both real
     return len(_encode(codec, sample, torch.ones(1, 2, dtype=torch.long)))
 
@@ -732,7 +671,7 @@ class CodecMod(Mod):
         max_residuals: int = MAX_RESIDUALS,
     ) -> None:
         self.specs = {"activations": activations, "gradients": gradients}
-        self.codecs = {channel: parse_codec(spec, channel) for channel, spec in self.specs.items()}
+        self.codecs = {channel: parse_codec(spec) for channel, spec in self.specs.items()}
         self.error_feedback = error_feedback
         self._masks: _Bounded = _Bounded(max_keys)
         self._residuals: _Bounded = _Bounded(max_residuals)

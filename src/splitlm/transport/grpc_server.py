@@ -16,7 +16,8 @@ A client says it is alive every few seconds (``alive``; the interval is in the s
 server measures the grace period (``client_grace_s``) from the last message it received: a client silent that
 long (its link cut off without a word, its process stopped, or its stream broken and not back) is gone, its
 stream dropped and its commands failed, whether or not gRPC noticed a break (its keepalive may take minutes to
-notice a silent link).
+notice a silent link). Authentication, the clients' ``Connection`` records and the grace period live in
+``grpc_clients.py``.
 """
 
 from __future__ import annotations
@@ -29,17 +30,15 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from splitlm.errors import ClientGone, ProtocolError, SplitLMError
-from splitlm.transport.base import ByteMeter, Handler, resolved
+from splitlm.transport.base import Handler, resolved
+from splitlm.transport.grpc_clients import Connection, Roster, authenticate
 from splitlm.transport.messages import REQUEST_KINDS, RID, Message
-from splitlm.transport.security import certificate_client, client_subject
 from splitlm.transport.wire import MAX_CHUNK, Decoder, Limits, encode
 
 log = logging.getLogger(__name__)
@@ -47,9 +46,7 @@ log = logging.getLogger(__name__)
 SERVICE = "splitlm.v1.Split"
 METHOD = f"/{SERVICE}/Session"
 MAX_FRAME_BYTES = MAX_CHUNK + 256 * 1024
-REPLAY_CACHE = 16
 STRAGGLER_NOTE_S = 60.0  # a command waiting this long is logged, and again every as long
-HEARTBEAT_S = 5.0  # a connected client says it is alive this often (at most a quarter of the grace period)
 WORK_COMMANDS = ("cmd:train", "cmd:evaluate", "cmd:accuracy")  # during these a client may send work requests
 HEADER_LIMIT = 1 << 20  # a train command's reply carries its step records in the header
 MAX_STATE_TENSORS = 1 << 16  # the most tensors a client's hello may say its state (its client side) holds
@@ -77,28 +74,6 @@ def error_message(client_id: str, about: Message | None, error: Exception) -> Me
     return Message("error", client_id, step, micro, {}, meta)
 
 
-@dataclass
-class Connection:
-    """What the server knows of one client across its (re)connections."""
-
-    client_id: str
-    loop: asyncio.AbstractEventLoop | None = None
-    outgoing: asyncio.Queue | None = None
-    connected: threading.Event = field(default_factory=threading.Event)
-    pending: dict[int, concurrent.futures.Future[Message]] = field(default_factory=dict)
-    pending_frames: dict[int, list[bytes]] = field(default_factory=dict)  # sent again after a reconnect
-    generation: int = 0  # counts the client's streams; a timer of an older stream changes nothing
-    replies: OrderedDict[tuple[str, int, int], Message] = field(default_factory=OrderedDict)
-    inflight: dict[tuple[str, int, int], concurrent.futures.Future[Message]] = field(default_factory=dict)
-    meter: ByteMeter = field(default_factory=ByteMeter)
-    hello: Message | None = None
-    session: str = ""  # a client process's random id: a new one means the process restarted
-    last_seen: float = 0.0  # time.monotonic() when the last frame from this client arrived
-    noted: bool = False  # its present silence was logged
-    working: int = 0  # commands in flight that ask this client for work (train, evaluate, accuracy)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # requests being served
-
-
 class GrpcServer:
     """Serves clients' streams. ``handler`` answers their requests (the server's mods around the ``SplitServer``;
     it may be set after ``start``, once every client said hello); ``on_restart(client_id)`` is called when a
@@ -119,8 +94,6 @@ class GrpcServer:
         self.handler = handler
         self.on_restart = on_restart
         self.on_progress: Callable[[str, dict[str, object]], None] | None = None  # a client's step records
-        self.client_grace_s = client_grace_s  # a client may be silent this long (its stream broken) before it is gone
-        self.heartbeat_s = min(HEARTBEAT_S, client_grace_s / 4)  # how often a client says it is alive
         self.session = secrets.token_hex(8)  # commands carry it: a restarted server's are new commands
         self.tokens = tokens
         self.address = address
@@ -130,7 +103,8 @@ class GrpcServer:
         # With an orchestrator, a client sends work only while it carries out a command (train, evaluate...):
         # a request left over from before a restart must not touch the restored state.
         self.work_needs_command = work_needs_command
-        self.connections = {client: Connection(client) for client in tokens.values()}
+        self.roster = Roster(tokens.values(), client_grace_s)
+        self.connections = self.roster.connections
         self._seq = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -181,30 +155,7 @@ class GrpcServer:
             raise SplitLMError(f"cannot listen on {self.address}: is the port in use?")
         await server.start()
         self._server = server
-        self._watchdog = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        """Drop the stream of a client silent for ``client_grace_s`` (noted at half of it): it is gone."""
-        while True:
-            await asyncio.sleep(min(1.0, self.heartbeat_s))
-            for connection in self.connections.values():
-                if not connection.connected.is_set():
-                    continue
-                silent = time.monotonic() - connection.last_seen
-                if silent >= self.client_grace_s:
-                    log.warning("client %s: %s; its stream is dropped", connection.client_id, self._silence(connection))
-                    self._drop(connection)
-                elif silent >= self.client_grace_s / 2 and not connection.noted:
-                    connection.noted = True
-                    log.info("client %s: nothing received for %.0f s", connection.client_id, silent)
-
-    def _drop(self, connection: Connection) -> None:
-        """Give up on a client's stream now (its commands fail); a stream that cannot end yet ends later."""
-        if connection.outgoing is not None:
-            connection.outgoing.put_nowait(None)
-        connection.outgoing = None
-        connection.connected.clear()
-        self._expire(connection, connection.generation)
+        self._watchdog = asyncio.create_task(self.roster.watch())
 
     def stop(self) -> None:
         if self._loop is None:
@@ -234,8 +185,8 @@ class GrpcServer:
         answers a repeated command from its cache). ``session``: only the client process of that session may
         get the command. The grace period runs from the last message received from the client."""
         connection = self.connections[client_id]
-        if not connection.connected.wait(self._grace_left(connection)) or connection.loop is None:
-            raise ClientGone([client_id], f"not connected ({self._silence(connection)})")
+        if not connection.connected.wait(self.roster.grace_left(connection)) or connection.loop is None:
+            raise ClientGone([client_id], f"not connected ({self.roster.silence(connection)})")
         if session is not None and connection.session != session:  # a new process, not the one that worked
             raise ClientGone([client_id], "restarted since it last worked; it rejoins at the next round")
         seq = next(self._seq)
@@ -248,20 +199,9 @@ class GrpcServer:
         connection.meter.record(message, "down")
         work = message.kind in WORK_COMMANDS
         connection.working += work
-        connection.loop.call_soon_threadsafe(self._put, connection, frames)
-        started = time.monotonic()
+        connection.loop.call_soon_threadsafe(connection.put, frames)
         try:
-            while True:
-                waited = time.monotonic() - started
-                left = None if timeout is None else timeout - waited
-                try:
-                    reply = future.result(timeout=STRAGGLER_NOTE_S if left is None else min(STRAGGLER_NOTE_S, left))
-                    break
-                except concurrent.futures.TimeoutError:
-                    if left is not None and left <= STRAGGLER_NOTE_S:
-                        raise ClientGone([client_id], f"did not answer {message.kind} within {timeout:.0f} s") from None
-                    waited = time.monotonic() - started
-                    log.warning("still waiting for client %s (%s, %.0f s)", client_id, message.kind, waited)
+            reply = _answer_of(future, client_id, message.kind, timeout)
         finally:
             connection.pending.pop(seq, None)
             connection.pending_frames.pop(seq, None)
@@ -270,73 +210,14 @@ class GrpcServer:
             raise ProtocolError(f"client {client_id}: {reply.meta.get('error')}")
         return reply
 
-    def _put(self, connection: Connection, frames: list[bytes]) -> None:
-        """Queue frames on the client's current stream (a broken one sends them again when it is back)."""
-        if connection.outgoing is not None:
-            connection.outgoing.put_nowait(frames)
-
-    def _grace_left(self, connection: Connection) -> float:
-        """Seconds until ``client_grace_s`` have passed since the client's last message."""
-        return max(0.0, connection.last_seen + self.client_grace_s - time.monotonic())
-
-    def _silence(self, connection: Connection) -> str:
-        silent = time.monotonic() - connection.last_seen
-        return f"nothing received from it for {silent:.0f} s, framework.client_grace_s={self.client_grace_s:g}"
-
-    def _expire(self, connection: Connection, generation: int) -> None:
-        """The grace period of a broken stream ended: the commands waiting for that client fail."""
-        if connection.generation != generation or connection.connected.is_set():
-            return
-        gone = ClientGone([connection.client_id], f"disconnected ({self._silence(connection)})")
-        for future in list(connection.pending.values()):
-            if not future.done():
-                future.set_exception(gone)
-
     def clear_replies(self) -> None:
         """Forget the cached replies (a round was rolled back: the same requests will ask for new work)."""
-        for connection in self.connections.values():
-            if connection.loop is not None:
-                connection.loop.call_soon_threadsafe(connection.replies.clear)
+        self.roster.clear_replies()
 
     # --- the stream ------------------------------------------------------------------------------------
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
-        metadata = dict(context.invocation_metadata() or ())
-        header = metadata.get("authorization", "")
-        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        client_id = self.tokens.get(token)
-        if not token or client_id is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
-        claimed = metadata.get("x-splitlm-client")
-        if claimed is not None and claimed != client_id:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"this token belongs to another client than {claimed!r}"
-            )
-        assert client_id is not None
-        if self.mutual_tls:
-            await self._check_certificate(context, client_id)
-        return client_id
-
-    async def _check_certificate(self, context: grpc.aio.ServicerContext, client_id: str) -> None:
-        """Under mutual TLS the client certificate must name the client the token belongs to (its common name
-        ``client-ID``, as ``splitlm certs`` issues it): another client's certificate and key are refused."""
-        auth = context.auth_context() or {}
-        names = [
-            value.decode("utf-8", "replace")
-            for key in ("x509_common_name", "x509_subject_alternative_name")
-            for value in auth.get(key, ())
-        ]
-        owner = certificate_client(names)
-        if owner != client_id:
-            whose = f"client {owner}'s" if owner is not None else f"not a client's ({', '.join(names) or 'no name'})"
-            reason = f"the client certificate is {whose}, not client {client_id}'s"
-            log.warning("refused a stream with client %s's token: %s", client_id, reason)
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"{reason}: present {client_subject(client_id)}.pem/.key"
-            )
-
     async def _session(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        client_id = await self._authenticate(context)
+        client_id = await authenticate(context, self.tokens, self.mutual_tls)
         connection = self.connections[client_id]
         if connection.outgoing is not None:  # a reconnect: retire the old stream
             connection.outgoing.put_nowait(None)
@@ -356,10 +237,7 @@ class GrpcServer:
         finally:
             reader.cancel()
             if connection.outgoing is outgoing:  # commands in flight wait for a reconnect, for a while
-                connection.connected.clear()
-                connection.outgoing = None
-                if connection.pending:
-                    connection.loop.call_later(self._grace_left(connection), self._expire, connection, generation)
+                self.roster.disconnected(connection, generation)
             log.info("client %s disconnected", client_id)
 
     async def _read(self, connection: Connection, requests: AsyncIterator[bytes]) -> None:
@@ -381,20 +259,20 @@ class GrpcServer:
                     # A first hello with ready=False only checks the token; the client says it is ready (with
                     # its data and parts) once it has built them, and only then takes over its client id.
                     if message.meta.get("ready", True):
-                        decoder.limits = self._limits_of(message)  # its state may now cross this stream
+                        decoder.limits = _limits_of(self.limits, message)  # its state may now cross this stream
                         session = str(message.meta.get("session", ""))
                         if connection.session and session != connection.session:
-                            self._restarted(connection)
+                            self.roster.restarted(connection, self.on_restart)
                         elif connection.session:  # the same process, back: send what it may have missed
                             for frames in list(connection.pending_frames.values()):
-                                self._put(connection, frames)
+                                connection.put(frames)
                         connection.session = session
                         connection.hello = message
                         connection.connected.set()
                         log.info("client %s ready", connection.client_id)
                     self._send(
                         connection,
-                        Message("welcome", connection.client_id, -1, 0, {}, {"heartbeat_s": self.heartbeat_s}),
+                        Message("welcome", connection.client_id, -1, 0, {}, {"heartbeat_s": self.roster.heartbeat_s}),
                     )
                 elif message.kind == "alive":  # a client with nothing else to say (its frame counted as seen)
                     pass
@@ -416,17 +294,6 @@ class GrpcServer:
             except Exception as error:  # a bug must not end the stream silently either
                 self._refuse(connection, message, error)
 
-    def _limits_of(self, hello: Message) -> Limits:
-        """The limits of a ready client's stream: the server's, with room for the state (client side) its hello
-        says it holds, as its ``get_state`` reply carries it."""
-        count = hello.meta.get("state_tensors", 0)
-        if type(count) is not int or not 0 <= count <= MAX_STATE_TENSORS:
-            raise ProtocolError(
-                f"hello: state_tensors must be an int in 0..{MAX_STATE_TENSORS}, got {str(count)[:40]!r}; client "
-                "and server must run the same splitlm version"
-            )
-        return self.limits.with_states(count)
-
     def _refuse(self, connection: Connection, message: Message | None, error: Exception) -> None:
         """Answer a message that failed with an ``error`` message on its stream (called inside ``except``)."""
         if isinstance(error, SplitLMError):
@@ -434,17 +301,6 @@ class GrpcServer:
         else:
             log.exception("client %s: request failed", connection.client_id)
         self._send(connection, error_message(connection.client_id, message, error))
-
-    def _restarted(self, connection: Connection) -> None:
-        """A new process took over a client id: what the old one was doing will never be answered."""
-        log.warning("client %s restarted", connection.client_id)
-        connection.replies.clear()
-        connection.inflight.clear()
-        if self.on_restart is not None:
-            self.on_restart(connection.client_id)
-        for future in connection.pending.values():
-            if not future.done():
-                future.set_exception(ClientGone([connection.client_id], "restarted"))
 
     async def _serve_one(self, connection: Connection, message: Message) -> None:
         try:
@@ -475,7 +331,7 @@ class GrpcServer:
                 def remember(done: concurrent.futures.Future[Message]) -> None:
                     # Cache the reply even if this stream dies meanwhile: the retry on the next stream gets it.
                     reply = None if done.cancelled() or done.exception() is not None else done.result()
-                    loop.call_soon_threadsafe(self._remember, connection, key, reply)
+                    loop.call_soon_threadsafe(connection.remember, key, reply)
 
                 future.add_done_callback(remember)
         try:
@@ -485,20 +341,38 @@ class GrpcServer:
             reply = error_message(connection.client_id, message, error)
         self._send(connection, reply, about=message.kind)
 
-    def _remember(self, connection: Connection, key: tuple[str, int, int], reply: Message | None) -> None:
-        connection.inflight.pop(key, None)
-        if reply is None:
-            return
-        connection.replies[key] = reply
-        while len(connection.replies) > REPLAY_CACHE:
-            connection.replies.popitem(last=False)
-
     def _send(self, connection: Connection, message: Message, about: str | None = None) -> None:
         """Queue ``message`` on the client's current stream (from the event loop's thread); ``about``: the kind of
         the request it answers (its bytes count as that request's: training or evaluation)."""
         if connection.outgoing is not None:
             connection.meter.record(message, "down", about=about)
             connection.outgoing.put_nowait(encode(message))
+
+
+def _answer_of(future: concurrent.futures.Future[Message], client_id: str, kind: str, timeout: float | None) -> Message:
+    """The client's answer to command ``kind`` (waited for, a note logged every ``STRAGGLER_NOTE_S``); ``ClientGone``
+    after ``timeout`` s without one."""
+    started = time.monotonic()
+    while True:
+        left = None if timeout is None else timeout - (time.monotonic() - started)
+        try:
+            return future.result(timeout=STRAGGLER_NOTE_S if left is None else min(STRAGGLER_NOTE_S, left))
+        except concurrent.futures.TimeoutError:
+            if left is not None and left <= STRAGGLER_NOTE_S:
+                raise ClientGone([client_id], f"did not answer {kind} within {timeout:.0f} s") from None
+            log.warning("still waiting for client %s (%s, %.0f s)", client_id, kind, time.monotonic() - started)
+
+
+def _limits_of(limits: Limits, hello: Message) -> Limits:
+    """The limits of a ready client's stream: the server's ``limits``, with room for the state (client side) its
+    hello says it holds, as its ``get_state`` reply carries it."""
+    count = hello.meta.get("state_tensors", 0)
+    if type(count) is not int or not 0 <= count <= MAX_STATE_TENSORS:
+        raise ProtocolError(
+            f"hello: state_tensors must be an int in 0..{MAX_STATE_TENSORS}, got {str(count)[:40]!r}; client "
+            "and server must run the same splitlm version"
+        )
+    return limits.with_states(count)
 
 
 def _answering(reply: Message, rid: object) -> Message:

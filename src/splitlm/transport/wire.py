@@ -134,11 +134,6 @@ def _check_little_endian() -> None:
         raise WireError(f"wire: the format is little-endian, this host is {sys.byteorder}-endian; not supported")
 
 
-def message_nbytes(message: Message) -> int:
-    """Tensor payload bytes of ``message`` (what the data frames carry; equals ``Message.payload_bytes()``)."""
-    return message.payload_bytes()
-
-
 def _codec_of(message: Message, name: str) -> str:
     """The codec a tensor of ``message`` travels under: its own, or that of the tensor it is a part of."""
     main = name.split(PART, 1)[0]

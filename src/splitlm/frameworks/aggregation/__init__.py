@@ -52,10 +52,6 @@ class Strategy(Component):
         framework's recipe, which aggregates through this strategy)."""
         return fed.framework.round(fed, round_index, members)
 
-    def networked_problems(self) -> list[str]:
-        """What keeps this strategy from a run whose clients are other processes (``splitlm serve``), one line each."""
-        return []
-
     def settled(self) -> bool:
         """Whether no client is in the middle of its training (only then is a checkpoint exact)."""
         return True

@@ -16,6 +16,7 @@ from pydantic import Field
 from splitlm.frameworks.aggregation import STRATEGIES, Strategy
 from splitlm.frameworks.aggregation.scales import scale_of
 from splitlm.frameworks.aggregation.updates import staleness_weight
+from splitlm.models.lowrank import learned_rank
 from splitlm.registry import ComponentSettings
 
 if TYPE_CHECKING:
@@ -74,12 +75,13 @@ class Asynchronous(Strategy):
 
         return clock_round(fed, self, round_index)
 
-    def networked_problems(self) -> list[str]:
-        if self.clock != "wall":
+    @classmethod
+    def networked_problems(cls, settings: Any) -> list[str]:
+        if settings.clock != "wall":
             return []
         return [
-            f"framework.aggregation.{self.name}.clock=wall runs every client on a thread of one process; for clients "
-            f"in other processes set framework.aggregation.{self.name}.clock=steps"
+            f"framework.aggregation.{cls.name}.clock=wall runs every client on a thread of one process; for clients "
+            f"in other processes set framework.aggregation.{cls.name}.clock=steps"
         ]
 
     def settled(self) -> bool:
@@ -120,8 +122,8 @@ class Asynchronous(Strategy):
         methods = {part: config.lora.part(part).method for part in ("head", "trunk", "tail")}
         if any(method != "lora" for method in methods.values()):
             problems.append(f"lora: {name} aggregates LoRA adapters; set lora.<part>.method=lora (got {methods})")
-        if config.transport.codec.activations.strip().startswith("lowrank"):
-            problems.append(f"transport.codec.activations: {name} does not aggregate lowrank bottlenecks")
+        if learned_rank(config) is not None:
+            problems.append(f"split.bottleneck: {name} does not aggregate learned bottlenecks; set it to 0")
         scale = scale_of(config)
         if scale.raises_aggregation:
             problems.append(

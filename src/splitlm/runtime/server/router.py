@@ -66,7 +66,7 @@ class Router:
         self.trunk = trunk  # the stage, possibly wrapped by peft
         self.stage = stage
         self.mode = mode
-        self.hidden_size = stage.in_width  # d, or K behind a learned bottleneck (lowrank:K)
+        self.hidden_size = stage.in_width  # d, or K behind a learned bottleneck (split.bottleneck)
         self.trainable = bool(trainable_parameters(trunk))
         self.seed = seed
         # clients whose adapter must stay where it is (the request handlers set it: graphs awaiting a backward,
