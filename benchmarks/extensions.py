@@ -9,8 +9,10 @@
   comparison, a registration, a look-up). Prose that mentions a key (docstrings, comments, error messages) is
   not a read; ``mentioned_in`` counts the modules whose text names the key anywhere, prose included.
 - ``largest_class_lines``: the longest class in src and where it is (target: at most about 300 lines).
-- ``assemblies``: the functions that construct a federation's parties, i.e. call ``Federation(...)``,
-  ``make_server(...)`` or ``server_chain(...)`` (target: 1, ``build_parties``).
+- ``assemblies``: the functions that construct a federation's parties, i.e. call ``Federation(...)`` (target: 1,
+  ``build_parties``), listed in ``assembly_places``; ``server_builders`` lists the functions that build a server and
+  its mods (``make_server(...)``, ``server_chain(...)``): ``host``, the server's half of ``build_parties``, which
+  Ray's server actor also runs in its own process.
 """
 
 from __future__ import annotations
@@ -30,14 +32,21 @@ FORMER_KEYS = (
     "splitguard", "server_attack", "fsha", "dxp", "santext", "custext", "smashed_noise", "grad_noise", "nopeek",
     "label_dp",
 )  # fmt: skip
-CONSTRUCTORS = ("Federation", "make_server", "server_chain")
+ASSEMBLERS = ("Federation",)
+SERVER_BUILDERS = ("make_server", "server_chain")
+
+
+# Registries whose built-in names are everyday words (the learning-rate scales none, linear, sqrt: torch.sqrt is not a
+# read of them); their config key (server_lr_scale) and MU-SplitFed's name are counted through FORMER_KEYS.
+GENERIC_NAMES = ("framework.server_lr_scale",)
 
 
 def registered_keys() -> list[str]:
-    """Every name a component registry knows (remedies, defenses, detectors, aggregation, server attacks)."""
+    """Every name a component registry knows (remedies, defenses, detectors, aggregation strategies, server attacks)."""
     from splitlm.frameworks.base import COMPONENT_KEYS, component_registry
 
-    return sorted({name for key in COMPONENT_KEYS for name in component_registry(key).names()})
+    keys = [key for key in COMPONENT_KEYS if key not in GENERIC_NAMES]
+    return sorted({name for key in keys for name in component_registry(key).names()})
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -73,8 +82,8 @@ def names_read(tree: ast.AST) -> set[str]:
     return found
 
 
-def constructors(tree: ast.AST) -> set[str]:
-    """The functions (qualified by class) that call one of ``CONSTRUCTORS``."""
+def callers(tree: ast.AST, constructors: tuple[str, ...]) -> set[str]:
+    """The functions (qualified by class) that call one of ``constructors``."""
     places = set()
 
     def visit(node: ast.AST, where: str) -> None:
@@ -85,7 +94,7 @@ def constructors(tree: ast.AST) -> set[str]:
             if isinstance(child, ast.Call):
                 func = child.func
                 name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-                if name in CONSTRUCTORS:
+                if name in constructors:
                     places.add(where or "<module>")
             visit(child, where)
 
@@ -118,7 +127,10 @@ def main() -> None:
         if isinstance(node, ast.ClassDef) and node.end_lineno is not None
     ]
     lines, where = max(classes)
-    places = sorted(f"{module}:{place}" for module, tree in modules.items() for place in constructors(tree))
+    places = sorted(f"{module}:{place}" for module, tree in modules.items() for place in callers(tree, ASSEMBLERS))
+    servers = sorted(
+        f"{module}:{place}" for module, tree in modules.items() for place in callers(tree, SERVER_BUILDERS)
+    )
     print(
         json.dumps(
             {
@@ -128,6 +140,7 @@ def main() -> None:
                 "largest_class": where,
                 "assemblies": len(places),
                 "assembly_places": places,
+                "server_builders": servers,
             }
         )
     )

@@ -119,7 +119,7 @@ def test_an_sflv2_run_with_mu_splitfed_steps_from_the_round_start(make_config, r
         averages.append(real_fedavg(states, weights))
         return averages[-1]
 
-    monkeypatch.setattr("splitlm.frameworks.aggregation.fedavg.fedavg", recording_fedavg)
+    monkeypatch.setattr("splitlm.frameworks.aggregate.fedavg", recording_fedavg)  # every FedAvg of the run
     summary = run_framework(config)
     assert (summary["server_lr_scale"], summary["aggregation_lr"]) == (0.25, 2.0)
     assert math.isfinite(summary["eval_loss_after"]) and summary["eval_loss_after"] < summary["eval_loss_before"]
