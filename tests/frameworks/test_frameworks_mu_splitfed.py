@@ -72,14 +72,14 @@ def test_a_tensor_the_old_model_lacks_or_shapes_otherwise_is_the_average() -> No
 def test_sflv2_with_four_clients_divides_the_trunk_lr_by_four_and_raises_the_aggregation_lr(make_config) -> None:
     config = make_config("run", *SFLV2, "framework.server_lr_scale=mu_splitfed")
     framework = framework_of(config)
-    assert framework.server_lr_scale(config, []) == 0.25
-    assert framework.aggregation_lr(config, []) == 2.0  # sqrt(4)
+    assert framework.trunk_lr_scale(config, []) == 0.25
+    assert framework.global_lr(config, []) == 2.0  # sqrt(4)
     explicit = make_config("run", *SFLV2, "framework.server_lr_scale=mu_splitfed", "framework.aggregation.sync.lr=1.5")
-    assert framework.aggregation_lr(explicit, []) == 1.5
+    assert framework.global_lr(explicit, []) == 1.5
     partial = make_config("run", *SFLV2, "framework.server_lr_scale=mu_splitfed", "framework.clients_per_round=3")
-    assert framework.server_lr_scale(partial, []) == pytest.approx(1 / 3)
+    assert framework.trunk_lr_scale(partial, []) == pytest.approx(1 / 3)
     plain = make_config("run", *SFLV2)
-    assert (framework.server_lr_scale(plain, []), framework.aggregation_lr(plain, [])) == (1.0, 1.0)
+    assert (framework.trunk_lr_scale(plain, []), framework.global_lr(plain, [])) == (1.0, 1.0)
 
 
 def test_gsfl_tau_is_the_largest_group(make_config) -> None:
@@ -87,8 +87,8 @@ def test_gsfl_tau_is_the_largest_group(make_config) -> None:
         "run", "framework.name=gsfl", "framework.num_clients=4", "framework.server_lr_scale=mu_splitfed"
     )
     framework = framework_of(config)
-    assert framework.server_lr_scale(config, [[0, 1, 2], [3]]) == pytest.approx(1 / 3)
-    assert framework.aggregation_lr(config, [[0, 1, 2], [3]]) == pytest.approx(math.sqrt(3))
+    assert framework.trunk_lr_scale(config, [[0, 1, 2], [3]]) == pytest.approx(1 / 3)
+    assert framework.global_lr(config, [[0, 1, 2], [3]]) == pytest.approx(math.sqrt(3))
 
 
 def test_the_server_is_built_with_a_quarter_of_the_learning_rate(make_config) -> None:

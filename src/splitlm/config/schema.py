@@ -660,7 +660,6 @@ def cross_field_problems(tree: dict[str, Any]) -> list[str]:
         problems.append("data.response_field: must differ from data.prompt_field")
     problems += _round_trip_problems(tree)
     problems += _client_problems(tree)
-    problems += _remedy_problems(tree)
     return problems
 
 
@@ -672,21 +671,6 @@ def _round_trip_problems(tree: dict[str, Any]) -> list[str]:
     if isinstance(micro, int) and isinstance(batch, int) and micro > batch:
         problems.append(
             f"train.pipeline.micro_batches: {micro} micro-batches need train.batch_size >= {micro} (got {batch})"
-        )
-    return problems
-
-
-def _remedy_problems(tree: dict[str, Any]) -> list[str]:
-    """Non-IID remedies (survey §3) that need more than one framework can give: the frameworks' own checks
-    (``Framework.check``) refuse the ones a framework cannot honour."""
-    problems: list[str] = []
-    clients, per_round = value_at(tree, "framework.num_clients"), value_at(tree, "framework.clients_per_round")
-    selection = value_at(tree, "framework.selection")
-    counts = isinstance(clients, int) and isinstance(per_round, int)
-    if isinstance(selection, str) and selection != "random" and counts and not 0 < per_round < clients:
-        problems.append(
-            f"framework.selection: {selection} picks framework.clients_per_round of the clients each round; set "
-            f"framework.clients_per_round between 1 and framework.num_clients - 1 (got {per_round} of {clients})"
         )
     return problems
 

@@ -86,14 +86,14 @@ class Framework:
             per_client if self.barrier or self.trunk_adapters == "client" else per_client * self.sharing(config, groups)
         )
 
-    def server_lr_scale(self, config: Config, groups: list[list[int]]) -> float:
+    def trunk_lr_scale(self, config: Config, groups: list[list[int]]) -> float:
         """``framework.server_lr_scale``: the trunk's learning rate scaled with the number tau of clients sharing it
         (``aggregation/scales.py``: x tau, x sqrt(tau) (SGLR), or / tau (MU-SplitFed))."""
         from splitlm.frameworks.aggregation.scales import scale_of
 
         return scale_of(config).trunk(self.sharing(config, groups))
 
-    def aggregation_lr(self, config: Config, groups: list[list[int]]) -> float:
+    def global_lr(self, config: Config, groups: list[list[int]]) -> float:
         """The global learning rate (eta_g) of the client sides' FedAvg, as the aggregation strategy and the
         server's scale give it (1: plain FedAvg; ``aggregation/fedavg.py``)."""
         from splitlm.frameworks.aggregation import strategy_of
@@ -233,6 +233,14 @@ def config_problems(tree: dict[str, Any]) -> list[str]:
         problem = registry.problem(value_at(tree, key))
         if problem is not None:
             problems.append(problem if problem.startswith(key) else f"{key}: {problem}")
+    selection, clients = value_at(tree, "framework.selection"), value_at(tree, "framework.num_clients")
+    per_round = value_at(tree, "framework.clients_per_round")
+    subset = selection in SELECTIONS and getattr(SELECTIONS.get(selection), "picks_a_subset", False)
+    if subset and isinstance(clients, int) and isinstance(per_round, int) and not 0 < per_round < clients:
+        problems.append(
+            f"framework.selection: {selection} picks framework.clients_per_round of the clients each round; set "
+            f"framework.clients_per_round between 1 and framework.num_clients - 1 (got {per_round} of {clients})"
+        )
     for key in ("transport.codec.activations", "transport.codec.gradients"):
         spec = value_at(tree, key)
         try:

@@ -29,6 +29,7 @@ from splitlm.config import Config
 from splitlm.config.schema import LINK_DIRECTIONS
 from splitlm.errors import ClientGone, ConfigError, Interrupted
 from splitlm.files import write_json
+from splitlm.frameworks.aggregation.scales import rates_in_effect
 from splitlm.frameworks.checkpoint import (
     load_checkpoint,
     prepare_output,
@@ -440,9 +441,7 @@ def summarize(fed: Federation, progress: dict[str, Any]) -> dict[str, Any]:
         "trunk_layers": server.trunk_layers() if server is not None else [],
         "server_adapters": server.adapter_names() if server is not None else [],
         "groups": fed.groups or None,
-        # the trunk's learning-rate scale and the client sides' FedAvg learning rate in effect (survey §3.2.2)
-        "server_lr_scale": fed.framework.server_lr_scale(config, fed.groups) if fed.framework.split else None,
-        "aggregation_lr": fed.framework.aggregation_lr(config, fed.groups),
+        **rates_in_effect(fed),
         "server": serving_summary(server),
         "aggregation": fed.strategy.summary(),
         "clients": [

@@ -352,7 +352,7 @@ class Federation:
         from, the last broadcast (``carry``). Before the first broadcast, make the client side ``members`` start
         from that global one (their FedAvg: every client starts from the same weights). Checkpoints keep it and a
         rolled-back round restores it, as any carry; with the default learning rate nothing is held."""
-        if self.carry is not None or not members or self.framework.aggregation_lr(self.config, self.groups) == 1.0:
+        if self.carry is not None or not members or self.framework.global_lr(self.config, self.groups) == 1.0:
             return
         self.carry, self.carry_from = fedavg([m.client.state() for m in members], self.weights(members)), None
 
@@ -641,7 +641,7 @@ def make_server(config: Config, framework: Framework, source: ModelSource, group
     if fw.merge > 1 and not framework.barrier and framework.trunk_adapters == "shared":
         steps = client_steps(config) * math.ceil(framework.sharing(config, groups) / fw.merge)
     server_train = config.train.model_copy(update={"steps": steps})
-    scale = framework.server_lr_scale(config, groups)
+    scale = framework.trunk_lr_scale(config, groups)
     trunk, trunk_stage = build_part(config, source, "trunk")
     serving = config.server
     offload = Path(serving.offload_dir) if serving.offload_dir else Path(config.output_dir) / "offload"

@@ -302,3 +302,6 @@ def pairing(histograms: list[Histogram], per_round: int, round_index: int, seed:
     while len(plan.rounds) <= round_index:
         plan.extend()
     return list(plan.rounds[round_index])
+
+
+pairing.picks_a_subset = True  # type: ignore[attr-defined]  # it needs framework.clients_per_round < num_clients

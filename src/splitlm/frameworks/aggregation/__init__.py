@@ -39,7 +39,7 @@ class Strategy(Component):
         trunk adapter (MU-SplitFed raises eta_g to sqrt of it)."""
         from splitlm.frameworks.aggregation.scales import scale_of
 
-        return scale_of(config).aggregation_lr(sharing)
+        return scale_of(config).global_lr(sharing)
 
     def average(self, states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
         """One state from the clients' ``states`` (client sides, or trunk adapters) and their ``weights`` (their

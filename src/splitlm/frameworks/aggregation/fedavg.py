@@ -60,7 +60,7 @@ class FedAvg(Strategy):
             return [f"{KEY}: steps the FedAvg of the clients' client sides; framework.name={name} {why} {KEY}"]
         from splitlm.frameworks.setup import mixed_clients
 
-        lr = settings.lr if settings.lr is not None else scale_of(config).aggregation_lr(framework.sharing(config, []))
+        lr = settings.lr if settings.lr is not None else scale_of(config).global_lr(framework.sharing(config, []))
         if framework.aggregates and lr != 1.0 and mixed_clients(config):
             return [
                 f"{KEY}={lr:g}: steps the global client side tensor by tensor, but framework.clients gives the clients "
@@ -73,7 +73,7 @@ def stepped(fed: Federation, average: dict[str, torch.Tensor]) -> dict[str, torc
     """The new global client side from the client sides' FedAvg ``average``: ``average`` itself with a global learning
     rate of 1 (plain FedAvg), else eta_g times its step from the global client side the round started from
     (``Federation.hold_global``; ``aggregate.global_step``)."""
-    lr = fed.framework.aggregation_lr(fed.config, fed.groups)
+    lr = fed.framework.global_lr(fed.config, fed.groups)
     if lr == 1.0 or fed.carry is None:
         return average
     return global_step(fed.carry, average, lr)

@@ -19,7 +19,7 @@ class MuSplitFed(LrScale):
     def trunk(self, sharing: int) -> float:
         return 1.0 / sharing
 
-    def aggregation_lr(self, sharing: int) -> float:
+    def global_lr(self, sharing: int) -> float:
         return math.sqrt(sharing)
 
     @classmethod
