@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks examples
 .venv/bin/lint-imports
 if [ "${1:-}" = "--slow" ]; then
   .venv/bin/python -m pytest -q -n 2 -m slow
