@@ -84,6 +84,7 @@ QUICK = [c for c in SPLITLM_LINES if "configs/tiny.yaml" in c and "fsha" not in 
 def test_quick_readme_lines_run_verbatim(tmp_path: Path) -> None:
     assert len(QUICK) >= 4
     (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "examples").symlink_to(ROOT / "examples")  # the plugins a README line names
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for line in QUICK:
         words = shlex.split(line, comments=True)
