@@ -1,10 +1,15 @@
-"""Test harnesses shared across test modules: a run stopped by Ctrl-C (or a hard stop) at a chosen step, and the
-gradients an optimizer steps on."""
+"""Test harnesses shared across test modules: a run stopped by Ctrl-C (or a hard stop) at a chosen step, the
+gradients an optimizer steps on, and a served run with its client in threads of the test's process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -51,3 +56,32 @@ def capture_grads(optimizer: PartyOptimizer, into: list[torch.Tensor | None]) ->
         original(coefficient)
 
     optimizer.step = step  # type: ignore[method-assign]
+
+
+def serve_one_client_in_threads(server_config: Config, client_config: Config, root: Path) -> dict[str, Any]:
+    """`splitlm serve` of ``server_config`` in a thread and its one client (id 0) of ``client_config`` in this one,
+    over gRPC on loopback (no TLS, a token): returns the server's summary (an error the server raised is raised)."""
+    from splitlm.deploy.agent import run_client
+    from splitlm.deploy.serve import serve
+
+    tokens = root / "tokens.json"
+    tokens.write_text(json.dumps({"t0": "0"}))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    served: dict[str, Any] = {}
+
+    def server() -> None:
+        try:
+            served["summary"] = serve(server_config, address, None, tokens, connect_timeout=60.0)
+        except BaseException as error:  # raised in the test's thread below
+            served["error"] = error
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    run_client(client_config, "0", address, "t0", None, connect_timeout=60.0)
+    thread.join(timeout=120)
+    if "error" in served:
+        raise served["error"]
+    assert "summary" in served, "the server did not finish within 120 s of its client"
+    return served["summary"]

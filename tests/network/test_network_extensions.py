@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +17,7 @@ import pytest
 import torch
 from network_support import serve_over_network
 
+from helpers import serve_one_client_in_threads
 from splitlm.config import Config, load_config
 from splitlm.config.load import import_plugins
 from splitlm.frameworks import run_framework
@@ -108,12 +107,6 @@ def test_they_run_in_process(
         assert torch.allclose(grid, grid.round(), atol=1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _losses(run_files: Any, folder: Path) -> list[tuple[str, int, float]]:
     return sorted((row["client"], row["step"], row["loss"]) for row in run_files.metrics(folder) if "loss" in row)
 
@@ -121,34 +114,15 @@ def _losses(run_files: Any, folder: Path) -> list[tuple[str, int, float]]:
 def test_they_run_over_grpc_as_in_process(
     extensions: ModuleType, fast_config: Callable[..., Config], tmp_path: Path, run_files: Any
 ) -> None:
-    from splitlm.deploy.agent import run_client
-    from splitlm.deploy.serve import serve
-
     # One client (the server and its client in threads of this process, which build their models one at a time);
     # the slow test below runs three client processes.
     settings = (*SETTINGS, "framework.num_clients=1")
-    reference = fast_config(tmp_path / "inprocess", *settings)
-    run_framework(reference)
-    plain = fast_config(tmp_path / "plain", *settings[1:4], "framework.num_clients=1")
-    run_framework(plain)
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({"t0": "0"}))
-    address = f"127.0.0.1:{_free_port()}"
-    served: dict[str, Any] = {}
-
-    def server() -> None:
-        try:
-            served["summary"] = serve(fast_config(tmp_path / "server", *settings), address, None, tokens,
-                                      connect_timeout=60.0)  # fmt: skip
-        except BaseException as error:  # the test reports it
-            served["error"] = error
-
-    thread = threading.Thread(target=server, daemon=True)
-    thread.start()
-    run_client(fast_config(tmp_path / "client0", *settings), "0", address, "t0", None, connect_timeout=60.0)
-    thread.join(timeout=120)
-    assert "error" not in served and "summary" in served, served
-    assert served["summary"]["aggregation"]["mode"] == "median"
+    run_framework(fast_config(tmp_path / "inprocess", *settings))
+    run_framework(fast_config(tmp_path / "plain", *settings[1:4], "framework.num_clients=1"))
+    summary = serve_one_client_in_threads(
+        fast_config(tmp_path / "server", *settings), fast_config(tmp_path / "client0", *settings), tmp_path
+    )
+    assert summary["aggregation"]["mode"] == "median"
     assert _losses(run_files, tmp_path / "server") == _losses(run_files, tmp_path / "inprocess")
     assert _losses(run_files, tmp_path / "server") != _losses(run_files, tmp_path / "plain")  # they acted
 

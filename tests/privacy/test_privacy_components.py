@@ -4,9 +4,6 @@ unknown names get the closest registered one."""
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ import torch
 from dp_accounting import dp_event
 from pydantic import Field
 
+from helpers import serve_one_client_in_threads
 from splitlm.cli.main import main
 from splitlm.config import Config
 from splitlm.errors import ConfigError
@@ -130,47 +128,24 @@ def test_a_defense_of_ones_own_runs_in_process_and_is_accounted(
     assert isinstance(block["epsilon"], float) and 0 < block["epsilon"] < 100  # from its declared mechanism
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_a_defense_of_ones_own_runs_over_grpc_as_in_process(
     shift: type[Shift], fast_config: Callable[..., Config], tmp_path: Path, run_files: Any
 ) -> None:
-    from splitlm.deploy.agent import run_client
-    from splitlm.deploy.serve import serve
-
     settings = ("privacy.defenses.shift.shift=0.25", "train.steps=3")
     reference = fast_config(tmp_path / "inprocess", *settings)
     run_framework(reference)
     plain = fast_config(tmp_path / "plain", "train.steps=3")
     run_framework(plain)
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({"t0": "0"}))
-    address = f"127.0.0.1:{_free_port()}"
-    served: dict[str, Any] = {}
-
-    def server() -> None:
-        try:
-            served["summary"] = serve(fast_config(tmp_path / "server", *settings), address, None, tokens,
-                                      connect_timeout=60.0)  # fmt: skip
-        except BaseException as error:  # the test reports it
-            served["error"] = error
-
-    thread = threading.Thread(target=server, daemon=True)
-    thread.start()
-    run_client(fast_config(tmp_path / "client", *settings), "0", address, "t0", None, connect_timeout=60.0)
-    thread.join(timeout=120)
-    assert "error" not in served and "summary" in served, served
+    summary = serve_one_client_in_threads(
+        fast_config(tmp_path / "server", *settings), fast_config(tmp_path / "client", *settings), tmp_path
+    )
     losses = {
         name: [row["loss"] for row in run_files.metrics(tmp_path / name) if "loss" in row]
         for name in ("inprocess", "server", "plain")
     }
     assert losses["server"] == losses["inprocess"] and len(losses["server"]) == 3
     assert losses["server"] != losses["plain"]  # the defense did act over the wire
-    assert served["summary"]["privacy"]["defenses"] == ["shift"]
+    assert summary["privacy"]["defenses"] == ["shift"]
 
 
 def test_a_configured_defense_that_is_not_registered_stops_the_run(make_config: Callable[..., Config]) -> None:
