@@ -145,12 +145,12 @@ def pump_lines(stream: Any, lines: queue.Queue[str | None], sink: list[str]) -> 
 
 
 def serve_over_network(
-    root: Path, config: Path, overrides: list[str], clients: int, env: dict[str, str] | None = None
+    root: Path, config: Path, overrides: list[str], count: int, env: dict[str, str] | None = None
 ) -> None:
-    """`splitlm serve` ``config`` to ``clients`` `splitlm client` processes (TLS, dev certificates) into
+    """`splitlm serve` ``config`` to ``count`` `splitlm client` processes (TLS, dev certificates) into
     ``root/server`` and ``root/client<i>``; raise with their logs if any fails. ``env`` adds to the environment."""
     certs = root / "certs"
-    make_dev_certs(certs, ["localhost", "127.0.0.1"], [str(i) for i in range(clients)])
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], [str(i) for i in range(count)])
     assert os.environ.get("SPLITLM_CACHE"), "the session fixture should have set SPLITLM_CACHE"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     out: list[str] = []
@@ -160,7 +160,7 @@ def serve_over_network(
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root,
     )  # fmt: skip
     clients: list[subprocess.Popen] = []
-    logs = [(root / f"client{i}.log").open("w") for i in range(clients)]
+    logs = [(root / f"client{i}.log").open("w") for i in range(count)]
     try:
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=pump_lines, args=(server.stdout, lines, out), daemon=True).start()
@@ -176,7 +176,7 @@ def serve_over_network(
             found = LISTENING.search(line)
             port = int(found.group(1)) if found else None
         assert port is not None, "".join(out)
-        for i in range(clients):
+        for i in range(count):
             command = cli(
                 "client", str(config), *overrides, f"output_dir={root / f'client{i}'}", "--server", f"127.0.0.1:{port}",
                 "--client-id", str(i), "--certs", str(certs),
@@ -190,5 +190,5 @@ def serve_over_network(
             proc.wait()
         for handle in logs:
             handle.close()
-    said = "".join(out) + "".join((root / f"client{i}.log").read_text()[-2000:] for i in range(clients))
-    assert rcs == [0] * (clients + 1), said
+    said = "".join(out) + "".join((root / f"client{i}.log").read_text()[-2000:] for i in range(count))
+    assert rcs == [0] * (count + 1), said
