@@ -315,3 +315,15 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(
     assert capsys.readouterr().err.strip() == expected
     assert main(["train", str(config), "--resume"]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_version_and_where_the_keys_are_listed(capsys) -> None:
+    import splitlm
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"splitlm {splitlm.__version__}"
+    with pytest.raises(SystemExit):
+        parse_args(["train", "--help"])
+    assert "splitlm config --keys" in capsys.readouterr().out

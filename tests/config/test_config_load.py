@@ -78,6 +78,22 @@ def test_errors_name_the_dotted_key(overrides: list[str], named: str) -> None:
     assert named in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.stpes=5", "train.stpes: unknown key (did you mean 'steps'?)"),
+        ("lora.head.rnak=4", "lora.head.rnak: unknown key (did you mean 'rank'?)"),
+        ("framework.clients=[{speeed: 2}]", "framework.clients.0.speeed: unknown key (did you mean 'speed'?)"),
+        ("modle.name=x", "modle: unknown key (did you mean 'model'?)"),
+        ("train.zzz=1", "train.zzz: unknown key"),  # nothing close: no guess
+    ],
+)
+def test_an_unknown_key_gets_the_closest_key_of_its_section(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        build_config({}, [override])
+    assert str(error.value) == f"invalid config: {message}"
+
+
 def test_override_into_a_value_is_an_error() -> None:
     with pytest.raises(ConfigError, match="seed is a value, not a section"):
         build_config({"seed": 3}, ["seed.x=1"])

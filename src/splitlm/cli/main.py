@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from splitlm import __version__
 from splitlm.errors import ConfigError, SplitLMError
 
 STARTED = time.perf_counter()  # the process's start, as near as splitlm can tell: wall_seconds count from here
@@ -263,11 +264,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitlm", description="Split learning fine-tuning of causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"splitlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune with a framework from a YAML config")
     train.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 split.mode=vanilla")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. train.steps=10 split.mode=vanilla (`splitlm config --keys` lists every key)",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     train.set_defaults(func=cmd_train)
 

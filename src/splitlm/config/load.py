@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from splitlm.config.schema import Config, as_mapping, cross_field_problems
 from splitlm.errors import ConfigError
@@ -42,12 +44,48 @@ def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _section_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config section (a pydantic model) that ``path`` leads to from the top (list indices pass through)."""
+    model: type[BaseModel] = Config
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        found = _model_in(field.annotation)
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``X``, ``X | None``, ``list[X]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _closest_key(loc: tuple[Any, ...]) -> str:
+    """`` (did you mean 'steps'?)`` for an unknown key: the closest key of its section, or ``""``."""
+    section = _section_at(tuple(loc[:-1]))
+    if section is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _format(error: ValidationError) -> list[str]:
     parts = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "config"
         if item["type"] == "extra_forbidden":
-            parts.append(f"{where}: unknown key")
+            parts.append(f"{where}: unknown key{_closest_key(item['loc'])}")
         elif item["type"] == "value_error":
             parts.append(str(item["msg"]).removeprefix("Value error, "))
         else:
