@@ -94,7 +94,7 @@ def test_quick_readme_lines_run_verbatim(tmp_path: Path) -> None:
         assert result.returncode == 0, f"{line}\n{result.stderr[-2000:]}"
     losses = [
         [json_line["loss"] for json_line in map(_json, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
-        for run in ("A", "B", "C")
+        for run in ("runs/A", "runs/B", "runs/C")
     ]
     # what the README promises for these three runs (bit for bit is asserted in tests/runtime)
     for split in losses[1:]:
