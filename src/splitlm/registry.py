@@ -126,6 +126,9 @@ class Component:
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type[ComponentSettings]] = ComponentSettings
+    # config keys (dotted) where this component's settings lived before it was one, and what to write instead: a
+    # config that still sets one is told where it went
+    former_keys: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, settings: ComponentSettings | None = None) -> None:
         self.settings = settings if settings is not None else self.Settings()

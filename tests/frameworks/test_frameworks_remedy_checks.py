@@ -210,3 +210,22 @@ def test_a_resolved_config_passes_its_checks_again(name: str) -> None:
     config = build_config({}, [f"framework.name={name}", *BASE])
     again = build_config(config.model_dump(mode="json"), checks=[config_problems])
     framework_of(again).check(again)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.logit_adjustment=1", "train.logit_adjustment: moved; write remedies.logit_adjustment.tau"),
+        ("framework.personalize=multi_exit", "framework.personalize: moved; write remedies: [multi_exit]"),
+        ("train.client_update_every=2", "train.client_update_every: moved; write remedies.intermittent.every"),
+        ("privacy.splitguard.enabled=true", "privacy.splitguard: moved; write privacy.detectors.splitguard"),
+        ("privacy.dxp.epsilon=3", "privacy.dxp: moved; write privacy.defenses.dxp"),
+        ("privacy.fsha.lr=0.1", "privacy.fsha: moved; write privacy.server_attack.fsha"),
+        ("framework.aggregation_lr=2", "framework.aggregation_lr: moved; write framework.aggregation.sync.lr"),
+        ("framework.async_mix=0.3", "framework.async_mix: moved; write framework.aggregation.async.mix"),
+    ],
+)
+def test_a_key_that_became_a_components_setting_says_where_it_went(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        build_config({}, [override], checks=[config_problems])
+    assert str(error.value) == f"invalid config: {message}"  # instead of a bare "unknown key"

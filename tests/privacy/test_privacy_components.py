@@ -102,7 +102,7 @@ def test_unknown_component_names_get_the_closest_one(config_file: Callable[..., 
 
 def test_a_defenses_settings_live_under_its_name(config_file: Callable[..., Path], capsys: Any) -> None:
     assert main(["config", str(config_file()), "privacy.smashed_noise.clip=1"]) == 2
-    assert "privacy.smashed_noise: unknown key" in _one_error_line(capsys)
+    assert "privacy.smashed_noise: moved; write privacy.defenses.smashed_noise" in _one_error_line(capsys)
     argv = ["config", str(config_file()), "privacy.defenses=[nopeek, smashed_noise]",
             "privacy.defenses.smashed_noise.clip=2", "privacy.detectors.splitguard.probe_every=3"]  # fmt: skip
     assert main(argv) == 0

@@ -154,7 +154,10 @@ def build_config(
         problems = _format(error)
         if all(item["loc"] for item in error.errors()):  # field errors stopped the cross-field checks: run them
             problems += cross_field_problems(tree)
-        problems += [problem for check in checks for problem in check(tree)]
+        more = [problem for check in checks for problem in check(tree)]
+        # a check that says more of an unknown key (e.g. where a former key went) replaces the bare "unknown key"
+        said = {problem.partition(": ")[0] for problem in more}
+        problems = [p for p in problems if not (p.partition(": ")[0] in said and ": unknown key" in p)] + more
         raise ConfigError(f"invalid config: {'; '.join(problems)}") from None
     problems = [problem for check in checks for problem in check(tree)]
     if problems:

@@ -214,6 +214,15 @@ def networked_problems(config: Config) -> list[str]:
     ]
 
 
+def _is_set(tree: dict[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def config_problems(tree: dict[str, Any]) -> list[str]:
     """Names a config gives that no registry knows (frameworks, groupings, selections, policies, partitioners,
     defenses, codecs), for ``load_config(..., checks=[config_problems])`` to report with the schema's own problems."""
@@ -247,6 +256,11 @@ def config_problems(tree: dict[str, Any]) -> list[str]:
             parse_codec(spec if isinstance(spec, str) else "")
         except ConfigError as error:
             problems.append(f"{key}: {str(error).removeprefix('transport.codec: ')}")
+    for key in COMPONENT_KEYS:
+        for name in component_registry(key).names():
+            for old, new in component_registry(key).get(name).former_keys:
+                if _is_set(tree, old):
+                    problems.append(f"{old}: moved; write {new}")
     for key in COMPONENT_KEYS:
         spec = value_at(tree, key)
         if isinstance(spec, list):  # a list of names: each once (as_mapping would keep one silently)

@@ -184,6 +184,7 @@ class AlignStats(Mod):
 @REMEDIES.component
 class AlignKL(Remedy):
     name = "align_kl"
+    former_keys = (("train.align_kl", "remedies.align_kl.weight"),)
 
     class Settings(ComponentSettings):
         weight: float = Field(

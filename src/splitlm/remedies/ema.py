@@ -36,6 +36,7 @@ def decelerated(previous: State | None, trained: State, ema: float) -> State:
 @REMEDIES.component
 class Ema(Remedy):
     name = "ema"
+    former_keys = (("train.ema", "remedies.ema.decay"),)
 
     class Settings(ComponentSettings):
         decay: float = Field(

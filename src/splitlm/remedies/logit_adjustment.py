@@ -60,6 +60,7 @@ def label_prior(examples: Iterable[Example], vocab_size: int) -> torch.Tensor:
 @REMEDIES.component
 class LogitAdjustmentRemedy(Remedy):
     name = "logit_adjustment"
+    former_keys = (("train.logit_adjustment", "remedies.logit_adjustment.tau"),)
 
     class Settings(ComponentSettings):
         tau: float = Field(

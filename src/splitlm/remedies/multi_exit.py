@@ -119,6 +119,10 @@ def early_exit(client: Any) -> MultiExit | None:
 @REMEDIES.component
 class MultiExitRemedy(Remedy):
     name = "multi_exit"
+    former_keys = (
+        ("framework.personalize", "remedies: [multi_exit]"),
+        ("framework.exit_weight", "remedies.multi_exit.exit_weight"),
+    )
 
     class Settings(ComponentSettings):
         exit_weight: float = Field(

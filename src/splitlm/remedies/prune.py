@@ -59,6 +59,7 @@ class El2nPrune(ClientPlugin):
 @REMEDIES.component
 class Prune(Remedy):
     name = "prune"
+    former_keys = (("data.prune", "remedies.prune.keep (el2n:F is keep=F)"),)
 
     class Settings(ComponentSettings):
         keep: float = Field(

@@ -36,6 +36,7 @@ def with_replay(rows: list[int], kept: list[int], fraction: float, rng: random.R
 @REMEDIES.component
 class Replay(Remedy):
     name = "replay"
+    former_keys = (("train.replay", "remedies.replay.fraction"),)
 
     class Settings(ComponentSettings):
         fraction: float = Field(

@@ -149,6 +149,7 @@ class _Update(Remedy):
 @REMEDIES.component
 class Intermittent(_Update):
     name = "intermittent"
+    former_keys = (("train.client_update_every", "remedies.intermittent.every"),)
 
     class Settings(ComponentSettings):
         every: int = Field(
@@ -173,6 +174,10 @@ class FrozenHead(_Update):
 @REMEDIES.component
 class LocalLossRemedy(_Update):
     name = "local_loss"
+    former_keys = (
+        ("train.client_update", "remedies: [local_loss] or [frozen_head]"),
+        ("train.align_every", "remedies.local_loss.align_every"),
+    )
 
     class Settings(ComponentSettings):
         align_every: int = Field(

@@ -142,6 +142,11 @@ class Asynchronous(Strategy):
 @STRATEGIES.component
 class Async(Asynchronous):
     name = "async"
+    former_keys = (
+        ("framework.async_mix", "framework.aggregation.async.mix"),
+        ("framework.staleness_exponent", "framework.aggregation.async.staleness_exponent"),
+        ("framework.max_staleness", "framework.aggregation.async.max_staleness"),
+    )
 
     class Settings(AsyncSettings):
         mix: float = Field(

@@ -30,6 +30,7 @@ KEY = "framework.aggregation.sync.lr"
 @STRATEGIES.component
 class FedAvg(Strategy):
     name = "sync"
+    former_keys = (("framework.aggregation_lr", "framework.aggregation.sync.lr"),)
 
     class Settings(ComponentSettings):
         lr: float | None = Field(

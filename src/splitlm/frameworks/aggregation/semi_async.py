@@ -17,6 +17,7 @@ from splitlm.frameworks.federation import Federation
 @STRATEGIES.component
 class SemiAsync(Asynchronous):
     name = "semi_async"
+    former_keys = (("framework.round_window_s", "framework.aggregation.semi_async.round_window_s"),)
     windowed = True
 
     class Settings(AsyncSettings):

@@ -97,6 +97,7 @@ class Fsha(ServerAttack):
     """A malicious server: the honest server underneath, forged gradients for the smashed data on top."""
 
     name = "fsha"
+    former_keys = (("privacy.fsha", "privacy.server_attack.fsha"),)
     Settings = FshaSettings
 
     @classmethod

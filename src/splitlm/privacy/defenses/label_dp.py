@@ -30,6 +30,7 @@ IGNORE = -100
 @DEFENSES.component
 class LabelDp(MessageDefense):
     name = "label_dp"
+    former_keys = (("privacy.label_dp", "privacy.defenses.label_dp"),)
 
     class Settings(ComponentSettings):
         epsilon: float = Field(

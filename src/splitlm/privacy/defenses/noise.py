@@ -127,6 +127,7 @@ class ClipNoise:
 @DEFENSES.component
 class SmashedNoise(MessageDefense):
     name = "smashed_noise"
+    former_keys = (("privacy.smashed_noise", "privacy.defenses.smashed_noise"),)
     Settings = NoiseSettings
 
     @classmethod
@@ -148,6 +149,7 @@ class SmashedNoise(MessageDefense):
 @DEFENSES.component
 class GradNoise(MessageDefense):
     name = "grad_noise"
+    former_keys = (("privacy.grad_noise", "privacy.defenses.grad_noise"),)
     Settings = GradNoiseSettings
 
     @classmethod

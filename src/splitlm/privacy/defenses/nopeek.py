@@ -39,6 +39,7 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @DEFENSES.component
 class NoPeek(InputDefense):
     name = "nopeek"
+    former_keys = (("privacy.nopeek", "privacy.defenses.nopeek"),)
 
     class Settings(ComponentSettings):
         beta: float = Field(

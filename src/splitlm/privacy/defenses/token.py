@@ -91,6 +91,7 @@ class TokenDefense(InputDefense):
 @DEFENSES.component
 class Dxp(TokenDefense):
     name = "dxp"
+    former_keys = (("privacy.dxp", "privacy.defenses.dxp"),)
 
     class Settings(ComponentSettings):
         epsilon: float = Field(
@@ -129,6 +130,7 @@ class Dxp(TokenDefense):
 @DEFENSES.component
 class SanText(TokenDefense):
     name = "santext"
+    former_keys = (("privacy.santext", "privacy.defenses.santext"),)
 
     class Settings(ComponentSettings):
         epsilon: float = Field(
@@ -163,6 +165,7 @@ class SanText(TokenDefense):
 @DEFENSES.component
 class CusText(TokenDefense):
     name = "custext"
+    former_keys = (("privacy.custext", "privacy.defenses.custext"),)
 
     class Settings(ComponentSettings):
         epsilon: float = Field(

@@ -112,6 +112,7 @@ class SplitGuard(Detector):
     """Probes with fake labels; raises ``HijackAlarm`` when the returned gradients ignore the labels."""
 
     name = "splitguard"
+    former_keys = (("privacy.splitguard", "privacy.detectors.splitguard"),)
     Settings = SplitGuardSettings
 
     @classmethod
