@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import ValidationError
+
 from splitlm.config import Config
 from splitlm.config.schema import as_mapping, value_at
 from splitlm.errors import ConfigError
@@ -214,13 +216,24 @@ def networked_problems(config: Config) -> list[str]:
     ]
 
 
-def _is_set(tree: dict[str, Any], dotted: str) -> bool:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+def _moved_keys(tree: dict[str, Any]) -> list[str]:
+    """Where the unknown keys of ``tree`` that a component used to live at went (``Component.former_keys``). The
+    registries are asked only when the schema finds an unknown key, so a valid config imports no component."""
+    try:
+        Config.model_validate(tree)
+        return []
+    except ValidationError as error:
+        unknown = [
+            ".".join(str(p) for p in item["loc"]) for item in error.errors() if item["type"] == "extra_forbidden"
+        ]
+    problems = []
+    for key in COMPONENT_KEYS if unknown else ():
+        registry = component_registry(key)
+        for name in registry.names():
+            for old, new in registry.get(name).former_keys:
+                if any(path == old or path.startswith(f"{old}.") for path in unknown):
+                    problems.append(f"{old}: moved; write {new}")
+    return problems
 
 
 def config_problems(tree: dict[str, Any]) -> list[str]:
@@ -256,11 +269,7 @@ def config_problems(tree: dict[str, Any]) -> list[str]:
             parse_codec(spec if isinstance(spec, str) else "")
         except ConfigError as error:
             problems.append(f"{key}: {str(error).removeprefix('transport.codec: ')}")
-    for key in COMPONENT_KEYS:
-        for name in component_registry(key).names():
-            for old, new in component_registry(key).get(name).former_keys:
-                if _is_set(tree, old):
-                    problems.append(f"{old}: moved; write {new}")
+    problems += _moved_keys(tree)
     for key in COMPONENT_KEYS:
         spec = value_at(tree, key)
         if isinstance(spec, list):  # a list of names: each once (as_mapping would keep one silently)
