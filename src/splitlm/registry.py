@@ -134,6 +134,12 @@ class Component:
         self.settings = settings if settings is not None else self.Settings()
 
     @classmethod
+    def create(cls, settings: Any, *context: Any) -> Component:
+        """This component with ``settings``, for a run whose ``context`` its kind defines (a defense: the client's
+        token vectors; a server attack: the config, model source and trunk); by default ``cls(settings)``."""
+        return cls(settings)
+
+    @classmethod
     def problems(cls, settings: Any, config: Any, framework: Any) -> list[str]:
         """What this component cannot work with in ``config`` under ``framework`` (None: not known yet), one line
         each, naming the key to change; empty when it can work."""
@@ -200,9 +206,15 @@ class ComponentRegistry(Registry[type[C]]):
         assert isinstance(spec, dict)
         return {name: self._items[name].Settings.model_validate(values) for name, values in spec.items()}
 
-    def build(self, spec: object) -> list[C]:
-        """One instance of each component ``spec`` names, with its settings, in order."""
-        return [self._items[name](settings) for name, settings in self.parse(spec).items()]  # type: ignore[misc]
+    def build(self, spec: object, *context: Any) -> list[C]:
+        """One instance of each component ``spec`` names, made by its ``create`` with its settings and ``context``,
+        in order; each carries its ``settings``."""
+        built = []
+        for name, settings in self.parse(spec).items():
+            item = self._items[name].create(settings, *context)
+            item.settings = settings
+            built.append(item)
+        return built  # type: ignore[return-value]
 
     def problems(self, spec: object, config: Any, framework: Any) -> list[str]:
         """Every problem of ``spec``: unknown names and bad settings, then each component's own rules."""

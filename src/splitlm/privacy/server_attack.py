@@ -46,9 +46,4 @@ SERVER_ATTACKS = ComponentRegistry[ServerAttack](
 
 def build_server_attacks(spec: Any, config: Config, source: ModelSource, trunk: Stage) -> list[ServerAttack]:
     """The server mods ``spec`` (``privacy.server_attack``) names, with their settings: none for an honest server."""
-    attacks = []
-    for name, settings in SERVER_ATTACKS.parse(as_mapping(spec)).items():
-        attack = SERVER_ATTACKS.get(name).create(settings, config, source, trunk)
-        attack.settings = settings
-        attacks.append(attack)
-    return attacks
+    return SERVER_ATTACKS.build(as_mapping(spec), config, source, trunk)

@@ -182,9 +182,4 @@ class DefenseChain:
 
 def build_defenses(spec: Any, context: DefenseContext) -> DefenseChain:
     """The chain ``spec`` (``privacy.defenses``: ``{name: settings}`` in order) names, each with its own settings."""
-    defenses = []
-    for name, settings in DEFENSES.parse(as_mapping(spec)).items():
-        defense = DEFENSES.get(name).create(settings, context)
-        defense.settings = settings
-        defenses.append(defense)
-    return DefenseChain(defenses)
+    return DefenseChain(DEFENSES.build(as_mapping(spec), context))

@@ -58,9 +58,4 @@ DETECTORS = ComponentRegistry[Detector](
 
 def build_detectors(spec: Any, context: DetectorContext) -> list[Detector]:
     """The detectors ``spec`` (``privacy.detectors``: ``{name: settings}``) names, in order, with their settings."""
-    detectors = []
-    for name, settings in DETECTORS.parse(as_mapping(spec)).items():
-        detector = DETECTORS.get(name).create(settings, context)
-        detector.settings = settings
-        detectors.append(detector)
-    return detectors
+    return DETECTORS.build(as_mapping(spec), context)
