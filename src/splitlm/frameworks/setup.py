@@ -128,12 +128,12 @@ def _layout(name: str, revision: str | None) -> BlockLayout:
 
 def _load_all_rows(config: Config) -> list[dict[str, Any]]:
     if config.data.partition != "by_source":
-        return load_rows(config.data)
+        return load_rows(config.data, config.seed)
     if not config.data.sources:
         raise ConfigError("data.partition=by_source needs data.sources: one data name per client")
     rows = []
     for name in config.data.sources:
-        for row in load_rows(config.data.model_copy(update={"name": name})):
+        for row in load_rows(config.data.model_copy(update={"name": name}), config.seed):
             rows.append({**row, "_source": name})
     return rows
 

@@ -77,9 +77,9 @@ class PublicKnowledge:
     def _aux_batches(self, rows: int, batch_size: int, name: str | None) -> list[Batch]:
         data = self.config.data
         if name:
-            pool = load_rows(data.model_copy(update={"name": name, "max_rows": None}))
+            pool = load_rows(data.model_copy(update={"name": name, "max_rows": None}), self.config.seed)
         else:
-            everything = load_rows(data.model_copy(update={"max_rows": None}))
+            everything = load_rows(data.model_copy(update={"max_rows": None}), self.config.seed)
             if data.max_rows is not None and len(everything) > data.max_rows:
                 pool = everything[data.max_rows :]
             else:

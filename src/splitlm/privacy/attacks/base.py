@@ -22,10 +22,11 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from splitlm.errors import PrivacyError
+from splitlm.data import known_entities
+from splitlm.errors import DataError, PrivacyError
 from splitlm.files import write_json, write_jsonl
 from splitlm.privacy.knowledge import PublicKnowledge
-from splitlm.privacy.metrics import rouge_l, token_accuracy
+from splitlm.privacy.metrics import pii_counts, pii_recovered, rouge_l, token_accuracy
 from splitlm.privacy.tap import Key, read_records
 from splitlm.registry import Registry
 
@@ -144,21 +145,35 @@ def score(
     row's ``rouge_l`` and ``token_accuracy`` (``truth`` and the scores are null for a micro-batch recorded
     without its truth). ``progress``: show progress bars on stderr (kept on ``ctx.progress`` for the
     attack's own loops).
+
+    When the run's data lists its PII (``data.name=pii``, or a JSON lines file with an ``entities`` column),
+    the result also holds ``pii_recovered`` (``privacy.metrics.pii_recovered`` over every scored row: per
+    entity type and ``"all"``, the fraction of the entities in the decoded truth that the decoded guess holds
+    verbatim), and so does each sequence row (for that row alone).
     """
     started = time.perf_counter()
     ctx.progress = progress
     rouges, accuracies = [], []
     example: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
+    entities = run_entities(ctx)
+    found: dict[str, int] = {}
+    recovered: dict[str, int] = {}
     torch.manual_seed(ctx.config.seed)
     for o in bar(ctx, obs, f"{name}: micro-batches", leave=True):
         guess = attack.invert(ctx, o).to("cpu")  # (B, T)
         if sequences is not None:
-            rows.extend(_sequences(ctx, o, guess))
+            rows.extend(_sequences(ctx, o, guess, entities))
         if o.truth is None:
             continue
         rouges.append(rouge_l(o.truth, guess, o.attention_mask))
         accuracies.append(token_accuracy(o.truth, guess, o.attention_mask))
+        if entities:
+            truths = [ctx.decode(t, m) for t, m in zip(o.truth, o.attention_mask, strict=True)]
+            guesses = [ctx.decode(g, m) for g, m in zip(guess, o.attention_mask, strict=True)]
+            for total, counts in zip((found, recovered), pii_counts(truths, guesses, entities), strict=True):
+                for kind, count in counts.items():
+                    total[kind] = total.get(kind, 0) + count
         if not example:
             example = {
                 "truth": ctx.decode(o.truth[0], o.attention_mask[0]),
@@ -174,30 +189,49 @@ def score(
         "seconds": time.perf_counter() - started,
         "example": example,
     }
+    if entities:
+        shares = {kind: recovered[kind] / found[kind] for kind in found}
+        result["pii_recovered"] = {**shares, "all": sum(recovered.values()) / sum(found.values())} if found else {}
     if sequences is not None:
         write_jsonl(sequences, rows)  # atomic, like the result file
         result["sequences"] = str(sequences)
     return result
 
 
-def _sequences(ctx: AttackContext, o: Observation, guess: torch.Tensor) -> list[dict[str, Any]]:
-    """One record per row of the micro-batch ``o``: its key, the decoded truth and guess, the row's scores."""
+def run_entities(ctx: PublicKnowledge) -> list[tuple[str, str]]:
+    """The ``(type, text)`` PII entities of the run's training data (``data.known_entities``, regenerated from
+    the run's config and seed), ``[]`` when the data lists none or can no longer be read; kept in ``ctx.cache``."""
+    if "pii_entities" not in ctx.cache:
+        try:
+            ctx.cache["pii_entities"] = known_entities(ctx.config.data, ctx.config.seed)
+        except DataError:
+            ctx.cache["pii_entities"] = []  # e.g. the run's data file moved: score without PII
+    return ctx.cache["pii_entities"]
+
+
+def _sequences(
+    ctx: AttackContext, o: Observation, guess: torch.Tensor, entities: list[tuple[str, str]] | None = None
+) -> list[dict[str, Any]]:
+    """One record per row of the micro-batch ``o``: its key, the decoded truth and guess, the row's scores
+    (``pii_recovered`` too when ``entities`` are known)."""
     client, step, micro = o.key
     records = []
     for row, mask in enumerate(o.attention_mask):
         truth = None if o.truth is None else o.truth[row : row + 1]  # (1, T)
-        records.append(
-            {
-                "client": client,
-                "step": step,
-                "micro": micro,
-                "row": row,
-                "truth": None if truth is None else ctx.decode(truth[0], mask),
-                "guess": ctx.decode(guess[row], mask),
-                "rouge_l": None if truth is None else rouge_l(truth, guess[row : row + 1], mask[None]),
-                "token_accuracy": None if truth is None else token_accuracy(truth, guess[row : row + 1], mask[None]),
-            }
-        )
+        record = {
+            "client": client,
+            "step": step,
+            "micro": micro,
+            "row": row,
+            "truth": None if truth is None else ctx.decode(truth[0], mask),
+            "guess": ctx.decode(guess[row], mask),
+            "rouge_l": None if truth is None else rouge_l(truth, guess[row : row + 1], mask[None]),
+            "token_accuracy": None if truth is None else token_accuracy(truth, guess[row : row + 1], mask[None]),
+        }
+        if entities:
+            text = record["truth"]
+            record["pii_recovered"] = None if text is None else pii_recovered([text], [record["guess"]], entities)
+        records.append(record)
     return records
 
 
