@@ -537,6 +537,12 @@ class PrivacyConfig(Section):
         description="Make the (simulated) server malicious, e.g. {fsha: {lr: 1e-3}} or fsha (FSHA hijacks the "
         "client's feature space); empty: an honest server.",
     )
+    protocols: Components = Field(
+        default_factory=dict,
+        description="Protocol changes between the clients and the server, each with its settings, e.g. [three_tier] "
+        "(3-Tier SL's aggregator: shuffles each micro-batch's rows before the server sees them, exactly); empty: "
+        "none.",
+    )
 
 
 class Config(Section):

@@ -4,7 +4,8 @@ Every transport (in-process, gRPC, Ray) gets its chains here, so a run behaves t
 travel. The order, from the client's training code to the server's handler::
 
     client:  defenses (smashed data, labels, gradients) -> detectors -> codec -> meter -> [link] -> transport
-    server:  transport -> codec -> tap -> server attack (FSHA) -> the remedies' mods -> SplitServer
+    server:  transport -> codec -> protocols (three_tier) -> tap -> server attack (FSHA) -> the remedies' mods
+             -> SplitServer
 
 The meter is the client's last mod, so it counts what travels (encoded bytes); the tap sits after the
 server's codec, so attacks read what the server decoded; a detector (SplitGuard) observes gradients after the
@@ -29,6 +30,7 @@ from splitlm.config.schema import LINK_DIRECTIONS
 from splitlm.models import ModelSource, Stage
 from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
 from splitlm.privacy.detectors import DetectorContext, build_detectors
+from splitlm.privacy.protocols import build_protocols
 from splitlm.privacy.server_attack import build_server_attacks
 from splitlm.privacy.tap import ServerTap, TruthRecorder
 from splitlm.remedies import ClientSetup, build_remedies
@@ -88,6 +90,7 @@ def client_pipeline(
 def server_mods(config: Config, source: ModelSource, trunk: Stage, tap: ServerTap | None = None) -> list[Mod]:
     """The server's mods, from the wire inwards; ``tap`` is the run's recorder (in-process runs)."""
     mods: list[Mod] = [codec_mod(config)]
+    mods += build_protocols(config.privacy.protocols, config)  # before the tap: it records what the server gets
     if tap is not None:
         mods.append(tap)
     mods += build_server_attacks(config.privacy.server_attack, config, source, trunk)
