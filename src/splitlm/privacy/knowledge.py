@@ -71,8 +71,8 @@ class PublicKnowledge:
         self._stages: dict[str, Stage] = {}
         self._public: dict[str, Stage] = {}
         self._fingerprint: str | None = None
-        if threat_model == "inside":
-            self.adapters_dir()  # fail now, in one line, when the client's parts cannot be known
+        # inside: found now, so a context that cannot know the client's parts fails at once, in one line
+        self._adapters = self._find_adapters() if threat_model == "inside" else None
 
     @classmethod
     def from_run(
@@ -85,6 +85,9 @@ class PublicKnowledge:
 
     def adapters_dir(self) -> Path:
         """The folder with the client's adapter files (``head.safetensors``, ``tail.safetensors``), for ``inside``."""
+        return self._adapters if self._adapters is not None else self._find_adapters()
+
+    def _find_adapters(self) -> Path:
         base = self.client_dir if self.client_dir is not None else self.run_dir
         if base is None:
             raise PrivacyError(
