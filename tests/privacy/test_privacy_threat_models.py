@@ -117,7 +117,9 @@ def test_public_without_defense_reproduces_the_old_path(run: Path, monkeypatch: 
     mine, theirs = model.state_dict(), reference.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     o = observations(run)[0]
-    assert torch.equal(sip.sip_logits(new, o.smashed, o.attention_mask, options), reference(o.smashed, o.attention_mask))
+    assert torch.equal(
+        sip.sip_logits(new, o.smashed, o.attention_mask, options), reference(o.smashed, o.attention_mask)
+    )
     ids, mask = _aux(new)
     assert torch.equal(new.simulate(ids, mask), old_head_outputs(new, ids, mask))
 
@@ -208,6 +210,7 @@ def test_pidi_in_a_vanilla_split_uses_the_received_labels(record_run) -> None:
     _, start, fixed = make_attack("pidi", PIDI).invert_with_fixed(ctx, o)
     has = (o.labels != -100) & o.attention_mask.bool()
     assert torch.equal(start[has], o.labels[has])  # the response side: what the client sent
+    assert not (fixed & ~has).any()  # only where the labels and SIP agree
     forward_only = make_attack("pidi", {**PIDI, "response": "off"})
     guess, _, nothing = forward_only.invert_with_fixed(ctx, Observation(o.key, o.smashed, o.attention_mask))
     assert not nothing.any() and guess.shape == o.attention_mask.shape

@@ -184,7 +184,9 @@ def client_stage(config: Config, source: ModelSource, role: Role, adapters: Path
     rank = learned_rank(own)
     if rank is not None:
         add_bottleneck(stage, source, rank)
-    part = make_trainable(stage, own.lora.part(role), stage.family.lora_targets, own.seed, role, stage.bottleneck_modules())
+    part = make_trainable(
+        stage, own.lora.part(role), stage.family.lora_targets, own.seed, role, stage.bottleneck_modules()
+    )
     if trainable_parameters(part):
         load_trainable(part, adapters / f"{role}.safetensors")
     plain = merged(part)

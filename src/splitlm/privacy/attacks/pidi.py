@@ -153,7 +153,9 @@ class PidiAttack:
     def invert(self, ctx: AttackContext, obs: Observation) -> torch.Tensor:
         return self.invert_with_fixed(ctx, obs)[0]
 
-    def invert_with_fixed(self, ctx: AttackContext, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def invert_with_fixed(
+        self, ctx: AttackContext, obs: Observation
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(guess (B, T), start (B, T), fixed (B, T) bool): the refined ids, the dual-sided start and the
         positions where both sides agreed (kept as they started)."""
         mask = obs.attention_mask.to(ctx.device)
