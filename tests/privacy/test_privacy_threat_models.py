@@ -14,6 +14,8 @@ import torch
 from splitlm.cli.main import main
 from splitlm.errors import PrivacyError
 from splitlm.frameworks.assemble import assemble
+from splitlm.models import Stage
+from splitlm.models.split import Role
 from splitlm.privacy.attacks import AttackContext, make_attack, observations, pidi, sip
 from splitlm.privacy.attacks.base import Observation
 from splitlm.privacy.metrics import token_accuracy
@@ -80,6 +82,44 @@ def test_inside_sip_trains_on_the_clients_current_head(ushape_run: Path, monkeyp
         for ids, mask, out in seen:
             assert torch.equal(out, inside.stage("head")(input_ids=ids, attention_mask=mask).float())
             assert not torch.allclose(out, public_head(input_ids=ids, attention_mask=mask).float())
+
+
+def test_inside_bisr_inverts_through_the_clients_head_and_tail(
+    ushape_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inside = AttackContext.from_run(ushape_run, threat_model="inside")
+    inside.run_dir = None
+    inside.progress = False
+    used: list[tuple[Role, Stage]] = []
+    stage = inside.stage
+
+    def spy(role: Role) -> Stage:
+        part = stage(role)
+        used.append((role, part))
+        return part
+
+    monkeypatch.setattr(inside, "stage", spy)
+    o = observations(ushape_run)[0]
+    quick = {"sip_steps": "5", "sip_aux_rows": "40", "steps": "2"}
+    make_attack("bisr_b", quick).invert(inside, o)
+    make_attack("bisr_f", quick).invert(inside, o)
+    tails = [part for role, part in used if role == "tail"]
+    heads = [part for role, part in used if role == "head"]
+    assert tails and heads
+    public = AttackContext.from_run(ushape_run)
+    checks: tuple[tuple[Role, list[Stage]], ...] = (("tail", tails), ("head", heads))
+    for role, parts in checks:
+        client = client_parts(ushape_run, role)
+        for part in parts:
+            assert part is not public.stage(role)
+            assert all(torch.equal(v, client[k]) for k, v in part.state_dict().items())
+
+
+def client_parts(run: Path, role: Role) -> dict[str, torch.Tensor]:
+    """The run's merged ``role`` weights, as ``splitlm export`` rebuilds them (named as in the unsplit model)."""
+    full = assemble(run)[0].state_dict()
+    names = AttackContext.from_run(run).stage(role).state_dict()
+    return {k: full[k].float() for k in names}
 
 
 def test_inside_without_adapters_is_one_line(tmp_path: Path, ushape_run: Path) -> None:
