@@ -24,6 +24,7 @@ FAST: dict[str, dict[str, str]] = {
     "tag": {"steps": "60"},
     "nn_inversion": {},
     "eia": {"steps": "100", "full_steps": "30"},
+    "pidi": {"sip_steps": "150", "steps": "20", "grad_steps": "10"},
 }
 
 
@@ -146,8 +147,8 @@ def test_bad_attack_or_option(name: str, options: dict[str, str], match: str) ->
 
 
 def test_attacks_are_registered_by_name() -> None:
-    assert sorted(ATTACKS) == ["bisr_b", "bisr_f", "eia", "nn_inversion", "sip", "tag"]
-    assert "sip" in ATTACKS and "nope" not in ATTACKS and len(ATTACKS) == 6
+    assert sorted(ATTACKS) == ["bisr_b", "bisr_f", "eia", "nn_inversion", "pidi", "sip", "tag"]
+    assert "sip" in ATTACKS and "nope" not in ATTACKS and len(ATTACKS) == 7
     with pytest.raises(PrivacyError, match=r"unknown attack 'sipp'; choose from \[.*'tag'\] \(did you mean 'sip'\?\)"):
         make_attack("sipp")
 

@@ -248,7 +248,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
             raise SplitLMError(f"attack option {pair!r}: write options as key=value, e.g. steps=200")
         options[key.strip()] = value.strip()
     result = run_attack(
-        Path(args.run_dir), args.attack, options, max_batches=args.batches, progress=not args.no_progress
+        Path(args.run_dir),
+        args.attack,
+        options,
+        max_batches=args.batches,
+        progress=not args.no_progress,
+        threat_model=args.threat_model,
+        client_dir=Path(args.client_dir) if args.client_dir else None,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -330,10 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
         "attack", help="attack a recorded run as an honest-but-curious server (train with privacy.tap.enabled=true)"
     )
     atk.add_argument("run_dir", help="output_dir of a run trained with privacy.tap.enabled=true")
-    atk.add_argument("attack", help="sip, bisr_b, bisr_f, tag, nn_inversion or eia")
+    atk.add_argument("attack", help="sip, bisr_b, bisr_f, tag, nn_inversion, eia or pidi")
     atk.add_argument("options", nargs="*", help="attack options as key=value, e.g. steps=200 lr=0.01")
     atk.add_argument("--batches", type=int, default=0, help="attack only the last N recorded micro-batches")
     atk.add_argument("--no-progress", action="store_true", help="no progress bars")
+    atk.add_argument(
+        "--threat-model",
+        choices=("public", "inside"),
+        default="public",
+        help="public: the attacker holds the public pretrained weights (results in RUN_DIR/attacks/); inside: also "
+        "the client's current head and tail, from the run's adapters (results in RUN_DIR/attacks/inside/)",
+    )
+    atk.add_argument(
+        "--client-dir",
+        help="inside: the client's output folder (or its adapters/ folder) when it is not RUN_DIR (networked runs)",
+    )
     atk.set_defaults(func=cmd_attack)
 
     rep = sub.add_parser("report", help="plots and a markdown comparison of finished runs")

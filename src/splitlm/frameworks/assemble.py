@@ -8,7 +8,6 @@ model: ``generate`` runs them inside the assembled model (hooks at the cuts), ``
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from splitlm.frameworks.setup import build_centralized, build_part, load_source,
 from splitlm.models import load_full_model
 from splitlm.models.lowrank import fold_into, learned_rank
 from splitlm.models.split import LOWRANK, Stage
-from splitlm.peft import load_trainable, merged, trainable_parameters
+from splitlm.peft import adapters_client, load_trainable, merged, trainable_parameters
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -55,7 +54,7 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
         # adapter it trained with (its own rank where each client has its own trunk adapter). The trunk covers
         # every client's trunk blocks: it goes first, and the client's head and tail then replace the blocks it
         # runs itself.
-        first = config.for_client(_adapters_client(adapters))
+        first = config.for_client(adapters_client(adapters))
         trunk_config = first if framework.trunk_adapters == "client" else config
         for role in ("trunk", *spec_of(first).client_roles()):
             part, _ = build_part(trunk_config if role == "trunk" else first, source, role)
@@ -69,17 +68,6 @@ def assemble(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, C
             fold_into(full, plain)
     full.eval()
     return full, source.tokenizer(), config
-
-
-def _adapters_client(adapters: Path) -> int:
-    """The client whose side ``adapters/`` holds (0 for runs written before ``client.json`` existed)."""
-    path = adapters / "client.json"
-    if not path.is_file():
-        return 0
-    try:
-        return int(json.loads(path.read_text())["client"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f'{path} is unreadable ({error}); it should hold {{"client": N}}') from None
 
 
 def _load_into(full: nn.Module, state: dict[str, torch.Tensor]) -> None:

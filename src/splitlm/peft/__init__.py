@@ -1,6 +1,7 @@
 """Parameter-efficient fine-tuning of each part through the ``peft`` library."""
 
 from splitlm.peft.lora import (
+    adapters_client,
     canonical_name,
     load_trainable,
     load_trainable_state,
@@ -12,6 +13,7 @@ from splitlm.peft.lora import (
 )
 
 __all__ = [
+    "adapters_client",
     "canonical_name",
     "load_trainable",
     "load_trainable_state",

@@ -13,6 +13,7 @@ initialised, so the part's pretrained weights stay frozen and they alone learn).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,6 +162,17 @@ def load_trainable(module: nn.Module, path: Path) -> None:
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
     load_trainable_state(module, state, str(path))
+
+
+def adapters_client(adapters: Path) -> int:
+    """The client whose side an ``adapters/`` folder holds (its ``client.json``; 0 for runs written before it)."""
+    path = adapters / "client.json"
+    if not path.is_file():
+        return 0
+    try:
+        return int(json.loads(path.read_text())["client"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f'{path} is unreadable ({error}); it should hold {{"client": N}}') from None
 
 
 def merged(module: nn.Module) -> nn.Module:

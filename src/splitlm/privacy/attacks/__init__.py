@@ -9,16 +9,19 @@ from splitlm.privacy.attacks.base import (
     observations,
     parse_options,
     register_attack,
+    results_folder,
     run_attack,
     score,
 )
+from splitlm.privacy.knowledge import THREAT_MODELS
 
 # isort: split
 # Importing the attack modules registers them by name (each imports only ``base`` and its siblings).
-from splitlm.privacy.attacks import bisr, inversion, sip, tag  # noqa: F401
+from splitlm.privacy.attacks import bisr, inversion, pidi, sip, tag  # noqa: F401
 
 __all__ = [
     "ATTACKS",
+    "THREAT_MODELS",
     "Attack",
     "AttackContext",
     "Observation",
@@ -26,6 +29,7 @@ __all__ = [
     "observations",
     "parse_options",
     "register_attack",
+    "results_folder",
     "run_attack",
     "score",
 ]

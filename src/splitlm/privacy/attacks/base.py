@@ -1,13 +1,15 @@
 """What every attack shares: the recorded observations, the attacker's knowledge, a registry, scoring.
 
-The attacker is an honest-but-curious server. It knows the public pretrained weights of the whole model
-(not the client's fine-tuned adapters), public auxiliary text of the same kind as the client's
-(``splitlm.privacy.knowledge``), and what it received during the run: ``Observation`` holds exactly what
-the server tap recorded. The true tokens ride along for scoring only; an attack's ``invert`` never reads
-``truth``.
+The attacker is an honest-but-curious server. Under the ``public`` threat model it knows the public pretrained
+weights of the whole model (not the client's fine-tuned adapters); under ``inside`` also the client's current
+head and tail (``splitlm.privacy.knowledge``). Either way it knows public auxiliary text of the same kind as the
+client's, the run's defenses and their settings (``AttackContext.simulate`` runs its own copy of the defended
+client), and what it received during the run: ``Observation`` holds exactly what the server tap recorded. The
+true tokens ride along for scoring only; an attack's ``invert`` never reads ``truth``.
 
-``run_attack`` (``splitlm attack``) writes the scores to ``RUN_DIR/attacks/NAME.json`` and every rebuilt
-sequence, with its truth and its own scores, to ``RUN_DIR/attacks/NAME.jsonl``.
+``run_attack`` (``splitlm attack``) writes the scores to ``RUN_DIR/attacks/NAME.json`` (``inside``:
+``RUN_DIR/attacks/inside/NAME.json``) and every rebuilt sequence, with its truth and its own scores, beside it
+as ``NAME.jsonl``.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from splitlm.config.schema import as_mapping
 from splitlm.data import known_entities
 from splitlm.errors import DataError, PrivacyError
 from splitlm.files import write_json, write_jsonl
-from splitlm.privacy.knowledge import PublicKnowledge
+from splitlm.privacy.defenses import DEFENSES, DefenseChain, DefenseContext, build_defenses
+from splitlm.privacy.knowledge import THREAT_MODELS, PublicKnowledge
 from splitlm.privacy.metrics import pii_counts, pii_recovered, rouge_l, token_accuracy
 from splitlm.privacy.tap import Key, read_records
 from splitlm.registry import Registry
+from splitlm.runtime.rng import derive
+from splitlm.transport import Message
 
 T = TypeVar("T")
 
@@ -61,11 +67,70 @@ class Observation:
 
 
 class AttackContext(PublicKnowledge):
-    """The offline attacker's context: its public knowledge (``PublicKnowledge``: config, pretrained parts,
-    auxiliary text, ``cache``, ``run_dir``) and whether its long loops show progress bars (``score`` sets
-    ``progress``)."""
+    """The offline attacker's context: its knowledge (``PublicKnowledge``: config, parts per ``threat_model``,
+    auxiliary text, ``cache``, ``run_dir``), its copy of the client's defenses (``simulate``) and whether its long
+    loops show progress bars (``score`` sets ``progress``)."""
 
     progress: bool = True
+    _chain: DefenseChain | None = None
+    _simulated: int = 0
+
+    def defenses_identity(self) -> dict[str, Any]:
+        """The run's ``privacy.defenses`` (name -> every setting, defaults filled in, in order): what the
+        attacker's copy is built from."""
+        parsed = DEFENSES.parse(as_mapping(self.config.privacy.defenses))
+        return {name: settings.model_dump(mode="json") for name, settings in parsed.items()}
+
+    def threat_identity(self) -> dict[str, Any]:
+        """What the attacker's simulated client is made of: the threat model, the defenses' settings and, under
+        ``inside``, a hash of the client's adapter files. Part of every cache key of what is trained on it."""
+        return {
+            "threat_model": self.threat_model,
+            "defenses": self.defenses_identity(),
+            "client": self.client_fingerprint(),
+        }
+
+    def defenses(self) -> DefenseChain:
+        """The attacker's copy of the client's defense chain (``privacy.defenses``), built once with the same
+        ``DefenseContext`` as the client's (its pretrained token vectors, special ids, mode, seq_len) except the
+        seed, which is the attacker's own: it knows the mechanism and its settings, not the client's draws. Under
+        ``inside`` a defense with saved state (``load``) reads it from the client's adapters folder."""
+        if self._chain is None:
+            context = DefenseContext(
+                token_embeddings=self.public_stage("head").token_embeddings().detach(),
+                special_ids=frozenset(int(i) for i in self.tokenizer.all_special_ids),
+                mode=self.config.split.mode,
+                seq_len=self.config.train.seq_len,
+                seed=derive(self.config.seed, "attacker") % 2**31,
+            )
+            self._chain = build_defenses(self.config.privacy.defenses, context)
+            if self.threat_model == "inside":
+                folder = self.adapters_dir()
+                for defense in self._chain.defenses:
+                    load = getattr(defense, "load", None)
+                    if callable(load):
+                        load(folder)
+        return self._chain
+
+    @torch.no_grad()
+    def simulate(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The attacker's copy of the client on public text: (B, T) ids and mask -> (B, T, d) smashed data, as
+        the client would send it. The token defenses' ``tokens`` hook, the head per the threat model, then the
+        message defenses' ``smashed`` hook (noise included, drawn from the attacker's own seed), in the client's
+        order. With no defense it is exactly the head's output."""
+        chain = self.defenses()
+        self._simulated += 1
+        key = ("attacker", self._simulated, 0)
+        for plugin in chain.plugins:
+            plugin.on_forward(key, True)
+            ids = plugin.tokens(ids, mask)
+        hidden = self.stage("head")(input_ids=ids, attention_mask=mask).float()  # (B, T, d)
+        if chain.mods:
+            message = Message("forward", *key, {"hidden": hidden, "attention_mask": mask})
+            for mod in chain.mods:
+                message = mod.on_request(message)
+            hidden = message.tensors["hidden"].float()
+        return hidden
 
     def cache_file(self, name: str) -> Path | None:
         """``RUN_DIR/attacks/cache/NAME``, where an attack keeps what it trained for later processes; ``None``
@@ -183,6 +248,7 @@ def score(
         raise PrivacyError("the run has no truth records to score against (truth/ missing); re-run with the tap")
     result = {
         "attack": name,
+        "threat_model": ctx.threat_model,
         "rouge_l": sum(rouges) / len(rouges),
         "token_accuracy": sum(accuracies) / len(accuracies),
         "batches": len(rouges),
@@ -235,6 +301,15 @@ def _sequences(
     return records
 
 
+def results_folder(run_dir: Path, threat_model: str = "public") -> Path:
+    """Where ``splitlm attack`` writes an attack's results: ``RUN_DIR/attacks`` (public), ``RUN_DIR/attacks/inside``
+    (inside), so the two threat models' results sit side by side and never overwrite each other."""
+    if threat_model not in THREAT_MODELS:
+        raise PrivacyError(f"unknown threat model {threat_model!r}; choose one of {', '.join(THREAT_MODELS)}")
+    folder = run_dir / "attacks"
+    return folder if threat_model == "public" else folder / threat_model
+
+
 def run_attack(
     run_dir: Path,
     name: str,
@@ -242,14 +317,19 @@ def run_attack(
     max_batches: int = 0,
     ctx: AttackContext | None = None,
     progress: bool = True,
+    threat_model: str = "public",
+    client_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """``splitlm attack``: attack a recorded run. The result also goes to ``RUN_DIR/attacks/NAME.json`` and every
-    rebuilt sequence to ``RUN_DIR/attacks/NAME.jsonl`` (see ``score``); ``progress``: show progress bars."""
+    """``splitlm attack``: attack a recorded run under ``threat_model`` (that of ``ctx`` when given). The result
+    also goes to ``results_folder(run_dir, threat_model)/NAME.json`` (``RUN_DIR/attacks/NAME.json`` for public,
+    ``RUN_DIR/attacks/inside/NAME.json`` for inside) and every rebuilt sequence beside it as ``NAME.jsonl`` (see
+    ``score``); ``client_dir``: where the client's adapters are (inside; default the run's); ``progress``: show
+    progress bars."""
     attack = make_attack(name, options)
     obs = observations(run_dir, max_batches)
-    ctx = ctx or AttackContext.from_run(run_dir)
-    folder = run_dir / "attacks"
-    folder.mkdir(exist_ok=True)
+    ctx = ctx or AttackContext.from_run(run_dir, threat_model=threat_model, client_dir=client_dir)
+    folder = results_folder(run_dir, ctx.threat_model)
+    folder.mkdir(parents=True, exist_ok=True)
     scored = score(ctx, name, attack, obs, sequences=folder / f"{name}.jsonl", progress=progress)
     result = {**scored, "run_dir": str(run_dir), "options": dict(options or {})}
     write_json(folder / f"{name}.json", result)  # atomic: an interrupted attack leaves the last result whole

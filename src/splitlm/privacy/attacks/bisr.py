@@ -4,14 +4,15 @@
 gradient is ``J^T (softmax(logits) - onehot(labels)) / n`` with ``J`` the Jacobian of the client's tail at
 the trunk output, so it carries the labels, which are the input shifted by one token. The attacker
 optimises soft labels ``Y`` (B, T, V), starting from SIP's guess, so that the same gradient computed
-through the *pretrained* tail matches the observed one. Both gradients are scaled to unit norm: the
-attacker knows neither the client's token count nor its gradient-accumulation factor, and the client's
-tail is fine-tuned, so only the direction is trusted. ``Y[t]`` guesses the token at ``t + 1``; the first
+through the attacker's tail (the *pretrained* one under ``public``, the client's own under ``inside``) matches
+the observed one. Both gradients are scaled to unit norm: the attacker knows neither the client's token count
+nor its gradient-accumulation factor, and under ``public`` the client's tail is fine-tuned, so only the
+direction is trusted. ``Y[t]`` guesses the token at ``t + 1``; the first
 token of each row has no label and comes from SIP.
 
 ``bisr_f`` (forward) optimises input embeddings ``e`` (B, T, d), starting from SIP's guess, so that the
-pretrained head maps them onto the smashed data (cosine distance on real positions), then decodes each
-position by its nearest token embedding.
+attacker's head (pretrained under ``public``, the client's under ``inside``) maps them onto the smashed data
+(cosine distance on real positions), then decodes each position by its nearest token embedding.
 
 Both start from SIP (``sip``), whose inverter they train first, or reuse. Options prefixed ``sip_`` configure
 that inverter and map to SIP's options of the same name without the prefix: ``sip_steps``, ``sip_lr``,
@@ -84,7 +85,7 @@ def match_gradients(
     l1: float,
     name: str,
 ) -> torch.Tensor:
-    """Soft-label logits ``Y`` (B, T, V), started at ``init``, whose gradient through the pretrained tail
+    """Soft-label logits ``Y`` (B, T, V), started at ``init``, whose gradient through the attacker's tail
     matches ``grad`` (B, T, d) in direction: minimises ``l2 * ||g' - g||^2 + l1 * ||g' - g||_1`` over unit-norm
     gradients. ``Y[t]`` is the label of position ``t``, the token at ``t + 1``.
 
@@ -184,7 +185,7 @@ class BisrFOptions:
 def match_smashed(
     ctx: AttackContext, smashed: torch.Tensor, mask: torch.Tensor, init: torch.Tensor, steps: int, lr: float, name: str
 ) -> torch.Tensor:
-    """Input embeddings (B, T, d), started at ``init``, whose pretrained-head output is closest in cosine
+    """Input embeddings (B, T, d), started at ``init``, whose output through the attacker's head is closest in cosine
     to ``smashed`` on the real positions."""
     head = ctx.stage("head")
     real = mask.bool()

@@ -5,16 +5,18 @@ With no block in the head (``split.head_layers=0``) the dictionary is the token 
 Llama-family client then sends its raw token vectors, so this is exact (GPT-2 adds learned position vectors
 before the first block, so it is not exact even there). Deeper cuts mix attention and MLP updates into each
 vector, and the embeddings stop matching; there the dictionary is built from public text passed through the
-pretrained head (each real position's output vector, labelled with its token), standardised per dimension
-by the dictionary's own statistics (a few dimensions of some models' activations are huge).
+attacker's copy of the client (``AttackContext.simulate``: the head per the threat model and the run's defenses;
+each real position's output vector, labelled with its token), standardised per dimension by the dictionary's own
+statistics (a few dimensions of some models' activations are huge).
 
 ``eia`` relaxes the discrete input: it optimises logits ``W`` (B, T, V) over the vocabulary, feeds the
-pretrained head ``softmax(W / temperature) @ E`` as input embeddings, pulls the head's output towards the
+head (per the threat model) ``softmax(W / temperature) @ E`` as input embeddings, pulls the head's output towards the
 smashed data (cosine or L2 distance on real positions) and decodes ``argmax W``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ def nearest_tokens(vectors: torch.Tensor, embeddings: torch.Tensor, chunk: int =
 
 @dataclass(frozen=True)
 class NnOptions:
-    dictionary: str = "auto"  # embeddings, aux (public text through the pretrained head), or auto (by split)
+    dictionary: str = "auto"  # embeddings, aux (public text through the simulated client), or auto (by split)
     aux_rows: int = 400  # public rows for the aux dictionary
     aux: str | None = None  # a data name for the public text (default: the run's unseen rows)
 
@@ -59,15 +61,15 @@ class NearestNeighbour:
 
     def _dictionary(self, ctx: AttackContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(vectors (N, d), their token ids (N,), mean (d,), std (d,)), cached per context and options."""
-        key = ("nn_inversion", self.options.aux_rows, self.options.aux)
+        threat = json.dumps(ctx.threat_identity(), sort_keys=True)
+        key = ("nn_inversion", self.options.aux_rows, self.options.aux, threat)
         if key not in ctx.cache:
-            head = ctx.stage("head")
             vectors, ids = [], []
             with torch.no_grad():
                 batches = ctx.aux_batches(self.options.aux_rows, 8, self.options.aux)
                 for batch in bar(ctx, batches, "nn_inversion: building the dictionary"):
                     batch = batch.to(ctx.device)
-                    out = head(input_ids=batch.input_ids, attention_mask=batch.attention_mask).float()  # (B,T,d)
+                    out = ctx.simulate(batch.input_ids, batch.attention_mask)  # (B, T, d)
                     real = batch.attention_mask.bool()
                     vectors.append(out[real])
                     ids.append(batch.input_ids[real])

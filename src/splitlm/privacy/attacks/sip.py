@@ -1,8 +1,10 @@
 """SIP: a learned inverter from smashed data back to tokens (the BiSR paper's "smashed-data inversion").
 
-The attacker passes public auxiliary text through the *pretrained* head (it does not know the client's
-adapters) and trains a small sequence model on (head output -> input ids) with per-position
-cross-entropy. It then applies the inverter to the smashed data a client sent; the guess is the argmax.
+The attacker passes public auxiliary text through its copy of the client (``AttackContext.simulate``: the head
+per the threat model, the *pretrained* one under ``public``, the client's current one under ``inside``, with the
+run's defenses and their settings, noise included) and trains a small sequence model on (smashed data -> input
+ids) with per-position cross-entropy. It then applies the inverter to the smashed data a client sent; the guess
+is the argmax.
 
 The inverter is a bidirectional GRU over per-dimension standardised head outputs, plus a direct path from
 each position's own vector, then a linear map to the vocabulary. By default (``tied=true``) that map is
@@ -14,7 +16,8 @@ reason.
 A trained inverter is kept in ``ctx.cache`` under its options, so BiSR and repeated runs on the same context
 reuse it. A context read from a run directory also keeps it on disk, as safetensors, in
 ``RUN_DIR/attacks/cache/sip-<key>.safetensors``: ``<key>`` hashes everything that shapes the training (the
-options, the model, the split, the seed and the auxiliary text), so ``splitlm attack RUN sip`` and a later
+options, the model, the split, the seed, the auxiliary text, the threat model, the defenses' settings and, under
+``inside``, the client's adapter files), so ``splitlm attack RUN sip`` and a later
 ``splitlm attack RUN bisr_b`` with the same SIP options train it once. A file that does not match (names,
 shapes, key) or cannot be read is reported and replaced by a freshly trained inverter.
 """
@@ -129,7 +132,8 @@ CACHE_VERSION = 1
 
 def _identity(ctx: AttackContext, options: SipOptions) -> dict[str, Any]:
     """Everything that shapes a trained inverter: its options, the public model, the split, the seed, the
-    auxiliary text (a data name, else the run's data settings and sequence length)."""
+    auxiliary text (a data name, else the run's data settings and sequence length), and the attacker's copy of the
+    client it trains through (threat model, defenses' settings, the client's adapters under ``inside``)."""
     config = ctx.config
     aux: dict[str, Any] = (
         {"name": options.aux}
@@ -143,6 +147,7 @@ def _identity(ctx: AttackContext, options: SipOptions) -> dict[str, Any]:
         "split": dataclasses.asdict(ctx.spec),
         "seed": config.seed,
         "aux": aux,
+        "threat": ctx.threat_identity(),
     }
 
 
@@ -156,14 +161,14 @@ def _cache_key(ctx: AttackContext, options: SipOptions) -> str:
     return hashlib.sha256(_canonical(ctx, options).encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
 def _head_outputs(ctx: AttackContext, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return ctx.stage("head")(input_ids=ids, attention_mask=mask).float()  # (B, T, d)
+    return ctx.simulate(ids, mask)  # (B, T, d): what the client would send for these ids
 
 
 @torch.enable_grad()
 def train_inverter(ctx: AttackContext, options: SipOptions) -> Inverter:
-    """Train the SIP inverter on auxiliary text through the pretrained head (deterministic per seed)."""
+    """Train the SIP inverter on auxiliary text through the attacker's copy of the client (deterministic per
+    seed)."""
     options.check()
     batches = [b.to(ctx.device) for b in ctx.aux_batches(options.aux_rows, options.batch_size, options.aux)]
     log.info(

@@ -2,10 +2,10 @@
 language models"), as a baseline for BiSR(b).
 
 Like ``bisr_b`` it optimises soft labels so that the gradient of the soft cross-entropy through the
-pretrained tail matches, in direction, the gradient a U-shaped client sent for the trunk output; unlike
-it, the labels start from random logits (no SIP prior) and the distance is TAG's ``L2 + alpha * L1``. The
-first token of each row is never a label, so it cannot be recovered: it is guessed as a fixed id (the
-tokenizer's BOS, else EOS, else 0).
+attacker's tail (per the threat model) matches, in direction, the gradient a U-shaped client sent for the trunk
+output; unlike it, the labels start from random logits (no SIP prior) and the distance is TAG's
+``L2 + alpha * L1``. The first token of each row is never a label, so it cannot be recovered: it is guessed
+as a fixed id (the tokenizer's BOS, else EOS, else 0).
 """
 
 from __future__ import annotations
