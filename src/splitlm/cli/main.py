@@ -354,9 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         help="run the attack suite on a tapped run under both threat models (public, inside) and advise a defense",
     )
-    aud.add_argument("run_dir", help="output_dir of a run trained with privacy.tap.enabled=true (networked: the server's)")
+    aud.add_argument(
+        "run_dir", help="output_dir of a run trained with privacy.tap.enabled=true (networked: the server's)"
+    )
     aud.add_argument("--client-dir", help="networked runs: the client's output_dir (its truth/ and its parts)")
-    aud.add_argument("--attacks", nargs="+", help="attacks to run (default: sip, bisr_f, bisr_b, pidi where they apply)")
+    aud.add_argument(
+        "--attacks", nargs="+", help="attacks to run (default: sip, bisr_f, bisr_b, pidi where they apply)"
+    )
     aud.add_argument("--threat-models", nargs="+", default=["public", "inside"], help="public, inside or both")
     aud.add_argument("--batches", type=int, default=2, help="attack the last N recorded micro-batches (0: all)")
     aud.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -773,7 +773,9 @@ def placement_problems(config: Config, framework: Framework, placement: Placemen
         instead = "use `splitlm train`" if placement == "serve" else "set transport.name=inprocess"
         problems.append(f"framework.name={framework.name} runs in one process; {instead}")
     if placement == "ray" and config.privacy.tap.enabled:
-        problems.append("privacy.tap records in-process and `splitlm serve` runs, not Ray's: set transport.name=inprocess")
+        problems.append(
+            "privacy.tap records in-process and `splitlm serve` runs, not Ray's: set transport.name=inprocess"
+        )
     if placement == "serve":
         problems += networked_problems(config)
     grouping = GROUPINGS.get(config.framework.grouping)
@@ -860,7 +862,9 @@ def build_parties(
         # A networked client with the tap on keeps the truth of its latest micro-batches (``finish`` writes them) for
         # ``splitlm audit SERVER_RUN --client-dir CLIENT_RUN`` to score the server tap's records against.
         truth = recorders(config, 1)[1]
-        member = build_member(config, framework, source, data, client, parts[client], histograms[client], transport, truth)
+        member = build_member(
+            config, framework, source, data, client, parts[client], histograms[client], transport, truth
+        )
         members = [member]
     elif placement == "inprocess":
         groups = groups_of(config, framework, histograms, lambda: client_sketches(config, source, data, parts))
