@@ -245,8 +245,8 @@ def main() -> None:
             "held_out_rows": 100,
             # A row's ROUGE-L lies in [0, 1], so the standard error of a mean over n rows is at most 0.5 / sqrt(n).
             "rouge_l_2se_bound": 1.0 / math.sqrt(attacked),
-            "note": f"one seed; each score is a mean over {attacked} attacked rows, so two cells whose ROUGE-L differ by "
-            f"less than {1.0 / math.sqrt(attacked):.2f} (two standard errors at most) may differ by chance",
+            "note": f"one seed; each score is a mean over {attacked} attacked rows, so two cells whose ROUGE-L "
+            f"differ by less than {1.0 / math.sqrt(attacked):.2f} (two standard errors at most) may differ by chance",
         },
         "seconds": time.perf_counter() - started,
     }
