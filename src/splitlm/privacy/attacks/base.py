@@ -30,6 +30,7 @@ from splitlm.privacy.tap import Key, read_records
 from splitlm.registry import Registry
 
 T = TypeVar("T")
+THREAT_MODELS = ("public", "inside")  # what the attacker holds: see ``AttackContext``
 
 
 @dataclass
