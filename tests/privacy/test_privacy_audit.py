@@ -47,7 +47,7 @@ def test_worst_per_cell_takes_the_strongest_attack_per_threat_model() -> None:
 
 def test_quick_mode_keeps_the_middle_strength_and_combos_their_middle_settings() -> None:
     bench = _benchmark()
-    key, strengths, _ = bench.DEFENSES["dxp"]
+    _key, strengths, _ = bench.DEFENSES["dxp"]
     assert [s for s, _ in bench.cells_for("dxp", quick=True)] == [strengths[1]]
     assert len(bench.cells_for("dxp", quick=False)) == 3
     (strength, overrides), *_ = bench.cells_for(next(iter(bench.COMBOS)), quick=False)
