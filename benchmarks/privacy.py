@@ -1,24 +1,39 @@
-"""The privacy table: what each attack recovers under each defense, and what each defense costs.
+"""The privacy frontier: what each attack recovers under each defense and threat model, and what the defense costs.
 
-    python benchmarks/privacy.py [--model smollm2-135m-instruct] [--steps 20] [--batches 2] [--out DIR]
+    python benchmarks/privacy.py [--quick] [--model smollm2-135m-instruct] [--data pii] [--out docs]
 
-For every defense at three strengths (weakest first), plus no defense, a U-shaped split (head 2, tail 2)
-of the default model is fine-tuned with LoRA on Rotten Tomatoes with the server tap on; then each attack,
-as an honest-but-curious server holding the public pretrained weights and public text from the same
-source (rows the client never loaded), rebuilds the client's last ``--batches`` training micro-batches
-from what the server received. Prints JSON
+Every defense (``DEFENSES`` below) at three strengths (weakest first) and the combinations in ``COMBOS``, plus no
+defense: a U-shaped split (head 2, tail 2) of the default model is fine-tuned with LoRA on the synthetic PII corpus
+(``data.name=pii``: names, e-mail addresses, phone numbers, street addresses and account numbers in realistic
+sentences) with the server tap on. Then every attack rebuilds the client's last ``--batches`` training
+micro-batches from what the server received, under both threat models:
 
-    {"cells": [{"attack", "defense", "strength", "rouge_l", "token_accuracy"}, ...],
-     "utility": [{"defense", "strength", "eval_ppl", "epsilon"}, ...], ...}
+- ``public``: an honest-but-curious server with the public pretrained weights and public text of the same kind
+  (rows with a disjoint pool of entities);
+- ``inside``: the server also holds the client's current head and tail (it colludes with the fed server or a
+  client in SFL, or with the next client in sequential SL).
 
-(``epsilon`` for ``privacy.delta``, null where the defense has no (epsilon, delta) guarantee), and writes
-``privacy.json`` and the ROUGE-L table as a heat map ``privacy.png`` into ``--out``.
+The attacker knows the defense and its settings in both: its inverters train on outputs of the defended head
+(noise included). Prints one JSON line
+
+    {"frontier": [{"defense", "strength", "threat_model", "attack", "rouge_l", "token_accuracy",
+                   "pii_recovered", "pii_by_type", "ppl_increase_pct", "epsilon"}, ...],
+     "pareto": {threat_model: [[defense, strength], ...]}, "utility": [...], "noise": {...}, "seconds": ...}
+
+(``pii_recovered``: the share of the inserted entities that appear verbatim in the attack's output; ``epsilon`` for
+``privacy.delta``, null where the defense has no (epsilon, delta) guarantee) and writes ``privacy.json`` and the
+frontier plot ``privacy_frontier.png`` (leakage against perplexity increase, Pareto points marked, one panel per
+threat model) into ``--out``; ``--advice`` also writes the frontier beside ``splitlm audit`` (its advice line).
+
+``--quick`` leaves out the weakest and strongest strength of each defense (the middle one stays) and the attacks
+tag and nn_inversion.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -26,7 +41,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-ATTACKS = ["sip", "bisr_b", "bisr_f", "tag", "nn_inversion"]
+ATTACKS = ["sip", "bisr_f", "bisr_b", "pidi", "tag", "nn_inversion"]
+QUICK_ATTACKS = ["sip", "bisr_f", "bisr_b", "pidi"]
+THREAT_MODELS = ["public", "inside"]
 
 # Each defense: (config key of its strength, three values from weakest to strongest, extra settings).
 DEFENSES: dict[str, tuple[str, list[float], list[str]]] = {
@@ -44,35 +61,81 @@ DEFENSES: dict[str, tuple[str, list[float], list[str]]] = {
         [0.05, 0.25, 1.0],
         ["privacy.defenses.grad_noise.clip=0.001", "privacy.defenses.grad_noise.mechanism=gaussian"],
     ),
+    "mi_bottleneck": ("privacy.defenses.mi_bottleneck.beta", [0.01, 0.1, 1.0], []),
+    "adversarial": ("privacy.defenses.adversarial.weight", [0.1, 0.5, 2.0], ["lora.head.method=full"]),
+    "dualguard": ("privacy.defenses.dualguard.margin", [0.5, 1.0, 2.0], ["lora.head.method=full"]),
+    "text_obfuscator": ("privacy.defenses.text_obfuscator.mix", [0.3, 0.6, 0.9], []),
+}
+# Combinations: each a name, the strength shown, and its settings (every defense's middle strength by default).
+COMBOS: dict[str, list[str]] = {
+    "dualguard+mi_bottleneck": ["dualguard", "mi_bottleneck"],
+    "dualguard+text_obfuscator": ["dualguard", "text_obfuscator"],
 }
 
 
-def cells_for(defense: str) -> list[tuple[float | None, list[str]]]:
+def cells_for(defense: str, quick: bool) -> list[tuple[float | None, list[str]]]:
+    """(strength, overrides) of each run of ``defense`` (a name of ``DEFENSES`` or ``COMBOS``, or none)."""
     if defense == "none":
         return [(None, [])]
-    key, strengths, extra = DEFENSES[defense]
-    return [(s, [f"privacy.defenses=[{defense}]", f"{key}={s}", *extra]) for s in strengths]
+    if defense in COMBOS:
+        names = COMBOS[defense]
+        extra: list[str] = []
+        for name in names:
+            key, strengths, more = DEFENSES[name]
+            extra += [f"{key}={strengths[1]}", *more]
+        return [(None, [f"privacy.defenses=[{','.join(names)}]", *dict.fromkeys(extra)])]
+    key, strengths, more = DEFENSES[defense]
+    picked = strengths[1:2] if quick else strengths
+    return [(s, [f"privacy.defenses=[{defense}]", f"{key}={s}", *more]) for s in picked]
 
 
-def heat_map(cells: list[dict[str, Any]], path: Path) -> None:
+def pareto(points: list[tuple[float, float, Any]]) -> list[Any]:
+    """The labels of the points (cost, leakage, label) that no other point beats on both (lower is better)."""
+    front = []
+    for cost, leak, label in points:
+        if not any(c <= cost and v <= leak and (c, v) != (cost, leak) for c, v, _ in points):
+            front.append(label)
+    return front
+
+
+def worst_per_cell(rows: list[dict[str, Any]], threat: str) -> dict[tuple[str, Any], tuple[float, float]]:
+    """(defense, strength) -> (ppl increase %, the worst ROUGE-L over the attacks) under ``threat``."""
+    cells: dict[tuple[str, Any], tuple[float, float]] = {}
+    for r in rows:
+        if r["threat_model"] != threat:
+            continue
+        key = (r["defense"], r["strength"])
+        cost, leak = cells.get(key, (r["ppl_increase_pct"], 0.0))
+        cells[key] = (cost, max(leak, r["rouge_l"]))
+    return cells
+
+
+def frontier_plot(rows: list[dict[str, Any]], fronts: dict[str, list[Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(dict.fromkeys((c["defense"], c["strength"]) for c in cells))
-    attacks = list(dict.fromkeys(c["attack"] for c in cells))
-    value = {(c["defense"], c["strength"], c["attack"]): c["rouge_l"] for c in cells}
-    grid = [[value.get((d, s, a), float("nan")) for a in attacks] for d, s in rows]
-    fig, ax = plt.subplots(figsize=(1.3 * len(attacks) + 2.5, 0.42 * len(rows) + 1.4))
-    image = ax.imshow(grid, cmap="magma_r", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(attacks)), attacks)
-    ax.set_yticks(range(len(rows)), [d if s is None else f"{d} @ {s:g}" for d, s in rows])
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v > 0.5 else "black", fontsize=8)
-    ax.set_title("ROUGE-L F1 of the text each attack rebuilds (lower is more private)")
-    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig, axes = plt.subplots(1, len(fronts), figsize=(6.2 * len(fronts), 4.8), sharey=True, squeeze=False)
+    for ax, (threat, front) in zip(axes[0], fronts.items(), strict=True):
+        cells = worst_per_cell(rows, threat)
+        for (defense, strength), (cost, leak) in cells.items():
+            on_front = [defense, strength] in front
+            ax.scatter(
+                max(cost, 0.1), leak, s=60 if on_front else 25, marker="*" if on_front else "o",
+                color="crimson" if on_front else "grey", zorder=3 if on_front else 2,
+            )  # fmt: skip
+            label = defense if strength is None else f"{defense} {strength:g}"
+            ax.annotate(label, (max(cost, 0.1), leak), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ordered = sorted((cells[tuple(k)] for k in front), key=lambda cl: cl[0])  # type: ignore[arg-type]
+        ax.plot([max(c, 0.1) for c, _ in ordered], [v for _, v in ordered], color="crimson", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("held-out perplexity increase over no defense (%; 0.1 = none)")
+        ax.set_title(f"threat model: {threat}")
+        ax.axhline(0.5, color="black", lw=0.5, ls=":")
+        ax.axvline(10, color="black", lw=0.5, ls=":")
+    axes[0][0].set_ylabel("worst ROUGE-L over the attacks (lower is more private)")
+    fig.suptitle("privacy frontier: Pareto points as red stars")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -81,12 +144,16 @@ def heat_map(cells: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data", default="pii", help="the client's data (default: the synthetic PII corpus)")
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps of each run")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--batches", type=int, default=2, help="recorded micro-batches each attack rebuilds")
-    parser.add_argument("--defenses", nargs="+", default=["none", *DEFENSES])
-    parser.add_argument("--attacks", nargs="+", default=ATTACKS)
-    parser.add_argument("--out", default=None, help="folder for privacy.json and privacy.png (default: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="middle strengths, four attacks (see the docstring)")
+    parser.add_argument("--defenses", nargs="+", default=None, help="default: none, every defense, the COMBOS")
+    parser.add_argument("--attacks", nargs="+", default=None)
+    parser.add_argument("--threat-models", nargs="+", default=THREAT_MODELS)
+    parser.add_argument("--out", default=None, help="folder for privacy.json and privacy_frontier.png (default: temp)")
+    parser.add_argument("--advice", action="store_true", help="also write the frontier for `splitlm audit`'s advice")
     parser.add_argument("--attack-option", action="append", default=[], help="ATTACK:key=value, e.g. sip:steps=600")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides for every run")
     args = parser.parse_args()
@@ -96,16 +163,19 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     from splitlm.config import build_config
     from splitlm.frameworks import run_framework
+    from splitlm.privacy.attacks import ATTACKS as REGISTERED
     from splitlm.privacy.attacks import AttackContext, make_attack, observations, score
 
+    defenses = args.defenses or ["none", *DEFENSES, *COMBOS]
+    attacks = [a for a in (args.attacks or (QUICK_ATTACKS if args.quick else ATTACKS)) if a in REGISTERED]
     options: dict[str, dict[str, str]] = {}
     for text in args.attack_option:
         name, _, pair = text.partition(":")
         key, _, value = pair.partition("=")
         options.setdefault(name, {})[key] = value
     base = [
-        f"model.name={args.model}", "split.mode=ushape", "split.head_layers=2", "split.tail_layers=2",
-        "lora.rank=8", "lora.alpha=16", "lora.dropout=0.0", f"train.steps={args.steps}",
+        f"model.name={args.model}", f"data.name={args.data}", "split.mode=ushape", "split.head_layers=2",
+        "split.tail_layers=2", "lora.rank=8", "lora.alpha=16", "lora.dropout=0.0", f"train.steps={args.steps}",
         f"train.batch_size={args.batch_size}", "train.seq_len=64", "train.lr=0.001", "train.warmup_steps=2",
         "train.eval_batches=10", "train.progress=false", "data.max_rows=4000", "data.eval_size=100",
         "privacy.tap.enabled=true", f"privacy.tap.max_batches={args.batches}", *args.overrides,
@@ -113,53 +183,79 @@ def main() -> None:
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="splitlm-privacy-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    cells: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     utility: list[dict[str, Any]] = []
-    ctx = None
+    baseline: float | None = None
     with tempfile.TemporaryDirectory(prefix="splitlm-privacy-runs-") as tmp:
-        for defense in args.defenses:
-            for strength, extra in cells_for(defense):
+        for defense in defenses:
+            for strength, extra in cells_for(defense, args.quick):
                 run_dir = Path(tmp) / f"{defense}-{strength}"
                 config = build_config({}, [*base, *extra, f"output_dir={run_dir}"])
+                began = time.perf_counter()
                 summary = run_framework(config)
+                ppl = summary["eval_ppl_after"]
+                baseline = ppl if defense == "none" else baseline
+                increase = None if baseline is None else 100.0 * (ppl / baseline - 1.0)
                 privacy = summary["privacy"]
                 utility.append(
                     {
-                        "defense": defense,
-                        "strength": strength,
-                        "eval_ppl": summary["eval_ppl_after"],
-                        "eval_ppl_before": summary["eval_ppl_before"],
-                        "epsilon": privacy["epsilon"],
-                        "delta": privacy["delta"],
+                        "defense": defense, "strength": strength, "eval_ppl": ppl,
+                        "eval_ppl_before": summary["eval_ppl_before"], "ppl_increase_pct": increase,
+                        "epsilon": privacy["epsilon"], "delta": privacy["delta"],
+                        "defense_report": privacy.get("defenses"), "train_seconds": time.perf_counter() - began,
                     }
-                )
-                ctx = ctx or AttackContext(config)  # the same public model and text for every run
+                )  # fmt: skip
                 obs = observations(run_dir, args.batches)
-                for name in args.attacks:
-                    result = score(ctx, name, make_attack(name, options.get(name)), obs)
-                    cells.append(
-                        {
-                            "attack": name,
-                            "defense": defense,
-                            "strength": strength,
-                            "rouge_l": result["rouge_l"],
-                            "token_accuracy": result["token_accuracy"],
-                            "seconds": result["seconds"],
-                        }
-                    )
-                    print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
+                for threat in args.threat_models:
+                    ctx = AttackContext.from_run(run_dir, threat_model=threat)
+                    for name in attacks:
+                        if name == "bisr_b" and ctx.spec.mode != "ushape":
+                            continue
+                        result = score(ctx, name, make_attack(name, options.get(name)), obs, progress=False)
+                        pii = result.get("pii_recovered") or {}
+                        rows.append(
+                            {
+                                "defense": defense, "strength": strength, "threat_model": threat, "attack": name,
+                                "rouge_l": result["rouge_l"], "token_accuracy": result["token_accuracy"],
+                                "pii_recovered": pii.get("all"), "pii_by_type": pii,
+                                "ppl_increase_pct": increase, "epsilon": privacy["epsilon"],
+                                "seconds": result["seconds"],
+                            }
+                        )  # fmt: skip
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    fronts = {}
+    for threat in args.threat_models:
+        cells = worst_per_cell([r for r in rows if r["ppl_increase_pct"] is not None], threat)
+        fronts[threat] = [list(k) for k in pareto([(c, v, k) for k, (c, v) in cells.items()])]
+    attacked = args.batches * args.batch_size
     report = {
         "model": args.model,
-        "split": "ushape head 2 / tail 2",
+        "data": args.data,
+        "split": "ushape head 2 / tail 2, LoRA r=8",
         "steps": args.steps,
         "batch_size": args.batch_size,
         "batches_attacked": args.batches,
-        "cells": cells,
+        "quick": args.quick,
+        "frontier": rows,
+        "pareto": fronts,
         "utility": utility,
+        "noise": {
+            "seeds": 1,
+            "rows_attacked": attacked,
+            "held_out_rows": 100,
+            # A row's ROUGE-L lies in [0, 1], so the standard error of a mean over n rows is at most 0.5 / sqrt(n).
+            "rouge_l_2se_bound": 1.0 / math.sqrt(attacked),
+            "note": f"one seed; each score is a mean over {attacked} attacked rows, so two cells whose ROUGE-L "
+            f"differ by less than {1.0 / math.sqrt(attacked):.2f} (two standard errors at most) may differ by chance",
+        },
         "seconds": time.perf_counter() - started,
     }
     (out_dir / "privacy.json").write_text(json.dumps(report, indent=1) + "\n")
-    heat_map(cells, out_dir / "privacy.png")
+    frontier_plot(rows, fronts, out_dir / "privacy_frontier.png")
+    if args.advice:
+        from splitlm.privacy.audit import FRONTIER
+
+        FRONTIER.write_text(json.dumps({"model": args.model, "frontier": rows}, indent=1) + "\n")
     print(json.dumps(report))
 
 

@@ -90,8 +90,9 @@ def test_each_placement_checks_what_it_cannot_do(make_config) -> None:
         check_placement(unsplit, "ray")
     assert check_placement(unsplit, "inprocess").name == "centralized"
     tapped = make_config("tap", "privacy.tap.enabled=true")
-    with pytest.raises(ConfigError, match=r"privacy\.tap records in-process runs: drop it from the server's config"):
-        build_parties(tapped, "serve")  # refused before anything is built
+    check_placement(tapped, "serve")  # `splitlm serve` records what it receives, for `splitlm audit`
+    with pytest.raises(ConfigError, match=r"privacy\.tap records in-process and `splitlm serve` runs, not Ray's"):
+        build_parties(tapped, "ray")  # refused before anything is built
     attacked = make_config("fsha", "privacy.server_attack=fsha")
     with pytest.raises(
         ConfigError, match=r"privacy\.server_attack\.fsha: simulates a malicious server in an in-process"

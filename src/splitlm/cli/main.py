@@ -260,6 +260,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from splitlm.privacy.audit import audit
+
+    audit(
+        Path(args.run_dir),
+        client_dir=Path(args.client_dir) if args.client_dir else None,
+        attacks=args.attacks,
+        batches=args.batches,
+        threat_models=tuple(args.threat_models),
+        progress=not args.no_progress,
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from splitlm.metrics.report import write_report
 
@@ -352,6 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="inside: the client's output folder (or its adapters/ folder) when it is not RUN_DIR (networked runs)",
     )
     atk.set_defaults(func=cmd_attack)
+
+    aud = sub.add_parser(
+        "audit",
+        help="run the attack suite on a tapped run under both threat models (public, inside) and advise a defense",
+    )
+    aud.add_argument(
+        "run_dir", help="output_dir of a run trained with privacy.tap.enabled=true (networked: the server's)"
+    )
+    aud.add_argument("--client-dir", help="networked runs: the client's output_dir (its truth/ and its parts)")
+    aud.add_argument(
+        "--attacks", nargs="+", help="attacks to run (default: sip, bisr_f, bisr_b, pidi where they apply)"
+    )
+    aud.add_argument("--threat-models", nargs="+", default=["public", "inside"], help="public, inside or both")
+    aud.add_argument("--batches", type=int, default=2, help="attack the last N recorded micro-batches (0: all)")
+    aud.add_argument("--no-progress", action="store_true", help="no progress bars")
+    aud.set_defaults(func=cmd_audit)
 
     rep = sub.add_parser("report", help="plots and a markdown comparison of finished runs")
     rep.add_argument("run_dirs", nargs="+", help="output_dir of each run to compare")

@@ -198,6 +198,9 @@ class ClientAgent:
             "wall_seconds": time.perf_counter() - self.started,
         }  # fmt: skip
         self.out.mkdir(parents=True, exist_ok=True)
+        truth = self.local.truth
+        if truth is not None:  # privacy.tap: the true tokens of its latest micro-batches, for ``splitlm audit``
+            truth.write(self.out, list(truth.batches))
         write_json(self.out / "summary.json", summary)
         self._summary = summary
         return summary

@@ -772,8 +772,10 @@ def placement_problems(config: Config, framework: Framework, placement: Placemen
     if placement in ("serve", "ray") and not framework.split:
         instead = "use `splitlm train`" if placement == "serve" else "set transport.name=inprocess"
         problems.append(f"framework.name={framework.name} runs in one process; {instead}")
-    if placement == "serve" and config.privacy.tap.enabled:
-        problems.append("privacy.tap records in-process runs: drop it from the server's config")
+    if placement == "ray" and config.privacy.tap.enabled:
+        problems.append(
+            "privacy.tap records in-process and `splitlm serve` runs, not Ray's: set transport.name=inprocess"
+        )
     if placement == "serve":
         problems += networked_problems(config)
     grouping = GROUPINGS.get(config.framework.grouping)
@@ -857,7 +859,13 @@ def build_parties(
         data = prepare_data(config, source.tokenizer(), pack=False)  # partition rows by label first, then pack
         parts, histograms = partition(config, framework, data)
     if placement == "agent":
-        members = [build_member(config, framework, source, data, client, parts[client], histograms[client], transport)]
+        # A networked client with the tap on keeps the truth of its latest micro-batches (``finish`` writes them) for
+        # ``splitlm audit SERVER_RUN --client-dir CLIENT_RUN`` to score the server tap's records against.
+        truth = recorders(config, 1)[1]
+        member = build_member(
+            config, framework, source, data, client, parts[client], histograms[client], transport, truth
+        )
+        members = [member]
     elif placement == "inprocess":
         groups = groups_of(config, framework, histograms, lambda: client_sketches(config, source, data, parts))
         tap, truth = recorders(config, len(parts))
@@ -876,8 +884,9 @@ def build_parties(
         groups = groups_of(config, framework, [m.histogram for m in members])
         if remote_server is not None:
             server = remote_server(groups)
-        else:
-            hosted = host(config, framework, source or load_source(config), groups, range(len(members)))
+        else:  # ``splitlm serve``: the tap records what the server receives, as in-process
+            tap = recorders(config, len(members))[0]
+            hosted = host(config, framework, source or load_source(config), groups, range(len(members)), tap=tap)
     if hosted is not None:
         server = hosted.server
     steps = config.framework.steps_per_round(config.train.steps)

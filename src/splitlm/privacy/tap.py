@@ -128,8 +128,11 @@ class TruthRecorder(ClientPlugin):
                 _write(run_dir / TRUTH_DIR, key, self.batches[key])
 
 
-def read_records(run_dir: Path) -> list[tuple[Key, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]]:
-    """(key, what the server received, the truth or None) for every tapped micro-batch of a run."""
+def read_records(
+    run_dir: Path, truth_dir: Path | None = None
+) -> list[tuple[Key, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]]:
+    """(key, what the server received, the truth or None) for every tapped micro-batch of a run; ``truth_dir``:
+    the folder holding ``truth/`` when it is not ``run_dir`` (a networked run: the client's output_dir)."""
     folder = run_dir / TAP_DIR
     index_path = folder / "index.json"
     if not index_path.is_file():
@@ -150,7 +153,7 @@ def read_records(run_dir: Path) -> list[tuple[Key, dict[str, torch.Tensor], dict
             raise PrivacyError(f"{path} is not a readable tap record ({error}); re-run the training") from None
         if "smashed" not in tap or "attention_mask" not in tap:
             raise PrivacyError(f"{path} lacks smashed data or its attention mask; re-run the training")
-        truth_path = run_dir / TRUTH_DIR / record_name(key)
+        truth_path = (truth_dir or run_dir) / TRUTH_DIR / record_name(key)
         truth = load_file(str(truth_path)) if truth_path.is_file() else None
         out.append((key, tap, truth))
     return out

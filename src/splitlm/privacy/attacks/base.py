@@ -37,6 +37,7 @@ from splitlm.runtime.rng import derive
 from splitlm.transport import Message
 
 T = TypeVar("T")
+THREAT_MODELS = ("public", "inside")  # what the attacker holds: see ``AttackContext``
 
 
 @dataclass
@@ -189,9 +190,10 @@ def make_attack(name: str, options: dict[str, str] | None = None) -> Attack:
     return ATTACKS.get(name)(options or {})
 
 
-def observations(run_dir: Path, max_batches: int = 0) -> list[Observation]:
-    """The tapped micro-batches of a run, newest last (the last ``max_batches`` of them when > 0)."""
-    obs = [Observation.from_record(*record) for record in read_records(run_dir)]
+def observations(run_dir: Path, max_batches: int = 0, truth_dir: Path | None = None) -> list[Observation]:
+    """The tapped micro-batches of a run, newest last (the last ``max_batches`` of them when > 0); ``truth_dir``: where
+    ``truth/`` is when not in ``run_dir`` (a networked run: the client's output_dir)."""
+    obs = [Observation.from_record(*record) for record in read_records(run_dir, truth_dir)]
     return obs[-max_batches:] if max_batches else obs
 
 

@@ -1,0 +1,90 @@
+"""``splitlm audit``'s advice and report, and the privacy benchmark's Pareto front."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from splitlm.privacy.audit import advice, render
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _benchmark():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("bench_privacy", BENCHMARKS / "privacy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _point(defense: str, strength: float | None, threat: str, attack: str, rouge: float, ppl: float) -> dict:
+    return {
+        "defense": defense, "strength": strength, "threat_model": threat, "attack": attack, "rouge_l": rouge,
+        "ppl_increase_pct": ppl,
+    }  # fmt: skip
+
+
+def test_the_pareto_front_keeps_only_undominated_points() -> None:
+    bench = _benchmark()
+    points = [(0.0, 0.99, "none"), (5.0, 0.4, "a"), (8.0, 0.6, "b"), (300.0, 0.1, "c"), (5.0, 0.4, "twin")]
+    assert bench.pareto(points) == ["none", "a", "c", "twin"]  # b is beaten by a on both counts
+
+
+def test_worst_per_cell_takes_the_strongest_attack_per_threat_model() -> None:
+    bench = _benchmark()
+    rows = [
+        _point("x", 1.0, "public", "sip", 0.3, 4.0),
+        _point("x", 1.0, "public", "bisr_f", 0.6, 4.0),
+        _point("x", 1.0, "inside", "sip", 0.9, 4.0),
+    ]
+    assert bench.worst_per_cell(rows, "public") == {("x", 1.0): (4.0, 0.6)}
+    assert bench.worst_per_cell(rows, "inside") == {("x", 1.0): (4.0, 0.9)}
+
+
+def test_quick_mode_keeps_the_middle_strength_and_combos_their_middle_settings() -> None:
+    bench = _benchmark()
+    _key, strengths, _ = bench.DEFENSES["dxp"]
+    assert [s for s, _ in bench.cells_for("dxp", quick=True)] == [strengths[1]]
+    assert len(bench.cells_for("dxp", quick=False)) == 3
+    (strength, overrides), *_ = bench.cells_for(next(iter(bench.COMBOS)), quick=False)
+    assert strength is None and overrides[0].startswith("privacy.defenses=[")
+
+
+def test_advice_picks_the_least_leaky_defense_within_the_perplexity_budget(tmp_path: Path) -> None:
+    frontier = tmp_path / "frontier.json"
+    rows = [
+        _point("none", None, "public", "sip", 0.99, 0.0),
+        _point("cheap", 1.0, "public", "sip", 0.6, 5.0),
+        _point("cheap", 1.0, "inside", "sip", 0.8, 5.0),
+        _point("good", 2.0, "public", "sip", 0.3, 20.0),
+        _point("good", 2.0, "inside", "sip", 0.5, 20.0),
+        _point("ruinous", 3.0, "public", "sip", 0.0, 900.0),  # private, but over the budget
+        _point("ruinous", 3.0, "inside", "sip", 0.0, 900.0),
+    ]
+    frontier.write_text(json.dumps({"frontier": rows}))
+    leaked = [{"attack": "sip", "threat_model": "public", "rouge_l": 0.97}]
+    line = advice(leaked, [], frontier)
+    assert "good 2.0" in line and "public 0.30" in line and "inside 0.50" in line and "+20%" in line
+    assert "already" in advice(leaked, ["good"], frontier)
+    assert "benchmarks/privacy.py" in advice(leaked, [], tmp_path / "missing.json")
+    frontier.write_text("{not json")
+    assert "not a frontier file" in advice(leaked, [], frontier)
+
+
+def test_the_report_names_each_attack_and_threat_model() -> None:
+    report = {
+        "run_dir": "runs/x", "split": "ushape", "defenses": [], "epsilon": None, "batches": 2, "advice": "use y",
+        "attacks": [
+            {"attack": "sip", "threat_model": "public", "rouge_l": 0.9, "token_accuracy": 0.8, "pii_recovered": None},
+            {"attack": "sip", "threat_model": "inside", "rouge_l": 0.95, "token_accuracy": 0.9,
+             "pii_recovered": {"email": 0.5, "all": 0.25}},
+        ],
+    }  # fmt: skip
+    lines = render(report)
+    assert "defenses: none" in lines[0] and "epsilon: n/a" in lines[0]
+    assert any("sip" in line and "inside" in line and "email 0.50" in line for line in lines)
+    assert lines[-1] == "advice: use y"
