@@ -12,6 +12,7 @@ from helpers import serve_one_client_in_threads
 from splitlm.config import Config
 from splitlm.frameworks import run_framework
 from splitlm.privacy.attacks import observations
+from splitlm.privacy.audit import audit
 from splitlm.privacy.tap import read_records
 
 TAPPED = ("privacy.tap.enabled=true", "privacy.tap.max_batches=2", "train.steps=3")
@@ -37,3 +38,10 @@ def test_serve_records_what_it_received_and_the_client_keeps_its_truth(
         assert torch.equal(truth["input_ids"], truth_here["input_ids"])
     # Without the client's folder the server's records have no truth to score against.
     assert all(o.truth is None for o in observations(tmp_path / "server"))
+    # `splitlm audit SERVER --client-dir CLIENT`: the server's records, the client's truth and (inside) its parts.
+    report = audit(
+        tmp_path / "server", client_dir=tmp_path / "client0", attacks=["sip"], options={"sip": {"steps": "40"}},
+        progress=False, say=lambda line: None,
+    )  # fmt: skip
+    assert [r["threat_model"] for r in report["attacks"]] == ["public", "inside"]
+    assert (tmp_path / "server" / "audit.json").is_file()

@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from splitlm.privacy.audit import advice, render
+import pytest
+
+from splitlm.errors import PrivacyError
+from splitlm.privacy.audit import advice, audit, render
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -88,3 +91,35 @@ def test_the_report_names_each_attack_and_threat_model() -> None:
     assert "defenses: none" in lines[0] and "epsilon: n/a" in lines[0]
     assert any("sip" in line and "inside" in line and "email 0.50" in line for line in lines)
     assert lines[-1] == "advice: use y"
+
+
+# --- end to end on tiny runs ------------------------------------------------------------------------------
+
+QUICK = {"sip": {"steps": "60"}, "bisr_f": {"sip_steps": "60", "steps": "20"}}
+
+
+def test_audit_attacks_a_tapped_run_under_both_threat_models(record_run, tmp_path: Path) -> None:
+    run = record_run("data.name=pii", "data.max_rows=64", "train.seq_len=48")
+    lines: list[str] = []
+    report = audit(
+        run, attacks=["sip", "bisr_f"], options=QUICK, progress=False, frontier=tmp_path / "x", say=lines.append
+    )
+    assert [(r["attack"], r["threat_model"]) for r in report["attacks"]] == [
+        ("sip", "public"), ("bisr_f", "public"), ("sip", "inside"), ("bisr_f", "inside"),
+    ]  # fmt: skip
+    for row in report["attacks"]:
+        assert 0.0 <= row["rouge_l"] <= 1.0
+        assert row["pii_recovered"] is not None and "all" in row["pii_recovered"]  # the PII corpus lists them
+    assert json.loads((run / "audit.json").read_text())["attacks"] == report["attacks"]
+    assert lines[0].startswith(f"audit of {run}") and lines[-1].startswith("advice: ")
+    assert sum(line.split()[1:2] == ["inside"] for line in lines) == 2
+
+
+def test_audit_refuses_a_run_without_truth_in_one_line(record_run, tmp_path: Path) -> None:
+    run = record_run("split.head_layers=2")
+    empty = tmp_path / "client"
+    empty.mkdir()
+    with pytest.raises(PrivacyError, match="not a client's output_dir"):
+        audit(run, client_dir=empty, attacks=["sip"], options=QUICK, progress=False)
+    with pytest.raises(PrivacyError, match="unknown threat model"):
+        audit(run, threat_models=("everyone",), progress=False)

@@ -47,17 +47,21 @@ def audit(
     batches: int = 2,
     threat_models: tuple[str, ...] = THREAT_MODELS,
     progress: bool = True,
+    options: dict[str, dict[str, str]] | None = None,
     frontier: Path = FRONTIER,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Attack ``run_dir``'s tapped micro-batches (its last ``batches``; 0: all) under each threat model, print the
     report through ``say`` and write it to ``RUN_DIR/audit.json``; ``client_dir``: the client's ``output_dir`` of
-    a networked run (its truth and its parts)."""
+    a networked run (its truth and its parts); ``options``: each attack's options by name (``splitlm attack``'s)."""
     unknown = [t for t in threat_models if t not in THREAT_MODELS]
     if unknown:
         raise PrivacyError(f"unknown threat model {unknown[0]!r}; choose from {', '.join(THREAT_MODELS)}")
-    if client_dir is not None and not (client_dir / "config.yaml").is_file():
-        raise PrivacyError(f"--client-dir {client_dir} is not a client's output_dir (no config.yaml); give the folder")
+    if client_dir is not None and not any((client_dir / name).is_dir() for name in ("truth", "adapters")):
+        raise PrivacyError(
+            f"--client-dir {client_dir} is not a client's output_dir (no truth/ or adapters/ in it); give the folder "
+            "the client wrote to, trained with privacy.tap.enabled=true"
+        )
     obs = observations(run_dir, batches, truth_dir=client_dir)
     if not any(o.truth is not None for o in obs):
         where = client_dir or run_dir
@@ -68,11 +72,11 @@ def audit(
     rows: list[dict[str, Any]] = []
     config = None
     for threat in threat_models:
-        ctx = AttackContext.from_run(client_dir or run_dir, threat_model=threat)
+        ctx = AttackContext.from_run(run_dir, threat_model=threat, client_dir=client_dir)
         config = ctx.config
         names = attacks or [a for a in SUITE if a in ATTACKS.names() and applies(a, ctx)]
         for name in names:
-            result = score(ctx, name, make_attack(name), obs, progress=progress)
+            result = score(ctx, name, make_attack(name, (options or {}).get(name)), obs, progress=progress)
             rows.append(
                 {
                     "attack": name,

@@ -37,7 +37,6 @@ from splitlm.runtime.rng import derive
 from splitlm.transport import Message
 
 T = TypeVar("T")
-THREAT_MODELS = ("public", "inside")  # what the attacker holds: see ``AttackContext``
 
 
 @dataclass
