@@ -185,7 +185,16 @@ class TrainConfig(Section):
         "the summary's *_before figures; false: they are null and the run starts training at once).",
     )
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
-    progress: bool = Field(True, description="Show a progress bar.")
+    progress: bool = Field(
+        True, description="Show progress bars and start-up progress lines on stderr (loading, profiling, evaluation)."
+    )
+    report_to: Components = Field(
+        default_factory=dict,
+        description="Experiment trackers that get every metric of metrics.jsonl and rounds.jsonl (per client and "
+        "per round) and the config as hyperparameters, besides those files: a list of names, or {name: {setting: "
+        "value}}. Built in: tensorboard (event files in output_dir/tb), wandb (offline unless WANDB_MODE or "
+        "its mode says otherwise; needs wandb), mlflow (a file store in output_dir/mlruns; needs mlflow).",
+    )
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Micro-batch pipelining.")
 
 
