@@ -77,6 +77,17 @@ class ModelConfig(Section):
         description="torch device of the server's part, e.g. cpu, cuda:0; cuda:0,cuda:1 (or auto) spreads the "
         "trunk's blocks over several GPUs.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Gradient checkpointing in every part (the client's head and tail, the server's trunk) and the "
+        "centralized model: keep only each block's input for the backward pass and run the block again there; "
+        "less activation memory for one more forward pass of the blocks, the same losses.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Let a local or hub model run the Python code it ships (its config, model or tokenizer classes; "
+        "transformers' trust_remote_code). Off by default; a warning says when it is on.",
+    )
 
 
 class SplitConfig(Section):

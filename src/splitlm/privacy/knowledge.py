@@ -37,7 +37,7 @@ class PublicKnowledge:
         self, config: Config, source: ModelSource | None = None, device: str = "cpu", run_dir: Path | None = None
     ) -> None:
         self.config = config
-        self.source = source or resolve_model(config.model.name, config.model.revision)
+        self.source = source or resolve_model(config.model.name, config.model.revision, config.model.trust_remote_code)
         self.tokenizer = self.source.tokenizer()
         self.device = torch.device(device)
         self.spec = SplitSpec(config.split.mode, config.split.head_layers, config.split.tail_layers)
