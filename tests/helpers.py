@@ -19,6 +19,7 @@ from splitlm.errors import Interrupted
 from splitlm.frameworks import run_framework
 from splitlm.runtime.client import SplitClient
 from splitlm.runtime.optim import PartyOptimizer
+from splitlm.runtime.tracking import scalars
 
 
 def interrupt_run(
@@ -85,3 +86,42 @@ def serve_one_client_in_threads(server_config: Config, client_config: Config, ro
         raise served["error"]
     assert "summary" in served, "the server did not finish within 120 s of its client"
     return served["summary"]
+
+
+# --- train.report_to: what a run's trackers must hold -------------------------------------------------
+
+
+def jsonl_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_events(folder: Path) -> Any:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    accumulator = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def expected_scalars(run: Path) -> dict[str, dict[int, float]]:
+    """What a tracker must hold: every number of metrics.jsonl (under client<ID>/, at the client's step) and
+    of rounds.jsonl (under round/, at the round)."""
+    wanted: dict[str, dict[int, float]] = {}
+    for record in jsonl_lines(run / "metrics.jsonl"):
+        for key, value in scalars(record, ("step", "client")).items():
+            wanted.setdefault(f"client{record['client']}/{key}", {})[record["step"]] = value
+    rounds = run / "rounds.jsonl"  # a networked client writes none
+    for record in jsonl_lines(rounds) if rounds.is_file() else []:
+        for key, value in scalars(record, ("round",)).items():
+            wanted.setdefault(f"round/{key}", {})[record["round"]] = value
+    return wanted
+
+
+def assert_events_hold(run: Path, wanted: dict[str, dict[int, float]]) -> Any:
+    """``run/tb``'s TensorBoard event files, read back by TensorBoard's reader, hold exactly ``wanted``."""
+    events = read_events(run / "tb")
+    assert set(events.Tags()["scalars"]) == set(wanted)
+    for tag, points in wanted.items():
+        logged = {event.step: event.value for event in events.Scalars(tag)}
+        assert logged == pytest.approx(points, rel=1e-6, abs=1e-30), tag  # event files hold float32
+    return events

@@ -77,6 +77,17 @@ class ModelConfig(Section):
         description="torch device of the server's part, e.g. cpu, cuda:0; cuda:0,cuda:1 (or auto) spreads the "
         "trunk's blocks over several GPUs.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Gradient checkpointing in every part (the client's head and tail, the server's trunk) and the "
+        "centralized model: keep only each block's input for the backward pass and run the block again there; "
+        "less activation memory for one more forward pass of the blocks, the same losses.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Let a local or hub model run the Python code it ships (its config, model or tokenizer classes; "
+        "transformers' trust_remote_code). Off by default; a warning says when it is on.",
+    )
 
 
 class SplitConfig(Section):
@@ -185,7 +196,16 @@ class TrainConfig(Section):
         "the summary's *_before figures; false: they are null and the run starts training at once).",
     )
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
-    progress: bool = Field(True, description="Show a progress bar.")
+    progress: bool = Field(
+        True, description="Show progress bars and start-up progress lines on stderr (loading, profiling, evaluation)."
+    )
+    report_to: Components = Field(
+        default_factory=dict,
+        description="Experiment trackers that get every metric of metrics.jsonl and rounds.jsonl (per client and "
+        "per round) and the config as hyperparameters, besides those files: a list of names, or {name: {setting: "
+        "value}}. Built in: tensorboard (event files in output_dir/tb), wandb (offline unless WANDB_MODE or "
+        "its mode says otherwise; needs wandb), mlflow (a file store in output_dir/mlruns; needs mlflow).",
+    )
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Micro-batch pipelining.")
 
 

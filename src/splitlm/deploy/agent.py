@@ -25,9 +25,10 @@ from splitlm.config import Config
 from splitlm.errors import CheckpointError, ConfigError, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.base import client_steps
-from splitlm.frameworks.checkpoint import checkpoints, load_checkpoint, save_checkpoint, trim_metrics
+from splitlm.frameworks.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from splitlm.frameworks.driver import evaluate_now
 from splitlm.frameworks.federation import Member, build_parties, link_seconds
+from splitlm.runtime.tracking import MetricLogger
 from splitlm.transport import Message, Transport
 from splitlm.transport.codecs import wire_limits
 from splitlm.transport.grpc_client import GrpcConnection
@@ -46,7 +47,8 @@ def check_client_id(config: Config, client_id: str) -> None:
 class ClientAgent:
     """A client that answers the orchestrator's commands: its parts, data and state live here.
 
-    It writes its own ``metrics.jsonl`` (its steps) and, at the end, ``summary.json`` into its ``output_dir``;
+    It writes its own ``metrics.jsonl`` (its steps; and to the trackers of ``train.report_to``) and, at the end,
+    ``summary.json`` into its ``output_dir``;
     ``report`` (networked clients) streams each step's record to the server as it happens. A command the
     server sends again after a broken stream is answered from a small cache, never carried out twice."""
 
@@ -71,6 +73,7 @@ class ClientAgent:
         self.member = self.local.members[0]
         self.histogram = self.member.histogram
         self.out = Path(config.output_dir)
+        self.logger = MetricLogger(config, self.out, name=f"client {client_id}")
         self.state_tensors = len(self.member.client.state())  # what its state (client side) carries on the wire
         self.records: list[dict[str, Any]] = []
         self.local.on_step = self._on_step
@@ -87,16 +90,10 @@ class ClientAgent:
             disable=not (progress and config.train.progress),
         )  # fmt: skip
 
-    @property
-    def metrics_path(self) -> Path:
-        return self.out / "metrics.jsonl"
-
     def _on_step(self, member: Member, record: dict[str, Any]) -> None:
         evaluate_now(self.local, member, record)
         self.records.append(record)
-        self.out.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a") as metrics:
-            metrics.write(json.dumps(record) + "\n")
+        self.logger.step(record)
         if self.report is not None:
             self.report({**record, "attempt": self.attempt})
         self.bar.update(1)
@@ -104,7 +101,7 @@ class ClientAgent:
 
     def _rewound(self) -> None:
         """The client's steps went back (a restore or a rollback): its metrics and progress bar follow."""
-        trim_metrics(self.metrics_path, {self.client_id: self.member.steps_done})
+        self.logger.rewind({self.client_id: self.member.steps_done})
         self.bar.n = self.member.steps_done
         self.bar.refresh()
 
@@ -188,6 +185,7 @@ class ClientAgent:
         if self._summary is not None:
             return self._summary
         self.bar.close()
+        self.logger.close()
         member = self.member
         meter = member.meter
         summary = {

@@ -191,6 +191,7 @@ COMPONENT_KEYS: dict[str, str] = {
     "remedies": "splitlm.remedies.base:REMEDIES",
     "framework.aggregation": "splitlm.frameworks.aggregation:STRATEGIES",
     "framework.server_lr_scale": "splitlm.frameworks.aggregation.scales:SCALES",
+    "train.report_to": "splitlm.runtime.tracking:SINKS",
 }
 
 

@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from splitlm import progress
 from splitlm.config import Config
 from splitlm.config.schema import TrainConfig
 from splitlm.data import Batch, Example, collate
@@ -97,7 +98,7 @@ class CentralizedClient:
     def evaluate(self, batches: list[Batch]) -> EvalStats:
         self.model.eval()
         loss_sum, count = 0.0, 0
-        for batch in batches:
+        for batch in progress.bar(batches, desc="evaluating", unit="batch"):
             batch = batch.to(self.device)
             total, tokens = causal_lm_loss(self._logits(batch), batch.labels)
             loss_sum += float(total)

@@ -119,27 +119,6 @@ def load_checkpoint(out: Path, parties: Saveable, name: str | None = None) -> di
     return progress
 
 
-def trim_metrics(path: Path, steps_done: dict[str, int]) -> None:
-    """Drop metric lines of client steps after the checkpoint (work the checkpoint does not contain)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if record["step"] <= steps_done.get(str(record["client"]), 0):
-                kept.append(line)
-    write_text(path, "".join(line + "\n" for line in kept))
-
-
-def trim_rounds(path: Path, rounds_done: int) -> None:
-    """Drop round lines after the checkpoint's round."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["round"] <= rounds_done]
-    write_text(path, "".join(line + "\n" for line in kept))
-
-
 def stopped_at_once(out: Path) -> str:
     """What to do after a run into ``out`` stopped at once (Ctrl-C while it loads, or a second Ctrl-C): continue
     from its newest checkpoint, or, before the first one, start it again."""

@@ -11,7 +11,6 @@ in, and a run of one client is checkpointed at that step (several clients: at th
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -30,16 +29,11 @@ from splitlm.config.schema import LINK_DIRECTIONS
 from splitlm.errors import ClientGone, ConfigError, Interrupted
 from splitlm.files import write_json
 from splitlm.frameworks.aggregation.scales import rates_in_effect
-from splitlm.frameworks.checkpoint import (
-    load_checkpoint,
-    prepare_output,
-    save_checkpoint,
-    trim_metrics,
-    trim_rounds,
-)
+from splitlm.frameworks.checkpoint import load_checkpoint, prepare_output, save_checkpoint
 from splitlm.frameworks.federation import Federation, Member, build_parties, participants
 from splitlm.privacy.accounting import epsilon, releases
 from splitlm.runtime.server import ServerSurface
+from splitlm.runtime.tracking import MetricLogger
 
 SUMMARY_FORMAT = 2  # ``summary.json``'s schema; ``splitlm report`` reads this one
 # the last round's losses on the clients' own held-out sets (``data.client_eval_size``; ``client_evaluation``)
@@ -93,14 +87,14 @@ def interruptible(stop: threading.Event) -> Iterator[None]:
 
 
 class _Progress:
-    """The progress bar over every client step of the run, and ``metrics.jsonl``, which the steps feed."""
+    """The progress bar over every client step of the run, and the metric logger (``metrics.jsonl`` and the
+    trackers of ``train.report_to``), which the steps feed."""
 
-    def __init__(self, fed: Federation, metrics_path: Path, done: int) -> None:
+    def __init__(self, fed: Federation, logger: MetricLogger, done: int) -> None:
         fw = fed.config.framework
         total = fw.rounds * (fw.clients_per_round or len(fed.members)) * fed.local_steps
         self.fed = fed
-        self.path = metrics_path
-        self.metrics = metrics_path.open("a")
+        self.logger = logger
         self.lock = threading.Lock()
         self.bar = tqdm(
             total=total, initial=min(done, total), desc=fed.framework.name, unit="step", dynamic_ncols=True,
@@ -115,8 +109,7 @@ class _Progress:
 
     def step(self, member: Member, record: dict[str, Any]) -> None:
         with self.lock:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            self.logger.step(record)
             self.losses[member.client_id] = record["loss"]
             self.comm_seconds += float(record.get("comm_seconds", 0.0))
             self.bar.update(1)
@@ -127,14 +120,11 @@ class _Progress:
     def rewind(self) -> None:
         """After a round was rolled back: forget the steps the clients no longer have done."""
         with self.lock:
-            self.metrics.close()
-            trim_metrics(self.path, {m.client_id: m.steps_done for m in self.fed.members})
-            self.metrics = self.path.open("a")
+            self.logger.rewind({m.client_id: m.steps_done for m in self.fed.members})
             self.bar.n = sum(m.steps_done for m in self.fed.members)
             self.bar.refresh()
 
     def close(self) -> None:
-        self.metrics.close()
         self.bar.close()
 
 
@@ -168,12 +158,12 @@ def run_round(fed: Federation, round_index: int, chosen: list[Member], progress:
 def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str, Any]:
     """Run ``fed``'s framework round after round into ``out``; return (and write) the summary."""
     config = fed.config
-    metrics_path, rounds_path = out / "metrics.jsonl", out / "rounds.jsonl"
     progress: dict[str, Any] = {
         "round": 0, "train_seconds": 0.0, "wall_seconds": 0.0,
         "bytes_up": 0, "bytes_down": 0, "eval_bytes_up": 0, "eval_bytes_down": 0, "control_bytes_up": 0,
         "control_bytes_down": 0, "comm_seconds": 0.0,
     }  # fmt: skip
+    logger = MetricLogger(config, out, resume=resume)  # metrics.jsonl, rounds.jsonl and train.report_to's trackers
     if fed.server is not None and len(fed.members) > 1:
         fed.server.start()  # clients work at once: the server serves them from its queue
     holders: list[Member] = fed.members[:1]
@@ -204,8 +194,7 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
             fed.last_checkpoint = progress.get("name")
             if reopen(fed):  # its length grew: the one round goes on (its line in rounds.jsonl goes)
                 progress["round"] = 0
-            trim_metrics(metrics_path, {m.client_id: m.steps_done for m in fed.members})
-            trim_rounds(rounds_path, int(progress["round"]))
+            logger.rewind({m.client_id: m.steps_done for m in fed.members}, int(progress["round"]))
             base = dict(progress)
         else:
             torch.manual_seed(config.seed)
@@ -216,8 +205,8 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
                 progress.update(eval_loss_before=None, accuracy_before=None)
             checkpoint()  # so that --resume works from the start on
         loop_started = time.perf_counter()
-        with rounds_path.open("a") as rounds_file, interruptible(fed.stop):
-            bar = _Progress(fed, metrics_path, sum(m.steps_done for m in fed.members))
+        with interruptible(fed.stop):
+            bar = _Progress(fed, logger, sum(m.steps_done for m in fed.members))
             fed.on_step = _step_hook(fed, bar, checkpoint)
             try:
                 for round_index in range(int(progress["round"]), config.framework.rounds):
@@ -235,8 +224,7 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
                         "bytes_up": progress["bytes_up"], "bytes_down": progress["bytes_down"],
                         "train_seconds": progress["train_seconds"],
                     }  # fmt: skip
-                    rounds_file.write(json.dumps(record) + "\n")
-                    rounds_file.flush()
+                    logger.round(record)
                     if settled(fed):
                         checkpoint()
             finally:
@@ -245,6 +233,7 @@ def drive(fed: Federation, out: Path, resume: bool, started: float) -> dict[str,
     except Interrupted:
         raise Interrupted(_interrupted(fed, out, progress, checkpoint)) from None
     finally:
+        logger.close()
         if fed.server is not None:
             fed.server.stop()
     if fed.tap is not None:

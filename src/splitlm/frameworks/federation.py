@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from splitlm import progress
 from splitlm.config import Config
 from splitlm.data import (
     Batch,
@@ -848,6 +849,7 @@ def build_parties(
       actor (``host``) and returns its proxy;
     - ``agent``: client ``client`` alone with its data and parts, ``transport`` its way to the server elsewhere.
     """
+    progress.show(config.train.progress)
     framework = check_placement(config, placement)
     server: Any = None  # SplitServer, a proxy of Ray's server actor, or None (the unsplit baseline, a client alone)
     hosted: Hosted | None = None
@@ -855,38 +857,44 @@ def build_parties(
     groups: list[list[int]] = []
     tap, truth = None, None
     if placement in ("inprocess", "agent"):
-        source = source or load_source(config)
-        data = prepare_data(config, source.tokenizer(), pack=False)  # partition rows by label first, then pack
-        parts, histograms = partition(config, framework, data)
-    if placement == "agent":
-        # A networked client with the tap on keeps the truth of its latest micro-batches (``finish`` writes them) for
-        # ``splitlm audit SERVER_RUN --client-dir CLIENT_RUN`` to score the server tap's records against.
-        truth = recorders(config, 1)[1]
-        member = build_member(
-            config, framework, source, data, client, parts[client], histograms[client], transport, truth
-        )
-        members = [member]
-    elif placement == "inprocess":
-        groups = groups_of(config, framework, histograms, lambda: client_sketches(config, source, data, parts))
-        tap, truth = recorders(config, len(parts))
-        hosted = host(config, framework, source, groups, tap=tap) if framework.split else None
-        transport = InProcessTransport(hosted.handler) if hosted is not None else None
-        members = []
-        for index, indices in enumerate(parts):
-            members.append(
-                build_member(config, framework, source, data, index, indices, histograms[index], transport, truth)
+        with progress.phase(f"loading the model {config.model.name} and the data {config.data.name}"):
+            source = source or load_source(config)
+            data = prepare_data(config, source.tokenizer(), pack=False)  # partition rows by label first, then pack
+            parts, histograms = partition(config, framework, data)
+    with progress.phase("building the parts"):
+        if placement == "agent":
+            # A networked client with the tap on keeps the truth of its latest micro-batches (``finish`` writes them)
+            # for ``splitlm audit SERVER_RUN --client-dir CLIENT_RUN`` to score the server tap's records against.
+            truth = recorders(config, 1)[1]
+            member = build_member(
+                config, framework, source, data, client, parts[client], histograms[client], transport, truth
             )
-            if hosted is not None:
-                route(config, framework, hosted.server, index, groups)
-        if hosted is not None and not hosted.server.trainable and not any(m.client.optimizer.params for m in members):
-            raise ConfigError("nothing to train: lora.head, lora.trunk and lora.tail are all frozen")
-    else:  # the clients are elsewhere: ``members`` were built from their hellos
-        groups = groups_of(config, framework, [m.histogram for m in members])
-        if remote_server is not None:
-            server = remote_server(groups)
-        else:  # ``splitlm serve``: the tap records what the server receives, as in-process
-            tap = recorders(config, len(members))[0]
-            hosted = host(config, framework, source or load_source(config), groups, range(len(members)), tap=tap)
+            members = [member]
+        elif placement == "inprocess":
+            groups = groups_of(config, framework, histograms, lambda: client_sketches(config, source, data, parts))
+            tap, truth = recorders(config, len(parts))
+            hosted = host(config, framework, source, groups, tap=tap) if framework.split else None
+            transport = InProcessTransport(hosted.handler) if hosted is not None else None
+            members = []
+            for index, indices in enumerate(parts):
+                members.append(
+                    build_member(config, framework, source, data, index, indices, histograms[index], transport, truth)
+                )
+                if hosted is not None:
+                    route(config, framework, hosted.server, index, groups)
+            if (
+                hosted is not None
+                and not hosted.server.trainable
+                and not any(m.client.optimizer.params for m in members)
+            ):
+                raise ConfigError("nothing to train: lora.head, lora.trunk and lora.tail are all frozen")
+        else:  # the clients are elsewhere: ``members`` were built from their hellos
+            groups = groups_of(config, framework, [m.histogram for m in members])
+            if remote_server is not None:
+                server = remote_server(groups)
+            else:  # ``splitlm serve``: the tap records what the server receives, as in-process
+                tap = recorders(config, len(members))[0]
+                hosted = host(config, framework, source or load_source(config), groups, range(len(members)), tap=tap)
     if hosted is not None:
         server = hosted.server
     steps = config.framework.steps_per_round(config.train.steps)

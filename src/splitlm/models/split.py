@@ -7,16 +7,22 @@ client of a 7B model therefore never holds the trunk's weights, not even briefly
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.utils.checkpoint
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.utils import logging as hf_logging
 
+from splitlm import progress
 from splitlm.errors import ModelError
 from splitlm.models.families import Family, family_for, get_module
 from splitlm.models.sources import ModelSource
@@ -25,6 +31,9 @@ Role = Literal["head", "trunk", "tail"]
 SplitMode = Literal["vanilla", "ushape"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOWRANK = "lowrank"  # a Stage's learned bottleneck halves (split.bottleneck): lowrank.<i>.encoder / .decoder
+# Held by whoever sets torch's global generator (``runtime.rng.seeded``, a checkpointed block's recomputation), so
+# that two threads never draw from it at once.
+RNG_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,9 @@ class Stage(nn.Module):
         self.block_devices: dict[int, torch.device] = {}  # set when the blocks are spread over devices
         self.lowrank: nn.ModuleDict | None = None  # split.bottleneck: {"<i>": {"encoder" | "decoder": Linear}}
         self.wire_rank: int | None = None  # K when the part has a bottleneck
+        # model.gradient_checkpointing: keep only each block's input for the backward pass and run the block again
+        # there (less memory for activations, one more forward of the blocks)
+        self.gradient_checkpointing = False
 
     @property
     def wire_in(self) -> nn.Module | None:
@@ -180,7 +192,10 @@ class Stage(nn.Module):
             target = self.block_devices.get(index)
             if target is not None and hidden_states.device != target:  # the next block lives on another device
                 hidden_states, kwargs = hidden_states.to(target), _to_device(kwargs, target)
-            hidden_states = self.family.run_block(modules[str(index)], hidden_states, kwargs)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                hidden_states = checkpoint_block(self.family.run_block, modules[str(index)], hidden_states, kwargs)
+            else:
+                hidden_states = self.family.run_block(modules[str(index)], hidden_states, kwargs)
         if self.ends:
             final = get_module(self, self.family.final[-1]).weight.device
             return self.family.finish(self, self.config, hidden_states.to(final))  # (B, T, V)
@@ -201,6 +216,38 @@ class Stage(nn.Module):
                 "first or last block"
             )
         return list(blocks)
+
+
+def checkpoint_block(
+    run: Callable[[nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor],
+    block: nn.Module,
+    hidden: torch.Tensor,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """``run(block, hidden, kwargs)`` under gradient checkpointing: nothing inside the block is kept for the backward
+    pass, which runs the block again first. The recomputation draws the same dropout masks (LoRA's, attention's):
+    it starts torch's generator from the state the forward pass had, under ``RNG_LOCK``. Non-reentrant, so the
+    gradients reach the block's (LoRA) parameters whether or not ``hidden`` requires grad."""
+    cuda = [hidden.device.index or 0] if hidden.device.type == "cuda" else []
+    cpu_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(index) for index in cuda]
+
+    @contextlib.contextmanager
+    def replay() -> Iterator[None]:
+        with RNG_LOCK, torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(cpu_state)
+            for index, state in zip(cuda, cuda_states, strict=True):
+                torch.cuda.set_rng_state(state, index)
+            yield
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        return run(block, hidden_states, kwargs)
+
+    out = torch.utils.checkpoint.checkpoint(
+        forward, hidden, use_reentrant=False, preserve_rng_state=False,
+        context_fn=lambda: (contextlib.nullcontext(), replay()),
+    )  # fmt: skip
+    return out  # type: ignore[no-any-return]
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -276,7 +323,9 @@ def load_stage(
     ends = role == "tail" or (role == "trunk" and spec.mode == "vanilla")
     keep = set(family.embeddings if role == "head" else ()) | set(family.final if ends else ())
     with init_empty_weights(include_buffers=False):
-        skeleton = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        skeleton = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn_implementation, trust_remote_code=source.trust_remote_code
+        )
     _prune(skeleton, family, layers, keep)
     stage = Stage(role, family, config, layers, ends, skeleton)
     names = [name for name, _ in stage.named_parameters(remove_duplicate=False)]
@@ -313,9 +362,17 @@ def load_full_model(
     """The unsplit model (the centralized baseline and the reference in tests)."""
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     family_for(source.config())  # same support check as for a split
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=torch_dtype, attn_implementation=attn_implementation
-    )
+    quiet = not progress.shown() and hf_logging.is_progress_bar_enabled()  # train.progress=false: no loading bar
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch_dtype, attn_implementation=attn_implementation,
+            trust_remote_code=source.trust_remote_code,
+        )  # fmt: skip
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     model.to(device)
     model.requires_grad_(False)
     return model

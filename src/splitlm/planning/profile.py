@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from splitlm import progress
 from splitlm.config import Config, ResolvedLora
 from splitlm.frameworks.pipeline import codec_mod
 from splitlm.frameworks.setup import load_source
@@ -189,9 +190,15 @@ class _Pass:
 
 
 def _one_pass(
-    model: nn.Module, family: Family, batch: tuple[torch.Tensor, ...], device: torch.device, blocks: int | None = None
+    model: nn.Module,
+    family: Family,
+    batch: tuple[torch.Tensor, ...],
+    device: torch.device,
+    blocks: int | None = None,
+    tick: Callable[[], Any] = lambda: None,
 ) -> _Pass:
-    """One batch through the embeddings, the first ``blocks`` blocks (default: all) and the final end."""
+    """One batch through the embeddings, the first ``blocks`` blocks (default: all) and the final end; ``tick``
+    after each block's backward pass (a progress bar's)."""
     config = model.config
     input_ids, mask, positions = batch
     layers = get_module(model, family.layers)
@@ -226,6 +233,7 @@ def _one_pass(
     for i in reversed(indices):
         _, backward[i] = _timed(device, lambda i=i, g=grad: outputs[i].backward(g))
         grad = inputs[i].grad
+        tick()
     embed_bwd = 0.0
     if hidden.requires_grad:  # trainable embeddings (lora method full)
         _, embed_bwd = _timed(device, lambda: hidden.backward(grad))
@@ -283,10 +291,15 @@ def measure_setup(
         ids = torch.randint(vocab, (train.batch_size, train.seq_len), generator=generator).to(where)
         return ids, torch.ones_like(ids), torch.arange(train.seq_len, device=where).unsqueeze(0)
 
-    _one_pass(base, family, batch(), where, blocks=WARM_BLOCKS)  # first calls: kernels, allocator, rotary tables
-    passes = [_one_pass(base, family, batch(), where) for _ in range(config.plan.profile_batches)]
-    warm = passes[0]
     layers = get_module(base, family.layers)
+    warm_blocks = min(WARM_BLOCKS, len(layers))
+    total = warm_blocks + config.plan.profile_batches * len(layers)
+    with progress.bar(total=total, desc=f"plan: profiling the {role}'s blocks", unit="block") as shown:
+        _one_pass(base, family, batch(), where, warm_blocks, shown.update)  # first calls: kernels, allocator, ...
+        passes = [
+            _one_pass(base, family, batch(), where, tick=shown.update) for _ in range(config.plan.profile_batches)
+        ]
+    warm = passes[0]
     blocks = [_bytes(layers[i]) for i in range(len(layers))]
     embed = [_bytes(get_module(base, path)) for path in family.embeddings]
     final = [_bytes(get_module(base, path)) for path in family.final]
@@ -350,6 +363,7 @@ def wire(config: Config, hidden_size: int, repeats: int = 3) -> tuple[dict[str, 
 def profile_model(config: Config, source: ModelSource | None = None) -> Profile:
     """Measure the config's model for the planner (see the module docstring); one load per distinct setup."""
     started = time.perf_counter()
+    progress.show(config.train.progress)
     source = source or load_source(config)
     model_config = source.config()
     roles: tuple[Role, ...] = ("head", "trunk", "tail") if config.split.mode == "ushape" else ("head", "trunk")

@@ -60,7 +60,7 @@ class PublicKnowledge:
         if threat_model not in THREAT_MODELS:
             raise PrivacyError(f"unknown threat model {threat_model!r}; choose one of {', '.join(THREAT_MODELS)}")
         self.config = config
-        self.source = source or resolve_model(config.model.name, config.model.revision)
+        self.source = source or resolve_model(config.model.name, config.model.revision, config.model.trust_remote_code)
         self.tokenizer = self.source.tokenizer()
         self.device = torch.device(device)
         self.spec = SplitSpec(config.split.mode, config.split.head_layers, config.split.tail_layers)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from splitlm import progress
 from splitlm.data import Batch, Example, collate
 from splitlm.models.split import SplitMode, Stage
 from splitlm.peft import load_trainable, load_trainable_state, save_trainable, trainable_parameters, trainable_state
@@ -281,7 +282,7 @@ class SplitClient:
         for part in self.parts.values():
             part.eval()
         loss_sum, count = 0.0, 0
-        for micro, batch in enumerate(batches):
+        for micro, batch in enumerate(progress.bar(batches, desc=f"client {self.client_id} evaluating", unit="batch")):
             batch = batch.to(self.stages["head"].device)
             hidden = self._head(batch, (self.client_id, step, micro))
             logits = self.plugins.local_logits(hidden, batch)  # e.g. a personal model's early exit: nothing is sent

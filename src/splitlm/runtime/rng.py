@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import threading
 from collections.abc import Iterator
 
 import torch
 
-_LOCK = threading.RLock()
+from splitlm.models.split import RNG_LOCK
+
+_LOCK = RNG_LOCK  # a checkpointed block's recomputation sets the generator too (models.split)
 
 
 def derive(seed: int, *key: object) -> int:
