@@ -88,6 +88,31 @@ def test_generate_and_export_need_a_run_directory(capsys, tmp_path: Path) -> Non
     assert "not a run directory" in _one_error_line(capsys)
 
 
+@pytest.mark.timeout(120)  # it would wait the whole --connect-timeout (600 s) if it retried (nothing timed asserted)
+def test_client_with_an_unresolvable_host_says_so_at_once(
+    config_file, capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grpc
+
+    from splitlm.transport.grpc_client import GrpcConnection
+    from splitlm.transport.security import make_dev_certs
+
+    tried: list[float] = []
+
+    def no_stream(self: GrpcConnection, timeout: float) -> None:
+        tried.append(timeout)
+        raise grpc.FutureTimeoutError  # as gRPC does for a name it cannot resolve, each attempt until the deadline
+
+    monkeypatch.setattr(GrpcConnection, "_open", no_stream)
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost"], ["0"])
+    argv = ["client", str(config_file()), "--server", "nonexistent.invalid:50051", "--client-id", "0"]
+    assert main([*argv, "--certs", str(certs), "--connect-timeout", "600"]) != 0
+    line = _one_error_line(capsys)
+    assert "cannot connect to nonexistent.invalid:50051: cannot resolve the host name 'nonexistent.invalid'" in line
+    assert tried == []  # said before any attempt to open a stream
+
+
 # --- a successful run, shared by the tests below ------------------------------------------------------
 
 

