@@ -98,9 +98,13 @@ def edits(a: str, b: str) -> int:
 
 
 def is_typo(loc: tuple[Any, ...]) -> bool:
-    """Whether the unknown key at ``loc`` is within ``TYPO_EDITS`` of a key of its section (``train.stpes``)."""
+    """Whether the unknown key at ``loc`` is a typo of the key of its section that "did you mean" names: within
+    ``TYPO_EDITS`` of it (``train.stpes``, not ``privacy.dxp``: no key is named for that)."""
     section = _section_at(tuple(loc[:-1]))
-    return section is not None and any(edits(str(loc[-1]), key) <= TYPO_EDITS for key in section.model_fields)
+    if section is None:
+        return False
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return bool(close) and edits(str(loc[-1]), close[0]) <= TYPO_EDITS
 
 
 def _format(error: ValidationError) -> list[str]:
@@ -171,8 +175,8 @@ def build_config(
     registries know), reported together with the schema's own. ``quick``: when the schema finds problems, and every
     unknown key among them is a typo of a key of its section (``is_typo``), raise them without running ``checks``:
     those import the registries, and with them torch (seconds), while the schema's problems are reported in well
-    under one. A key further from every known key may be one a component took over (``Component.former_keys``, no
-    closer than ``TYPO_EDITS + 1`` to a key of its section), so the checks run to say where it went."""
+    under one. Any other unknown key may be one a component took over (``Component.former_keys``: none is a typo of
+    a key of its section), so the checks run to say where it went."""
     tree = dict(tree or {})
     for text in overrides:
         path, value = parse_override(text)
