@@ -244,7 +244,7 @@ class GrpcConnection:
                     if out_of_time or final:
                         raise ProtocolError(f"cannot connect to {self.address}: {reason}") from None
                     left = deadline - time.monotonic()
-                    log.warning("cannot connect to %s yet (%s); retrying for up to %.0f s", self.address, reason, left)
+                    log.warning("not connected yet, retrying for up to %.0f s more: %s", left, reason)
                 log.info("connect to %s failed (%s); retrying in %.1f s", self.address, type(error).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
