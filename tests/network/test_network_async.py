@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlm.errors import ProtocolError
+from splitlm.errors import ProtocolError, SplitLMError
 from splitlm.transport import Channel, Message, MeterMod, grpc_client, server_chain
 from splitlm.transport.codecs import CodecMod
 from splitlm.transport.grpc_client import GrpcConnection
@@ -166,6 +166,16 @@ def test_no_waiting_asked_connection_refused_is_reported_without_a_retry(caplog:
 
 # A final failure is reported at once: with a 600 s connect timeout these would hang if it were retried
 # (the module's pytest timeout stops them; nothing timed is asserted).
+
+
+def test_a_server_address_that_cannot_resolve_is_one_line(tls_server) -> None:
+    _, certs = tls_server
+    server = GrpcServer(None, load_tokens(certs / "tokens.json"), "nonexistent.invalid:50051", certs)
+    with pytest.raises(SplitLMError) as caught:
+        server.start()
+    message = str(caught.value)  # not grpc's RuntimeError "Failed to bind to address ..."
+    assert message.startswith("cannot listen on nonexistent.invalid:50051: cannot resolve the host name")
+    assert "\n" not in message
 
 
 @pytest.fixture
