@@ -329,7 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--mtls", action="store_true", help="present this client's certificate")
     cli.add_argument("--insecure", action="store_true", help="plain text, loopback only")
     cli.add_argument(
-        "--connect-timeout", type=float, default=30.0, help="give up connecting after this many seconds (default 30)"
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        help="retry connecting for this many seconds (default 30; 0: try once); a host name that does not resolve "
+        "or a refused certificate fails at once",
     )
     cli.set_defaults(func=cmd_client)
 
