@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,13 +41,37 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_all_config_errors_in_one_line(config_file, capsys, tmp_path: Path) -> None:
+    # the schema's problems (a typo'd key, types, values) all at once, before any registry (and torch) is imported
     path = config_file(train={"stepz": 3, "batch_size": "four", "lr": -1.0}, framework={"name": "p2p"})
     assert main(["train", str(path)]) == 2
     line = _one_error_line(capsys)
-    for key in ("train.stepz", "train.batch_size", "train.lr", "framework.name"):
+    for key in ("train.stepz", "train.batch_size", "train.lr"):
         assert key in line, key
-    assert "unknown key" in line
+    assert "unknown key (did you mean 'steps'?)" in line
     assert not (tmp_path / "run").exists()
+    # then the registries' (plugin names, keys that moved), all at once with the schema's own
+    path = config_file(train={"align_every": 3, "lr": -1.0}, framework={"name": "p2p"})
+    assert main(["train", str(path)]) == 2
+    line = _one_error_line(capsys)
+    for said in ("train.align_every: moved", "train.lr", "framework.name: unknown framework 'p2p'"):
+        assert said in line, said
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_typo_is_reported_before_torch_is_imported() -> None:
+    config = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+    code = (
+        "import sys\n"
+        "from splitlm.cli.main import main\n"
+        f"code = main(['train', {str(config)!r}, 'train.stpes=5', 'train.lr=abc'])\n"
+        "print(code, [m for m in ('torch', 'transformers', 'peft', 'grpc', 'datasets') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.split() == ["2", "[]"], done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "splitlm: error: invalid config: train.lr: Input should be a valid number, unable to parse string as a number "
+        "(got 'abc'); train.stpes: unknown key (did you mean 'steps'?)"
+    ]
 
 
 def test_bad_override_is_a_config_error(config_file, capsys) -> None:
@@ -86,6 +112,31 @@ def test_generate_and_export_need_a_run_directory(capsys, tmp_path: Path) -> Non
     assert "not a run directory" in _one_error_line(capsys)
     assert main(["export", str(tmp_path / "none"), str(tmp_path / "out")]) == 5
     assert "not a run directory" in _one_error_line(capsys)
+
+
+@pytest.mark.timeout(120)  # it would wait the whole --connect-timeout (600 s) if it retried (nothing timed asserted)
+def test_client_with_an_unresolvable_host_says_so_at_once(
+    config_file, capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grpc
+
+    from splitlm.transport.grpc_client import GrpcConnection
+    from splitlm.transport.security import make_dev_certs
+
+    tried: list[float] = []
+
+    def no_stream(self: GrpcConnection, timeout: float) -> None:
+        tried.append(timeout)
+        raise grpc.FutureTimeoutError  # as gRPC does for a name it cannot resolve, each attempt until the deadline
+
+    monkeypatch.setattr(GrpcConnection, "_open", no_stream)
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost"], ["0"])
+    argv = ["client", str(config_file()), "--server", "nonexistent.invalid:50051", "--client-id", "0"]
+    assert main([*argv, "--certs", str(certs), "--connect-timeout", "600"]) != 0
+    line = _one_error_line(capsys)
+    assert "cannot connect to nonexistent.invalid:50051: cannot resolve the host name 'nonexistent.invalid'" in line
+    assert tried == []  # said before any attempt to open a stream
 
 
 # --- a successful run, shared by the tests below ------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -127,9 +128,85 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_unknown_extension(tmp_path: Path) -> None:
-    path = _write(tmp_path / "a.parquet", "x")
-    with pytest.raises(DataError, match=r"unknown extension; expected one of \.jsonl, .*\.csv"):
+    path = _write(tmp_path / "a.xlsx", "x")
+    with pytest.raises(DataError, match=r"unknown extension; expected one of \.jsonl, .*\.csv.*\.parquet, \.arrow"):
         load_rows(DataConfig(name=path))
+
+
+def _reviews(n: int = 60) -> dict[str, list[str]]:
+    """Columns of ``n`` short labelled rows (what a user would save with the datasets library)."""
+    return {
+        "review": [f"Review {i}: the film was {'good' if i % 2 else 'dull'}, said critic {i}." for i in range(n)],
+        "label": ["fresh" if i % 2 else "rotten" for i in range(n)],
+    }
+
+
+def test_parquet_and_arrow_files(tmp_path: Path) -> None:
+    import datasets
+
+    dataset = datasets.Dataset.from_dict(_reviews(4))
+    dataset.to_parquet(str(tmp_path / "a.parquet"))
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")  # the IPC stream datasets writes
+    expected = [{"review": text, "label": label} for text, label in zip(*_reviews(4).values(), strict=True)]
+    for path in (tmp_path / "a.parquet", arrow):
+        assert load_rows(DataConfig(name=str(path), text_field="review")) == expected
+    broken = _write(tmp_path / "b.parquet", "not parquet")
+    with pytest.raises(DataError, match=r"b\.parquet could not be read as Parquet"):
+        load_rows(DataConfig(name=broken))
+
+
+def test_save_to_disk_folder_and_dataset_dict_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import datasets
+
+    train, test = datasets.Dataset.from_dict(_reviews(6)), datasets.Dataset.from_dict(_reviews(2))
+    train.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "both"))
+    assert len(load_rows(DataConfig(name=str(tmp_path / "one"), text_field="review"))) == 6
+    with caplog.at_level("WARNING"):
+        assert len(load_rows(DataConfig(name=str(tmp_path / "both"), text_field="review"))) == 6  # data.split=train
+    assert "training on its 'train' split" in caplog.text and "also there: test" in caplog.text
+    assert len(load_rows(DataConfig(name=str(tmp_path / "both"), text_field="review", split="test"))) == 2
+    with pytest.raises(DataError, match=r"holds the splits \['test', 'train'\], not 'validation': set data\.split"):
+        load_rows(DataConfig(name=str(tmp_path / "both"), text_field="review", split="validation"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match=r"not written by datasets' save_to_disk"):
+        load_rows(DataConfig(name=str(tmp_path / "plain")))
+
+
+@pytest.mark.parametrize("kind", ["save_to_disk", "parquet"])
+def test_a_bad_field_of_a_datasets_file_names_the_fields_present(tmp_path: Path, kind: str) -> None:
+    import datasets
+
+    dataset = datasets.Dataset.from_dict(_reviews(3))
+    path = tmp_path / ("saved" if kind == "save_to_disk" else "a.parquet")
+    dataset.save_to_disk(str(path)) if kind == "save_to_disk" else dataset.to_parquet(str(path))
+    with pytest.raises(DataError) as caught:
+        load_rows(DataConfig(name=str(path)))  # data.text_field=text, but the column is review
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "no column 'text' (data.text_field" in message and "columns present: review, label" in message
+
+
+@pytest.mark.parametrize("kind", ["save_to_disk", "parquet"])
+def test_a_run_trains_on_a_save_to_disk_folder_and_a_parquet_file(
+    tmp_path: Path, make_config, run_files, kind: str
+) -> None:
+    import datasets
+
+    from splitlm.frameworks import run_framework
+
+    dataset = datasets.Dataset.from_dict(_reviews(40))
+    path = tmp_path / ("saved" if kind == "save_to_disk" else "reviews.parquet")
+    dataset.save_to_disk(str(path)) if kind == "save_to_disk" else dataset.to_parquet(str(path))
+    config = make_config(
+        "run", f"data.name={path}", "data.text_field=review", "data.label_field=label", "data.max_rows=null",
+        "data.eval_size=8", "train.steps=2",
+    )  # fmt: skip
+    run_framework(config)
+    losses = [record["loss"] for record in run_files.metrics(tmp_path / "run") if "loss" in record]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert run_files.summary(tmp_path / "run")["eval_loss_after"] is not None
 
 
 def test_bad_json_line_names_the_line(tmp_path: Path) -> None:

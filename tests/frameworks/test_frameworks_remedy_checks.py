@@ -4,11 +4,15 @@ then ``Framework.check``). Each (remedy, framework) pair is walked; the pairs a 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from splitlm.config import build_config
+from splitlm.config.load import is_typo
 from splitlm.errors import ConfigError
 from splitlm.frameworks import config_problems, framework_of
+from splitlm.frameworks.base import COMPONENT_KEYS, component_registry
 
 FRAMEWORKS = ("centralized", "sl", "psl", "sflv1", "sflv2", "gsfl")
 BASE = ("framework.num_clients=4", "framework.rounds=2", "train.steps=4")
@@ -229,3 +233,17 @@ def test_a_key_that_became_a_components_setting_says_where_it_went(override: str
     with pytest.raises(ConfigError) as error:
         build_config({}, [override], checks=[config_problems])
     assert str(error.value) == f"invalid config: {message}"  # instead of a bare "unknown key"
+
+
+def test_every_former_key_is_told_where_it_went_by_the_clis_quick_check_too() -> None:
+    """The CLI reports typos without asking the registries (``quick``): no key a component took over may pass for
+    a typo of a key of its section, or it would be answered with "did you mean" instead of where it went."""
+    former = [
+        old for key in COMPONENT_KEYS for name in component_registry(key).names()
+        for old, _ in component_registry(key).get(name).former_keys
+    ]  # fmt: skip
+    assert len(former) >= 20
+    for old in former:
+        assert not is_typo(tuple(old.split("."))), old
+        with pytest.raises(ConfigError, match=rf"{re.escape(old)}: moved; write "):
+            build_config({}, [f"{old}=1"], checks=[config_problems], quick=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlm.errors import ProtocolError
-from splitlm.transport import Channel, Message, MeterMod, server_chain
+from splitlm.errors import ProtocolError, SplitLMError
+from splitlm.transport import Channel, Message, MeterMod, grpc_client, server_chain
 from splitlm.transport.codecs import CodecMod
 from splitlm.transport.grpc_client import GrpcConnection
 from splitlm.transport.grpc_server import GrpcServer
@@ -146,6 +146,65 @@ def _refused(address: str, ca: Path | None, timeout: float = 3.0, token: str = "
 
 def test_nothing_listening(tmp_path: Path) -> None:
     assert "nothing is listening" in _refused(f"127.0.0.1:{_free_port()}", None)
+
+
+def test_nothing_listening_is_retried_after_a_line_saying_how_long(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(grpc_client, "ATTEMPT_TIMEOUT", 0.5)  # several attempts within the timeout
+    with caplog.at_level("WARNING", logger="splitlm.transport.grpc_client"):
+        assert "nothing is listening" in _refused(f"127.0.0.1:{_free_port()}", None, timeout=3.0)
+    (line,) = [record.getMessage() for record in caplog.records]
+    assert line.startswith("not connected yet, retrying for up to ") and "s more: nothing is listening at" in line
+
+
+def test_no_waiting_asked_connection_refused_is_reported_without_a_retry(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="splitlm.transport.grpc_client"):
+        assert "connection refused" in _refused(f"127.0.0.1:{_free_port()}", None, timeout=0.0)
+    assert not caplog.records  # no "retrying" line: it did not wait
+
+
+# A final failure is reported at once: with a 600 s connect timeout these would hang if it were retried
+# (the module's pytest timeout stops them; nothing timed is asserted).
+
+
+def test_a_server_address_that_cannot_resolve_is_one_line(tls_server) -> None:
+    _, certs = tls_server
+    server = GrpcServer(None, load_tokens(certs / "tokens.json"), "nonexistent.invalid:50051", certs)
+    with pytest.raises(SplitLMError) as caught:
+        server.start()
+    message = str(caught.value)  # not grpc's RuntimeError "Failed to bind to address ..."
+    assert message.startswith("cannot listen on nonexistent.invalid:50051: cannot resolve the host name")
+    assert "\n" not in message
+
+
+@pytest.fixture
+def attempts(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The timeouts of the connection's attempts to open a stream, as it makes them."""
+    made: list[float] = []
+    open_stream = GrpcConnection._open
+
+    def counted(self: GrpcConnection, timeout: float) -> None:
+        made.append(timeout)
+        open_stream(self, timeout)
+
+    monkeypatch.setattr(GrpcConnection, "_open", counted)
+    return made
+
+
+@pytest.mark.timeout(120)
+def test_an_unresolvable_host_is_reported_as_such_at_once(tls_server, attempts: list[float]) -> None:
+    _, certs = tls_server
+    message = _refused("nonexistent.invalid:50051", certs / "ca.pem", timeout=600.0)
+    assert message.startswith("cannot connect to nonexistent.invalid:50051: cannot resolve the host name")
+    assert attempts == []  # no stream was tried: no retry could make the name resolve
+
+
+@pytest.mark.timeout(120)
+def test_a_certificate_for_another_name_is_not_retried(tls_server, attempts: list[float]) -> None:
+    server, certs = tls_server
+    assert "certificate is not for 'localhost'" in _refused(f"localhost:{server.port}", certs / "ca.pem", timeout=600.0)
+    assert len(attempts) == 1
 
 
 def test_certificate_for_another_name(tls_server) -> None:

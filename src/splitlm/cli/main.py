@@ -22,10 +22,15 @@ STARTED = time.perf_counter()  # the process's start, as near as splitlm can tel
 
 
 def _quiet_libraries() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    """transformers' warnings and progress bars off. Importing it takes seconds, and a config error is reported
+    before anything heavy is imported: set through its environment variables unless it is imported already."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # what disable_progress_bar() turns off
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 
@@ -38,12 +43,20 @@ def _fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def _load(args: argparse.Namespace):
-    """The config from the file and the overrides, every problem reported at once (unknown plugin names too)."""
-    from splitlm.config import load_config
+def _config_problems(tree: dict) -> list[str]:
+    """``frameworks.config_problems``, imported only when a config passes the schema's own checks (or has an unknown
+    key that is no typo): it imports every registry, and with them torch."""
     from splitlm.frameworks import config_problems
 
-    return load_config(args.config, args.overrides, checks=[config_problems])
+    return config_problems(tree)
+
+
+def _load(args: argparse.Namespace):
+    """The config from the file and the overrides, every problem reported at once (unknown plugin names too); the
+    schema's own problems (unknown keys that are typos, types, values) before anything heavy is imported."""
+    from splitlm.config import load_config
+
+    return load_config(args.config, args.overrides, checks=[_config_problems], quick=True)
 
 
 def _print_summary(summary: dict, output_dir: str) -> None:
@@ -83,9 +96,9 @@ def _resumable(output_dir: str) -> Iterator[None]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config = _load(args)
     from splitlm.deploy import launch
 
-    config = _load(args)
     with _resumable(config.output_dir):
         summary = launch(config, resume=args.resume, started=STARTED)
     _print_summary(summary, config.output_dir)
@@ -135,6 +148,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
     from splitlm.config.schema import Config, key_reference
+
+    if not args.keys:
+        config = _load(args)
     from splitlm.frameworks import framework_of
     from splitlm.frameworks.base import COMPONENT_KEYS, component_registry
     from splitlm.frameworks.pipeline import codec_mod
@@ -148,7 +164,6 @@ def cmd_config(args: argparse.Namespace) -> int:
                     for setting, value, text in key_reference(registry.get(name).Settings, f"{key}.{name}."):
                         print(f"{setting} = {value!r}\n    {text}")
         return 0
-    config = _load(args)
     framework_of(config).check(config)  # the checks a run makes before it builds anything
     codec_mod(config)
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
@@ -158,9 +173,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
+    config = _load(args)
     from splitlm.planning import as_json, make_plan, render
 
-    plan = make_plan(_load(args))
+    plan = make_plan(config)
     print(json.dumps(as_json(plan)) if args.json else render(plan))
     return 0
 
@@ -178,9 +194,9 @@ def _certs_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args)
     from splitlm.deploy.serve import serve
 
-    config = _load(args)
     certs, tokens = _certs_paths(args)
     tokens_file = Path(args.tokens) if args.tokens else tokens
     if tokens_file is None:
@@ -195,12 +211,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    import os
-
+    config = _load(args)
     from splitlm.deploy.agent import run_client
     from splitlm.transport.security import token_for
 
-    config = _load(args)
     args.address = args.server
     certs, tokens = _certs_paths(args)
     token = args.token or os.environ.get("SPLITLM_TOKEN")
@@ -335,7 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--mtls", action="store_true", help="present this client's certificate")
     cli.add_argument("--insecure", action="store_true", help="plain text, loopback only")
     cli.add_argument(
-        "--connect-timeout", type=float, default=30.0, help="give up connecting after this many seconds (default 30)"
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        help="retry connecting for this many seconds (default 30; 0: try once); a host name that does not resolve "
+        "or a refused certificate fails at once",
     )
     cli.set_defaults(func=cmd_client)
 

