@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import zlib
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import torch
 from dp_accounting import dp_event
@@ -83,6 +83,17 @@ class MiBottleneck(MessageDefense, InputDefense):
             description="Clip each token's head output to this L2 norm before the noise; then the release is a "
             "Gaussian mechanism and an epsilon is reported. 0: no clipping, no epsilon (only the KL bound).",
         )
+
+    @classmethod
+    def problems(cls, settings: Settings, config: Any, framework: Any) -> list[str]:
+        problems = super().problems(settings, config, framework)
+        if settings.lr > 0 and config.lora.part("head").method == "frozen":
+            problems.append(
+                "privacy.defenses.mi_bottleneck: its noise scales learn through the head's backward, and "
+                "lora.head.method=frozen runs none; set privacy.defenses.mi_bottleneck.lr=0 (fixed noise) or train "
+                "the head"
+            )
+        return problems
 
     @classmethod
     def create(cls, settings: Settings, context: DefenseContext) -> Self:
@@ -165,6 +176,11 @@ class MiBottleneck(MessageDefense, InputDefense):
                 self.std = var.sqrt().float().clamp_min(MIN_STD)
 
     # --- hooks ---------------------------------------------------------------------------------------------
+
+    def labels(self, *args: Any) -> Any:  # type: ignore[override]
+        """The message hook ``labels(labels)`` and the plugin hook ``labels(step, labels)`` share a name in a defense
+        that is both: this one changes neither, so each gets its labels back."""
+        return args[-1]
 
     def on_request(self, message: Message) -> Message:
         self._training = message.kind == "forward"
