@@ -4,7 +4,8 @@ The client's head becomes a stochastic encoder: what crosses the cut is ``z = h 
 normal, drawn from the defense's seeded stream), with one noise scale ``sigma_d = r_d * s_d`` per hidden dimension,
 ``r_d`` learned (initially ``init_scale``) in units of ``s_d``, the per-dimension std of the head output. Against a
 Gaussian prior ``q(z) = N(m, s^2)`` (``m``, ``s``: the per-dimension mean and std of ``h``, estimated on the first
-``calibration`` batches and then fixed) the client's loss gains ``beta`` times, per real token,
+``calibration`` training micro-batches and then fixed; an evaluation before them scales its noise by its own
+batch's spread) the client's loss gains ``beta`` times, per real token,
 
     KL(N(h, sigma^2) || N(m, s^2)) = sum_d [ -log r_d + (r_d^2 + ((h_d - m_d) / s_d)^2) / 2 - 1/2 ]   (nats),
 
@@ -175,6 +176,15 @@ class MiBottleneck(MessageDefense, InputDefense):
                 self.mean = mean.float()
                 self.std = var.sqrt().float().clamp_min(MIN_STD)
 
+    @staticmethod
+    def _spread(work: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The per-dimension std of the real tokens of ``work`` (B, T, d): the scale of the noise of an evaluation
+        that comes before any training batch has calibrated the prior (it calibrates nothing)."""
+        rows = work.reshape(-1, work.shape[-1]) if attention_mask is None else work[attention_mask.bool()]
+        if not rows.shape[0]:
+            rows = work.reshape(-1, work.shape[-1])
+        return rows.double().std(0, unbiased=False).float().clamp_min(MIN_STD)
+
     # --- hooks ---------------------------------------------------------------------------------------------
 
     def labels(self, *args: Any) -> Any:  # type: ignore[override]
@@ -190,10 +200,11 @@ class MiBottleneck(MessageDefense, InputDefense):
         work = self._clipped(hidden)  # (B, T, d) float32
         self._ensure(work.shape[-1], work.device)
         mask = None if attention_mask is None else attention_mask.to(work.device)
-        if self._training or self.std is None:
+        if self._training:
             self._calibrate(work.detach(), mask)
-        assert self.log_scale is not None and self.std is not None
-        sigma = self.log_scale.to(work.device).exp() * self.std.to(work.device)  # (d,)
+        std = self.std if self.std is not None else self._spread(work.detach(), mask)  # eval before training
+        assert self.log_scale is not None
+        sigma = self.log_scale.to(work.device).exp() * std.to(work.device)  # (d,)
         noise = torch.randn(work.shape, generator=self.generator, device=self.generator.device).to(work.device)
         return (work + sigma * noise).to(hidden.dtype)
 
