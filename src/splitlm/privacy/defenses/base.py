@@ -8,18 +8,20 @@ defense overrides only the steps it works at:
 | hook          | step | kind    | what it sees                                                |
 |---------------|------|---------|-------------------------------------------------------------|
 | ``tokens``    | 2    | plugin  | input ids before the head (token-level: DxP, SanText, ...)  |
+| ``embeddings``| 2    | plugin  | the head's input token vectors, after ``tokens`` (TextObfuscator) |
 | ``smashed``   | 3    | mod     | the head's output in a forward/eval request (differentiable)|
 | ``labels``    | 3    | mod     | the labels a vanilla split sends                            |
 | ``grad_up``   | 7    | mod     | the gradient a U-shaped client sends for the trunk output   |
 | ``grad_down`` | 9    | mod     | the gradient the client receives for its head output        |
-| ``embeddings``| 2    | plugin  | the head's input token vectors, after ``tokens`` (TextObfuscator) |
 | ``extra_loss``| 10   | plugin  | a loss on (input embeddings, smashed data) added to the head's backward |
 | ``after_step``| 10   | plugin  | after the client's optimizer step: a defense steps its own optimizer |
 
 A defense with trained state of its own (mi_bottleneck's noise scales) keeps it with the client's adapters:
 ``save(folder)`` / ``load(folder)`` (``defense-<name>.safetensors`` under RUN/adapters and every checkpoint's
 client folder) ride on the client plugins' hooks of the same names, so such a defense is an ``InputDefense``
-(it needs ``after_step`` anyway). ``report()`` gives a few numbers for the run's summary
+(it needs ``after_step`` anyway); one that is also a ``MessageDefense`` (it noises the smashed data) has two
+``labels`` hooks, the mod's ``labels(labels)`` and the plugin's ``labels(step, labels)``, and answers both (see
+``mi_bottleneck.py``). ``report()`` gives a few numbers for the run's summary
 (``summary["privacy"]["defenses"][name]``), e.g. a mutual-information bound.
 
 Defenses with a DP mechanism describe one release of one sequence as a ``dp_accounting`` event; the
