@@ -31,6 +31,12 @@ CASES = {
     "sl-ushape": (SplitClient, ("split.mode=ushape", "split.tail_layers=1"), ("head", "trunk", "tail")),
     "sl-vanilla": (SplitClient, ("split.mode=vanilla", "split.tail_layers=0"), ("head", "trunk")),
     "centralized": (CentralizedClient, ("framework.name=centralized",), ("model",)),
+    # a defense with trained state (noise scales, their Adam moments, the prior) resumes from the checkpoint too
+    "sl-ushape-mi_bottleneck": (
+        SplitClient,
+        ("split.mode=ushape", "split.tail_layers=1", "privacy.defenses.mi_bottleneck.lr=0.05"),
+        ("head", "trunk", "tail"),
+    ),
 }
 # (how the run is interrupted while step 5 runs, metric lines left, checkpoints left)
 STOPS = {

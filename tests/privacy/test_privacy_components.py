@@ -124,7 +124,7 @@ def test_a_defense_of_ones_own_runs_in_process_and_is_accounted(
     for key, tap, _ in records:  # the server received the head's output moved by 0.25, nothing else
         assert torch.allclose(tap["smashed"], clean[key]["smashed"] + 0.25, atol=1e-5)
     block = run_files.summary(shifted)["privacy"]
-    assert block["defenses"] == ["shift"]
+    assert block["defenses"] == {"shift": {}}  # each defense with its report (none here)
     assert isinstance(block["epsilon"], float) and 0 < block["epsilon"] < 100  # from its declared mechanism
 
 
@@ -145,7 +145,7 @@ def test_a_defense_of_ones_own_runs_over_grpc_as_in_process(
     }
     assert losses["server"] == losses["inprocess"] and len(losses["server"]) == 3
     assert losses["server"] != losses["plain"]  # the defense did act over the wire
-    assert summary["privacy"]["defenses"] == ["shift"]
+    assert list(summary["privacy"]["defenses"]) == ["shift"]
 
 
 def test_a_configured_defense_that_is_not_registered_stops_the_run(make_config: Callable[..., Config]) -> None:

@@ -339,7 +339,7 @@ FROZEN_HEAD = "lora.head.method=frozen"  # the head output is then the pretraine
 def check_trained(run: Path, name: str, run_files: Any) -> None:
     summary = run_files.summary(run)
     block = summary["privacy"]
-    assert block["defenses"] == [name]
+    assert list(block["defenses"]) == [name]
     if name in WITH_EPSILON:
         assert isinstance(block["epsilon"], float) and 0 < block["epsilon"] < math.inf
     else:

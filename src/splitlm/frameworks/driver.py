@@ -476,8 +476,22 @@ def link_summary(config: Config, progress: dict[str, Any]) -> dict[str, Any]:
     return {"enabled": link.enabled, **directions, "comm_seconds": progress.get("comm_seconds", 0.0)}
 
 
+def defense_reports(config: Config, fed: Federation) -> dict[str, dict[str, float | None]]:
+    """Each configured defense (in order) with its ``report``: per number, the largest among the clients that ran
+    it here (the client that leaks most); empty for a defense that reports nothing or runs elsewhere."""
+    reports: dict[str, dict[str, float | None]] = {name: {} for name in config.privacy.defenses}
+    for m in fed.members:
+        for name, report in ({} if m.pipeline is None else m.pipeline.defenses.reports()).items():
+            merged = reports.setdefault(name, {})
+            for key, value in report.items():
+                known = [v for v in (merged.get(key), value) if v is not None]
+                merged[key] = max(known) if known else None
+    return reports
+
+
 def privacy_summary(config: Config, fed: Federation) -> dict[str, Any]:
-    """The defenses every client ran and the largest epsilon among the clients (each sends its own data).
+    """The defenses every client ran, each with its report, and the largest epsilon among the clients (each
+    sends its own data).
 
     A networked or Ray server holds proxies of clients whose defenses run elsewhere: its epsilon is null.
     """
@@ -490,7 +504,7 @@ def privacy_summary(config: Config, fed: Federation) -> dict[str, Any]:
         values.append(None if m.pipeline is None else epsilon(events, count, config.privacy.delta))
     known = [v for v in values if v is not None]
     return {
-        "defenses": list(config.privacy.defenses),
+        "defenses": defense_reports(config, fed),
         "epsilon": max(known) if known and len(known) == len(values) else None,
         "delta": config.privacy.delta,
         "releases": max(counts, default=0),

@@ -249,9 +249,17 @@ class SplitClient:
         self.plugins.on_forward(key, training)
         input_ids = self.plugins.tokens(batch.input_ids, batch.attention_mask)
         if not training:
-            return self.parts["head"](input_ids=input_ids, attention_mask=batch.attention_mask)
+            return self._head_on(input_ids, batch.attention_mask)
         with seeded(self.seed, *key, "head", devices=(self.stages["head"].device,)):
-            return self.parts["head"](input_ids=input_ids, attention_mask=batch.attention_mask)
+            return self._head_on(input_ids, batch.attention_mask)
+
+    def _head_on(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The head on ``input_ids``, or on their token vectors as the plugins rewrite them (``embeddings``)."""
+        if not self.plugins.rewrites_embeddings:
+            return self.parts["head"](input_ids=input_ids, attention_mask=attention_mask)
+        vectors = self.stages["head"].embed_tokens(input_ids)  # (B, T, d)
+        vectors = self.plugins.embeddings(vectors, input_ids, attention_mask)
+        return self.parts["head"](inputs_embeds=vectors, attention_mask=attention_mask)
 
     def _head_message(
         self,
@@ -347,6 +355,7 @@ class SplitClient:
         for name, part in self.parts.items():
             if trainable_parameters(part):
                 save_trainable(part, folder / f"{name}.safetensors")
+        self.plugins.save(folder)  # e.g. a defense's trained noise scales
         if with_optimizer:
             self.optimizer.save(folder)
 
@@ -354,4 +363,5 @@ class SplitClient:
         for name, part in self.parts.items():
             if trainable_parameters(part):
                 load_trainable(part, folder / f"{name}.safetensors")
+        self.plugins.load(folder)
         self.optimizer.load(folder)

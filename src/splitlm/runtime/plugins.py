@@ -14,6 +14,7 @@ nothing, and the client never learns a plugin's name.
 | ``on_forward``    | before every head forward (training or eval)    | (key: client, step or -1, micro-batch)   |
 | ``labels``        | before the loss (or the vanilla labels) is made | the labels to train on (B, T)            |
 | ``tokens``        | step 2, before the head                         | the input ids the head sees (B, T)       |
+| ``embeddings``    | step 2, after ``tokens``, before the blocks     | the token vectors the head gets (B, T, d)|
 | ``rows``          | step 2, after the head, before anything is sent | the rows to keep (indices) or None: all  |
 | ``waits``         | a training step starts                          | False: no step-9 gradient this step      |
 | ``trains_head``   | a training step starts                          | False: the head learns nothing this step |
@@ -28,6 +29,10 @@ nothing, and the client never learns a plugin's name.
 | ``keeps_gradients`` | before the optimizer step                     | False: drop this step's client gradients |
 | ``after_step``    | after the optimizer step                        | (may raise, e.g. ``HijackAlarm``)        |
 | ``step_metrics``  | after the optimizer step                        | numbers for the step's metrics record    |
+| ``save``/``load`` | with the client's adapters (run, checkpoints)   | (its own trained state, in that folder)  |
+
+``embeddings`` is used only when a plugin overrides it: the head then gets ``inputs_embeds`` (its own token vectors
+of the ids, rewritten by the plugins) instead of the ids; with none, the head runs on the ids exactly as before.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,6 +95,11 @@ class ClientPlugin:
     def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return input_ids  # (B, T)
 
+    def embeddings(
+        self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return inputs_embeds  # (B, T, d): the token vectors the head's first block gets for ``input_ids``
+
     def rows(self, micro: Micro) -> torch.Tensor | None:
         return None  # indices (ascending) of the rows of ``micro`` that are sent and trained on; None: all
 
@@ -136,6 +147,12 @@ class ClientPlugin:
     def after_step(self, step: int) -> None:
         pass
 
+    def save(self, folder: Path) -> None:
+        pass  # write this plugin's own trained state under ``folder`` (the client's adapter or checkpoint folder)
+
+    def load(self, folder: Path) -> None:
+        pass  # read back what ``save`` wrote
+
 
 def _overrides(plugin: ClientPlugin, hook: str) -> bool:
     return getattr(type(plugin), hook) is not getattr(ClientPlugin, hook)
@@ -167,6 +184,17 @@ class Plugins:
         for plugin in self.plugins:
             input_ids = plugin.tokens(input_ids, attention_mask)
         return input_ids
+
+    @property
+    def rewrites_embeddings(self) -> bool:
+        return any(_overrides(p, "embeddings") for p in self.plugins)
+
+    def embeddings(
+        self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        for plugin in self.plugins:
+            inputs_embeds = plugin.embeddings(inputs_embeds, input_ids, attention_mask)
+        return inputs_embeds
 
     def rows(self, micro: Micro) -> torch.Tensor | None:
         """The rows every plugin keeps (the first plugin that selects decides; None: all)."""
@@ -237,6 +265,14 @@ class Plugins:
     def after_step(self, step: int) -> None:
         for plugin in self.plugins:
             plugin.after_step(step)
+
+    def save(self, folder: Path) -> None:
+        for plugin in self.plugins:
+            plugin.save(folder)
+
+    def load(self, folder: Path) -> None:
+        for plugin in self.plugins:
+            plugin.load(folder)
 
 
 class Pace(ClientPlugin):

@@ -8,11 +8,21 @@ defense overrides only the steps it works at:
 | hook          | step | kind    | what it sees                                                |
 |---------------|------|---------|-------------------------------------------------------------|
 | ``tokens``    | 2    | plugin  | input ids before the head (token-level: DxP, SanText, ...)  |
+| ``embeddings``| 2    | plugin  | the head's input token vectors, after ``tokens`` (TextObfuscator) |
 | ``smashed``   | 3    | mod     | the head's output in a forward/eval request (differentiable)|
 | ``labels``    | 3    | mod     | the labels a vanilla split sends                            |
 | ``grad_up``   | 7    | mod     | the gradient a U-shaped client sends for the trunk output   |
 | ``grad_down`` | 9    | mod     | the gradient the client receives for its head output        |
 | ``extra_loss``| 10   | plugin  | a loss on (input embeddings, smashed data) added to the head's backward |
+| ``after_step``| 10   | plugin  | after the client's optimizer step: a defense steps its own optimizer |
+
+A defense with trained state of its own (mi_bottleneck's noise scales) keeps it with the client's adapters:
+``save(folder)`` / ``load(folder)`` (``defense-<name>.safetensors`` under RUN/adapters and every checkpoint's
+client folder) ride on the client plugins' hooks of the same names, so such a defense is an ``InputDefense``
+(it needs ``after_step`` anyway); one that is also a ``MessageDefense`` (it noises the smashed data) has two
+``labels`` hooks, the mod's ``labels(labels)`` and the plugin's ``labels(step, labels)``, and answers both (see
+``mi_bottleneck.py``). ``report()`` gives a few numbers for the run's summary
+(``summary["privacy"]["defenses"][name]``), e.g. a mutual-information bound.
 
 Defenses with a DP mechanism describe one release of one sequence as a ``dp_accounting`` event; the
 accountant (``splitlm.privacy.accounting``) composes them over the run.
@@ -26,6 +36,7 @@ and registers itself with ``@DEFENSES.component``. A config names defenses in or
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 import torch
@@ -93,6 +104,20 @@ class Defense(Component):
     def dp_events(self) -> list[dp_event.DpEvent] | None:
         """The DP mechanism one sequence goes through each time it is sent; None where there is none."""
         return None
+
+    def report(self) -> dict[str, float | None]:
+        """A few numbers for the run's summary (``summary["privacy"]["defenses"][name]``); none by default."""
+        return {}
+
+    def state_file(self, folder: Path) -> Path:
+        """Where ``save`` keeps this defense's trained state in a client's adapter or checkpoint folder."""
+        return folder / f"defense-{self.name}.safetensors"
+
+    def save(self, folder: Path) -> None:
+        """Write this defense's trained state under ``folder`` (with the client's adapters); nothing by default."""
+
+    def load(self, folder: Path) -> None:
+        """Read back what ``save`` wrote under ``folder``; nothing by default."""
 
 
 class MessageDefense(Defense, Mod):
@@ -165,6 +190,10 @@ class DefenseChain:
     @property
     def plugins(self) -> list[InputDefense]:
         return [d for d in self.defenses if isinstance(d, InputDefense)]
+
+    def reports(self) -> dict[str, dict[str, float | None]]:
+        """Each defense's ``report``, by name, in order."""
+        return {d.name: d.report() for d in self.defenses}
 
     def dp_events(self) -> list[dp_event.DpEvent] | None:
         """Every DP mechanism a sequence goes through per release; None when no defense has one.
