@@ -1,7 +1,7 @@
 """Built-in defenses; importing this package registers them by name."""
 
 # Each built-in defense module registers itself on import; each imports ``base`` itself, so order is free.
-from splitlm.privacy.defenses import label_dp, noise, nopeek, token  # noqa: F401
+from splitlm.privacy.defenses import adversarial, dualguard, label_dp, noise, nopeek, token  # noqa: F401
 from splitlm.privacy.defenses.base import (
     DEFENSES,
     Defense,
