@@ -173,7 +173,7 @@ class Adversarial(InputDefense):
             digest.update(json.dumps(example.input_ids).encode())
         identity = {
             "version": CACHE_VERSION,
-            "settings": {k: getattr(self.settings, k) for k in ("hidden", "lr", "pretrain_steps", "pretrain_batch_size")},
+            "settings": self.settings.model_dump(include={"hidden", "lr", "pretrain_steps", "pretrain_batch_size"}),
             "model": ctx.model_key,
             "mode": ctx.mode,
             "seed": ctx.seed,
@@ -199,8 +199,8 @@ class Adversarial(InputDefense):
         size = self.settings.pretrain_batch_size
         batches = [collate(ctx.examples[i : i + size], ctx.pad_id) for i in range(0, len(ctx.examples), size)]
         batches = [b.to(device) for b in batches]
-        sample = [head(input_ids=b.input_ids, attention_mask=b.attention_mask)[b.attention_mask.bool()] for b in batches[:16]]
-        model = self._build(torch.cat(sample))  # (N, d): statistics of the public head's outputs
+        real = [head(input_ids=b.input_ids, attention_mask=b.attention_mask)[b.attention_mask > 0] for b in batches[:9]]
+        model = self._build(torch.cat(real))  # (N, d): statistics of the public head's outputs
         path = self._cache_path()
         if path is not None and path.is_file():
             try:

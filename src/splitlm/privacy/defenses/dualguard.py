@@ -28,9 +28,10 @@ trainable tail (LoRA deltas are measured exactly).
 
 Client memory: one frozen copy of the public head, ``bytes = s x (V x d + L_head x P_block)`` (``s`` bytes per
 parameter of ``model.client_dtype``, ``V x d`` the token embeddings, ``P_block`` the parameters of one block);
-measured on the tiny test model (V=258 byte tokens, d=64, 1 block, fp32): 161,024 bytes; on SmolLM2-135M (V=49,152,
-d=576, 2 blocks of 3.54 M) about 142 MB in fp32. With full tuning of the tail a frozen public tail too
-(``s x (L_tail x P_block + d)``, plus the output matrix when it is not tied). No extra copy for LoRA tails.
+measured on the tiny test model (V=258 byte tokens, d=64, one block of 36,992 parameters, fp32): 214,016 bytes; on
+SmolLM2-135M (V=49,152, d=576, 2 blocks of 3,540,096) 35.4 M parameters, about 142 MB in fp32. With full tuning
+of the tail a frozen public tail too (``s x (L_tail x P_block + d)``, plus the output matrix when it is not tied).
+No extra copy for LoRA tails.
 Compute: one extra head forward (no grad) per micro-batch.
 """
 
@@ -163,14 +164,14 @@ class DualGuard(InputDefense):
         with torch.no_grad():
             public = self.public_head()(input_ids=batch.input_ids.to(hidden.device), attention_mask=mask)
         distance = cosine_distance(hidden, public, mask)
-        self.head_distances.append(float(distance))
+        self.head_distances.append(float(distance.detach()))
         terms = [self.settings.weight * factor * F.relu(self.settings.margin - distance)]
         if self.tail_weight > 0 and micro.key[2] == 0:  # a parameter term: once per step
             tail = self.context.parts["tail"]
             public_tail = self.context.public_stage("tail") if _fully_trained(tail) else None  # type: ignore[misc]
             r = parameter_distance(tail, public_tail)
             if r is not None:
-                self.tail_distance = float(r)
+                self.tail_distance = float(r.detach())
                 terms.append(self.tail_weight * factor * F.relu(self.settings.tail_margin - r))
         term = terms[0] * micro.scale
         if len(terms) > 1:
