@@ -281,6 +281,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, fast_config: Callable[..., Co
         "dualguard_off": (*full, "privacy.defenses.dualguard.weight=0", "privacy.defenses.dualguard.tail_weight=0"),
         "dualguard": (*full, *GUARD),
         "adversarial": (*full, "privacy.defenses.adversarial.weight=2"),
+        "composed": (
+            *full,
+            "privacy.defenses.smashed_noise.clip=100",
+            "privacy.defenses.smashed_noise.noise_multiplier=0.01",
+            "privacy.defenses.adversarial.weight=1",
+            "privacy.defenses.dualguard.weight=1",
+        ),
     }
     out = {}
     for name, extra in overrides.items():
@@ -330,3 +337,11 @@ def test_defenses_are_off_by_default(make_config: Callable[..., Config]) -> None
     config = make_config("default")
     assert not config.privacy.defenses
     assert build_defenses({}, context(TinyHead())).names == []
+
+
+def test_the_defenses_compose_with_noise(runs: dict[str, Path], run_files: Any) -> None:
+    summary = run_files.summary(runs["composed"])
+    assert summary["privacy"]["defenses"] == ["smashed_noise", "adversarial", "dualguard"]
+    rows = [r for r in run_files.metrics(runs["composed"]) if "loss" in r]
+    assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
+    assert all("adversarial_inverter_acc" in r and "dualguard_head_distance" in r for r in rows)

@@ -6,7 +6,8 @@ embeddings: the architecture of the SIP attack's inverter, ``privacy/attacks/sip
 training never imports the attacks). Each client step alternates two moves:
 
 (a) the inverter's step (``after_step``, after the client's optimizer step): it trains with its own AdamW on
-    (head output, detached -> the true input ids) of the step's micro-batches, ``inverter_steps`` passes;
+    (head output, detached -> the true input ids) of the step's micro-batches, ``inverter_steps`` passes; the head
+    output is what crossed the cut (after any message defense such as ``smashed_noise``; codecs excepted);
 (b) the head's step (``head_loss``, joined to the head's backward): the head's loss gets
     ``weight * (log V - H(softmax(inverter(hidden))))`` averaged over real tokens (``objective=entropy``, the
     default: the head is pushed to make the inverter maximally unsure; bounded in [0, log V] and stable), or
@@ -233,7 +234,9 @@ class Adversarial(InputDefense):
     # --- the hooks ---------------------------------------------------------------------------------------
 
     def head_loss(self, micro: Micro) -> torch.Tensor | None:
-        hidden, batch = micro.hidden, micro.batch
+        # what the server received (after the message defenses before this one, e.g. noise), else the head's output
+        sent = micro.sent if micro.sent is not None and micro.sent.requires_grad else None
+        hidden, batch = (sent if sent is not None else micro.hidden), micro.batch
         if hidden is None or not hidden.requires_grad:
             return None
         mask, ids = batch.attention_mask.to(hidden.device), batch.input_ids.to(hidden.device)
