@@ -15,7 +15,7 @@ from torch import nn
 
 from splitlm.config import Config
 from splitlm.data import Batch, Example
-from splitlm.errors import ConfigError
+from splitlm.errors import ConfigError, PrivacyError
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.base import config_problems
 from splitlm.frameworks.pipeline import _defenses
@@ -345,3 +345,12 @@ def test_the_defenses_compose_with_noise(runs: dict[str, Path], run_files: Any) 
     rows = [r for r in run_files.metrics(runs["composed"]) if "loss" in r]
     assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
     assert all("adversarial_inverter_acc" in r and "dualguard_head_distance" in r for r in rows)
+
+
+def test_dualguard_needs_the_public_head_only_to_train() -> None:
+    head = TinyHead()
+    bare = DefenseContext(head.embed.weight.detach(), frozenset(), "ushape", SEQ, 0)  # e.g. an attacker's copy
+    defense = DualGuard.create(DualGuard.Settings(), bare)
+    assert defense.tail_weight == 0.0  # no tail among the context's parts
+    with pytest.raises(PrivacyError, match=r"^dualguard: this client has no public pretrained head"):
+        defense.head_loss(micro(head))

@@ -18,7 +18,8 @@ head's backward (``head_loss``), while the task loss from the split path keeps t
 For ``warmup_steps`` steps both terms have their full weight (the warm-up: the split path's task loss plus the
 distance, a multi-task objective as in the paper, but with the server's gradient since the task loss needs the
 trunk); afterwards they are scaled by ``retention`` (the retention: the hinge only acts if training drifts back
-within the margin). A resumed run past the warm-up is in retention at once.
+within the margin). A resumed run past the warm-up is in retention at once. At the very first step the head equals
+the public one, where the distance has no gradient; the first task-loss steps break that tie.
 
 Which parts must be tuned how: LoRA on q/v of a 2-block head barely reshapes its output (the residual stream is
 dominated by the token embedding and the unadapted MLPs, as benchmarks/privacy.py notes for NoPeek), so the head
@@ -139,8 +140,6 @@ class DualGuard(InputDefense):
         return cls(context, settings)
 
     def __init__(self, context: DefenseContext, settings: Settings) -> None:
-        if context.public_stage is None:
-            raise PrivacyError("dualguard: this client has no public pretrained head to move away from")
         self.context = context
         self.settings = settings
         tail = settings.tail_weight if settings.tail_weight is not None else (1.0 if context.mode == "ushape" else 0.0)
@@ -152,7 +151,10 @@ class DualGuard(InputDefense):
         return 1.0 if step < self.settings.warmup_steps else self.settings.retention
 
     def public_head(self) -> nn.Module:
-        assert self.context.public_stage is not None
+        """The frozen public head (built only where the defense trains: an attacker's copy of the defenses, which
+        runs only their message hooks, never needs it)."""
+        if self.context.public_stage is None:
+            raise PrivacyError("dualguard: this client has no public pretrained head to move away from")
         return self.context.public_stage("head")
 
     def head_loss(self, micro: Micro) -> torch.Tensor | None:
