@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from splitlm.config import Config
 from splitlm.config.schema import LINK_DIRECTIONS
-from splitlm.models import ModelSource, Stage
+from splitlm.frameworks.setup import spec_of
+from splitlm.models import ModelSource, Stage, load_stage
 from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
 from splitlm.privacy.detectors import DetectorContext, build_detectors
 from splitlm.privacy.protocols import build_protocols
@@ -71,7 +73,7 @@ def client_pipeline(
 ) -> ClientPipeline:
     """One client's mods and plugins; ``truth`` is the recorder shared with a server tap (in-process runs);
     ``setup``: the client's parts and data, for its simulated speed and the plugins of the config's remedies."""
-    defenses = _defenses(config, source, head)
+    defenses = _defenses(config, source, head, setup)
     mods: list[Mod] = list(defenses.mods)
     plugins: list[ClientPlugin] = list(defenses.plugins)
     context = DetectorContext(vocab_size=int(head.config.vocab_size), seed=config.seed)
@@ -120,17 +122,41 @@ def recorders(config: Config, clients: int) -> tuple[ServerTap | None, TruthReco
     return ServerTap(window), TruthRecorder(2 * window * clients)
 
 
-def _defenses(config: Config, source: ModelSource, head: Stage) -> DefenseChain:
-    """The client's ``privacy.defenses``, built on its own (pretrained) token embeddings."""
+def _defenses(config: Config, source: ModelSource, head: Stage, setup: ClientSetup | None = None) -> DefenseChain:
+    """The client's ``privacy.defenses``, built on its own (pretrained) token embeddings; ``setup`` (when known)
+    gives the defenses that learn the client's parts and examples."""
     if not config.privacy.defenses:
         return DefenseChain([])
     tokenizer = source.tokenizer()
+    spec = spec_of(config)
+    publics: dict[str, Stage] = {}
+
+    def public_stage(role: str) -> Stage:
+        """A part with the public pretrained weights, loaded once from the model source, frozen, in eval mode."""
+        if role not in publics:
+            stage = load_stage(
+                source,
+                spec,
+                role,  # type: ignore[arg-type]
+                dtype=config.model.client_dtype,
+                device=config.model.client_device,
+                attn_implementation=config.model.attn_implementation,
+            )
+            publics[role] = stage.requires_grad_(False).eval()
+        return publics[role]
+
     context = DefenseContext(
         token_embeddings=head.token_embeddings().detach(),
         special_ids=frozenset(int(i) for i in tokenizer.all_special_ids),
         mode=config.split.mode,
         seq_len=config.train.seq_len,
         seed=config.seed,
+        parts=dict(setup.parts) if setup is not None else {},
+        public_stage=public_stage,
+        examples=setup.examples if setup is not None else (),
+        pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        cache_dir=Path(config.output_dir) / "cache",
+        model_key=f"{config.model.name}@{config.model.revision or ''}",
     )
     chain = build_defenses(config.privacy.defenses, context)
     log.info("defenses: %s", ", ".join(chain.names))

@@ -1,7 +1,16 @@
 """Built-in defenses; importing this package registers them by name."""
 
 # Each built-in defense module registers itself on import; each imports ``base`` itself, so order is free.
-from splitlm.privacy.defenses import label_dp, mi_bottleneck, noise, nopeek, text_obfuscator, token  # noqa: F401
+from splitlm.privacy.defenses import (  # noqa: F401
+    adversarial,
+    dualguard,
+    label_dp,
+    mi_bottleneck,
+    noise,
+    nopeek,
+    text_obfuscator,
+    token,
+)
 from splitlm.privacy.defenses.base import (
     DEFENSES,
     Defense,

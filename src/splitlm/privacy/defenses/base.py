@@ -35,15 +35,19 @@ and registers itself with ``@DEFENSES.component``. A config names defenses in or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 import torch
 from dp_accounting import dp_event
+from torch import nn
 
 from splitlm.config.schema import as_mapping
+from splitlm.data import Example
 from splitlm.errors import PrivacyError
+from splitlm.models import Stage
 from splitlm.registry import Component, ComponentRegistry
 from splitlm.runtime.plugins import ClientPlugin
 from splitlm.runtime.rng import derive
@@ -52,13 +56,24 @@ from splitlm.transport import Message, Mod
 
 @dataclass
 class DefenseContext:
-    """What a client-side defense may use: the client's own pretrained token vectors and its settings."""
+    """What a client-side defense may use: the client's own pretrained token vectors and its settings; where the
+    pipeline has them, the client's live parts, the public pretrained parts, its training examples and a cache
+    folder (defenses that learn, e.g. against a simulated attacker or away from the public weights)."""
 
     token_embeddings: torch.Tensor  # (V, d), detached; what the head's embedding gives each id
     special_ids: frozenset[int]  # ids never substituted (padding, BOS/EOS)
     mode: str  # "vanilla" or "ushape"
     seq_len: int  # train.seq_len: the most tokens of one sequence in one release
     seed: int
+    # the client's trainable parts as it trains them ("head" [+ "tail"], possibly peft-wrapped); empty: unknown
+    parts: dict[str, nn.Module] = field(default_factory=dict)
+    # role -> that part with the PUBLIC pretrained weights (no adapters), frozen, in eval mode, loaded on demand
+    # from the model source on the client's device (never a copy of a possibly resumed or trained part); None: none
+    public_stage: Callable[[str], Stage] | None = None
+    examples: Sequence[Example] = ()  # the client's own training examples (packed as it trains on them)
+    pad_id: int = 0
+    cache_dir: Path | None = None  # where a defense may keep what it trained once (e.g. <output_dir>/cache)
+    model_key: str = ""  # the model's name and revision, for cache keys
 
     @property
     def vocab_size(self) -> int:

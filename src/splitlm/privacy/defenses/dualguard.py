@@ -1,0 +1,196 @@
+"""DualGuard (Liu et al., ACL 2025; survey §5.2.2): move the client's parts away from the public pretrained ones while
+the task loss keeps their function.
+
+Attacks at the server (SIP, BiSR) start from the public pretrained weights: a head that stays close to them can be
+inverted through them. DualGuard moves the client's parameters into a different region first (local warm-up) and
+keeps them there during fine-tuning (global retention). Here both are terms of the client's loss, joined to the
+head's backward (``head_loss``), while the task loss from the split path keeps the parts useful:
+
+- head (against forward attacks): ``weight * relu(margin - D)`` with ``D`` the mean cosine distance, over the real
+  tokens of the micro-batch, between the head's output and the PUBLIC head's output on the same input ids. The
+  public head is a frozen copy of the pretrained head loaded from the model source (``DefenseContext.public_stage``),
+  never a copy of the possibly resumed or trained one. The hinge stops pushing once ``D`` reaches the margin, so
+  the task loss alone shapes the head beyond it;
+- tail (U-shape only, against backward attacks that match gradients through the pretrained tail): ``tail_weight *
+  relu(tail_margin - R)`` with ``R = ||W - W0|| / ||W0||`` over the tail's adapted weights (parameter space: for
+  LoRA ``W - W0`` is the adapter's delta ``B A * scale``, for full tuning the difference from the public tail).
+
+For ``warmup_steps`` steps both terms have their full weight (the warm-up: the split path's task loss plus the
+distance, a multi-task objective as in the paper, but with the server's gradient since the task loss needs the
+trunk); afterwards they are scaled by ``retention`` (the retention: the hinge only acts if training drifts back
+within the margin). A resumed run past the warm-up is in retention at once. At the very first step the head equals
+the public one, where the distance has no gradient; the first task-loss steps break that tie.
+
+Which parts must be tuned how: LoRA on q/v of a 2-block head barely reshapes its output (the residual stream is
+dominated by the token embedding and the unadapted MLPs, as benchmarks/privacy.py notes for NoPeek), so the head
+term needs ``lora.head.method=full`` (or a higher rank on every projection, q,k,v,o,gate,up,down) to reach a useful
+margin; with LoRA q/v it saturates at a small distance and only adds a constant push. The tail term works with any
+trainable tail (LoRA deltas are measured exactly).
+
+Client memory: one frozen copy of the public head, ``bytes = s x (V x d + L_head x P_block)`` (``s`` bytes per
+parameter of ``model.client_dtype``, ``V x d`` the token embeddings, ``P_block`` the parameters of one block);
+measured on the tiny test model (V=258 byte tokens, d=64, one block of 36,992 parameters, fp32): 214,016 bytes; on
+SmolLM2-135M (V=49,152, d=576, 2 blocks of 3,540,096) 35.4 M parameters, about 142 MB in fp32. With full tuning
+of the tail a frozen public tail too (``s x (L_tail x P_block + d)``, plus the output matrix when it is not tied).
+No extra copy for LoRA tails.
+Compute: one extra head forward (no grad) per micro-batch.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from splitlm.errors import PrivacyError
+from splitlm.models.lowrank import learned_rank
+from splitlm.privacy.defenses.base import DEFENSES, DefenseContext, InputDefense
+from splitlm.registry import ComponentSettings
+from splitlm.runtime.plugins import Micro
+
+
+def cosine_distance(hidden: torch.Tensor, public: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real positions of 1 - cos(hidden, public), both (B, T, d); in [0, 2]."""
+    real = mask.bool()
+    return (1.0 - F.cosine_similarity(hidden[real].float(), public[real].float(), dim=-1)).mean()
+
+
+def parameter_distance(part: nn.Module, public: nn.Module | None) -> torch.Tensor | None:
+    """``||W - W0|| / ||W0||`` over ``part``'s adapted weights (differentiable), or None when nothing is trained.
+
+    LoRA layers (peft) give their delta exactly; any other trainable parameter is compared with the parameter of the
+    same name in ``public`` (the pretrained part), which full tuning needs."""
+    delta_sq: list[torch.Tensor] = []
+    ref_sq: list[torch.Tensor] = []
+    lora_params: set[int] = set()
+    for module in part.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "get_delta_weight"):
+            for adapter in getattr(module, "active_adapters", ()):
+                if adapter not in module.lora_A:
+                    continue
+                lora_params.update(id(p) for p in module.lora_A[adapter].parameters())
+                lora_params.update(id(p) for p in module.lora_B[adapter].parameters())
+                delta_sq.append(module.get_delta_weight(adapter).float().pow(2).sum())
+                ref_sq.append(module.get_base_layer().weight.detach().float().pow(2).sum())
+    others = [(n, p) for n, p in part.named_parameters() if p.requires_grad and id(p) not in lora_params]
+    if others:
+        if public is None:
+            raise PrivacyError("dualguard: the tail is fully trained but the public tail is unknown")
+        reference = dict(public.named_parameters())
+        for name, p in others:
+            base = reference.get(name)
+            if base is not None and base.shape == p.shape:
+                delta_sq.append((p.float() - base.detach().float()).pow(2).sum())
+                ref_sq.append(base.detach().float().pow(2).sum())
+    if not delta_sq:
+        return None
+    return (torch.stack(delta_sq).sum() / torch.stack(ref_sq).sum().clamp_min(1e-12)).clamp_min(1e-20).sqrt()
+
+
+@DEFENSES.component
+class DualGuard(InputDefense):
+    name = "dualguard"
+
+    class Settings(ComponentSettings):
+        weight: float = Field(1.0, ge=0, description="Weight of the head term during the warm-up.")
+        margin: float = Field(
+            0.3,
+            gt=0,
+            le=2,
+            description="Target mean cosine distance between the head's output and the public head's (hinge).",
+        )
+        warmup_steps: int = Field(20, ge=0, description="Steps of local warm-up, with the terms at full weight.")
+        retention: float = Field(
+            0.2, ge=0, description="Factor of both terms after the warm-up (global retention; 0: none)."
+        )
+        tail_weight: float | None = Field(
+            None,
+            ge=0,
+            description="Weight of the tail term (U-shape only); default: 1.0 in a ushape split, none in vanilla.",
+        )
+        tail_margin: float = Field(
+            0.05, gt=0, description="Target relative distance ||W - W0|| / ||W0|| of the tail's adapted weights."
+        )
+
+    @classmethod
+    def problems(cls, settings: Settings, config: object, framework: object) -> list[str]:
+        found = super().problems(settings, config, framework)
+        if found or config is None:
+            return found
+        prefix = f"privacy.defenses.{cls.name}"
+        mode = config.split.mode  # type: ignore[attr-defined]
+        if settings.tail_weight and mode != "ushape":
+            found.append(
+                f"{prefix}.tail_weight: a {mode} split has no client tail; drop tail_weight or set split.mode=ushape"
+            )
+        if learned_rank(config) is not None:  # type: ignore[arg-type]
+            found.append(
+                f"{prefix}: compares the head's output with the public head's, which split.bottleneck changes in "
+                "width; drop split.bottleneck or dualguard"
+            )
+        if config.lora.part("head").method == "frozen" and settings.weight > 0:  # type: ignore[attr-defined]
+            found.append(f"{prefix}: moves the head, but lora.head.method=frozen; set it to full or lora")
+        return found
+
+    @classmethod
+    def create(cls, settings: Settings, context: DefenseContext) -> Self:
+        return cls(context, settings)
+
+    def __init__(self, context: DefenseContext, settings: Settings) -> None:
+        self.context = context
+        self.settings = settings
+        tail = settings.tail_weight if settings.tail_weight is not None else (1.0 if context.mode == "ushape" else 0.0)
+        self.tail_weight = float(tail) if context.mode == "ushape" and "tail" in context.parts else 0.0
+        self.head_distances: list[float] = []
+        self.tail_distance: float | None = None
+
+    def factor(self, step: int) -> float:
+        return 1.0 if step < self.settings.warmup_steps else self.settings.retention
+
+    def public_head(self) -> nn.Module:
+        """The frozen public head (built only where the defense trains: an attacker's copy of the defenses, which
+        runs only their message hooks, never needs it)."""
+        if self.context.public_stage is None:
+            raise PrivacyError("dualguard: this client has no public pretrained head to move away from")
+        return self.context.public_stage("head")
+
+    def head_loss(self, micro: Micro) -> torch.Tensor | None:
+        hidden, batch = micro.hidden, micro.batch
+        if hidden is None or not hidden.requires_grad:
+            return None
+        factor = self.factor(micro.step)
+        mask = batch.attention_mask.to(hidden.device)
+        with torch.no_grad():
+            public = self.public_head()(input_ids=batch.input_ids.to(hidden.device), attention_mask=mask)
+        distance = cosine_distance(hidden, public, mask)
+        self.head_distances.append(float(distance.detach()))
+        terms = [self.settings.weight * factor * F.relu(self.settings.margin - distance)]
+        if self.tail_weight > 0 and micro.key[2] == 0:  # a parameter term: once per step
+            tail = self.context.parts["tail"]
+            public_tail = self.context.public_stage("tail") if _fully_trained(tail) else None  # type: ignore[misc]
+            r = parameter_distance(tail, public_tail)
+            if r is not None:
+                self.tail_distance = float(r.detach())
+                terms.append(self.tail_weight * factor * F.relu(self.settings.tail_margin - r))
+        term = terms[0] * micro.scale
+        if len(terms) > 1:
+            term = term + terms[1]
+        return term if term.requires_grad else None
+
+    def step_metrics(self, step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.head_distances:
+            out["dualguard_head_distance"] = sum(self.head_distances) / len(self.head_distances)
+            self.head_distances = []
+        if self.tail_distance is not None:
+            out["dualguard_tail_distance"] = self.tail_distance
+            self.tail_distance = None
+        return out
+
+
+def _fully_trained(part: nn.Module) -> bool:
+    """Whether ``part`` trains weights other than LoRA adapters (then its distance needs the public part)."""
+    return any(p.requires_grad and "lora_" not in name for name, p in part.named_parameters())
