@@ -179,6 +179,10 @@ def test_simulate_applies_the_defenses(fast_config, tmp_path: Path) -> None:
     assert not torch.equal(noisy.simulate(ids, mask), noisy.simulate(ids, mask))  # fresh draws per call
     tokens = AttackContext(fast_config(tmp_path / "c", "split.head_layers=2", "privacy.defenses={dxp: {epsilon: 1}}"))
     assert not torch.allclose(tokens.simulate(ids, mask), clean)  # the token defense rewrote the ids first
+    settings = "privacy.defenses={text_obfuscator: {clusters: 4, mix: 1.0, noise: 0.0}}"
+    vectors = AttackContext(fast_config(tmp_path / "d", "split.head_layers=2", settings))
+    # the token vectors were pulled onto their clusters' prototypes before the head (the embeddings hook)
+    assert not torch.allclose(vectors.simulate(ids, mask), clean)
 
 
 def test_cache_keys_tell_threat_models_and_defenses_apart(fast_config, tmp_path: Path, ushape_run: Path) -> None:

@@ -33,6 +33,7 @@ from splitlm.privacy.knowledge import THREAT_MODELS, PublicKnowledge
 from splitlm.privacy.metrics import pii_counts, pii_recovered, rouge_l, token_accuracy
 from splitlm.privacy.tap import Key, read_records
 from splitlm.registry import Registry
+from splitlm.runtime.plugins import Plugins
 from splitlm.runtime.rng import derive
 from splitlm.transport import Message
 
@@ -115,16 +116,22 @@ class AttackContext(PublicKnowledge):
     @torch.no_grad()
     def simulate(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The attacker's copy of the client on public text: (B, T) ids and mask -> (B, T, d) smashed data, as
-        the client would send it. The token defenses' ``tokens`` hook, the head per the threat model, then the
-        message defenses' ``smashed`` hook (noise included, drawn from the attacker's own seed), in the client's
-        order. With no defense it is exactly the head's output."""
+        the client would send it. The token defenses' ``tokens`` and ``embeddings`` hooks, the head per the threat
+        model, then the message defenses' ``smashed`` hook (noise included, drawn from the attacker's own seed), in
+        the client's order. With no defense it is exactly the head's output."""
         chain = self.defenses()
         self._simulated += 1
         key = ("attacker", self._simulated, 0)
+        plugins = Plugins(chain.plugins)
         for plugin in chain.plugins:
             plugin.on_forward(key, True)
             ids = plugin.tokens(ids, mask)
-        hidden = self.stage("head")(input_ids=ids, attention_mask=mask).float()  # (B, T, d)
+        head = self.stage("head")
+        if plugins.rewrites_embeddings:  # e.g. text_obfuscator: the head runs on the rewritten token vectors
+            vectors = plugins.embeddings(head.embed_tokens(ids), ids, mask)
+            hidden = head(inputs_embeds=vectors, attention_mask=mask).float()
+        else:
+            hidden = head(input_ids=ids, attention_mask=mask).float()  # (B, T, d)
         if chain.mods:
             message = Message("forward", *key, {"hidden": hidden, "attention_mask": mask})
             for mod in chain.mods:
