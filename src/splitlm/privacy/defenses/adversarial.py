@@ -28,6 +28,10 @@ What it costs: the inverter's parameters and AdamW state on the client (``3 x (3
 embeddings are shared, not copied) and one inverter forward+backward per micro-batch and per inverter step. The
 protection is against an inverter of this kind trained on this head; the head may still leak to a different or
 stronger attacker, which the privacy benchmark measures.
+
+Measured (default model, U-shape 2/2, the ``base`` settings of benchmarks/privacy.py, 20 steps, one seed, public
+threat model, SIP with default options; no defense: SIP ROUGE-L 0.99 at held-out ppl 100.9): with
+``lora.head.method=full``, weight 1: SIP 0.52 at ppl 220 (+118 %); weight 0.3: SIP 0.85 at ppl 155 (+54 %).
 """
 
 from __future__ import annotations
