@@ -71,8 +71,12 @@ def test_advice_picks_the_least_leaky_defense_within_the_perplexity_budget(tmp_p
     frontier.write_text(json.dumps({"frontier": rows}))
     leaked = [{"attack": "sip", "threat_model": "public", "rouge_l": 0.97}]
     line = advice(leaked, [], frontier)
-    assert "good 2.0" in line and "public 0.30" in line and "inside 0.50" in line and "+20%" in line
+    assert "good 2 " in line and "public 0.30" in line and "inside 0.50" in line and "+20%" in line
     assert "already" in advice(leaked, ["good"], frontier)
+    # Nothing affordable cuts a leak this small by more than the noise: the advice says so, and names the least
+    # leaky defense at any cost.
+    small = advice([{"attack": "sip", "threat_model": "public", "rouge_l": 0.35}], [], frontier)
+    assert "no measured defense within +50% perplexity" in small and "ruinous 3" in small and "+900%" in small
     assert "benchmarks/privacy.py" in advice(leaked, [], tmp_path / "missing.json")
     frontier.write_text("{not json")
     assert "not a frontier file" in advice(leaked, [], frontier)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ SUITE = ("sip", "bisr_f", "bisr_b", "pidi")
 USHAPE_ONLY = frozenset({"bisr_b"})
 FRONTIER = Path(__file__).with_name("frontier.json")
 PPL_BUDGET_PCT = 50.0  # the advice's perplexity budget: a defense costing more is not advised
+NOISE = 0.1  # a cut in ROUGE-L smaller than this is not worth advising (one seed, 8 sequences)
 
 
 def audit(
@@ -143,16 +143,29 @@ def advice(rows: list[dict[str, Any]], defenses: list[str], frontier: Path = FRO
             worst[p["threat_model"]] = max(worst.get(p["threat_model"], 0.0), float(p["rouge_l"]))
     except (ValueError, KeyError, TypeError) as error:
         return f"worst ROUGE-L {seen}; {frontier} is not a frontier file ({error}): re-run benchmarks/privacy.py"
-    affordable = [(k, c) for k, c in cells.items() if k[0] != "none" and c["ppl"] <= PPL_BUDGET_PCT]
-    if not affordable:
-        return f"worst ROUGE-L {seen}; no measured defense stays within +{PPL_BUDGET_PCT:.0f}% perplexity"
-    (name, strength), best = min(affordable, key=lambda kc: max(kc[1]["worst"].values()))
-    after = ", ".join(f"{t} {v:.2f}" for t, v in best["worst"].items())
-    mine = " (this run already uses it)" if name in defenses else ""
-    label = name if strength is None or (isinstance(strength, float) and math.isnan(strength)) else f"{name} {strength}"
+    candidates = [(k, c) for k, c in cells.items() if k[0] != "none"]
+    if not candidates:
+        return f"worst ROUGE-L {seen}; the frontier in {frontier} measured no defense"
+
+    def described(key: tuple[str, Any], cell: dict[str, Any]) -> str:
+        name, strength = key
+        label = name if strength is None else f"{name} {strength:g}"
+        after = ", ".join(f"{t} {v:.2f}" for t, v in cell["worst"].items())
+        mine = " (this run already uses it)" if name in defenses else ""
+        return f"privacy.defenses {label}{mine} cut it to {after} at {cell['ppl']:+.0f}% held-out perplexity"
+
+    def worst(kc: tuple[tuple[str, Any], dict[str, Any]]) -> float:
+        return max(kc[1]["worst"].values())
+
+    affordable = [kc for kc in candidates if kc[1]["ppl"] <= PPL_BUDGET_PCT]
+    overall = min(candidates, key=worst)
+    mine = max((v for v in leaked.values() if v is not None), default=1.0)
+    source = "(default model, docs/privacy.json)"
+    if affordable and worst(min(affordable, key=worst)) < mine - NOISE:
+        return f"worst ROUGE-L {seen}; on the measured frontier, {described(*min(affordable, key=worst))} {source}"
     return (
-        f"worst ROUGE-L {seen}; on the measured frontier, privacy.defenses {label}{mine} cut it to {after} "
-        f"at +{best['ppl']:.0f}% held-out perplexity (default model, docs/privacy.json)"
+        f"worst ROUGE-L {seen}; no measured defense within +{PPL_BUDGET_PCT:.0f}% perplexity cuts it by more than "
+        f"{NOISE:.2f}; at any cost, {described(*overall)} {source}"
     )
 
 
