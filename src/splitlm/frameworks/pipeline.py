@@ -34,7 +34,7 @@ from splitlm.config import Config
 from splitlm.config.schema import LINK_DIRECTIONS
 from splitlm.frameworks.setup import spec_of
 from splitlm.models import ModelSource, Stage, load_stage
-from splitlm.privacy.client_attack import ClientAttack, ClientAttackContext, build_client_attacks
+from splitlm.privacy.client_attack import ClientAttack, attack_context, build_client_attacks
 from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
 from splitlm.privacy.detectors import DetectorContext, build_detectors
 from splitlm.privacy.protocols import build_protocols
@@ -103,19 +103,7 @@ def client_attacks(config: Config, source: ModelSource, index: int, responses: l
     ``responses``: classification-style data's candidate responses (``RunData.responses``), empty for other data."""
     if not config.privacy.client_attack:
         return []
-    tokenizer = source.tokenizer()
-    eos = tokenizer.eos_token_id if config.data.add_eos else None
-    classes = [tokenizer.decode(ids[:-1] if ids and ids[-1] == eos else ids).strip() for ids in responses]
-    context = ClientAttackContext(
-        index=index,
-        seed=config.seed,
-        tokenizer=tokenizer,
-        seq_len=config.train.seq_len,
-        data_format=config.data.format,
-        vocab_size=int(source.config().vocab_size),
-        responses=[list(ids) for ids in responses],
-        classes=classes,
-    )
+    context = attack_context(config, source, index, responses)
     attacks = build_client_attacks(config.privacy.client_attack, context)
     if attacks:
         log.warning("client %d is malicious: %s", index, ", ".join(a.name for a in attacks))

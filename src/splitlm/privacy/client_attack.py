@@ -32,6 +32,9 @@ from splitlm.transport import Mod
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from splitlm.config import Config
+    from splitlm.models import ModelSource
+
 KEY = "privacy.client_attack"
 
 
@@ -60,6 +63,24 @@ class ClientAttackContext:
     # and its text, in the same order (sorted, as the accuracy's choices list them); empty for other data
     responses: list[list[int]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
+
+
+def attack_context(config: Config, source: ModelSource, index: int, responses: list[list[int]]) -> ClientAttackContext:
+    """What client ``index`` of the run ``config`` may use to attack; ``responses``: classification-style data's
+    candidate responses (``RunData.responses``), empty for other data."""
+    tokenizer = source.tokenizer()
+    eos = tokenizer.eos_token_id if config.data.add_eos else None
+    classes = [tokenizer.decode(ids[:-1] if ids and ids[-1] == eos else ids).strip() for ids in responses]
+    return ClientAttackContext(
+        index=index,
+        seed=config.seed,
+        tokenizer=tokenizer,
+        seq_len=config.train.seq_len,
+        data_format=config.data.format,
+        vocab_size=int(source.config().vocab_size),
+        responses=[list(ids) for ids in responses],
+        classes=classes,
+    )
 
 
 def response_start(example: Example) -> int:
@@ -118,7 +139,11 @@ CLIENT_ATTACKS = ComponentRegistry[ClientAttack](
     "client attack",
     KEY,
     error=PrivacyError,
-    builtins=("splitlm.privacy.attacks.label_flip",),
+    builtins=(
+        "splitlm.privacy.attacks.label_flip",
+        "splitlm.privacy.attacks.smash_poison",
+        "splitlm.privacy.attacks.backdoor",
+    ),
 )
 
 
