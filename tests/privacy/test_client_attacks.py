@@ -228,3 +228,23 @@ def test_backdoor_refusals(make_config: MakeConfig) -> None:
     fed = build_federation(make_config("lm", "privacy.client_attack={backdoor: {target: ' yes'}}"))
     with pytest.raises(PrivacyError, match="needs classification-style held-out data"):
         attack_success_rate(fed.members[0], fed, {"target": "rotten"})
+
+
+# --- boosting --------------------------------------------------------------------------------------------------
+
+
+def test_boost_scales_the_malicious_clients_change_over_its_round(make_config: MakeConfig) -> None:
+    one = ("framework.name=sl", "framework.num_clients=1", "train.steps=2")
+    honest = build_federation(make_config("honest", *one))
+    boosted = build_federation(make_config("boosted", *one, "privacy.client_attack={boost: {factor: 3}}"))
+    start = honest.members[0].client.state()
+    assert all(torch.equal(v, boosted.members[0].client.state()[k]) for k, v in start.items())
+    for fed in (honest, boosted):
+        fed.members[0].train_round(fed, 0)
+    end, scaled = honest.members[0].client.state(), boosted.members[0].client.state()
+    changed = [k for k in start if not torch.equal(end[k], start[k])]
+    assert changed
+    for key in start:
+        assert torch.allclose(scaled[key], start[key] + 3 * (end[key] - start[key]), atol=1e-6), key
+    assert boosted.members[0].pipeline is not None
+    assert boosted.members[0].pipeline.attacks[0].report()["boosted_rounds"] == 1

@@ -82,6 +82,8 @@ def client_pipeline(
     ``setup``: the client's parts and data, for its simulated speed and the plugins of the config's remedies;
     ``attacks``: a malicious client's attacks (``client_attacks``), its innermost mods and first plugins."""
     attacks = list(attacks or [])
+    for attack in attacks:  # a malicious client's code may change its own parts (boost)
+        attack.context.parts = dict(setup.parts) if setup is not None else {}
     defenses = _defenses(config, source, head, setup)
     mods: list[Mod] = [*attacks, *defenses.mods]
     plugins: list[ClientPlugin] = [*attacks, *defenses.plugins]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import Field
+from torch import nn
 
 from splitlm.config.schema import as_mapping
 from splitlm.data import IGNORE_INDEX, Example
@@ -63,6 +64,9 @@ class ClientAttackContext:
     # and its text, in the same order (sorted, as the accuracy's choices list them); empty for other data
     responses: list[list[int]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
+    local_steps: int = 1  # the client's steps in one round (framework.local_steps, or train.steps / rounds)
+    # the client's trainable parts ("head" [+ "tail"], possibly peft-wrapped), given once they are built
+    parts: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def attack_context(config: Config, source: ModelSource, index: int, responses: list[list[int]]) -> ClientAttackContext:
@@ -80,6 +84,7 @@ def attack_context(config: Config, source: ModelSource, index: int, responses: l
         vocab_size=int(source.config().vocab_size),
         responses=[list(ids) for ids in responses],
         classes=classes,
+        local_steps=config.framework.steps_per_round(config.train.steps),
     )
 
 
@@ -143,6 +148,7 @@ CLIENT_ATTACKS = ComponentRegistry[ClientAttack](
         "splitlm.privacy.attacks.label_flip",
         "splitlm.privacy.attacks.smash_poison",
         "splitlm.privacy.attacks.backdoor",
+        "splitlm.privacy.attacks.boost",
     ),
 )
 
