@@ -108,6 +108,33 @@ def final_state(config: Config) -> torch.Tensor:
     return torch.cat([tensors[k].detach().float().flatten() for k in sorted(tensors)])
 
 
+def test_a_boosted_malicious_client_side_is_an_outlier_the_robust_averages_ignore(make_config: MakeConfig) -> None:
+    """One round of five clients trained with and without the malicious one (sflv1: each its own trunk adapter, so
+    the honest four train exactly alike), then each strategy's average of the five client sides."""
+    trained = {}
+    for name, extra in (("honest", ()), ("attacked", (ATTACK,))):
+        fed = build_federation(make_config(name, *RUN, *extra))
+        fed.server.start()
+        try:
+            finished = fed.train_clients(fed.members, 0, parallel=True)
+        finally:
+            fed.server.stop()
+        trained[name] = [m.client.state() for m in finished]
+    honest, attacked = trained["honest"], trained["attacked"]
+    for a, b in zip(honest[:4], attacked[:4], strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)  # the honest clients are untouched by the attack
+
+    def moved(name: str, **settings: float) -> float:
+        base, hit = (strategy(name, **settings).average(s, [1.0] * 5) for s in (honest, attacked))
+        flat = [torch.cat([t[k].float().flatten() for k in sorted(t)]) for t in (base, hit)]
+        return float((flat[1] - flat[0]).norm() / flat[0].norm())
+
+    mean = moved("sync")
+    assert moved("median") < 0.5 * mean
+    assert moved("trimmed_mean", beta=0.2) < 0.5 * mean
+    assert moved("krum", f=1) < 1e-6 < mean
+
+
 @pytest.mark.slow  # six runs of five clients: about 30 s on a busy CPU
 def test_robust_strategies_keep_a_malicious_client_from_moving_the_global_model(make_config: MakeConfig) -> None:
     moved = {}
