@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import serve_one_client_in_threads
 from splitlm.config import Config
 from splitlm.data import IGNORE_INDEX, Example
 from splitlm.errors import PrivacyError, SplitLMError
@@ -248,3 +249,27 @@ def test_boost_scales_the_malicious_clients_change_over_its_round(make_config: M
         assert torch.allclose(scaled[key], start[key] + 3 * (end[key] - start[key]), atol=1e-6), key
     assert boosted.members[0].pipeline is not None
     assert boosted.members[0].pipeline.attacks[0].report()["boosted_rounds"] == 1
+
+
+# --- networked: a malicious `splitlm client` process --------------------------------------------------------
+
+
+def test_a_networked_client_runs_its_attack_as_in_process(fast_config: MakeConfig, tmp_path: Path) -> None:
+    settings = ("data.format=instruction", "train.steps=3", "privacy.client_attack={backdoor: {target: rotten}}")
+    reference = fast_config(tmp_path / "inprocess", *settings)
+    run_framework(reference)
+    client = fast_config(tmp_path / "client", *settings)
+    serve_one_client_in_threads(fast_config(tmp_path / "server", *settings), client, tmp_path)
+
+    def losses(folder: Path) -> list[float]:
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return [row["loss"] for row in rows if "loss" in row]
+
+    assert losses(tmp_path / "server") == losses(tmp_path / "inprocess") and len(losses(tmp_path / "server")) == 3
+    honest = fast_config(tmp_path / "honest", "data.format=instruction", "train.steps=3")
+    run_framework(honest)
+    assert losses(tmp_path / "honest") != losses(tmp_path / "inprocess")  # the client did train on poisoned rows
+    own = json.loads((tmp_path / "client" / "summary.json").read_text())
+    report = own["privacy"]["client_attacks"]["backdoor"]
+    expected = json.loads((tmp_path / "inprocess" / "summary.json").read_text())["privacy"]["client_attacks"]
+    assert report == expected["backdoor"] and report["poisoned"] > 0
