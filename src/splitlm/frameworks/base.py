@@ -188,6 +188,7 @@ COMPONENT_KEYS: dict[str, str] = {
     "privacy.detectors": "splitlm.privacy.detectors:DETECTORS",
     "privacy.server_attack": "splitlm.privacy.server_attack:SERVER_ATTACKS",
     "privacy.protocols": "splitlm.privacy.protocols:PROTOCOLS",
+    "privacy.guards": "splitlm.privacy.guards:GUARDS",
     "remedies": "splitlm.remedies.base:REMEDIES",
     "framework.aggregation": "splitlm.frameworks.aggregation:STRATEGIES",
     "framework.server_lr_scale": "splitlm.frameworks.aggregation.scales:SCALES",
