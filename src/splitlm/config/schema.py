@@ -558,6 +558,12 @@ class PrivacyConfig(Section):
         description="Make the (simulated) server malicious, e.g. {fsha: {lr: 1e-3}} or fsha (FSHA hijacks the "
         "client's feature space); empty: an honest server.",
     )
+    client_attack: Components = Field(
+        default_factory=dict,
+        description="Make some clients (simulated) malicious, each attack with its settings and its malicious clients, "
+        "e.g. {backdoor: {clients: [3], trigger: ' cf', target: rotten}}; built in: label_flip, smash_poison, "
+        "backdoor; empty: every client is honest.",
+    )
     protocols: Components = Field(
         default_factory=dict,
         description="Protocol changes between the clients and the server, each with its settings, e.g. [three_tier] "

@@ -187,6 +187,7 @@ COMPONENT_KEYS: dict[str, str] = {
     "privacy.defenses": "splitlm.privacy.defenses:DEFENSES",
     "privacy.detectors": "splitlm.privacy.detectors:DETECTORS",
     "privacy.server_attack": "splitlm.privacy.server_attack:SERVER_ATTACKS",
+    "privacy.client_attack": "splitlm.privacy.client_attack:CLIENT_ATTACKS",
     "privacy.protocols": "splitlm.privacy.protocols:PROTOCOLS",
     "privacy.guards": "splitlm.privacy.guards:GUARDS",
     "remedies": "splitlm.remedies.base:REMEDIES",

@@ -32,6 +32,7 @@ from splitlm.frameworks.aggregation.scales import rates_in_effect
 from splitlm.frameworks.checkpoint import load_checkpoint, prepare_output, save_checkpoint
 from splitlm.frameworks.federation import Federation, Member, build_parties, participants
 from splitlm.privacy.accounting import epsilon, releases
+from splitlm.privacy.client_attack import attack_reports
 from splitlm.runtime.server import ServerSurface
 from splitlm.runtime.tracking import MetricLogger
 
@@ -504,7 +505,9 @@ def privacy_summary(config: Config, fed: Federation) -> dict[str, Any]:
     """The defenses every client ran, each with its report, and the largest epsilon among the clients (each
     sends its own data).
 
-    A networked or Ray server holds proxies of clients whose defenses run elsewhere: its epsilon is null.
+    ``client_attacks``: each attack of ``privacy.client_attack`` that a malicious client ran here, with its ``report``.
+    A networked or Ray server holds proxies of clients whose defenses and attacks run elsewhere: its epsilon is null
+    (and each client's own ``summary.json`` has its attacks).
     """
     train = config.train
     values, counts = [], []
@@ -517,6 +520,7 @@ def privacy_summary(config: Config, fed: Federation) -> dict[str, Any]:
     return {
         "defenses": defense_reports(config, fed),
         "guards": {guard.name: guard.report() for guard in fed.guards},
+        "client_attacks": attack_reports([m.pipeline.attacks for m in fed.members if m.pipeline is not None]),
         "epsilon": max(known) if known and len(known) == len(values) else None,
         "delta": config.privacy.delta,
         "releases": max(counts, default=0),

@@ -47,7 +47,14 @@ from splitlm.frameworks.aggregate import contribution, fedavg, fit
 from splitlm.frameworks.base import Framework, client_steps, framework_of, networked_problems
 from splitlm.frameworks.checkpoint import TMP_PREFIX
 from splitlm.frameworks.grouping import GROUPINGS, SELECTIONS
-from splitlm.frameworks.pipeline import ClientPipeline, client_link, client_pipeline, recorders, server_mods
+from splitlm.frameworks.pipeline import (
+    ClientPipeline,
+    client_attacks,
+    client_link,
+    client_pipeline,
+    recorders,
+    server_mods,
+)
 from splitlm.frameworks.setup import (
     Choice,
     RunData,
@@ -64,6 +71,7 @@ from splitlm.frameworks.sketch import client_sketches
 from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
+from splitlm.privacy.client_attack import ClientAttack
 from splitlm.privacy.guards import Guard, build_guards
 from splitlm.privacy.tap import ServerTap, TruthRecorder
 from splitlm.remedies import ClientSetup, Remedy, RoundRows, build_remedies
@@ -716,10 +724,12 @@ def build_client(
     transport: Transport | None,
     truth: TruthRecorder | None = None,
     examples: list[Example] | None = None,
+    attacks: list[ClientAttack] | None = None,
 ) -> tuple[Client, ClientPipeline | None]:
     """Client ``index``: its head [+ tail] and optimizer behind its pipeline of mods and plugins (or, for the
     unsplit baseline, the whole model), as ``config.for_client(index)`` says (its cut, LoRA rank and link);
-    ``examples``: its training examples, for the remedies' plugins that learn from them."""
+    ``examples``: its training examples, for the remedies' plugins that learn from them; ``attacks``: what makes it
+    malicious (``pipeline.client_attacks``)."""
     config = config.for_client(index)
     optimizer_train = config.train.model_copy(update={"steps": client_steps(config)})
     if framework.make_client is not None:  # a framework with its own kind of client (the unsplit baseline)
@@ -734,7 +744,7 @@ def build_client(
     if transport is None:
         raise ProtocolError(f"client {index} has no transport to the server")
     setup = ClientSetup(str(index), config, parts, stages, examples or [])
-    pipeline = client_pipeline(config, source, stages["head"], truth, setup)
+    pipeline = client_pipeline(config, source, stages["head"], truth, setup, attacks)
     channel = Channel(client_link(config, transport, str(index)), pipeline.mods)  # each client its own link
     pipelining = config.train.pipeline
     client = SplitClient(
@@ -762,15 +772,20 @@ def build_member(
     transport: Transport | None,
     truth: TruthRecorder | None = None,
 ) -> Member:
-    """Client ``index`` with its private share of the training data (packed per client when ``data.pack``)."""
+    """Client ``index`` with its private share of the training data (packed per client when ``data.pack``); a
+    malicious client (``privacy.client_attack``) trains on its rows as its attacks rewrite them (its held-out
+    examples stay as they are)."""
     examples, held_out = hold_out(config, index, [data.train[i] for i in indices])
+    attacks = client_attacks(config, source, index, data.responses)
+    for attack in attacks:
+        examples = attack.examples(examples)
     # classification-style data: its held-out examples as choices among the responses, for its own accuracy
     seq_len = config.train.seq_len
     choices = [c for e in held_out if (c := choice_of(e, data.responses, seq_len)) is not None]
     held_out = [shorten(e, seq_len) for e in held_out]  # like the global held-out set (a response stays whole)
     if config.data.pack:
         examples = pack_examples(examples, config.train.seq_len)
-    client, pipeline = build_client(config, framework, source, index, transport, truth, examples)
+    client, pipeline = build_client(config, framework, source, index, transport, truth, examples, attacks)
     order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
     log.info("client %s: %d examples, labels %s", index, len(examples), histogram)
     batches = eval_batches(held_out, config.train.batch_size, data.pad_id) if held_out else []
