@@ -1,26 +1,24 @@
-"""A test-only malicious client, as a config plugin (``plugins: [tests/privacy/guard_plugin.py]``): the clients of
-``privacy.defenses.poison_grad.clients`` send the server ``scale`` times the true gradient of the trunk's output
-(step 7; a negative scale turns the trunk's update around), the others are honest."""
+"""A test-only client attack, as a config plugin (``plugins: [tests/privacy/guard_plugin.py]``):
+``privacy.client_attack: {flip_grad: {clients: [1]}}`` makes client 1 send the server ``scale`` times the true
+gradient of the trunk's output (step 7; the default -1 turns the trunk's update around: a sign-flipping attack on
+the server's part of the model). It keeps no state, so a rolled-back round leaves nothing of it behind."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from splitlm.privacy.defenses.base import DEFENSES, MessageDefense
-from splitlm.registry import ComponentSettings
+from splitlm.privacy.client_attack import CLIENT_ATTACKS, ClientAttack, ClientAttackSettings
 from splitlm.transport import Message
 
 
-@DEFENSES.component
-class PoisonGrad(MessageDefense):
-    name = "poison_grad"
+@CLIENT_ATTACKS.component
+class FlipGrad(ClientAttack):
+    name = "flip_grad"
 
-    class Settings(ComponentSettings):
-        clients: list[int] = Field(default_factory=list)
-        scale: float = -1.0
+    class Settings(ClientAttackSettings):
+        scale: float = Field(-1.0, description="What the true gradient of the trunk's output is multiplied by.")
 
     def on_request(self, message: Message) -> Message:
-        chosen = {str(c) for c in self.settings.clients}
-        if message.kind != "backward" or "grad" not in message.tensors or message.client_id not in chosen:
+        if message.kind != "backward" or "grad" not in message.tensors:
             return message
         return message.replace({**message.tensors, "grad": message.tensors["grad"] * self.settings.scale})

@@ -21,7 +21,7 @@ from splitlm.privacy.guards import GUARDS, Guard
 from splitlm.privacy.guards.safesplit import SafeSplit, angle, dct_basis, low_frequencies, modules
 from splitlm.registry import ComponentSettings
 
-PLUGIN = Path(__file__).with_name("guard_plugin.py")  # poison_grad: a client that sends the opposite gradients
+PLUGIN = Path(__file__).with_name("guard_plugin.py")  # flip_grad: a client that sends the opposite gradients
 RUN = ("framework.rounds=3", "train.steps=6", "train.warmup_steps=0")
 
 
@@ -214,7 +214,7 @@ def test_safesplit_flags_no_honest_client(
 def test_safesplit_catches_a_client_that_turns_the_trunk_around_and_the_run_equals_its_leave_out_reference(
     make_config: Callable[..., Config], run_files: Any
 ) -> None:
-    poison = (f"plugins=[{PLUGIN}]", "privacy.defenses={poison_grad: {clients: [1], scale: -1.0}}")
+    poison = (f"plugins=[{PLUGIN}]", "privacy.client_attack={flip_grad: {clients: [1]}}")
     setup = ("framework.name=sflv1", "framework.num_clients=4", "lora.dropout=0.05", *RUN, *poison)
     guarded = make_config("guarded", *setup, "privacy.guards=[safesplit]")
     report = run_framework(guarded)["privacy"]["guards"]["safesplit"]
