@@ -570,6 +570,12 @@ class PrivacyConfig(Section):
         "(3-Tier SL's aggregator: shuffles each micro-batch's rows before the server sees them, exactly); empty: "
         "none.",
     )
+    guards: Components = Field(
+        default_factory=dict,
+        description="Server-side guards that watch each client's change to the trunk adapter, each with its "
+        "settings, e.g. {safesplit: {ratio: 3.0}} (SafeSplit): a flagged client's round is rolled back and run again "
+        "without it; empty: none.",
+    )
 
 
 class Config(Section):

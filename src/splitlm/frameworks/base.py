@@ -189,6 +189,7 @@ COMPONENT_KEYS: dict[str, str] = {
     "privacy.server_attack": "splitlm.privacy.server_attack:SERVER_ATTACKS",
     "privacy.client_attack": "splitlm.privacy.client_attack:CLIENT_ATTACKS",
     "privacy.protocols": "splitlm.privacy.protocols:PROTOCOLS",
+    "privacy.guards": "splitlm.privacy.guards:GUARDS",
     "remedies": "splitlm.remedies.base:REMEDIES",
     "framework.aggregation": "splitlm.frameworks.aggregation:STRATEGIES",
     "framework.server_lr_scale": "splitlm.frameworks.aggregation.scales:SCALES",

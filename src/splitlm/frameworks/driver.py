@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from splitlm.config import Config
 from splitlm.config.schema import LINK_DIRECTIONS
-from splitlm.errors import ClientGone, ConfigError, Interrupted
+from splitlm.errors import ClientGone, ClientsFlagged, ConfigError, Interrupted
 from splitlm.files import write_json
 from splitlm.frameworks.aggregation.scales import rates_in_effect
 from splitlm.frameworks.checkpoint import load_checkpoint, prepare_output, save_checkpoint
@@ -130,21 +130,32 @@ class _Progress:
 
 
 def run_round(fed: Federation, round_index: int, chosen: list[Member], progress: _Progress) -> tuple[list, list]:
-    """One round of the framework's recipe as a transaction: clients lost during it (networked runs) are
-    rolled back with everything else, and the round is done again without them, so it computes what the
-    same round computes with those clients left out (``framework.leave_out``). Returns (holders, participants)."""
+    """One round of the framework's recipe as a transaction: clients lost during it (networked runs), or flagged by
+    a server-side guard once it trained (``privacy.guards``), are rolled back with everything else, and the round
+    is done again without them, so it computes what the same round computes with those clients left out
+    (``framework.leave_out``). Returns (holders, participants)."""
     wanted = len(chosen)
     chosen = fed.available(chosen, round_index)
     while True:
         fed.check_quorum(chosen, wanted, round_index)
         try:
-            snapshot = fed.snapshot(chosen) if fed.can_fail else None
+            snapshot = fed.snapshot(chosen) if fed.can_fail or fed.guards else None
         except ClientGone as gone:  # lost before the round started: nothing to undo
             log.warning("round %d: %s; it is left out", round_index + 1, gone)
             chosen = [m for m in chosen if m.client_id not in gone.client_ids]
             continue
+        fed.open_round(round_index, chosen)
         try:
-            return fed.strategy.round(fed, round_index, chosen), chosen
+            holders = fed.strategy.round(fed, round_index, chosen)
+            fed.check_round(round_index)
+            return holders, chosen
+        except ClientsFlagged as flagged:
+            if snapshot is None:
+                raise
+            log.warning("round %d: %s; the round starts again without them", round_index + 1, flagged)
+            lost = fed.rollback(snapshot, [])
+            progress.rewind()
+            chosen = [m for m in chosen if m.client_id not in flagged.client_ids and m.client_id not in lost]
         except ClientGone as gone:
             if snapshot is None:
                 raise
@@ -508,6 +519,7 @@ def privacy_summary(config: Config, fed: Federation) -> dict[str, Any]:
     known = [v for v in values if v is not None]
     return {
         "defenses": defense_reports(config, fed),
+        "guards": {guard.name: guard.report() for guard in fed.guards},
         "client_attacks": attack_reports([m.pipeline.attacks for m in fed.members if m.pipeline is not None]),
         "epsilon": max(known) if known and len(known) == len(values) else None,
         "delta": config.privacy.delta,

@@ -41,7 +41,7 @@ from splitlm.data import (
     shorten,
     skew,
 )
-from splitlm.errors import ClientGone, ConfigError, Interrupted, ProtocolError
+from splitlm.errors import ClientGone, ClientsFlagged, ConfigError, Interrupted, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.aggregate import contribution, fedavg, fit
 from splitlm.frameworks.base import Framework, client_steps, framework_of, networked_problems
@@ -72,6 +72,7 @@ from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
 from splitlm.privacy.client_attack import ClientAttack
+from splitlm.privacy.guards import Guard, build_guards
 from splitlm.privacy.tap import ServerTap, TruthRecorder
 from splitlm.remedies import ClientSetup, Remedy, RoundRows, build_remedies
 from splitlm.runtime.client import EvalStats, SplitClient, StepStats
@@ -326,7 +327,14 @@ class Federation:
         if member.stale and self.carry is not None and self.carry_from != member.client_id:
             member.client.load_state(self.fitted(member, self.carry))
         member.stale = False
+        watched = self.server.adapter_of(member.client_id) if self.guards and self.server is not None else None
+        before = self.server.adapter_state(watched) if watched is not None else {}
+        start = member.steps_done
         member.train_round(self, round_index)
+        if watched is not None:  # the guards see the change of the trunk adapter this client trained
+            after = self.server.adapter_state(watched)
+            for guard in self.guards:
+                guard.trained(round_index, member.client_id, before, after, member.steps_done - start)
         for remedy in self.remedies:  # e.g. its own client side, before any aggregation
             state = remedy.member_state(member.client, member.remedy_state.get(remedy.name))
             if state is not None:
@@ -342,6 +350,21 @@ class Federation:
             for member in members:
                 self.local_training(member, round_index)
         return sorted(members, key=lambda m: m.index)
+
+    def open_round(self, round_index: int, members: Sequence[Member]) -> None:
+        """An attempt at round ``round_index`` over ``members`` starts: the guards forget a rolled-back attempt."""
+        for guard in self.guards:
+            guard.open_round(round_index, [m.client_id for m in members])
+
+    def check_round(self, round_index: int) -> None:
+        """After the round's training: ``ClientsFlagged`` with the clients the guards flag (the driver rolls the round
+        back and does it again without them)."""
+        flagged: dict[str, str] = {}
+        for guard in self.guards:
+            for client, why in guard.check(round_index).items():
+                flagged.setdefault(client, why)
+        if flagged:
+            raise ClientsFlagged(sorted(flagged, key=lambda c: (len(c), c)), "; ".join(dict.fromkeys(flagged.values())))
 
     def check_quorum(self, members: Sequence[Member], chosen: int, round_index: int) -> None:
         """Fewer than ``framework.min_clients`` of the round's ``chosen`` clients left is an error."""
@@ -402,6 +425,12 @@ class Federation:
     def remedies(self) -> list[Remedy]:
         """The config's remedies (``remedies``), whose hooks the step loop and the recipes call."""
         return build_remedies(self.config)
+
+    @functools.cached_property
+    def guards(self) -> list[Guard]:
+        """The config's server-side guards (``privacy.guards``), which watch each client's change to its trunk adapter
+        (``local_training``) and may flag clients at the end of a round (``check_round``)."""
+        return build_guards(self.config.privacy.guards, self.config)
 
     @functools.cached_property
     def strategy(self) -> Any:
@@ -544,6 +573,8 @@ class Federation:
                 (folder / "remedies").mkdir(exist_ok=True)
                 save_file(tensors, str(folder / "remedies" / f"client-{member.client_id}.safetensors"))
         self.strategy.save(self, folder)
+        if self.guards:
+            write_json(folder / "guards.json", {guard.name: guard.state() for guard in self.guards})
 
     def load(self, folder: Path) -> None:
         for member in self.members:
@@ -565,6 +596,9 @@ class Federation:
                 name, _, rest = key.partition("/")
                 member.remedy_state.setdefault(name, {})[rest] = tensor
         self.strategy.load(self, folder)
+        guards = json.loads((folder / "guards.json").read_text()) if (folder / "guards.json").is_file() else {}
+        for guard in self.guards:
+            guard.load_state(guards.get(guard.name, {}))
 
     # --- evaluation ---------------------------------------------------------------------------------------
 
