@@ -31,6 +31,8 @@ Row ``{attack, defense, asr, clean_metric, detected_round, false_positive_rounds
 - ``detected_round``: SafeSplit's first round that flagged the malicious client (null: never, or a defense that
   flags nothing); ``false_positive_rounds``: the rounds in which SafeSplit flagged an honest client (null for the
   robust strategies, which flag nobody);
+- ``asr_without_attack`` (backdoor rows): the same asr measured on the honest run's model under the same defense,
+  what the trigger alone does (an asr near it is no backdoor at all);
 - rows with ``attack: none`` are the honest runs: their ``clean_metric`` is what each defense costs, and SafeSplit's
   ``false_positive_rounds`` there are its false alarms.
 
@@ -203,7 +205,22 @@ class Bench:
         asr = attack_success_rate(member, fed, BACKDOOR) if attack == "backdoor" else None
         return float(clean), asr
 
-    def aggregated(self, attack: str, defense: str) -> dict[str, Any]:
+    def trigger_baseline(self, defense: str) -> float | None:
+        """The backdoor's ``asr`` measured on the honest run's global model under ``defense``: how often the trigger
+        alone turns a review into the target class without any poisoning (the floor an attack's asr starts from)."""
+        path = self.cache / "rows" / f"baseline-{defense}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["asr"]
+        if DEFENSES[defense] is None:
+            return None  # SafeSplit's honest run is a real run: its row has it (attack none, asr)
+        self.load_global("none", defense)
+        _, asr = self.scores(self.evaluator, "backdoor")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"asr": asr}))
+        return asr
+
+    def load_global(self, attack: str, defense: str) -> None:
+        """The one-round global model of ``attack`` under ``defense``'s strategy, loaded into the evaluator."""
         from splitlm.frameworks.aggregation import STRATEGIES
 
         states = self.states(attack)
@@ -213,13 +230,16 @@ class Bench:
         weights = [w for _, _, w in states]
         client = strategy.average([c for c, _, _ in states], weights)
         trunk = strategy.average([t for _, t, _ in states], weights)
+        if self.evaluator is None:  # the honest states came from the cache: a federation to evaluate in
+            self.evaluator = evaluator(self.build("none"))
         fed = self.evaluator
-        if fed is None:  # the honest states came from the cache: a federation to evaluate in
-            fed = self.evaluator = evaluator(self.build("none"))
         member = fed.members[0]
         member.client.load_state(client)
         fed.server.load_adapter_state(fed.server.adapter_of(member.client_id), trunk)
-        clean, asr = self.scores(fed, attack)
+
+    def aggregated(self, attack: str, defense: str) -> dict[str, Any]:
+        self.load_global(attack, defense)
+        clean, asr = self.scores(self.evaluator, attack)
         return {"clean_metric": clean, "asr": asr, "detected_round": None, "false_positive_rounds": None}
 
     def safesplit(self, attack: str) -> dict[str, Any]:
@@ -231,6 +251,10 @@ class Bench:
         fed = build_federation(config)
         summary = drive(fed, prepare_output(config, False), False, time.perf_counter())
         clean, asr = self.scores(fed, attack)
+        if attack == "none":  # what the trigger alone does to this honest run's model
+            baseline = self.cache / "rows" / "baseline-safesplit.json"
+            baseline.parent.mkdir(parents=True, exist_ok=True)
+            baseline.write_text(json.dumps({"asr": self.scores(fed, "backdoor")[1]}))
         flags = (((summary.get("privacy") or {}).get("guards") or {}).get("safesplit") or {}).get("flags") or []
         caught = [int(f["round"]) for f in flags if str(f["client"]) == str(MALICIOUS) and attack != "none"]
         false = sorted({int(f["round"]) for f in flags if str(f["client"]) != str(MALICIOUS) or attack == "none"})
@@ -290,6 +314,9 @@ def run(quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: i
             if defense == "safesplit" and attack not in ("none", *s["safesplit_attacks"]):
                 continue
             rows.append(bench.row(attack, defense))
+    for r in rows:  # the backdoor's asr on the honest model under the same defense: what the trigger alone does
+        if r["attack"] == "backdoor":
+            r["asr_without_attack"] = bench.trigger_baseline(r["defense"])
     honest = {r["defense"]: r["clean_metric"] for r in rows if r["attack"] == "none"}
     for r in rows:
         if r["attack"] in ("label_flip", "smash_poison") and r["clean_metric"] is not None:
