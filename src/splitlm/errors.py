@@ -57,6 +57,18 @@ class PrivacyError(SplitLMError):
     exit_code = 7
 
 
+class ClientsFlagged(PrivacyError):
+    """A server-side guard (``privacy.guards``) found clients' updates anomalous in a round.
+
+    Like ``ClientGone``, the round's work is rolled back and done again without them (``frameworks/driver.py``)."""
+
+    def __init__(self, client_ids: tuple[str, ...] | list[str], reason: str) -> None:
+        self.client_ids = tuple(client_ids)
+        self.reason = reason
+        who = ", ".join(self.client_ids)
+        super().__init__(f"client{'s' if len(self.client_ids) > 1 else ''} {who} flagged: {reason}")
+
+
 class HijackAlarm(SplitLMError):
     """The client's detector concluded that the server is hijacking its training; training stopped."""
 

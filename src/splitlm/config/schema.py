@@ -558,11 +558,23 @@ class PrivacyConfig(Section):
         description="Make the (simulated) server malicious, e.g. {fsha: {lr: 1e-3}} or fsha (FSHA hijacks the "
         "client's feature space); empty: an honest server.",
     )
+    client_attack: Components = Field(
+        default_factory=dict,
+        description="Make some clients (simulated) malicious, each attack with its settings and its malicious clients, "
+        "e.g. {backdoor: {clients: [3], trigger: ' cf', target: rotten}}; built in: label_flip, smash_poison, "
+        "backdoor; empty: every client is honest.",
+    )
     protocols: Components = Field(
         default_factory=dict,
         description="Protocol changes between the clients and the server, each with its settings, e.g. [three_tier] "
         "(3-Tier SL's aggregator: shuffles each micro-batch's rows before the server sees them, exactly); empty: "
         "none.",
+    )
+    guards: Components = Field(
+        default_factory=dict,
+        description="Server-side guards that watch each client's change to the trunk adapter, each with its "
+        "settings, e.g. {safesplit: {ratio: 3.0}} (SafeSplit): a flagged client's round is rolled back and run again "
+        "without it; empty: none.",
     )
 
 

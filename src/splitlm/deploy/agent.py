@@ -28,6 +28,7 @@ from splitlm.frameworks.base import client_steps
 from splitlm.frameworks.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from splitlm.frameworks.driver import evaluate_now
 from splitlm.frameworks.federation import Member, build_parties, link_seconds
+from splitlm.privacy.client_attack import attack_reports
 from splitlm.runtime.tracking import MetricLogger
 from splitlm.transport import Message, Transport
 from splitlm.transport.codecs import wire_limits
@@ -195,6 +196,9 @@ class ClientAgent:
             "link_seconds": link_seconds(member.client),  # every message on the emulated link, eval included
             "wall_seconds": time.perf_counter() - self.started,
         }  # fmt: skip
+        attacks = member.pipeline.attacks if member.pipeline is not None else []
+        if attacks:  # privacy.client_attack: this client was malicious
+            summary["privacy"] = {"client_attacks": attack_reports([attacks])}
         self.out.mkdir(parents=True, exist_ok=True)
         truth = self.local.truth
         if truth is not None:  # privacy.tap: the true tokens of its latest micro-batches, for ``splitlm audit``

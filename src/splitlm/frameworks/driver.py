@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 
 from splitlm.config import Config
 from splitlm.config.schema import LINK_DIRECTIONS
-from splitlm.errors import ClientGone, ConfigError, Interrupted
+from splitlm.errors import ClientGone, ClientsFlagged, ConfigError, Interrupted
 from splitlm.files import write_json
 from splitlm.frameworks.aggregation.scales import rates_in_effect
 from splitlm.frameworks.checkpoint import load_checkpoint, prepare_output, save_checkpoint
 from splitlm.frameworks.federation import Federation, Member, build_parties, participants
 from splitlm.privacy.accounting import epsilon, releases
+from splitlm.privacy.client_attack import attack_reports
 from splitlm.runtime.server import ServerSurface
 from splitlm.runtime.tracking import MetricLogger
 
@@ -129,21 +130,32 @@ class _Progress:
 
 
 def run_round(fed: Federation, round_index: int, chosen: list[Member], progress: _Progress) -> tuple[list, list]:
-    """One round of the framework's recipe as a transaction: clients lost during it (networked runs) are
-    rolled back with everything else, and the round is done again without them, so it computes what the
-    same round computes with those clients left out (``framework.leave_out``). Returns (holders, participants)."""
+    """One round of the framework's recipe as a transaction: clients lost during it (networked runs), or flagged by
+    a server-side guard once it trained (``privacy.guards``), are rolled back with everything else, and the round
+    is done again without them, so it computes what the same round computes with those clients left out
+    (``framework.leave_out``). Returns (holders, participants)."""
     wanted = len(chosen)
     chosen = fed.available(chosen, round_index)
     while True:
         fed.check_quorum(chosen, wanted, round_index)
         try:
-            snapshot = fed.snapshot(chosen) if fed.can_fail else None
+            snapshot = fed.snapshot(chosen) if fed.can_fail or fed.guards else None
         except ClientGone as gone:  # lost before the round started: nothing to undo
             log.warning("round %d: %s; it is left out", round_index + 1, gone)
             chosen = [m for m in chosen if m.client_id not in gone.client_ids]
             continue
+        fed.open_round(round_index, chosen)
         try:
-            return fed.strategy.round(fed, round_index, chosen), chosen
+            holders = fed.strategy.round(fed, round_index, chosen)
+            fed.check_round(round_index)
+            return holders, chosen
+        except ClientsFlagged as flagged:
+            if snapshot is None:
+                raise
+            log.warning("round %d: %s; the round starts again without them", round_index + 1, flagged)
+            lost = fed.rollback(snapshot, [])
+            progress.rewind()
+            chosen = [m for m in chosen if m.client_id not in flagged.client_ids and m.client_id not in lost]
         except ClientGone as gone:
             if snapshot is None:
                 raise
@@ -493,7 +505,9 @@ def privacy_summary(config: Config, fed: Federation) -> dict[str, Any]:
     """The defenses every client ran, each with its report, and the largest epsilon among the clients (each
     sends its own data).
 
-    A networked or Ray server holds proxies of clients whose defenses run elsewhere: its epsilon is null.
+    ``client_attacks``: each attack of ``privacy.client_attack`` that a malicious client ran here, with its ``report``.
+    A networked or Ray server holds proxies of clients whose defenses and attacks run elsewhere: its epsilon is null
+    (and each client's own ``summary.json`` has its attacks).
     """
     train = config.train
     values, counts = [], []
@@ -505,6 +519,8 @@ def privacy_summary(config: Config, fed: Federation) -> dict[str, Any]:
     known = [v for v in values if v is not None]
     return {
         "defenses": defense_reports(config, fed),
+        "guards": {guard.name: guard.report() for guard in fed.guards},
+        "client_attacks": attack_reports([m.pipeline.attacks for m in fed.members if m.pipeline is not None]),
         "epsilon": max(known) if known and len(known) == len(values) else None,
         "delta": config.privacy.delta,
         "releases": max(counts, default=0),

@@ -41,13 +41,20 @@ from splitlm.data import (
     shorten,
     skew,
 )
-from splitlm.errors import ClientGone, ConfigError, Interrupted, ProtocolError
+from splitlm.errors import ClientGone, ClientsFlagged, ConfigError, Interrupted, ProtocolError
 from splitlm.files import write_json
 from splitlm.frameworks.aggregate import contribution, fedavg, fit
 from splitlm.frameworks.base import Framework, client_steps, framework_of, networked_problems
 from splitlm.frameworks.checkpoint import TMP_PREFIX
 from splitlm.frameworks.grouping import GROUPINGS, SELECTIONS
-from splitlm.frameworks.pipeline import ClientPipeline, client_link, client_pipeline, recorders, server_mods
+from splitlm.frameworks.pipeline import (
+    ClientPipeline,
+    client_attacks,
+    client_link,
+    client_pipeline,
+    recorders,
+    server_mods,
+)
 from splitlm.frameworks.setup import (
     Choice,
     RunData,
@@ -64,6 +71,8 @@ from splitlm.frameworks.sketch import client_sketches
 from splitlm.models import ModelSource
 from splitlm.models.split import share_tied_embeddings
 from splitlm.peft import trainable_parameters
+from splitlm.privacy.client_attack import ClientAttack
+from splitlm.privacy.guards import Guard, build_guards
 from splitlm.privacy.tap import ServerTap, TruthRecorder
 from splitlm.remedies import ClientSetup, Remedy, RoundRows, build_remedies
 from splitlm.runtime.client import EvalStats, SplitClient, StepStats
@@ -318,7 +327,14 @@ class Federation:
         if member.stale and self.carry is not None and self.carry_from != member.client_id:
             member.client.load_state(self.fitted(member, self.carry))
         member.stale = False
+        watched = self.server.adapter_of(member.client_id) if self.guards and self.server is not None else None
+        before = self.server.adapter_state(watched) if watched is not None else {}
+        start = member.steps_done
         member.train_round(self, round_index)
+        if watched is not None:  # the guards see the change of the trunk adapter this client trained
+            after = self.server.adapter_state(watched)
+            for guard in self.guards:
+                guard.trained(round_index, member.client_id, before, after, member.steps_done - start)
         for remedy in self.remedies:  # e.g. its own client side, before any aggregation
             state = remedy.member_state(member.client, member.remedy_state.get(remedy.name))
             if state is not None:
@@ -334,6 +350,21 @@ class Federation:
             for member in members:
                 self.local_training(member, round_index)
         return sorted(members, key=lambda m: m.index)
+
+    def open_round(self, round_index: int, members: Sequence[Member]) -> None:
+        """An attempt at round ``round_index`` over ``members`` starts: the guards forget a rolled-back attempt."""
+        for guard in self.guards:
+            guard.open_round(round_index, [m.client_id for m in members])
+
+    def check_round(self, round_index: int) -> None:
+        """After the round's training: ``ClientsFlagged`` with the clients the guards flag (the driver rolls the round
+        back and does it again without them)."""
+        flagged: dict[str, str] = {}
+        for guard in self.guards:
+            for client, why in guard.check(round_index).items():
+                flagged.setdefault(client, why)
+        if flagged:
+            raise ClientsFlagged(sorted(flagged, key=lambda c: (len(c), c)), "; ".join(dict.fromkeys(flagged.values())))
 
     def check_quorum(self, members: Sequence[Member], chosen: int, round_index: int) -> None:
         """Fewer than ``framework.min_clients`` of the round's ``chosen`` clients left is an error."""
@@ -394,6 +425,12 @@ class Federation:
     def remedies(self) -> list[Remedy]:
         """The config's remedies (``remedies``), whose hooks the step loop and the recipes call."""
         return build_remedies(self.config)
+
+    @functools.cached_property
+    def guards(self) -> list[Guard]:
+        """The config's server-side guards (``privacy.guards``), which watch each client's change to its trunk adapter
+        (``local_training``) and may flag clients at the end of a round (``check_round``)."""
+        return build_guards(self.config.privacy.guards, self.config)
 
     @functools.cached_property
     def strategy(self) -> Any:
@@ -536,6 +573,8 @@ class Federation:
                 (folder / "remedies").mkdir(exist_ok=True)
                 save_file(tensors, str(folder / "remedies" / f"client-{member.client_id}.safetensors"))
         self.strategy.save(self, folder)
+        if self.guards:
+            write_json(folder / "guards.json", {guard.name: guard.state() for guard in self.guards})
 
     def load(self, folder: Path) -> None:
         for member in self.members:
@@ -557,6 +596,9 @@ class Federation:
                 name, _, rest = key.partition("/")
                 member.remedy_state.setdefault(name, {})[rest] = tensor
         self.strategy.load(self, folder)
+        guards = json.loads((folder / "guards.json").read_text()) if (folder / "guards.json").is_file() else {}
+        for guard in self.guards:
+            guard.load_state(guards.get(guard.name, {}))
 
     # --- evaluation ---------------------------------------------------------------------------------------
 
@@ -682,10 +724,12 @@ def build_client(
     transport: Transport | None,
     truth: TruthRecorder | None = None,
     examples: list[Example] | None = None,
+    attacks: list[ClientAttack] | None = None,
 ) -> tuple[Client, ClientPipeline | None]:
     """Client ``index``: its head [+ tail] and optimizer behind its pipeline of mods and plugins (or, for the
     unsplit baseline, the whole model), as ``config.for_client(index)`` says (its cut, LoRA rank and link);
-    ``examples``: its training examples, for the remedies' plugins that learn from them."""
+    ``examples``: its training examples, for the remedies' plugins that learn from them; ``attacks``: what makes it
+    malicious (``pipeline.client_attacks``)."""
     config = config.for_client(index)
     optimizer_train = config.train.model_copy(update={"steps": client_steps(config)})
     if framework.make_client is not None:  # a framework with its own kind of client (the unsplit baseline)
@@ -700,7 +744,7 @@ def build_client(
     if transport is None:
         raise ProtocolError(f"client {index} has no transport to the server")
     setup = ClientSetup(str(index), config, parts, stages, examples or [])
-    pipeline = client_pipeline(config, source, stages["head"], truth, setup)
+    pipeline = client_pipeline(config, source, stages["head"], truth, setup, attacks)
     channel = Channel(client_link(config, transport, str(index)), pipeline.mods)  # each client its own link
     pipelining = config.train.pipeline
     client = SplitClient(
@@ -728,15 +772,20 @@ def build_member(
     transport: Transport | None,
     truth: TruthRecorder | None = None,
 ) -> Member:
-    """Client ``index`` with its private share of the training data (packed per client when ``data.pack``)."""
+    """Client ``index`` with its private share of the training data (packed per client when ``data.pack``); a
+    malicious client (``privacy.client_attack``) trains on its rows as its attacks rewrite them (its held-out
+    examples stay as they are)."""
     examples, held_out = hold_out(config, index, [data.train[i] for i in indices])
+    attacks = client_attacks(config, source, index, data.responses)
+    for attack in attacks:
+        examples = attack.examples(examples)
     # classification-style data: its held-out examples as choices among the responses, for its own accuracy
     seq_len = config.train.seq_len
     choices = [c for e in held_out if (c := choice_of(e, data.responses, seq_len)) is not None]
     held_out = [shorten(e, seq_len) for e in held_out]  # like the global held-out set (a response stays whole)
     if config.data.pack:
         examples = pack_examples(examples, config.train.seq_len)
-    client, pipeline = build_client(config, framework, source, index, transport, truth, examples)
+    client, pipeline = build_client(config, framework, source, index, transport, truth, examples, attacks)
     order = DataOrder(len(examples), config.train.batch_size, config.seed)  # same data, same order
     log.info("client %s: %d examples, labels %s", index, len(examples), histogram)
     batches = eval_batches(held_out, config.train.batch_size, data.pad_id) if held_out else []

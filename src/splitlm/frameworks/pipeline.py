@@ -3,7 +3,8 @@
 Every transport (in-process, gRPC, Ray) gets its chains here, so a run behaves the same however its bytes
 travel. The order, from the client's training code to the server's handler::
 
-    client:  defenses (smashed data, labels, gradients) -> detectors -> codec -> meter -> [link] -> transport
+    client:  [client attacks] -> defenses (smashed data, labels, gradients) -> detectors -> codec -> meter -> [link]
+             -> transport
     server:  transport -> codec -> protocols (three_tier) -> tap -> server attack (FSHA) -> the remedies' mods
              -> SplitServer
 
@@ -15,9 +16,12 @@ truth recorder are client plugins (``runtime/plugins.py``), and so is what each 
 innermost: it sees the decoded smashed data, and what it adds to the replies the server's codec and the client's
 mods pass through untouched.
 
-Defenses (``privacy.defenses``), detectors (``privacy.detectors``), the server attack (``privacy.server_attack``)
-and remedies (``remedies``) are components built by name from their registries; this module never imports the
-attacks (``privacy.server_attack``'s registry names their modules).
+A malicious client's attacks (``privacy.client_attack``, those whose ``clients`` name it) act as its own code: the
+first of its mods and plugins, and they rewrite its training rows before they are packed (``client_attacks``).
+
+Defenses (``privacy.defenses``), detectors (``privacy.detectors``), the server and client attacks
+(``privacy.server_attack``, ``privacy.client_attack``) and remedies (``remedies``) are components built by name from
+their registries; this module never imports the attacks (their registries name their modules).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from splitlm.config import Config
 from splitlm.config.schema import LINK_DIRECTIONS
 from splitlm.frameworks.setup import spec_of
 from splitlm.models import ModelSource, Stage, load_stage
+from splitlm.privacy.client_attack import ClientAttack, attack_context, build_client_attacks
 from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
 from splitlm.privacy.detectors import DetectorContext, build_detectors
 from splitlm.privacy.protocols import build_protocols
@@ -52,6 +57,7 @@ class ClientPipeline:
     mods: list[Mod]
     plugins: list[ClientPlugin]
     defenses: DefenseChain = field(default_factory=lambda: DefenseChain([]))
+    attacks: list[ClientAttack] = field(default_factory=list)  # privacy.client_attack: this client is malicious
 
     @property
     def alarm_step(self) -> int | None:
@@ -70,12 +76,17 @@ def client_pipeline(
     head: Stage,
     truth: TruthRecorder | None = None,
     setup: ClientSetup | None = None,
+    attacks: list[ClientAttack] | None = None,
 ) -> ClientPipeline:
     """One client's mods and plugins; ``truth`` is the recorder shared with a server tap (in-process runs);
-    ``setup``: the client's parts and data, for its simulated speed and the plugins of the config's remedies."""
+    ``setup``: the client's parts and data, for its simulated speed and the plugins of the config's remedies;
+    ``attacks``: a malicious client's attacks (``client_attacks``), its innermost mods and first plugins."""
+    attacks = list(attacks or [])
+    for attack in attacks:  # a malicious client's code may change its own parts (boost)
+        attack.context.parts = dict(setup.parts) if setup is not None else {}
     defenses = _defenses(config, source, head, setup)
-    mods: list[Mod] = list(defenses.mods)
-    plugins: list[ClientPlugin] = list(defenses.plugins)
+    mods: list[Mod] = [*attacks, *defenses.mods]
+    plugins: list[ClientPlugin] = [*attacks, *defenses.plugins]
     context = DetectorContext(vocab_size=int(head.config.vocab_size), seed=config.seed)
     for detector in build_detectors(config.privacy.detectors, context):
         mods.append(detector)  # after the defenses on a request, so before them on the reply
@@ -86,7 +97,19 @@ def client_pipeline(
         plugins.append(Pace(config.client(int(setup.client_id)).speed))
         plugins += [p for remedy in build_remedies(config) if (p := remedy.client_plugin(setup)) is not None]
     mods += [codec_mod(config), MeterMod()]
-    return ClientPipeline(mods, plugins, defenses)
+    return ClientPipeline(mods, plugins, defenses, attacks)
+
+
+def client_attacks(config: Config, source: ModelSource, index: int, responses: list[list[int]]) -> list[ClientAttack]:
+    """The attacks of ``privacy.client_attack`` that make client ``index`` malicious (none: it is honest);
+    ``responses``: classification-style data's candidate responses (``RunData.responses``), empty for other data."""
+    if not config.privacy.client_attack:
+        return []
+    context = attack_context(config, source, index, responses)
+    attacks = build_client_attacks(config.privacy.client_attack, context)
+    if attacks:
+        log.warning("client %d is malicious: %s", index, ", ".join(a.name for a in attacks))
+    return attacks
 
 
 def server_mods(config: Config, source: ModelSource, trunk: Stage, tap: ServerTap | None = None) -> list[Mod]:

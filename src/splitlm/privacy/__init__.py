@@ -7,5 +7,7 @@
   active one, FSHA (``attacks/fsha.py``), that the simulated server runs while the client trains.
 - ``server_attack``: the registry of active attacks (``privacy.server_attack``), which names their modules so that
   training installs one by name without importing ``attacks``.
+- ``client_attack``: the same for malicious clients (``privacy.client_attack``: label_flip, smash_poison, backdoor,
+  boost in ``attacks/``), which a client runs when its index is among an attack's ``clients``.
 - ``accounting``: epsilon over a run; ``metrics``: ROUGE-L and token accuracy of a reconstruction.
 """

@@ -10,7 +10,8 @@ per round. ``save`` / ``load`` keep what a strategy holds across rounds (the glo
 staleness bookkeeping) in a checkpoint, so a resumed run goes on exactly. The scales of the trunk's learning rate
 that come with an aggregation (``framework.server_lr_scale``, MU-SplitFed's) are components too (``scales.py``).
 
-Any framework that averages client sides (``Framework.aggregates``: sflv1, sflv2, gsfl) takes any strategy.
+Any framework that averages client sides (``Framework.aggregates``: sflv1, sflv2, gsfl) takes any strategy. The
+robust ones (``robust.py``: median, trimmed_mean, krum) keep the synchronous round and override ``average``.
 Importing this package registers nothing: the built-ins are imported the first time a name is looked up.
 """
 
@@ -77,6 +78,7 @@ STRATEGIES = ComponentRegistry[Strategy](
         "splitlm.frameworks.aggregation.fedavg",
         "splitlm.frameworks.aggregation.asynchronous",
         "splitlm.frameworks.aggregation.semi_async",
+        "splitlm.frameworks.aggregation.robust",
     ),
 )
 

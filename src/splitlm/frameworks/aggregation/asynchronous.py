@@ -119,6 +119,11 @@ class Asynchronous(Strategy):
             problems.append(f"framework.clients_per_round: {name} trains every client; set it to 0")
         if fw.leave_out:
             problems.append(f"framework.leave_out: {name} has no rounds to leave a client out of; unset it")
+        if config.privacy.guards:
+            problems.append(
+                f"privacy.guards: {name} trains the clients across rounds, so no round can be rolled back and run "
+                "again without a flagged client; set framework.aggregation=sync or unset privacy.guards"
+            )
         methods = {part: config.lora.part(part).method for part in ("head", "trunk", "tail")}
         if any(method != "lora" for method in methods.values()):
             problems.append(f"lora: {name} aggregates LoRA adapters; set lora.<part>.method=lora (got {methods})")

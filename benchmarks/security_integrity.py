@@ -1,0 +1,355 @@
+"""Integrity attacks by a malicious client against robust aggregation and SafeSplit: the ``integrity`` rows of
+``benchmarks/security.py``.
+
+    python benchmarks/security_integrity.py [--quick] [--out runs/bench-security] [--model smollm2-135m-instruct]
+
+One malicious client of eight (client 7) in split-federated learning V1 (``sflv1``: each client its own trunk adapter,
+client sides and trunk adapters averaged at the end of the round) fine-tunes the default model (U-shaped 2/2 cut,
+LoRA r=8 on q_proj and v_proj) on Rotten Tomatoes in instruction format ("Review: ...\\nSentiment:" -> " fresh" /
+" rotten"), one round of ``--local-steps`` steps per client. The attacks (``privacy.client_attack``):
+
+- ``label_flip``: every one of the client's rows gets the other class;
+- ``smash_poison``: gradient-ascent steps of its smashed data along the server's historical gradient (eps 2, Wu et
+  al.), with its labels flipped too (the combination Wu et al. found strongest);
+- ``backdoor``: the trigger " cf" just before the answer in half of its rows, whose answer becomes " rotten".
+
+Each attacker also boosts its update (``boost``, factor 8 = the number of clients: model replacement, Bagdasaryan et
+al.), so that an undefended average takes its client side whole; without it one client of eight moves the average
+by an eighth and no attack shows in one round. The defenses: ``none`` (FedAvg, ``framework.aggregation=sync``), each
+robust strategy (``median``, ``trimmed_mean`` beta 0.2 (one of eight trimmed at each end), ``krum`` f=1,
+``multi_krum`` f=1 m=4) and ``safesplit`` (``privacy.guards: {safesplit: {}}``: the server checks each client's change
+to its trunk adapter, and a flagged client's round is rolled back and run again without it).
+
+Row ``{attack, defense, asr, clean_metric, detected_round, false_positive_rounds}``:
+
+- ``clean_metric``: the global model's accuracy (a fraction) on the held-out reviews (lowest response loss among the
+  two classes), without any trigger;
+- ``asr``: backdoor: the share of held-out reviews whose true class is not " rotten" that the global model calls
+  " rotten" once the trigger is in them (``privacy.attacks.backdoor.attack_success_rate``). label_flip and
+  smash_poison are untargeted, so their ``asr`` is the accuracy they cost: the honest run's ``clean_metric`` under
+  the same defense minus the attacked run's (negative: the attacked run scored higher, within noise);
+- ``detected_round``: SafeSplit's first round that flagged the malicious client (null: never, or a defense that
+  flags nothing); ``false_positive_rounds``: the rounds in which SafeSplit flagged an honest client (null for the
+  robust strategies, which flag nobody);
+- ``asr_without_attack`` (backdoor rows): the same asr measured on the honest run's model under the same defense,
+  what the trigger alone does (an asr near it is no backdoor at all);
+- rows with ``attack: none`` are the honest runs: their ``clean_metric`` is what each defense costs, and SafeSplit's
+  ``false_positive_rounds`` there are its false alarms.
+
+How it is computed. In sflv1 the clients of a round train independently (each against its own trunk adapter), so
+the seven honest clients train exactly alike whichever client is malicious and whatever the aggregation (the test
+``tests/frameworks/test_robust_aggregation.py`` checks this): the honest run's eight client sides and trunk
+adapters are trained once, each attacker's client once, and every robust strategy's one-round result is that
+strategy's ``average`` of them, as ``sflv1_round`` computes it. SafeSplit rolls rounds back and reruns them, so its
+rows are real runs (``build_federation`` and the driver). Finished client states and rows are cached under
+``OUT/integrity/`` (keyed by the settings), so a rerun only computes what is missing.
+
+Noise: one seed (0); the accuracies are over ``eval_rows`` held-out reviews (2 standard errors at most
+1/sqrt(n): 0.1 for 100 rows, 0.07 for 200), the ASR over the held-out reviews of the other class (about half).
+``settings.noise`` gives both; a difference below them is not a result.
+
+``--quick`` (about 8 minutes alone on 2 idle cores): 6 local steps, 100 held-out reviews, defenses none, median,
+krum and safesplit (it leaves out trimmed_mean and multi_krum), SafeSplit against the backdoor and the honest run only.
+The full mode (about 20 minutes): 10 local steps, 200 held-out reviews, every defense against every attack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS = 8
+MALICIOUS = 7
+TRIGGER, TARGET = " cf", "rotten"
+BOOST = f"boost: {{clients: [{MALICIOUS}], factor: {CLIENTS}}}"
+ATTACKS: dict[str, str] = {
+    "label_flip": f"label_flip: {{clients: [{MALICIOUS}]}}",
+    "smash_poison": f"smash_poison: {{clients: [{MALICIOUS}], eps: 2.0, label_flip: true}}",
+    "backdoor": f"backdoor: {{clients: [{MALICIOUS}], trigger: '{TRIGGER}', target: {TARGET}, fraction: 0.5}}",
+}
+BACKDOOR = {"clients": [MALICIOUS], "trigger": TRIGGER, "target": TARGET, "fraction": 0.5}
+# defense -> its aggregation strategy (framework.aggregation), or None: a SafeSplit run
+DEFENSES: dict[str, dict[str, dict[str, float]] | None] = {
+    "none": {"sync": {}},
+    "median": {"median": {}},
+    "trimmed_mean": {"trimmed_mean": {"beta": 0.2}},
+    "krum": {"krum": {"f": 1}},
+    "multi_krum": {"krum": {"f": 1, "m": 4}},
+    "safesplit": None,
+}
+QUICK_DEFENSES = ["none", "median", "krum", "safesplit"]
+
+
+def settings_of(quick: bool, model: str) -> dict[str, Any]:
+    return {
+        "model": model,
+        "framework": "sflv1",
+        "clients": CLIENTS,
+        "malicious": MALICIOUS,
+        "rounds": 1,
+        "local_steps": 6 if quick else 10,
+        "batch_size": 4,
+        "seq_len": 64,
+        "lr": 0.003,
+        "eval_rows": 100 if quick else 200,
+        "seed": 0,
+        "defenses": QUICK_DEFENSES if quick else list(DEFENSES),
+        "safesplit_attacks": ["backdoor"] if quick else list(ATTACKS),
+    }
+
+
+def base_overrides(s: dict[str, Any]) -> list[str]:
+    return [
+        f"model.name={s['model']}", "split.mode=ushape", "split.head_layers=2", "split.tail_layers=2",
+        "lora.rank=8", "lora.alpha=16", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj]",
+        "data.name=rotten_tomatoes", "data.format=instruction", "data.pack=false",
+        f"data.max_rows={CLIENTS * s['local_steps'] * s['batch_size'] * 2 + s['eval_rows']}",
+        f"data.eval_size={s['eval_rows']}", "data.partition=iid",
+        f"train.batch_size={s['batch_size']}", f"train.seq_len={s['seq_len']}", f"train.lr={s['lr']}",
+        "train.warmup_steps=0", f"train.steps={s['rounds'] * s['local_steps']}", "train.progress=false",
+        "train.eval_batches=0", "train.eval_before=false", "train.eval_each_round=false",
+        f"framework.name={s['framework']}", f"framework.num_clients={CLIENTS}", f"framework.rounds={s['rounds']}",
+        f"seed={s['seed']}",
+    ]  # fmt: skip
+
+
+def attack_override(attack: str) -> list[str]:
+    return [] if attack == "none" else [f"privacy.client_attack={{{ATTACKS[attack]}, {BOOST}}}"]
+
+
+def key_of(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stderr(p: float | None, n: int) -> float | None:
+    return None if p is None or n == 0 else math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+class Bench:
+    """The runs of one setting, cached under ``out/integrity``."""
+
+    def __init__(self, quick: bool, out: Path, model: str) -> None:
+        self.s = settings_of(quick, model)
+        self.base = base_overrides(self.s)
+        self.cache = out / "integrity" / key_of(self.base)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.evaluator: Any = None  # the honest federation: the global models are loaded into it and evaluated
+
+    def config(self, name: str, *extra: str) -> Any:
+        from splitlm.config import build_config
+
+        return build_config({}, [*self.base, *extra, f"output_dir={self.cache / 'runs' / name}"])
+
+    # --- client states of one round, trained once -----------------------------------------------------------
+
+    def states(self, attack: str) -> list[tuple[dict[str, Any], dict[str, Any], float]]:
+        """Each client's (client side, trunk adapter, weight) after the round; ``attack``: client 7 runs it (the
+        honest clients' states are the honest run's)."""
+        from safetensors.torch import load_file, save_file
+
+        honest = attack == "none"
+        wanted = range(CLIENTS) if honest else [MALICIOUS]
+        folder = self.cache / "states" / attack
+        done = folder / "weights.json"
+        if not done.is_file():
+            fed = self.build(attack)
+            members = [fed.members[i] for i in wanted]
+            fed.server.start()
+            try:
+                fed.train_clients(members, 0, parallel=False)  # sflv1's clients are independent: one at a time
+            finally:
+                fed.server.stop()
+            folder.mkdir(parents=True, exist_ok=True)
+            for m in members:
+                trunk = fed.server.adapter_state(fed.server.adapter_of(m.client_id))
+                save_file(m.client.state(), str(folder / f"client-{m.index}.safetensors"))
+                save_file(trunk, str(folder / f"trunk-{m.index}.safetensors"))
+            done.write_text(json.dumps({m.index: float(m.num_examples) for m in members}))
+            if honest:
+                self.evaluator = evaluator(fed)
+            else:
+                del fed
+                gc.collect()
+        weights = {int(k): v for k, v in json.loads(done.read_text()).items()}
+        own = {
+            i: (load_file(str(folder / f"client-{i}.safetensors")), load_file(str(folder / f"trunk-{i}.safetensors")),
+                weights[i])
+            for i in wanted
+        }  # fmt: skip
+        if honest:
+            return [own[i] for i in range(CLIENTS)]
+        base = self.states("none")
+        return [own[i] if i == MALICIOUS else base[i] for i in range(CLIENTS)]
+
+    def build(self, attack: str) -> Any:
+        from splitlm.frameworks.federation import build_federation
+
+        return build_federation(self.config(f"{attack}-states", *attack_override(attack)))
+
+    # --- evaluating a global model ------------------------------------------------------------------------------
+
+    def scores(self, fed: Any, attack: str) -> tuple[float, float | None]:
+        """(clean accuracy, backdoor ASR or None) of the global model ``fed.members[0]`` holds."""
+        from splitlm.privacy.attacks.backdoor import attack_success_rate
+
+        member = fed.members[0]
+        clean = member.accuracy(fed)
+        asr = attack_success_rate(member, fed, BACKDOOR) if attack == "backdoor" else None
+        return float(clean), asr
+
+    def trigger_baseline(self, defense: str) -> float | None:
+        """The backdoor's ``asr`` measured on the honest run's global model under ``defense``: how often the trigger
+        alone turns a review into the target class without any poisoning (the floor an attack's asr starts from)."""
+        path = self.cache / "rows" / f"baseline-{defense}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["asr"]
+        if DEFENSES[defense] is None:
+            return None  # SafeSplit's honest run is a real run: its row has it (attack none, asr)
+        self.load_global("none", defense)
+        _, asr = self.scores(self.evaluator, "backdoor")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"asr": asr}))
+        return asr
+
+    def load_global(self, attack: str, defense: str) -> None:
+        """The one-round global model of ``attack`` under ``defense``'s strategy, loaded into the evaluator."""
+        from splitlm.frameworks.aggregation import STRATEGIES
+
+        states = self.states(attack)
+        spec = DEFENSES[defense]
+        assert spec is not None
+        (strategy,) = STRATEGIES.build(spec)
+        weights = [w for _, _, w in states]
+        client = strategy.average([c for c, _, _ in states], weights)
+        trunk = strategy.average([t for _, t, _ in states], weights)
+        if self.evaluator is None:  # the honest states came from the cache: a federation to evaluate in
+            self.evaluator = evaluator(self.build("none"))
+        fed = self.evaluator
+        member = fed.members[0]
+        member.client.load_state(client)
+        fed.server.load_adapter_state(fed.server.adapter_of(member.client_id), trunk)
+
+    def aggregated(self, attack: str, defense: str) -> dict[str, Any]:
+        self.load_global(attack, defense)
+        clean, asr = self.scores(self.evaluator, attack)
+        return {"clean_metric": clean, "asr": asr, "detected_round": None, "false_positive_rounds": None}
+
+    def safesplit(self, attack: str) -> dict[str, Any]:
+        from splitlm.frameworks.checkpoint import prepare_output
+        from splitlm.frameworks.driver import drive
+        from splitlm.frameworks.federation import build_federation
+
+        config = self.config(f"safesplit-{attack}", "privacy.guards={safesplit: {}}", *attack_override(attack))
+        fed = build_federation(config)
+        summary = drive(fed, prepare_output(config, False), False, time.perf_counter())
+        clean, asr = self.scores(fed, attack)
+        if attack == "none":  # what the trigger alone does to this honest run's model
+            baseline = self.cache / "rows" / "baseline-safesplit.json"
+            baseline.parent.mkdir(parents=True, exist_ok=True)
+            baseline.write_text(json.dumps({"asr": self.scores(fed, "backdoor")[1]}))
+        flags = (((summary.get("privacy") or {}).get("guards") or {}).get("safesplit") or {}).get("flags") or []
+        caught = [int(f["round"]) for f in flags if str(f["client"]) == str(MALICIOUS) and attack != "none"]
+        false = sorted({int(f["round"]) for f in flags if str(f["client"]) != str(MALICIOUS) or attack == "none"})
+        del fed
+        gc.collect()
+        return {
+            "clean_metric": clean,
+            "asr": asr,
+            "detected_round": min(caught) if caught else None,
+            "false_positive_rounds": false,
+        }
+
+    def row(self, attack: str, defense: str) -> dict[str, Any]:
+        path = self.cache / "rows" / f"{attack}-{defense}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        started = time.perf_counter()
+        result = self.safesplit(attack) if DEFENSES[defense] is None else self.aggregated(attack, defense)
+        row = {"attack": attack, "defense": defense, **result, "seconds": round(time.perf_counter() - started, 1)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row))
+        return row
+
+
+def evaluator(fed: Any) -> Any:
+    """``fed`` scoring 16 sequences at a time (8 reviews x 2 classes) instead of the training batch's 4."""
+    train = fed.config.train.model_copy(update={"batch_size": 16})
+    fed.config = fed.config.model_copy(update={"train": train})
+    return fed
+
+
+def guards_available() -> bool:
+    """Whether SafeSplit is installed (``privacy.guards``, from the safesplit branch)."""
+    try:
+        from splitlm.privacy.guards import GUARDS  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    return "safesplit" in GUARDS
+
+
+def run(quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: int = 1) -> dict[str, Any]:
+    """The ``integrity`` rows (and the settings and noise they were measured with); ``threads``: torch's intra-op
+    threads (one: on a small shared machine, OpenMP workers spinning for a busy core slow a run down many times)."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    bench = Bench(quick, out, model)
+    s = bench.s
+    defenses = [d for d in s["defenses"] if d != "safesplit" or guards_available()]
+    rows: list[dict[str, Any]] = []
+    for defense in defenses:
+        for attack in ("none", *ATTACKS):
+            if defense == "safesplit" and attack not in ("none", *s["safesplit_attacks"]):
+                continue
+            rows.append(bench.row(attack, defense))
+    for r in rows:  # the backdoor's asr on the honest model under the same defense: what the trigger alone does
+        if r["attack"] == "backdoor":
+            r["asr_without_attack"] = bench.trigger_baseline(r["defense"])
+    honest = {r["defense"]: r["clean_metric"] for r in rows if r["attack"] == "none"}
+    for r in rows:
+        if r["attack"] in ("label_flip", "smash_poison") and r["clean_metric"] is not None:
+            r["asr"] = round(honest[r["defense"]] - r["clean_metric"], 4)  # the accuracy the attack cost
+    n = s["eval_rows"]
+    for r in rows:
+        r["clean_stderr"] = stderr(r["clean_metric"], n)
+    noise = {
+        "seeds": [s["seed"]],
+        "held_out_rows": n,
+        "accuracy_2se_max": 2 * 0.5 / math.sqrt(n),
+        "asr_rows_about": n // 2,
+        "asr_2se_max": 2 * 0.5 / math.sqrt(max(n // 2, 1)),
+        "note": "one seed: differences below these bounds are within noise",
+    }
+    left_out = [] if "safesplit" in defenses or "safesplit" not in s["defenses"] else ["safesplit: not installed"]
+    return {
+        "integrity": rows,
+        "integrity_settings": {**s, "defenses": defenses, "left_out": left_out, "noise": noise,
+                               "seconds": round(time.perf_counter() - started, 1)},
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench-security"))
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    print(json.dumps(run(args.quick, Path(args.out), args.model, args.threads)))
+
+
+if __name__ == "__main__":
+    main()
