@@ -23,7 +23,9 @@ clients (e.g. the rerun of a small round without its flagged client) is not judg
 
 The defaults were set on the tiny test model (4 and 8 clients, sflv1 / sflv2 / sl, several seeds): honest clients'
 static ratios stayed below 2.5 and their angles below 65 degrees, while a client that sends the server the
-opposite of its gradients turned 90 to 130 degrees away in sflv1. In the sequential frameworks (sl, sflv2) the
+opposite of its gradients turned 84 to 131 degrees away in sflv1 (above 90 from its second round on). Subtler
+attacks (label flipping, smash poisoning, a backdoor) stayed within those bounds there: the round's most deviant
+client, but not an outlier by these rules. In the sequential frameworks (sl, sflv2) the
 trunk adapter's optimizer state is shared: a client's turn of few steps moves the adapter mostly along the
 momentum the previous clients left, so a malicious client shows less there unless its turns are long.
 
