@@ -35,10 +35,13 @@ about 0.01):
     m_iou = -log(IoU + e^-1)                           (at most 1; negative once the sets overlap by > 63 %)
     score = sigmoid(5 (m_gap m_err m_iou - 0.7))       in (0, 1): HIGH means honest
 
-The alarm goes off when the score of ``patience`` consecutive scored steps is below ``threshold`` (0.5 in the
-paper), from the ``min_steps``-th scored step on (the fit needs a few points). Observed on the tiny random-init test
+Each step is decided from the ``min_steps``-th scored step on (the fit needs a few points): hijacked when its score
+is below ``threshold`` (0.5, as in the paper). The alarm goes off when more than half of the latest ``votes`` decided
+steps (at least 3) were hijacked: a majority rather than a streak, because SplitSpy answers SplitGuard's probe steps
+with honest gradients, which break any streak. Observed on the tiny random-init test
 models (see ``tests/privacy/test_privacy_hijack_passive.py``): honest steps score about 0.8-1 once a few steps are
-in (the same-label gap is there from the first step), FSHA's and SplitSpy's regular steps about 0-0.2.
+in (the same-label gap is there from the first step), FSHA's and SplitSpy's regular steps about 0.01-0.07 (SplitSpy's
+probe steps, answered honestly, 0.6-0.85).
 
 ``alarm_step`` counts steps as ``metrics.jsonl`` does (1 = the first step).
 """
@@ -92,7 +95,11 @@ class ScrutinizerSettings(ComponentSettings):
     threshold: float = Field(
         0.5, gt=0, lt=1, description="Alarm when the detection score (high: honest) is below this."
     )
-    patience: int = Field(3, ge=1, description="Consecutive scored steps below the threshold that raise the alarm.")
+    votes: int = Field(
+        5,
+        ge=3,
+        description="Alarm when more than half of the latest N decided steps (at least 3) score below the threshold.",
+    )
     stop: bool = Field(True, description="Stop training on alarm (else only log and record it).")
 
 
@@ -116,7 +123,7 @@ class GradientsScrutinizer(CutWatcher):
         self.same: deque[tuple[int, float]] = deque(maxlen=settings.window)  # (step, mean S)
         self.different: deque[tuple[int, float]] = deque(maxlen=settings.window)
         self.history: list[dict[str, float]] = []  # per scored step: its statistics and score
-        self.streak = 0
+        self.decisions: deque[bool] = deque(maxlen=settings.votes)  # per decided step: below the threshold
         self.alarm_step: int | None = None
 
     def gradient(self, tokens: CutTokens) -> None:
@@ -183,13 +190,14 @@ class GradientsScrutinizer(CutWatcher):
             record["fit_error"] = self._fit_error()
         if len(self.history) + 1 >= s.min_steps and "fit_error" in record:
             record["score"] = detection_score(gap / s.gap_unit, record["fit_error"] / s.error_unit, overlap)
-            self.streak = self.streak + 1 if record["score"] < s.threshold else 0
-            if self.alarm_step is None and self.streak >= s.patience:
+            self.decisions.append(record["score"] < s.threshold)
+            low = sum(self.decisions)
+            if self.alarm_step is None and len(self.decisions) >= 3 and 2 * low > len(self.decisions):
                 self.alarm_step = step + 1
                 log.warning(
-                    "Gradients Scrutinizer: the server's gradients do not cluster by label (score %.2f < %s for %d "
-                    "steps): it appears to hijack training (step %d)",
-                    record["score"], s.threshold, self.streak, self.alarm_step,
+                    "Gradients Scrutinizer: the server's gradients do not cluster by label (%d of the latest %d steps "
+                    "score below %s): it appears to hijack training (step %d)",
+                    low, len(self.decisions), s.threshold, self.alarm_step,
                 )  # fmt: skip
         self.history.append(record)
         log.debug("Gradients Scrutinizer at step %d: %s", step + 1, record)
