@@ -18,7 +18,9 @@ judges each *row* of a micro-batch (SplitGuard fakes whole batches; a row is the
   adapters start at zero), the server forms the same gradient for each candidate label c,
   J_t^T (p_t - e_c) = J_body^T (W^T p_t - W_c) (W: the LM head; one backward of the tail's blocks per candidate),
   and a position counts as covered when one candidate's gradient points the same way as g_t (cosine >=
-  ``match_cosine``): its label was recovered among the candidates. The coverage is the share of covered positions.
+  ``match_cosine``): its label was recovered among the candidates. The coverage is the covered positions' share of
+  the row's gradient norm (a position without a label of its own, e.g. in an instruction's prompt, gets only what the
+  tail's attention carries back from later positions: a small norm, and no candidate matches it).
 
 A row whose coverage is below ``threshold`` is a probe. The default threshold sits halfway between the frequent
 tokens' share of the public text and their share under uniformly random labels (``frequent / vocab``), both known to
@@ -111,6 +113,7 @@ class SplitSpy(Fsha):
         self._probe_rows: dict[Key, torch.Tensor] = {}  # (B,) bool: rows taken for probes
         self.rows_judged = 0
         self.rows_flagged = 0
+        self.flagged_by_step: dict[int, list[int]] = {}  # step (from 1) -> [rows flagged, rows judged]
         self._judge_lock = threading.Lock()
         log.info(
             "SplitSpy: %d frequent public tokens cover %.0f%% of public text; rows below %.2f coverage are taken for "
@@ -152,6 +155,9 @@ class SplitSpy(Fsha):
         with self._judge_lock:
             self.rows_judged += int(rows.numel())
             self.rows_flagged += int(rows.sum())
+            counts = self.flagged_by_step.setdefault(key[1] + 1, [0, 0])
+            counts[0] += int(rows.sum())
+            counts[1] += int(rows.numel())
             self._probe_rows[key] = rows
             while len(self._probe_rows) > 64:
                 self._probe_rows.pop(next(iter(self._probe_rows)))
@@ -187,7 +193,8 @@ class SplitSpy(Fsha):
         return self.coverage(grad, trunk_out, mask) < self.threshold
 
     def coverage(self, grad: torch.Tensor, trunk_out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B,) share of each row's positions (with a nonzero gradient) whose label the shadow recovers."""
+        """(B,) share of each row's gradient (positions weighted by their gradient's norm) whose label the shadow
+        recovers."""
         assert self.shadow is not None
         shadow = self.shadow
         head = get_module(shadow, shadow.family.final[-1])  # the LM head: logits = h W^T
@@ -216,7 +223,10 @@ class SplitSpy(Fsha):
             (expected,) = torch.autograd.grad(h, x, vector, retain_graph=index < len(candidates) - 1)
             best = torch.maximum(best, F.cosine_similarity(expected.float(), g, dim=-1))
         covered = (best >= self.settings.match_cosine) & active
-        return covered.sum(1).float() / active.sum(1).clamp_min(1).float()
+        weight = g.norm(dim=-1) * active  # (B, T): positions without a label of their own (a prompt's) get only
+        return (weight * covered).sum(1) / weight.sum(1).clamp_min(1e-30)  # the tail's attention's small share
 
     def report(self) -> dict[str, Any]:
-        return {**super().report(), "rows_judged": self.rows_judged, "rows_flagged": self.rows_flagged}
+        by_step = {str(step): counts for step, counts in sorted(self.flagged_by_step.items())}
+        return {**super().report(), "rows_judged": self.rows_judged, "rows_flagged": self.rows_flagged,
+                "flagged_by_step": by_step}  # fmt: skip
