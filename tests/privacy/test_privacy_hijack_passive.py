@@ -70,7 +70,9 @@ def test_fsha_is_caught_by_all_three_and_splitspy_slips_past_splitguard_only(
     make_config: Callable[..., Config], mode: str, seed: int
 ) -> None:
     settings = (f"split.mode={mode}", f"seed={seed}")
-    fsha = _alarms(_watched(make_config, *settings, "privacy.server_attack=fsha"))
+    attacked = _watched(make_config, *settings, "privacy.server_attack=fsha")
+    fsha = _alarms(attacked)
+    assert attacked["alarm_step"] == min(fsha.values())  # the run's alarm is its detectors' first
     assert fsha["splitguard"] is not None and 12 <= fsha["splitguard"] <= STEPS
     for name in PASSIVE:  # the passive ones need no probe: a few steps are enough
         assert fsha[name] is not None and fsha[name] <= 8, (name, fsha)
