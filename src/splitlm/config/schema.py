@@ -551,12 +551,13 @@ class PrivacyConfig(Section):
     detectors: Components = Field(
         default_factory=dict,
         description="Client-side detectors of a malicious server, each with its settings, e.g. "
-        "{splitguard: {probe_every: 4}} (SplitGuard's hijacking detector).",
+        "{splitguard: {probe_every: 4}} (SplitGuard's hijacking detector), gradients_scrutinizer, splitout (passive "
+        "ones: they only read the gradients the server returns).",
     )
     server_attack: Components = Field(
         default_factory=dict,
         description="Make the (simulated) server malicious, e.g. {fsha: {lr: 1e-3}} or fsha (FSHA hijacks the "
-        "client's feature space); empty: an honest server.",
+        "client's feature space; splitspy: FSHA that answers SplitGuard's probes honestly); empty: an honest server.",
     )
     client_attack: Components = Field(
         default_factory=dict,

@@ -33,6 +33,7 @@ from splitlm.frameworks.checkpoint import load_checkpoint, prepare_output, save_
 from splitlm.frameworks.federation import Federation, Member, build_parties, participants
 from splitlm.privacy.accounting import epsilon, releases
 from splitlm.privacy.client_attack import attack_reports
+from splitlm.privacy.server_attack import ServerAttack
 from splitlm.runtime.server import ServerSurface
 from splitlm.runtime.tracking import MetricLogger
 
@@ -525,4 +526,6 @@ def privacy_summary(config: Config, fed: Federation) -> dict[str, Any]:
         "delta": config.privacy.delta,
         "releases": max(counts, default=0),
         "alarm_step": fed.members[0].pipeline.alarm_step if fed.members[0].pipeline is not None else None,
+        "detectors": fed.members[0].pipeline.detector_reports() if fed.members[0].pipeline is not None else {},
+        "server_attacks": {mod.name: mod.report() for mod in fed.server_mods if isinstance(mod, ServerAttack)},
     }

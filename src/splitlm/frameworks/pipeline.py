@@ -27,8 +27,10 @@ their registries; this module never imports the attacks (their registries name t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from splitlm.config import Config
 from splitlm.config.schema import LINK_DIRECTIONS
@@ -36,7 +38,7 @@ from splitlm.frameworks.setup import spec_of
 from splitlm.models import ModelSource, Stage, load_stage
 from splitlm.privacy.client_attack import ClientAttack, attack_context, build_client_attacks
 from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
-from splitlm.privacy.detectors import DetectorContext, build_detectors
+from splitlm.privacy.detectors import Detector, DetectorContext, build_detectors
 from splitlm.privacy.protocols import build_protocols
 from splitlm.privacy.server_attack import build_server_attacks
 from splitlm.privacy.tap import ServerTap, TruthRecorder
@@ -58,11 +60,16 @@ class ClientPipeline:
     plugins: list[ClientPlugin]
     defenses: DefenseChain = field(default_factory=lambda: DefenseChain([]))
     attacks: list[ClientAttack] = field(default_factory=list)  # privacy.client_attack: this client is malicious
+    detectors: list[Detector] = field(default_factory=list)
 
     @property
     def alarm_step(self) -> int | None:
-        """The step at which this client's hijacking detector raised its alarm, if it has one and did."""
-        return next((getattr(p, "alarm_step", None) for p in self.plugins if hasattr(p, "alarm_step")), None)
+        """The first step at which one of this client's hijacking detectors raised its alarm, if any did."""
+        return min((d.alarm_step for d in self.detectors if d.alarm_step is not None), default=None)
+
+    def detector_reports(self) -> dict[str, dict[str, Any]]:
+        """Each detector's report (its ``alarm_step`` at least), by name."""
+        return {d.name: d.report() for d in self.detectors}
 
 
 def codec_mod(config: Config) -> CodecMod:
@@ -87,8 +94,17 @@ def client_pipeline(
     defenses = _defenses(config, source, head, setup)
     mods: list[Mod] = [*attacks, *defenses.mods]
     plugins: list[ClientPlugin] = [*attacks, *defenses.plugins]
-    context = DetectorContext(vocab_size=int(head.config.vocab_size), seed=config.seed)
-    for detector in build_detectors(config.privacy.detectors, context):
+    detectors: list[Detector] = []
+    if config.privacy.detectors:
+        context = DetectorContext(
+            vocab_size=int(head.config.vocab_size),
+            seed=config.seed,
+            mode=config.split.mode,
+            parts=dict(setup.parts) if setup is not None else {"head": head},
+            public_stage=_public_stages(config, source),
+        )
+        detectors = build_detectors(config.privacy.detectors, context)
+    for detector in detectors:
         mods.append(detector)  # after the defenses on a request, so before them on the reply
         plugins.append(detector)
     if truth is not None:
@@ -97,7 +113,7 @@ def client_pipeline(
         plugins.append(Pace(config.client(int(setup.client_id)).speed))
         plugins += [p for remedy in build_remedies(config) if (p := remedy.client_plugin(setup)) is not None]
     mods += [codec_mod(config), MeterMod()]
-    return ClientPipeline(mods, plugins, defenses, attacks)
+    return ClientPipeline(mods, plugins, defenses, attacks, detectors)
 
 
 def client_attacks(config: Config, source: ModelSource, index: int, responses: list[list[int]]) -> list[ClientAttack]:
@@ -145,17 +161,13 @@ def recorders(config: Config, clients: int) -> tuple[ServerTap | None, TruthReco
     return ServerTap(window), TruthRecorder(2 * window * clients)
 
 
-def _defenses(config: Config, source: ModelSource, head: Stage, setup: ClientSetup | None = None) -> DefenseChain:
-    """The client's ``privacy.defenses``, built on its own (pretrained) token embeddings; ``setup`` (when known)
-    gives the defenses that learn the client's parts and examples."""
-    if not config.privacy.defenses:
-        return DefenseChain([])
-    tokenizer = source.tokenizer()
+def _public_stages(config: Config, source: ModelSource) -> Callable[[str], Stage]:
+    """``public_stage(role)``: a part with the public pretrained weights, loaded once from the model source (on
+    first use), frozen, in eval mode, in the client's dtype and on its device."""
     spec = spec_of(config)
     publics: dict[str, Stage] = {}
 
     def public_stage(role: str) -> Stage:
-        """A part with the public pretrained weights, loaded once from the model source, frozen, in eval mode."""
         if role not in publics:
             stage = load_stage(
                 source,
@@ -168,6 +180,16 @@ def _defenses(config: Config, source: ModelSource, head: Stage, setup: ClientSet
             publics[role] = stage.requires_grad_(False).eval()
         return publics[role]
 
+    return public_stage
+
+
+def _defenses(config: Config, source: ModelSource, head: Stage, setup: ClientSetup | None = None) -> DefenseChain:
+    """The client's ``privacy.defenses``, built on its own (pretrained) token embeddings; ``setup`` (when known)
+    gives the defenses that learn the client's parts and examples."""
+    if not config.privacy.defenses:
+        return DefenseChain([])
+    tokenizer = source.tokenizer()
+    public_stage = _public_stages(config, source)
     context = DefenseContext(
         token_embeddings=head.token_embeddings().detach(),
         special_ids=frozenset(int(i) for i in tokenizer.all_special_ids),

@@ -1,12 +1,12 @@
 """A simulated malicious server, installed by name: the ``ServerAttack`` interface and its registry.
 
-``privacy.server_attack`` names the attack with its settings (``{fsha: {lr: 1e-3}}``, or a bare ``fsha``;
-several are stacked from the wire inwards); empty, the server is honest. An attack is a server mod
-(``transport/mods.py``) around the honest server, built from the run's config, the model's public source and the
-trunk. The attacks themselves live in
-``privacy.attacks`` (FSHA in ``privacy/attacks/fsha.py``), which the training code (frameworks, runtime,
-transport) never imports: this registry names their modules as strings (``builtins``), so the pipeline asks it
-for an attack by name and the import-linter contracts hold by construction.
+``privacy.server_attack`` names the attack with its settings (``{fsha: {lr: 1e-3}}``, or a bare ``fsha``; several
+are stacked from the wire inwards); empty, the server is honest. An attack is a server mod (``transport/mods.py``)
+around the honest server, built from the run's config, the model's public source and the trunk. The attacks
+themselves live in ``privacy.attacks`` (FSHA in ``privacy/attacks/fsha.py``, SplitSpy in
+``privacy/attacks/splitspy.py``), which the training code (frameworks, runtime, transport) never imports: this
+registry names their modules as strings (``builtins``), so the pipeline asks it for an attack by name and the
+import-linter contracts hold by construction.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ class ServerAttack(Component, Mod):
         """The attack with ``settings`` for the run ``config`` (the trunk it wraps, the model's public source)."""
         raise NotImplementedError
 
+    def report(self) -> dict[str, Any]:
+        """What the run's ``summary.json`` keeps of it (``privacy.server_attacks``), e.g. the attacker's losses."""
+        return {}
+
     @classmethod
     def networked_problems(cls, settings: Any) -> list[str]:
         return [
@@ -40,7 +44,10 @@ class ServerAttack(Component, Mod):
 
 
 SERVER_ATTACKS = ComponentRegistry[ServerAttack](
-    "server attack", "privacy.server_attack", error=PrivacyError, builtins=("splitlm.privacy.attacks.fsha",)
+    "server attack",
+    "privacy.server_attack",
+    error=PrivacyError,
+    builtins=("splitlm.privacy.attacks.fsha", "splitlm.privacy.attacks.splitspy"),
 )
 
 

@@ -121,7 +121,7 @@ class Fsha(ServerAttack):
     def __init__(self, settings: FshaSettings, config: Config, source: ModelSource, trunk_stage: Stage) -> None:
         self.settings = settings
         self.device = trunk_stage.device
-        ctx = PublicKnowledge(config, source, device=str(self.device))
+        ctx = self.knowledge = PublicKnowledge(config, source, device=str(self.device))
         aux = ctx.aux_batches(self.settings.aux_rows, config.train.batch_size)
         self.aux: list[Batch] = [b.to(self.device) for b in aux]  # public text: the pilot's training data
         embeddings = ctx.token_embeddings().float()  # (V, d)

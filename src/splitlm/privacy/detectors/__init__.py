@@ -4,6 +4,6 @@ from splitlm.privacy.detectors.base import DETECTORS, Detector, DetectorContext,
 
 # isort: split
 # Each built-in detector module registers itself on import.
-from splitlm.privacy.detectors import splitguard  # noqa: F401
+from splitlm.privacy.detectors import scrutinizer, splitguard, splitout  # noqa: F401
 
 __all__ = ["DETECTORS", "Detector", "DetectorContext", "build_detectors"]

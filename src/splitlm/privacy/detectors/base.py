@@ -12,8 +12,9 @@ one module declares its ``name``, ``Settings``, ``problems`` and hooks, and regi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Self
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Self
 
 from splitlm.config.schema import as_mapping
 from splitlm.errors import PrivacyError
@@ -21,13 +22,23 @@ from splitlm.registry import Component, ComponentRegistry
 from splitlm.runtime.plugins import ClientPlugin
 from splitlm.transport import Mod
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from splitlm.models import Stage
+
 
 @dataclass(frozen=True)
 class DetectorContext:
-    """What a client-side detector may use."""
+    """What a client-side detector may use: the model's vocabulary, the run's seed and split mode, the client's
+    own parts (``head`` [+ ``tail``], as they train) and the public pretrained parts (``public_stage(role)``:
+    frozen, loaded once; the whole pretrained model is public, so a client may run the trunk itself)."""
 
     vocab_size: int  # the model's vocabulary (fake labels are drawn from it)
     seed: int
+    mode: str = "ushape"  # split.mode: vanilla (the server takes the loss) or ushape (the client's tail does)
+    parts: Mapping[str, nn.Module] = field(default_factory=dict)
+    public_stage: Callable[[str], Stage] | None = None
 
 
 class Detector(Component, ClientPlugin, Mod):
@@ -35,6 +46,10 @@ class Detector(Component, ClientPlugin, Mod):
     ``metrics.jsonl`` counts) at which it concluded the server is malicious, or None."""
 
     alarm_step: int | None = None
+
+    def report(self) -> dict[str, Any]:
+        """What the run's ``summary.json`` keeps of it (``privacy.detectors``): at least its ``alarm_step``."""
+        return {"alarm_step": self.alarm_step}
 
     @classmethod
     def create(cls, settings: Any, context: DetectorContext) -> Self:
