@@ -77,6 +77,7 @@ STRATEGIES = ComponentRegistry[Strategy](
         "splitlm.frameworks.aggregation.fedavg",
         "splitlm.frameworks.aggregation.asynchronous",
         "splitlm.frameworks.aggregation.semi_async",
+        "splitlm.frameworks.aggregation.isolation",
     ),
 )
 
