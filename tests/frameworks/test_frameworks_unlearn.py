@@ -93,14 +93,18 @@ def test_heads_freeze_after_the_warm_up_and_the_tail_trains_on(make_config) -> N
 
 
 @pytest.mark.parametrize(
-    ("groups", "client", "retrained"),
-    [("[[0, 1], [2, 3]]", "1", ["0"]), ("[[0], [1, 2, 3]]", "0", [])],
-    ids=["retrain-shard", "drop-shard"],
+    ("mode", "groups", "client", "retrained"),
+    [
+        ("ushape", "[[0, 1], [2, 3]]", "1", ["0"]),
+        ("vanilla", "[[0, 1], [2, 3]]", "2", ["3"]),  # after the warm-up the clients only send (one way)
+        ("ushape", "[[0], [1, 2, 3]]", "0", []),
+    ],
+    ids=["retrain-shard", "retrain-shard-vanilla", "drop-shard"],
 )
 def test_unlearning_an_isolated_run_equals_training_without_the_client(
-    make_config, run_files, tmp_path: Path, groups: str, client: str, retrained: list[str]
+    make_config, run_files, tmp_path: Path, mode: str, groups: str, client: str, retrained: list[str]
 ) -> None:
-    options = (*ISOLATED, f"framework.groups={groups}")
+    options = (*ISOLATED, f"framework.groups={groups}", f"split.mode={mode}")
     run = _train(make_config, "run", *options)
     before = _tensors(run)
     record = unlearn(run, client, tmp_path / "unlearned")
