@@ -14,6 +14,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from splitlm import __version__
 from splitlm.errors import ConfigError, SplitLMError
@@ -261,6 +262,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise SplitLMError(f"attack option {pair!r}: write options as key=value, e.g. steps=200")
         options[key.strip()] = value.strip()
+    if args.attack in INFERENCE_ATTACKS:
+        result = _inference(args, options)
+        print(json.dumps(result, indent=2))
+        return 0
     result = run_attack(
         Path(args.run_dir),
         args.attack,
@@ -272,6 +277,38 @@ def cmd_attack(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result, indent=2))
     return 0
+
+
+INFERENCE_ATTACKS = ("mia_loss", "mia_ktmia", "mia_observed", "property")
+
+
+def _inference(args: argparse.Namespace, options: dict[str, str]) -> dict[str, Any]:
+    """``splitlm attack RUN_DIR mia_<attack>|property``: membership inference scored on client ``client``'s
+    training rows (option ``client=``, default 0) against the run's held-out rows (at most ``rows=`` of each, 0:
+    all), or property inference scored against each client's label mix."""
+    from splitlm.frameworks.assemble import load_run_config
+
+    run_dir = Path(args.run_dir)
+    harness = {key: options.pop(key) for key in ("client", "rows") if key in options}
+    try:
+        client, rows = int(harness.get("client", 0)), int(harness.get("rows", 0))
+    except ValueError:
+        raise SplitLMError(f"attack options client= and rows= take whole numbers, got {harness}") from None
+    if args.attack == "property":
+        from splitlm.privacy.attacks.property import run_property
+
+        return run_property(run_dir, options, progress=not args.no_progress)
+    from splitlm.frameworks.rows import client_examples, held_out_examples
+    from splitlm.privacy.attacks.membership import run_membership
+
+    config = load_run_config(run_dir)
+    members, nonmembers = client_examples(config, client), held_out_examples(config)
+    if rows > 0:
+        members, nonmembers = members[:rows], nonmembers[:rows]
+    return run_membership(
+        run_dir, args.attack.removeprefix("mia_"), members, nonmembers, options, threat_model=args.threat_model,
+        progress=not args.no_progress,
+    )  # fmt: skip
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -384,7 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
         "attack", help="attack a recorded run as an honest-but-curious server (train with privacy.tap.enabled=true)"
     )
     atk.add_argument("run_dir", help="output_dir of a run trained with privacy.tap.enabled=true")
-    atk.add_argument("attack", help="sip, bisr_b, bisr_f, tag, nn_inversion, eia or pidi")
+    atk.add_argument(
+        "attack",
+        help="sip, bisr_b, bisr_f, tag, nn_inversion, eia or pidi (rebuild the text); mia_loss, mia_ktmia or "
+        "mia_observed (membership inference on client=ID's training rows, default 0, against the held-out rows); "
+        "property (each client's label mix from its smashed data)",
+    )
     atk.add_argument("options", nargs="*", help="attack options as key=value, e.g. steps=200 lr=0.01")
     atk.add_argument("--batches", type=int, default=0, help="attack only the last N recorded micro-batches")
     atk.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -27,8 +27,8 @@ from typing import Any, Literal, Self
 import torch
 
 from splitlm.config import Config, load_config
-from splitlm.data import Batch, collate, load_rows, split_rows, tokenize_rows
-from splitlm.errors import PrivacyError
+from splitlm.data import Batch, Example, collate, load_rows, split_rows, tokenize_rows
+from splitlm.errors import CheckpointError, PrivacyError
 from splitlm.models import ModelSource, Stage, load_stage, resolve_model
 from splitlm.models.lowrank import add_bottleneck, learned_rank
 from splitlm.models.split import Role, SplitSpec
@@ -70,6 +70,7 @@ class PublicKnowledge:
         self.cache: dict[Any, Any] = {}  # e.g. a trained SIP inverter, shared by BiSR(b)
         self._stages: dict[str, Stage] = {}
         self._public: dict[str, Stage] = {}
+        self._trunks: dict[Path, Stage] = {}
         self._fingerprint: str | None = None
         # inside: found now, so a context that cannot know the client's parts fails at once, in one line
         self._adapters = self._find_adapters() if threat_model == "inside" else None
@@ -125,6 +126,40 @@ class PublicKnowledge:
             self._stages[role] = client_stage(self.config, self.source, role, self.adapters_dir(), self.device)
         return self._stages[role]
 
+    def trained_trunk(self, path: Path | None = None) -> Stage:
+        """The server's own trained trunk, frozen and in eval mode, in float32: the pretrained trunk with the trunk
+        adapter ``path`` (default ``RUN_DIR/adapters/trunk.safetensors``, the adapter the run's global client side
+        trained with; a checkpoint's ``server/trunk-NAME.safetensors`` for another) merged in. The server holds it
+        under every threat model: it trained it."""
+        if path is None:
+            if self.run_dir is None:
+                raise PrivacyError("the server's trained trunk is read from a run directory: use from_run or pass path")
+            path = self.run_dir / "adapters" / "trunk.safetensors"
+        if not path.is_file():
+            raise PrivacyError(
+                f"{path} not found: the run did not finish or trained no trunk adapter (lora.trunk.method=frozen); "
+                "membership inference needs the server's trained trunk"
+            )
+        if path not in self._trunks:
+            owner = adapters_client(path.parent) if (path.parent / "client.json").is_file() else 0
+            own = self.config.for_client(owner)
+            if self.config.framework.clients and own.split != self.config.split:
+                raise PrivacyError(
+                    "the clients of this run have their own cuts (framework.clients): the server's trunk covers "
+                    "blocks the attacker's public parts also hold; attack a run with one cut"
+                )
+            last: CheckpointError | None = None
+            # a shared trunk adapter has the run's LoRA rank, one of a client's own that client's
+            for config in (self.config, own) if own is not self.config else (self.config,):
+                try:
+                    self._trunks[path] = rebuilt_stage(config, self.source, "trunk", path, self.device)
+                    break
+                except CheckpointError as error:
+                    last = error
+            else:
+                raise PrivacyError(f"{path} does not fit this run's trunk ({last})")
+        return self._trunks[path]
+
     def client_fingerprint(self) -> str | None:
         """Under ``inside``, a hash of the client's adapter files (what the attacker's parts are made of, and any
         saved defense state beside them); ``None`` under ``public``."""
@@ -149,10 +184,20 @@ class PublicKnowledge:
         never trained on (those past ``data.max_rows``, or else its held-out rows)."""
         key = ("aux_batches", rows, batch_size, name)
         if key not in self.cache:  # SIP, the nn dictionary and FSHA read the same public text
-            self.cache[key] = self._aux_batches(rows, batch_size, name)
+            examples = self.aux_examples(rows, name)
+            pad = int(self.tokenizer.pad_token_id)
+            self.cache[key] = [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
         return self.cache[key]
 
-    def _aux_batches(self, rows: int, batch_size: int, name: str | None) -> list[Batch]:
+    def aux_examples(self, rows: int, name: str | None = None) -> list[Example]:
+        """The first ``rows`` rows of the attacker's public text (``aux_batches``), tokenized as the run tokenizes
+        (each with its class label where the data has one)."""
+        key = ("aux_examples", rows, name)
+        if key not in self.cache:
+            self.cache[key] = self._aux_examples(rows, name)
+        return self.cache[key]
+
+    def _aux_examples(self, rows: int, name: str | None) -> list[Example]:
         data = self.config.data
         if name:
             pool = load_rows(data.model_copy(update={"name": name, "max_rows": None}), self.config.seed)
@@ -162,11 +207,9 @@ class PublicKnowledge:
                 pool = everything[data.max_rows :]
             else:
                 pool = split_rows(everything, data.eval_size, self.config.seed)[1]
-        examples = tokenize_rows(pool[:rows], self.tokenizer, data, self.config.train.seq_len)
-        if not examples:
+        if not pool[:rows]:
             raise PrivacyError("no auxiliary text for the attacker: pass aux=<data name> with public text")
-        pad = int(self.tokenizer.pad_token_id)
-        return [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
+        return tokenize_rows(pool[:rows], self.tokenizer, data, self.config.train.seq_len)
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> str:
         return self.tokenizer.decode([int(t) for t in ids[mask.bool()]])
@@ -178,19 +221,26 @@ def client_stage(config: Config, source: ModelSource, role: Role, adapters: Path
     merged in (peft's merge), frozen and in eval mode. ``adapters/client.json`` says whose side it is (a client
     of ``framework.clients`` may have its own cut and rank); ``splitlm generate`` rebuilds parts the same way."""
     own = config.for_client(adapters_client(adapters))
-    tail = own.split.tail_layers if own.split.mode == "ushape" else 0
-    spec = SplitSpec(own.split.mode, own.split.head_layers, tail)
-    stage = load_stage(source, spec, role, "float32", device, own.model.attn_implementation)
-    rank = learned_rank(own)
+    return rebuilt_stage(own, source, role, adapters / f"{role}.safetensors", device)
+
+
+def rebuilt_stage(config: Config, source: ModelSource, role: Role, path: Path, device: torch.device) -> Stage:
+    """A trained part rebuilt from its adapter file ``path`` in float32: its pretrained part cut as ``config`` says,
+    made trainable as in training (``lora.<role>``, a ``split.bottleneck``'s halves at its cuts), the adapter loaded
+    and merged in (peft's merge), frozen and in eval mode."""
+    tail = config.split.tail_layers if config.split.mode == "ushape" else 0
+    spec = SplitSpec(config.split.mode, config.split.head_layers, tail)
+    stage = load_stage(source, spec, role, "float32", device, config.model.attn_implementation)
+    rank = learned_rank(config)
     if rank is not None:
         add_bottleneck(stage, source, rank)
     part = make_trainable(
-        stage, own.lora.part(role), stage.family.lora_targets, own.seed, role, stage.bottleneck_modules()
+        stage, config.lora.part(role), stage.family.lora_targets, config.seed, role, stage.bottleneck_modules()
     )
     if trainable_parameters(part):
-        load_trainable(part, adapters / f"{role}.safetensors")
+        load_trainable(part, path)
     plain = merged(part)
     if not isinstance(plain, Stage):
-        raise PrivacyError(f"the client's {role} did not rebuild into a stage (got {type(plain).__name__})")
+        raise PrivacyError(f"the {role} did not rebuild into a stage (got {type(plain).__name__})")
     plain.requires_grad_(False)
     return plain.eval()
