@@ -23,12 +23,19 @@ from its initial state with client 1 alone, and keeps the other three shards as 
   without isolation's shortcut. The target is ``seconds < retrain_seconds / 4``.
 
 Noise: one seed (``--seed``); each AUC comes with a 95 % bootstrap interval (``*_ci``) and the sample sizes
-(``members``, ``nonmembers``); ``exceeds_noise`` says whether before's interval lies above the non-members' AUC.
+(``members``, ``nonmembers``); ``after_minus_nonmembers_ci`` bootstraps the difference the target is about (the three
+row sets resampled together). ``score_drop_auc``: paired by row, the AUC of how much unlearning lowered the
+forgotten rows' scores against how much it lowered the non-members' (a row's own ease cancels out; above 0.5: the
+forgotten rows lost what the model had of them). ``exceeds_noise``: whether before's interval lies above the
+non-members' AUC, and whether after's difference from the non-members' is outside its interval's noise. The
+unlearned shard provably never saw the forgotten rows (``tests/frameworks/test_frameworks_unlearn.py``: it equals a
+run without the client tensor for tensor), so an ``after`` away from ``nonmembers`` is noise or something the client's
+few rows share (the same rows score alike under any model), not a leak.
 
-``--quick`` (about 8 minutes on 2 cores): 16 rows per client and 8 steps each instead of 32 and 12, 48 held-out rows
-per non-member set instead of 96, accuracy on 48 held-out reviews instead of 160 and only after unlearning (not the
-trained run's: ``retained_metric_before`` null), and no full retrain: its time is estimated as the trained run's wall
-time x 7/8 (the same work less one client's share; ``retrain_estimated``: true).
+``--quick`` (about 8 minutes on 2 idle cores, 25 under a load of 8): 16 rows per client and 8 steps each instead
+of 32 and 12, 48 held-out rows per non-member set instead of 96, accuracy on 48 held-out reviews instead of 96 and
+only after unlearning (``retained_metric_before`` null), and no full retrain: its time is estimated as the trained
+run's wall time x 7/8 (the same work less one client's share; ``retrain_estimated``: true).
 Runs are kept under ``--out`` (default ``runs/bench-security``) and reused when the same settings run again.
 """
 
@@ -121,6 +128,25 @@ def auc(members: list[float], others: list[float]) -> dict[str, Any]:
             "tpr_at_1pct_fpr": round(metrics["tpr_at_1pct_fpr"], 4)}  # fmt: skip
 
 
+def difference_interval(
+    members: list[float], set_a: list[float], set_b: list[float], rounds: int = 1000, seed: int = 0
+) -> list[float]:
+    """95 % bootstrap interval of AUC(members vs B) - AUC(A vs B), the three sets resampled together."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    m, a, b = (np.asarray(x, float) for x in (members, set_a, set_b))
+    diffs = []
+    for _ in range(rounds):
+        rm, ra, rb = (x[rng.integers(0, len(x), len(x))] for x in (m, a, b))
+        first = roc_auc_score(np.r_[np.ones(len(rm)), np.zeros(len(rb))], np.r_[rm, rb])
+        second = roc_auc_score(np.r_[np.ones(len(ra)), np.zeros(len(rb))], np.r_[ra, rb])
+        diffs.append(first - second)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return [round(float(low), 4), round(float(high), 4)]
+
+
 def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instruct") -> dict[str, Any]:
     from splitlm.config import build_config
     from splitlm.frameworks.assemble import load_run_config
@@ -148,9 +174,14 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
         ctx = AttackContext.from_run(run_dir, threat_model="inside")  # one attacker, every row scored by it
         return tuple(membership_scores(None, rows, "loss", ctx=ctx) for rows in (members, set_a, set_b))  # type: ignore[return-value]
 
-    before_m, _, before_b = scores(trained)
+    before_m, before_a, before_b = scores(trained)
     after_m, after_a, after_b = scores(root / "unlearned")
     before, after, chance = auc(before_m, before_b), auc(after_m, after_b), auc(after_a, after_b)
+    gap = difference_interval(after_m, after_a, after_b)
+    # paired by row: how much unlearning lowered each forgotten row's score, against the same for non-members (a
+    # row's own ease or difficulty cancels out; 0.5: the forgotten rows lost nothing the others did not)
+    drop = auc([b - a for b, a in zip(before_m, after_m, strict=True)],
+               [b - a for b, a in zip(before_b + before_a, after_b + after_a, strict=True)])  # fmt: skip
     retained = ensemble_accuracy(root / "unlearned", s["eval_rows"])
     retained_before = None if quick else ensemble_accuracy(trained, s["eval_rows"])
     seconds = float(record["seconds"])
@@ -166,7 +197,12 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
             "after_within_0.05_of_nonmembers": abs(after["auc"] - chance["auc"]) <= 0.05,
             "under_a_quarter_of_a_retrain": seconds < retrain_seconds / 4,
         },
-        "exceeds_noise": before["ci"][0] > chance["auc"],
+        "score_drop_auc": drop["auc"], "score_drop_auc_ci": drop["ci"],
+        "after_minus_nonmembers": round(after["auc"] - chance["auc"], 4), "after_minus_nonmembers_ci": gap,
+        "exceeds_noise": {
+            "before_above_nonmembers": before["ci"][0] > chance["auc"],
+            "after_differs_from_nonmembers": gap[0] > 0 or gap[1] < 0,
+        },
         "attack": "loss (likelihood ratio against the pretrained model), threat model inside, on shard 0",
         "members": len(members), "nonmembers": len(set_b), "seed": seed, "clients": CLIENTS, "shards": 4,
         "forgotten_client": FORGET, "unlearn_mode": record["mode"], "retrained_clients": record.get("retrained"),
