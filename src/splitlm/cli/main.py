@@ -325,6 +325,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    import json
+
+    from splitlm.frameworks.unlearn import unlearn
+
+    record = unlearn(
+        Path(args.run_dir), args.client, Path(args.out) if args.out else None, full_retrain=args.full_retrain
+    )
+    print(
+        f"client {record['client']} unlearned ({record['mode']}) in {record['seconds']:.1f} s; the new run is in "
+        f"{record['output_dir']}/ (unlearn.json)"
+    )
+    print(json.dumps(record))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from splitlm.metrics.report import write_report
 
@@ -442,6 +458,19 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--batches", type=int, default=2, help="attack the last N recorded micro-batches (0: all)")
     aud.add_argument("--no-progress", action="store_true", help="no progress bars")
     aud.set_defaults(func=cmd_audit)
+
+    unl = sub.add_parser(
+        "unlearn",
+        help="take one client's data out of a finished multi-client run, into a new run (retrains only its shard "
+        "under framework.aggregation=splitwiper, else from the last checkpoint before it joined)",
+    )
+    unl.add_argument("run_dir", help="output_dir of a finished train run with several clients")
+    unl.add_argument("--client", required=True, help="the client to forget: 0 .. framework.num_clients-1")
+    unl.add_argument("--out", help="new folder for the unlearned run (default: RUN_DIR-unlearn-ID)")
+    unl.add_argument(
+        "--full-retrain", action="store_true", help="train the run again from the start without the client"
+    )
+    unl.set_defaults(func=cmd_unlearn)
 
     rep = sub.add_parser("report", help="plots and a markdown comparison of finished runs")
     rep.add_argument("run_dirs", nargs="+", help="output_dir of each run to compare")

@@ -384,8 +384,10 @@ class FrameworkConfig(Section):
         description="The aggregation strategy of the client sides (sflv1, sflv2, gsfl), a name or {name: settings}: "
         "sync (FedAvg at the end of every round; lr: its global learning rate), async (each update mixed into the "
         "global model when it arrives, staleness-weighted; mix, staleness_exponent, max_staleness, clock), "
-        "semi_async (what arrived within a window is aggregated; round_window_s, window_steps, clock), or one a "
-        "plugin registers (frameworks/aggregation/).",
+        "semi_async (what arrived within a window is aggregated; round_window_s, window_steps, clock), splitwiper "
+        "(gsfl: SplitWiper's isolation, survey §5.24: each group a shard of its own, never averaged, heads frozen "
+        "after warmup_rounds; `splitlm unlearn` retrains one shard), or one a plugin registers "
+        "(frameworks/aggregation/).",
     )
 
     def steps_per_round(self, total_steps: int) -> int:

@@ -93,6 +93,11 @@ class SplitClient:
     def meter(self) -> ByteMeter:
         return self.channel.meter
 
+    def freeze_head(self, frozen: bool) -> None:
+        """Stop (or resume) training the head: a frozen head keeps no graph, asks for no gradient at the cut (step 9
+        is skipped) and its adapter stays as it is; the tail, if any, trains on (e.g. SplitWiper after warm-up)."""
+        self.head_trainable = not frozen and bool(trainable_parameters(self.parts["head"]))
+
     # --- one optimizer step: a schedule of operations ---------------------------------------------------
 
     def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:

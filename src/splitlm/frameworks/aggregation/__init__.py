@@ -79,6 +79,7 @@ STRATEGIES = ComponentRegistry[Strategy](
         "splitlm.frameworks.aggregation.asynchronous",
         "splitlm.frameworks.aggregation.semi_async",
         "splitlm.frameworks.aggregation.robust",
+        "splitlm.frameworks.aggregation.isolation",
     ),
 )
 

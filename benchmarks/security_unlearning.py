@@ -1,0 +1,228 @@
+"""Split unlearning (issue 23; survey §5.24): SplitWiper's isolation and ``splitlm unlearn`` on the default model.
+
+    python benchmarks/security_unlearning.py [--quick] [--out runs/bench-security] [--seed 0]
+
+Eight clients hold Rotten Tomatoes reviews (instruction format, "Review: ...\\nSentiment:" -> " fresh"/" rotten"),
+the default model (SmolLM2-135M-Instruct, U-shaped 2/2 cut, LoRA r=8 on q_proj and v_proj) trains with gsfl and
+``framework.aggregation=splitwiper``: four shards of two clients each (``framework.groups``), every shard its own
+trunk adapter and client side, heads frozen after the first of two rounds. Each client takes several passes over its
+few rows, so the model remembers them. Then client 0 asks to be forgotten: ``splitlm unlearn`` trains shard 0 again
+from its initial state with client 1 alone, and keeps the other three shards as they were.
+
+- ``mia_auc_before`` / ``mia_auc_after``: the likelihood-ratio membership attack (``privacy/attacks/membership.py``,
+  ``loss``, threat model ``inside``: the shard's head, trunk adapter and tail, with the pretrained model as the
+  reference) on client 0's training rows against held-out rows B, on shard 0 (``adapters/``, the shard that held the
+  rows: the strongest place to look) of the trained run and of the unlearned run.
+- ``mia_auc_nonmembers``: the same attack on held-out rows A against B under the unlearned model: what chance looks
+  like with these sample sizes. The target is ``|after - nonmembers| <= 0.05``.
+- ``retained_metric``: held-out accuracy of the unlearned run's global model (the shards' ensemble: a candidate's
+  loss is the mean of the shards' losses) on ``eval_rows`` held-out reviews (``retained_metric_before``: the trained
+  run's).
+- ``seconds``: wall time of the unlearning request (loading the model included; its in-run evaluation is one batch);
+  ``retrain_seconds``: the same for ``--full-retrain`` (all four shards trained again without client 0), the cost
+  without isolation's shortcut. The target is ``seconds < retrain_seconds / 4``.
+
+Noise: one seed (``--seed``); each AUC comes with a 95 % bootstrap interval (``*_ci``) and the sample sizes
+(``members``, ``nonmembers``); ``after_minus_nonmembers_ci`` bootstraps the difference the target is about (the three
+row sets resampled together). ``score_drop_auc``: paired by row, the AUC of how much unlearning lowered the
+forgotten rows' scores against how much it lowered the non-members' (a row's own ease cancels out; above 0.5: the
+forgotten rows lost what the model had of them). ``exceeds_noise``: whether before's interval lies above the
+non-members' AUC, and whether after's difference from the non-members' is outside its interval's noise. The
+unlearned shard provably never saw the forgotten rows (``tests/frameworks/test_frameworks_unlearn.py``: it equals a
+run without the client tensor for tensor), so an ``after`` away from ``nonmembers`` is noise or something the client's
+few rows share (the same rows score alike under any model), not a leak.
+
+``--quick`` (about 8 minutes on 2 idle cores, 25 under a load of 8): 16 rows per client and 8 steps each instead
+of 32 and 12, 48 held-out rows per non-member set instead of 96, accuracy on 48 held-out reviews instead of 96 and
+only after unlearning (``retained_metric_before`` null), and no full retrain: its time is estimated as the trained
+run's wall time x 7/8 (the same work less one client's share; ``retrain_estimated``: true).
+Runs are kept under ``--out`` (default ``runs/bench-security``) and reused when the same settings run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = 8
+GROUPS = "[[0,1],[2,3],[4,5],[6,7]]"
+FORGET = "0"  # the client who asks to be forgotten (in shard 0, the shard adapters/ holds)
+
+
+def settings(quick: bool) -> dict[str, int]:
+    if quick:
+        return {"rows": 16, "steps": 8, "nonmembers": 48, "eval_rows": 48}
+    return {"rows": 32, "steps": 12, "nonmembers": 96, "eval_rows": 160}
+
+
+def overrides(quick: bool, seed: int, out: Path, model: str = "smollm2-135m-instruct") -> list[str]:
+    s = settings(quick)
+    held = 2 * s["nonmembers"] + 8  # non-member sets A and B, and the in-run evaluation's batch
+    held = max(held, s["eval_rows"])
+    return [
+        f"model.name={model}", "split.mode=ushape", "split.head_layers=2", "split.tail_layers=2",
+        "lora.rank=8", "lora.alpha=16", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj]",
+        "train.batch_size=8", "train.seq_len=64", "train.lr=0.004", "train.warmup_steps=0", "train.progress=false",
+        "train.eval_batches=1", "train.eval_each_round=false", "train.eval_before=false",
+        "data.name=rotten_tomatoes", "data.format=instruction", f"data.eval_size={held}",
+        f"data.max_rows={held + CLIENTS * s['rows']}",
+        "framework.name=gsfl", f"framework.num_clients={CLIENTS}", f"framework.groups={GROUPS}", "framework.rounds=2",
+        f"framework.local_steps={s['steps'] // 2}", f"train.steps={s['steps']}",
+        "framework.aggregation={splitwiper: {warmup_rounds: 1}}", f"seed={seed}", f"output_dir={out}",
+    ]  # fmt: skip
+
+
+def train(config: Any) -> float:
+    """Train ``config`` unless its run is there already; its wall seconds."""
+    from splitlm.frameworks.driver import run_framework
+
+    out = Path(config.output_dir)
+    if not (out / "summary.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        run_framework(config, started=started)
+        (out / "bench_seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+    return float(json.loads((out / "bench_seconds.json").read_text())["seconds"])
+
+
+def unlearned(run: Path, out: Path, full_retrain: bool) -> dict[str, Any]:
+    from splitlm.frameworks.unlearn import unlearn
+
+    if not (out / "unlearn.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        unlearn(run, FORGET, out, full_retrain=full_retrain)
+    return json.loads((out / "unlearn.json").read_text())
+
+
+def ensemble_accuracy(run: Path, rows: int) -> float | None:
+    """Held-out accuracy of ``run``'s global model (the trained shards' ensemble, from its last checkpoint) on its
+    first ``rows`` held-out reviews."""
+    from splitlm.frameworks.assemble import load_run_config
+    from splitlm.frameworks.checkpoint import checkpoints
+    from splitlm.frameworks.federation import build_parties
+
+    config = load_run_config(run)
+    config = config.model_copy(update={"train": config.train.model_copy(update={"eval_batches": rows // 8})})
+    fed = build_parties(config)
+    fed.load(checkpoints(run)[-1])
+    holder = fed.strategy.global_member(fed)
+    fed.server.start()
+    try:
+        return holder.accuracy(fed)
+    finally:
+        fed.server.stop()
+
+
+def auc(members: list[float], others: list[float]) -> dict[str, Any]:
+    from splitlm.privacy.attacks.membership import auc_interval, mia_metrics
+
+    metrics = mia_metrics(members, others)
+    low, high = auc_interval(members, others)
+    return {"auc": round(metrics["auc"], 4), "ci": [round(low, 4), round(high, 4)],
+            "tpr_at_1pct_fpr": round(metrics["tpr_at_1pct_fpr"], 4)}  # fmt: skip
+
+
+def difference_interval(
+    members: list[float], set_a: list[float], set_b: list[float], rounds: int = 1000, seed: int = 0
+) -> list[float]:
+    """95 % bootstrap interval of AUC(members vs B) - AUC(A vs B), the three sets resampled together."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    m, a, b = (np.asarray(x, float) for x in (members, set_a, set_b))
+    diffs = []
+    for _ in range(rounds):
+        rm, ra, rb = (x[rng.integers(0, len(x), len(x))] for x in (m, a, b))
+        first = roc_auc_score(np.r_[np.ones(len(rm)), np.zeros(len(rb))], np.r_[rm, rb])
+        second = roc_auc_score(np.r_[np.ones(len(ra)), np.zeros(len(rb))], np.r_[ra, rb])
+        diffs.append(first - second)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return [round(float(low), 4), round(float(high), 4)]
+
+
+def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instruct") -> dict[str, Any]:
+    from splitlm.config import build_config
+    from splitlm.frameworks.assemble import load_run_config
+    from splitlm.frameworks.rows import client_examples, held_out_examples
+    from splitlm.privacy.attacks.base import AttackContext
+    from splitlm.privacy.attacks.membership import membership_scores
+
+    s = settings(quick)
+    root = out / "unlearning" / f"{model}-{'quick' if quick else 'full'}-seed{seed}"
+    trained = root / "trained"
+    config = build_config({}, overrides(quick, seed, trained, model))
+    train_seconds = train(config)
+    record = unlearned(trained, root / "unlearned", full_retrain=False)
+    if quick:
+        retrain_seconds, estimated = train_seconds * (CLIENTS - 1) / CLIENTS, True
+    else:
+        retrain_seconds, estimated = float(unlearned(trained, root / "retrained", full_retrain=True)["seconds"]), False
+
+    config = load_run_config(trained)
+    members = client_examples(config, int(FORGET))
+    held = held_out_examples(config)[8:]  # past the in-run evaluation's batch
+    set_a, set_b = held[0 : 2 * s["nonmembers"] : 2], held[1 : 2 * s["nonmembers"] : 2]
+
+    def scores(run_dir: Path) -> tuple[list[float], list[float], list[float]]:
+        ctx = AttackContext.from_run(run_dir, threat_model="inside")  # one attacker, every row scored by it
+        return tuple(membership_scores(None, rows, "loss", ctx=ctx) for rows in (members, set_a, set_b))  # type: ignore[return-value]
+
+    before_m, before_a, before_b = scores(trained)
+    after_m, after_a, after_b = scores(root / "unlearned")
+    before, after, chance = auc(before_m, before_b), auc(after_m, after_b), auc(after_a, after_b)
+    gap = difference_interval(after_m, after_a, after_b)
+    # paired by row: how much unlearning lowered each forgotten row's score, against the same for non-members (a
+    # row's own ease or difficulty cancels out; 0.5: the forgotten rows lost nothing the others did not)
+    drop = auc([b - a for b, a in zip(before_m, after_m, strict=True)],
+               [b - a for b, a in zip(before_b + before_a, after_b + after_a, strict=True)])  # fmt: skip
+    retained = ensemble_accuracy(root / "unlearned", s["eval_rows"])
+    retained_before = None if quick else ensemble_accuracy(trained, s["eval_rows"])
+    seconds = float(record["seconds"])
+    result = {
+        "mia_auc_before": before["auc"], "mia_auc_after": after["auc"], "mia_auc_nonmembers": chance["auc"],
+        "retained_metric": retained, "seconds": round(seconds, 1), "retrain_seconds": round(retrain_seconds, 1),
+        "mia_auc_before_ci": before["ci"], "mia_auc_after_ci": after["ci"], "mia_auc_nonmembers_ci": chance["ci"],
+        "tpr_at_1pct_fpr_before": before["tpr_at_1pct_fpr"], "tpr_at_1pct_fpr_after": after["tpr_at_1pct_fpr"],
+        "retained_metric_before": retained_before, "retained_metric_rows": s["eval_rows"],
+        "retrain_estimated": estimated, "trained_seconds": round(train_seconds, 1),
+        "speedup": round(retrain_seconds / seconds, 2) if seconds else None,
+        "targets": {
+            "after_within_0.05_of_nonmembers": abs(after["auc"] - chance["auc"]) <= 0.05,
+            "under_a_quarter_of_a_retrain": seconds < retrain_seconds / 4,
+        },
+        "score_drop_auc": drop["auc"], "score_drop_auc_ci": drop["ci"],
+        "after_minus_nonmembers": round(after["auc"] - chance["auc"], 4), "after_minus_nonmembers_ci": gap,
+        "exceeds_noise": {
+            "before_above_nonmembers": before["ci"][0] > chance["auc"],
+            "after_differs_from_nonmembers": gap[0] > 0 or gap[1] < 0,
+        },
+        "attack": "loss (likelihood ratio against the pretrained model), threat model inside, on shard 0",
+        "members": len(members), "nonmembers": len(set_b), "seed": seed, "clients": CLIENTS, "shards": 4,
+        "forgotten_client": FORGET, "unlearn_mode": record["mode"], "retrained_clients": record.get("retrained"),
+    }  # fmt: skip
+    return {"unlearning": result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rows and steps, the full retrain estimated")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench-security"), help="where the runs are kept")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="e.g. tiny-llama for a smoke run")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    print(json.dumps(run(args.quick, Path(args.out), args.seed, args.model)))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
