@@ -1,7 +1,7 @@
 """A remedy, a defense and an aggregation strategy of one's own, in one module (README: Architecture).
 
 Name the module in the config (``plugins: [my_extensions]``) and every process of the run imports it before the
-config is checked: ``remedies.shrink``, ``privacy.defenses.coarsen`` and ``framework.aggregation: median`` are
+config is checked: ``remedies.shrink``, ``privacy.defenses.coarsen`` and ``framework.aggregation: medoid`` are
 then validated with the rest of the config and run in-process, over gRPC and under Ray.
 """
 
@@ -61,16 +61,18 @@ class Coarsen(MessageDefense):
 
 
 @STRATEGIES.component
-class Median(Strategy):
-    """The coordinate-wise median of the client sides (and trunk adapters) instead of their weighted mean."""
+class Medoid(Strategy):
+    """The client side (and trunk adapter) closest to all the others, instead of their weighted mean."""
 
-    name = "median"
+    name = "medoid"
 
     @classmethod
     def problems(cls, settings: Any, config: Any, framework: Any) -> list[str]:
         if framework is not None and not framework.aggregates:
-            return [f"framework.aggregation: median averages client sides; framework.name={framework.name} has none"]
+            return [f"framework.aggregation: medoid averages client sides; framework.name={framework.name} has none"]
         return []
 
     def average(self, states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-        return {key: torch.stack([s[key] for s in states]).median(dim=0).values for key in states[0]}
+        flat = torch.stack([torch.cat([s[key].flatten().float() for key in states[0]]) for s in states])  # (n, P)
+        nearest = int(torch.cdist(flat, flat).sum(dim=1).argmin())
+        return {key: value.clone() for key, value in states[nearest].items()}
