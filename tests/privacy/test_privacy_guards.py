@@ -156,6 +156,12 @@ class FlagOnce(Guard):
     def report(self) -> dict[str, Any]:
         return {"flags": self.flags}
 
+    def state(self) -> dict[str, Any]:
+        return self.report()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.flags = list(state["flags"])
+
 
 @pytest.fixture
 def flag_once() -> Iterator[type[FlagOnce]]:
@@ -192,6 +198,17 @@ def test_a_flagged_clients_round_is_rolled_back_and_run_again_without_it(
     run_framework(reference)
     same_run(Path(guarded.output_dir), Path(reference.output_dir), run_files)
     assert [r["participants"] for r in run_files.rounds(Path(guarded.output_dir))][1] == ["0", "2"]
+
+
+def test_a_resumed_run_keeps_the_flags_raised_before(
+    flag_once: type[FlagOnce], make_config: Callable[..., Config], run_files: Any
+) -> None:
+    setup = ("framework.name=sflv1", "framework.num_clients=3", "privacy.guards.flag_once.round=1")
+    first = make_config("run", *setup, "framework.rounds=2", "train.steps=4")
+    assert run_framework(first)["privacy"]["guards"]["flag_once"]["flags"] == [{"round": 1, "client": "1"}]
+    resumed = run_framework(make_config("run", *setup, "framework.rounds=3", "train.steps=6"), resume=True)
+    assert resumed["privacy"]["guards"]["flag_once"]["flags"] == [{"round": 1, "client": "1"}]  # from the checkpoint
+    assert [r["participants"] for r in run_files.rounds(Path(first.output_dir))] == [["0", "2"], *[["0", "1", "2"]] * 2]
 
 
 # --- SafeSplit in a run ---------------------------------------------------------------------------------------
