@@ -6,7 +6,7 @@
 - ``guards/``: server-side ``Guard`` components that watch each client's change to the trunk adapter
   (``privacy.guards``: SafeSplit); a flagged client's round is rolled back and run again without it.
 - ``tap``: the server-side recorder of what the server received, which attacks read.
-- ``attacks/``: an honest-but-curious server's reconstructions from a recorded run (``splitlm attack``), and an
+- ``attacks/``: an honest-but-curious server's reconstructions from a recorded run (``splitlm attack``), and
   active ones, FSHA (``attacks/fsha.py``) and SplitSpy (``attacks/splitspy.py``, FSHA that evades SplitGuard), that
   the simulated server runs while the client trains.
 - ``server_attack``: the registry of active attacks (``privacy.server_attack``), which names their modules so that
