@@ -6,12 +6,13 @@ Eight clients hold Rotten Tomatoes reviews (instruction format, "Review: ...\\nS
 the default model (SmolLM2-135M-Instruct, U-shaped 2/2 cut, LoRA r=8 on q_proj and v_proj) trains with gsfl and
 ``framework.aggregation=splitwiper``: four shards of two clients each (``framework.groups``), every shard its own
 trunk adapter and client side, heads frozen after the first of two rounds. Each client takes several passes over its
-few rows, so the model remembers them. Then client 0 asks to be forgotten: ``splitlm unlearn`` trains shard 0 again
-from its initial state with client 1 alone, and keeps the other three shards as they were.
+few rows, so the model remembers them. Then client 1 asks to be forgotten (shard 0 trains its clients in order, so
+client 1 last: the shard remembers it best): ``splitlm unlearn`` trains shard 0 again from its initial state with
+client 0 alone, and keeps the other three shards as they were.
 
 - ``mia_auc_before`` / ``mia_auc_after``: the likelihood-ratio membership attack (``privacy/attacks/membership.py``,
   ``loss``, threat model ``inside``: the shard's head, trunk adapter and tail, with the pretrained model as the
-  reference) on client 0's training rows against held-out rows B, on shard 0 (``adapters/``, the shard that held the
+  reference) on client 1's training rows against held-out rows B, on shard 0 (``adapters/``, the shard that held the
   rows: the strongest place to look) of the trained run and of the unlearned run.
 - ``mia_auc_nonmembers``: the same attack on held-out rows A against B under the unlearned model: what chance looks
   like with these sample sizes. The target is ``|after - nonmembers| <= 0.05``.
@@ -19,7 +20,7 @@ from its initial state with client 1 alone, and keeps the other three shards as 
   loss is the mean of the shards' losses) on ``eval_rows`` held-out reviews (``retained_metric_before``: the trained
   run's).
 - ``seconds``: wall time of the unlearning request (loading the model included; its in-run evaluation is one batch);
-  ``retrain_seconds``: the same for ``--full-retrain`` (all four shards trained again without client 0), the cost
+  ``retrain_seconds``: the same for ``--full-retrain`` (all four shards trained again without client 1), the cost
   without isolation's shortcut. The target is ``seconds < retrain_seconds / 4``.
 
 Noise: one seed (``--seed``); each AUC comes with a 95 % bootstrap interval (``*_ci``) and the sample sizes
@@ -52,7 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 8
 GROUPS = "[[0,1],[2,3],[4,5],[6,7]]"
-FORGET = "0"  # the client who asks to be forgotten (in shard 0, the shard adapters/ holds)
+FORGET = "1"  # who asks to be forgotten: shard 0 (the shard adapters/ holds) trains it last, so remembers it best
 
 
 def settings(quick: bool) -> dict[str, int]:
@@ -159,11 +160,12 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
     trained = root / "trained"
     config = build_config({}, overrides(quick, seed, trained, model))
     train_seconds = train(config)
-    record = unlearned(trained, root / "unlearned", full_retrain=False)
+    record = unlearned(trained, root / f"unlearned-{FORGET}", full_retrain=False)
     if quick:
         retrain_seconds, estimated = train_seconds * (CLIENTS - 1) / CLIENTS, True
     else:
-        retrain_seconds, estimated = float(unlearned(trained, root / "retrained", full_retrain=True)["seconds"]), False
+        retrained = unlearned(trained, root / f"retrained-{FORGET}", full_retrain=True)
+        retrain_seconds, estimated = float(retrained["seconds"]), False
 
     config = load_run_config(trained)
     members = client_examples(config, int(FORGET))
@@ -175,14 +177,14 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
         return tuple(membership_scores(None, rows, "loss", ctx=ctx) for rows in (members, set_a, set_b))  # type: ignore[return-value]
 
     before_m, before_a, before_b = scores(trained)
-    after_m, after_a, after_b = scores(root / "unlearned")
+    after_m, after_a, after_b = scores(root / f"unlearned-{FORGET}")
     before, after, chance = auc(before_m, before_b), auc(after_m, after_b), auc(after_a, after_b)
     gap = difference_interval(after_m, after_a, after_b)
     # paired by row: how much unlearning lowered each forgotten row's score, against the same for non-members (a
     # row's own ease or difficulty cancels out; 0.5: the forgotten rows lost nothing the others did not)
     drop = auc([b - a for b, a in zip(before_m, after_m, strict=True)],
                [b - a for b, a in zip(before_b + before_a, after_b + after_a, strict=True)])  # fmt: skip
-    retained = ensemble_accuracy(root / "unlearned", s["eval_rows"])
+    retained = ensemble_accuracy(root / f"unlearned-{FORGET}", s["eval_rows"])
     retained_before = None if quick else ensemble_accuracy(trained, s["eval_rows"])
     seconds = float(record["seconds"])
     result = {
