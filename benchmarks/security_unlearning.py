@@ -6,12 +6,13 @@ Eight clients hold Rotten Tomatoes reviews (instruction format, "Review: ...\\nS
 the default model (SmolLM2-135M-Instruct, U-shaped 2/2 cut, LoRA r=8 on q_proj and v_proj) trains with gsfl and
 ``framework.aggregation=splitwiper``: four shards of two clients each (``framework.groups``), every shard its own
 trunk adapter and client side, heads frozen after the first of two rounds. Each client takes several passes over its
-few rows, so the model remembers them. Then client 0 asks to be forgotten: ``splitlm unlearn`` trains shard 0 again
-from its initial state with client 1 alone, and keeps the other three shards as they were.
+few rows, so the model remembers them. Then client 1 asks to be forgotten (shard 0 trains its clients in order, so
+client 1 last: the shard remembers it best): ``splitlm unlearn`` trains shard 0 again from its initial state with
+client 0 alone, and keeps the other three shards as they were.
 
 - ``mia_auc_before`` / ``mia_auc_after``: the likelihood-ratio membership attack (``privacy/attacks/membership.py``,
   ``loss``, threat model ``inside``: the shard's head, trunk adapter and tail, with the pretrained model as the
-  reference) on client 0's training rows against held-out rows B, on shard 0 (``adapters/``, the shard that held the
+  reference) on client 1's training rows against held-out rows B, on shard 0 (``adapters/``, the shard that held the
   rows: the strongest place to look) of the trained run and of the unlearned run.
 - ``mia_auc_nonmembers``: the same attack on held-out rows A against B under the unlearned model: what chance looks
   like with these sample sizes. The target is ``|after - nonmembers| <= 0.05``.
@@ -19,8 +20,10 @@ from its initial state with client 1 alone, and keeps the other three shards as 
   loss is the mean of the shards' losses) on ``eval_rows`` held-out reviews (``retained_metric_before``: the trained
   run's).
 - ``seconds``: wall time of the unlearning request (loading the model included; its in-run evaluation is one batch);
-  ``retrain_seconds``: the same for ``--full-retrain`` (all four shards trained again without client 0), the cost
-  without isolation's shortcut. The target is ``seconds < retrain_seconds / 4``.
+  ``retrain_seconds``: the same for ``--full-retrain`` (all four shards trained again without client 1), the cost
+  without isolation's shortcut. The target is ``seconds < retrain_seconds / 4``. Wall time on a shared machine
+  depends on what else runs: ``cpu_seconds`` / ``retrain_cpu_seconds`` give the CPU time of each (every thread's),
+  which the other processes do not inflate (null for a run kept from before they were recorded).
 
 Noise: one seed (``--seed``); each AUC comes with a 95 % bootstrap interval (``*_ci``) and the sample sizes
 (``members``, ``nonmembers``); ``after_minus_nonmembers_ci`` bootstraps the difference the target is about (the three
@@ -52,7 +55,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 8
 GROUPS = "[[0,1],[2,3],[4,5],[6,7]]"
-FORGET = "0"  # the client who asks to be forgotten (in shard 0, the shard adapters/ holds)
+FORGET = "1"  # who asks to be forgotten: shard 0 (the shard adapters/ holds) trains it last, so remembers it best
 
 
 def settings(quick: bool) -> dict[str, int]:
@@ -78,17 +81,18 @@ def overrides(quick: bool, seed: int, out: Path, model: str = "smollm2-135m-inst
     ]  # fmt: skip
 
 
-def train(config: Any) -> float:
-    """Train ``config`` unless its run is there already; its wall seconds."""
+def train(config: Any) -> dict[str, float]:
+    """Train ``config`` unless its run is there already; its wall (``seconds``) and CPU (``cpu_seconds``) time."""
     from splitlm.frameworks.driver import run_framework
 
     out = Path(config.output_dir)
     if not (out / "summary.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         run_framework(config, started=started)
-        (out / "bench_seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
-    return float(json.loads((out / "bench_seconds.json").read_text())["seconds"])
+        took = {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
+        (out / "bench_seconds.json").write_text(json.dumps(took))
+    return json.loads((out / "bench_seconds.json").read_text())
 
 
 def unlearned(run: Path, out: Path, full_retrain: bool) -> dict[str, Any]:
@@ -128,6 +132,10 @@ def auc(members: list[float], others: list[float]) -> dict[str, Any]:
             "tpr_at_1pct_fpr": round(metrics["tpr_at_1pct_fpr"], 4)}  # fmt: skip
 
 
+def _rounded(value: Any) -> float | None:
+    return None if value is None else round(float(value), 1)
+
+
 def difference_interval(
     members: list[float], set_a: list[float], set_b: list[float], rounds: int = 1000, seed: int = 0
 ) -> list[float]:
@@ -158,12 +166,17 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
     root = out / "unlearning" / f"{model}-{'quick' if quick else 'full'}-seed{seed}"
     trained = root / "trained"
     config = build_config({}, overrides(quick, seed, trained, model))
-    train_seconds = train(config)
-    record = unlearned(trained, root / "unlearned", full_retrain=False)
+    took = train(config)
+    train_seconds, train_cpu = float(took["seconds"]), took.get("cpu_seconds")
+    record = unlearned(trained, root / f"unlearned-{FORGET}", full_retrain=False)
     if quick:
-        retrain_seconds, estimated = train_seconds * (CLIENTS - 1) / CLIENTS, True
+        share = (CLIENTS - 1) / CLIENTS
+        retrain_seconds, estimated = train_seconds * share, True
+        retrain_cpu = None if train_cpu is None else train_cpu * share
     else:
-        retrain_seconds, estimated = float(unlearned(trained, root / "retrained", full_retrain=True)["seconds"]), False
+        retrained = unlearned(trained, root / f"retrained-{FORGET}", full_retrain=True)
+        retrain_seconds, estimated = float(retrained["seconds"]), False
+        retrain_cpu = retrained.get("cpu_seconds")
 
     config = load_run_config(trained)
     members = client_examples(config, int(FORGET))
@@ -175,14 +188,14 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
         return tuple(membership_scores(None, rows, "loss", ctx=ctx) for rows in (members, set_a, set_b))  # type: ignore[return-value]
 
     before_m, before_a, before_b = scores(trained)
-    after_m, after_a, after_b = scores(root / "unlearned")
+    after_m, after_a, after_b = scores(root / f"unlearned-{FORGET}")
     before, after, chance = auc(before_m, before_b), auc(after_m, after_b), auc(after_a, after_b)
     gap = difference_interval(after_m, after_a, after_b)
     # paired by row: how much unlearning lowered each forgotten row's score, against the same for non-members (a
     # row's own ease or difficulty cancels out; 0.5: the forgotten rows lost nothing the others did not)
     drop = auc([b - a for b, a in zip(before_m, after_m, strict=True)],
                [b - a for b, a in zip(before_b + before_a, after_b + after_a, strict=True)])  # fmt: skip
-    retained = ensemble_accuracy(root / "unlearned", s["eval_rows"])
+    retained = ensemble_accuracy(root / f"unlearned-{FORGET}", s["eval_rows"])
     retained_before = None if quick else ensemble_accuracy(trained, s["eval_rows"])
     seconds = float(record["seconds"])
     result = {
@@ -191,6 +204,7 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
         "mia_auc_before_ci": before["ci"], "mia_auc_after_ci": after["ci"], "mia_auc_nonmembers_ci": chance["ci"],
         "tpr_at_1pct_fpr_before": before["tpr_at_1pct_fpr"], "tpr_at_1pct_fpr_after": after["tpr_at_1pct_fpr"],
         "retained_metric_before": retained_before, "retained_metric_rows": s["eval_rows"],
+        "cpu_seconds": _rounded(record.get("cpu_seconds")), "retrain_cpu_seconds": _rounded(retrain_cpu),
         "retrain_estimated": estimated, "trained_seconds": round(train_seconds, 1),
         "speedup": round(retrain_seconds / seconds, 2) if seconds else None,
         "targets": {
