@@ -173,7 +173,8 @@ class SplitOut(CutWatcher):
     def report(self) -> dict[str, Any]:
         shares = [share for _, share in self.shares]
         return {"alarm_step": self.alarm_step, "scored": len(shares),
-                "mean_outlier_share": float(np.mean(shares)) if shares else None}  # fmt: skip
+                "mean_outlier_share": float(np.mean(shares)) if shares else None,
+                "shares": [[step, round(share, 3)] for step, share in self.shares]}  # fmt: skip
 
     # --- the simulation and the outlier detector ---------------------------------------------------------------
 
