@@ -44,10 +44,15 @@ overlap are put on the LM's scale first, with units measured on SmolLM2-135M (U-
 Each step is decided from the ``min_steps``-th scored step on (the fit needs a few points): hijacked when its score
 is below ``threshold`` (0.5, as in the paper). The alarm goes off when more than half of the latest ``votes`` decided
 steps (at least 3) were hijacked: a majority rather than a streak, because SplitSpy answers SplitGuard's probe steps
-with honest gradients, which break any streak. Observed on the tiny random-init test
-models (see ``tests/privacy/test_privacy_hijack_passive.py``): honest steps score about 0.8-1 once a few steps are
-in (the same-label gap is there from the first step), FSHA's and SplitSpy's regular steps about 0.01-0.07 (SplitSpy's
-probe steps, answered honestly, 0.6-0.85).
+with honest gradients, which break any streak. SplitGuard's own probe steps (uniformly random labels) seldom have
+enough same-label pairs in a large vocabulary and are then not scored.
+
+Observed. On the tiny random-init test models (``tests/privacy/test_privacy_hijack_passive.py``, 12 honest runs over
+4 architectures and both modes): honest steps score above 0.9, FSHA's and SplitSpy's regular steps below 0.1. On
+SmolLM2-135M (``benchmarks/security_hijack.py``, 16 steps): honest steps mostly score 0.82-1, with a rare dip (one
+step of 24 had a gap of -0.002 and scored 0.003: the majority vote absorbs it); FSHA's steps score 0.04-0.24 (gap
+0.0002-0.002 after its first steps), and the alarm comes at step 7. The margin on the gap is thin at the start: FSHA's
+first two steps still show gaps of 0.01, which honest steps sometimes fall to.
 
 ``alarm_step`` counts steps as ``metrics.jsonl`` does (1 = the first step).
 """
