@@ -97,7 +97,10 @@ def test_unknown_component_names_get_the_closest_one(config_file: Callable[..., 
     line = _one_error_line(capsys)
     assert "privacy.defenses: unknown defense 'smashed_nosie'" in line and "(did you mean 'smashed_noise'?)" in line
     assert "privacy.detectors: unknown detector 'splitgaurd'" in line and "(did you mean 'splitguard'?)" in line
-    assert "privacy.server_attack: unknown server attack 'fhsa'; choose from ['fsha'] (did you mean 'fsha'?)" in line
+    assert (
+        "privacy.server_attack: unknown server attack 'fhsa'; choose from ['fsha', 'splitspy'] (did you mean 'fsha'?)"
+        in line
+    )
 
 
 def test_a_defenses_settings_live_under_its_name(config_file: Callable[..., Path], capsys: Any) -> None:

@@ -24,24 +24,35 @@ gradient straight down to position t). Each step, from at most ``max_tokens`` of
   at different levels (and SplitGuard's probe steps, whose random labels shift both levels, from swamping it).
   E = that ratio.
 
-The paper's detection score, with its shape and its constants kept (``LAMBDA_*`` below), the gap and the error put
-on a unit first: G is divided by ``gap_unit`` (honest gaps on the tiny test models are 0.1-0.3, FSHA's about 0.001;
-the unit keeps smaller honest gaps of a larger model above the knee of |g|^0.4) and E by ``error_unit`` (honest
-relative errors are 0.01-0.13 with SplitGuard's probes in the run, FSHA's 0.5-8; the paper's absolute errors are
-about 0.01):
+The paper's detection score, with its shape and its constants kept (``LAMBDA_*`` below); the gap, the error and the
+overlap are put on the LM's scale first, with units measured on SmolLM2-135M (U-shape 2/2, Rotten Tomatoes, the
+``benchmarks/security_hijack.py`` setting) and checked on the tiny test models:
 
-    m_gap = sign(g) |g|^0.4 with g = G / gap_unit      (the paper's G / |G|^0.6)
-    m_err = -log(7 E / error_unit + e^-2)              (at most 2)
-    m_iou = -log(IoU + e^-1)                           (at most 1; negative once the sets overlap by > 63 %)
-    score = sigmoid(5 (m_gap m_err m_iou - 0.7))       in (0, 1): HIGH means honest
+- G is divided by ``gap_unit`` (0.01): honest gaps were 0.026-0.047 on SmolLM2-135M and 0.1-0.3 on the tiny models,
+  FSHA's 0.0002-0.01 after its first two steps;
+- E is divided by ``error_unit`` (20): honest relative errors are about 0.01-0.4, FSHA's 0.5-8 (the two curves it
+  is relative to nearly coincide); the paper's absolute errors are about 0.01;
+- the overlapping ratio is weighted by ``overlap_weight`` (0.25; the paper's code has the weight too, at 1): an LM's
+  honest sets overlap by 0.5-0.65 on SmolLM2-135M (0 on the tiny models), FSHA's by 0.5-0.85, so at weight 1 the
+  overlap term alone would condemn honest training.
+
+    m_gap = sign(g) |g|^0.4 with g = G / gap_unit               (the paper's G / |G|^0.6)
+    m_err = -log(7 E / error_unit + e^-2)                       (at most 2)
+    m_iou = -log(overlap_weight IoU + e^-1)                     (at most 1)
+    score = sigmoid(5 (m_gap m_err m_iou - 0.7))                in (0, 1): HIGH means honest
 
 Each step is decided from the ``min_steps``-th scored step on (the fit needs a few points): hijacked when its score
 is below ``threshold`` (0.5, as in the paper). The alarm goes off when more than half of the latest ``votes`` decided
 steps (at least 3) were hijacked: a majority rather than a streak, because SplitSpy answers SplitGuard's probe steps
-with honest gradients, which break any streak. Observed on the tiny random-init test
-models (see ``tests/privacy/test_privacy_hijack_passive.py``): honest steps score about 0.8-1 once a few steps are
-in (the same-label gap is there from the first step), FSHA's and SplitSpy's regular steps about 0.01-0.07 (SplitSpy's
-probe steps, answered honestly, 0.6-0.85).
+with honest gradients, which break any streak. SplitGuard's own probe steps (uniformly random labels) seldom have
+enough same-label pairs in a large vocabulary and are then not scored.
+
+Observed. On the tiny random-init test models (``tests/privacy/test_privacy_hijack_passive.py``, 12 honest runs over
+4 architectures and both modes): honest steps score above 0.9, FSHA's and SplitSpy's regular steps below 0.1. On
+SmolLM2-135M (``benchmarks/security_hijack.py``, 16 steps): honest steps mostly score 0.82-1, with a rare dip (one
+step of 24 had a gap of -0.002 and scored 0.003: the majority vote absorbs it); FSHA's steps score 0.04-0.24 (gap
+0.0002-0.002 after its first steps), and the alarm comes at step 7. The margin on the gap is thin at the start: FSHA's
+first two steps still show gaps of 0.01, which honest steps sometimes fall to.
 
 ``alarm_step`` counts steps as ``metrics.jsonl`` does (1 = the first step).
 """
@@ -80,13 +91,19 @@ class ScrutinizerSettings(ComponentSettings):
     )
     window: int = Field(8, ge=4, description="Latest scored steps the fitting error's degree-2 fit runs over.")
     gap_unit: float = Field(
-        0.05,
+        0.01,
         gt=0,
-        description="The set gap is divided by this before the paper's score (an LM's honest gaps are a few "
-        "hundredths; 1 keeps the paper's scale).",
+        description="The set gap is divided by this before the paper's score (honest gaps: 0.03-0.05 on "
+        "SmolLM2-135M, 0.1-0.3 on the tiny test models; FSHA's about 0.001; 1 keeps the paper's scale).",
+    )
+    overlap_weight: float = Field(
+        0.25,
+        gt=0,
+        description="The overlapping ratio's weight in the score (the paper's code has 1: its honest sets end up "
+        "apart; an LM's honest same- and different-label similarities overlap by 0.5-0.65 on SmolLM2-135M).",
     )
     error_unit: float = Field(
-        10.0,
+        20.0,
         gt=0,
         description="The relative fitting error is divided by this before the paper's score (honest relative errors "
         "are a few hundredths to a tenth, the paper's absolute ones about 0.01; 1 keeps the relative error).",
@@ -147,8 +164,13 @@ class GradientsScrutinizer(CutWatcher):
 
     def report(self) -> dict[str, Any]:
         scores = [h["score"] for h in self.history if "score" in h]
-        return {"alarm_step": self.alarm_step, "scored_steps": len(self.history), "last_score": scores[-1] if scores
-                else None, "min_score": min(scores, default=None)}  # fmt: skip
+        return {
+            "alarm_step": self.alarm_step, "scored_steps": len(self.history),
+            "last_score": scores[-1] if scores else None, "min_score": min(scores, default=None),
+            # per scored step: (step, set gap, overlapping ratio, relative fitting error or -1, score or None)
+            "steps": [[int(h["step"]), round(h["gap"], 4), round(h["overlap"], 3), round(h.get("fit_error", -1), 3),
+                       None if "score" not in h else round(h["score"], 3)] for h in self.history],
+        }  # fmt: skip
 
     # --- statistics ------------------------------------------------------------------------------------------
 
@@ -189,7 +211,9 @@ class GradientsScrutinizer(CutWatcher):
         if len(self.same) >= 3:
             record["fit_error"] = self._fit_error()
         if len(self.history) + 1 >= s.min_steps and "fit_error" in record:
-            record["score"] = detection_score(gap / s.gap_unit, record["fit_error"] / s.error_unit, overlap)
+            record["score"] = detection_score(
+                gap / s.gap_unit, record["fit_error"] / s.error_unit, overlap * s.overlap_weight
+            )
             self.decisions.append(record["score"] < s.threshold)
             low = sum(self.decisions)
             if self.alarm_step is None and len(self.decisions) >= 3 and 2 * low > len(self.decisions):

@@ -39,7 +39,10 @@ followed too (the paper's fixed fit has the opposite weakness: false alarms as h
 
 Observed on the tiny random-init test models (``tests/privacy/test_privacy_hijack_passive.py``, 12 honest runs over
 4 architectures, both modes): honest micro-batches have outlier shares of 0.06-0.14 on average, FSHA's and SplitSpy's
-0.55-1 (SplitSpy's probe steps are honest). The cost: a forward and backward of the public trunk for the micro-batches
+0.55-1 (SplitSpy's probe steps are honest). On SmolLM2-135M (``benchmarks/security_hijack.py``, 16 steps, 2 honest
+runs): honest shares 0.07-0.4 (mean 0.16-0.19), FSHA's and SplitSpy's 1.0 from the first step; the alarm comes at step 6
+(the window needs 5 scored micro-batches; SplitGuard's probe steps, whose random labels no two tokens share, are not
+scored). The cost: a forward and backward of the public trunk for the micro-batches
 of the first ``fit_steps`` steps and every ``refit_every``-th step after, on the client.
 
 ``alarm_step`` counts steps as ``metrics.jsonl`` does (1 = the first step).
@@ -173,7 +176,8 @@ class SplitOut(CutWatcher):
     def report(self) -> dict[str, Any]:
         shares = [share for _, share in self.shares]
         return {"alarm_step": self.alarm_step, "scored": len(shares),
-                "mean_outlier_share": float(np.mean(shares)) if shares else None}  # fmt: skip
+                "mean_outlier_share": float(np.mean(shares)) if shares else None,
+                "shares": [[step, round(share, 3)] for step, share in self.shares]}  # fmt: skip
 
     # --- the simulation and the outlier detector ---------------------------------------------------------------
 
