@@ -25,10 +25,10 @@ Two runs: no defense, and the best defense of the privacy table (``docs/privacy.
 ``--quick`` keeps 16 rows per client (64 members, 64 non-members), aligns ktmia's pseudo-clients for 30 steps and
 runs ktmia on the undefended run only (its defended cell is null); the full run takes 32 rows per client (128
 members, 128 non-members), 60 ktmia steps and every attack on both runs. Measured on 2 cores shared with four other
-jobs (load 9-10), --quick took about 55 minutes (each run's 64 training steps about 7 minutes, the loss attack
-10, ktmia's two alignments 12 each); on 2 free cores expect about a quarter of that. Both run one seed: the
-intervals are over rows, not seeds. Runs and scores are kept under ``--out`` (``mia-[quick-]<defense>/``), so a
-rerun only trains and attacks again what is missing.
+jobs (load 9-10), --quick took about 75 minutes (the runs' 64 training steps 7 and 13 minutes, the loss attack 8-10
+per run, ktmia 25 with its two 30-step alignments, observed and property a few); on 2 free cores expect a quarter.
+Both run one seed: the intervals are over rows, not seeds. Runs and scores are kept under ``--out``
+(``mia-[quick-]<defense>/``), so a rerun only trains and attacks again what is missing.
 """
 
 from __future__ import annotations
