@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -53,19 +54,19 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CLIENTS = 8
-GROUPS = "[[0,1],[2,3],[4,5],[6,7]]"
-FORGET = "1"  # who asks to be forgotten: shard 0 (the shard adapters/ holds) trains it last, so remembers it best
+FORGET = "0"  # who asks to be forgotten: alone in shard 0, the shard the run's adapters/ holds
 
 
 def settings(quick: bool) -> dict[str, int]:
     if quick:
-        return {"rows": 16, "steps": 8, "nonmembers": 48, "eval_rows": 48}
-    return {"rows": 32, "steps": 12, "nonmembers": 96, "eval_rows": 160}
+        return {"clients": 4, "rows": 16, "steps": 20, "nonmembers": 48, "eval_rows": 32}
+    return {"clients": 8, "rows": 16, "steps": 20, "nonmembers": 96, "eval_rows": 96}
 
 
 def overrides(quick: bool, seed: int, out: Path, model: str = "smollm2-135m-instruct") -> list[str]:
     s = settings(quick)
+    clients = s["clients"]
+    groups = "[" + ",".join(f"[{i}]" for i in range(clients)) + "]"  # one shard per client
     held = 2 * s["nonmembers"] + 8  # non-member sets A and B, and the in-run evaluation's batch
     held = max(held, s["eval_rows"])
     return [
@@ -73,9 +74,9 @@ def overrides(quick: bool, seed: int, out: Path, model: str = "smollm2-135m-inst
         "lora.rank=8", "lora.alpha=16", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj]",
         "train.batch_size=8", "train.seq_len=64", "train.lr=0.004", "train.warmup_steps=0", "train.progress=false",
         "train.eval_batches=1", "train.eval_each_round=false", "train.eval_before=false",
-        "data.name=rotten_tomatoes", "data.format=instruction", f"data.eval_size={held}",
-        f"data.max_rows={held + CLIENTS * s['rows']}",
-        "framework.name=gsfl", f"framework.num_clients={CLIENTS}", f"framework.groups={GROUPS}", "framework.rounds=2",
+        "data.name=pii", "data.format=lm", "data.pack=false", f"data.eval_size={held}",
+        f"data.max_rows={held + clients * s['rows']}",
+        "framework.name=gsfl", f"framework.num_clients={clients}", f"framework.groups={groups}", "framework.rounds=2",
         f"framework.local_steps={s['steps'] // 2}", f"train.steps={s['steps']}",
         "framework.aggregation={splitwiper: {warmup_rounds: 1}}", f"seed={seed}", f"output_dir={out}",
     ]  # fmt: skip
@@ -104,9 +105,9 @@ def unlearned(run: Path, out: Path, full_retrain: bool) -> dict[str, Any]:
     return json.loads((out / "unlearn.json").read_text())
 
 
-def ensemble_accuracy(run: Path, rows: int) -> float | None:
-    """Held-out accuracy of ``run``'s global model (the trained shards' ensemble, from its last checkpoint) on its
-    first ``rows`` held-out reviews."""
+def ensemble_perplexity(run: Path, rows: int) -> float:
+    """Held-out perplexity of ``run``'s global model (the trained shards' ensemble, from its last checkpoint: exp of
+    the mean of the shards' per-token losses) on its first ``rows`` held-out rows."""
     from splitlm.frameworks.assemble import load_run_config
     from splitlm.frameworks.checkpoint import checkpoints
     from splitlm.frameworks.federation import build_parties
@@ -118,9 +119,10 @@ def ensemble_accuracy(run: Path, rows: int) -> float | None:
     holder = fed.strategy.global_member(fed)
     fed.server.start()
     try:
-        return holder.accuracy(fed)
+        loss = holder.evaluate(fed).loss
     finally:
         fed.server.stop()
+    return round(math.exp(loss), 3)
 
 
 def auc(members: list[float], others: list[float]) -> dict[str, Any]:
@@ -170,7 +172,7 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
     train_seconds, train_cpu = float(took["seconds"]), took.get("cpu_seconds")
     record = unlearned(trained, root / f"unlearned-{FORGET}", full_retrain=False)
     if quick:
-        share = (CLIENTS - 1) / CLIENTS
+        share = (s["clients"] - 1) / s["clients"]
         retrain_seconds, estimated = train_seconds * share, True
         retrain_cpu = None if train_cpu is None else train_cpu * share
     else:
@@ -195,8 +197,8 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
     # row's own ease or difficulty cancels out; 0.5: the forgotten rows lost nothing the others did not)
     drop = auc([b - a for b, a in zip(before_m, after_m, strict=True)],
                [b - a for b, a in zip(before_b + before_a, after_b + after_a, strict=True)])  # fmt: skip
-    retained = ensemble_accuracy(root / f"unlearned-{FORGET}", s["eval_rows"])
-    retained_before = None if quick else ensemble_accuracy(trained, s["eval_rows"])
+    retained = ensemble_perplexity(root / f"unlearned-{FORGET}", s["eval_rows"])
+    retained_before = ensemble_perplexity(trained, s["eval_rows"])
     seconds = float(record["seconds"])
     result = {
         "mia_auc_before": before["auc"], "mia_auc_after": after["auc"], "mia_auc_nonmembers": chance["auc"],
@@ -204,6 +206,7 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
         "mia_auc_before_ci": before["ci"], "mia_auc_after_ci": after["ci"], "mia_auc_nonmembers_ci": chance["ci"],
         "tpr_at_1pct_fpr_before": before["tpr_at_1pct_fpr"], "tpr_at_1pct_fpr_after": after["tpr_at_1pct_fpr"],
         "retained_metric_before": retained_before, "retained_metric_rows": s["eval_rows"],
+        "retained_metric_kind": "held-out perplexity of the shards' ensemble (lower is better)",
         "cpu_seconds": _rounded(record.get("cpu_seconds")), "retrain_cpu_seconds": _rounded(retrain_cpu),
         "retrain_estimated": estimated, "trained_seconds": round(train_seconds, 1),
         "speedup": round(retrain_seconds / seconds, 2) if seconds else None,
@@ -218,7 +221,7 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
             "after_differs_from_nonmembers": gap[0] > 0 or gap[1] < 0,
         },
         "attack": "loss (likelihood ratio against the pretrained model), threat model inside, on shard 0",
-        "members": len(members), "nonmembers": len(set_b), "seed": seed, "clients": CLIENTS, "shards": 4,
+        "members": len(members), "nonmembers": len(set_b), "seed": seed, "clients": s["clients"], "shards": s["clients"],
         "forgotten_client": FORGET, "unlearn_mode": record["mode"], "retrained_clients": record.get("retrained"),
     }  # fmt: skip
     return {"unlearning": result}
