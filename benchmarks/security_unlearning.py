@@ -2,28 +2,32 @@
 
     python benchmarks/security_unlearning.py [--quick] [--out runs/bench-security] [--seed 0]
 
-Eight clients hold Rotten Tomatoes reviews (instruction format, "Review: ...\\nSentiment:" -> " fresh"/" rotten"),
-the default model (SmolLM2-135M-Instruct, U-shaped 2/2 cut, LoRA r=8 on q_proj and v_proj) trains with gsfl and
-``framework.aggregation=splitwiper``: four shards of two clients each (``framework.groups``), every shard its own
-trunk adapter and client side, heads frozen after the first of two rounds. Each client takes several passes over its
-few rows, so the model remembers them. Then client 1 asks to be forgotten (shard 0 trains its clients in order, so
-client 1 last: the shard remembers it best): ``splitlm unlearn`` trains shard 0 again from its initial state with
-client 0 alone, and keeps the other three shards as they were.
+Eight clients hold rows of the synthetic PII corpus (``data.name=pii``, plain text: e-mails, tickets and bank notes,
+each with its own name, e-mail address, phone number...; ``data.format=lm``, so the loss is on every token of a row,
+one row per example), 16 rows each. The default model (SmolLM2-135M-Instruct, U-shaped 2/2 cut, LoRA r=8 on q_proj
+and v_proj) trains with gsfl and ``framework.aggregation=splitwiper``: one shard per client (``framework.groups``),
+every shard its own trunk adapter and client side, heads frozen after the first of two rounds. Each client takes 20
+steps of 8 rows over its 16 rows (every row seen 10 times), so its shard remembers them: the unique names and
+addresses are what a model memorises and a held-out row does not share. Then client 0 asks to be forgotten:
+``splitlm unlearn`` drops its shard from the ensemble (it was alone in it: nothing is trained) and keeps the others.
+(With shards of several clients, unlearning trains the client's shard again without it; the tests cover both.)
 
 - ``mia_auc_before`` / ``mia_auc_after``: the likelihood-ratio membership attack (``privacy/attacks/membership.py``,
-  ``loss``, threat model ``inside``: the shard's head, trunk adapter and tail, with the pretrained model as the
-  reference) on client 1's training rows against held-out rows B, on shard 0 (``adapters/``, the shard that held the
-  rows: the strongest place to look) of the trained run and of the unlearned run.
+  ``loss``, threat model ``inside``: a shard's head, trunk adapter and tail, with the pretrained model as the
+  reference; a row's score is its mean loss over all its tokens) on client 0's training rows against held-out rows
+  B, on the run's ``adapters/`` model: before, shard 0 (the shard that held the rows: the strongest place to look);
+  after, the unlearned run's first shard (shard 0 is gone).
 - ``mia_auc_nonmembers``: the same attack on held-out rows A against B under the unlearned model: what chance looks
   like with these sample sizes. The target is ``|after - nonmembers| <= 0.05``.
-- ``retained_metric``: held-out accuracy of the unlearned run's global model (the shards' ensemble: a candidate's
-  loss is the mean of the shards' losses) on ``eval_rows`` held-out reviews (``retained_metric_before``: the trained
-  run's).
+- ``retained_metric``: the PII corpus has no answer to classify, so this is the held-out perplexity (lower is
+  better) of the unlearned run's global model (the shards' ensemble: exp of the mean of the shards' per-token
+  losses) on ``eval_rows`` held-out rows; ``retained_metric_before``: the trained run's (``retained_metric_kind``
+  says so in the JSON).
 - ``seconds``: wall time of the unlearning request (loading the model included; its in-run evaluation is one batch);
-  ``retrain_seconds``: the same for ``--full-retrain`` (all four shards trained again without client 1), the cost
-  without isolation's shortcut. The target is ``seconds < retrain_seconds / 4``. Wall time on a shared machine
-  depends on what else runs: ``cpu_seconds`` / ``retrain_cpu_seconds`` give the CPU time of each (every thread's),
-  which the other processes do not inflate (null for a run kept from before they were recorded).
+  ``retrain_seconds``: the same for ``--full-retrain`` (every other client's shard trained again), the cost without
+  isolation's shortcut. The target is ``seconds < retrain_seconds / 4``. Wall time on a shared machine depends on
+  what else runs: ``cpu_seconds`` / ``retrain_cpu_seconds`` give the CPU time of each (every thread's), which the
+  other processes do not inflate (null for a run kept from before they were recorded).
 
 Noise: one seed (``--seed``); each AUC comes with a 95 % bootstrap interval (``*_ci``) and the sample sizes
 (``members``, ``nonmembers``); ``after_minus_nonmembers_ci`` bootstraps the difference the target is about (the three
@@ -31,14 +35,14 @@ row sets resampled together). ``score_drop_auc``: paired by row, the AUC of how 
 forgotten rows' scores against how much it lowered the non-members' (a row's own ease cancels out; above 0.5: the
 forgotten rows lost what the model had of them). ``exceeds_noise``: whether before's interval lies above the
 non-members' AUC, and whether after's difference from the non-members' is outside its interval's noise. The
-unlearned shard provably never saw the forgotten rows (``tests/frameworks/test_frameworks_unlearn.py``: it equals a
+unlearned model provably never saw the forgotten rows (``tests/frameworks/test_frameworks_unlearn.py``: it equals a
 run without the client tensor for tensor), so an ``after`` away from ``nonmembers`` is noise or something the client's
 few rows share (the same rows score alike under any model), not a leak.
 
-``--quick`` (about 8 minutes on 2 idle cores, 25 under a load of 8): 16 rows per client and 8 steps each instead
-of 32 and 12, 48 held-out rows per non-member set instead of 96, accuracy on 48 held-out reviews instead of 96 and
-only after unlearning (``retained_metric_before`` null), and no full retrain: its time is estimated as the trained
-run's wall time x 7/8 (the same work less one client's share; ``retrain_estimated``: true).
+``--quick`` (about 15 minutes under a load of 8 on 2 cores): four clients (four shards) instead of eight, 48
+held-out rows per non-member set instead of 96, perplexity on 32 held-out rows instead of 96, and no full retrain:
+its time is estimated as the trained run's wall (and CPU) time x 3/4 (the same work less one client's share, model
+loading included; ``retrain_estimated``: true). The forgotten client's rows, steps and passes are the same.
 Runs are kept under ``--out`` (default ``runs/bench-security``) and reused when the same settings run again.
 """
 
@@ -220,8 +224,10 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
             "before_above_nonmembers": before["ci"][0] > chance["auc"],
             "after_differs_from_nonmembers": gap[0] > 0 or gap[1] < 0,
         },
-        "attack": "loss (likelihood ratio against the pretrained model), threat model inside, on shard 0",
-        "members": len(members), "nonmembers": len(set_b), "seed": seed, "clients": s["clients"], "shards": s["clients"],
+        "attack": "loss (likelihood ratio against the pretrained model, mean over a row's tokens), threat model "
+                  "inside, on adapters/ (before: shard 0, the forgotten client's; after: the first shard kept)",
+        "members": len(members), "nonmembers": len(set_b), "seed": seed, "clients": s["clients"],
+        "shards": s["clients"], "data": "pii",
         "forgotten_client": FORGET, "unlearn_mode": record["mode"], "retrained_clients": record.get("retrained"),
     }  # fmt: skip
     return {"unlearning": result}
@@ -229,7 +235,7 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rows and steps, the full retrain estimated")
+    parser.add_argument("--quick", action="store_true", help="four clients, the full retrain estimated")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-security"), help="where the runs are kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="e.g. tiny-llama for a smoke run")
