@@ -2,28 +2,32 @@
 
     python benchmarks/security_unlearning.py [--quick] [--out runs/bench-security] [--seed 0]
 
-Eight clients hold Rotten Tomatoes reviews (instruction format, "Review: ...\\nSentiment:" -> " fresh"/" rotten"),
-the default model (SmolLM2-135M-Instruct, U-shaped 2/2 cut, LoRA r=8 on q_proj and v_proj) trains with gsfl and
-``framework.aggregation=splitwiper``: four shards of two clients each (``framework.groups``), every shard its own
-trunk adapter and client side, heads frozen after the first of two rounds. Each client takes several passes over its
-few rows, so the model remembers them. Then client 1 asks to be forgotten (shard 0 trains its clients in order, so
-client 1 last: the shard remembers it best): ``splitlm unlearn`` trains shard 0 again from its initial state with
-client 0 alone, and keeps the other three shards as they were.
+Eight clients hold rows of the synthetic PII corpus (``data.name=pii``, plain text: e-mails, tickets and bank notes,
+each with its own name, e-mail address, phone number...; ``data.format=lm``, so the loss is on every token of a row,
+one row per example), 16 rows each. The default model (SmolLM2-135M-Instruct, U-shaped 2/2 cut, LoRA r=8 on q_proj
+and v_proj) trains with gsfl and ``framework.aggregation=splitwiper``: one shard per client (``framework.groups``),
+every shard its own trunk adapter and client side, heads frozen after the first of two rounds. Each client takes 20
+steps of 8 rows over its 16 rows (every row seen 10 times), so its shard remembers them: the unique names and
+addresses are what a model memorises and a held-out row does not share. Then client 0 asks to be forgotten:
+``splitlm unlearn`` drops its shard from the ensemble (it was alone in it: nothing is trained) and keeps the others.
+(With shards of several clients, unlearning trains the client's shard again without it; the tests cover both.)
 
 - ``mia_auc_before`` / ``mia_auc_after``: the likelihood-ratio membership attack (``privacy/attacks/membership.py``,
-  ``loss``, threat model ``inside``: the shard's head, trunk adapter and tail, with the pretrained model as the
-  reference) on client 1's training rows against held-out rows B, on shard 0 (``adapters/``, the shard that held the
-  rows: the strongest place to look) of the trained run and of the unlearned run.
+  ``loss``, threat model ``inside``: a shard's head, trunk adapter and tail, with the pretrained model as the
+  reference; a row's score is its mean loss over all its tokens) on client 0's training rows against held-out rows
+  B, on the run's ``adapters/`` model: before, shard 0 (the shard that held the rows: the strongest place to look);
+  after, the unlearned run's first shard (shard 0 is gone).
 - ``mia_auc_nonmembers``: the same attack on held-out rows A against B under the unlearned model: what chance looks
   like with these sample sizes. The target is ``|after - nonmembers| <= 0.05``.
-- ``retained_metric``: held-out accuracy of the unlearned run's global model (the shards' ensemble: a candidate's
-  loss is the mean of the shards' losses) on ``eval_rows`` held-out reviews (``retained_metric_before``: the trained
-  run's).
+- ``retained_metric``: the PII corpus has no answer to classify, so this is the held-out perplexity (lower is
+  better) of the unlearned run's global model (the shards' ensemble: exp of the mean of the shards' per-token
+  losses) on ``eval_rows`` held-out rows; ``retained_metric_before``: the trained run's (``retained_metric_kind``
+  says so in the JSON).
 - ``seconds``: wall time of the unlearning request (loading the model included; its in-run evaluation is one batch);
-  ``retrain_seconds``: the same for ``--full-retrain`` (all four shards trained again without client 1), the cost
-  without isolation's shortcut. The target is ``seconds < retrain_seconds / 4``. Wall time on a shared machine
-  depends on what else runs: ``cpu_seconds`` / ``retrain_cpu_seconds`` give the CPU time of each (every thread's),
-  which the other processes do not inflate (null for a run kept from before they were recorded).
+  ``retrain_seconds``: the same for ``--full-retrain`` (every other client's shard trained again), the cost without
+  isolation's shortcut. The target is ``seconds < retrain_seconds / 4``. Wall time on a shared machine depends on
+  what else runs: ``cpu_seconds`` / ``retrain_cpu_seconds`` give the CPU time of each (every thread's), which the
+  other processes do not inflate (null for a run kept from before they were recorded).
 
 Noise: one seed (``--seed``); each AUC comes with a 95 % bootstrap interval (``*_ci``) and the sample sizes
 (``members``, ``nonmembers``); ``after_minus_nonmembers_ci`` bootstraps the difference the target is about (the three
@@ -31,14 +35,17 @@ row sets resampled together). ``score_drop_auc``: paired by row, the AUC of how 
 forgotten rows' scores against how much it lowered the non-members' (a row's own ease cancels out; above 0.5: the
 forgotten rows lost what the model had of them). ``exceeds_noise``: whether before's interval lies above the
 non-members' AUC, and whether after's difference from the non-members' is outside its interval's noise. The
-unlearned shard provably never saw the forgotten rows (``tests/frameworks/test_frameworks_unlearn.py``: it equals a
+unlearned model provably never saw the forgotten rows (``tests/frameworks/test_frameworks_unlearn.py``: it equals a
 run without the client tensor for tensor), so an ``after`` away from ``nonmembers`` is noise or something the client's
-few rows share (the same rows score alike under any model), not a leak.
+few rows share (the same rows score alike under any model), not a leak. With 16 forgotten rows an AUC's interval is
+about ±0.15 wide, wider than the target's 0.05: the point estimate can miss the target by chance, and
+``exceeds_noise`` says whether a miss is more than that.
 
-``--quick`` (about 8 minutes on 2 idle cores, 25 under a load of 8): 16 rows per client and 8 steps each instead
-of 32 and 12, 48 held-out rows per non-member set instead of 96, accuracy on 48 held-out reviews instead of 96 and
-only after unlearning (``retained_metric_before`` null), and no full retrain: its time is estimated as the trained
-run's wall time x 7/8 (the same work less one client's share; ``retrain_estimated``: true).
+``--quick`` (about 20 minutes under a load of 8 on 2 cores, 11 of them this process's CPU time): four clients (four
+shards) instead of eight, 48 held-out rows per non-member set instead of 96, perplexity on 32 held-out rows instead
+of 96, and no full retrain: its time is estimated as the trained run's wall (and CPU) time x 3/4 (the same work less
+one client's share, model loading included; ``retrain_estimated``: true). The forgotten client's rows, steps and
+passes are the same.
 Runs are kept under ``--out`` (default ``runs/bench-security``) and reused when the same settings run again.
 """
 
@@ -46,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -53,19 +61,19 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CLIENTS = 8
-GROUPS = "[[0,1],[2,3],[4,5],[6,7]]"
-FORGET = "1"  # who asks to be forgotten: shard 0 (the shard adapters/ holds) trains it last, so remembers it best
+FORGET = "0"  # who asks to be forgotten: alone in shard 0, the shard the run's adapters/ holds
 
 
 def settings(quick: bool) -> dict[str, int]:
     if quick:
-        return {"rows": 16, "steps": 8, "nonmembers": 48, "eval_rows": 48}
-    return {"rows": 32, "steps": 12, "nonmembers": 96, "eval_rows": 160}
+        return {"clients": 4, "rows": 16, "steps": 20, "nonmembers": 48, "eval_rows": 32}
+    return {"clients": 8, "rows": 16, "steps": 20, "nonmembers": 96, "eval_rows": 96}
 
 
 def overrides(quick: bool, seed: int, out: Path, model: str = "smollm2-135m-instruct") -> list[str]:
     s = settings(quick)
+    clients = s["clients"]
+    groups = "[" + ",".join(f"[{i}]" for i in range(clients)) + "]"  # one shard per client
     held = 2 * s["nonmembers"] + 8  # non-member sets A and B, and the in-run evaluation's batch
     held = max(held, s["eval_rows"])
     return [
@@ -73,9 +81,9 @@ def overrides(quick: bool, seed: int, out: Path, model: str = "smollm2-135m-inst
         "lora.rank=8", "lora.alpha=16", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj]",
         "train.batch_size=8", "train.seq_len=64", "train.lr=0.004", "train.warmup_steps=0", "train.progress=false",
         "train.eval_batches=1", "train.eval_each_round=false", "train.eval_before=false",
-        "data.name=rotten_tomatoes", "data.format=instruction", f"data.eval_size={held}",
-        f"data.max_rows={held + CLIENTS * s['rows']}",
-        "framework.name=gsfl", f"framework.num_clients={CLIENTS}", f"framework.groups={GROUPS}", "framework.rounds=2",
+        "data.name=pii", "data.format=lm", "data.pack=false", f"data.eval_size={held}",
+        f"data.max_rows={held + clients * s['rows']}",
+        "framework.name=gsfl", f"framework.num_clients={clients}", f"framework.groups={groups}", "framework.rounds=2",
         f"framework.local_steps={s['steps'] // 2}", f"train.steps={s['steps']}",
         "framework.aggregation={splitwiper: {warmup_rounds: 1}}", f"seed={seed}", f"output_dir={out}",
     ]  # fmt: skip
@@ -104,9 +112,9 @@ def unlearned(run: Path, out: Path, full_retrain: bool) -> dict[str, Any]:
     return json.loads((out / "unlearn.json").read_text())
 
 
-def ensemble_accuracy(run: Path, rows: int) -> float | None:
-    """Held-out accuracy of ``run``'s global model (the trained shards' ensemble, from its last checkpoint) on its
-    first ``rows`` held-out reviews."""
+def ensemble_perplexity(run: Path, rows: int) -> float:
+    """Held-out perplexity of ``run``'s global model (the trained shards' ensemble, from its last checkpoint: exp of
+    the mean of the shards' per-token losses) on its first ``rows`` held-out rows."""
     from splitlm.frameworks.assemble import load_run_config
     from splitlm.frameworks.checkpoint import checkpoints
     from splitlm.frameworks.federation import build_parties
@@ -118,9 +126,10 @@ def ensemble_accuracy(run: Path, rows: int) -> float | None:
     holder = fed.strategy.global_member(fed)
     fed.server.start()
     try:
-        return holder.accuracy(fed)
+        loss = holder.evaluate(fed).loss
     finally:
         fed.server.stop()
+    return round(math.exp(loss), 3)
 
 
 def auc(members: list[float], others: list[float]) -> dict[str, Any]:
@@ -170,7 +179,7 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
     train_seconds, train_cpu = float(took["seconds"]), took.get("cpu_seconds")
     record = unlearned(trained, root / f"unlearned-{FORGET}", full_retrain=False)
     if quick:
-        share = (CLIENTS - 1) / CLIENTS
+        share = (s["clients"] - 1) / s["clients"]
         retrain_seconds, estimated = train_seconds * share, True
         retrain_cpu = None if train_cpu is None else train_cpu * share
     else:
@@ -195,8 +204,8 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
     # row's own ease or difficulty cancels out; 0.5: the forgotten rows lost nothing the others did not)
     drop = auc([b - a for b, a in zip(before_m, after_m, strict=True)],
                [b - a for b, a in zip(before_b + before_a, after_b + after_a, strict=True)])  # fmt: skip
-    retained = ensemble_accuracy(root / f"unlearned-{FORGET}", s["eval_rows"])
-    retained_before = None if quick else ensemble_accuracy(trained, s["eval_rows"])
+    retained = ensemble_perplexity(root / f"unlearned-{FORGET}", s["eval_rows"])
+    retained_before = ensemble_perplexity(trained, s["eval_rows"])
     seconds = float(record["seconds"])
     result = {
         "mia_auc_before": before["auc"], "mia_auc_after": after["auc"], "mia_auc_nonmembers": chance["auc"],
@@ -204,6 +213,7 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
         "mia_auc_before_ci": before["ci"], "mia_auc_after_ci": after["ci"], "mia_auc_nonmembers_ci": chance["ci"],
         "tpr_at_1pct_fpr_before": before["tpr_at_1pct_fpr"], "tpr_at_1pct_fpr_after": after["tpr_at_1pct_fpr"],
         "retained_metric_before": retained_before, "retained_metric_rows": s["eval_rows"],
+        "retained_metric_kind": "held-out perplexity of the shards' ensemble (lower is better)",
         "cpu_seconds": _rounded(record.get("cpu_seconds")), "retrain_cpu_seconds": _rounded(retrain_cpu),
         "retrain_estimated": estimated, "trained_seconds": round(train_seconds, 1),
         "speedup": round(retrain_seconds / seconds, 2) if seconds else None,
@@ -217,8 +227,10 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
             "before_above_nonmembers": before["ci"][0] > chance["auc"],
             "after_differs_from_nonmembers": gap[0] > 0 or gap[1] < 0,
         },
-        "attack": "loss (likelihood ratio against the pretrained model), threat model inside, on shard 0",
-        "members": len(members), "nonmembers": len(set_b), "seed": seed, "clients": CLIENTS, "shards": 4,
+        "attack": "loss (likelihood ratio against the pretrained model, mean over a row's tokens), threat model "
+                  "inside, on adapters/ (before: shard 0, the forgotten client's; after: the first shard kept)",
+        "members": len(members), "nonmembers": len(set_b), "seed": seed, "clients": s["clients"],
+        "shards": s["clients"], "data": "pii",
         "forgotten_client": FORGET, "unlearn_mode": record["mode"], "retrained_clients": record.get("retrained"),
     }  # fmt: skip
     return {"unlearning": result}
@@ -226,7 +238,7 @@ def run(quick: bool, out: Path, seed: int = 0, model: str = "smollm2-135m-instru
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rows and steps, the full retrain estimated")
+    parser.add_argument("--quick", action="store_true", help="four clients, the full retrain estimated")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-security"), help="where the runs are kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="e.g. tiny-llama for a smoke run")
