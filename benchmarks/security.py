@@ -13,12 +13,17 @@ and what its ``--quick`` leaves out), and prints one JSON line with their keys:
 - ``hijack`` (``security_hijack.py``): FSHA and SplitSpy against SplitGuard, Gradients Scrutinizer and SplitOut:
   detected or not, at which step, and false alarms on honest runs;
 - ``unlearning`` (``security_unlearning.py``): ``splitlm unlearn`` with SplitWiper's isolation: MIA AUC on the
-  forgotten client's rows before and after, on non-members, the retained accuracy, seconds against a full retrain.
+  forgotten client's rows before and after, on non-members, the retained quality (``retained_metric_kind`` names it:
+  the shards' ensemble's held-out perplexity on the PII corpus that section trains on, a loss on every token), and
+  seconds against a full retrain.
 
 Each section's result is kept in ``--out`` (``SECTION.json``, with whether it ran ``--quick``), so a second run
 only reassembles what is there (``--fresh`` runs every section again) and an interrupted run keeps the finished
-sections. Every section runs the real default model (SmolLM2-135M-Instruct) on Rotten Tomatoes on this machine's
-CPUs; the whole benchmark fits in about 90 minutes on 2 cores, ``--quick`` in about 35.
+sections. Every section runs the real default model (SmolLM2-135M-Instruct) on this machine's CPUs, on Rotten
+Tomatoes except the unlearning section. Measured with ``--quick`` on 2 cores shared with other jobs (load about 8):
+mia about 75 minutes, hijack 29, unlearning 20, integrity (its docstring); not timed on idle cores.
+The full modes (more seeds, ktmia under the defense, the vanilla split, a real full retrain) take longer still and
+were not run here; ``--only`` runs a subset.
 """
 
 from __future__ import annotations
