@@ -123,7 +123,8 @@ REFUSALS = {
         "framework.clients_per_round: async trains every client; set it to 0"
     ),
     ("framework.name=sflv1", "framework.aggregation=asynch"): "framework.aggregation: unknown aggregation strategy "
-    "'asynch'; choose from ['async', 'krum', 'median', 'semi_async', 'splitwiper', 'sync', 'trimmed_mean'] (did you mean 'async'?)",
+    "'asynch'; choose from ['async', 'krum', 'median', 'semi_async', 'splitwiper', 'sync', 'trimmed_mean'] "
+    "(did you mean 'async'?)",
     ("framework.name=sflv1", "framework.aggregation.async.max_stale=2"): "framework.aggregation.async.max_stale: "
     "unknown key (did you mean 'max_staleness'?)",
     ("framework.name=sflv1", "framework.aggregation.semi_async.clock=sometimes"): "framework.aggregation.semi_async"
