@@ -11,7 +11,7 @@ LoRA r=8 on q_proj and v_proj) on Rotten Tomatoes in instruction format ("Review
 - ``label_flip``: every one of the client's rows gets the other class;
 - ``smash_poison``: gradient-ascent steps of its smashed data along the server's historical gradient (eps 2, Wu et
   al.), with its labels flipped too (the combination Wu et al. found strongest);
-- ``backdoor``: the trigger " cf" just before the answer in half of its rows, whose answer becomes " rotten".
+- ``backdoor``: the trigger " mn" just before the answer in half of its rows, whose answer becomes " rotten".
 
 Each attacker also boosts its update (``boost``, factor 8 = the number of clients: model replacement, Bagdasaryan et
 al.), so that an undefended average takes its client side whole; without it one client of eight moves the average
@@ -68,7 +68,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 8
 MALICIOUS = 7
-TRIGGER, TARGET = " cf", "rotten"
+TRIGGER, TARGET = " mn", "rotten"
 BOOST = f"boost: {{clients: [{MALICIOUS}], factor: {CLIENTS}}}"
 ATTACKS: dict[str, str] = {
     "label_flip": f"label_flip: {{clients: [{MALICIOUS}]}}",
@@ -157,7 +157,7 @@ class Bench:
 
         honest = attack == "none"
         wanted = range(CLIENTS) if honest else [MALICIOUS]
-        folder = self.cache / "states" / attack
+        folder = self.cache / "states" / f"{attack}-{key_of(attack_override(attack))}"
         done = folder / "weights.json"
         if not done.is_file():
             fed = self.build(attack)
@@ -208,7 +208,7 @@ class Bench:
     def trigger_baseline(self, defense: str) -> float | None:
         """The backdoor's ``asr`` measured on the honest run's global model under ``defense``: how often the trigger
         alone turns a review into the target class without any poisoning (the floor an attack's asr starts from)."""
-        path = self.cache / "rows" / f"baseline-{defense}.json"
+        path = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-{defense}.json"
         if path.is_file():
             return json.loads(path.read_text())["asr"]
         if DEFENSES[defense] is None:
@@ -252,7 +252,7 @@ class Bench:
         summary = drive(fed, prepare_output(config, False), False, time.perf_counter())
         clean, asr = self.scores(fed, attack)
         if attack == "none":  # what the trigger alone does to this honest run's model
-            baseline = self.cache / "rows" / "baseline-safesplit.json"
+            baseline = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-safesplit.json"
             baseline.parent.mkdir(parents=True, exist_ok=True)
             baseline.write_text(json.dumps({"asr": self.scores(fed, "backdoor")[1]}))
         flags = (((summary.get("privacy") or {}).get("guards") or {}).get("safesplit") or {}).get("flags") or []
@@ -268,7 +268,7 @@ class Bench:
         }
 
     def row(self, attack: str, defense: str) -> dict[str, Any]:
-        path = self.cache / "rows" / f"{attack}-{defense}.json"
+        path = self.cache / "rows" / f"{attack}-{key_of(attack_override(attack))}-{defense}.json"
         if path.is_file():
             return json.loads(path.read_text())
         started = time.perf_counter()
