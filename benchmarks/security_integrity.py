@@ -295,9 +295,12 @@ def guards_available() -> bool:
     return "safesplit" in GUARDS
 
 
-def run(quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: int = 1) -> dict[str, Any]:
+def run(
+    quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: int = 1, only: list[str] | None = None
+) -> dict[str, Any]:
     """The ``integrity`` rows (and the settings and noise they were measured with); ``threads``: torch's intra-op
-    threads (one: on a small shared machine, OpenMP workers spinning for a busy core slow a run down many times)."""
+    threads (one: on a small shared machine, OpenMP workers spinning for a busy core slow a run down many times);
+    ``only``: these defenses alone (default: all of the mode's)."""
     import torch
     import transformers
 
@@ -307,7 +310,7 @@ def run(quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: i
     started = time.perf_counter()
     bench = Bench(quick, out, model)
     s = bench.s
-    defenses = [d for d in s["defenses"] if d != "safesplit" or guards_available()]
+    defenses = [d for d in s["defenses"] if (d != "safesplit" or guards_available()) and (not only or d in only)]
     rows: list[dict[str, Any]] = []
     for defense in defenses:
         for attack in ("none", *ATTACKS):
@@ -332,7 +335,9 @@ def run(quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: i
         "asr_2se_max": 2 * 0.5 / math.sqrt(max(n // 2, 1)),
         "note": "one seed: differences below these bounds are within noise",
     }
-    left_out = [] if "safesplit" in defenses or "safesplit" not in s["defenses"] else ["safesplit: not installed"]
+    left_out = [f"{d}: not asked for (--defenses)" for d in s["defenses"] if only and d not in only]
+    if "safesplit" in s["defenses"] and not guards_available():
+        left_out.append("safesplit: not installed")
     return {
         "integrity": rows,
         "integrity_settings": {**s, "defenses": defenses, "left_out": left_out, "noise": noise,
@@ -346,9 +351,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-security"))
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--defenses", nargs="+", choices=list(DEFENSES), help="these defenses alone")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    print(json.dumps(run(args.quick, Path(args.out), args.model, args.threads)))
+    print(json.dumps(run(args.quick, Path(args.out), args.model, args.threads, args.defenses)))
 
 
 if __name__ == "__main__":
