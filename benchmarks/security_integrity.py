@@ -48,9 +48,12 @@ Noise: one seed (0); the accuracies are over ``eval_rows`` held-out reviews (2 s
 1/sqrt(n): 0.1 for 100 rows, 0.07 for 200), the ASR over the held-out reviews of the other class (about half).
 ``settings.noise`` gives both; a difference below them is not a result.
 
-``--quick`` (about 8 minutes alone on 2 idle cores): 6 local steps, 100 held-out reviews, defenses none, median,
-krum and safesplit (it leaves out trimmed_mean and multi_krum), SafeSplit against the backdoor and the honest run only.
-The full mode (about 20 minutes): 10 local steps, 200 held-out reviews, every defense against every attack.
+``--quick``: 6 local steps, 100 held-out reviews, defenses none, median, krum and safesplit (it leaves out
+trimmed_mean and multi_krum), SafeSplit against the backdoor and the honest run only. The full mode: 10 local steps,
+200 held-out reviews, every defense against every attack. Measured on 2 cores shared with four other jobs (load 7-9):
+the quick rows without SafeSplit took about 45 minutes (the honest clients' states 7, each attacker 2-5, each
+evaluated global model 1.5-6), far over the 8 minutes planned for an idle machine; each SafeSplit row is a real run
+of eight clients (about 10 minutes there). ``--defenses`` runs some defenses only (the rest are listed as left out).
 """
 
 from __future__ import annotations
