@@ -63,6 +63,7 @@ import gc
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -251,6 +252,7 @@ class Bench:
         from splitlm.frameworks.federation import build_federation
 
         config = self.config(f"safesplit-{attack}", "privacy.guards={safesplit: {}}", *attack_override(attack))
+        shutil.rmtree(config.output_dir, ignore_errors=True)  # an interrupted attempt's run: its row is not cached
         fed = build_federation(config)
         summary = drive(fed, prepare_output(config, False), False, time.perf_counter())
         clean, asr = self.scores(fed, attack)
