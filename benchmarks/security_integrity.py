@@ -11,7 +11,7 @@ LoRA r=8 on q_proj and v_proj) on Rotten Tomatoes in instruction format ("Review
 - ``label_flip``: every one of the client's rows gets the other class;
 - ``smash_poison``: gradient-ascent steps of its smashed data along the server's historical gradient (eps 2, Wu et
   al.), with its labels flipped too (the combination Wu et al. found strongest);
-- ``backdoor``: the trigger " cf" just before the answer in half of its rows, whose answer becomes " rotten".
+- ``backdoor``: the trigger " mn" just before the answer in half of its rows, whose answer becomes " rotten".
 
 Each attacker also boosts its update (``boost``, factor 8 = the number of clients: model replacement, Bagdasaryan et
 al.), so that an undefended average takes its client side whole; without it one client of eight moves the average
@@ -48,9 +48,12 @@ Noise: one seed (0); the accuracies are over ``eval_rows`` held-out reviews (2 s
 1/sqrt(n): 0.1 for 100 rows, 0.07 for 200), the ASR over the held-out reviews of the other class (about half).
 ``settings.noise`` gives both; a difference below them is not a result.
 
-``--quick`` (about 8 minutes alone on 2 idle cores): 6 local steps, 100 held-out reviews, defenses none, median,
-krum and safesplit (it leaves out trimmed_mean and multi_krum), SafeSplit against the backdoor and the honest run only.
-The full mode (about 20 minutes): 10 local steps, 200 held-out reviews, every defense against every attack.
+``--quick``: 6 local steps, 100 held-out reviews, defenses none, median, krum and safesplit (it leaves out
+trimmed_mean and multi_krum), SafeSplit against the backdoor and the honest run only. The full mode: 10 local steps,
+200 held-out reviews, every defense against every attack. Measured on 2 cores shared with four other jobs (load 7-9):
+the quick rows without SafeSplit took about 45 minutes (the honest clients' states 7, each attacker 2-5, each
+evaluated global model 1.5-6), far over the 8 minutes planned for an idle machine; each SafeSplit row is a real run
+of eight clients (about 10 minutes there). ``--defenses`` runs some defenses only (the rest are listed as left out).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ import gc
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,7 +72,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 8
 MALICIOUS = 7
-TRIGGER, TARGET = " cf", "rotten"
+TRIGGER, TARGET = " mn", "rotten"
 BOOST = f"boost: {{clients: [{MALICIOUS}], factor: {CLIENTS}}}"
 ATTACKS: dict[str, str] = {
     "label_flip": f"label_flip: {{clients: [{MALICIOUS}]}}",
@@ -157,7 +161,7 @@ class Bench:
 
         honest = attack == "none"
         wanted = range(CLIENTS) if honest else [MALICIOUS]
-        folder = self.cache / "states" / attack
+        folder = self.cache / "states" / f"{attack}-{key_of(attack_override(attack))}"
         done = folder / "weights.json"
         if not done.is_file():
             fed = self.build(attack)
@@ -208,7 +212,7 @@ class Bench:
     def trigger_baseline(self, defense: str) -> float | None:
         """The backdoor's ``asr`` measured on the honest run's global model under ``defense``: how often the trigger
         alone turns a review into the target class without any poisoning (the floor an attack's asr starts from)."""
-        path = self.cache / "rows" / f"baseline-{defense}.json"
+        path = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-{defense}.json"
         if path.is_file():
             return json.loads(path.read_text())["asr"]
         if DEFENSES[defense] is None:
@@ -248,11 +252,12 @@ class Bench:
         from splitlm.frameworks.federation import build_federation
 
         config = self.config(f"safesplit-{attack}", "privacy.guards={safesplit: {}}", *attack_override(attack))
+        shutil.rmtree(config.output_dir, ignore_errors=True)  # an interrupted attempt's run: its row is not cached
         fed = build_federation(config)
         summary = drive(fed, prepare_output(config, False), False, time.perf_counter())
         clean, asr = self.scores(fed, attack)
         if attack == "none":  # what the trigger alone does to this honest run's model
-            baseline = self.cache / "rows" / "baseline-safesplit.json"
+            baseline = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-safesplit.json"
             baseline.parent.mkdir(parents=True, exist_ok=True)
             baseline.write_text(json.dumps({"asr": self.scores(fed, "backdoor")[1]}))
         flags = (((summary.get("privacy") or {}).get("guards") or {}).get("safesplit") or {}).get("flags") or []
@@ -268,7 +273,7 @@ class Bench:
         }
 
     def row(self, attack: str, defense: str) -> dict[str, Any]:
-        path = self.cache / "rows" / f"{attack}-{defense}.json"
+        path = self.cache / "rows" / f"{attack}-{key_of(attack_override(attack))}-{defense}.json"
         if path.is_file():
             return json.loads(path.read_text())
         started = time.perf_counter()
@@ -295,9 +300,12 @@ def guards_available() -> bool:
     return "safesplit" in GUARDS
 
 
-def run(quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: int = 1) -> dict[str, Any]:
+def run(
+    quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: int = 1, only: list[str] | None = None
+) -> dict[str, Any]:
     """The ``integrity`` rows (and the settings and noise they were measured with); ``threads``: torch's intra-op
-    threads (one: on a small shared machine, OpenMP workers spinning for a busy core slow a run down many times)."""
+    threads (one: on a small shared machine, OpenMP workers spinning for a busy core slow a run down many times);
+    ``only``: these defenses alone (default: all of the mode's)."""
     import torch
     import transformers
 
@@ -307,7 +315,7 @@ def run(quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: i
     started = time.perf_counter()
     bench = Bench(quick, out, model)
     s = bench.s
-    defenses = [d for d in s["defenses"] if d != "safesplit" or guards_available()]
+    defenses = [d for d in s["defenses"] if (d != "safesplit" or guards_available()) and (not only or d in only)]
     rows: list[dict[str, Any]] = []
     for defense in defenses:
         for attack in ("none", *ATTACKS):
@@ -332,7 +340,9 @@ def run(quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: i
         "asr_2se_max": 2 * 0.5 / math.sqrt(max(n // 2, 1)),
         "note": "one seed: differences below these bounds are within noise",
     }
-    left_out = [] if "safesplit" in defenses or "safesplit" not in s["defenses"] else ["safesplit: not installed"]
+    left_out = [f"{d}: not asked for (--defenses)" for d in s["defenses"] if only and d not in only]
+    if "safesplit" in s["defenses"] and not guards_available():
+        left_out.append("safesplit: not installed")
     return {
         "integrity": rows,
         "integrity_settings": {**s, "defenses": defenses, "left_out": left_out, "noise": noise,
@@ -346,9 +356,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-security"))
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--defenses", nargs="+", choices=list(DEFENSES), help="these defenses alone")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    print(json.dumps(run(args.quick, Path(args.out), args.model, args.threads)))
+    print(json.dumps(run(args.quick, Path(args.out), args.model, args.threads, args.defenses)))
 
 
 if __name__ == "__main__":
