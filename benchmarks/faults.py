@@ -14,7 +14,7 @@ out of round 2 (none for the server's faults). Faults:
   not there when round 2 starts, and started again after round 2.
 - ``server_killed_mid_round``: the server is killed in the middle of round 2 and started with ``--resume``.
 - ``server_killed_in_checkpoint``: the server is killed while it writes its checkpoint of round 1 (its
-  temporary checkpoint folder exists) and started with ``--resume``.
+  temporary checkpoint folder exists; if the poll missed that moment, of round 2) and started with ``--resume``.
 
 Three more faults leave every process running and cut client 1 off instead (client 1 reaches the server through
 a TCP proxy in this process, ``Blackhole``, that can stop forwarding both ways while keeping the sockets open: a
@@ -246,11 +246,16 @@ class Case:
         if fault == "server_killed_mid_round":
             _wait(lambda: self.server_steps(2), "a step of round 2")
             hit = True
-        else:  # server_killed_in_checkpoint: its temporary checkpoint folder of round 1 exists
+        else:  # server_killed_in_checkpoint: its temporary checkpoint folder of round 1 (or, missed, 2) exists
             folder = self.root / "server" / "checkpoints"
-            name = f".tmp-step-{CLIENTS * LOCAL_STEPS:06d}"
-            _wait(lambda: (folder / name).is_dir() or self.rounds_done() >= 1, "the checkpoint of round 1", poll=0.002)
-            hit = (folder / name).is_dir()
+            hit = False
+            for done in range(1, ROUNDS):  # writing a tiny checkpoint takes milliseconds: a poll may miss it
+                final = f"step-{done * CLIENTS * LOCAL_STEPS:06d}"  # renamed from the temporary folder when written
+                tmp = folder / f".tmp-{final}"
+                _wait(lambda tmp=tmp, final=final: tmp.is_dir() or (folder / final).is_dir(), final, poll=0.001)
+                hit = tmp.is_dir()
+                if hit:
+                    break
         server.send_signal(signal.SIGKILL)
         server.wait()
         self.server("--resume")

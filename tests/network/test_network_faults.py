@@ -34,8 +34,12 @@ CASES += list(zip(FAULTS.LINK_FAULT_FRAMEWORKS, FAULTS.LINK_FAULTS, strict=True)
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("framework", "fault"), CASES, ids=[f"{a}-{b}" for a, b in CASES])
 def test_a_fault_ends_as_its_reference(framework: str, fault: str, tmp_path: Path) -> None:
-    result = FAULTS.run_case(framework, fault, tmp_path / "case")
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((tmp_path / "case").glob("*.log")))
+    for attempt in range(3):  # a fault is timed by polling files: on a loaded machine a poll can miss its moment
+        case = tmp_path / f"case{attempt}"
+        result = FAULTS.run_case(framework, fault, case)
+        if result.get("fault_hit") or result.get("error") is not None:
+            break
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(case.glob("*.log")))
     assert result.get("error") is None, f"{result}\n{logs}"
     assert result["fault_hit"], f"the fault was injected too late to test anything: {result}"
     assert result["completed"], f"a process did not exit 0: {result}\n{logs}"
