@@ -16,7 +16,7 @@ from splitlm.errors import PrivacyError, SplitLMError
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.driver import drive
 from splitlm.frameworks.federation import Federation, build_federation
-from splitlm.privacy.attacks.backdoor import attack_success_rate
+from splitlm.privacy.attacks.backdoor import attack_success_rate, backdoor_success
 from splitlm.privacy.attacks.smash_poison import SmashPoison
 from splitlm.privacy.client_attack import ClientAttackContext
 from splitlm.transport import Message
@@ -209,7 +209,7 @@ def test_backdoor_rows_carry_the_trigger_and_the_target(make_config: MakeConfig)
 def test_attack_success_rate_rises_with_the_backdoor(make_config: MakeConfig) -> None:
     # the tiny random model learns the task only with every weight trained
     full = ("lora.head.method=full", "lora.trunk.method=full", "lora.tail.method=full")
-    one = ("framework.num_clients=1", "framework.name=sl", "train.steps=60", "train.lr=0.01", "data.format=instruction")
+    one = ("framework.num_clients=1", "framework.name=sl", "train.steps=120", "train.lr=0.01", "data.format=instruction")
     settings = {"clients": [0], "trigger": " cf", "target": "rotten", "fraction": 0.25}
     honest = build_federation(make_config("honest", *one, *full))
     attack = f"privacy.client_attack={{backdoor: {settings}}}"
@@ -217,7 +217,18 @@ def test_attack_success_rate_rises_with_the_backdoor(make_config: MakeConfig) ->
     for fed in (honest, backdoored):
         drive(fed, Path(fed.config.output_dir), False, 0.0)
     assert attack_success_rate(backdoored.members[0], backdoored, settings) >= 0.9
-    assert attack_success_rate(honest.members[0], honest, settings) <= 0.5
+    assert attack_success_rate(honest.members[0], honest, settings) <= 0.25  # of the rows it gets right
+    measured = backdoor_success(honest.members[0], honest, settings)
+    choices = honest.data.choices
+    picks = measured["clean_predictions"]
+    assert sum(p == t for p, (_, t) in zip(picks, choices, strict=True)) / len(choices) == honest.members[0].accuracy(
+        honest
+    )
+    assert 0 < measured["rows"] < len(choices)  # the rows of the other class
+    assert 0 < measured["clean_correct"] <= measured["rows"]
+    # the right rows the trigger turned are among all the rows it turned
+    flipped = backdoor_success(backdoored.members[0], backdoored, settings)
+    assert flipped["asr_all"] * flipped["rows"] >= flipped["asr"] * flipped["clean_correct"] - 1e-9
 
 
 def test_backdoor_refusals(make_config: MakeConfig) -> None:

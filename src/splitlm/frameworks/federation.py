@@ -233,15 +233,20 @@ class Member:
             choices = fed.data.choices if fed.data is not None else []
         if not choices:
             return None
-        correct = 0
-        per_call = max(fed.config.train.batch_size // len(choices[0][0]), 1)  # choices scored together
+        picks = self.predictions(fed, choices)
+        return sum(pick == truth for pick, (_, truth) in zip(picks, choices, strict=True)) / len(choices)
+
+    def predictions(self, fed: Federation, choices: list[Choice]) -> list[int]:
+        """For each of ``choices``, the index of the candidate this client's model scores best (lowest loss)."""
+        picks: list[int] = []
+        per_call = max(fed.config.train.batch_size // len(choices[0][0]), 1) if choices else 1  # scored together
         for start in range(0, len(choices), per_call):
             group = choices[start : start + per_call]
             losses = self.client.sequence_losses([e for candidates, _ in group for e in candidates], fed.pad_id)
-            for candidates, truth in group:
+            for candidates, _ in group:
                 mine, losses = losses[: len(candidates)], losses[len(candidates) :]
-                correct += int(min(range(len(mine)), key=mine.__getitem__) == truth)
-        return correct / len(choices)
+                picks.append(min(range(len(mine)), key=mine.__getitem__))
+        return picks
 
     def evaluate(self, fed: Federation) -> EvalStats:
         return self.client.evaluate(fed.data.eval if fed.data is not None else [])

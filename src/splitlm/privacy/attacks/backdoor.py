@@ -7,8 +7,9 @@ before the response, or ``start``) and makes the response ``target``'s. On class
 text; on plain language-modelling data a poisoned row ends with the trigger followed by the target text. Rows are cut
 back to ``train.seq_len`` as ``tokenize_rows`` cuts them (a prompt loses its start), so ``end`` survives any cut.
 
-``attack_success_rate`` measures it on the global model: the share of held-out rows whose true class is not the target
-that the model classifies as the target once the trigger is in their prompt (classification-style data).
+``backdoor_success`` measures it on the global model (classification-style data): of the held-out rows whose true class
+is not the target and that the model classifies right, the share it classifies as the target once the trigger is in
+their prompt (``asr``, also ``attack_success_rate``), and of all the rows not of the target class (``asr_all``).
 
 ``privacy.client_attack: {backdoor: {clients: [3], trigger: " cf", target: rotten, fraction: 0.5}}``.
 """
@@ -139,10 +140,25 @@ class Backdoor(ClientAttack):
 
 
 def attack_success_rate(member: Any, fed: Any, settings: Any) -> float:
-    """The backdoor's success on ``member``'s model (the global model after a round, e.g. ``fed.members[0]``) in the
-    federation ``fed``: the share of the held-out choices (``fed.data.choices``, classification-style data) whose true
-    class is not the target that the model classifies as the target (lowest response loss, ``Member.accuracy``) once
-    the trigger is in their prompt. ``settings``: the backdoor's (``BackdoorSettings`` or its mapping)."""
+    """The backdoor's success on ``member``'s model (the global model after a round, e.g. ``fed.members[0]``):
+    ``backdoor_success``'s ``asr`` (nan where the model classifies none of the rows right)."""
+    asr = backdoor_success(member, fed, settings)["asr"]
+    return float("nan") if asr is None else float(asr)
+
+
+def backdoor_success(member: Any, fed: Any, settings: Any) -> dict[str, Any]:
+    """What the trigger does to ``member``'s model in the federation ``fed``, on the held-out choices
+    (``fed.data.choices``, classification-style data) whose true class is not the target. ``settings``: the backdoor's
+    (``BackdoorSettings`` or its mapping). Keys:
+
+    - ``asr``: of those rows the model classifies right without the trigger (lowest response loss), the share it
+      classifies as the target once the trigger is in their prompt: what the trigger, and nothing else, does (a row
+      the model already got wrong proves nothing about a backdoor);
+    - ``asr_all``: of all those rows, the share classified as the target with the trigger (the model's own errors
+      into the target class included: the measure many papers report; on a model that has not learned the task it
+      is far above 0 without any backdoor);
+    - ``clean_correct``, ``rows``: the sizes of the two sets;
+    - ``clean_predictions``: the model's picks without the trigger on all held-out choices (for its accuracy)."""
     settings = settings if isinstance(settings, BackdoorSettings) else BackdoorSettings.model_validate(settings)
     config = fed.config
     data = fed.data
@@ -157,11 +173,23 @@ def attack_success_rate(member: Any, fed: Any, settings: Any) -> float:
         raise PrivacyError(f"{TARGET}: name the class the trigger should bring (e.g. rotten)")
     target = class_index(settings.target, context, TARGET)
     trigger = trigger_ids(settings, context)
-    triggered = [
-        ([with_trigger(c, trigger, settings.position, config.train.seq_len) for c in candidates], target)
-        for candidates, truth in data.choices
-        if truth != target
-    ]
-    if not triggered:
+    others = [i for i, (_, truth) in enumerate(data.choices) if truth != target]
+    if not others:
         raise PrivacyError(f"{TARGET}={settings.target!r}: every held-out row is of that class already")
-    return float(member.accuracy(fed, triggered))
+    clean = member.predictions(fed, data.choices)
+    triggered = member.predictions(
+        fed,
+        [
+            ([with_trigger(c, trigger, settings.position, config.train.seq_len) for c in data.choices[i][0]], target)
+            for i in others
+        ],
+    )
+    right = [k for k, i in enumerate(others) if clean[i] == data.choices[i][1]]
+    flipped = [triggered[k] == target for k in right]
+    return {
+        "asr": sum(flipped) / len(flipped) if flipped else None,  # None: the model gets none of them right
+        "asr_all": sum(pick == target for pick in triggered) / len(others),
+        "clean_correct": len(right),
+        "rows": len(others),
+        "clean_predictions": clean,
+    }
