@@ -17,13 +17,14 @@ and what its ``--quick`` leaves out), and prints one JSON line with their keys:
   the shards' ensemble's held-out perplexity on the PII corpus that section trains on, a loss on every token), and
   seconds against a full retrain.
 
-Each section's result is kept in ``--out`` (``SECTION.json``, with whether it ran ``--quick``), so a second run
-only reassembles what is there (``--fresh`` runs every section again) and an interrupted run keeps the finished
-sections. Every section runs the real default model (SmolLM2-135M-Instruct) on this machine's CPUs, on Rotten
-Tomatoes except the unlearning section. Measured with ``--quick`` on 2 cores shared with other jobs (load about 8):
-mia about 75 minutes, hijack 29, unlearning 20, integrity (its docstring); not timed on idle cores.
-The full modes (more seeds, ktmia under the defense, the vanilla split, a real full retrain) take longer still and
-were not run here; ``--only`` runs a subset.
+Each section's result is kept in ``--out`` (``SECTION.json``, with whether it ran ``--quick``), so a second run only
+reassembles what is there (``--fresh`` runs every section again) and an interrupted run keeps the finished sections;
+with ``--quick`` a kept full-mode result is used as it is (``modes`` in the JSON says which mode each section's
+figures come from). Every section runs the real default model (SmolLM2-135M-Instruct) on this machine's CPUs, on
+Rotten Tomatoes except the unlearning section. Measured with ``--quick`` on 2 cores shared with other jobs (load
+about 8): mia about 75 minutes, hijack 29, unlearning 20, integrity (its docstring); not timed on idle cores. The
+full modes (more seeds, ktmia under the defense, the vanilla split, a real full retrain) take longer still and were
+not run here; ``--only`` runs a subset.
 """
 
 from __future__ import annotations
@@ -47,20 +48,21 @@ SECTIONS: dict[str, str] = {
 }
 
 
-def run_section(name: str, quick: bool, out: Path, fresh: bool) -> dict[str, Any]:
-    """The keys ``name``'s module returns, from ``out/NAME.json`` when it holds a run of the same mode."""
+def run_section(name: str, quick: bool, out: Path, fresh: bool) -> tuple[dict[str, Any], bool]:
+    """The keys ``name``'s module returns, and whether they come from its quick mode: from ``out/NAME.json`` when it
+    holds a run of the same mode (with ``quick``: or of the full mode, which measures more)."""
     cached = out / f"{name}.json"
     if not fresh and cached.exists():
         kept = json.loads(cached.read_text())
-        if kept.get("quick") == quick:
-            return kept["result"]
+        if kept.get("quick") == quick or (quick and kept.get("quick") is False):
+            return kept["result"], bool(kept["quick"])
     module = importlib.import_module(SECTIONS[name])
     started = time.perf_counter()
     result = module.run(quick=quick, out=out / name)
     result = {**result, f"{name}_seconds": round(time.perf_counter() - started, 1)}
     out.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps({"quick": quick, "result": result}, indent=1))
-    return result
+    return result, quick
 
 
 def main() -> None:
@@ -73,9 +75,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     started = time.perf_counter()
-    result: dict[str, Any] = {"quick": args.quick}
+    result: dict[str, Any] = {"quick": args.quick, "modes": {}}
     for name in args.only:
-        result.update(run_section(name, args.quick, out, args.fresh))
+        section, quick = run_section(name, args.quick, out, args.fresh)
+        result.update(section)
+        result["modes"][name] = "quick" if quick else "full"
     result["seconds"] = round(time.perf_counter() - started, 1)
     line = json.dumps(result)
     if args.write:

@@ -4,10 +4,10 @@
 
 Eight clients hold rows of the synthetic PII corpus (``data.name=pii``, plain text: e-mails, tickets and bank notes,
 each with its own name, e-mail address, phone number...; ``data.format=lm``, so the loss is on every token of a row,
-one row per example), 16 rows each. The default model (SmolLM2-135M-Instruct, U-shaped 2/2 cut, LoRA r=8 on q_proj
+one row per example), 128 rows each. The default model (SmolLM2-135M-Instruct, U-shaped 2/2 cut, LoRA r=8 on q_proj
 and v_proj) trains with gsfl and ``framework.aggregation=splitwiper``: one shard per client (``framework.groups``),
-every shard its own trunk adapter and client side, heads frozen after the first of two rounds. Each client takes 20
-steps of 8 rows over its 16 rows (every row seen 10 times), so its shard remembers them: the unique names and
+every shard its own trunk adapter and client side, heads frozen after the first of two rounds. Each client takes 80
+steps of 8 rows over its 128 rows (every row seen 5 times), so its shard remembers them: the unique names and
 addresses are what a model memorises and a held-out row does not share. Then client 0 asks to be forgotten:
 ``splitlm unlearn`` drops its shard from the ensemble (it was alone in it: nothing is trained) and keeps the others.
 (With shards of several clients, unlearning trains the client's shard again without it; the tests cover both.)
@@ -37,15 +37,16 @@ forgotten rows lost what the model had of them). ``exceeds_noise``: whether befo
 non-members' AUC, and whether after's difference from the non-members' is outside its interval's noise. The
 unlearned model provably never saw the forgotten rows (``tests/frameworks/test_frameworks_unlearn.py``: it equals a
 run without the client tensor for tensor), so an ``after`` away from ``nonmembers`` is noise or something the client's
-few rows share (the same rows score alike under any model), not a leak. With 16 forgotten rows an AUC's interval is
-about ±0.15 wide, wider than the target's 0.05: the point estimate can miss the target by chance, and
-``exceeds_noise`` says whether a miss is more than that.
+few rows share (the same rows score alike under any model), not a leak. The target's 0.05 is about the noise of the
+sample sizes: with 16 forgotten rows (the first version of this benchmark) an AUC's interval was about ±0.15 and the
+point estimate missed the target by chance; with 96 forgotten rows and 192 non-members per set the difference's
+interval is about ±0.065, and ``exceeds_noise`` says whether a miss is more than the noise.
 
-``--quick`` (about 20 minutes under a load of 8 on 2 cores, 11 of them this process's CPU time): four clients (four
-shards) instead of eight, 48 held-out rows per non-member set instead of 96, perplexity on 32 held-out rows instead
-of 96, and no full retrain: its time is estimated as the trained run's wall (and CPU) time x 3/4 (the same work less
-one client's share, model loading included; ``retrain_estimated``: true). The forgotten client's rows, steps and
-passes are the same.
+``--quick`` (about 20 minutes on 2 cores shared with one other benchmark, 11 of them training): four clients (four
+shards) instead of eight, each with 96 rows seen 5 times (60 steps), 192 held-out rows per non-member set instead of
+256, perplexity on 32 held-out rows instead of 96, and no full retrain: its time is estimated as the trained run's
+wall (and CPU) time x 3/4 (the same work less one client's share, model loading included; ``retrain_estimated``:
+true).
 Runs are kept under ``--out`` (default ``runs/bench-security``) and reused when the same settings run again.
 """
 
@@ -66,8 +67,8 @@ FORGET = "0"  # who asks to be forgotten: alone in shard 0, the shard the run's 
 
 def settings(quick: bool) -> dict[str, int]:
     if quick:
-        return {"clients": 4, "rows": 16, "steps": 20, "nonmembers": 48, "eval_rows": 32}
-    return {"clients": 8, "rows": 16, "steps": 20, "nonmembers": 96, "eval_rows": 96}
+        return {"clients": 4, "rows": 96, "steps": 60, "nonmembers": 192, "eval_rows": 32}
+    return {"clients": 8, "rows": 128, "steps": 80, "nonmembers": 256, "eval_rows": 96}
 
 
 def overrides(quick: bool, seed: int, out: Path, model: str = "smollm2-135m-instruct") -> list[str]:
@@ -242,10 +243,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-security"), help="where the runs are kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="e.g. tiny-llama for a smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     print(json.dumps(run(args.quick, Path(args.out), args.seed, args.model)))
     sys.stdout.flush()
 
