@@ -63,6 +63,27 @@ def test_krum_keeps_the_state_nearest_the_others_and_multi_krum_their_mean() -> 
     assert torch.allclose(out["w"], torch.tensor([(1.0 + 1.2 + 1.1) / 3, (2.0 + 1.8 + 2.1) / 3]))
 
 
+def test_krum_keeps_the_same_clients_for_every_part_of_a_round() -> None:
+    # client 4 is an outlier in its client side only, client 0 in its trunk adapter only: Krum on each part alone
+    # would keep client 0's client side (state 0 above) with another client's trunk adapter
+    sides = states(*HONEST, OUTLIER)
+    trunks = states([50.0, 50.0], *HONEST[1:], HONEST[0])
+    krum = strategy("krum", f=1)
+    side, trunk = krum.average_parts([sides, trunks], [1.0] * 5)
+    (kept,) = krum.summary()["selected"]
+    assert kept in (1, 2, 3)  # an honest client in both parts (each part alone: side 0, trunk 4)
+    assert torch.equal(side["w"], sides[kept]["w"]) and torch.equal(trunk["w"], trunks[kept]["w"])
+    assert [krum.average(part, [1.0] * 5)["w"].tolist() for part in (sides, trunks)] == [HONEST[0], HONEST[0]]
+    # the strategies that combine coordinate by coordinate treat each part on its own
+    median = strategy("median")
+    assert [
+        torch.equal(a["w"], median.average(p, [1.0] * 5)["w"])
+        for a, p in zip(median.average_parts([sides, trunks], [1.0] * 5), (sides, trunks), strict=True)
+    ] == [True, True]
+    with pytest.raises(AggregationError, match=r"parts of \[5, 4\] states"):
+        krum.average_parts([sides, trunks[:4]], [1.0] * 5)
+
+
 def test_every_robust_strategy_ignores_the_outlier_that_fedavg_follows() -> None:
     given = states(*HONEST, OUTLIER)
     honest_mean = fedavg(states(*HONEST), [1.0] * 4)["w"]

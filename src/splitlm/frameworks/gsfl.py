@@ -37,9 +37,10 @@ def gsfl_round(fed: Federation, round_index: int, members: list[Member]) -> list
 
     fed.parallel([lambda p=p: run_group(p) for p in range(len(groups))])
     weights = [sum(fed.weights(g)) for g in groups]
-    fed.broadcast(stepped(fed, fed.strategy.average(finished, weights)))
     adapters = [fed.server.adapter_of(g[0].client_id) for g in groups]
-    trunk = fed.strategy.average([fed.server.adapter_state(a) for a in adapters], weights)
+    trunks = [fed.server.adapter_state(a) for a in adapters]
+    side, trunk = fed.strategy.average_parts([finished, trunks], weights)  # a group's parts together
+    fed.broadcast(stepped(fed, side))
     for adapter in {fed.server.adapter_of(m.client_id) for m in fed.members}:
         fed.server.load_adapter_state(adapter, trunk)
     return [members[0]]

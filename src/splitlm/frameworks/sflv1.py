@@ -9,7 +9,7 @@ aggregation strategy (``framework.aggregation``) may replace the round altogethe
 
 from __future__ import annotations
 
-from splitlm.frameworks.aggregation.fedavg import average_across_cuts, average_client_sides
+from splitlm.frameworks.aggregation.fedavg import average_across_cuts, stepped
 from splitlm.frameworks.base import Framework, register
 from splitlm.frameworks.federation import Federation, Member
 
@@ -19,9 +19,10 @@ def sflv1_round(fed: Federation, round_index: int, members: list[Member]) -> lis
     if fed.mixed:
         average_across_cuts(fed, finished)
         return [finished[0]]
-    average_client_sides(fed, finished)
     adapters = [fed.server.adapter_of(m.client_id) for m in finished]
-    trunk = fed.strategy.average([fed.server.adapter_state(a) for a in adapters], fed.weights(finished))
+    sides, trunks = [m.client.state() for m in finished], [fed.server.adapter_state(a) for a in adapters]
+    side, trunk = fed.strategy.average_parts([sides, trunks], fed.weights(finished))  # a client's parts together
+    fed.broadcast(stepped(fed, side))
     for member in fed.members:
         fed.server.load_adapter_state(fed.server.adapter_of(member.client_id), trunk)
     return [finished[0]]

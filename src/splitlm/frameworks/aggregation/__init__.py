@@ -48,6 +48,15 @@ class Strategy(Component):
         Clients of different cuts or ranks are averaged module by module instead (``fedavg.average_across_cuts``)."""
         return aggregate.fedavg(states, weights)
 
+    def average_parts(
+        self, parts: list[list[dict[str, torch.Tensor]]], weights: list[float]
+    ) -> list[dict[str, torch.Tensor]]:
+        """One state per part from ``parts`` (e.g. [client sides, trunk adapters]), each a list with one state per
+        client in the same order: the parts of one client belong together (its client side and the trunk adapter
+        trained with it). Each part ``average``d on its own by default; a strategy that picks clients (Krum)
+        overrides it to pick the same clients for every part."""
+        return [self.average(states, weights) for states in parts]
+
     def round(self, fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
         """One of the driver's rounds over ``members``; returns the members that hold the global model (the
         framework's recipe, which aggregates through this strategy)."""

@@ -11,7 +11,9 @@ steps on it are not filtered (use sflv1, or a server guard).
   values (floor(beta x n) each), average the rest.
 - ``krum`` (Blanchard et al. 2017): with at most ``f`` Byzantine states among n, score each state by the sum of
   squared distances to its n - f - 2 nearest others and keep the lowest-scored one; ``m`` > 1 is multi-Krum, the
-  samples-weighted mean of the m lowest-scored states (scored once). Needs n >= 2f + 3.
+  samples-weighted mean of the m lowest-scored states (scored once). Needs n >= 2f + 3. Where a round averages
+  several parts per client (sflv1: client sides and trunk adapters; gsfl: per group), a client is one point made of
+  all its parts (``Strategy.average_parts``), and the same clients are kept for every part.
 
 Every state is flattened in float64 for the distances; each tensor comes back in its input dtype. ``summary()``
 names which states Krum kept at its last aggregation (0-based, in the recipe's order: client index order).
@@ -159,23 +161,38 @@ class Krum(Robust):
         return ordered.sum(dim=1)
 
     def average(self, states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-        if not states:
+        return self.average_parts([states], weights)[0]
+
+    def average_parts(
+        self, parts: list[list[dict[str, torch.Tensor]]], weights: list[float]
+    ) -> list[dict[str, torch.Tensor]]:
+        """Krum over clients: a client is one point, all its parts flattened together (its client side and the trunk
+        adapter trained with it), and every part is the mean of the same kept clients' (a client side of one client
+        with the trunk adapter of another would be a model nobody trained)."""
+        n = len(parts[0]) if parts else 0
+        if not n:
             raise AggregationError(f"{KEY}=krum: no states to aggregate (did every client drop out?)")
-        problems = self.own_problems(self.settings, len(states))
+        if any(len(states) != n for states in parts):
+            raise AggregationError(f"{KEY}=krum: parts of {[len(s) for s in parts]} states; one per client each")
+        problems = self.own_problems(self.settings, n)
         if problems:
             raise AggregationError(problems[0])
-        keys = list(states[0])
-        flat = torch.cat([stacked(states, key).reshape(len(states), -1) for key in keys], dim=1)  # (n, P)
+        flat = torch.cat(
+            [stacked(states, key).reshape(n, -1) for states in parts for key in states[0]], dim=1
+        )  # (n, P)
         m = self.settings.m  # type: ignore[attr-defined]
         self.selected = sorted(torch.argsort(self.scores(flat), stable=True)[:m].tolist())
         kept = [float(weights[i]) for i in self.selected]
         total = sum(kept) or float(len(kept))
         share = torch.tensor([w / total if sum(kept) else 1 / len(kept) for w in kept], dtype=torch.float64)
-        out = {}
-        for key in keys:
-            values = stacked([states[i] for i in self.selected], key)  # (m, ...)
-            out[key] = torch.tensordot(share, values, dims=1).to(states[0][key].dtype)
-        return out
+        averaged = []
+        for states in parts:
+            out = {}
+            for key in states[0]:
+                values = stacked([states[i] for i in self.selected], key)  # (m, ...)
+                out[key] = torch.tensordot(share, values, dims=1).to(states[0][key].dtype)
+            averaged.append(out)
+        return averaged
 
     def summary(self) -> dict[str, object]:
         return {**super().summary(), "selected": self.selected}
