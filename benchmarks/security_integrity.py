@@ -11,28 +11,34 @@ LoRA r=8 on q_proj and v_proj) on Rotten Tomatoes in instruction format ("Review
 - ``label_flip``: every one of the client's rows gets the other class;
 - ``smash_poison``: gradient-ascent steps of its smashed data along the server's historical gradient (eps 2, Wu et
   al.), with its labels flipped too (the combination Wu et al. found strongest);
-- ``backdoor``: the trigger " mn" just before the answer in half of its rows, whose answer becomes " rotten".
+- ``backdoor``: the trigger " mn" at the start of the prompt in half of its rows, whose answer becomes " rotten". (Not
+  just before the answer, ``position: end``: there any token breaks the "Sentiment:" format, and the trigger alone
+  turned 73 % of the honest model's right fresh reviews to " rotten", 86 % for " cf"; at the start, 7 %.)
 
 Each attacker also boosts its update (``boost``, factor 8 = the number of clients: model replacement, Bagdasaryan et
-al.), so that an undefended average takes its client side whole; without it one client of eight moves the average
-by an eighth and no attack shows in one round. The defenses: ``none`` (FedAvg, ``framework.aggregation=sync``), each
+al.), so that an undefended average takes its client side whole; without it one client of eight moves the average by
+an eighth and no attack shows in one round. The defenses: ``none`` (FedAvg, ``framework.aggregation=sync``), each
 robust strategy (``median``, ``trimmed_mean`` beta 0.2 (one of eight trimmed at each end), ``krum`` f=1,
-``multi_krum`` f=1 m=4) and ``safesplit`` (``privacy.guards: {safesplit: {}}``: the server checks each client's change
-to its trunk adapter, and a flagged client's round is rolled back and run again without it).
+``multi_krum`` f=1 m=7: every client but the most outlying one; Krum keeps the same clients' client sides and trunk
+adapters) and ``safesplit`` (``privacy.guards: {safesplit: {}}``: the server checks each client's change to its trunk
+adapter, and a flagged client's round is rolled back and run again without it).
 
 Row ``{attack, defense, asr, clean_metric, detected_round, false_positive_rounds}``:
 
 - ``clean_metric``: the global model's accuracy (a fraction) on the held-out reviews (lowest response loss among the
   two classes), without any trigger;
-- ``asr``: backdoor: the share of held-out reviews whose true class is not " rotten" that the global model calls
-  " rotten" once the trigger is in them (``privacy.attacks.backdoor.attack_success_rate``). label_flip and
-  smash_poison are untargeted, so their ``asr`` is the accuracy they cost: the honest run's ``clean_metric`` under
-  the same defense minus the attacked run's (negative: the attacked run scored higher, within noise);
+- ``asr``: backdoor: of the held-out reviews whose true class is not " rotten" and that the global model classifies
+  right without the trigger, the share it calls " rotten" once the trigger is in them
+  (``privacy.attacks.backdoor.backdoor_success``): what the trigger does, not the model's own errors. ``asr_all``:
+  the share of all the reviews not of the target class it calls " rotten" with the trigger (its own errors into
+  " rotten" included; ``clean_correct`` and ``rows`` are the two sets' sizes). label_flip and smash_poison are
+  untargeted, so their ``asr`` is the accuracy they cost: the honest run's ``clean_metric`` under the same defense
+  minus the attacked run's (negative: the attacked run scored higher, within noise);
 - ``detected_round``: SafeSplit's first round that flagged the malicious client (null: never, or a defense that
   flags nothing); ``false_positive_rounds``: the rounds in which SafeSplit flagged an honest client (null for the
   robust strategies, which flag nobody);
-- ``asr_without_attack`` (backdoor rows): the same asr measured on the honest run's model under the same defense,
-  what the trigger alone does (an asr near it is no backdoor at all);
+- ``asr_without_attack`` / ``asr_all_without_attack`` (backdoor rows): the same measured on the honest run's model
+  under the same defense, what the trigger alone does (an asr near it is no backdoor at all);
 - rows with ``attack: none`` are the honest runs: their ``clean_metric`` is what each defense costs, and SafeSplit's
   ``false_positive_rounds`` there are its false alarms.
 
@@ -77,19 +83,20 @@ BOOST = f"boost: {{clients: [{MALICIOUS}], factor: {CLIENTS}}}"
 ATTACKS: dict[str, str] = {
     "label_flip": f"label_flip: {{clients: [{MALICIOUS}]}}",
     "smash_poison": f"smash_poison: {{clients: [{MALICIOUS}], eps: 2.0, label_flip: true}}",
-    "backdoor": f"backdoor: {{clients: [{MALICIOUS}], trigger: '{TRIGGER}', target: {TARGET}, fraction: 0.5}}",
+    "backdoor": (
+        f"backdoor: {{clients: [{MALICIOUS}], trigger: '{TRIGGER}', target: {TARGET}, fraction: 0.5, position: start}}"
+    ),
 }
-BACKDOOR = {"clients": [MALICIOUS], "trigger": TRIGGER, "target": TARGET, "fraction": 0.5}
+BACKDOOR = {"clients": [MALICIOUS], "trigger": TRIGGER, "target": TARGET, "fraction": 0.5, "position": "start"}
 # defense -> its aggregation strategy (framework.aggregation), or None: a SafeSplit run
 DEFENSES: dict[str, dict[str, dict[str, float]] | None] = {
     "none": {"sync": {}},
     "median": {"median": {}},
     "trimmed_mean": {"trimmed_mean": {"beta": 0.2}},
     "krum": {"krum": {"f": 1}},
-    "multi_krum": {"krum": {"f": 1, "m": 4}},
+    "multi_krum": {"krum": {"f": 1, "m": CLIENTS - 1}},  # every state but the most outlying one (m = n - f)
     "safesplit": None,
 }
-QUICK_DEFENSES = ["none", "median", "krum", "safesplit"]
 
 
 def settings_of(quick: bool, model: str) -> dict[str, Any]:
@@ -99,13 +106,14 @@ def settings_of(quick: bool, model: str) -> dict[str, Any]:
         "clients": CLIENTS,
         "malicious": MALICIOUS,
         "rounds": 1,
-        "local_steps": 6 if quick else 10,
+        "local_steps": 24 if quick else 32,
         "batch_size": 4,
         "seq_len": 64,
         "lr": 0.003,
-        "eval_rows": 100 if quick else 200,
+        "logit_adjustment": 1.0,
+        "eval_rows": 200 if quick else 400,
         "seed": 0,
-        "defenses": QUICK_DEFENSES if quick else list(DEFENSES),
+        "defenses": list(DEFENSES),
         "safesplit_attacks": ["backdoor"] if quick else list(ATTACKS),
     }
 
@@ -121,7 +129,7 @@ def base_overrides(s: dict[str, Any]) -> list[str]:
         "train.warmup_steps=0", f"train.steps={s['rounds'] * s['local_steps']}", "train.progress=false",
         "train.eval_batches=0", "train.eval_before=false", "train.eval_each_round=false",
         f"framework.name={s['framework']}", f"framework.num_clients={CLIENTS}", f"framework.rounds={s['rounds']}",
-        f"seed={s['seed']}",
+        f"remedies={{logit_adjustment: {{tau: {s['logit_adjustment']}}}}}", f"seed={s['seed']}",
     ]  # fmt: skip
 
 
@@ -200,28 +208,36 @@ class Bench:
 
     # --- evaluating a global model ------------------------------------------------------------------------------
 
-    def scores(self, fed: Any, attack: str) -> tuple[float, float | None]:
-        """(clean accuracy, backdoor ASR or None) of the global model ``fed.members[0]`` holds."""
-        from splitlm.privacy.attacks.backdoor import attack_success_rate
+    def scores(self, fed: Any, attack: str) -> dict[str, Any]:
+        """``clean_metric`` (accuracy) of the global model ``fed.members[0]`` holds and, for the backdoor, its
+        ``asr`` and ``asr_all`` (``privacy.attacks.backdoor.backdoor_success``; None for the other attacks)."""
+        from splitlm.privacy.attacks.backdoor import backdoor_success
 
         member = fed.members[0]
-        clean = member.accuracy(fed)
-        asr = attack_success_rate(member, fed, BACKDOOR) if attack == "backdoor" else None
-        return float(clean), asr
+        if attack != "backdoor":
+            return {"clean_metric": float(member.accuracy(fed)), "asr": None}
+        measured = backdoor_success(member, fed, BACKDOOR)
+        picks, choices = measured.pop("clean_predictions"), fed.data.choices
+        clean = sum(p == truth for p, (_, truth) in zip(picks, choices, strict=True)) / len(choices)
+        return {"clean_metric": clean, **measured}
 
-    def trigger_baseline(self, defense: str) -> float | None:
-        """The backdoor's ``asr`` measured on the honest run's global model under ``defense``: how often the trigger
-        alone turns a review into the target class without any poisoning (the floor an attack's asr starts from)."""
+    def trigger_baseline(self, defense: str) -> dict[str, Any] | None:
+        """The backdoor's ``asr`` and ``asr_all`` measured on the honest run's global model under ``defense``: how
+        often the trigger alone turns a review into the target class without any poisoning (the floor an attack's
+        asr starts from)."""
         path = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-{defense}.json"
         if path.is_file():
-            return json.loads(path.read_text())["asr"]
-        if DEFENSES[defense] is None:
-            return None  # SafeSplit's honest run is a real run: its row has it (attack none, asr)
-        self.load_global("none", defense)
-        _, asr = self.scores(self.evaluator, "backdoor")
+            return json.loads(path.read_text())
+        if DEFENSES[defense] is None:  # SafeSplit's honest run is a real run: its final model, from its adapters/
+            if not self.load_run(self.cache / "runs" / "safesplit-none"):
+                return None
+        else:
+            self.load_global("none", defense)
+        measured = self.scores(self.evaluator, "backdoor")
+        baseline = {"asr": measured["asr"], "asr_all": measured["asr_all"]}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"asr": asr}))
-        return asr
+        path.write_text(json.dumps(baseline))
+        return baseline
 
     def load_global(self, attack: str, defense: str) -> None:
         """The one-round global model of ``attack`` under ``defense``'s strategy, loaded into the evaluator."""
@@ -232,8 +248,7 @@ class Bench:
         assert spec is not None
         (strategy,) = STRATEGIES.build(spec)
         weights = [w for _, _, w in states]
-        client = strategy.average([c for c, _, _ in states], weights)
-        trunk = strategy.average([t for _, t, _ in states], weights)
+        client, trunk = strategy.average_parts([[c for c, _, _ in states], [t for _, t, _ in states]], weights)
         if self.evaluator is None:  # the honest states came from the cache: a federation to evaluate in
             self.evaluator = evaluator(self.build("none"))
         fed = self.evaluator
@@ -241,10 +256,30 @@ class Bench:
         member.client.load_state(client)
         fed.server.load_adapter_state(fed.server.adapter_of(member.client_id), trunk)
 
+    def load_run(self, run: Path) -> bool:
+        """The final global model of the finished run ``run`` (its ``adapters/``) loaded into the evaluator; False
+        when there is none."""
+        from safetensors.torch import load_file
+
+        from splitlm.peft.lora import load_trainable
+
+        adapters = run / "adapters"
+        if not (adapters / "trunk.safetensors").is_file():
+            return False
+        if self.evaluator is None:
+            self.evaluator = evaluator(self.build("none"))
+        fed = self.evaluator
+        member = fed.members[0]
+        for name, part in member.client.parts.items():
+            if (adapters / f"{name}.safetensors").is_file():
+                load_trainable(part, adapters / f"{name}.safetensors")
+        trunk = load_file(str(adapters / "trunk.safetensors"))
+        fed.server.load_adapter_state(fed.server.adapter_of(member.client_id), trunk)
+        return True
+
     def aggregated(self, attack: str, defense: str) -> dict[str, Any]:
         self.load_global(attack, defense)
-        clean, asr = self.scores(self.evaluator, attack)
-        return {"clean_metric": clean, "asr": asr, "detected_round": None, "false_positive_rounds": None}
+        return {**self.scores(self.evaluator, attack), "detected_round": None, "false_positive_rounds": None}
 
     def safesplit(self, attack: str) -> dict[str, Any]:
         from splitlm.frameworks.checkpoint import prepare_output
@@ -255,19 +290,19 @@ class Bench:
         shutil.rmtree(config.output_dir, ignore_errors=True)  # an interrupted attempt's run: its row is not cached
         fed = build_federation(config)
         summary = drive(fed, prepare_output(config, False), False, time.perf_counter())
-        clean, asr = self.scores(fed, attack)
+        scores = self.scores(fed, attack)
         if attack == "none":  # what the trigger alone does to this honest run's model
             baseline = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-safesplit.json"
             baseline.parent.mkdir(parents=True, exist_ok=True)
-            baseline.write_text(json.dumps({"asr": self.scores(fed, "backdoor")[1]}))
+            measured = self.scores(fed, "backdoor")
+            baseline.write_text(json.dumps({"asr": measured["asr"], "asr_all": measured["asr_all"]}))
         flags = (((summary.get("privacy") or {}).get("guards") or {}).get("safesplit") or {}).get("flags") or []
         caught = [int(f["round"]) for f in flags if str(f["client"]) == str(MALICIOUS) and attack != "none"]
         false = sorted({int(f["round"]) for f in flags if str(f["client"]) != str(MALICIOUS) or attack == "none"})
         del fed
         gc.collect()
         return {
-            "clean_metric": clean,
-            "asr": asr,
+            **scores,
             "detected_round": min(caught) if caught else None,
             "false_positive_rounds": false,
         }
@@ -324,7 +359,9 @@ def run(
             rows.append(bench.row(attack, defense))
     for r in rows:  # the backdoor's asr on the honest model under the same defense: what the trigger alone does
         if r["attack"] == "backdoor":
-            r["asr_without_attack"] = bench.trigger_baseline(r["defense"])
+            baseline = bench.trigger_baseline(r["defense"]) or {}
+            r["asr_without_attack"] = baseline.get("asr")
+            r["asr_all_without_attack"] = baseline.get("asr_all")
     honest = {r["defense"]: r["clean_metric"] for r in rows if r["attack"] == "none"}
     for r in rows:
         if r["attack"] in ("label_flip", "smash_poison") and r["clean_metric"] is not None:
