@@ -209,7 +209,8 @@ def test_backdoor_rows_carry_the_trigger_and_the_target(make_config: MakeConfig)
 def test_attack_success_rate_rises_with_the_backdoor(make_config: MakeConfig) -> None:
     # the tiny random model learns the task only with every weight trained
     full = ("lora.head.method=full", "lora.trunk.method=full", "lora.tail.method=full")
-    one = ("framework.num_clients=1", "framework.name=sl", "train.steps=120", "train.lr=0.01", "data.format=instruction")
+    one = ("framework.num_clients=1", "framework.name=sl", "train.steps=120", "train.lr=0.01")
+    one += ("data.format=instruction",)
     settings = {"clients": [0], "trigger": " cf", "target": "rotten", "fraction": 0.25}
     honest = build_federation(make_config("honest", *one, *full))
     attack = f"privacy.client_attack={{backdoor: {settings}}}"
