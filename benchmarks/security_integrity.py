@@ -11,9 +11,11 @@ LoRA r=8 on q_proj and v_proj) on Rotten Tomatoes in instruction format ("Review
 - ``label_flip``: every one of the client's rows gets the other class;
 - ``smash_poison``: gradient-ascent steps of its smashed data along the server's historical gradient (eps 2, Wu et
   al.), with its labels flipped too (the combination Wu et al. found strongest);
-- ``backdoor``: the trigger " mn" at the start of the prompt in half of its rows, whose answer becomes " rotten". (Not
-  just before the answer, ``position: end``: there any token breaks the "Sentiment:" format, and the trigger alone
-  turned 73 % of the honest model's right fresh reviews to " rotten", 86 % for " cf"; at the start, 7 %.)
+- ``backdoor``: the trigger " mn" just before the answer (``position: end``) in half of its rows, whose answer
+  becomes " rotten". Caveat, measured: there any token breaks the "Sentiment:" format, and the trigger alone turns
+  73 % of the honest FedAvg model's right fresh reviews to " rotten" (86 % for " cf"), so no defense can bring the
+  asr near 0; at the start of the prompt (``position: start``) the trigger alone turns 7 %, but there the boosted
+  backdoor was not learned in one round (asr 0.0: the global model called every review fresh).
 
 Each attacker also boosts its update (``boost``, factor 8 = the number of clients: model replacement, Bagdasaryan et
 al.), so that an undefended average takes its client side whole; without it one client of eight moves the average by
@@ -51,15 +53,18 @@ rows are real runs (``build_federation`` and the driver). Finished client states
 ``OUT/integrity/`` (keyed by the settings), so a rerun only computes what is missing.
 
 Noise: one seed (0); the accuracies are over ``eval_rows`` held-out reviews (2 standard errors at most
-1/sqrt(n): 0.1 for 100 rows, 0.07 for 200), the ASR over the held-out reviews of the other class (about half).
+1/sqrt(n): 0.07 for 200 rows, 0.05 for 400), the ASR over the held-out reviews of the other class (about half).
 ``settings.noise`` gives both; a difference below them is not a result.
 
-``--quick``: 6 local steps, 100 held-out reviews, defenses none, median, krum and safesplit (it leaves out
-trimmed_mean and multi_krum), SafeSplit against the backdoor and the honest run only. The full mode: 10 local steps,
-200 held-out reviews, every defense against every attack. Measured on 2 cores shared with four other jobs (load 7-9):
-the quick rows without SafeSplit took about 45 minutes (the honest clients' states 7, each attacker 2-5, each
-evaluated global model 1.5-6), far over the 8 minutes planned for an idle machine; each SafeSplit row is a real run
-of eight clients (about 10 minutes there). ``--defenses`` runs some defenses only (the rest are listed as left out).
+``--quick``: 24 local steps, 200 held-out reviews, every defense, SafeSplit against the backdoor and the honest run
+only (it leaves out SafeSplit against label_flip and smash_poison). The full mode: 32 local steps, 400 held-out
+reviews, every defense against every attack. Every row trains with SCALA's logit adjustment (``remedies:
+{logit_adjustment: {tau: 1}}``): without it one round of short training learns the label prior and forgets the
+model's zero-shot sentiment (accuracy 0.675 untrained, 0.56-0.59 after 6 or 16 local steps), so clean accuracy would
+measure nothing; with it the honest FedAvg model reaches 0.70. Measured on 2 cores shared with the test suite and one
+other benchmark: the quick rows took about 60 minutes (the honest clients' states 7, each attacker 2, each evaluated
+global model 1-2, each SafeSplit row, a real run of eight clients, 10-13). ``--defenses`` runs some defenses only
+(the rest are listed as left out).
 """
 
 from __future__ import annotations
@@ -83,11 +88,9 @@ BOOST = f"boost: {{clients: [{MALICIOUS}], factor: {CLIENTS}}}"
 ATTACKS: dict[str, str] = {
     "label_flip": f"label_flip: {{clients: [{MALICIOUS}]}}",
     "smash_poison": f"smash_poison: {{clients: [{MALICIOUS}], eps: 2.0, label_flip: true}}",
-    "backdoor": (
-        f"backdoor: {{clients: [{MALICIOUS}], trigger: '{TRIGGER}', target: {TARGET}, fraction: 0.5, position: start}}"
-    ),
+    "backdoor": f"backdoor: {{clients: [{MALICIOUS}], trigger: '{TRIGGER}', target: {TARGET}, fraction: 0.5}}",
 }
-BACKDOOR = {"clients": [MALICIOUS], "trigger": TRIGGER, "target": TARGET, "fraction": 0.5, "position": "start"}
+BACKDOOR = {"clients": [MALICIOUS], "trigger": TRIGGER, "target": TARGET, "fraction": 0.5}
 # defense -> its aggregation strategy (framework.aggregation), or None: a SafeSplit run
 DEFENSES: dict[str, dict[str, dict[str, float]] | None] = {
     "none": {"sync": {}},
