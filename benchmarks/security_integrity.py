@@ -15,7 +15,11 @@ LoRA r=8 on q_proj and v_proj) on Rotten Tomatoes in instruction format ("Review
   becomes " rotten". Caveat, measured: there any token breaks the "Sentiment:" format, and the trigger alone turns
   73 % of the honest FedAvg model's right fresh reviews to " rotten" (86 % for " cf"), so no defense can bring the
   asr near 0; at the start of the prompt (``position: start``) the trigger alone turns 7 %, but there the boosted
-  backdoor was not learned in one round (asr 0.0: the global model called every review fresh).
+  backdoor was not learned in one round (asr 0.0 with boost 8: the global model called every review fresh; 0.31
+  with boost 4). Probed (a patched ``with_trigger``, not an option yet): at the end of the review, just before
+  "\nSentiment:", the trigger alone turns 5 % and multi-Krum holds the backdoor at 0.05 (clean 0.695), but undefended
+  it reaches only 0.30 in one round (0.15 with fraction 0.75, 0.04 with " mn mn mn"): the next step is a backdoor
+  row with more steps or rounds.
 
 Each attacker also boosts its update (``boost``, factor 8 = the number of clients: model replacement, Bagdasaryan et
 al.), so that an undefended average takes its client side whole; without it one client of eight moves the average by
