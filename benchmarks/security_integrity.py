@@ -224,9 +224,7 @@ class Bench:
         if attack != "backdoor":
             return {"clean_metric": float(member.accuracy(fed)), "asr": None}
         measured = backdoor_success(member, fed, BACKDOOR)
-        picks, choices = measured.pop("clean_predictions"), fed.data.choices
-        clean = sum(p == truth for p, (_, truth) in zip(picks, choices, strict=True)) / len(choices)
-        return {"clean_metric": clean, **measured}
+        return {"clean_metric": measured.pop("clean_accuracy"), **measured}
 
     def trigger_baseline(self, defense: str) -> dict[str, Any] | None:
         """The backdoor's ``asr`` and ``asr_all`` measured on the honest run's global model under ``defense``: how
@@ -256,12 +254,19 @@ class Bench:
         (strategy,) = STRATEGIES.build(spec)
         weights = [w for _, _, w in states]
         client, trunk = strategy.average_parts([[c for c, _, _ in states], [t for _, t, _ in states]], weights)
-        if self.evaluator is None:  # the honest states came from the cache: a federation to evaluate in
+        self.holder().client.load_state(client)
+        self.load_trunk(trunk)
+
+    def holder(self) -> Any:
+        """The evaluator's member that holds the global model (the evaluator built first when the honest states
+        came from the cache)."""
+        if self.evaluator is None:
             self.evaluator = evaluator(self.build("none"))
-        fed = self.evaluator
-        member = fed.members[0]
-        member.client.load_state(client)
-        fed.server.load_adapter_state(fed.server.adapter_of(member.client_id), trunk)
+        return self.evaluator.members[0]
+
+    def load_trunk(self, trunk: dict[str, Any]) -> None:
+        server = self.evaluator.server
+        server.load_adapter_state(server.adapter_of(self.holder().client_id), trunk)
 
     def load_run(self, run: Path) -> bool:
         """The final global model of the finished run ``run`` (its ``adapters/``) loaded into the evaluator; False
@@ -273,15 +278,10 @@ class Bench:
         adapters = run / "adapters"
         if not (adapters / "trunk.safetensors").is_file():
             return False
-        if self.evaluator is None:
-            self.evaluator = evaluator(self.build("none"))
-        fed = self.evaluator
-        member = fed.members[0]
-        for name, part in member.client.parts.items():
+        for name, part in self.holder().client.parts.items():
             if (adapters / f"{name}.safetensors").is_file():
                 load_trainable(part, adapters / f"{name}.safetensors")
-        trunk = load_file(str(adapters / "trunk.safetensors"))
-        fed.server.load_adapter_state(fed.server.adapter_of(member.client_id), trunk)
+        self.load_trunk(load_file(str(adapters / "trunk.safetensors")))
         return True
 
     def aggregated(self, attack: str, defense: str) -> dict[str, Any]:
@@ -297,12 +297,14 @@ class Bench:
         shutil.rmtree(config.output_dir, ignore_errors=True)  # an interrupted attempt's run: its row is not cached
         fed = build_federation(config)
         summary = drive(fed, prepare_output(config, False), False, time.perf_counter())
-        scores = self.scores(fed, attack)
-        if attack == "none":  # what the trigger alone does to this honest run's model
+        if attack == "none":  # its accuracy, and what the trigger alone does to this honest run's model
+            measured = self.scores(fed, "backdoor")
+            scores = {"clean_metric": measured["clean_metric"], "asr": None}
             baseline = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-safesplit.json"
             baseline.parent.mkdir(parents=True, exist_ok=True)
-            measured = self.scores(fed, "backdoor")
             baseline.write_text(json.dumps({"asr": measured["asr"], "asr_all": measured["asr_all"]}))
+        else:
+            scores = self.scores(fed, attack)
         flags = (((summary.get("privacy") or {}).get("guards") or {}).get("safesplit") or {}).get("flags") or []
         caught = [int(f["round"]) for f in flags if str(f["client"]) == str(MALICIOUS) and attack != "none"]
         false = sorted({int(f["round"]) for f in flags if str(f["client"]) != str(MALICIOUS) or attack == "none"})

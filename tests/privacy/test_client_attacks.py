@@ -221,10 +221,7 @@ def test_attack_success_rate_rises_with_the_backdoor(make_config: MakeConfig) ->
     assert attack_success_rate(honest.members[0], honest, settings) <= 0.25  # of the rows it gets right
     measured = backdoor_success(honest.members[0], honest, settings)
     choices = honest.data.choices
-    picks = measured["clean_predictions"]
-    assert sum(p == t for p, (_, t) in zip(picks, choices, strict=True)) / len(choices) == honest.members[0].accuracy(
-        honest
-    )
+    assert measured["clean_accuracy"] == honest.members[0].accuracy(honest)
     assert 0 < measured["rows"] < len(choices)  # the rows of the other class
     assert 0 < measured["clean_correct"] <= measured["rows"]
     # the right rows the trigger turned are among all the rows it turned

@@ -158,7 +158,8 @@ def backdoor_success(member: Any, fed: Any, settings: Any) -> dict[str, Any]:
       into the target class included: the measure many papers report; on a model that has not learned the task it
       is far above 0 without any backdoor);
     - ``clean_correct``, ``rows``: the sizes of the two sets;
-    - ``clean_predictions``: the model's picks without the trigger on all held-out choices (for its accuracy)."""
+    - ``clean_accuracy``: the model's accuracy without the trigger on all held-out choices (``Member.accuracy``,
+      from the same picks)."""
     settings = settings if isinstance(settings, BackdoorSettings) else BackdoorSettings.model_validate(settings)
     config = fed.config
     data = fed.data
@@ -191,5 +192,6 @@ def backdoor_success(member: Any, fed: Any, settings: Any) -> dict[str, Any]:
         "asr_all": sum(pick == target for pick in triggered) / len(others),
         "clean_correct": len(right),
         "rows": len(others),
-        "clean_predictions": clean,
+        "clean_accuracy": sum(pick == truth for pick, (_, truth) in zip(clean, data.choices, strict=True))
+        / len(data.choices),
     }
