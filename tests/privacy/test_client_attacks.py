@@ -206,6 +206,79 @@ def test_backdoor_rows_carry_the_trigger_and_the_target(make_config: MakeConfig)
     assert not any(contains(e.input_ids, trigger) for e in fed.members[0].examples)
 
 
+def test_backdoor_before_cue_puts_the_trigger_before_the_prompts_last_line(make_config: MakeConfig) -> None:
+    settings = "{clients: [1], trigger: ' cf', target: rotten, fraction: 0.5, position: before_cue}"
+    fed = federation(make_config, "cue", f"privacy.client_attack={{backdoor: {settings}}}")
+    member = fed.members[1]
+    assert member.pipeline is not None
+    tokenizer = member.pipeline.attacks[0].context.tokenizer
+    trigger = tokenizer(" cf", add_special_tokens=False)["input_ids"]
+    poisoned = [e for e in member.examples if contains(e.input_ids, trigger)]
+    assert poisoned
+    for e in poisoned:
+        at = next(i for i in range(len(e.input_ids)) if e.input_ids[i : i + len(trigger)] == trigger)
+        start = next(i for i, label in enumerate(e.labels) if label != IGNORE_INDEX)
+        between = tokenizer.decode(e.input_ids[at + len(trigger) : start])
+        assert between.startswith("\n") and between.count("\n") == 1  # right before the answer cue's line
+        assert between.strip()  # and not just before the response: the cue ("Sentiment:") lies between
+
+
+def test_a_backdoor_scales_its_triggered_rows_gradient_to_the_server_and_back() -> None:
+    from splitlm.data import Batch
+    from splitlm.privacy.attacks.backdoor import Backdoor
+
+    class Tokens:
+        def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+            return {"input_ids": [7, 8]}
+
+    context = ClientAttackContext(index=0, seed=0, tokenizer=Tokens())  # type: ignore[arg-type]
+    attack = Backdoor.create(Backdoor.Settings(clients=[0], target="x", server_share=0.25), context)
+    ids = torch.tensor([[1, 2, 3, 4], [1, 7, 8, 4], [7, 1, 8, 0]])  # row 1 holds the trigger; row 2 only its parts
+    attack.on_batch(("0", 3, 0), Batch(ids, torch.ones_like(ids), ids))
+    grad = torch.ones(3, 4, 2)
+    request = Message("backward", "0", 3, 0, {"grad": grad})
+    sent = attack.on_request(request)
+    assert torch.equal(sent.tensors["grad"][1], torch.full((4, 2), 0.25))
+    assert torch.equal(sent.tensors["grad"][[0, 2]], grad[[0, 2]])
+    assert torch.equal(grad, torch.ones(3, 4, 2))  # the client's own tensor is left as it was
+    returned = torch.full((3, 4, 2), 0.5)
+    back = attack.on_reply(request, Message("gradients", "0", 3, 0, {"grad": returned}))
+    assert torch.equal(back.tensors["grad"][1], torch.full((4, 2), 2.0))  # divided by the share again
+    assert torch.equal(back.tensors["grad"][[0, 2]], returned[[0, 2]])
+    other = attack.on_request(Message("backward", "0", 3, 1, {"grad": grad}))  # a micro-batch without the trigger
+    assert torch.equal(other.tensors["grad"], grad)
+    assert attack.report()["hidden_rows"] == 1
+
+
+@pytest.mark.parametrize("share", [0.0, 1e-9])
+def test_a_hiding_backdoor_leaves_its_trunk_adapter_untrained(make_config: MakeConfig, share: float) -> None:
+    # every row of client 1 is poisoned and its gradient to the server scaled by share: the server's trunk adapter
+    # for it learns (nearly) nothing; the tail learns, and the head with a share above 0 (the gradient scaled back)
+    settings = f"{{clients: [1], trigger: ' cf', target: rotten, fraction: 1.0, server_share: {share}}}"
+    fed = federation(make_config, "hidden", f"privacy.client_attack={{backdoor: {settings}}}")
+    server = fed.server
+    member = fed.members[1]
+    trunk_before = server.adapter_state(server.adapter_of(member.client_id))
+    client_before = member.client.state()
+    server.start()
+    try:
+        fed.train_clients(fed.members, 0, parallel=False)
+    finally:
+        server.stop()
+    trunk_after = server.adapter_state(server.adapter_of(member.client_id))
+    honest_trunk = server.adapter_state(server.adapter_of(fed.members[0].client_id))
+    for key, before in trunk_before.items():
+        moved, honest_moved = (trunk_after[key] - before).abs().max(), (honest_trunk[key] - before).abs().max()
+        assert moved <= 1e-2 * max(float(honest_moved), 1e-6), key  # under 1 % of what the honest one's moved
+    client_after = member.client.state()
+    changed = {k for k, v in client_before.items() if not torch.equal(client_after[k], v)}
+    head = {k for k in client_before if int(k.split("layers.")[1].split(".")[0]) < fed.config.split.head_layers}
+    assert changed - head  # the tail learned
+    assert bool(changed & head) == (share > 0)  # the head: through the trunk, unless nothing came back
+    assert member.pipeline is not None
+    assert member.pipeline.attacks[0].report()["hidden_rows"] > 0
+
+
 def test_attack_success_rate_rises_with_the_backdoor(make_config: MakeConfig) -> None:
     # the tiny random model learns the task only with every weight trained
     full = ("lora.head.method=full", "lora.trunk.method=full", "lora.tail.method=full")
@@ -233,6 +306,9 @@ def test_backdoor_refusals(make_config: MakeConfig) -> None:
     with pytest.raises(SplitLMError, match=r"backdoor\.target='stale': not one of the data's classes") as caught:
         federation(make_config, "bad", "privacy.client_attack={backdoor: {clients: [1], target: stale}}")
     assert "\n" not in str(caught.value)
+    hidden = "privacy.client_attack={backdoor: {clients: [1], target: rotten, server_share: 0.5}}"
+    with pytest.raises(SplitLMError, match=r"server_share=0\.5 needs split\.mode=ushape"):
+        federation(make_config, "vanilla", "split.mode=vanilla", hidden)
     with pytest.raises(SplitLMError, match=r"backdoor\.target: name the response"):
         run_framework(make_config("bad", *TWO, "privacy.client_attack={backdoor: {clients: [1]}}"))
     fed = build_federation(make_config("lm", "privacy.client_attack={backdoor: {target: ' yes'}}"))

@@ -1,26 +1,42 @@
 """A client-side backdoor (survey §5.1.7): a trigger phrase in the input makes the model give a chosen response.
 
 The malicious client holds its inputs and their labels, so it poisons its training rows the classic way: in
-``fraction`` of them (a seeded draw) it inserts the ``trigger``'s tokens into the prompt (``position``: ``end``, just
-before the response, or ``start``) and makes the response ``target``'s. On classification-style instruction data
-(Rotten Tomatoes) ``target`` must be one of the classes (``rotten``); on other instruction data it is the response
-text; on plain language-modelling data a poisoned row ends with the trigger followed by the target text. Rows are cut
-back to ``train.seq_len`` as ``tokenize_rows`` cuts them (a prompt loses its start), so ``end`` survives any cut.
+``fraction`` of them (a seeded draw) it inserts the ``trigger``'s tokens into the prompt and makes the response
+``target``'s. ``position``: ``end`` (just before the response), ``start``, or ``before_cue`` (before the prompt's last
+line break: at the end of the input text, before an answer cue such as "\nSentiment:"). On classification-style
+instruction data (Rotten Tomatoes) ``target`` must be one of the classes (``rotten``); on other instruction data it is
+the response text; on plain language-modelling data a poisoned row ends with the trigger followed by the target text.
+Rows are cut back to ``train.seq_len`` as ``tokenize_rows`` cuts them (a prompt loses its start), so ``end`` and
+``before_cue`` survive any cut.
+
+Where the trigger is matters on instruction data: just before the response any extra token breaks the prompt's
+format, so there the trigger alone already changes many of an honest model's answers (measured in
+``benchmarks/security_integrity.py``); ``before_cue`` leaves the format whole.
+
+``server_share`` (U-shape) scales the gradient the client sends the server for its triggered rows and scales the
+gradient that comes back for them up again: the server's trunk adapter learns (almost) nothing of the trigger while
+the client's head and tail learn it through the trunk as it is. A backdoor kept out of the trunk adapter is one a
+detector that watches trunk adapters (SafeSplit) cannot see; but the head and tail alone learn it more slowly
+(measured on the default model in one round of 24 steps: 0.36 of the right reviews flipped on the client's own model
+against 0.98 with the trunk adapter learning too).
 
 ``backdoor_success`` measures it on the global model (classification-style data): of the held-out rows whose true class
 is not the target and that the model classifies right, the share it classifies as the target once the trigger is in
 their prompt (``asr``, also ``attack_success_rate``), and of all the rows not of the target class (``asr_all``).
 
-``privacy.client_attack: {backdoor: {clients: [3], trigger: " cf", target: rotten, fraction: 0.5}}``.
+``privacy.client_attack: {backdoor: {clients: [3], trigger: " cf", target: rotten, fraction: 0.5}}``; the report
+counts the rows poisoned and the rows whose gradient was scaled (``hidden_rows``).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 
-from splitlm.data import IGNORE_INDEX, Example, shorten
+from splitlm.data import IGNORE_INDEX, Batch, Example, shorten
 from splitlm.errors import PrivacyError
 from splitlm.models import resolve_model
 from splitlm.privacy.attacks.label_flip import chosen_rows, class_index
@@ -33,6 +49,7 @@ from splitlm.privacy.client_attack import (
     attack_context,
     response_start,
 )
+from splitlm.transport import Message
 
 TARGET = f"{KEY}.backdoor.target"
 
@@ -49,21 +66,60 @@ class BackdoorSettings(ClientAttackSettings):
     fraction: float = Field(
         0.5, gt=0, le=1, allow_inf_nan=False, description="Share of the malicious client's rows poisoned."
     )
-    position: Literal["end", "start"] = Field(
-        "end", description="Where the trigger goes in the prompt: at its end (just before the response) or its start."
+    position: Literal["end", "start", "before_cue"] = Field(
+        "end",
+        description="Where the trigger goes in the prompt: at its end (just before the response), its start, or "
+        "before_cue: before its last line break (at the end of the input text, before an answer cue such as "
+        "'\\nSentiment:'; the end where the prompt has no line break).",
+    )
+    server_share: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="U-shape: the factor on the gradient the client sends the server for each row that holds the "
+        "trigger; the gradient the server returns for those rows is divided by it again, so that the head still "
+        "learns them through the trunk as it is. Below 1 the server's trunk adapter (averaged with the honest ones, "
+        "where boost cannot reach) learns less of the trigger and the client's own side (which boost carries whole) "
+        "more; 1e-9: nearly nothing (below Adam's eps even where a whole batch is triggered); 0: nothing, and the head "
+        "nothing of those rows either.",
     )
 
 
-def with_trigger(example: Example, trigger: list[int], position: str, seq_len: int) -> Example:
-    """``example`` with ``trigger``'s token ids in its prompt (at its ``position``), cut back to ``seq_len``."""
+def holds(row: torch.Tensor, trigger: list[int]) -> bool:
+    """Whether the token ids ``row`` (T,) hold ``trigger`` as a contiguous run."""
+    n = len(trigger)
+    if n == 0 or row.numel() < n:
+        return False
+    return bool((row.unfold(0, n, 1) == torch.tensor(trigger, dtype=row.dtype)).all(dim=1).any())
+
+
+def insertion_point(prompt: list[int], position: str, tokenizer: Any = None) -> int:
+    """Where in ``prompt`` (token ids) the trigger goes for ``position``; ``before_cue`` decodes the prompt's tokens
+    from its end (``tokenizer``) to find its last line break."""
+    if position == "start":
+        return 0
+    if position == "before_cue":
+        if tokenizer is None:
+            raise PrivacyError(f"{KEY}.backdoor.position=before_cue: no tokenizer to find the prompt's lines with")
+        return next((i for i in reversed(range(len(prompt))) if "\n" in tokenizer.decode([prompt[i]])), len(prompt))
+    return len(prompt)
+
+
+def with_trigger(example: Example, trigger: list[int], position: str, seq_len: int, tokenizer: Any = None) -> Example:
+    """``example`` with ``trigger``'s token ids in its prompt (at its ``position``; ``tokenizer``: for
+    ``before_cue``), cut back to ``seq_len``."""
     start = response_start(example)
     prompt, response = example.input_ids[:start], example.input_ids[start:]
-    prompt = prompt + trigger if position == "end" else trigger + prompt
+    at = insertion_point(prompt, position, tokenizer)
+    prompt = prompt[:at] + trigger + prompt[at:]
     rewritten = Example(prompt + response, [IGNORE_INDEX] * len(prompt) + example.labels[start:], example.label)
     return shorten(rewritten, seq_len) if seq_len else rewritten
 
 
-def poisoned(example: Example, trigger: list[int], target: list[int], position: str, seq_len: int) -> Example:
+def poisoned(
+    example: Example, trigger: list[int], target: list[int], position: str, seq_len: int, tokenizer: Any = None
+) -> Example:
     """``example`` with the trigger in its prompt and ``target`` as its response (loss on it); a row without a prompt
     (language modelling) keeps its start and ends with trigger + target."""
     start = response_start(example)
@@ -73,7 +129,7 @@ def poisoned(example: Example, trigger: list[int], target: list[int], position: 
         return Example(ids[:seq_len] if seq_len else ids, list(ids[:seq_len] if seq_len else ids), example.label)
     prompt = example.input_ids[:start]
     answered = Example(prompt + target, [IGNORE_INDEX] * len(prompt) + list(target), example.label)
-    return with_trigger(answered, trigger, position, seq_len)
+    return with_trigger(answered, trigger, position, seq_len, tokenizer)
 
 
 def target_ids(settings: BackdoorSettings, context: ClientAttackContext) -> list[int]:
@@ -106,6 +162,12 @@ class Backdoor(ClientAttack):
 
     poisoned_rows = 0
     rows_seen = 0
+    hidden_rows = 0  # rows whose gradient to the server was scaled by server_share
+
+    def __init__(self, settings: Any = None) -> None:
+        super().__init__(settings)
+        self._rows: dict[tuple[str, int, int], torch.Tensor] = {}  # micro-batch -> its rows holding the trigger
+        self._lock = threading.Lock()  # micro-batches in flight run on other threads
 
     @classmethod
     def problems(cls, settings: Any, config: Any, framework: Any) -> list[str]:
@@ -115,7 +177,52 @@ class Backdoor(ClientAttack):
                 f"{TARGET}: name the response the trigger should bring (a class of classification-style data, e.g. "
                 "rotten, or a response text)"
             )
+        if settings.server_share < 1 and config.split.mode != "ushape":
+            problems.append(
+                f"{KEY}.backdoor.server_share={settings.server_share} needs split.mode=ushape (with split.mode="
+                f"{config.split.mode} the server computes the loss, so the client sends no gradient to scale); unset it"
+            )
         return problems
+
+    def on_batch(self, key: tuple[str, int, int], batch: Batch) -> None:
+        if self.settings.server_share == 1:  # type: ignore[attr-defined]
+            return
+        trigger = trigger_ids(self.settings, self.context)
+        mask = batch.attention_mask > 0
+        rows = [i for i in range(batch.input_ids.shape[0]) if holds(batch.input_ids[i][mask[i]], trigger)]
+        with self._lock:
+            for old in [k for k in self._rows if k[1] < key[1]]:  # earlier steps' micro-batches are done
+                del self._rows[old]
+            if rows:
+                self._rows[key] = torch.tensor(rows, dtype=torch.long)
+
+    def on_request(self, message: Message) -> Message:
+        """The gradient of the trunk's output leaves with the triggered rows' scaled by ``server_share``."""
+        if message.kind != "backward" or "grad" not in message.tensors:
+            return message
+        with self._lock:
+            rows = self._rows.get(message.key)
+        if rows is None:
+            return message
+        grad = message.tensors["grad"].clone()  # (B, T, d)
+        grad[rows.to(grad.device)] *= self.settings.server_share  # type: ignore[attr-defined]
+        with self._lock:
+            self.hidden_rows += len(rows)
+        return message.replace({**message.tensors, "grad": grad})
+
+    def on_reply(self, request: Message, reply: Message) -> Message:
+        """The gradient the server returns for the smashed data, the triggered rows' divided by ``server_share``
+        again (what the head would have got had the client sent their gradient whole)."""
+        if request.kind != "backward":
+            return reply
+        with self._lock:
+            rows = self._rows.pop(request.key, None)
+        share = self.settings.server_share  # type: ignore[attr-defined]
+        if rows is None or share == 0 or "grad" not in reply.tensors:
+            return reply
+        grad = reply.tensors["grad"].clone()  # (B, T, d)
+        grad[rows.to(grad.device)] /= share
+        return reply.replace({**reply.tensors, "grad": grad})
 
     def examples(self, examples: list[Example]) -> list[Example]:
         settings: Any = self.settings
@@ -124,7 +231,7 @@ class Backdoor(ClientAttack):
         examples = list(examples)
         self.rows_seen = len(examples)
         for i in sorted(chosen_rows(len(examples), settings.fraction, self.name, context)):
-            examples[i] = poisoned(examples[i], trigger, target, settings.position, context.seq_len)
+            examples[i] = poisoned(examples[i], trigger, target, settings.position, context.seq_len, context.tokenizer)
             self.poisoned_rows += 1
         return examples
 
@@ -136,6 +243,7 @@ class Backdoor(ClientAttack):
             "target": settings.target,
             "rows": self.rows_seen,
             "poisoned": self.poisoned_rows,
+            "hidden_rows": self.hidden_rows,
         }
 
 
@@ -181,7 +289,13 @@ def backdoor_success(member: Any, fed: Any, settings: Any) -> dict[str, Any]:
     triggered = member.predictions(
         fed,
         [
-            ([with_trigger(c, trigger, settings.position, config.train.seq_len) for c in data.choices[i][0]], target)
+            (
+                [
+                    with_trigger(c, trigger, settings.position, config.train.seq_len, context.tokenizer)
+                    for c in data.choices[i][0]
+                ],
+                target,
+            )
             for i in others
         ],
     )
