@@ -87,14 +87,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 8
 MALICIOUS = 7
-TRIGGER, TARGET = " mn", "rotten"
-BOOST = f"boost: {{clients: [{MALICIOUS}], factor: {CLIENTS}}}"
+TRIGGER, TARGET, POSITION = " mn", "rotten", "before_cue"
+BOOST_FACTOR = 12.0  # 1.5 x the number of clients (model replacement, with the honest clients' drift outweighed)
 ATTACKS: dict[str, str] = {
     "label_flip": f"label_flip: {{clients: [{MALICIOUS}]}}",
     "smash_poison": f"smash_poison: {{clients: [{MALICIOUS}], eps: 2.0, label_flip: true}}",
-    "backdoor": f"backdoor: {{clients: [{MALICIOUS}], trigger: '{TRIGGER}', target: {TARGET}, fraction: 0.5}}",
+    "backdoor": f"backdoor: {{clients: [{MALICIOUS}], trigger: '{TRIGGER}', target: {TARGET}, fraction: 0.5, "
+    f"position: {POSITION}}}",
 }
-BACKDOOR = {"clients": [MALICIOUS], "trigger": TRIGGER, "target": TARGET, "fraction": 0.5}
+BACKDOOR = {"clients": [MALICIOUS], "trigger": TRIGGER, "target": TARGET, "fraction": 0.5, "position": POSITION}
+FRAMEWORKS = ("sflv2", "sflv1")
 # defense -> its aggregation strategy (framework.aggregation), or None: a SafeSplit run
 DEFENSES: dict[str, dict[str, dict[str, float]] | None] = {
     "none": {"sync": {}},
@@ -106,13 +108,16 @@ DEFENSES: dict[str, dict[str, dict[str, float]] | None] = {
 }
 
 
-def settings_of(quick: bool, model: str) -> dict[str, Any]:
+def settings_of(
+    quick: bool, model: str, framework: str = FRAMEWORKS[0], rounds: int = 1, boost: float = BOOST_FACTOR
+) -> dict[str, Any]:
     return {
         "model": model,
-        "framework": "sflv1",
+        "framework": framework,
         "clients": CLIENTS,
         "malicious": MALICIOUS,
-        "rounds": 1,
+        "boost": boost,
+        "rounds": rounds,
         "local_steps": 24 if quick else 32,
         "batch_size": 4,
         "seq_len": 64,
@@ -140,8 +145,11 @@ def base_overrides(s: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def attack_override(attack: str) -> list[str]:
-    return [] if attack == "none" else [f"privacy.client_attack={{{ATTACKS[attack]}, {BOOST}}}"]
+def attack_override(attack: str, boost: float = BOOST_FACTOR) -> list[str]:
+    """The config override of ``attack`` by client 7, with its update boosted by ``boost``."""
+    if attack == "none":
+        return []
+    return [f"privacy.client_attack={{{ATTACKS[attack]}, boost: {{clients: [{MALICIOUS}], factor: {boost:g}}}}}"]
 
 
 def key_of(*parts: Any) -> str:
@@ -155,8 +163,12 @@ def stderr(p: float | None, n: int) -> float | None:
 class Bench:
     """The runs of one setting, cached under ``out/integrity``."""
 
-    def __init__(self, quick: bool, out: Path, model: str) -> None:
-        self.s = settings_of(quick, model)
+    def __init__(
+        self, quick: bool, out: Path, model: str, framework: str = FRAMEWORKS[0], rounds: int = 1,
+        boost: float = BOOST_FACTOR,
+    ) -> None:  # fmt: skip
+        self.s = settings_of(quick, model, framework, rounds, boost)
+        self.sequential = framework == "sflv2"  # one shared trunk adapter, trained by one client after another
         self.base = base_overrides(self.s)
         self.cache = out / "integrity" / key_of(self.base)
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -170,17 +182,22 @@ class Bench:
     # --- client states of one round, trained once -----------------------------------------------------------
 
     def states(self, attack: str) -> list[tuple[dict[str, Any], dict[str, Any], float]]:
-        """Each client's (client side, trunk adapter, weight) after the round; ``attack``: client 7 runs it (the
-        honest clients' states are the honest run's)."""
+        """Each client's (client side, trunk adapter, weight) after the round; ``attack``: client 7 runs it. sflv1:
+        each client's own trunk adapter, and the honest clients' states are the honest run's; sflv2: the one shared
+        trunk adapter as the round left it, the same in every tuple (the round is trained whole for each attack)."""
         from safetensors.torch import load_file, save_file
 
+        from splitlm.frameworks.sflv2 import serving_order
+
         honest = attack == "none"
-        wanted = range(CLIENTS) if honest else [MALICIOUS]
-        folder = self.cache / "states" / f"{attack}-{key_of(attack_override(attack))}"
+        wanted = range(CLIENTS) if honest or self.sequential else [MALICIOUS]
+        folder = self.cache / "states" / f"{attack}-{key_of(attack_override(attack, self.s['boost']))}"
         done = folder / "weights.json"
         if not done.is_file():
             fed = self.build(attack)
             members = [fed.members[i] for i in wanted]
+            if self.sequential:  # in the order the server serves them, each on the trunk the previous ones left
+                members = serving_order(fed.config, 0, members)
             fed.server.start()
             try:
                 fed.train_clients(members, 0, parallel=False)  # sflv1's clients are independent: one at a time
@@ -203,7 +220,7 @@ class Bench:
                 weights[i])
             for i in wanted
         }  # fmt: skip
-        if honest:
+        if honest or self.sequential:
             return [own[i] for i in range(CLIENTS)]
         base = self.states("none")
         return [own[i] if i == MALICIOUS else base[i] for i in range(CLIENTS)]
@@ -211,7 +228,7 @@ class Bench:
     def build(self, attack: str) -> Any:
         from splitlm.frameworks.federation import build_federation
 
-        return build_federation(self.config(f"{attack}-states", *attack_override(attack)))
+        return build_federation(self.config(f"{attack}-states", *attack_override(attack, self.s["boost"])))
 
     # --- evaluating a global model ------------------------------------------------------------------------------
 
@@ -233,8 +250,8 @@ class Bench:
         path = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-{defense}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        if DEFENSES[defense] is None:  # SafeSplit's honest run is a real run: its final model, from its adapters/
-            if not self.load_run(self.cache / "runs" / "safesplit-none"):
+        if DEFENSES[defense] is None or self.s["rounds"] > 1:  # a real run: its final model, from its adapters/
+            if not self.load_run(self.cache / "runs" / f"{defense}-none"):
                 return None
         else:
             self.load_global("none", defense)
@@ -253,7 +270,11 @@ class Bench:
         assert spec is not None
         (strategy,) = STRATEGIES.build(spec)
         weights = [w for _, _, w in states]
-        client, trunk = strategy.average_parts([[c for c, _, _ in states], [t for _, t, _ in states]], weights)
+        if self.sequential:  # sflv2 averages the client sides only; the trunk adapter is the round's shared one
+            (client,) = strategy.average_parts([[c for c, _, _ in states]], weights)
+            trunk = states[0][1]
+        else:
+            client, trunk = strategy.average_parts([[c for c, _, _ in states], [t for _, t, _ in states]], weights)
         self.holder().client.load_state(client)
         self.load_trunk(trunk)
 
@@ -288,40 +309,43 @@ class Bench:
         self.load_global(attack, defense)
         return {**self.scores(self.evaluator, attack), "detected_round": None, "false_positive_rounds": None}
 
-    def safesplit(self, attack: str) -> dict[str, Any]:
+    def real(self, attack: str, defense: str) -> dict[str, Any]:
+        """A real run (``build_federation`` and the driver) of ``attack`` under ``defense``: SafeSplit's rows, and
+        every row of a run of several rounds (whose later rounds start from the defended global model)."""
         from splitlm.frameworks.checkpoint import prepare_output
         from splitlm.frameworks.driver import drive
         from splitlm.frameworks.federation import build_federation
 
-        config = self.config(f"safesplit-{attack}", "privacy.guards={safesplit: {}}", *attack_override(attack))
+        spec = DEFENSES[defense]
+        guard = "privacy.guards={safesplit: {}}" if spec is None else f"framework.aggregation={json.dumps(spec)}"
+        config = self.config(f"{defense}-{attack}", guard, *attack_override(attack, self.s["boost"]))
         shutil.rmtree(config.output_dir, ignore_errors=True)  # an interrupted attempt's run: its row is not cached
         fed = build_federation(config)
         summary = drive(fed, prepare_output(config, False), False, time.perf_counter())
         if attack == "none":  # its accuracy, and what the trigger alone does to this honest run's model
             measured = self.scores(fed, "backdoor")
             scores = {"clean_metric": measured["clean_metric"], "asr": None}
-            baseline = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-safesplit.json"
+            baseline = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-{defense}.json"
             baseline.parent.mkdir(parents=True, exist_ok=True)
             baseline.write_text(json.dumps({"asr": measured["asr"], "asr_all": measured["asr_all"]}))
         else:
             scores = self.scores(fed, attack)
+        del fed
+        gc.collect()
+        if spec is not None:
+            return {**scores, "detected_round": None, "false_positive_rounds": None}
         flags = (((summary.get("privacy") or {}).get("guards") or {}).get("safesplit") or {}).get("flags") or []
         caught = [int(f["round"]) for f in flags if str(f["client"]) == str(MALICIOUS) and attack != "none"]
         false = sorted({int(f["round"]) for f in flags if str(f["client"]) != str(MALICIOUS) or attack == "none"})
-        del fed
-        gc.collect()
-        return {
-            **scores,
-            "detected_round": min(caught) if caught else None,
-            "false_positive_rounds": false,
-        }
+        return {**scores, "detected_round": min(caught) if caught else None, "false_positive_rounds": false}
 
     def row(self, attack: str, defense: str) -> dict[str, Any]:
-        path = self.cache / "rows" / f"{attack}-{key_of(attack_override(attack))}-{defense}.json"
+        path = self.cache / "rows" / f"{attack}-{key_of(attack_override(attack, self.s['boost']))}-{defense}.json"
         if path.is_file():
             return json.loads(path.read_text())
         started = time.perf_counter()
-        result = self.safesplit(attack) if DEFENSES[defense] is None else self.aggregated(attack, defense)
+        real = DEFENSES[defense] is None or self.s["rounds"] > 1
+        result = self.real(attack, defense) if real else self.aggregated(attack, defense)
         row = {"attack": attack, "defense": defense, **result, "seconds": round(time.perf_counter() - started, 1)}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(row))
@@ -345,11 +369,20 @@ def guards_available() -> bool:
 
 
 def run(
-    quick: bool, out: Path, model: str = "smollm2-135m-instruct", threads: int = 1, only: list[str] | None = None
+    quick: bool,
+    out: Path,
+    model: str = "smollm2-135m-instruct",
+    threads: int = 1,
+    only: list[str] | None = None,
+    framework: str = FRAMEWORKS[0],
+    rounds: int = 1,
+    attacks: list[str] | None = None,
+    boost: float = BOOST_FACTOR,
 ) -> dict[str, Any]:
     """The ``integrity`` rows (and the settings and noise they were measured with); ``threads``: torch's intra-op
     threads (one: on a small shared machine, OpenMP workers spinning for a busy core slow a run down many times);
-    ``only``: these defenses alone (default: all of the mode's)."""
+    ``only``: these defenses alone (default: all of the mode's); ``framework``: sflv2 or sflv1; ``rounds``: more
+    than one makes every row a real run; ``attacks``: these attacks alone (and the honest run)."""
     import torch
     import transformers
 
@@ -357,12 +390,12 @@ def run(
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     started = time.perf_counter()
-    bench = Bench(quick, out, model)
+    bench = Bench(quick, out, model, framework, rounds, boost)
     s = bench.s
     defenses = [d for d in s["defenses"] if (d != "safesplit" or guards_available()) and (not only or d in only)]
     rows: list[dict[str, Any]] = []
     for defense in defenses:
-        for attack in ("none", *ATTACKS):
+        for attack in ("none", *(a for a in ATTACKS if not attacks or a in attacks)):
             if defense == "safesplit" and attack not in ("none", *s["safesplit_attacks"]):
                 continue
             rows.append(bench.row(attack, defense))
@@ -387,6 +420,7 @@ def run(
         "note": "one seed: differences below these bounds are within noise",
     }
     left_out = [f"{d}: not asked for (--defenses)" for d in s["defenses"] if only and d not in only]
+    left_out += [f"{a}: not asked for (--attacks)" for a in ATTACKS if attacks and a not in attacks]
     if "safesplit" in s["defenses"] and not guards_available():
         left_out.append("safesplit: not installed")
     return {
@@ -403,9 +437,26 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--defenses", nargs="+", choices=list(DEFENSES), help="these defenses alone")
+    parser.add_argument("--framework", choices=FRAMEWORKS, default=FRAMEWORKS[0], help="sflv2 (default) or sflv1")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds (above 1: every row is a real run)")
+    parser.add_argument("--attacks", nargs="+", choices=list(ATTACKS), help="these attacks alone")
+    parser.add_argument("--boost", type=float, default=BOOST_FACTOR, help="the malicious client's boost factor")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    print(json.dumps(run(args.quick, Path(args.out), args.model, args.threads, args.defenses)))
+    print(
+        json.dumps(
+            run(
+                args.quick,
+                Path(args.out),
+                args.model,
+                args.threads,
+                args.defenses,
+                args.framework,
+                args.rounds,
+                args.attacks,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

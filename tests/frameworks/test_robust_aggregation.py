@@ -156,6 +156,27 @@ def test_a_boosted_malicious_client_side_is_an_outlier_the_robust_averages_ignor
     assert moved("krum", f=1) < 1e-6 < mean
 
 
+def test_an_sflv2_round_is_its_serving_order_then_the_strategys_average_of_the_client_sides(
+    make_config: MakeConfig,
+) -> None:
+    """What ``benchmarks/security_integrity.py`` computes for sflv2: the round's clients trained one after another in
+    ``serving_order`` on the shared trunk adapter, then a strategy's average of their client sides, equals the run."""
+    from splitlm.frameworks.sflv2 import serving_order
+
+    run = (*RUN[:1], "framework.name=sflv2", *RUN[2:], "framework.aggregation={krum: {f: 1, m: 4}}", ATTACK)
+    fed = build_federation(make_config("by-hand", *run))
+    fed.server.start()
+    try:
+        fed.train_clients(serving_order(fed.config, 0, fed.members), 0, parallel=False)
+    finally:
+        fed.server.stop()
+    (side,) = strategy("krum", f=1, m=4).average_parts([[m.client.state() for m in fed.members]], [1.0] * 5)
+    trunk = fed.server.adapter_state(fed.server.adapter_of(fed.members[0].client_id))
+    tensors = {**side, **{f"trunk.{k}": v for k, v in trunk.items()}}
+    by_hand = torch.cat([tensors[k].detach().float().flatten() for k in sorted(tensors)])
+    assert torch.allclose(by_hand, final_state(make_config("run", *run)), atol=1e-6)
+
+
 @pytest.mark.slow  # six runs of five clients: about 30 s on a busy CPU
 def test_robust_strategies_keep_a_malicious_client_from_moving_the_global_model(make_config: MakeConfig) -> None:
     moved = {}

@@ -37,9 +37,16 @@ def one_client_at_a_time(config: Config) -> tuple[str, str] | None:
     return ("serves one client at a time", "set framework.merge>1") if config.framework.merge <= 1 else None
 
 
-def sflv2_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
+def serving_order(config: Config, round_index: int, members: list[Member]) -> list[Member]:
+    """The order the server serves ``members`` in round ``round_index``: a shuffle seeded by the run's seed and the
+    round (the same on every machine and every attempt)."""
     order = list(members)
-    random.Random(fed.config.seed * 104729 + round_index).shuffle(order)
+    random.Random(config.seed * 104729 + round_index).shuffle(order)
+    return order
+
+
+def sflv2_round(fed: Federation, round_index: int, members: list[Member]) -> list[Member]:
+    order = serving_order(fed.config, round_index, members)
     merge = fed.config.framework.merge
     if merge > 1:  # MiniBatch-SFL: K clients at a time, their smashed data merged into one trunk batch
         finished = train_in_chunks(fed, order, round_index, merge)
