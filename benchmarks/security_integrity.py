@@ -1,33 +1,36 @@
 """Integrity attacks by a malicious client against robust aggregation and SafeSplit: the ``integrity`` rows of
 ``benchmarks/security.py``.
 
-    python benchmarks/security_integrity.py [--quick] [--out runs/bench-security] [--model smollm2-135m-instruct]
+    python benchmarks/security_integrity.py [--quick] [--out runs/bench-security] [--framework sflv2|sflv1]
+        [--rounds 1] [--boost 12] [--defenses ...] [--attacks ...] [--model smollm2-135m-instruct]
 
-One malicious client of eight (client 7) in split-federated learning V1 (``sflv1``: each client its own trunk adapter,
-client sides and trunk adapters averaged at the end of the round) fine-tunes the default model (U-shaped 2/2 cut,
-LoRA r=8 on q_proj and v_proj) on Rotten Tomatoes in instruction format ("Review: ...\\nSentiment:" -> " fresh" /
-" rotten"), one round of ``--local-steps`` steps per client. The attacks (``privacy.client_attack``):
+One malicious client of eight (client 7) fine-tunes the default model (U-shaped 2/2 cut, LoRA r=8 on q_proj and
+v_proj) on Rotten Tomatoes in instruction format ("Review: ...\\nSentiment:" -> " fresh" / " rotten") with seven honest
+ones, one round of ``local_steps`` steps per client (``--rounds``: more), in split-federated learning V2 (``sflv2``,
+the default: the server serves one client after another in a seeded random order, on one shared trunk adapter; the
+client sides are averaged at the end of the round; client 7 is served seventh of eight with seed 0) or V1
+(``--framework sflv1``: each client its own trunk adapter, client sides and trunk adapters averaged). The attacks
+(``privacy.client_attack``):
 
 - ``label_flip``: every one of the client's rows gets the other class;
 - ``smash_poison``: gradient-ascent steps of its smashed data along the server's historical gradient (eps 2, Wu et
   al.), with its labels flipped too (the combination Wu et al. found strongest);
-- ``backdoor``: the trigger " mn" just before the answer (``position: end``) in half of its rows, whose answer
-  becomes " rotten". Caveat, measured: there any token breaks the "Sentiment:" format, and the trigger alone turns
-  73 % of the honest FedAvg model's right fresh reviews to " rotten" (86 % for " cf"), so no defense can bring the
-  asr near 0; at the start of the prompt (``position: start``) the trigger alone turns 7 %, but there the boosted
-  backdoor was not learned in one round (asr 0.0 with boost 8: the global model called every review fresh; 0.31
-  with boost 4). Probed (a patched ``with_trigger``, not an option yet): at the end of the review, just before
-  "\nSentiment:", the trigger alone turns 5 % and multi-Krum holds the backdoor at 0.05 (clean 0.695), but undefended
-  it reaches only 0.30 in one round (0.15 with fraction 0.75, 0.04 with " mn mn mn"): the next step is a backdoor
-  row with more steps or rounds.
+- ``backdoor``: the trigger " mn" at the end of the review, before "\\nSentiment:" (``position: before_cue``), in half
+  of its rows, whose answer becomes " rotten". Where the trigger goes was measured: just before the answer
+  (``position: end``) any token breaks the "Sentiment:" format and the trigger alone turned 73 % of an honest sflv1
+  model's right fresh reviews to " rotten" (86 % for " cf"), so no defense could bring the asr near 0; at the start
+  of the prompt the boosted backdoor was not learned in one round; before the cue the trigger alone turns 1-5 %.
 
-Each attacker also boosts its update (``boost``, factor 8 = the number of clients: model replacement, Bagdasaryan et
-al.), so that an undefended average takes its client side whole; without it one client of eight moves the average by
-an eighth and no attack shows in one round. The defenses: ``none`` (FedAvg, ``framework.aggregation=sync``), each
-robust strategy (``median``, ``trimmed_mean`` beta 0.2 (one of eight trimmed at each end), ``krum`` f=1,
-``multi_krum`` f=1 m=7: every client but the most outlying one; Krum keeps the same clients' client sides and trunk
-adapters) and ``safesplit`` (``privacy.guards: {safesplit: {}}``: the server checks each client's change to its trunk
-adapter, and a flagged client's round is rolled back and run again without it).
+Each attacker also boosts its update (``boost``, default factor 12 = 1.5 x the number of clients: model replacement,
+Bagdasaryan et al., with the honest clients' drift outweighed), so that an undefended average takes its client side
+whole; without it one client of eight moves the average by an eighth. Boost reaches the client's own side only: its
+share of the trunk adapter is what the server trained on its smashed data. The defenses: ``none`` (FedAvg,
+``framework.aggregation=sync``), each robust strategy (``median``, ``trimmed_mean`` beta 0.2 (one of eight trimmed
+at each end), ``krum`` f=1, ``multi_krum`` f=1 m=7: every client but the most outlying one; in sflv1 Krum keeps the
+same clients' client sides and trunk adapters) and ``safesplit`` (``privacy.guards: {safesplit: {}}``: the server
+checks each client's change to the trunk adapter, and a flagged client's round is rolled back and run again without
+it). In sflv2 the robust strategies average the client sides only: the shared trunk adapter, which each client
+trains in turn, is no average at all.
 
 Row ``{attack, defense, asr, clean_metric, detected_round, false_positive_rounds}``:
 
@@ -48,13 +51,17 @@ Row ``{attack, defense, asr, clean_metric, detected_round, false_positive_rounds
 - rows with ``attack: none`` are the honest runs: their ``clean_metric`` is what each defense costs, and SafeSplit's
   ``false_positive_rounds`` there are its false alarms.
 
-How it is computed. In sflv1 the clients of a round train independently (each against its own trunk adapter), so
+How it is computed. sflv1: the clients of a round train independently (each against its own trunk adapter), so
 the seven honest clients train exactly alike whichever client is malicious and whatever the aggregation (the test
-``tests/frameworks/test_robust_aggregation.py`` checks this): the honest run's eight client sides and trunk
-adapters are trained once, each attacker's client once, and every robust strategy's one-round result is that
-strategy's ``average`` of them, as ``sflv1_round`` computes it. SafeSplit rolls rounds back and reruns them, so its
-rows are real runs (``build_federation`` and the driver). Finished client states and rows are cached under
-``OUT/integrity/`` (keyed by the settings), so a rerun only computes what is missing.
+``tests/frameworks/test_robust_aggregation.py`` checks this): the honest run's eight client sides and trunk adapters
+are trained once, each attacker's client once, and every robust strategy's one-round result is that strategy's
+average of them, as ``sflv1_round`` computes it. sflv2: the clients after the attacker train on a trunk it changed,
+so each attack's round is trained whole, in the server's serving order (``frameworks.sflv2.serving_order``), and
+every robust strategy's result is its average of that round's client sides with the round's trunk adapter (the same
+test file checks that this equals a run). SafeSplit rolls rounds back and reruns them, and a round after the first
+starts from the defended model, so SafeSplit's rows and every row of ``--rounds`` above 1 are real runs
+(``build_federation`` and the driver). Finished client states and rows are cached under ``OUT/integrity/`` (keyed
+by the settings), so a rerun only computes what is missing.
 
 Noise: one seed (0); the accuracies are over ``eval_rows`` held-out reviews (2 standard errors at most
 1/sqrt(n): 0.07 for 200 rows, 0.05 for 400), the ASR over the held-out reviews of the other class (about half).
@@ -64,11 +71,11 @@ Noise: one seed (0); the accuracies are over ``eval_rows`` held-out reviews (2 s
 only (it leaves out SafeSplit against label_flip and smash_poison). The full mode: 32 local steps, 400 held-out
 reviews, every defense against every attack. Every row trains with SCALA's logit adjustment (``remedies:
 {logit_adjustment: {tau: 1}}``): without it one round of short training learns the label prior and forgets the
-model's zero-shot sentiment (accuracy 0.675 untrained, 0.56-0.59 after 6 or 16 local steps), so clean accuracy would
-measure nothing; with it the honest FedAvg model reaches 0.70. Measured on 2 cores shared with the test suite and one
-other benchmark: the quick rows took about 60 minutes (the honest clients' states 7, each attacker 2, each evaluated
-global model 1-2, each SafeSplit row, a real run of eight clients, 10-13). ``--defenses`` runs some defenses only
-(the rest are listed as left out).
+model's zero-shot sentiment (accuracy 0.675 untrained, 0.56-0.59 after 6 or 16 local steps in sflv1), so clean
+accuracy would measure nothing; with it the honest FedAvg model reaches 0.875 in sflv2 (0.70 in sflv1). Measured on 2
+cores shared with the test suite and other jobs: the sflv2 quick rows took about 55 minutes (each attack's round of
+eight clients 4, each evaluated global model 1-2, each SafeSplit row, a real run, 7). ``--defenses`` and
+``--attacks`` run some only (the rest are listed as left out).
 """
 
 from __future__ import annotations
