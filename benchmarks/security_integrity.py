@@ -181,6 +181,17 @@ class Bench:
         self.cache.mkdir(parents=True, exist_ok=True)
         self.evaluator: Any = None  # the honest federation: the global models are loaded into it and evaluated
 
+    def override(self, attack: str) -> list[str]:
+        return attack_override(attack, self.s["boost"])
+
+    def real_run(self, defense: str) -> bool:
+        """Whether ``defense``'s rows are real runs: SafeSplit's (it rolls rounds back), and every row of several
+        rounds (a later round starts from the defended model)."""
+        return DEFENSES[defense] is None or self.s["rounds"] > 1
+
+    def baseline_path(self, defense: str) -> Path:
+        return self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-{defense}.json"
+
     def config(self, name: str, *extra: str) -> Any:
         from splitlm.config import build_config
 
@@ -198,7 +209,7 @@ class Bench:
 
         honest = attack == "none"
         wanted = range(CLIENTS) if honest or self.sequential else [MALICIOUS]
-        folder = self.cache / "states" / f"{attack}-{key_of(attack_override(attack, self.s['boost']))}"
+        folder = self.cache / "states" / f"{attack}-{key_of(self.override(attack))}"
         done = folder / "weights.json"
         if not done.is_file():
             fed = self.build(attack)
@@ -212,9 +223,10 @@ class Bench:
                 fed.server.stop()
             folder.mkdir(parents=True, exist_ok=True)
             for m in members:
-                trunk = fed.server.adapter_state(fed.server.adapter_of(m.client_id))
                 save_file(m.client.state(), str(folder / f"client-{m.index}.safetensors"))
-                save_file(trunk, str(folder / f"trunk-{m.index}.safetensors"))
+                if not self.sequential or m is members[-1]:  # sflv2: the one shared adapter, once
+                    trunk = fed.server.adapter_state(fed.server.adapter_of(m.client_id))
+                    save_file(trunk, str(folder / f"trunk-{'shared' if self.sequential else m.index}.safetensors"))
             done.write_text(json.dumps({m.index: float(m.num_examples) for m in members}))
             if honest:
                 self.evaluator = evaluator(fed)
@@ -222,9 +234,10 @@ class Bench:
                 del fed
                 gc.collect()
         weights = {int(k): v for k, v in json.loads(done.read_text()).items()}
+        shared = load_file(str(folder / "trunk-shared.safetensors")) if self.sequential else None
         own = {
-            i: (load_file(str(folder / f"client-{i}.safetensors")), load_file(str(folder / f"trunk-{i}.safetensors")),
-                weights[i])
+            i: (load_file(str(folder / f"client-{i}.safetensors")),
+                shared if shared is not None else load_file(str(folder / f"trunk-{i}.safetensors")), weights[i])
             for i in wanted
         }  # fmt: skip
         if honest or self.sequential:
@@ -235,7 +248,7 @@ class Bench:
     def build(self, attack: str) -> Any:
         from splitlm.frameworks.federation import build_federation
 
-        return build_federation(self.config(f"{attack}-states", *attack_override(attack, self.s["boost"])))
+        return build_federation(self.config(f"{attack}-states", *self.override(attack)))
 
     # --- evaluating a global model ------------------------------------------------------------------------------
 
@@ -254,16 +267,20 @@ class Bench:
         """The backdoor's ``asr`` and ``asr_all`` measured on the honest run's global model under ``defense``: how
         often the trigger alone turns a review into the target class without any poisoning (the floor an attack's
         asr starts from)."""
-        path = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-{defense}.json"
+        path = self.baseline_path(defense)
         if path.is_file():
             return json.loads(path.read_text())
-        if DEFENSES[defense] is None or self.s["rounds"] > 1:  # a real run: its final model, from its adapters/
+        if self.real_run(defense):  # its final model, from its adapters/
             if not self.load_run(self.cache / "runs" / f"{defense}-none"):
                 return None
         else:
             self.load_global("none", defense)
-        measured = self.scores(self.evaluator, "backdoor")
+        return self.save_baseline(defense, self.scores(self.evaluator, "backdoor"))
+
+    def save_baseline(self, defense: str, measured: dict[str, Any]) -> dict[str, Any]:
+        """Keep the backdoor's ``asr`` and ``asr_all`` ``measured`` on the honest model under ``defense``."""
         baseline = {"asr": measured["asr"], "asr_all": measured["asr_all"]}
+        path = self.baseline_path(defense)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(baseline))
         return baseline
@@ -325,16 +342,14 @@ class Bench:
 
         spec = DEFENSES[defense]
         guard = "privacy.guards={safesplit: {}}" if spec is None else f"framework.aggregation={json.dumps(spec)}"
-        config = self.config(f"{defense}-{attack}", guard, *attack_override(attack, self.s["boost"]))
+        config = self.config(f"{defense}-{attack}", guard, *self.override(attack))
         shutil.rmtree(config.output_dir, ignore_errors=True)  # an interrupted attempt's run: its row is not cached
         fed = build_federation(config)
         summary = drive(fed, prepare_output(config, False), False, time.perf_counter())
         if attack == "none":  # its accuracy, and what the trigger alone does to this honest run's model
             measured = self.scores(fed, "backdoor")
             scores = {"clean_metric": measured["clean_metric"], "asr": None}
-            baseline = self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-{defense}.json"
-            baseline.parent.mkdir(parents=True, exist_ok=True)
-            baseline.write_text(json.dumps({"asr": measured["asr"], "asr_all": measured["asr_all"]}))
+            self.save_baseline(defense, measured)
         else:
             scores = self.scores(fed, attack)
         del fed
@@ -347,12 +362,11 @@ class Bench:
         return {**scores, "detected_round": min(caught) if caught else None, "false_positive_rounds": false}
 
     def row(self, attack: str, defense: str) -> dict[str, Any]:
-        path = self.cache / "rows" / f"{attack}-{key_of(attack_override(attack, self.s['boost']))}-{defense}.json"
+        path = self.cache / "rows" / f"{attack}-{key_of(self.override(attack))}-{defense}.json"
         if path.is_file():
             return json.loads(path.read_text())
         started = time.perf_counter()
-        real = DEFENSES[defense] is None or self.s["rounds"] > 1
-        result = self.real(attack, defense) if real else self.aggregated(attack, defense)
+        result = self.real(attack, defense) if self.real_run(defense) else self.aggregated(attack, defense)
         row = {"attack": attack, "defense": defense, **result, "seconds": round(time.perf_counter() - started, 1)}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(row))

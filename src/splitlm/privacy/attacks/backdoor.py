@@ -86,12 +86,12 @@ class BackdoorSettings(ClientAttackSettings):
     )
 
 
-def holds(row: torch.Tensor, trigger: list[int]) -> bool:
-    """Whether the token ids ``row`` (T,) hold ``trigger`` as a contiguous run."""
-    n = len(trigger)
+def holds(row: torch.Tensor, trigger: torch.Tensor) -> bool:
+    """Whether the token ids ``row`` (T,) hold the token ids ``trigger`` (n,) as a contiguous run."""
+    n = trigger.numel()
     if n == 0 or row.numel() < n:
         return False
-    return bool((row.unfold(0, n, 1) == torch.tensor(trigger, dtype=row.dtype)).all(dim=1).any())
+    return bool((row.unfold(0, n, 1) == trigger.to(row.dtype)).all(dim=1).any())
 
 
 def insertion_point(prompt: list[int], position: str, tokenizer: Any = None) -> int:
@@ -167,6 +167,7 @@ class Backdoor(ClientAttack):
     def __init__(self, settings: Any = None) -> None:
         super().__init__(settings)
         self._rows: dict[tuple[str, int, int], torch.Tensor] = {}  # micro-batch -> its rows holding the trigger
+        self._trigger: torch.Tensor | None = None  # the trigger's token ids, encoded at the first batch
         self._lock = threading.Lock()  # micro-batches in flight run on other threads
 
     @classmethod
@@ -187,7 +188,9 @@ class Backdoor(ClientAttack):
     def on_batch(self, key: tuple[str, int, int], batch: Batch) -> None:
         if self.settings.server_share == 1:  # type: ignore[attr-defined]
             return
-        trigger = trigger_ids(self.settings, self.context)
+        if self._trigger is None:
+            self._trigger = torch.tensor(trigger_ids(self.settings, self.context))
+        trigger = self._trigger
         mask = batch.attention_mask > 0
         rows = [i for i in range(batch.input_ids.shape[0]) if holds(batch.input_ids[i][mask[i]], trigger)]
         with self._lock:
