@@ -27,10 +27,11 @@ whole; without it one client of eight moves the average by an eighth. Boost reac
 share of the trunk adapter is what the server trained on its smashed data. The defenses: ``none`` (FedAvg,
 ``framework.aggregation=sync``), each robust strategy (``median``, ``trimmed_mean`` beta 0.2 (one of eight trimmed
 at each end), ``krum`` f=1, ``multi_krum`` f=1 m=7: every client but the most outlying one; in sflv1 Krum keeps the
-same clients' client sides and trunk adapters) and ``safesplit`` (``privacy.guards: {safesplit: {}}``: the server
-checks each client's change to the trunk adapter, and a flagged client's round is rolled back and run again without
-it). In sflv2 the robust strategies average the client sides only: the shared trunk adapter, which each client
-trains in turn, is no average at all.
+same clients' client sides and trunk adapters), ``safesplit`` (``privacy.guards: {safesplit: {}}``: the server
+checks each client's change to the trunk adapter and to its client side, and a flagged client's round is rolled back
+and run again without it) and ``safesplit_trunk`` (``{safesplit: {parts: [trunk]}}``, the paper's view: the trunk
+adapter alone; full mode or ``--defenses``). In sflv2 the robust strategies average the client sides only: the
+shared trunk adapter, which each client trains in turn, is no average at all.
 
 Row ``{attack, defense, asr, clean_metric, detected_round, false_positive_rounds}``:
 
@@ -44,8 +45,8 @@ Row ``{attack, defense, asr, clean_metric, detected_round, false_positive_rounds
   untargeted, so their ``asr`` is the accuracy they cost: the honest run's ``clean_metric`` under the same defense
   minus the attacked run's (negative: the attacked run scored higher, within noise);
 - ``detected_round``: SafeSplit's first round that flagged the malicious client (null: never, or a defense that
-  flags nothing); ``false_positive_rounds``: the rounds in which SafeSplit flagged an honest client (null for the
-  robust strategies, which flag nobody);
+  flags nothing), and ``detected_part`` the part that gave it away (trunk or client_side); ``false_positive_rounds``:
+  the rounds in which SafeSplit flagged an honest client (null for the robust strategies, which flag nobody);
 - ``asr_without_attack`` / ``asr_all_without_attack`` (backdoor rows): the same measured on the honest run's model
   under the same defense, what the trigger alone does (an asr near it is no backdoor at all);
 - rows with ``attack: none`` are the honest runs: their ``clean_metric`` is what each defense costs, and SafeSplit's
@@ -67,15 +68,15 @@ Noise: one seed (0); the accuracies are over ``eval_rows`` held-out reviews (2 s
 1/sqrt(n): 0.07 for 200 rows, 0.05 for 400), the ASR over the held-out reviews of the other class (about half).
 ``settings.noise`` gives both; a difference below them is not a result.
 
-``--quick``: 24 local steps, 200 held-out reviews, every defense, SafeSplit against the backdoor and the honest run
-only (it leaves out SafeSplit against label_flip and smash_poison). The full mode: 32 local steps, 400 held-out
-reviews, every defense against every attack. Every row trains with SCALA's logit adjustment (``remedies:
-{logit_adjustment: {tau: 1}}``): without it one round of short training learns the label prior and forgets the
-model's zero-shot sentiment (accuracy 0.675 untrained, 0.56-0.59 after 6 or 16 local steps in sflv1), so clean
-accuracy would measure nothing; with it the honest FedAvg model reaches 0.875 in sflv2 (0.70 in sflv1). Measured on 2
-cores shared with the test suite and other jobs: the sflv2 quick rows took about 55 minutes (each attack's round of
-eight clients 4, each evaluated global model 1-2, each SafeSplit row, a real run, 7). ``--defenses`` and
-``--attacks`` run some only (the rest are listed as left out).
+``--quick``: 24 local steps, 200 held-out reviews, every defense but ``safesplit_trunk``, SafeSplit against the backdoor
+and the honest run only (it leaves out SafeSplit against label_flip and smash_poison). The full mode: 32 local steps,
+400 held-out reviews, every defense against every attack. Every row trains with SCALA's logit adjustment (``remedies:
+{logit_adjustment: {tau: 1}}``): without it one round of short training learns the label prior and forgets the model's
+zero-shot sentiment (accuracy 0.675 untrained, 0.56-0.59 after 6 or 16 local steps in sflv1), so clean accuracy would
+measure nothing; with it the honest FedAvg model reaches 0.875 in sflv2 (0.70 in sflv1). Measured on 2 cores shared with
+the test suite and other jobs: the sflv2 quick rows took about 55 minutes (each attack's round of eight clients 4, each
+evaluated global model 1-2, each SafeSplit row, a real run, 7-8; 10 when it catches the attacker and reruns the round).
+``--defenses`` and ``--attacks`` run some only (the rest are listed as left out).
 """
 
 from __future__ import annotations
@@ -104,15 +105,21 @@ ATTACKS: dict[str, str] = {
 }
 BACKDOOR = {"clients": [MALICIOUS], "trigger": TRIGGER, "target": TARGET, "fraction": 0.5, "position": POSITION}
 FRAMEWORKS = ("sflv2", "sflv1")
-# defense -> its aggregation strategy (framework.aggregation), or None: a SafeSplit run
-DEFENSES: dict[str, dict[str, dict[str, float]] | None] = {
+# defense -> its aggregation strategy (framework.aggregation)
+STRATEGY_DEFENSES: dict[str, dict[str, dict[str, float]]] = {
     "none": {"sync": {}},
     "median": {"median": {}},
     "trimmed_mean": {"trimmed_mean": {"beta": 0.2}},
     "krum": {"krum": {"f": 1}},
     "multi_krum": {"krum": {"f": 1, "m": CLIENTS - 1}},  # every state but the most outlying one (m = n - f)
-    "safesplit": None,
 }
+# defense -> its server guards (privacy.guards): real runs, a flagged client's round rolled back and run again
+GUARD_DEFENSES: dict[str, dict[str, dict[str, Any]]] = {
+    "safesplit": {"safesplit": {}},  # the trunk adapter and the client side
+    "safesplit_trunk": {"safesplit": {"parts": ["trunk"]}},  # the paper's view: the trunk adapter alone
+}
+DEFENSES = [*STRATEGY_DEFENSES, *GUARD_DEFENSES]
+QUICK_LEAVES_OUT = {"safesplit_trunk": "the paper's trunk-only SafeSplit runs in the full mode (or --defenses)"}
 
 
 def settings_of(
@@ -132,7 +139,7 @@ def settings_of(
         "logit_adjustment": 1.0,
         "eval_rows": 200 if quick else 400,
         "seed": 0,
-        "defenses": list(DEFENSES),
+        "defenses": [d for d in DEFENSES if not quick or d not in QUICK_LEAVES_OUT],
         "safesplit_attacks": ["backdoor"] if quick else list(ATTACKS),
     }
 
@@ -185,9 +192,9 @@ class Bench:
         return attack_override(attack, self.s["boost"])
 
     def real_run(self, defense: str) -> bool:
-        """Whether ``defense``'s rows are real runs: SafeSplit's (it rolls rounds back), and every row of several
-        rounds (a later round starts from the defended model)."""
-        return DEFENSES[defense] is None or self.s["rounds"] > 1
+        """Whether ``defense``'s rows are real runs: a guard's (SafeSplit rolls rounds back), and every row of
+        several rounds (a later round starts from the defended model)."""
+        return defense in GUARD_DEFENSES or self.s["rounds"] > 1
 
     def baseline_path(self, defense: str) -> Path:
         return self.cache / "rows" / f"baseline-{key_of(BACKDOOR)}-{defense}.json"
@@ -290,9 +297,7 @@ class Bench:
         from splitlm.frameworks.aggregation import STRATEGIES
 
         states = self.states(attack)
-        spec = DEFENSES[defense]
-        assert spec is not None
-        (strategy,) = STRATEGIES.build(spec)
+        (strategy,) = STRATEGIES.build(STRATEGY_DEFENSES[defense])
         weights = [w for _, _, w in states]
         if self.sequential:  # sflv2 averages the client sides only; the trunk adapter is the round's shared one
             (client,) = strategy.average_parts([[c for c, _, _ in states]], weights)
@@ -340,9 +345,12 @@ class Bench:
         from splitlm.frameworks.driver import drive
         from splitlm.frameworks.federation import build_federation
 
-        spec = DEFENSES[defense]
-        guard = "privacy.guards={safesplit: {}}" if spec is None else f"framework.aggregation={json.dumps(spec)}"
-        config = self.config(f"{defense}-{attack}", guard, *self.override(attack))
+        guards = GUARD_DEFENSES.get(defense)
+        chosen = (
+            f"privacy.guards={json.dumps(guards)}" if guards
+            else f"framework.aggregation={json.dumps(STRATEGY_DEFENSES[defense])}"
+        )  # fmt: skip
+        config = self.config(f"{defense}-{attack}", chosen, *self.override(attack))
         shutil.rmtree(config.output_dir, ignore_errors=True)  # an interrupted attempt's run: its row is not cached
         fed = build_federation(config)
         summary = drive(fed, prepare_output(config, False), False, time.perf_counter())
@@ -354,12 +362,17 @@ class Bench:
             scores = self.scores(fed, attack)
         del fed
         gc.collect()
-        if spec is not None:
+        if not guards:
             return {**scores, "detected_round": None, "false_positive_rounds": None}
-        flags = (((summary.get("privacy") or {}).get("guards") or {}).get("safesplit") or {}).get("flags") or []
-        caught = [int(f["round"]) for f in flags if str(f["client"]) == str(MALICIOUS) and attack != "none"]
+        reports = ((summary.get("privacy") or {}).get("guards") or {}).values()
+        flags = [f for report in reports for f in (report or {}).get("flags") or []]
+        caught = [f for f in flags if str(f["client"]) == str(MALICIOUS) and attack != "none"]
         false = sorted({int(f["round"]) for f in flags if str(f["client"]) != str(MALICIOUS) or attack == "none"})
-        return {**scores, "detected_round": min(caught) if caught else None, "false_positive_rounds": false}
+        first = min(caught, key=lambda f: int(f["round"])) if caught else None
+        return {
+            **scores, "detected_round": int(first["round"]) if first else None,
+            "detected_part": first.get("part") if first else None, "false_positive_rounds": false,
+        }  # fmt: skip
 
     def row(self, attack: str, defense: str) -> dict[str, Any]:
         path = self.cache / "rows" / f"{attack}-{key_of(self.override(attack))}-{defense}.json"
@@ -413,11 +426,12 @@ def run(
     started = time.perf_counter()
     bench = Bench(quick, out, model, framework, rounds, boost)
     s = bench.s
-    defenses = [d for d in s["defenses"] if (d != "safesplit" or guards_available()) and (not only or d in only)]
+    wanted = only or s["defenses"]
+    defenses = [d for d in DEFENSES if d in wanted and (d not in GUARD_DEFENSES or guards_available())]
     rows: list[dict[str, Any]] = []
     for defense in defenses:
         for attack in ("none", *(a for a in ATTACKS if not attacks or a in attacks)):
-            if defense == "safesplit" and attack not in ("none", *s["safesplit_attacks"]):
+            if defense in GUARD_DEFENSES and attack not in ("none", *s["safesplit_attacks"]):
                 continue
             rows.append(bench.row(attack, defense))
     for r in rows:  # the backdoor's asr on the honest model under the same defense: what the trigger alone does
@@ -441,9 +455,9 @@ def run(
         "note": "one seed: differences below these bounds are within noise",
     }
     left_out = [f"{d}: not asked for (--defenses)" for d in s["defenses"] if only and d not in only]
+    left_out += [f"{d}: {why}" for d, why in QUICK_LEAVES_OUT.items() if d not in defenses and d not in s["defenses"]]
     left_out += [f"{a}: not asked for (--attacks)" for a in ATTACKS if attacks and a not in attacks]
-    if "safesplit" in s["defenses"] and not guards_available():
-        left_out.append("safesplit: not installed")
+    left_out += [f"{d}: not installed" for d in GUARD_DEFENSES if d in wanted and not guards_available()]
     return {
         "integrity": rows,
         "integrity_settings": {**s, "defenses": defenses, "left_out": left_out, "noise": noise,
@@ -457,7 +471,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-security"))
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--defenses", nargs="+", choices=list(DEFENSES), help="these defenses alone")
+    parser.add_argument("--defenses", nargs="+", choices=DEFENSES, help="these defenses alone")
     parser.add_argument("--framework", choices=FRAMEWORKS, default=FRAMEWORKS[0], help="sflv2 (default) or sflv1")
     parser.add_argument("--rounds", type=int, default=1, help="rounds (above 1: every row is a real run)")
     parser.add_argument("--attacks", nargs="+", choices=list(ATTACKS), help="these attacks alone")
@@ -475,6 +489,7 @@ def main() -> None:
                 args.framework,
                 args.rounds,
                 args.attacks,
+                args.boost,
             )
         )
     )

@@ -85,23 +85,35 @@ def changes(clients: int, odd: dict[int, float]) -> tuple[dict[str, torch.Tensor
     return before, afters
 
 
-def judge(guard: SafeSplit, before: dict[str, torch.Tensor], afters: list[dict[str, torch.Tensor]]) -> dict[str, str]:
+def judge(
+    guard: SafeSplit,
+    before: dict[str, torch.Tensor],
+    afters: list[dict[str, torch.Tensor]],
+    sides: tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]] | None = None,
+) -> dict[str, str]:
+    """One round of ``guard`` over the clients' trunk adapter changes (``before`` -> ``afters``) and, given ``sides``,
+    their client sides' changes (the trunk's for the client sides too when not given)."""
+    side_before, side_afters = sides or (before, afters)
     guard.open_round(0, [str(i) for i in range(len(afters))])
     for client, after in enumerate(afters):
-        guard.trained(0, str(client), before, after, steps=2)
+        shown = guard.watches()
+        olds = {p: s for p, s in (("trunk", before), ("client_side", side_before)) if p in shown}
+        news = {p: s for p, s in (("trunk", after), ("client_side", side_afters[client])) if p in shown}
+        guard.trained(0, str(client), olds, news, steps=2)
     return guard.check(0)
 
 
 def test_safesplit_flags_a_malicious_change_and_no_honest_one() -> None:
-    guard = SafeSplit()
+    guard = SafeSplit(SafeSplit.Settings(parts=["trunk"]))
     assert judge(guard, *changes(6, {})) == {}  # honest clients: nothing flagged
     honest = guard.report()["rounds"][-1]
-    assert honest["judged"] and max(honest["static"].values()) < 2 and max(honest["angle"].values()) < 60
+    static, angles = honest["static"]["trunk"], honest["angle"]["trunk"]
+    assert honest["judged"] and max(static.values()) < 2 and max(angles.values()) < 60
     flagged = judge(guard, *changes(6, {4: -1.0}))  # client 4 goes the opposite way
     assert list(flagged) == ["4"] and "turns" in flagged["4"]
-    round_ = guard.report()["rounds"][-1]
-    assert round_["angle"]["4"] > 90 > max(v for c, v in round_["angle"].items() if c != "4")
-    assert guard.report()["flags"][-1]["client"] == "4"
+    angles = guard.report()["rounds"][-1]["angle"]["trunk"]
+    assert angles["4"] > 90 > max(v for c, v in angles.items() if c != "4")
+    assert guard.report()["flags"][-1]["client"] == "4" and guard.report()["flags"][-1]["part"] == "trunk"
 
 
 def test_the_static_check_catches_a_change_far_too_large_and_rule_both_needs_both() -> None:
@@ -109,8 +121,29 @@ def test_the_static_check_catches_a_change_far_too_large_and_rule_both_needs_bot
     any_ = SafeSplit()
     assert list(judge(any_, before, afters)) == ["2"]
     round_ = any_.report()["rounds"][-1]
-    assert round_["static"]["2"] > 3 and round_["angle"]["2"] < 90  # the static check alone caught it
+    assert round_["static"]["trunk"]["2"] > 3 and round_["angle"]["trunk"]["2"] < 90  # the static check alone
     assert judge(SafeSplit(SafeSplit.Settings(rule="both")), before, afters) == {}
+
+
+def test_a_client_side_boosted_far_past_the_others_is_caught_where_its_trunk_change_looks_honest() -> None:
+    trunk = changes(6, {})  # every client's trunk adapter change is an honest one
+    sides = changes(6, {3: 12.0})  # client 3's client side goes the majority's way, 12 times as far (boost)
+    both = SafeSplit()
+    flagged = judge(both, *trunk, sides=sides)
+    assert list(flagged) == ["3"] and "client side change" in flagged["3"]
+    round_ = both.report()["rounds"][-1]
+    assert max(round_["static"]["trunk"].values()) < 2  # the trunk gave nothing away
+    assert (
+        round_["static"]["client_side"]["3"]
+        > 3
+        > max(v for c, v in round_["static"]["client_side"].items() if c != "3")
+    )
+    assert both.report()["flags"] == [
+        {"round": 1, "client": "3", "part": "client_side", "static": round_["static"]["client_side"]["3"],
+         "angle": round_["angle"]["client_side"]["3"]}
+    ]  # fmt: skip
+    trunk_only = SafeSplit(SafeSplit.Settings(parts=["trunk"]))  # the paper's view
+    assert trunk_only.watches() == {"trunk"} and judge(trunk_only, *trunk, sides=sides) == {}
 
 
 def test_a_round_of_too_few_clients_is_not_judged() -> None:
@@ -143,7 +176,9 @@ class FlagOnce(Guard):
         self.trained_now = set()
 
     def trained(self, round_index: int, client_id: str, before: Any, after: Any, steps: int) -> None:
-        assert steps > 0 and any(not torch.equal(before[k], after[k]) for k in before), "saw no change"
+        assert before.keys() == {"trunk"}, "a guard is shown the trunk adapter alone unless it asks for more"
+        trunk, trained = before["trunk"], after["trunk"]
+        assert steps > 0 and any(not torch.equal(trunk[k], trained[k]) for k in trunk), "saw no change"
         self.trained_now.add(client_id)
 
     def check(self, round_index: int) -> dict[str, str]:
@@ -225,7 +260,9 @@ def test_safesplit_flags_no_honest_client(
     report = run_framework(config)["privacy"]["guards"]["safesplit"]
     assert report["flags"] == []
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3] and all(r["judged"] for r in report["rounds"])
-    assert all(0 < a < 90 for r in report["rounds"] for a in r["angle"].values())
+    for round_ in report["rounds"]:
+        assert round_["angle"].keys() == {"trunk", "client_side"}, round_
+        assert all(0 < a < 90 for part in round_["angle"].values() for a in part.values()), round_
 
 
 def test_safesplit_catches_a_client_that_turns_the_trunk_around_and_the_run_equals_its_leave_out_reference(
@@ -239,6 +276,26 @@ def test_safesplit_catches_a_client_that_turns_the_trunk_around_and_the_run_equa
     assert flagged and {flag["client"] for flag in report["flags"]} == {"1"}, report
     reference = make_config(
         "reference", *setup, "framework.leave_out={" + ", ".join(f"{r}: ['1']" for r in flagged) + "}"
+    )
+    run_framework(reference)
+    same_run(Path(guarded.output_dir), Path(reference.output_dir), run_files)
+
+
+@pytest.mark.parametrize("framework", ["sflv2", "sflv1"])
+def test_safesplit_catches_a_boosted_client_side_and_the_run_equals_its_leave_out_reference(
+    framework: str, make_config: Callable[..., Config], run_files: Any
+) -> None:
+    boost = "privacy.client_attack={boost: {clients: [2], factor: 12}}"  # model replacement: client 2's update x12
+    setup = (f"framework.name={framework}", "framework.num_clients=4", "lora.dropout=0.05", *RUN, boost)
+    guarded = make_config("guarded", *setup, "privacy.guards=[safesplit]")
+    report = run_framework(guarded)["privacy"]["guards"]["safesplit"]
+    flagged = sorted({flag["round"] for flag in report["flags"]})
+    assert flagged and {flag["client"] for flag in report["flags"]} == {"2"}, report
+    first = report["rounds"][0]  # its first attempt: the client side gives it away, not its trunk adapter change
+    assert first["flagged"] == ["2"] and report["flags"][0]["part"] == "client_side", first
+    assert first["static"]["client_side"]["2"] > 3 > first["static"]["trunk"]["2"], first
+    reference = make_config(
+        "reference", *setup, "framework.leave_out={" + ", ".join(f"{r}: ['2']" for r in flagged) + "}"
     )
     run_framework(reference)
     same_run(Path(guarded.output_dir), Path(reference.output_dir), run_files)
@@ -267,10 +324,16 @@ def test_safesplit_catches_a_client_that_turns_the_trunk_around_and_the_run_equa
             {"framework": {"name": "sflv1", "num_clients": 4, "aggregation": "async"}},
             "privacy.guards: async trains the clients across rounds",
         ),
+        (
+            {"framework": {"name": "psl", "num_clients": 4}, "parts": ["client_side"]},
+            "framework.name=psl keeps each client's side on the client",
+        ),
     ],
 )
 def test_safesplit_refuses_what_it_cannot_watch_in_one_line(tree: dict[str, Any], expected: str) -> None:
-    problems = config_problems({**tree, "privacy": {"guards": ["safesplit"]}})
+    tree = dict(tree)
+    settings = {"parts": tree.pop("parts")} if "parts" in tree else {}
+    problems = config_problems({**tree, "privacy": {"guards": {"safesplit": settings}}})
     assert len(problems) == 1 and expected in problems[0] and "\n" not in problems[0], problems
     assert (
         config_problems({"framework": {"name": "sflv1", "num_clients": 4}, "privacy": {"guards": ["safesplit"]}}) == []

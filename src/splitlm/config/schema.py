@@ -575,9 +575,9 @@ class PrivacyConfig(Section):
     )
     guards: Components = Field(
         default_factory=dict,
-        description="Server-side guards that watch each client's change to the trunk adapter, each with its "
-        "settings, e.g. {safesplit: {ratio: 3.0}} (SafeSplit): a flagged client's round is rolled back and run again "
-        "without it; empty: none.",
+        description="Server-side guards that watch each client's change to the trunk adapter (and to its client "
+        "side, which the server receives), each with its settings, e.g. {safesplit: {ratio: 3.0}} (SafeSplit): a "
+        "flagged client's round is rolled back and run again without it; empty: none.",
     )
 
 

@@ -332,18 +332,38 @@ class Federation:
         if member.stale and self.carry is not None and self.carry_from != member.client_id:
             member.client.load_state(self.fitted(member, self.carry))
         member.stale = False
-        watched = self.server.adapter_of(member.client_id) if self.guards and self.server is not None else None
-        before = self.server.adapter_state(watched) if watched is not None else {}
+        before = self.watched_parts(member)
         start = member.steps_done
         member.train_round(self, round_index)
-        if watched is not None:  # the guards see the change of the trunk adapter this client trained
-            after = self.server.adapter_state(watched)
+        if self.guards and self.server is not None:  # the guards see the change of the parts this client trained
+            after = self.watched_parts(member)
             for guard in self.guards:
-                guard.trained(round_index, member.client_id, before, after, member.steps_done - start)
+                shown = guard.watches()
+                guard.trained(
+                    round_index,
+                    member.client_id,
+                    {p: before[p] for p in shown},
+                    {p: after[p] for p in shown},
+                    member.steps_done - start,
+                )
         for remedy in self.remedies:  # e.g. its own client side, before any aggregation
             state = remedy.member_state(member.client, member.remedy_state.get(remedy.name))
             if state is not None:
                 member.remedy_state[remedy.name] = state
+
+    def watched_parts(self, member: Member) -> dict[str, dict[str, torch.Tensor]]:
+        """The parts of ``member`` the guards watch (``privacy.guards.base.PARTS``), as the server holds them now:
+        its trunk adapter, and its client side (asked of the client: a networked one sends it) when a guard watches
+        that; nothing without guards."""
+        watched = {part for guard in self.guards for part in guard.watches()}
+        if not watched or self.server is None:
+            return {}
+        parts = {}
+        if "trunk" in watched:
+            parts["trunk"] = self.server.adapter_state(self.server.adapter_of(member.client_id))
+        if "client_side" in watched:  # a copy: an in-process client's state is its live tensors
+            parts["client_side"] = {k: v.detach().clone() for k, v in member.client.state().items()}
+        return parts
 
     def train_clients(self, members: Sequence[Member], round_index: int, parallel: bool) -> list[Member]:
         """Each member's local steps, at once or one after another. A client that is lost meanwhile stops the

@@ -1,9 +1,20 @@
-"""SafeSplit (Rieger et al., NDSS 2025; survey §5.2.3): the server checks each client's change to the trunk adapter
+"""SafeSplit (Rieger et al., NDSS 2025; survey §5.2.3): the server checks each client's change to the parts it trained
 in the frequency domain (static) and by how far it turns away from the other clients' changes (dynamic, rotational),
 and flags a client whose change is an outlier with respect to the round's majority.
 
-What is compared, for client i of a round and the trunk adapter it trained (before and after its local training,
-as the server holds it; ``guards/base.py`` says which adapter that is per framework):
+The parts watched (``parts``; ``guards/base.py`` says how each is read):
+
+- ``trunk``: the trunk adapter it trained, before and after its local training, as the server holds it (the
+  paper's view: the server-side model);
+- ``client_side``: its client side (head [+ tail] adapters), which the server receives anyway to average it (sflv1,
+  sflv2, gsfl) or to pass it on (sl). The paper's server never sees client models (sequential SL passes them from
+  client to client); splitlm's server does, and a check that ignores them misses what only the client side carries.
+  Measured on the default model (``benchmarks/security_integrity.py``, sflv2, 8 clients): a backdoor client that
+  boosts its update (model replacement) leaves an ordinary-looking change on the shared trunk adapter (static 0.73x
+  the median, honest 0.67-1.66x; 75 degrees, honest 68-82), while its client side is 76x the median distance at
+  boost 12 and 5.5x at boost 3 (honest clients 0.9-1.2x).
+
+What is compared, for client i of a round and one part:
 
 - static, in the frequency domain: for each LoRA module, the change of its weight delta, dW = B'A' - BA (out x in;
   LoRA's scaling alpha / r is left out: the same for every client), through an orthonormal 2-D DCT-II, of which the
@@ -13,30 +24,30 @@ as the server holds it; ``guards/base.py`` says which adapter that is per framew
   clients (Krum's score: while fewer than half the clients are malicious, an honest client's nearest floor(n/2) are
   honest, and a malicious client's are all far when its change differs from the honest ones'). It is an outlier
   when its score exceeds ``ratio`` times the round's median score (only clients above the median can: a minority);
-- dynamic, a rotational distance: the angle between the client's change of the adapter (every tensor's change,
+- dynamic, a rotational distance: the angle between the client's change of the part (every tensor's change,
   flattened) and the majority's change, the coordinate-wise median of the round's changes. It is an outlier when
   the angle exceeds ``max_angle`` degrees: past 90 its change works against the majority's.
 
-A client is flagged when it is an outlier in either check (``rule: any``: as in the paper, a change is accepted
-only when both analyses find it benign), or only in both (``rule: both``). A round of fewer than ``min_clients``
-clients (e.g. the rerun of a small round without its flagged client) is not judged.
+A client is flagged when, in some part, it is an outlier in either check (``rule: any``: as in the paper, a change
+is accepted only when both analyses find it benign), or only in both (``rule: both``). A round of fewer than
+``min_clients`` clients (e.g. the rerun of a small round without its flagged client) is not judged.
 
 The defaults were set on the tiny test model (4 and 8 clients, sflv1 / sflv2 / sl, several seeds): honest clients'
 static ratios stayed below 2.5 and their angles below 65 degrees, while a client that sends the server the
-opposite of its gradients turned 84 to 131 degrees away in sflv1 (above 90 from its second round on). Subtler
-attacks (label flipping, smash poisoning, a backdoor) stayed within those bounds there: the round's most deviant
-client, but not an outlier by these rules. In the sequential frameworks (sl, sflv2) the
-trunk adapter's optimizer state is shared: a client's turn of few steps moves the adapter mostly along the
-momentum the previous clients left, so a malicious client shows less there unless its turns are long.
+opposite of its gradients turned 84 to 131 degrees away in sflv1 (above 90 from its second round on). Unboosted
+subtler attacks (label flipping, smash poisoning, a backdoor) stayed within those bounds there: the round's most
+deviant client, but not an outlier by these rules. In the sequential frameworks (sl, sflv2) the trunk adapter's
+optimizer state is shared: a client's turn of few steps moves the adapter mostly along the momentum the previous
+clients left, so a malicious client shows less there unless its turns are long.
 
 Where this differs from the paper: the paper's server keeps the last N checkpoints of sequential SL, one per client,
 and rolls back to the latest one both analyses find benign; here a round is the window and the unit of rollback (a
 round is a transaction in splitlm), so a flagged client's round is run again without it, which computes exactly
 what ``framework.leave_out`` computes. The paper's analyses read the server's last layer and its dynamic analysis
-the angular velocity of the parameters; here every LoRA module of the trunk adapter is read, and the rotation is
-measured against the majority's change (the trunk's AdamW steps have about the same size for every client, so a
-client's angular velocity alone hardly differs). The majority score (Krum's), the median ratio and the angle bound
-are this module's choices.
+the angular velocity of the parameters; here every LoRA module of the trunk adapter is read (and of the client side,
+which the paper does not watch), and the rotation is measured against the majority's change (the trunk's AdamW
+steps have about the same size for every client, so a client's angular velocity alone hardly differs). The majority
+score (Krum's), the median ratio and the angle bound are this module's choices.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from splitlm.privacy.guards.base import GUARDS, Guard, State, watch_problems
+from splitlm.privacy.guards.base import GUARDS, PARTS, Guard, Parts, State, watch_problems
 from splitlm.registry import ComponentSettings
 
 LORA_FACTORS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
@@ -157,7 +168,8 @@ def finite(value: float) -> float | None:
 
 @GUARDS.component
 class SafeSplit(Guard):
-    """SafeSplit's static (DCT) and dynamic (rotational) checks of each client's trunk adapter change."""
+    """SafeSplit's static (DCT) and dynamic (rotational) checks of each client's change to its trunk adapter and
+    client side."""
 
     name = "safesplit"
 
@@ -185,24 +197,36 @@ class SafeSplit(Guard):
         min_clients: int = Field(
             3, ge=3, description="Rounds with fewer clients (e.g. a small round's rerun) are not judged."
         )
+        parts: list[Literal["trunk", "client_side"]] = Field(
+            default_factory=lambda: list(PARTS),
+            min_length=1,
+            description="What is checked, each part on its own: trunk (each client's change to the trunk adapter, "
+            "the paper's) and client_side (its change to its client side, which the server receives to average "
+            "or pass on).",
+        )
 
     def __init__(self, settings: ComponentSettings | None = None) -> None:
         super().__init__(settings)
         self.lock = threading.Lock()
-        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # client -> part -> features
         self.flags: list[dict[str, Any]] = []
         self.rounds: list[dict[str, Any]] = []
 
     @classmethod
     def problems(cls, settings: Any, config: Any, framework: Any) -> list[str]:
-        return watch_problems(f"privacy.guards.{cls.name}", config, framework, settings.min_clients)
+        key = f"privacy.guards.{cls.name}"
+        return watch_problems(key, config, framework, settings.min_clients, settings.parts)
+
+    def watches(self) -> frozenset[str]:
+        return frozenset(self.settings.parts)
 
     def open_round(self, round_index: int, client_ids: list[str]) -> None:
         with self.lock:
             self.pending = {}
 
-    def trained(self, round_index: int, client_id: str, before: State, after: State, steps: int) -> None:
-        found = features(before, after, self.settings.low_frequencies)
+    def trained(self, round_index: int, client_id: str, before: Parts, after: Parts, steps: int) -> None:
+        k = self.settings.low_frequencies
+        found = {part: features(before[part], after[part], k) for part in self.settings.parts}
         with self.lock:
             self.pending[client_id] = found
 
@@ -214,31 +238,37 @@ class SafeSplit(Guard):
         if len(clients) < self.settings.min_clients:
             self.rounds.append({**entry, "judged": False})
             return {}
-        static = ratios(majority_scores([pending[c][0] for c in clients]))
-        dynamic = [math.degrees(a) for a in rotations([pending[c][1] for c in clients])]
         settings = self.settings
         flagged: dict[str, str] = {}
-        for client, s, d in zip(clients, static, dynamic, strict=True):
-            outliers = [s > settings.ratio, d > settings.max_angle]
-            if any(outliers) if settings.rule == "any" else all(outliers):
+        static: dict[str, dict[str, float | None]] = {}
+        dynamic: dict[str, dict[str, float]] = {}
+        for part in settings.parts:
+            ratio = ratios(majority_scores([pending[c][part][0] for c in clients]))
+            turned = [math.degrees(a) for a in rotations([pending[c][part][1] for c in clients])]
+            static[part] = {c: finite(r) for c, r in zip(clients, ratio, strict=True)}
+            dynamic[part] = dict(zip(clients, turned, strict=True))
+            for client, s, d in zip(clients, ratio, turned, strict=True):
+                outliers = [s > settings.ratio, d > settings.max_angle]
+                if client in flagged or not (any(outliers) if settings.rule == "any" else all(outliers)):
+                    continue
                 flagged[client] = (
-                    f"SafeSplit: its trunk adapter change is {s:.2f}x the round's median distance to the majority in "
-                    f"the DCT domain (ratio={settings.ratio:g}) and turns {d:.0f} degrees away from the majority's "
-                    f"(max_angle={settings.max_angle:g})"
+                    f"SafeSplit: its {part.replace('_', ' ')} change is {s:.2f}x the round's median distance to the "
+                    f"majority in the DCT domain (ratio={settings.ratio:g}) and turns {d:.0f} degrees away from the "
+                    f"majority's (max_angle={settings.max_angle:g})"
                 )
-                self.flags.append({"round": round_index + 1, "client": client, "static": finite(s), "angle": d})
+                self.flags.append(
+                    {"round": round_index + 1, "client": client, "part": part, "static": finite(s), "angle": d}
+                )
         self.rounds.append(
-            {
-                **entry, "judged": True, "static": {c: finite(r) for c, r in zip(clients, static, strict=True)},
-                "angle": dict(zip(clients, dynamic, strict=True)), "flagged": sorted(flagged),
-            }
+            {**entry, "judged": True, "static": static, "angle": dynamic, "flagged": sorted(flagged)}
         )  # fmt: skip
         return flagged
 
     def report(self) -> dict[str, Any]:
-        """``flags``: each flag raised, ``{"round" (1-based), "client", "static", "angle"}`` (the client's distance to
-        the majority over the round's median one, and its angle to the majority's change in degrees); ``rounds``:
-        every attempt at a round (a rerun without flagged clients is one more), with each client's two numbers."""
+        """``flags``: each flag raised, ``{"round" (1-based), "client", "part", "static", "angle"}`` (the part that
+        gave it away, the client's distance to the majority there over the round's median one, and its angle to the
+        majority's change in degrees); ``rounds``: every attempt at a round (a rerun without flagged clients is one
+        more), with each client's two numbers per part (``static`` and ``angle``: part -> client -> number)."""
         return {"flags": list(self.flags), "rounds": list(self.rounds)}
 
     def state(self) -> dict[str, Any]:
