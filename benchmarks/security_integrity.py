@@ -68,15 +68,15 @@ Noise: one seed (0); the accuracies are over ``eval_rows`` held-out reviews (2 s
 1/sqrt(n): 0.07 for 200 rows, 0.05 for 400), the ASR over the held-out reviews of the other class (about half).
 ``settings.noise`` gives both; a difference below them is not a result.
 
-``--quick``: 24 local steps, 200 held-out reviews, every defense but ``safesplit_trunk``, SafeSplit against the backdoor
-and the honest run only (it leaves out SafeSplit against label_flip and smash_poison). The full mode: 32 local steps,
-400 held-out reviews, every defense against every attack. Every row trains with SCALA's logit adjustment (``remedies:
-{logit_adjustment: {tau: 1}}``): without it one round of short training learns the label prior and forgets the model's
-zero-shot sentiment (accuracy 0.675 untrained, 0.56-0.59 after 6 or 16 local steps in sflv1), so clean accuracy would
-measure nothing; with it the honest FedAvg model reaches 0.875 in sflv2 (0.70 in sflv1). Measured on 2 cores shared with
-the test suite and other jobs: the sflv2 quick rows took about 55 minutes (each attack's round of eight clients 4, each
-evaluated global model 1-2, each SafeSplit row, a real run, 7-8; 10 when it catches the attacker and reruns the round).
-``--defenses`` and ``--attacks`` run some only (the rest are listed as left out).
+``--quick``: 24 local steps, 200 held-out reviews, every defense but ``safesplit_trunk`` (the full mode or
+``--defenses`` runs it). The full mode: 32 local steps, 400 held-out reviews, every defense against every attack. Every
+row trains with SCALA's logit adjustment (``remedies: {logit_adjustment: {tau: 1}}``): without it one round of short
+training learns the label prior and forgets the model's zero-shot sentiment (accuracy 0.675 untrained, 0.56-0.59 after 6
+or 16 local steps in sflv1), so clean accuracy would measure nothing; with it the honest FedAvg model reaches 0.875 in
+sflv2 (0.70 in sflv1). Measured on 2 cores shared with the test suite and other jobs: the sflv2 quick rows take about 75
+minutes (each attack's round of eight clients 4, each evaluated global model 1-2, each SafeSplit row, a real run, 7-8;
+10 when it catches the attacker and reruns the round). ``--defenses`` and ``--attacks`` run some only (the rest are
+listed as left out).
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ ATTACKS: dict[str, str] = {
 }
 BACKDOOR = {"clients": [MALICIOUS], "trigger": TRIGGER, "target": TARGET, "fraction": 0.5, "position": POSITION}
 FRAMEWORKS = ("sflv2", "sflv1")
+FRESH_ROWS = 800  # reviews past data.max_rows (never loaded by a run) for the guard rows' paired clean check
 # defense -> its aggregation strategy (framework.aggregation)
 STRATEGY_DEFENSES: dict[str, dict[str, dict[str, float]]] = {
     "none": {"sync": {}},
@@ -140,7 +141,7 @@ def settings_of(
         "eval_rows": 200 if quick else 400,
         "seed": 0,
         "defenses": [d for d in DEFENSES if not quick or d not in QUICK_LEAVES_OUT],
-        "safesplit_attacks": ["backdoor"] if quick else list(ATTACKS),
+        "safesplit_attacks": list(ATTACKS),
     }
 
 
@@ -334,6 +335,50 @@ class Bench:
         self.load_trunk(load_file(str(adapters / "trunk.safetensors")))
         return True
 
+    # --- the guard rows' paired clean check --------------------------------------------------------------------
+
+    def fresh_choices(self) -> list[Any]:
+        """The held-out reviews' choices and those of ``FRESH_ROWS`` reviews no run loaded (past data.max_rows)."""
+        from splitlm.data.load import load_rows
+        from splitlm.frameworks.setup import classification_choices
+        from splitlm.models import resolve_model
+
+        self.holder()
+        config = self.evaluator.config
+        rows = load_rows(config.data.model_copy(update={"max_rows": None}), config.seed)
+        used, fresh = rows[: config.data.max_rows], rows[config.data.max_rows : config.data.max_rows + FRESH_ROWS]
+        tokenizer = resolve_model(config.model.name, config.model.revision, config.model.trust_remote_code).tokenizer()
+        choices, _ = classification_choices(used, fresh, tokenizer, config)
+        return [*self.evaluator.data.choices, *choices]
+
+    def correct(self, run: str, choices: list[Any]) -> list[int] | None:
+        """Whether the finished run ``run``'s final model gets each of ``choices`` right (1) or not (0), cached; None
+        when the run has no final model."""
+        path = self.cache / "rows" / f"correct-{run}-{FRESH_ROWS}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        if not self.load_run(self.cache / "runs" / run):
+            return None
+        picks = self.holder().predictions(self.evaluator, choices)
+        found = [int(pick == truth) for pick, (_, truth) in zip(picks, choices, strict=True)]
+        path.write_text(json.dumps(found))
+        return found
+
+    def paired_clean(self, attack: str, defense: str, choices: list[Any]) -> dict[str, Any] | None:
+        """A guard row's clean accuracy against its honest run's, on the same held-out and fresh reviews: the mean
+        and two paired standard errors of the difference (None without both runs' final models)."""
+        honest, attacked = self.correct(f"{defense}-none", choices), self.correct(f"{defense}-{attack}", choices)
+        if honest is None or attacked is None:
+            return None
+        n = len(honest)
+        diffs = [b - a for a, b in zip(honest, attacked, strict=True)]
+        mean = sum(diffs) / n
+        spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1))
+        return {
+            "rows": n, "honest": sum(honest) / n, "attacked": sum(attacked) / n, "difference": mean,
+            "difference_2se": 2 * spread / math.sqrt(n),
+        }  # fmt: skip
+
     def aggregated(self, attack: str, defense: str) -> dict[str, Any]:
         self.load_global(attack, defense)
         return {**self.scores(self.evaluator, attack), "detected_round": None, "false_positive_rounds": None}
@@ -439,6 +484,10 @@ def run(
             baseline = bench.trigger_baseline(r["defense"]) or {}
             r["asr_without_attack"] = baseline.get("asr")
             r["asr_all_without_attack"] = baseline.get("asr_all")
+    guarded = [r for r in rows if r["defense"] in GUARD_DEFENSES and r["attack"] != "none"]
+    choices = bench.fresh_choices() if guarded else []
+    for r in guarded:  # the clean cost measured on five times the reviews, paired
+        r["clean_paired"] = bench.paired_clean(r["attack"], r["defense"], choices)
     honest = {r["defense"]: r["clean_metric"] for r in rows if r["attack"] == "none"}
     for r in rows:
         if r["attack"] in ("label_flip", "smash_poison") and r["clean_metric"] is not None:

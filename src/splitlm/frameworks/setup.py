@@ -158,13 +158,13 @@ def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase, pack: bool 
     pad_id = int(tokenizer.pad_token_id)
     batches = eval_batches(held_out, config.train.batch_size, pad_id, config.train.eval_batches)
     limit = config.train.eval_batches * config.train.batch_size or len(eval_rows)
-    choices, responses = _choices(train_rows, eval_rows[:limit], tokenizer, config)
+    choices, responses = classification_choices(train_rows, eval_rows[:limit], tokenizer, config)
     log.info("data: %d training and %d held-out sequences", len(train), len(held_out))
     by_source = sources if config.data.partition == "by_source" else None
     return RunData(train, batches, pad_id, by_source, choices, responses)
 
 
-def _choices(
+def classification_choices(
     train_rows: list[dict[str, Any]],
     eval_rows: list[dict[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
