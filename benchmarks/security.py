@@ -22,10 +22,10 @@ reassembles what is there (``--fresh`` runs every section again) and an interrup
 with ``--quick`` a kept full-mode result is used as it is (``modes`` in the JSON says which mode each section's
 figures come from). Every section runs the real default model (SmolLM2-135M-Instruct) on this machine's CPUs, on
 Rotten Tomatoes except the unlearning section. Measured on 2 cores shared with other jobs: with ``--quick``, mia
-about 75 minutes (load about 8), hijack 29, unlearning 20, integrity 53 (sflv2; beside the test suite and the full
-unlearning run); the full unlearning section about 75 minutes (31 training, 33 the real full retrain); not timed on
-idle cores. The other full modes (more seeds, ktmia under the defense, the vanilla split, SafeSplit against every
-attack) take longer still and were not run; ``--only`` runs a subset.
+about 75 minutes (load about 8), hijack 29, unlearning 20, integrity about 75 (sflv2; its parts timed beside the test
+suite and other runs); the full unlearning section about 75 minutes (31 training, 33 the real full retrain); not timed
+on idle cores. The other full modes (more seeds, ktmia under the defense, the vanilla split, the paper's trunk-only
+SafeSplit against every attack) take longer still and were not run; ``--only`` runs a subset.
 """
 
 from __future__ import annotations

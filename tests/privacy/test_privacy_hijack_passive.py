@@ -62,6 +62,8 @@ def test_no_detector_alarms_on_an_honest_server(
     assert privacy["alarm_step"] is None
     scrutinizer, splitout = privacy["detectors"]["gradients_scrutinizer"], privacy["detectors"]["splitout"]
     assert scrutinizer["scored_steps"] == STEPS and scrutinizer["min_score"] > 0.5  # every step scored, all honest
+    scores = privacy["detectors"]["splitguard"]["scores"]  # every probe's [step, score] once it has references
+    assert scores and all(step % 3 == 0 for step, _ in scores) and all(0 < score <= 1 for _, score in scores)
     assert splitout["scored"] == STEPS and splitout["mean_outlier_share"] < 0.3
 
 

@@ -33,7 +33,11 @@ Observed on the tiny random-init test models (30-40 steps, U-shape and vanilla, 
 scored 0.04-0.24 on tiny-llama, tiny-qwen2 and tiny-gpt2, and FSHA probes 0.58-1.0 on every model. Under FSHA
 the forged gradients do not depend on the labels, so only drift separates a probe from the newest regular
 batch. tiny-gemma3's first honest probes score up to 0.66 (its random-init gradients barely follow the labels
-yet) and fall below 0.3 after about 15 steps, which is why ``patience`` defaults to 3.
+yet) and fall below 0.3 after about 15 steps, which is why ``patience`` defaults to 3. On the default real model
+(SmolLM2-135M, U-shape 2/2, plain-text reviews, ``benchmarks/security_hijack.py``) honest probes scored 0.92-1.0 as
+FSHA's do: there a probe's gradients differ from the regular ones no more than regular ones do by these two
+statistics, so this detector raises false alarms on that model whatever its threshold (the report's ``scores``
+show it); the passive detectors do not depend on them.
 
 ``alarm_step`` is the step number of the alarm as ``metrics.jsonl`` counts steps (1 = the first step).
 The detector is a client plugin (it swaps in the probe's labels, keeps a probe from training the client, and
@@ -48,6 +52,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -133,6 +138,11 @@ class SplitGuard(Detector):
         self.alarm_step: int | None = None
         self._projection: torch.Tensor | None = None
         self._masks: dict[tuple[int, int], torch.Tensor] = {}  # (step, micro) -> mask, until its gradient is back
+
+    def report(self) -> dict[str, Any]:
+        """``alarm_step`` and ``scores``: each scored probe's ``[step, score]`` (a low score: the probe's labels
+        changed the server's gradients, as an honest server's do), to see how near the threshold a run came."""
+        return {"alarm_step": self.alarm_step, "scores": [[step, round(score, 4)] for step, score in self.scores]}
 
     # --- as a plugin and a mod ----------------------------------------------------------------------------
 
