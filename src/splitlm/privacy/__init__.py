@@ -3,7 +3,7 @@
 - ``defenses/``: client-side ``Defense`` components registered by name (``privacy.defenses`` in a config).
 - ``detectors/``: client-side ``Detector`` components of a malicious server (``privacy.detectors``: the active
   SplitGuard, the passive Gradients Scrutinizer and SplitOut).
-- ``guards/``: server-side ``Guard`` components that watch each client's change to the trunk adapter
+- ``guards/``: server-side ``Guard`` components that watch each client's change to the trunk adapter and its client side
   (``privacy.guards``: SafeSplit); a flagged client's round is rolled back and run again without it.
 - ``tap``: the server-side recorder of what the server received, which attacks read.
 - ``attacks/``: an honest-but-curious server's reconstructions from a recorded run (``splitlm attack``), and

@@ -12,7 +12,7 @@ The parts watched (``parts``; ``guards/base.py`` says how each is read):
   Measured on the default model (``benchmarks/security_integrity.py``, sflv2, 8 clients): a backdoor client that
   boosts its update (model replacement) leaves an ordinary-looking change on the shared trunk adapter (static 0.73x
   the median, honest 0.67-1.66x; 75 degrees, honest 68-82), while its client side is 76x the median distance at
-  boost 12 and 5.5x at boost 3 (honest clients 0.9-1.2x).
+  boost 12 and 5.5x at boost 3 (honest clients 0.9-1.4x in every round judged).
 
 What is compared, for client i of a round and one part:
 
