@@ -87,6 +87,7 @@ import hashlib
 import json
 import math
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -188,6 +189,7 @@ class Bench:
         self.cache = out / "integrity" / key_of(self.base)
         self.cache.mkdir(parents=True, exist_ok=True)
         self.evaluator: Any = None  # the honest federation: the global models are loaded into it and evaluated
+        self.fresh: list[Any] | None = None  # the paired clean check's choices, built at its first model
 
     def override(self, attack: str) -> list[str]:
         return attack_override(attack, self.s["boost"])
@@ -338,7 +340,10 @@ class Bench:
     # --- the guard rows' paired clean check --------------------------------------------------------------------
 
     def fresh_choices(self) -> list[Any]:
-        """The held-out reviews' choices and those of ``FRESH_ROWS`` reviews no run loaded (past data.max_rows)."""
+        """The held-out reviews' choices and those of ``FRESH_ROWS`` reviews no run loaded (past data.max_rows),
+        built once."""
+        if self.fresh is not None:
+            return self.fresh
         from splitlm.data.load import load_rows
         from splitlm.frameworks.setup import classification_choices
         from splitlm.models import resolve_model
@@ -349,34 +354,34 @@ class Bench:
         used, fresh = rows[: config.data.max_rows], rows[config.data.max_rows : config.data.max_rows + FRESH_ROWS]
         tokenizer = resolve_model(config.model.name, config.model.revision, config.model.trust_remote_code).tokenizer()
         choices, _ = classification_choices(used, fresh, tokenizer, config)
-        return [*self.evaluator.data.choices, *choices]
+        self.fresh = [*self.evaluator.data.choices, *choices]
+        return self.fresh
 
-    def correct(self, run: str, choices: list[Any]) -> list[int] | None:
-        """Whether the finished run ``run``'s final model gets each of ``choices`` right (1) or not (0), cached; None
-        when the run has no final model."""
+    def correct(self, run: str) -> list[int] | None:
+        """Whether the finished run ``run``'s final model gets each of ``fresh_choices`` right (1) or not (0),
+        cached; None when the run has no final model."""
         path = self.cache / "rows" / f"correct-{run}-{FRESH_ROWS}.json"
         if path.is_file():
             return json.loads(path.read_text())
         if not self.load_run(self.cache / "runs" / run):
             return None
+        choices = self.fresh_choices()
         picks = self.holder().predictions(self.evaluator, choices)
         found = [int(pick == truth) for pick, (_, truth) in zip(picks, choices, strict=True)]
         path.write_text(json.dumps(found))
         return found
 
-    def paired_clean(self, attack: str, defense: str, choices: list[Any]) -> dict[str, Any] | None:
+    def paired_clean(self, attack: str, defense: str) -> dict[str, Any] | None:
         """A guard row's clean accuracy against its honest run's, on the same held-out and fresh reviews: the mean
         and two paired standard errors of the difference (None without both runs' final models)."""
-        honest, attacked = self.correct(f"{defense}-none", choices), self.correct(f"{defense}-{attack}", choices)
+        honest, attacked = self.correct(f"{defense}-none"), self.correct(f"{defense}-{attack}")
         if honest is None or attacked is None:
             return None
-        n = len(honest)
         diffs = [b - a for a, b in zip(honest, attacked, strict=True)]
-        mean = sum(diffs) / n
-        spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1))
+        n = len(diffs)
         return {
-            "rows": n, "honest": sum(honest) / n, "attacked": sum(attacked) / n, "difference": mean,
-            "difference_2se": 2 * spread / math.sqrt(n),
+            "rows": n, "honest": statistics.fmean(honest), "attacked": statistics.fmean(attacked),
+            "difference": statistics.fmean(diffs), "difference_2se": 2 * statistics.stdev(diffs) / math.sqrt(n),
         }  # fmt: skip
 
     def aggregated(self, attack: str, defense: str) -> dict[str, Any]:
@@ -438,15 +443,6 @@ def evaluator(fed: Any) -> Any:
     return fed
 
 
-def guards_available() -> bool:
-    """Whether SafeSplit is installed (``privacy.guards``, from the safesplit branch)."""
-    try:
-        from splitlm.privacy.guards import GUARDS  # type: ignore[import-not-found]
-    except ImportError:
-        return False
-    return "safesplit" in GUARDS
-
-
 def run(
     quick: bool,
     out: Path,
@@ -472,7 +468,7 @@ def run(
     bench = Bench(quick, out, model, framework, rounds, boost)
     s = bench.s
     wanted = only or s["defenses"]
-    defenses = [d for d in DEFENSES if d in wanted and (d not in GUARD_DEFENSES or guards_available())]
+    defenses = [d for d in DEFENSES if d in wanted]
     rows: list[dict[str, Any]] = []
     for defense in defenses:
         for attack in ("none", *(a for a in ATTACKS if not attacks or a in attacks)):
@@ -484,10 +480,9 @@ def run(
             baseline = bench.trigger_baseline(r["defense"]) or {}
             r["asr_without_attack"] = baseline.get("asr")
             r["asr_all_without_attack"] = baseline.get("asr_all")
-    guarded = [r for r in rows if r["defense"] in GUARD_DEFENSES and r["attack"] != "none"]
-    choices = bench.fresh_choices() if guarded else []
-    for r in guarded:  # the clean cost measured on five times the reviews, paired
-        r["clean_paired"] = bench.paired_clean(r["attack"], r["defense"], choices)
+    for r in rows:  # a guard row's clean cost measured on five times the reviews, paired with its honest run
+        if r["defense"] in GUARD_DEFENSES and r["attack"] != "none":
+            r["clean_paired"] = bench.paired_clean(r["attack"], r["defense"])
     honest = {r["defense"]: r["clean_metric"] for r in rows if r["attack"] == "none"}
     for r in rows:
         if r["attack"] in ("label_flip", "smash_poison") and r["clean_metric"] is not None:
@@ -506,7 +501,6 @@ def run(
     left_out = [f"{d}: not asked for (--defenses)" for d in s["defenses"] if only and d not in only]
     left_out += [f"{d}: {why}" for d, why in QUICK_LEAVES_OUT.items() if d not in defenses and d not in s["defenses"]]
     left_out += [f"{a}: not asked for (--attacks)" for a in ATTACKS if attacks and a not in attacks]
-    left_out += [f"{d}: not installed" for d in GUARD_DEFENSES if d in wanted and not guards_available()]
     return {
         "integrity": rows,
         "integrity_settings": {**s, "defenses": defenses, "left_out": left_out, "noise": noise,
