@@ -72,7 +72,14 @@ DEFENSES: dict[str, tuple[str, list[float], list[str]]] = {
         ["privacy.defenses.mi_bottleneck.beta=0.001"],
     ),
     "adversarial": ("privacy.defenses.adversarial.weight", [0.3, 1.0, 3.0], ["lora.head.method=full"]),
-    "dualguard": ("privacy.defenses.dualguard.weight", [3.0, 10.0, 30.0], ["lora.head.method=full"]),
+    # dualguard with the paper's local warm-up (60 steps of the client's own text through the public trunk, before
+    # split training; the strength is the cosine distance from the public head it aims for): the 20 split steps alone
+    # move a full head only 0.02-0.03 from the public one, which does nothing to SIP (measured at weight 1-10).
+    "dualguard": (
+        "privacy.defenses.dualguard.margin",
+        [0.5, 0.75, 1.0],
+        ["lora.head.method=full", "privacy.defenses.dualguard.weight=10", "privacy.defenses.dualguard.local_steps=60"],
+    ),
     "text_obfuscator": (
         "privacy.defenses.text_obfuscator.mix",
         [0.3, 0.6, 0.9],
@@ -158,6 +165,18 @@ def frontier_plot(rows: list[dict[str, Any]], fronts: dict[str, list[Any]], path
     plt.close(fig)
 
 
+def earlier(path: Path, args: argparse.Namespace, measured: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The rows and utility entries of ``path`` (an earlier report of the same model, data, steps and batch size)
+    for the defenses this run does not measure (a kept ``none`` gives the baseline of the perplexity increases)."""
+    report = json.loads(path.read_text())
+    setting = {"model": args.model, "data": args.data, "steps": args.steps, "batch_size": args.batch_size}
+    differs = {k: report.get(k) for k, v in setting.items() if report.get(k) != v}
+    if differs:
+        sys.exit(f"--merge {path}: measured with {differs}, not {setting}; merge only reports of the same setting")
+    keep = [r for r in report["frontier"] if r["defense"] not in measured]
+    return keep, [u for u in report["utility"] if u["defense"] not in measured]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -171,6 +190,11 @@ def main() -> None:
     parser.add_argument("--threat-models", nargs="+", default=THREAT_MODELS)
     parser.add_argument("--out", default=None, help="folder for privacy.json and privacy_frontier.png (default: temp)")
     parser.add_argument("--advice", action="store_true", help="also write the frontier for `splitlm audit`'s advice")
+    parser.add_argument(
+        "--merge",
+        default=None,
+        help="an earlier privacy.json of the same setting: its cells that this run does not measure are kept",
+    )
     parser.add_argument("--attack-option", action="append", default=[], help="ATTACK:key=value, e.g. sip:steps=600")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides for every run")
     args = parser.parse_args()
@@ -203,13 +227,15 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     utility: list[dict[str, Any]] = []
     baseline: float | None = None
+    kept_rows, kept_utility = earlier(Path(args.merge), args, defenses) if args.merge else ([], [])
+    baseline = next((u["eval_ppl"] for u in kept_utility if u["defense"] == "none"), None)  # unless none is rerun
     shared: dict[Any, Any] = {}
 
     def write(final: bool) -> dict[str, Any]:
         """The report so far, written to ``privacy.json`` and the plot (after every cell: a partial run keeps them)."""
         fronts = {}
         for threat in args.threat_models:
-            cells = worst_per_cell([r for r in rows if r["ppl_increase_pct"] is not None], threat)
+            cells = worst_per_cell([r for r in kept_rows + rows if r["ppl_increase_pct"] is not None], threat)
             fronts[threat] = [list(k) for k in pareto([(c, v, k) for k, (c, v) in cells.items()])]
         attacked = args.batches * args.batch_size
         report = {
@@ -221,9 +247,9 @@ def main() -> None:
             "batches_attacked": args.batches,
             "quick": args.quick,
             "complete": final,
-            "frontier": rows,
+            "frontier": kept_rows + rows,
             "pareto": fronts,
-            "utility": utility,
+            "utility": kept_utility + utility,
             "noise": {
                 "seeds": 1,
                 "rows_attacked": attacked,
@@ -237,11 +263,11 @@ def main() -> None:
             "seconds": time.perf_counter() - started,
         }
         (out_dir / "privacy.json").write_text(json.dumps(report, indent=1) + "\n")
-        frontier_plot(rows, fronts, out_dir / "privacy_frontier.png")
+        frontier_plot(kept_rows + rows, fronts, out_dir / "privacy_frontier.png")
         if args.advice and final:
             from splitlm.privacy.audit import FRONTIER
 
-            FRONTIER.write_text(json.dumps({"model": args.model, "frontier": rows}, indent=1) + "\n")
+            FRONTIER.write_text(json.dumps({"model": args.model, "frontier": kept_rows + rows}, indent=1) + "\n")
         return report
 
     with tempfile.TemporaryDirectory(prefix="splitlm-privacy-runs-") as tmp:

@@ -280,6 +280,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, fast_config: Callable[..., Co
         "adversarial_off": (*full, "privacy.defenses.adversarial.weight=0"),
         "dualguard_off": (*full, "privacy.defenses.dualguard.weight=0", "privacy.defenses.dualguard.tail_weight=0"),
         "dualguard": (*full, *GUARD),
+        "dualguard_local": (
+            *full,
+            *GUARD,
+            "privacy.defenses.dualguard.local_steps=4",
+            "privacy.defenses.dualguard.local_lr=0.01",
+        ),
         "adversarial": (*full, "privacy.defenses.adversarial.weight=2"),
         "composed": (
             *full,
@@ -321,6 +327,80 @@ def test_dualguard_moves_the_head_further_from_the_public_one(runs: dict[str, Pa
     assert tail and tail[-1] > 0
     adapters = run_files.adapters(runs["dualguard"], "head", "tail")
     assert set(adapters) == set(run_files.adapters(runs["plain"], "head", "tail"))
+
+
+def test_dualguard_local_warm_up_moves_the_head_before_split_training(runs: dict[str, Path], run_files: Any) -> None:
+    def first_distance(name: str) -> float:
+        return next(
+            r["dualguard_head_distance"] for r in run_files.metrics(runs[name]) if "dualguard_head_distance" in r
+        )
+
+    assert first_distance("dualguard") < 1e-6  # without a local warm-up the first step's head is the public one
+    moved = run_files.summary(runs["dualguard_local"])["privacy"]["defenses"]["dualguard"]["local_distance"]
+    assert moved > 0.05 and first_distance("dualguard_local") == pytest.approx(moved, abs=0.2)
+    assert run_files.summary(runs["dualguard"])["privacy"]["defenses"]["dualguard"]["local_distance"] is None
+
+
+def test_the_public_attacker_imitates_the_local_warm_up(runs: dict[str, Path]) -> None:
+    from splitlm.privacy.attacks import AttackContext
+    from splitlm.privacy.knowledge import PublicKnowledge
+
+    plain = AttackContext.from_run(runs["dualguard"])  # no local warm-up: nothing to imitate
+    assert plain.imitated_head() is None and plain.stage("head") is plain.public_stage("head")
+    ctx = AttackContext.from_run(runs["dualguard_local"])
+    imitated = ctx.imitated_head()
+    assert imitated is not None and ctx.stage("head") is imitated and ctx.imitated_head() is imitated  # built once
+    assert not any(p.requires_grad for p in imitated.parameters())
+    batch = ctx.aux_batches(8, 8)[0]
+    with torch.no_grad():
+        moved = imitated(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        public = ctx.public_stage("head")(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        simulated = ctx.simulate(batch.input_ids, batch.attention_mask)
+    assert float(cosine_distance(moved, public, batch.attention_mask)) > 0.05  # its own warm-up moved it (1.0)
+    assert torch.equal(simulated, moved)  # SIP and the nn dictionary train on what the imitated head sends
+    inside = AttackContext.from_run(runs["dualguard_local"], threat_model="inside")
+    assert inside.stage("head") is PublicKnowledge.stage(inside, "head")  # inside holds the client's own head
+
+
+class TinyTrunk(nn.Module):
+    """A stand-in for the public trunk (hidden -> hidden) or a tail (hidden -> logits)."""
+
+    def __init__(self, out: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.map = nn.Linear(DIM, out)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.map(torch.tanh(hidden_states))
+
+
+def test_dualguard_local_warm_up_trains_the_head_only_and_once() -> None:
+    head, public = TinyHead(), TinyHead(seed=0).requires_grad_(False).eval()
+    trunk, tail = TinyTrunk(DIM, 1).requires_grad_(False), TinyTrunk(VOCAB, 2)
+    tail_before = {k: v.clone() for k, v in tail.state_dict().items()}
+    examples = [Example(ids.tolist(), ids.tolist()) for ids in ids_and_mask(16, seed=3)[0]]
+    ctx = DefenseContext(
+        head.embed.weight.detach(), frozenset(), "ushape", SEQ, 0, parts={"head": head, "tail": tail},
+        public_stage=lambda role: {"head": public, "trunk": trunk}[role], examples=examples,
+    )  # fmt: skip
+    settings = DualGuard.Settings(weight=10, margin=1.0, local_steps=30, local_lr=0.05, local_batch_size=4)
+    defense = DualGuard.create(settings, ctx)
+    ids, mask = ids_and_mask()
+    for key, training in ((("0", 0, 0), False), (("0", 3, 0), True), (("0", 0, 1), True)):
+        defense.on_forward(key, training)  # evaluation, a later step, a later micro-batch: no warm-up
+        assert defense.local_distance is None
+    defense.on_forward(("0", 0, 0), True)
+    with torch.no_grad():
+        distance = float(cosine_distance(head(ids, mask), public(ids, mask), mask))
+    assert defense.local_distance is not None and defense.local_distance > 0.9 and distance > 0.9  # measured: 1.45
+    assert all(torch.equal(tail.state_dict()[k], v) for k, v in tail_before.items())  # the tail only passes gradient
+    assert all(p.grad is None for p in (*tail.parameters(), *trunk.parameters(), *head.parameters()))
+    moved = {k: v.clone() for k, v in head.state_dict().items()}
+    defense.on_forward(("0", 0, 0), True)  # a second step-0 forward (e.g. a retried round) does not warm up again
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in moved.items())
+    bare = DualGuard.create(settings, DefenseContext(head.embed.weight.detach(), frozenset(), "ushape", SEQ, 0))
+    bare.on_forward(("attacker", 0, 0), True)  # the attacker's copy has no parts: nothing to warm up
+    assert bare.local_distance is None
 
 
 def test_adversarial_run_reports_its_inverter_and_changes_the_head(runs: dict[str, Path], run_files: Any) -> None:

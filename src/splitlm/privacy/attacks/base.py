@@ -15,6 +15,7 @@ as ``NAME.jsonl``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +29,10 @@ from splitlm.config.schema import as_mapping
 from splitlm.data import known_entities
 from splitlm.errors import DataError, PrivacyError
 from splitlm.files import write_json, write_jsonl
-from splitlm.privacy.defenses import DEFENSES, DefenseChain, DefenseContext, build_defenses
+from splitlm.models import Stage, load_stage
+from splitlm.models.split import Role
+from splitlm.peft import make_trainable, merged
+from splitlm.privacy.defenses import DEFENSES, Defense, DefenseChain, DefenseContext, build_defenses
 from splitlm.privacy.knowledge import THREAT_MODELS, PublicKnowledge
 from splitlm.privacy.metrics import pii_counts, pii_recovered, rouge_l, token_accuracy
 from splitlm.privacy.tap import Key, read_records
@@ -38,6 +42,7 @@ from splitlm.runtime.rng import derive
 from splitlm.transport import Message
 
 T = TypeVar("T")
+IMITATION_ROWS = 2000  # rows of public text the attacker imitates a defense's own training on (SIP's aux_rows)
 
 
 @dataclass
@@ -112,6 +117,53 @@ class AttackContext(PublicKnowledge):
                     if callable(load):
                         load(folder)
         return self._chain
+
+    def stage(self, role: Role) -> Stage:
+        """As ``PublicKnowledge.stage``, except that under ``public`` the head is the attacker's imitation of the
+        client's where a defense has a recipe of its own for it (``imitated_head``)."""
+        if role == "head" and self.threat_model == "public":
+            imitated = self.imitated_head()
+            if imitated is not None:
+                return imitated
+        return super().stage(role)
+
+    def imitated_head(self) -> Stage | None:
+        """Under ``public``: the head a defense-aware attacker builds by running the client's defenses' own recipes
+        (``Defense.imitate``, e.g. dualguard's local warm-up) from the public head on ``IMITATION_ROWS`` rows of its
+        public text, with its own seed; ``None`` when no defense has one (then the head is the public one). Built
+        once per defense settings, frozen, in eval mode, in float32."""
+        key = ("imitated_head", json.dumps(self.defenses_identity(), sort_keys=True))
+        if key not in self.cache:
+            self.cache[key] = self._imitate()
+        return self.cache[key]
+
+    def _imitate(self) -> Stage | None:
+        chain = self.defenses()
+        if all(type(d).imitate is Defense.imitate for d in chain.defenses):
+            return None
+        attn = self.config.model.attn_implementation
+        stage = load_stage(self.source, self.spec, "head", "float32", self.device, attn)
+        settings = self.config.lora.part("head")
+        part = make_trainable(stage, settings, stage.family.lora_targets, self.config.seed, "head", [])
+        parts = {"head": part, **({"tail": self.public_stage("tail")} if self.spec.mode == "ushape" else {})}
+        context = DefenseContext(
+            token_embeddings=self.public_stage("head").token_embeddings().detach(),
+            special_ids=frozenset(int(i) for i in self.tokenizer.all_special_ids),
+            mode=self.config.split.mode,
+            seq_len=self.config.train.seq_len,
+            seed=derive(self.config.seed, "attacker") % 2**31,
+            parts=parts,
+            public_stage=self.public_stage,
+            examples=self.aux_examples(IMITATION_ROWS),
+            pad_id=int(self.tokenizer.pad_token_id),
+        )
+        changed = [d.imitate(context) for d in chain.defenses]
+        if not any(changed):
+            return None
+        plain = merged(part)
+        if not isinstance(plain, Stage):
+            raise PrivacyError(f"the imitated head did not merge into a stage (got {type(plain).__name__})")
+        return plain.requires_grad_(False).eval()
 
     @torch.no_grad()
     def simulate(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,13 @@ class Defense(Component):
         """A few numbers for the run's summary (``summary["privacy"]["defenses"][name]``); none by default."""
         return {}
 
+    def imitate(self, context: DefenseContext) -> bool:
+        """What a defense-aware attacker holding only the public weights and public text does with this defense's
+        own recipe for the client's parts: train ``context.parts`` (a trainable copy of the public head, the public
+        tail in U-shape) as the client would, on ``context.examples`` (the attacker's public text), with its own
+        seed. Returns whether it changed them; by default it does nothing (the defense has no such recipe)."""
+        return False
+
     def state_file(self, folder: Path) -> Path:
         """Where ``save`` keeps this defense's trained state in a client's adapter or checkpoint folder."""
         return folder / f"defense-{self.name}.safetensors"

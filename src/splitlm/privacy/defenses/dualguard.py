@@ -15,11 +15,20 @@ head's backward (``head_loss``), while the task loss from the split path keeps t
   relu(tail_margin - R)`` with ``R = ||W - W0|| / ||W0||`` over the tail's adapted weights (parameter space: for
   LoRA ``W - W0`` is the adapter's delta ``B A * scale``, for full tuning the difference from the public tail).
 
-For ``warmup_steps`` steps both terms have their full weight (the warm-up: the split path's task loss plus the
-distance, a multi-task objective as in the paper, but with the server's gradient since the task loss needs the
-trunk); afterwards they are scaled by ``retention`` (the retention: the hinge only acts if training drifts back
-within the margin). A resumed run past the warm-up is in retention at once. At the very first step the head equals
-the public one, where the distance has no gradient; the first task-loss steps break that tie.
+Local warm-up (``local_steps`` > 0, the paper's first phase): before the first split step of a fresh run, the
+client trains its head on its own examples through the PUBLIC trunk (loaded on the client for it) and its own tail,
+on the task loss plus the head term, with its own Adam (``local_lr``, ``local_batch_size``). The public trunk is
+what the server's trunk starts from, so the head it leaves behind still works with it. Then, for ``warmup_steps``
+split steps, both terms keep their full weight (the split path's task loss plus the distance, with the server's
+gradient); afterwards they are scaled by ``retention`` (the hinge only acts if training drifts back within the
+margin). A resumed run does not warm up again (its head is the trained one), nor does a later step or micro-batch.
+Without the local warm-up the very first step's head equals the public one, where the distance has no gradient;
+the first task-loss steps break that tie, and 20 split steps move it little (measured below).
+
+The attacker knows the recipe: under the ``public`` threat model the attack context runs the same local warm-up
+(``imitate``: these settings, its own seed, its own public text) from the public head and inverts through that
+imitation (``AttackContext.imitated_head``). What protects the client is then only how far apart two warm-ups on
+different private text and random draws land.
 
 Which parts must be tuned how: LoRA on q/v of a 2-block head barely reshapes its output (the residual stream is
 dominated by the token embedding and the unadapted MLPs, as benchmarks/privacy.py notes for NoPeek), so the head
@@ -33,7 +42,10 @@ measured on the tiny test model (V=258 byte tokens, d=64, one block of 36,992 pa
 SmolLM2-135M (V=49,152, d=576, 2 blocks of 3,540,096) 35.4 M parameters, about 142 MB in fp32. With full tuning
 of the tail a frozen public tail too (``s x (L_tail x P_block + d)``, plus the output matrix when it is not tied).
 No extra copy for LoRA tails.
-Compute: one extra head forward (no grad) per micro-batch.
+Compute: one extra head forward (no grad) per micro-batch. The local warm-up costs the client, once, the memory of
+the public trunk (on SmolLM2-135M 26 blocks of 3,540,096 parameters, about 368 MB in fp32; it stays loaded for
+the run) and ``local_steps`` forward and backward passes through the whole model (about 4.5 s a step of 8
+sequences of 64 tokens on 2 CPU cores for SmolLM2-135M): the price of not needing the server to move the head.
 
 Measured (default model, the ``base`` settings of benchmarks/privacy.py, 20 steps at lr 0.001, one seed, public
 threat model): with ``lora.head.method=full``, weight 1, margin 0.3, warm-up over the whole run, the head's cosine
@@ -44,6 +56,7 @@ learning rate do not move the head far: a longer warm-up or a local one (below t
 
 from __future__ import annotations
 
+import logging
 from typing import Self
 
 import torch
@@ -51,11 +64,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from splitlm.data import collate
 from splitlm.errors import PrivacyError
 from splitlm.models.lowrank import learned_rank
 from splitlm.privacy.defenses.base import DEFENSES, DefenseContext, InputDefense
 from splitlm.registry import ComponentSettings
+from splitlm.runtime.loss import causal_lm_loss
 from splitlm.runtime.plugins import Micro
+
+log = logging.getLogger(__name__)
 
 
 def cosine_distance(hidden: torch.Tensor, public: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -120,6 +137,15 @@ class DualGuard(InputDefense):
         tail_margin: float = Field(
             0.05, gt=0, description="Target relative distance ||W - W0|| / ||W0|| of the tail's adapted weights."
         )
+        local_steps: int = Field(
+            0,
+            ge=0,
+            description="Steps of the paper's LOCAL warm-up before split training: the client trains its head on its "
+            "own examples through the public trunk (loaded on the client once) and its tail, with the task loss plus "
+            "the head term; 0: none (the warm-up is the first warmup_steps of split training only).",
+        )
+        local_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the local warm-up.")
+        local_batch_size: int = Field(8, ge=1, description="Sequences per local warm-up step.")
 
     @classmethod
     def problems(cls, settings: Settings, config: object, framework: object) -> list[str]:
@@ -152,6 +178,7 @@ class DualGuard(InputDefense):
         self.tail_weight = float(tail) if context.mode == "ushape" and "tail" in context.parts else 0.0
         self.head_distances: list[float] = []
         self.tail_distance: float | None = None
+        self.local_distance: float | None = None  # the head's distance after the local warm-up (None: none ran)
 
     def factor(self, step: int) -> float:
         return 1.0 if step < self.settings.warmup_steps else self.settings.retention
@@ -162,6 +189,73 @@ class DualGuard(InputDefense):
         if self.context.public_stage is None:
             raise PrivacyError("dualguard: this client has no public pretrained head to move away from")
         return self.context.public_stage("head")
+
+    def on_forward(self, key: tuple[str, int, int], training: bool) -> None:
+        """Before the first training forward of a fresh run (step 0, micro-batch 0), the local warm-up."""
+        ctx = self.context  # an attacker's copy of the defenses has no parts: its imitation is ``imitate``
+        fresh = training and key[1:] == (0, 0) and self.local_distance is None and bool(self.settings.local_steps)
+        if fresh and "head" in ctx.parts and ctx.public_stage is not None and ctx.examples:
+            self.local_distance = self.local_warmup(ctx)
+
+    def imitate(self, context: DefenseContext) -> bool:
+        """The defense-aware public attacker runs the same local warm-up (these settings) from the public head on its
+        own public text (``context``: a trainable copy of the public head, the public tail, public examples)."""
+        if not self.settings.local_steps:
+            return False
+        self.local_warmup(context)
+        return True
+
+    def local_warmup(self, ctx: DefenseContext) -> float:
+        """The paper's local warm-up: ``local_steps`` Adam steps on the trainable parameters of ``ctx.parts["head"]``,
+        on ``ctx.examples`` through the PUBLIC trunk and the context's tail (both frozen here), minimising the task
+        loss plus ``weight * relu(margin - D)``. The head leaves the public one while the public trunk still reads
+        it, so the split training that follows starts from a head the public weights do not describe. Returns the
+        head's distance ``D`` at the last step."""
+        head = ctx.parts["head"]
+        trainable = [p for p in head.parameters() if p.requires_grad]
+        if not trainable or ctx.public_stage is None:
+            raise PrivacyError(
+                "dualguard: local_steps trains the head through the public trunk, but the head has nothing "
+                "trainable or the trunk is unknown; set lora.head.method=full"
+            )
+        public_head, trunk = ctx.public_stage("head"), ctx.public_stage("trunk")
+        tail = ctx.parts.get("tail") if ctx.mode == "ushape" else None
+        device = trainable[0].device
+        size, total_examples = self.settings.local_batch_size, len(ctx.examples)
+        order = torch.randperm(total_examples, generator=ctx.generator(_WARMUP_SALT)).tolist()
+        optimizer = torch.optim.Adam(trainable, lr=self.settings.local_lr)
+        distance = torch.zeros(())
+        was_training = head.training
+        head.train()
+        for step in range(self.settings.local_steps):
+            picked = [ctx.examples[order[(step * size + j) % total_examples]] for j in range(size)]
+            batch = collate(picked, ctx.pad_id).to(device)
+            mask = batch.attention_mask
+            with torch.no_grad():
+                public = public_head(input_ids=batch.input_ids, attention_mask=mask)
+            hidden = head(input_ids=batch.input_ids, attention_mask=mask)
+            out = trunk(hidden_states=hidden, attention_mask=mask)  # loaded in the head's dtype
+            if tail is not None:
+                out = tail(hidden_states=out, attention_mask=mask)
+            total, count = causal_lm_loss(out, batch.labels)
+            distance = cosine_distance(hidden, public, mask)
+            loss = total / max(count, 1) + self.settings.weight * F.relu(self.settings.margin - distance)
+            grads = torch.autograd.grad(loss, trainable, allow_unused=True)  # the trunk and tail keep no gradient
+            for p, g in zip(trainable, grads, strict=True):
+                p.grad = g
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % 20 == 0 or step == self.settings.local_steps - 1:
+                task = float(total.detach()) / max(count, 1)
+                log.info(
+                    "dualguard: local warm-up step %d/%d: task loss %.3f, head distance %.3f",
+                    step + 1, self.settings.local_steps, task, float(distance.detach()),
+                )  # fmt: skip
+        head.train(was_training)
+        return float(distance.detach())
+
+    def report(self) -> dict[str, float | None]:
+        return {"local_distance": self.local_distance}
 
     def head_loss(self, micro: Micro) -> torch.Tensor | None:
         hidden, batch = micro.hidden, micro.batch
@@ -195,6 +289,9 @@ class DualGuard(InputDefense):
             out["dualguard_tail_distance"] = self.tail_distance
             self.tail_distance = None
         return out
+
+
+_WARMUP_SALT = 0x6477  # the warm-up's own random stream (the order of the client's examples)
 
 
 def _fully_trained(part: nn.Module) -> bool:
