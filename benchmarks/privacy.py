@@ -28,7 +28,9 @@ threat model) into ``--out``; ``--advice`` also writes the frontier beside ``spl
 ``--quick`` (about 40 minutes on 2 cores) keeps ``QUICK_DEFENSES`` at their middle strength (it leaves out nopeek,
 grad_noise, the weakest and strongest strengths and all combinations but the first) and the attacks sip and bisr_f (it
 leaves out bisr_b, pidi, tag and nn_inversion). Each finished cell is written to ``privacy.json`` at once, so an
-interrupted run keeps what it measured.
+interrupted run keeps what it measured. ``--merge FILE`` keeps the cells of an earlier report of the same setting that
+this run does not measure (e.g. ``--defenses dualguard --merge docs/privacy.json`` remeasures one defense), and
+``--assemble --merge FILE`` measures nothing and rewrites the report, the plot and (``--advice``) the audit's copy.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ DEFENSES: dict[str, tuple[str, list[float], list[str]]] = {
     # move a full head only 0.02-0.03 from the public one, which does nothing to SIP (measured at weight 1-10).
     "dualguard": (
         "privacy.defenses.dualguard.margin",
-        [0.5, 0.75, 1.0],
+        [0.75, 1.0, 1.25],
         ["lora.head.method=full", "privacy.defenses.dualguard.weight=10", "privacy.defenses.dualguard.local_steps=60"],
     ),
     "text_obfuscator": (
@@ -89,9 +91,13 @@ DEFENSES: dict[str, tuple[str, list[float], list[str]]] = {
 # Combinations: each a name, the strength shown, and its settings (every defense's middle strength by default).
 COMBOS: dict[str, list[str]] = {
     "adversarial+mi_bottleneck": ["adversarial", "mi_bottleneck"],
+    "dualguard+dxp": ["dualguard", "dxp"],
     "dualguard+mi_bottleneck": ["dualguard", "mi_bottleneck"],
     "dualguard+text_obfuscator": ["dualguard", "text_obfuscator"],
 }
+# A combination's settings that differ from its defenses' middle strengths: dxp beside dualguard at its weakest (the
+# warm-up learns from substituted text; the middle strength, 40, costs +582% perplexity alone).
+COMBO_SETTINGS: dict[str, list[str]] = {"dualguard+dxp": ["privacy.defenses.dxp.epsilon=50.0"]}
 # --quick: the middle strength of these, the first combination, and the two forward attacks.
 QUICK_DEFENSES = ["none", "smashed_noise", "dxp", "mi_bottleneck", "adversarial", "dualguard", "text_obfuscator",
                   "adversarial+mi_bottleneck"]  # fmt: skip
@@ -102,12 +108,13 @@ def cells_for(defense: str, quick: bool) -> list[tuple[float | None, list[str]]]
     if defense == "none":
         return [(None, [])]
     if defense in COMBOS:
-        names = COMBOS[defense]
+        names, own = COMBOS[defense], COMBO_SETTINGS.get(defense, [])
         extra: list[str] = []
         for name in names:
             key, strengths, more = DEFENSES[name]
             extra += [f"{key}={strengths[1]}", *more]
-        return [(None, [f"privacy.defenses=[{','.join(names)}]", *dict.fromkeys(extra)])]
+        extra = [e for e in dict.fromkeys(extra) if e.split("=")[0] not in {o.split("=")[0] for o in own}]
+        return [(None, [f"privacy.defenses=[{','.join(names)}]", *extra, *own])]
     key, strengths, more = DEFENSES[defense]
     picked = strengths[1:2] if quick else strengths
     return [(s, [f"privacy.defenses=[{defense}]", f"{key}={s}", *more]) for s in picked]
@@ -165,16 +172,16 @@ def frontier_plot(rows: list[dict[str, Any]], fronts: dict[str, list[Any]], path
     plt.close(fig)
 
 
-def earlier(path: Path, args: argparse.Namespace, measured: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
+def earlier(path: Path, args: argparse.Namespace, measured: set[tuple[str, Any]]) -> tuple[list[Any], list[Any]]:
     """The rows and utility entries of ``path`` (an earlier report of the same model, data, steps and batch size)
-    for the defenses this run does not measure (a kept ``none`` gives the baseline of the perplexity increases)."""
+    for the (defense, strength) cells this run does not measure (a kept ``none`` gives the perplexity baseline)."""
     report = json.loads(path.read_text())
     setting = {"model": args.model, "data": args.data, "steps": args.steps, "batch_size": args.batch_size}
     differs = {k: report.get(k) for k, v in setting.items() if report.get(k) != v}
     if differs:
         sys.exit(f"--merge {path}: measured with {differs}, not {setting}; merge only reports of the same setting")
-    keep = [r for r in report["frontier"] if r["defense"] not in measured]
-    return keep, [u for u in report["utility"] if u["defense"] not in measured]
+    keep = [r for r in report["frontier"] if (r["defense"], r["strength"]) not in measured]
+    return keep, [u for u in report["utility"] if (u["defense"], u["strength"]) not in measured]
 
 
 def main() -> None:
@@ -195,6 +202,7 @@ def main() -> None:
         default=None,
         help="an earlier privacy.json of the same setting: its cells that this run does not measure are kept",
     )
+    parser.add_argument("--assemble", action="store_true", help="measure nothing: rewrite --merge's cells")
     parser.add_argument("--attack-option", action="append", default=[], help="ATTACK:key=value, e.g. sip:steps=600")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides for every run")
     args = parser.parse_args()
@@ -208,6 +216,10 @@ def main() -> None:
     from splitlm.privacy.attacks import AttackContext, make_attack, observations, score
 
     defenses = args.defenses or (QUICK_DEFENSES if args.quick else ["none", *DEFENSES, *COMBOS])
+    if args.assemble:
+        if not args.merge:
+            sys.exit("--assemble rewrites the report from --merge FILE's cells; give --merge")
+        defenses = []
     attacks = [a for a in (args.attacks or (QUICK_ATTACKS if args.quick else ATTACKS)) if a in REGISTERED]
     options: dict[str, dict[str, str]] = {}
     for text in args.attack_option:
@@ -227,7 +239,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     utility: list[dict[str, Any]] = []
     baseline: float | None = None
-    kept_rows, kept_utility = earlier(Path(args.merge), args, defenses) if args.merge else ([], [])
+    measured = {(d, strength) for d in defenses for strength, _ in cells_for(d, args.quick)}
+    kept_rows, kept_utility = earlier(Path(args.merge), args, measured) if args.merge else ([], [])
     baseline = next((u["eval_ppl"] for u in kept_utility if u["defense"] == "none"), None)  # unless none is rerun
     shared: dict[Any, Any] = {}
 

@@ -362,6 +362,17 @@ def test_the_public_attacker_imitates_the_local_warm_up(runs: dict[str, Path]) -
     assert inside.stage("head") is PublicKnowledge.stage(inside, "head")  # inside holds the client's own head
 
 
+def test_the_chain_gives_its_token_defenses_to_the_context() -> None:
+    head = TinyHead()
+    ctx = context(head)
+    chain = build_defenses({"dxp": {"epsilon": 1.0}, "dualguard": {}}, ctx)
+    assert ctx.tokens is not None and ctx.tokens == chain.tokens
+    ids, mask = ids_and_mask()
+    first, again, other = (ctx.tokens(ids, mask, "local", k) for k in (0, 0, 1))
+    assert torch.equal(first, again) and not torch.equal(first, other)  # drawn per key, reproducibly
+    assert not torch.equal(first, ids) and torch.equal(first[mask == 0], ids[mask == 0])  # dxp; padding stays
+
+
 class TinyTrunk(nn.Module):
     """A stand-in for the public trunk (hidden -> hidden) or a tail (hidden -> logits)."""
 
@@ -383,6 +394,13 @@ def test_dualguard_local_warm_up_trains_the_head_only_and_once() -> None:
         head.embed.weight.detach(), frozenset(), "ushape", SEQ, 0, parts={"head": head, "tail": tail},
         public_stage=lambda role: {"head": public, "trunk": trunk}[role], examples=examples,
     )  # fmt: skip
+    seen: list[tuple[object, ...]] = []
+
+    def substituted(ids: torch.Tensor, mask: torch.Tensor, *key: object) -> torch.Tensor:
+        seen.append(key)  # the chain's token defenses (dxp) act on the warm-up's inputs, drawn per local step
+        return (ids + 1) % VOCAB
+
+    ctx.tokens = substituted
     settings = DualGuard.Settings(weight=10, margin=1.0, local_steps=30, local_lr=0.05, local_batch_size=4)
     defense = DualGuard.create(settings, ctx)
     ids, mask = ids_and_mask()
@@ -393,6 +411,7 @@ def test_dualguard_local_warm_up_trains_the_head_only_and_once() -> None:
     with torch.no_grad():
         distance = float(cosine_distance(head(ids, mask), public(ids, mask), mask))
     assert defense.local_distance is not None and defense.local_distance > 0.9 and distance > 0.9  # measured: 1.45
+    assert seen == [("local", step) for step in range(30)]
     assert all(torch.equal(tail.state_dict()[k], v) for k, v in tail_before.items())  # the tail only passes gradient
     assert all(p.grad is None for p in (*tail.parameters(), *trunk.parameters(), *head.parameters()))
     moved = {k: v.clone() for k, v in head.state_dict().items()}

@@ -156,6 +156,7 @@ class AttackContext(PublicKnowledge):
             public_stage=self.public_stage,
             examples=self.aux_examples(IMITATION_ROWS),
             pad_id=int(self.tokenizer.pad_token_id),
+            tokens=chain.tokens,
         )
         changed = [d.imitate(context) for d in chain.defenses]
         if not any(changed):

@@ -74,6 +74,9 @@ class DefenseContext:
     pad_id: int = 0
     cache_dir: Path | None = None  # where a defense may keep what it trained once (e.g. <output_dir>/cache)
     model_key: str = ""  # the model's name and revision, for cache keys
+    # the chain's token defenses (``tokens`` hooks, e.g. dxp) as training applies them, for a defense that trains the
+    # client's parts on its own (dualguard's local warm-up): (ids, mask, *key) -> ids; set by ``build_defenses``
+    tokens: Callable[..., torch.Tensor] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -213,6 +216,14 @@ class DefenseChain:
     def plugins(self) -> list[InputDefense]:
         return [d for d in self.defenses if isinstance(d, InputDefense)]
 
+    def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *key: object) -> torch.Tensor:
+        """The input ids after every defense's ``tokens`` hook, their noise drawn for ``key`` (outside the split
+        training's keys: a defense's own training of the client's parts)."""
+        for defense in self.plugins:
+            defense.reseed(*key)
+            input_ids = defense.tokens(input_ids, attention_mask)
+        return input_ids
+
     def reports(self) -> dict[str, dict[str, float | None]]:
         """Each defense's ``report``, by name, in order."""
         return {d.name: d.report() for d in self.defenses}
@@ -233,4 +244,6 @@ class DefenseChain:
 
 def build_defenses(spec: Any, context: DefenseContext) -> DefenseChain:
     """The chain ``spec`` (``privacy.defenses``: ``{name: settings}`` in order) names, each with its own settings."""
-    return DefenseChain(DEFENSES.build(as_mapping(spec), context))
+    chain = DefenseChain(DEFENSES.build(as_mapping(spec), context))
+    context.tokens = chain.tokens
+    return chain

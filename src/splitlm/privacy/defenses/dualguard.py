@@ -18,7 +18,9 @@ head's backward (``head_loss``), while the task loss from the split path keeps t
 Local warm-up (``local_steps`` > 0, the paper's first phase): before the first split step of a fresh run, the
 client trains its head on its own examples through the PUBLIC trunk (loaded on the client for it) and its own tail,
 on the task loss plus the head term, with its own Adam (``local_lr``, ``local_batch_size``). The public trunk is
-what the server's trunk starts from, so the head it leaves behind still works with it. Then, for ``warmup_steps``
+what the server's trunk starts from, so the head it leaves behind still works with it. The chain's token defenses
+(``tokens`` hooks: dxp, santext, custext) act on its inputs as in training, so a head warmed beside dxp learns from
+substituted text; the hooks on word vectors and smashed data (text_obfuscator, noise) do not act in it. Then, for ``warmup_steps``
 split steps, both terms keep their full weight (the split path's task loss plus the distance, with the server's
 gradient); afterwards they are scaled by ``retention`` (the hinge only acts if training drifts back within the
 margin). A resumed run does not warm up again (its head is the trained one), nor does a later step or micro-batch.
@@ -231,9 +233,10 @@ class DualGuard(InputDefense):
             picked = [ctx.examples[order[(step * size + j) % total_examples]] for j in range(size)]
             batch = collate(picked, ctx.pad_id).to(device)
             mask = batch.attention_mask
+            ids = batch.input_ids if ctx.tokens is None else ctx.tokens(batch.input_ids, mask, "local", step)
             with torch.no_grad():
-                public = public_head(input_ids=batch.input_ids, attention_mask=mask)
-            hidden = head(input_ids=batch.input_ids, attention_mask=mask)
+                public = public_head(input_ids=ids, attention_mask=mask)
+            hidden = head(input_ids=ids, attention_mask=mask)  # on the ids the token defenses let through (dxp)
             out = trunk(hidden_states=hidden, attention_mask=mask)  # loaded in the head's dtype
             if tail is not None:
                 out = tail(hidden_states=out, attention_mask=mask)
