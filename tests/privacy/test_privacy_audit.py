@@ -57,6 +57,33 @@ def test_quick_mode_keeps_the_middle_strength_and_combos_their_middle_settings()
     assert strength is None and overrides[0].startswith("privacy.defenses=[")
 
 
+def test_a_combination_overrides_its_defenses_middle_settings_once() -> None:
+    bench = _benchmark()
+    ((_, overrides),) = bench.cells_for("dualguard+dxp", quick=True)
+    keys = [o.split("=")[0] for o in overrides]
+    assert len(keys) == len(set(keys))  # each setting once, so the combination's own value is the one that counts
+    assert "privacy.defenses.dxp.epsilon=50.0" in overrides and "privacy.defenses.dualguard.margin=1.0" in overrides
+    assert "privacy.defenses.dualguard.local_steps=60" in overrides  # the rest from dualguard's own cell
+
+
+def test_merge_keeps_the_earlier_cells_this_run_does_not_measure(tmp_path: Path) -> None:
+    import argparse
+
+    bench = _benchmark()
+    setting = {"model": "m", "data": "pii", "steps": 20, "batch_size": 4}
+    rows = [_point("none", None, "public", "sip", 1.0, 0.0), _point("dxp", 40.0, "public", "sip", 0.6, 500.0),
+            _point("dxp", 30.0, "public", "sip", 0.4, 900.0)]  # fmt: skip
+    utility = [{"defense": r["defense"], "strength": r["strength"], "eval_ppl": 1.0} for r in rows]
+    path = tmp_path / "privacy.json"
+    path.write_text(json.dumps({**setting, "frontier": rows, "utility": utility}))
+    args = argparse.Namespace(**setting)
+    kept, kept_utility = bench.earlier(path, args, {("dxp", 40.0)})
+    assert [(r["defense"], r["strength"]) for r in kept] == [("none", None), ("dxp", 30.0)]
+    assert [(u["defense"], u["strength"]) for u in kept_utility] == [("none", None), ("dxp", 30.0)]
+    with pytest.raises(SystemExit, match="steps"):
+        bench.earlier(path, argparse.Namespace(**{**setting, "steps": 40}), set())
+
+
 def test_advice_picks_the_least_leaky_defense_within_the_perplexity_budget(tmp_path: Path) -> None:
     frontier = tmp_path / "frontier.json"
     rows = [
