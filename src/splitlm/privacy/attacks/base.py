@@ -102,14 +102,7 @@ class AttackContext(PublicKnowledge):
         seed, which is the attacker's own: it knows the mechanism and its settings, not the client's draws. Under
         ``inside`` a defense with saved state (``load``) reads it from the client's adapters folder."""
         if self._chain is None:
-            context = DefenseContext(
-                token_embeddings=self.public_stage("head").token_embeddings().detach(),
-                special_ids=frozenset(int(i) for i in self.tokenizer.all_special_ids),
-                mode=self.config.split.mode,
-                seq_len=self.config.train.seq_len,
-                seed=derive(self.config.seed, "attacker") % 2**31,
-            )
-            self._chain = build_defenses(self.config.privacy.defenses, context)
+            self._chain = build_defenses(self.config.privacy.defenses, self._defense_context())
             if self.threat_model == "inside":
                 folder = self.adapters_dir()
                 for defense in self._chain.defenses:
@@ -117,6 +110,17 @@ class AttackContext(PublicKnowledge):
                     if callable(load):
                         load(folder)
         return self._chain
+
+    def _defense_context(self) -> DefenseContext:
+        """The attacker's ``DefenseContext``: the client's (public token vectors, special ids, mode, seq_len) but
+        with the attacker's own seed."""
+        return DefenseContext(
+            token_embeddings=self.public_stage("head").token_embeddings().detach(),
+            special_ids=frozenset(int(i) for i in self.tokenizer.all_special_ids),
+            mode=self.config.split.mode,
+            seq_len=self.config.train.seq_len,
+            seed=derive(self.config.seed, "attacker") % 2**31,
+        )
 
     def stage(self, role: Role) -> Stage:
         """As ``PublicKnowledge.stage``, except that under ``public`` the head is the attacker's imitation of the
@@ -146,12 +150,8 @@ class AttackContext(PublicKnowledge):
         settings = self.config.lora.part("head")
         part = make_trainable(stage, settings, stage.family.lora_targets, self.config.seed, "head", [])
         parts = {"head": part, **({"tail": self.public_stage("tail")} if self.spec.mode == "ushape" else {})}
-        context = DefenseContext(
-            token_embeddings=self.public_stage("head").token_embeddings().detach(),
-            special_ids=frozenset(int(i) for i in self.tokenizer.all_special_ids),
-            mode=self.config.split.mode,
-            seq_len=self.config.train.seq_len,
-            seed=derive(self.config.seed, "attacker") % 2**31,
+        context = dataclasses.replace(
+            self._defense_context(),
             parts=parts,
             public_stage=self.public_stage,
             examples=self.aux_examples(IMITATION_ROWS),
