@@ -119,7 +119,8 @@ def cells_for(defense: str, quick: bool) -> list[tuple[float | None, list[str]]]
         for name in names:
             key, strengths, more = DEFENSES[name]
             extra += [f"{key}={strengths[1]}", *more]
-        extra = [e for e in dict.fromkeys(extra) if e.split("=")[0] not in {o.split("=")[0] for o in own}]
+        overridden = {o.split("=")[0] for o in own}
+        extra = [e for e in dict.fromkeys(extra) if e.split("=")[0] not in overridden]
         return [(None, [f"privacy.defenses=[{','.join(names)}]", *extra, *own])]
     key, strengths, more = DEFENSES[defense]
     picked = strengths[1:2] if quick else strengths
