@@ -66,6 +66,16 @@ def test_a_combination_overrides_its_defenses_middle_settings_once() -> None:
     assert "privacy.defenses.dualguard.local_steps=60" in overrides  # the rest from dualguard's own cell
 
 
+def test_a_row_label_names_its_registered_defense_alone_and_in_combinations() -> None:
+    bench = _benchmark()
+    ((strength, overrides),) = bench.cells_for("custext_sensitive", quick=True)
+    assert (
+        overrides[0] == "privacy.defenses=[custext]" and f"privacy.defenses.custext.keep_share={strength}" in overrides
+    )
+    ((_, combined),) = bench.cells_for("dualguard+custext_sensitive", quick=True)
+    assert combined[0] == "privacy.defenses=[dualguard,custext]" and "privacy.defenses.custext.numbers=true" in combined
+
+
 def test_merge_keeps_the_earlier_cells_this_run_does_not_measure(tmp_path: Path) -> None:
     import argparse
 

@@ -13,6 +13,7 @@ import torch
 from dp_accounting import dp_event
 
 from splitlm.config import Config
+from splitlm.data import Example
 from splitlm.errors import ConfigError, PrivacyError
 from splitlm.frameworks import run_framework
 from splitlm.frameworks.base import config_problems
@@ -140,6 +141,57 @@ def test_token_defenses_reject_ids_outside_the_vocabulary() -> None:
         Dxp(context(), 1.0).tokens(ids, mask)
     with pytest.raises(PrivacyError, match="epsilon"):
         SanText(context(), 0.0)
+
+
+def sensitive_context(**kw: Any) -> DefenseContext:
+    """A context whose client text uses ids 2..5 often (2: 40%, 3: 30%, 4: 20%, 5: 10% of its tokens) and whose id 7
+    spells a digit."""
+    ctx = context(**kw)
+    ctx.examples = [Example([2] * 4 + [3] * 3 + [4] * 2 + [5], [0] * 10) for _ in range(3)]
+    ctx.token_texts = tuple("7" if i == 7 else f"w{chr(97 + i % 26)}" for i in range(VOCAB))
+    return ctx
+
+
+@pytest.mark.parametrize("name", ["dxp", "santext", "custext"])
+def test_sensitive_tokens_are_the_rare_ones_and_the_frequent_ones_pass_at_their_rate(name: str) -> None:
+    ids, mask = batch(64)
+    ids[:, 2:10] = torch.tensor([2, 3, 4, 5, 7, 2, 3, 4])  # frequent ids and the digit amid random (rare) ones
+    kind = DEFENSES.get(name)
+    defense = kind.create(kind.Settings(epsilon=LOW_EPS[name], keep_share=0.7), sensitive_context())
+    # 2 and 3 make up 70% of the client's tokens: the only frequent types; everything else is sensitive
+    assert defense.sensitive is not None and defense.sensitive.sum() == VOCAB - 2
+    assert not bool(defense.sensitive[2]) and not bool(defense.sensitive[3]) and bool(defense.sensitive[4])
+    out = defense.tokens(ids, mask)
+    frequent = mask.bool() & ((ids == 2) | (ids == 3))
+    assert torch.equal(out[frequent], ids[frequent])  # frequent_rate 0: never replaced
+    rare = mask.bool() & (ids > 3) & (ids != 7)
+    assert float((out != ids)[rare].float().mean()) > 0.5  # the plain mechanism's rate on the rest
+    plain = kind.create(kind.Settings(epsilon=LOW_EPS[name]), sensitive_context())
+    full = float((plain.tokens(ids, mask) != ids)[frequent].float().mean())
+    assert plain.sensitive is None and full > 0.5
+    sometimes = kind.create(
+        kind.Settings(epsilon=LOW_EPS[name], keep_share=0.7, frequent_rate=0.5), sensitive_context()
+    )
+    rate = float((sometimes.tokens(ids, mask) != ids)[frequent].float().mean())
+    assert 0.25 * full < rate < 0.75 * full  # about half of them go through the mechanism
+
+
+def test_numbers_makes_digit_tokens_sensitive_however_frequent() -> None:
+    ctx = sensitive_context()
+    ctx.examples = [Example([7] * 9 + [2], [0] * 10)]  # the digit token is 90% of the client's text
+    kept = Dxp.create(Dxp.Settings(epsilon=1.0, keep_share=0.95), ctx)
+    assert kept.sensitive is not None and not bool(kept.sensitive[7])
+    numbers = Dxp.create(Dxp.Settings(epsilon=1.0, keep_share=0.95, numbers=True), ctx)
+    assert numbers.sensitive is not None and bool(numbers.sensitive[7]) and not bool(numbers.sensitive[2])
+
+
+def test_sensitive_tokens_need_the_clients_examples_and_token_texts() -> None:
+    with pytest.raises(PrivacyError, match=r"keep_share=0\.5 ranks tokens"):
+        Dxp.create(Dxp.Settings(epsilon=1.0, keep_share=0.5), context())
+    ctx = sensitive_context()
+    ctx.token_texts = ()
+    with pytest.raises(PrivacyError, match="numbers=true needs the tokenizer's token texts"):
+        CusText.create(CusText.Settings(epsilon=1.0, keep_share=0.5, numbers=True), ctx)
 
 
 # ---------------------------------------------------------------------------------------------- noise
@@ -361,6 +413,11 @@ def test_ushape_run_with_a_defense_trains_and_sends_no_labels_or_ids(
         ids = truth["input_ids"]
         assert not any(v.shape == ids.shape and torch.equal(v.long(), ids) for v in tap.values())
         assert tap["smashed"].is_floating_point() and tap["smashed"].shape[:2] == ids.shape
+
+
+def test_a_run_ranks_sensitive_tokens_by_the_clients_own_text(record_run: Callable[..., Path], run_files: Any) -> None:
+    settings = "privacy.defenses={custext: {epsilon: 1, keep_share: 0.6, numbers: true}}"
+    check_trained(record_run(settings), "custext", run_files)  # built from the client's examples and token texts
 
 
 def test_smashed_noise_sends_clipped_head_output_plus_noise(record_run: Callable[..., Path]) -> None:

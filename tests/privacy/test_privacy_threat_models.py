@@ -17,7 +17,8 @@ from splitlm.frameworks.assemble import assemble
 from splitlm.models import Stage
 from splitlm.models.split import Role
 from splitlm.privacy.attacks import AttackContext, make_attack, observations, pidi, sip
-from splitlm.privacy.attacks.base import Observation
+from splitlm.privacy.attacks.base import IMITATION_ROWS, Observation
+from splitlm.privacy.defenses import token_texts
 from splitlm.privacy.metrics import token_accuracy
 
 QUICK = {"steps": "10", "aux_rows": "100"}  # a rough SIP: these tests check plumbing, not attack quality
@@ -183,6 +184,20 @@ def test_simulate_applies_the_defenses(fast_config, tmp_path: Path) -> None:
     vectors = AttackContext(fast_config(tmp_path / "d", "split.head_layers=2", settings))
     # the token vectors were pulled onto their clusters' prototypes before the head (the embeddings hook)
     assert not torch.allclose(vectors.simulate(ids, mask), clean)
+
+
+def test_the_attackers_copy_ranks_sensitive_tokens_by_its_public_text(fast_config, tmp_path: Path) -> None:
+    settings = "privacy.defenses={custext: {epsilon: 1, keep_share: 0.6, numbers: true}}"
+    ctx = AttackContext(fast_config(tmp_path / "a", "split.head_layers=2", settings))
+    (defense,) = ctx.defenses().defenses
+    public = torch.tensor([t for example in ctx.aux_examples(IMITATION_ROWS) for t in example.input_ids])
+    counts = torch.bincount(public, minlength=defense.vocab_size)
+    texts = token_texts(ctx.tokenizer)
+    words = [i for i in counts.argsort(descending=True).tolist() if not any(c.isdigit() for c in texts[i])]
+    assert defense.sensitive is not None and not bool(defense.sensitive[words[0]])  # its most frequent word passes
+    assert bool(defense.sensitive[counts == 0].all())  # what its public text never uses is sensitive
+    digits = [i for i, text in enumerate(texts) if text in "0123456789" and text]
+    assert digits and bool(defense.sensitive[digits].all())
 
 
 def test_cache_keys_tell_threat_models_and_defenses_apart(fast_config, tmp_path: Path, ushape_run: Path) -> None:

@@ -37,7 +37,7 @@ from splitlm.config.schema import LINK_DIRECTIONS
 from splitlm.frameworks.setup import spec_of
 from splitlm.models import ModelSource, Stage, load_stage
 from splitlm.privacy.client_attack import ClientAttack, attack_context, build_client_attacks
-from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses
+from splitlm.privacy.defenses import DefenseChain, DefenseContext, build_defenses, token_texts
 from splitlm.privacy.detectors import Detector, DetectorContext, build_detectors
 from splitlm.privacy.protocols import build_protocols
 from splitlm.privacy.server_attack import build_server_attacks
@@ -202,6 +202,7 @@ def _defenses(config: Config, source: ModelSource, head: Stage, setup: ClientSet
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
         cache_dir=Path(config.output_dir) / "cache",
         model_key=f"{config.model.name}@{config.model.revision or ''}",
+        token_texts=token_texts(tokenizer),
     )
     chain = build_defenses(config.privacy.defenses, context)
     log.info("defenses: %s", ", ".join(chain.names))

@@ -32,7 +32,7 @@ from splitlm.files import write_json, write_jsonl
 from splitlm.models import Stage, load_stage
 from splitlm.models.split import Role
 from splitlm.peft import make_trainable, merged
-from splitlm.privacy.defenses import DEFENSES, Defense, DefenseChain, DefenseContext, build_defenses
+from splitlm.privacy.defenses import DEFENSES, Defense, DefenseChain, DefenseContext, build_defenses, token_texts
 from splitlm.privacy.knowledge import THREAT_MODELS, PublicKnowledge
 from splitlm.privacy.metrics import pii_counts, pii_recovered, rouge_l, token_accuracy
 from splitlm.privacy.tap import Key, read_records
@@ -113,13 +113,20 @@ class AttackContext(PublicKnowledge):
 
     def _defense_context(self) -> DefenseContext:
         """The attacker's ``DefenseContext``: the client's (public token vectors, special ids, mode, seq_len) but
-        with the attacker's own seed."""
+        with the attacker's own seed, and ``IMITATION_ROWS`` rows of its public text in place of the client's
+        examples (where it has public text)."""
+        try:
+            examples = self.aux_examples(IMITATION_ROWS)
+        except PrivacyError:
+            examples = []  # a defense that needs examples says so itself
         return DefenseContext(
             token_embeddings=self.public_stage("head").token_embeddings().detach(),
             special_ids=frozenset(int(i) for i in self.tokenizer.all_special_ids),
             mode=self.config.split.mode,
             seq_len=self.config.train.seq_len,
             seed=derive(self.config.seed, "attacker") % 2**31,
+            examples=examples,
+            token_texts=token_texts(self.tokenizer),
         )
 
     def stage(self, role: Role) -> Stage:
@@ -154,7 +161,6 @@ class AttackContext(PublicKnowledge):
             self._defense_context(),
             parts=parts,
             public_stage=self.public_stage,
-            examples=self.aux_examples(IMITATION_ROWS),
             pad_id=int(self.tokenizer.pad_token_id),
             tokens=chain.tokens,
         )

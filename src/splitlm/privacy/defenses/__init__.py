@@ -19,6 +19,7 @@ from splitlm.privacy.defenses.base import (
     InputDefense,
     MessageDefense,
     build_defenses,
+    token_texts,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "InputDefense",
     "MessageDefense",
     "build_defenses",
+    "token_texts",
 ]

@@ -77,6 +77,9 @@ class DefenseContext:
     # the chain's token defenses (``tokens`` hooks, e.g. dxp) as training applies them, for a defense that trains the
     # client's parts on its own (dualguard's local warm-up): (ids, mask, *key) -> ids; set by ``build_defenses``
     tokens: Callable[..., torch.Tensor] | None = None
+    # the text of each token id as the tokenizer spells it (``convert_ids_to_tokens``), for defenses that pick tokens
+    # by what they spell (the token defenses' ``numbers``); empty: unknown
+    token_texts: Sequence[str] = ()
 
     @property
     def vocab_size(self) -> int:
@@ -240,6 +243,11 @@ class DefenseChain:
             if own:
                 events.extend(own)
         return events or None
+
+
+def token_texts(tokenizer: Any) -> tuple[str, ...]:
+    """``DefenseContext.token_texts`` for a Hugging Face tokenizer: each id's token as the tokenizer spells it."""
+    return tuple(str(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
 
 
 def build_defenses(spec: Any, context: DefenseContext) -> DefenseChain:

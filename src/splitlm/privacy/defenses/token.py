@@ -12,13 +12,23 @@ EOS or pad in the middle of a text would change what the model sees beyond the d
 vocabulary is scanned in blocks, so memory stays bounded for large vocabularies (V = 49152 or more).
 These are metric-DP / exponential-mechanism guarantees per token, not (epsilon, delta) of a sequence: their
 ``dp_events`` is None.
+
+Sensitive tokens (SanText+, Yue et al. 2021; survey section 5.2.2): with ``keep_share`` > 0 only the client's
+*sensitive* tokens always go through the mechanism. The most frequent token types of its own training text that
+together make up ``keep_share`` of its tokens are not sensitive (the words of its templates and prose), and each of
+them goes through the mechanism only with probability ``frequent_rate`` (SanText+'s p); with ``numbers`` every token
+that spells a digit is sensitive however frequent (phone, account and card numbers are made of frequent digit
+tokens) and is replaced by a uniformly random token of the same shape (a digit by any digit), so numbers keep their
+form and tell nothing of their digits. A defense-aware attacker rebuilds the same split from its own public text (``DefenseContext.examples``).
+The guarantee then covers the sensitive tokens only: the others are sent as they are (most of the time), which is
+what keeps the model's text intact and its perplexity low.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
-from typing import Self
+from collections.abc import Iterator, Sequence
+from typing import Any, Self
 
 import torch
 from pydantic import Field
@@ -27,11 +37,41 @@ from splitlm.errors import PrivacyError
 from splitlm.privacy.defenses.base import DEFENSES, DefenseContext, InputDefense
 from splitlm.registry import ComponentSettings
 
+_DIGITS = frozenset("0123456789")
 BLOCK_BUDGET = 1 << 24  # elements of one (queries, vocabulary block) distance matrix: 64 MiB in float32
 
 
 def _salt(name: str) -> int:
     return zlib.crc32(name.encode())
+
+
+class SensitiveSettings(ComponentSettings):
+    """Which tokens a token defense always replaces (SanText+'s sensitive words); the defaults replace all."""
+
+    keep_share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="SanText+: the most frequent token types of the client's own training text that together make "
+        "up this share of its tokens are not sensitive and are replaced only with probability frequent_rate; every "
+        "other token always goes through the mechanism. 0 = every token does (the plain mechanism). On the PII "
+        "corpus with SmolLM2's tokenizer, 0.75 keeps about 100 types (the templates' words) and leaves 23% of the "
+        "tokens sensitive.",
+    )
+    frequent_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="With keep_share > 0: the probability that a non-sensitive token goes through the mechanism "
+        "anyway (SanText+'s p; the paper uses 0.3).",
+    )
+    numbers: bool = Field(
+        False,
+        description="With keep_share > 0: every token that spells an ASCII digit is sensitive however frequent "
+        "(phone and account numbers are made of the most frequent tokens), and is replaced by a uniformly random "
+        "token of its shape (each digit any digit: '42' by '07'), so a number keeps its form and tells nothing of its "
+        "digits.",
+    )
 
 
 class TokenDefense(InputDefense):
@@ -41,12 +81,20 @@ class TokenDefense(InputDefense):
     def create(cls, settings: ComponentSettings, context: DefenseContext) -> Self:
         return cls(context, **settings.model_dump())
 
-    def __init__(self, context: DefenseContext, epsilon: float) -> None:
+    def __init__(
+        self,
+        context: DefenseContext,
+        epsilon: float,
+        keep_share: float = 0.0,
+        frequent_rate: float = 0.0,
+        numbers: bool = False,
+    ) -> None:
         if not epsilon > 0:
             raise PrivacyError(
                 f"{self.name}: epsilon must be > 0, got {epsilon}; set privacy.defenses.{self.name}.epsilon"
             )
         self.epsilon = float(epsilon)
+        self.frequent_rate = float(frequent_rate)
         self.table = context.token_embeddings.detach()  # (V, d)
         vocab = int(self.table.shape[0])
         self.blocked = torch.zeros(vocab, dtype=torch.bool, device=self.table.device)  # (V,) never a replacement
@@ -57,6 +105,51 @@ class TokenDefense(InputDefense):
             raise PrivacyError(f"{self.name}: every token id is special, nothing to substitute; check the tokenizer")
         self.sq_norms = torch.cat([(rows.float() ** 2).sum(1) for _, _, rows in self._blocks(1)])  # (V,)
         self.generator = context.generator(_salt(self.name))
+        # (V,) number shape of each token spelling a digit (``numbers``), -1 for the others, and each shape's ids
+        self.shape_of = torch.full((self.vocab_size,), -1, dtype=torch.long, device=self.table.device)
+        self.shapes: list[torch.Tensor] = []
+        # (V,) the tokens always replaced; None: every token (the plain mechanism)
+        self.sensitive = self._sensitive(context, keep_share, numbers) if keep_share > 0 else None
+
+    def _sensitive(self, context: DefenseContext, keep_share: float, numbers: bool) -> torch.Tensor:
+        """(V,) True for the sensitive ids: all but the most frequent types making up ``keep_share`` of the tokens
+        of ``context.examples``, plus (``numbers``) every id whose token spells a digit."""
+        where = f"privacy.defenses.{self.name}"
+        ids = [t for example in context.examples for t in example.input_ids if 0 <= t < self.vocab_size]
+        if not ids:
+            raise PrivacyError(
+                f"{self.name}: keep_share={keep_share} ranks tokens by their frequency in the client's training "
+                f"text, and none was given; set {where}.keep_share=0 or build the defense with the client's examples"
+            )
+        counts = torch.bincount(torch.tensor(ids), minlength=self.vocab_size).float()
+        counts[self.blocked.cpu()] = 0.0
+        order = counts.argsort(descending=True, stable=True)
+        share = counts[order].cumsum(0) / counts.sum().clamp_min(1.0)
+        frequent = order[: int(torch.searchsorted(share, torch.tensor(keep_share))) + 1]
+        sensitive = torch.ones(self.vocab_size, dtype=torch.bool)
+        sensitive[frequent] = False
+        if numbers:
+            if not context.token_texts:
+                raise PrivacyError(
+                    f"{self.name}: numbers=true needs the tokenizer's token texts, which this context lacks; set "
+                    f"{where}.numbers=false"
+                )
+            self._number_shapes(context.token_texts[: self.vocab_size])
+            sensitive[self.shape_of.cpu() >= 0] = True
+        return sensitive.to(self.table.device)
+
+    def _number_shapes(self, texts: Sequence[str]) -> None:
+        """Group the non-special tokens that spell an ASCII digit by their shape (the text with every digit as 0):
+        ``shape_of`` (V,) is a token's group or -1, ``shapes`` the ids of each group."""
+        groups: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            if any(c in _DIGITS for c in text) and not bool(self.blocked[i]):
+                groups.setdefault("".join("0" if c in _DIGITS else c for c in text), []).append(i)
+        device = self.table.device
+        self.shape_of = torch.full((self.vocab_size,), -1, dtype=torch.long, device=device)
+        self.shapes = [torch.tensor(ids, dtype=torch.long, device=device) for ids in groups.values()]
+        for group, ids in enumerate(self.shapes):
+            self.shape_of[ids] = group
 
     @property
     def vocab_size(self) -> int:
@@ -77,11 +170,30 @@ class TokenDefense(InputDefense):
                 "token vectors; use the tokenizer that belongs to the model"
             )
         change = attention_mask.to(self.table.device).bool() & ~self.blocked[ids]  # (B, T)
+        if self.sensitive is not None:
+            anyway = torch.rand(ids.shape, generator=self.generator, device=ids.device) < self.frequent_rate
+            change &= self.sensitive[ids] | anyway
         if not bool(change.any()):
             return input_ids
         out = ids.clone()
-        out[change] = self.substitute(ids[change])
+        number = change & (self.shape_of[ids] >= 0)
+        if bool(number.any()):  # a digit by a uniformly random digit: the number tells nothing of its digits
+            change &= ~number
+            out[number] = self._renumber(ids[number])
+        if bool(change.any()):
+            out[change] = self.substitute(ids[change])
         return out.to(input_ids.device)
+
+    def _renumber(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each id (N,) replaced by a uniformly drawn id of its number shape (``numbers``)."""
+        out = ids.clone()
+        shape = self.shape_of[ids]
+        for group in shape.unique().tolist():
+            at = shape == group
+            pool = self.shapes[group]
+            pick = torch.randint(len(pool), (int(at.sum()),), generator=self.generator, device=ids.device)
+            out[at] = pool[pick]
+        return out
 
     def substitute(self, ids: torch.Tensor) -> torch.Tensor:
         """New ids (N,) for the ids (N,) of the positions that may change."""
@@ -93,7 +205,7 @@ class Dxp(TokenDefense):
     name = "dxp"
     former_keys = (("privacy.dxp", "privacy.defenses.dxp"),)
 
-    class Settings(ComponentSettings):
+    class Settings(SensitiveSettings):
         epsilon: float = Field(
             50.0,
             gt=0,
@@ -132,7 +244,7 @@ class SanText(TokenDefense):
     name = "santext"
     former_keys = (("privacy.santext", "privacy.defenses.santext"),)
 
-    class Settings(ComponentSettings):
+    class Settings(SensitiveSettings):
         epsilon: float = Field(
             10.0,
             gt=0,
@@ -167,7 +279,7 @@ class CusText(TokenDefense):
     name = "custext"
     former_keys = (("privacy.custext", "privacy.defenses.custext"),)
 
-    class Settings(ComponentSettings):
+    class Settings(SensitiveSettings):
         epsilon: float = Field(
             10.0,
             gt=0,
@@ -177,8 +289,8 @@ class CusText(TokenDefense):
         )
         top_k: int = Field(20, ge=1, description="Candidates per token (its nearest tokens by cosine similarity).")
 
-    def __init__(self, context: DefenseContext, epsilon: float, top_k: int) -> None:
-        super().__init__(context, epsilon)
+    def __init__(self, context: DefenseContext, epsilon: float, top_k: int, **sensitive: Any) -> None:
+        super().__init__(context, epsilon, **sensitive)
         if top_k < 1:
             raise PrivacyError(f"custext: top_k must be >= 1, got {top_k}; set privacy.defenses.custext.top_k")
         self.top_k = min(int(top_k), int((~self.blocked).sum()))
