@@ -13,15 +13,15 @@ vocabulary is scanned in blocks, so memory stays bounded for large vocabularies 
 These are metric-DP / exponential-mechanism guarantees per token, not (epsilon, delta) of a sequence: their
 ``dp_events`` is None.
 
-Sensitive tokens (SanText+, Yue et al. 2021; survey section 5.2.2): with ``keep_share`` > 0 only the client's
-*sensitive* tokens always go through the mechanism. The most frequent token types of its own training text that
-together make up ``keep_share`` of its tokens are not sensitive (the words of its templates and prose), and each of
-them goes through the mechanism only with probability ``frequent_rate`` (SanText+'s p); with ``numbers`` every token
-that spells a digit is sensitive however frequent (phone, account and card numbers are made of frequent digit
-tokens) and is replaced by a uniformly random token of the same shape (a digit by any digit), so numbers keep their
-form and tell nothing of their digits. A defense-aware attacker rebuilds the same split from its own public text (``DefenseContext.examples``).
-The guarantee then covers the sensitive tokens only: the others are sent as they are (most of the time), which is
-what keeps the model's text intact and its perplexity low.
+Sensitive tokens (SanText+, Yue et al. 2021; survey section 5.2.1, token-level perturbation): with ``keep_share`` >
+0 only the client's *sensitive* tokens always go through the mechanism. The most frequent token types of its own
+training text that together make up ``keep_share`` of its tokens are not sensitive (the words of its templates and
+prose), and each of them goes through the mechanism only with probability ``frequent_rate`` (SanText+'s p); with
+``numbers`` every token that spells a digit is sensitive however frequent (phone, account and card numbers are made
+of frequent digit tokens) and is replaced by a uniformly random token of the same shape (a digit by any digit), so
+numbers keep their form and tell nothing of their digits. A defense-aware attacker rebuilds the same split from its
+own public text (``DefenseContext.examples``). The guarantee then covers the sensitive tokens only: the others are
+sent as they are (most of the time), which is what keeps the model's text intact and its perplexity low.
 """
 
 from __future__ import annotations
