@@ -72,8 +72,15 @@ def test_a_row_label_names_its_registered_defense_alone_and_in_combinations() ->
     assert (
         overrides[0] == "privacy.defenses=[custext]" and f"privacy.defenses.custext.keep_share={strength}" in overrides
     )
-    ((_, combined),) = bench.cells_for("dualguard+custext_sensitive", quick=True)
-    assert combined[0] == "privacy.defenses=[dualguard,custext]" and "privacy.defenses.custext.numbers=true" in combined
+    cells = bench.cells_for("dualguard+custext_sensitive", quick=True)
+    assert [s for s, _ in cells] == [0.9, 0.75]  # a combination swept over one setting, in --quick too
+    for strength, combined in cells:
+        assert (
+            combined[0] == "privacy.defenses=[dualguard,custext]"
+            and "privacy.defenses.custext.numbers=true" in combined
+        )
+        keep = [o for o in combined if o.startswith("privacy.defenses.custext.keep_share=")]
+        assert keep == [f"privacy.defenses.custext.keep_share={strength}"]  # once, the swept value
 
 
 def test_merge_keeps_the_earlier_cells_this_run_does_not_measure(tmp_path: Path) -> None:
