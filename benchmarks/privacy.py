@@ -17,20 +17,20 @@ The attacker knows the defense and its settings in both: its inverters train on 
 (noise included). Prints one JSON line
 
     {"frontier": [{"defense", "strength", "threat_model", "attack", "rouge_l", "token_accuracy",
-                   "pii_recovered", "pii_by_type", "ppl_increase_pct", "epsilon"}, ...],
+                   "pii_recovered", "pii_by_type", "ppl_increase_pct", "epsilon", "settings"}, ...],
      "pareto": {threat_model: [[defense, strength], ...]}, "utility": [...], "noise": {...}, "seconds": ...}
 
 (``pii_recovered``: the share of the inserted entities that appear verbatim in the attack's output; ``epsilon`` for
-``privacy.delta``, null where the defense has no (epsilon, delta) guarantee) and writes ``privacy.json`` and the
+``privacy.delta``, null where the defense has no (epsilon, delta) guarantee; ``settings``: the cell's config
+overrides, which ``splitlm audit``'s advice quotes) and writes ``privacy.json`` and the
 frontier plot ``privacy_frontier.png`` (leakage against perplexity increase, Pareto points marked, one panel per
 threat model) into ``--out``; ``--advice`` also writes the frontier beside ``splitlm audit`` (its advice line).
 
-``--quick`` (about 110 minutes on 2 cores, over the 90 of a benchmark's budget; measured in parts: 74 minutes for
-the cells before dualguard's local warm-up, of which dualguard and the combination then in quick took about 18, and
-about 25-30 each now for dualguard and dualguard+dxp, whose warm-ups the public attacker imitates) keeps
-``QUICK_DEFENSES`` at their middle strength (it leaves out nopeek, grad_noise, the weakest and strongest strengths
-and every combination but dualguard+dxp) and the attacks sip and bisr_f (it leaves out bisr_b, pidi, tag and
-nn_inversion). Each finished cell is written to ``privacy.json`` at once, so an
+``--quick`` (about 90 minutes on 2 cores, measured in parts: about 9 minutes for a cell without a warm-up, 15-20
+for each with dualguard's, which the public attacker imitates) keeps ``QUICK_DEFENSES`` at their middle strength and
+dualguard+custext_sensitive at both of its (it leaves out nopeek, grad_noise, smashed_noise, mi_bottleneck and
+text_obfuscator, the weakest and strongest strengths and every other combination) and the attacks sip and bisr_f (it
+leaves out bisr_b, pidi, tag and nn_inversion). Each finished cell is written to ``privacy.json`` at once, so an
 interrupted run keeps what it measured. ``--merge FILE`` keeps the cells of an earlier report of the same setting that
 this run does not measure (e.g. ``--defenses dualguard --merge docs/privacy.json`` remeasures one defense), and
 ``--assemble --merge FILE`` measures nothing and rewrites the report, the plot and (``--advice``) the audit's copy.
@@ -343,7 +343,7 @@ def main() -> None:
                                 "rouge_l": result["rouge_l"], "token_accuracy": result["token_accuracy"],
                                 "pii_recovered": pii.get("all"), "pii_by_type": pii,
                                 "ppl_increase_pct": increase, "epsilon": privacy["epsilon"],
-                                "seconds": result["seconds"],
+                                "seconds": result["seconds"], "settings": extra,
                             }
                         )  # fmt: skip
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

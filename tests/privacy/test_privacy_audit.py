@@ -122,6 +122,14 @@ def test_advice_picks_the_least_leaky_defense_within_the_perplexity_budget(tmp_p
     small = advice([{"attack": "sip", "threat_model": "public", "rouge_l": 0.35}], [], frontier)
     assert "no measured defense within +50% perplexity" in small and "ruinous 3" in small and "+900%" in small
     assert "benchmarks/privacy.py" in advice(leaked, [], tmp_path / "missing.json")
+    # A row label that is not a defense's name: the advice quotes the cell's settings and reads the names from them
+    labelled = [dict(r, defense="good_label", settings=["privacy.defenses=[good,other]", "x.y=1"]) for r in rows[3:5]]
+    frontier.write_text(json.dumps({"frontier": [*rows[:3], *labelled]}))
+    line = advice(leaked, [], frontier)
+    assert "good_label 2 (privacy.defenses=[good,other] x.y=1) cut it" in line
+    assert "already" in advice(leaked, ["good", "other"], frontier) and "already" not in advice(
+        leaked, ["good"], frontier
+    )
     frontier.write_text("{not json")
     assert "not a frontier file" in advice(leaked, [], frontier)
 

@@ -127,6 +127,15 @@ def _worst(rows: list[dict[str, Any]], threat: str) -> float | None:
     return max(values) if values else None
 
 
+def _named(settings: list[str]) -> set[str]:
+    """The defenses a frontier cell's ``privacy.defenses=[a,b]`` setting names (empty when it has none)."""
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key == "privacy.defenses":
+            return {n.strip() for n in value.strip("[]").split(",") if n.strip()}
+    return set()
+
+
 def advice(rows: list[dict[str, Any]], defenses: list[str], frontier: Path = FRONTIER) -> str:
     """One line: the frontier's defense with the lowest worst-case ROUGE-L (over attacks and threat models) within
     ``PPL_BUDGET_PCT`` held-out perplexity increase, against what this run leaked."""
@@ -138,7 +147,10 @@ def advice(rows: list[dict[str, Any]], defenses: list[str], frontier: Path = FRO
         points = json.loads(frontier.read_text())["frontier"]
         cells: dict[tuple[str, Any], dict[str, Any]] = {}
         for p in points:
-            cell = cells.setdefault((p["defense"], p["strength"]), {"ppl": p["ppl_increase_pct"], "worst": {}})
+            cell = cells.setdefault(
+                (p["defense"], p["strength"]),
+                {"ppl": p["ppl_increase_pct"], "worst": {}, "settings": list(p.get("settings") or [])},
+            )
             worst = cell["worst"]
             worst[p["threat_model"]] = max(worst.get(p["threat_model"], 0.0), float(p["rouge_l"]))
     except (ValueError, KeyError, TypeError) as error:
@@ -151,8 +163,10 @@ def advice(rows: list[dict[str, Any]], defenses: list[str], frontier: Path = FRO
         name, strength = key
         label = name if strength is None else f"{name} {strength:g}"
         after = ", ".join(f"{t} {v:.2f}" for t, v in cell["worst"].items())
-        mine = " (this run already uses it)" if name in defenses else ""
-        return f"privacy.defenses {label}{mine} cut it to {after} at {cell['ppl']:+.0f}% held-out perplexity"
+        used = _named(cell["settings"]) or set(name.split("+"))
+        mine = " (this run already uses it)" if used <= set(defenses) else ""
+        how = f" ({' '.join(cell['settings'])})" if cell["settings"] else ""
+        return f"privacy.defenses {label}{how}{mine} cut it to {after} at {cell['ppl']:+.0f}% held-out perplexity"
 
     def worst(kc: tuple[tuple[str, Any], dict[str, Any]]) -> float:
         return max(kc[1]["worst"].values())
