@@ -144,11 +144,12 @@ def test_token_defenses_reject_ids_outside_the_vocabulary() -> None:
 
 
 def sensitive_context(**kw: Any) -> DefenseContext:
-    """A context whose client text uses ids 2..5 often (2: 40%, 3: 30%, 4: 20%, 5: 10% of its tokens) and whose id 7
-    spells a digit."""
+    """A context whose client text uses ids 2..5 often (2: 40%, 3: 30%, 4: 20%, 5: 10% of its tokens) and whose ids
+    6, 7, 8 spell the digits 1, 7, 9."""
     ctx = context(**kw)
     ctx.examples = [Example([2] * 4 + [3] * 3 + [4] * 2 + [5], [0] * 10) for _ in range(3)]
-    ctx.token_texts = tuple("7" if i == 7 else f"w{chr(97 + i % 26)}" for i in range(VOCAB))
+    digits = {6: "1", 7: "7", 8: "9"}
+    ctx.token_texts = tuple(digits.get(i, f"w{chr(97 + i % 26)}") for i in range(VOCAB))
     return ctx
 
 
@@ -183,6 +184,21 @@ def test_numbers_makes_digit_tokens_sensitive_however_frequent() -> None:
     assert kept.sensitive is not None and not bool(kept.sensitive[7])
     numbers = Dxp.create(Dxp.Settings(epsilon=1.0, keep_share=0.95, numbers=True), ctx)
     assert numbers.sensitive is not None and bool(numbers.sensitive[7]) and not bool(numbers.sensitive[2])
+    # A digit is drawn uniformly among the digits (with or without keep_share); the mechanism, all but off at this
+    # epsilon, keeps the words.
+    uniform = Dxp.create(Dxp.Settings(epsilon=1e6, numbers=True), ctx)
+    ids = torch.tensor([[7, 2] * 1500])
+    out = uniform.tokens(ids, torch.ones_like(ids))
+    assert torch.equal(out[:, 1::2], ids[:, 1::2])
+    drawn = torch.bincount(out[:, ::2].flatten(), minlength=VOCAB)[6:9].float() / 1500
+    assert int(torch.bincount(out[:, ::2].flatten(), minlength=VOCAB)[6:9].sum()) == 1500  # only digits
+    assert float((drawn - 1 / 3).abs().max()) < 0.05
+
+
+def test_frequent_rate_without_keep_share_is_refused_in_one_line() -> None:
+    (problem,) = Dxp.problems(Dxp.Settings(frequent_rate=0.3), None, None)
+    assert "keep_share is 0" in problem and "\n" not in problem
+    assert not Dxp.problems(Dxp.Settings(frequent_rate=0.3, keep_share=0.5), None, None)
 
 
 def test_sensitive_tokens_need_the_clients_examples_and_token_texts() -> None:

@@ -55,8 +55,8 @@ class SensitiveSettings(ComponentSettings):
         description="SanText+: the most frequent token types of the client's own training text that together make "
         "up this share of its tokens are not sensitive and are replaced only with probability frequent_rate; every "
         "other token always goes through the mechanism. 0 = every token does (the plain mechanism). On the PII "
-        "corpus with SmolLM2's tokenizer, 0.75 keeps about 100 types (the templates' words) and leaves 23% of the "
-        "tokens sensitive.",
+        "corpus with SmolLM2's tokenizer, 0.75 keeps about 100 types (the templates' words); with numbers, about half "
+        "of the tokens are then replaced.",
     )
     frequent_rate: float = Field(
         0.0,
@@ -67,10 +67,10 @@ class SensitiveSettings(ComponentSettings):
     )
     numbers: bool = Field(
         False,
-        description="With keep_share > 0: every token that spells an ASCII digit is sensitive however frequent "
-        "(phone and account numbers are made of the most frequent tokens), and is replaced by a uniformly random "
-        "token of its shape (each digit any digit: '42' by '07'), so a number keeps its form and tells nothing of its "
-        "digits.",
+        description="Every token that spells an ASCII digit is sensitive however frequent (phone and account numbers "
+        "are made of the most frequent tokens) and is replaced by a uniformly random token of its shape (each digit "
+        "any digit: '42' by '07') instead of going through the mechanism, so a number keeps its form and tells "
+        "nothing of its digits.",
     )
 
 
@@ -108,18 +108,35 @@ class TokenDefense(InputDefense):
         # (V,) number shape of each token spelling a digit (``numbers``), -1 for the others, and each shape's ids
         self.shape_of = torch.full((self.vocab_size,), -1, dtype=torch.long, device=self.table.device)
         self.shapes: list[torch.Tensor] = []
+        if numbers:
+            if not context.token_texts:
+                raise PrivacyError(
+                    f"{self.name}: numbers=true needs the tokenizer's token texts, which this context lacks; set "
+                    f"privacy.defenses.{self.name}.numbers=false"
+                )
+            self._number_shapes(context.token_texts[: self.vocab_size])
         # (V,) the tokens always replaced; None: every token (the plain mechanism)
-        self.sensitive = self._sensitive(context, keep_share, numbers) if keep_share > 0 else None
+        self.sensitive = self._sensitive(context, keep_share) if keep_share > 0 else None
 
-    def _sensitive(self, context: DefenseContext, keep_share: float, numbers: bool) -> torch.Tensor:
+    @classmethod
+    def problems(cls, settings: SensitiveSettings, config: object, framework: object) -> list[str]:
+        found = super().problems(settings, config, framework)
+        if settings.frequent_rate > 0 and settings.keep_share == 0:
+            found.append(
+                f"privacy.defenses.{cls.name}.frequent_rate acts on the frequent tokens keep_share sets apart, and "
+                "keep_share is 0 (every token is sensitive); set keep_share (e.g. 0.75) or drop frequent_rate"
+            )
+        return found
+
+    def _sensitive(self, context: DefenseContext, keep_share: float) -> torch.Tensor:
         """(V,) True for the sensitive ids: all but the most frequent types making up ``keep_share`` of the tokens
-        of ``context.examples``, plus (``numbers``) every id whose token spells a digit."""
-        where = f"privacy.defenses.{self.name}"
+        of ``context.examples``, and every id whose token spells a digit (``numbers``)."""
         ids = [t for example in context.examples for t in example.input_ids if 0 <= t < self.vocab_size]
         if not ids:
             raise PrivacyError(
                 f"{self.name}: keep_share={keep_share} ranks tokens by their frequency in the client's training "
-                f"text, and none was given; set {where}.keep_share=0 or build the defense with the client's examples"
+                f"text, and none was given; set privacy.defenses.{self.name}.keep_share=0 or build the defense with "
+                "the client's examples"
             )
         counts = torch.bincount(torch.tensor(ids), minlength=self.vocab_size).float()
         counts[self.blocked.cpu()] = 0.0
@@ -128,14 +145,7 @@ class TokenDefense(InputDefense):
         frequent = order[: int(torch.searchsorted(share, torch.tensor(keep_share))) + 1]
         sensitive = torch.ones(self.vocab_size, dtype=torch.bool)
         sensitive[frequent] = False
-        if numbers:
-            if not context.token_texts:
-                raise PrivacyError(
-                    f"{self.name}: numbers=true needs the tokenizer's token texts, which this context lacks; set "
-                    f"{where}.numbers=false"
-                )
-            self._number_shapes(context.token_texts[: self.vocab_size])
-            sensitive[self.shape_of.cpu() >= 0] = True
+        sensitive[self.shape_of.cpu() >= 0] = True
         return sensitive.to(self.table.device)
 
     def _number_shapes(self, texts: Sequence[str]) -> None:
