@@ -186,8 +186,8 @@ class TokenDefense(InputDefense):
         if not bool(change.any()):
             return input_ids
         out = ids.clone()
-        number = change & (self.shape_of[ids] >= 0)
-        if bool(number.any()):  # a digit by a uniformly random digit: the number tells nothing of its digits
+        if self.shapes:  # numbers: a digit by a uniformly random digit, so the number tells nothing of its digits
+            number = change & (self.shape_of[ids] >= 0)
             change &= ~number
             out[number] = self._renumber(ids[number])
         if bool(change.any()):
